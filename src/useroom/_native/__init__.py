@@ -1,0 +1,559 @@
+"""Typed wrappers around the native core; the only importer of ``_core``.
+
+Every C function returns ``>= 0`` or ``-errno``; :func:`_check` turns the
+latter into the matching :class:`OSError` subclass with the function named.
+Decisions are made here and in the layers above; C only executes them.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno as _errno
+import os
+import time
+import warnings
+from typing import Any
+
+import attrs
+
+from useroom.exceptions import WatcherError
+from useroom._native._core import ffi as _ffi, lib as _lib
+
+__all__ = [
+    "Action",
+    "ActionKind",
+    "ArenaReport",
+    "CoreLock",
+    "Epoll",
+    "EventFd",
+    "EventRecord",
+    "NativeWatcher",
+    "Outcome",
+    "Plan",
+    "SourceKind",
+    "Step",
+    "lock_core",
+    "monotonic_ns",
+    "raw_syscalls",
+    "wait_readable",
+]
+
+PLAN_MAX: int = _lib.URO_PLAN_MAX
+RING_SIZE: int = _lib.URO_RING_SIZE
+DATA_MAX: int = _lib.URO_DATA_MAX
+NEEDLE_MAX: int = _lib.URO_NEEDLE_MAX
+SOURCES_MAX: int = _lib.URO_SOURCES_MAX
+STACK_SIZE = 128 * 1024
+EPOLLIN = 0x001
+
+
+def _check(ret: int, syscall: str) -> int:
+    if ret < 0:
+        err = -ret
+        raise OSError(err, f"{syscall}: {os.strerror(err)}")
+    return ret
+
+
+def monotonic_ns() -> int:
+    """CLOCK_MONOTONIC in nanoseconds, the clock of every event record."""
+    return _check(_lib.uro_monotonic_ns(), "clock_gettime")
+
+
+def raw_syscalls() -> bool:
+    """True if the critical path makes raw system calls (no libc)."""
+    return bool(_lib.uro_raw_syscalls())
+
+
+def wait_readable(fd: int, timeout: float | None) -> bool:
+    """Blocks (without the GIL) until ``fd`` is readable; False on timeout."""
+    ns = -1 if timeout is None else max(0, int(timeout * 1e9))
+    while True:
+        ret = _lib.uro_wait_readable(fd, ns)
+        if ret != -_errno.EINTR:
+            return bool(_check(ret, "ppoll"))
+
+
+class _FdOwner:
+    """An fd with exactly one owner: close() is idempotent and forgets the
+    number before closing it, so a reused number is never closed twice."""
+
+    _fd: int = -1
+
+    def fileno(self) -> int:
+        if self._fd < 0:
+            raise ValueError(f"{type(self).__name__} is closed")
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if self._fd >= 0:
+            warnings.warn(f"unclosed {type(self).__name__} fd={self._fd}", ResourceWarning, stacklevel=2)
+            self.close()
+
+
+class EventFd(_FdOwner):
+    """An eventfd (close-on-exec)."""
+
+    def __init__(self, initval: int = 0, *, nonblocking: bool = False) -> None:
+        self._fd = _check(_lib.uro_eventfd_create(initval, int(nonblocking)), "eventfd")
+
+    def read(self) -> int:
+        """Returns and resets the counter; blocks (without the GIL) if it is 0."""
+        value = _ffi.new("uint64_t *")
+        while True:
+            ret = _lib.uro_eventfd_read(self.fileno(), value)
+            if ret != -_errno.EINTR:
+                _check(ret, "read")
+                return int(value[0])
+
+    def write(self, value: int = 1) -> None:
+        _check(_lib.uro_eventfd_write(self.fileno(), value), "write")
+
+    def wait(self, timeout: float | None) -> bool:
+        """True once the counter is non-zero, False after ``timeout`` seconds."""
+        return wait_readable(self.fileno(), timeout)
+
+
+class Epoll(_FdOwner):
+    """An epoll set with deadline-based waits."""
+
+    def __init__(self) -> None:
+        self._fd = _check(_lib.uro_epoll_create(), "epoll_create1")
+
+    def add(self, fd: int, data: int, events: int = EPOLLIN) -> None:
+        _check(_lib.uro_epoll_add(self.fileno(), fd, events, data), "epoll_ctl")
+
+    def remove(self, fd: int) -> None:
+        _check(_lib.uro_epoll_del(self.fileno(), fd), "epoll_ctl")
+
+    def wait(self, timeout: float | None, max_events: int = 16) -> list[tuple[int, int]]:
+        """Returns ``(data, events)`` pairs; empty once ``timeout`` has passed.
+
+        An interrupted wait is resumed with the time that is left.
+        """
+        deadline = -1 if timeout is None else monotonic_ns() + max(0, int(timeout * 1e9))
+        out = _ffi.new("struct uro_ready[]", max_events)
+        while True:
+            ret = _lib.uro_epoll_wait(self.fileno(), out, max_events, deadline)
+            if ret != -_errno.EINTR:
+                break
+        n = _check(ret, "epoll_wait")
+        return [(int(out[i].data), int(out[i].events)) for i in range(n)]
+
+
+@attrs.frozen
+class ArenaReport:
+    """What a locked arena holds: its size, how much was locked, and why not all."""
+
+    size: int
+    locked: int
+    lock_errno: int
+
+    @property
+    def fully_locked(self) -> bool:
+        return self.locked == self.size
+
+
+class _Arena:
+    """An mmap'd, prefaulted, mlocked (where allowed) block of memory."""
+
+    def __init__(self, size: int, *, lock: bool = True) -> None:
+        self._arena = _ffi.new("struct uro_arena *")
+        _check(_lib.uro_arena_map(size, int(lock), self._arena), "mmap")
+
+    @property
+    def base(self) -> Any:
+        return self._arena.base
+
+    @property
+    def closed(self) -> bool:
+        return self._arena.base == _ffi.NULL
+
+    def report(self) -> ArenaReport:
+        return ArenaReport(int(self._arena.size), int(self._arena.locked), int(self._arena.lock_errno))
+
+    def close(self) -> None:
+        _check(_lib.uro_arena_unmap(self._arena), "munmap")
+
+    def __del__(self) -> None:
+        if not self.closed:
+            self.close()
+
+
+@attrs.frozen
+class CoreLock:
+    """The native core's own pages: how many, how many locked, and why not."""
+
+    image_size: int
+    locked: int
+    lock_errno: int
+    critical_code_size: int
+
+
+def lock_core() -> CoreLock:
+    """mlocks the native core's code, constants and data; reports the result."""
+    text = _ffi.new("struct uro_text *")
+    _check(_lib.uro_lock_text(text), "mlock")
+    return CoreLock(int(text.image_size), int(text.locked), int(text.lock_errno), int(text.crit_size))
+
+
+class ActionKind(enum.IntEnum):
+    SIGNAL_PIDFD = _lib.URO_ACT_SIGNAL_PIDFD
+    SIGNAL_PID = _lib.URO_ACT_SIGNAL_PID
+    WRITE = _lib.URO_ACT_WRITE
+    MRELEASE = _lib.URO_ACT_MRELEASE
+    WAKE = _lib.URO_ACT_WAKE
+    AWAIT = _lib.URO_ACT_AWAIT
+    CHECK = _lib.URO_ACT_CHECK
+
+
+class SourceKind(enum.IntEnum):
+    OOM = _lib.URO_SRC_OOM
+    FORWARD = _lib.URO_SRC_FORWARD
+
+
+class Outcome(enum.IntEnum):
+    RESOLVED = _lib.URO_OUT_RESOLVED
+    UNRESOLVED = _lib.URO_OUT_UNRESOLVED
+    NOT_NEEDED = _lib.URO_OUT_NOT_NEEDED
+    GONE = _lib.URO_OUT_GONE
+    NO_PLAN = _lib.URO_OUT_NO_PLAN
+    ACTED = _lib.URO_OUT_ACTED
+    FORWARDED = _lib.URO_OUT_FORWARDED
+
+
+def _timeout_ns(seconds: float) -> int:
+    if not seconds >= 0:
+        raise ValueError(f"timeout must be >= 0 seconds, not {seconds!r}")
+    return int(seconds * 1e9)
+
+
+@attrs.frozen
+class Action:
+    """One step of a native plan. Build with the named constructors.
+
+    The fds an action names belong to the caller, who keeps them open while
+    a plan that uses them is armed.
+    """
+
+    kind: ActionKind
+    fd: int = -1
+    pid: int = 0
+    sig: int = 0
+    data: bytes = b""
+    timeout_ns: int = 0
+    flags: int = 0
+
+    @classmethod
+    def signal_pidfd(cls, pidfd: int, sig: int) -> Action:
+        """Signal a process through its pidfd; fails with ESRCH if it exited."""
+        return cls(ActionKind.SIGNAL_PIDFD, fd=_fd(pidfd), sig=sig)
+
+    @classmethod
+    def signal_pid(cls, pid: int, sig: int) -> Action:
+        """Signal a pid (prefer pidfds: a pid can be reused)."""
+        if pid <= 0:
+            raise ValueError(f"pid must be positive, not {pid}")
+        return cls(ActionKind.SIGNAL_PID, pid=pid, sig=sig)
+
+    @classmethod
+    def write(cls, fd: int, data: bytes) -> Action:
+        """Write preformatted bytes at offset 0 of a preopened file."""
+        if not 0 < len(data) <= DATA_MAX:
+            raise ValueError(f"write payload must be 1..{DATA_MAX} bytes, not {len(data)}")
+        return cls(ActionKind.WRITE, fd=_fd(fd), data=bytes(data))
+
+    @classmethod
+    def mrelease(cls, pidfd: int) -> Action:
+        """Reap a killed process's memory now (process_mrelease, Linux 5.15)."""
+        return cls(ActionKind.MRELEASE, fd=_fd(pidfd))
+
+    @classmethod
+    def wake(cls, eventfd: int) -> Action:
+        """Add 1 to an eventfd (to wake a Python thread)."""
+        return cls(ActionKind.WAKE, fd=_fd(eventfd))
+
+    @classmethod
+    def await_readable(cls, fd: int, timeout: float, *, read: bool = False) -> Action:
+        """Wait until fd is readable (a pidfd: the process exited; an eventfd:
+        Python replied), at most ``timeout`` seconds; ``read`` resets an eventfd."""
+        return cls(
+            ActionKind.AWAIT, fd=_fd(fd), timeout_ns=_timeout_ns(timeout),
+            flags=_lib.URO_F_READ if read else 0,
+        )
+
+    @classmethod
+    def check(cls, timeout: float) -> Action:
+        """Wait up to ``timeout`` seconds for the plan's check to say the OOM
+        is over; the episode ends there if it is. Skipped when no action since
+        the previous check took effect."""
+        return cls(ActionKind.CHECK, timeout_ns=_timeout_ns(timeout))
+
+
+def _fd(fd: int) -> int:
+    if not isinstance(fd, int) or fd < 0:
+        raise ValueError(f"not a valid fd: {fd!r}")
+    return fd
+
+
+@attrs.frozen
+class Plan:
+    """What the watcher does on an OOM notification, decided ahead of time.
+
+    ``check_fd`` is a preopened file (v1: ``memory.oom_control``) that says
+    the OOM is over when it contains ``resolved_needle``; the watcher reads it
+    before acting (to ignore a notification that needs nothing) and at each
+    ``Action.check``.
+    """
+
+    actions: tuple[Action, ...] = attrs.field(converter=tuple)
+    check_fd: int = -1
+    resolved_needle: bytes = attrs.field(default=b"")
+    poll_interval: float = 0.0005
+
+    @actions.validator
+    def _validate_actions(self, _: object, value: tuple[Action, ...]) -> None:
+        if len(value) > PLAN_MAX:
+            raise ValueError(f"a plan holds at most {PLAN_MAX} actions, not {len(value)}")
+
+    @resolved_needle.validator
+    def _validate_needle(self, _: object, value: bytes) -> None:
+        if len(value) > NEEDLE_MAX:
+            raise ValueError(f"the needle holds at most {NEEDLE_MAX} bytes")
+        if self.check_fd >= 0 and not value:
+            raise ValueError("a plan with a check_fd needs a resolved_needle")
+
+
+@attrs.frozen
+class Step:
+    """One executed action: its kind, its result (>= 0 or -errno), when it returned."""
+
+    kind: ActionKind
+    result: int
+    t_ns: int
+
+    @property
+    def ok(self) -> bool:
+        return self.result >= 0
+
+
+@attrs.frozen
+class EventRecord:
+    """One record of the watcher's ring, copied out of locked memory."""
+
+    seq: int
+    source: int
+    outcome: Outcome
+    count: int
+    notified_ns: int
+    acted_ns: int
+    resolved_ns: int
+    plan_slot: int
+    steps: tuple[Step, ...]
+
+    @property
+    def notify_to_act_ns(self) -> int | None:
+        return self.acted_ns - self.notified_ns if self.acted_ns else None
+
+    @property
+    def notify_to_resolved_ns(self) -> int | None:
+        return self.resolved_ns - self.notified_ns if self.resolved_ns else None
+
+
+def _record(ev: Any) -> EventRecord:
+    steps = tuple(
+        Step(ActionKind(ev.steps[i].kind), int(ev.steps[i].result), int(ev.steps[i].t_ns))
+        for i in range(ev.nsteps)
+    )
+    return EventRecord(
+        seq=int(ev.seq), source=int(ev.source), outcome=Outcome(ev.outcome), count=int(ev.count),
+        notified_ns=int(ev.notified_ns), acted_ns=int(ev.acted_ns),
+        resolved_ns=int(ev.resolved_ns), plan_slot=int(ev.plan_slot), steps=steps,
+    )
+
+
+class NativeWatcher:
+    """A native thread that waits on eventfds and runs the armed plan.
+
+    Its state, plans and event ring live in a locked, prefaulted arena, and
+    its stack too; once started it needs neither Python nor the GIL. Python
+    arms plans, adds sources, and reads records (waking on :attr:`wake_fd`).
+    """
+
+    def __init__(self, *, lock: bool = True) -> None:
+        self._arena: _Arena | None = None
+        self._fds: list[_FdOwner] = []
+        self._watcher = _ffi.new("struct uro_watcher *")
+        self._next_seq = 1
+        self.lost = 0
+        shared_size = (_ffi.sizeof("struct uro_shared") + 4095) // 4096 * 4096
+        self._arena = _Arena(shared_size + STACK_SIZE, lock=lock)
+        try:
+            self._epoll = Epoll()
+            self._stop = EventFd()
+            self._wake = EventFd()
+            self._fds = [self._epoll, self._stop, self._wake]
+            self._shared = _ffi.cast("struct uro_shared *", self._arena.base)
+            _check(
+                _lib.uro_shared_init(self._shared, self._epoll.fileno(), self._stop.fileno(),
+                                     self._wake.fileno()),
+                "epoll_ctl",
+            )
+            self._watcher.shared = self._shared
+            self._watcher.stack = _ffi.cast("char *", self._arena.base) + shared_size
+            self._watcher.stack_size = STACK_SIZE
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def arena(self) -> ArenaReport:
+        """How much of the watcher's memory (state, ring, stack) is locked."""
+        return self._live_arena().report()
+
+    @property
+    def wake_fd(self) -> int:
+        """Readable after each new event record."""
+        return self._wake.fileno()
+
+    @property
+    def running(self) -> bool:
+        return bool(self._watcher.running)
+
+    @property
+    def state(self) -> int:
+        return int(_lib.uro_state(self._shared))
+
+    @property
+    def heartbeat(self) -> int:
+        """Counts the watcher's wake-ups."""
+        return int(self._shared.loops)
+
+    @property
+    def closed(self) -> bool:
+        return self._arena is None
+
+    def _live_arena(self) -> _Arena:
+        if self._arena is None:
+            raise WatcherError("the watcher is closed")
+        return self._arena
+
+    def add_source(self, fd: int, kind: SourceKind) -> int:
+        """Adds an eventfd to wait on; returns the source index used in records."""
+        self._live_arena()
+        return _check(_lib.uro_source_add(self._shared, _fd(fd), int(kind)), "epoll_ctl")
+
+    def arm(self, plan: Plan, *, timeout: float = 5.0) -> None:
+        """Makes ``plan`` the one the next episode runs.
+
+        Waits while the watcher is still reading the spare slot (an episode
+        in progress on the previous plan); raises WatcherError after ``timeout``.
+        """
+        self._live_arena()
+        deadline = time.monotonic() + timeout
+        while (slot := _lib.uro_plan_begin(self._shared)) == -_errno.EBUSY:
+            if time.monotonic() > deadline:
+                raise WatcherError("the watcher kept the plan busy; cannot arm a new one")
+            time.sleep(0.0005)
+        _check(slot, "plan_begin")
+        dst = self._shared.plans[slot]
+        dst.count = 0
+        for i, action in enumerate(plan.actions):
+            a = dst.actions[i]
+            a.kind = int(action.kind)
+            a.fd = action.fd
+            a.pid = action.pid
+            a.sig = action.sig
+            a.flags = action.flags
+            a.timeout_ns = action.timeout_ns
+            a.len = len(action.data)
+            _ffi.memmove(a.data, action.data.ljust(DATA_MAX, b"\0"), DATA_MAX)
+        dst.check_fd = plan.check_fd
+        dst.needle_len = len(plan.resolved_needle)
+        _ffi.memmove(dst.needle, plan.resolved_needle.ljust(NEEDLE_MAX, b"\0"), NEEDLE_MAX)
+        dst.poll_ns = int(plan.poll_interval * 1e9)
+        dst.count = len(plan.actions)
+        _check(_lib.uro_plan_commit(self._shared, slot), "plan_commit")
+
+    def start(self) -> CoreLock:
+        """Locks the native core's pages and starts the thread."""
+        self._live_arena()
+        if self.running:
+            raise WatcherError("the watcher is already running")
+        core = lock_core()
+        _check(_lib.uro_watcher_start(self._watcher), "pthread_create")
+        return core
+
+    def stop(self) -> None:
+        """Stops the thread (after the episode in progress) and joins it."""
+        if self.running:
+            _check(_lib.uro_watcher_stop(self._watcher), "pthread_join")
+
+    def run_episode(self, source: int, count: int = 1) -> None:
+        """Runs one episode on the calling thread, as the watcher would."""
+        if self.running:
+            raise WatcherError("the watcher thread is running; it runs the episodes")
+        self._live_arena()
+        _check(_lib.uro_run_episode(self._shared, source, count), "run_episode")
+
+    def records(self) -> list[EventRecord]:
+        """The records written since the last call (those overwritten are
+        counted in :attr:`lost`)."""
+        self._live_arena()
+        out = _ffi.new("struct uro_event *")
+        head = int(_lib.uro_ring_head(self._shared))
+        result = []
+        while self._next_seq <= head:
+            ret = _lib.uro_ring_read(self._shared, self._next_seq, out)
+            if ret == -_errno.ESTALE:
+                self.lost += 1
+            else:
+                _check(ret, "ring_read")
+                result.append(_record(out))
+            self._next_seq += 1
+        return result
+
+    def wait(self, timeout: float | None) -> list[EventRecord]:
+        """Blocks (without the GIL) until a record is written or ``timeout``
+        passes; returns the new records."""
+        if self._wake.wait(timeout):
+            self._wake.read()
+        return self.records()
+
+    def close(self) -> None:
+        """Stops the thread, closes its fds, and unmaps its memory. Idempotent."""
+        if self._arena is None:
+            return
+        try:
+            self.stop()
+        finally:
+            for owner in self._fds:
+                owner.close()
+            arena, self._arena = self._arena, None
+            arena.close()
+
+    def __enter__(self) -> NativeWatcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_arena", None) is not None:
+            warnings.warn("unclosed NativeWatcher", ResourceWarning, stacklevel=2)
+            self.close()
+

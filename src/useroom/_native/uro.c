@@ -1,0 +1,693 @@
+/* useroom native core.
+ *
+ * Why this file looks the way it does: when a memory cgroup is out of memory
+ * with the kernel OOM killer disabled, every task of the group that needs a
+ * new page sleeps until user space resolves the OOM. Our watcher thread lives
+ * in that group. So everything it does after the notification must touch only
+ * pages that are already resident and locked:
+ *
+ * - its code sits in the "uro_crit" section, whose pages uro_lock_text()
+ *   mlocks (the kernel reclaims file pages, libc's and libpython's text
+ *   included, before it declares the OOM, so calling a libc wrapper could
+ *   refault a page and sleep);
+ * - it makes system calls with the syscall instruction, not through libc;
+ * - its data (plans, ring) and its stack are in an mmap'd, prefaulted,
+ *   mlocked arena;
+ * - it never calls malloc, memcpy or anything outside the section
+ *   (a test disassembles the section to check this).
+ *
+ * System calls that allocate kernel memory charged to the group (open, the
+ * first read of a seq_file, write to a pipe) fail with ENOMEM during the OOM,
+ * so every fd is opened by Python before the OOM, and ENOMEM is an expected
+ * result on this path, never a fatal one.
+ */
+
+#define _GNU_SOURCE
+#include <errno.h>
+#include <link.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <poll.h>
+#include <unistd.h>
+
+#include "uro.h"
+
+#ifndef SYS_pidfd_send_signal
+#define SYS_pidfd_send_signal 424
+#endif
+#ifndef SYS_process_mrelease
+#define SYS_process_mrelease 448
+#endif
+
+_Static_assert(URO_PLAN_MAX == sizeof(((struct uro_plan *)0)->actions) / sizeof(struct uro_action),
+               "plan size");
+_Static_assert(URO_PLAN_MAX == sizeof(((struct uro_event *)0)->steps) / sizeof(struct uro_step),
+               "steps size");
+_Static_assert(URO_DATA_MAX == sizeof(((struct uro_action *)0)->data), "data size");
+_Static_assert(URO_NEEDLE_MAX == sizeof(((struct uro_plan *)0)->needle), "needle size");
+_Static_assert(URO_SOURCES_MAX == sizeof(((struct uro_shared *)0)->sources) / sizeof(struct uro_source),
+               "sources size");
+_Static_assert(URO_RING_SIZE == sizeof(((struct uro_shared *)0)->ring) / sizeof(struct uro_event),
+               "ring size");
+_Static_assert(sizeof(pthread_t) <= sizeof(((struct uro_watcher *)0)->thread), "pthread_t fits");
+
+/* Critical code: its own section (mlocked as a whole), no stack protector
+ * (whose failure path calls into libc), and no loop turned into a memset or
+ * memcpy call. */
+#define URO_CRIT                                                                   \
+    __attribute__((section("uro_crit"), noinline, no_stack_protector,             \
+                   optimize("no-tree-loop-distribute-patterns")))
+
+/* The linker defines these for a section whose name is a C identifier. */
+extern const char __start_uro_crit[] __attribute__((visibility("hidden")));
+extern const char __stop_uro_crit[] __attribute__((visibility("hidden")));
+
+/* ---------------------------------------------------------------------- */
+/* Raw system calls. */
+
+#if defined(__x86_64__)
+#define URO_RAW 1
+URO_CRIT static long uro_sys(long n, long a, long b, long c, long d, long e)
+{
+    unsigned long ret;
+    register long r10 __asm__("r10") = d;
+    register long r8 __asm__("r8") = e;
+    __asm__ volatile("syscall"
+                     : "=a"(ret)
+                     : "a"(n), "D"(a), "S"(b), "d"(c), "r"(r10), "r"(r8)
+                     : "rcx", "r11", "memory");
+    return (long)ret;
+}
+#elif defined(__aarch64__)
+#define URO_RAW 1
+URO_CRIT static long uro_sys(long n, long a, long b, long c, long d, long e)
+{
+    register long x8 __asm__("x8") = n;
+    register long x0 __asm__("x0") = a;
+    register long x1 __asm__("x1") = b;
+    register long x2 __asm__("x2") = c;
+    register long x3 __asm__("x3") = d;
+    register long x4 __asm__("x4") = e;
+    __asm__ volatile("svc 0"
+                     : "+r"(x0)
+                     : "r"(x8), "r"(x1), "r"(x2), "r"(x3), "r"(x4)
+                     : "memory", "cc");
+    return x0;
+}
+#else
+/* Other architectures go through libc's syscall(); uro_raw_syscalls()
+ * reports it so the hardening report can say the path is not fully locked. */
+#define URO_RAW 0
+static long uro_sys(long n, long a, long b, long c, long d, long e)
+{
+    long r = syscall(n, a, b, c, d, e);
+    return r < 0 ? -errno : r;
+}
+#endif
+
+int uro_raw_syscalls(void) { return URO_RAW; }
+
+/* Critical, allocation-free, async-signal-safe. */
+URO_CRIT static int64_t crit_now(void)
+{
+    struct timespec ts;
+    long r = uro_sys(SYS_clock_gettime, CLOCK_MONOTONIC, (long)&ts, 0, 0, 0);
+    if (r < 0)
+        return 0;
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* Critical, blocking up to ns, allocation-free. */
+URO_CRIT static void crit_sleep(int64_t ns)
+{
+    struct timespec ts = {.tv_sec = ns / 1000000000LL, .tv_nsec = ns % 1000000000LL};
+    uro_sys(SYS_clock_nanosleep, CLOCK_MONOTONIC, 0, (long)&ts, 0, 0);
+}
+
+/* Critical, blocking up to timeout_ns (< 0: forever); 1 readable, 0 timeout,
+ * -errno. poll() on a few fds uses an on-stack table, so it does not allocate. */
+URO_CRIT static int crit_wait_readable(int fd, int64_t timeout_ns)
+{
+    struct pollfd p = {.fd = fd, .events = POLLIN, .revents = 0};
+    struct timespec ts, *tsp = 0;
+    if (timeout_ns >= 0) {
+        ts.tv_sec = timeout_ns / 1000000000LL;
+        ts.tv_nsec = timeout_ns % 1000000000LL;
+        tsp = &ts;
+    }
+    long r = uro_sys(SYS_ppoll, (long)&p, 1, (long)tsp, 0, 8);
+    if (r < 0)
+        return (int)r;
+    return r > 0 ? 1 : 0;
+}
+
+/* ---------------------------------------------------------------------- */
+/* The episode: runs the armed plan. Everything here is critical. */
+
+URO_CRIT static void crit_store32(int32_t *p, int32_t v) { __atomic_store_n(p, v, __ATOMIC_SEQ_CST); }
+URO_CRIT static int32_t crit_load32(int32_t *p) { return __atomic_load_n(p, __ATOMIC_SEQ_CST); }
+
+/* Reads the check file from offset 0 into buf; 1 if it contains the needle,
+ * 0 if not (or if the read failed with ENOMEM: under the OOM, kernel
+ * allocations charged to the group fail), -errno for other failures
+ * (ENODEV, ENOENT: the group is gone). */
+URO_CRIT static int crit_check(const struct uro_plan *plan)
+{
+    char buf[256];
+    long n = uro_sys(SYS_pread64, plan->check_fd, (long)buf, sizeof buf, 0, 0);
+    if (n == -ENOMEM || n == -EINTR || n == -EAGAIN)
+        return 0;
+    if (n < 0)
+        return (int)n;
+    uint32_t m = plan->needle_len;
+    if (m == 0 || (long)m > n)
+        return 0;
+    for (long i = 0; i + (long)m <= n; i++) {
+        uint32_t j = 0;
+        while (j < m && buf[i + j] == plan->needle[j])
+            j++;
+        if (j == m)
+            return 1;
+    }
+    return 0;
+}
+
+/* Waits until the check says resolved or timeout_ns passes. Returns 1
+ * resolved, 0 not, -errno (group gone). *when gets the time it was seen. */
+URO_CRIT static int crit_await_resolved(const struct uro_plan *plan, int64_t timeout_ns,
+                                        int64_t *when)
+{
+    int64_t deadline = crit_now() + timeout_ns;
+    int64_t step = plan->poll_ns > 0 ? plan->poll_ns : 1000000;
+    for (;;) {
+        int r = crit_check(plan);
+        if (r != 0) {
+            if (r == 1)
+                *when = crit_now();
+            return r;
+        }
+        int64_t left = deadline - crit_now();
+        if (left <= 0)
+            return 0;
+        crit_sleep(left < step ? left : step);
+    }
+}
+
+URO_CRIT static int crit_action(const struct uro_action *a)
+{
+    switch (a->kind) {
+    case URO_ACT_SIGNAL_PIDFD: {
+        /* A process that has exited (a zombie included) makes its pidfd
+         * readable; signalling it would "succeed" and free nothing. */
+        int r = crit_wait_readable(a->fd, 0);
+        if (r == 1)
+            return -ESRCH;
+        return (int)uro_sys(SYS_pidfd_send_signal, a->fd, a->sig, 0, 0, 0);
+    }
+    case URO_ACT_SIGNAL_PID:
+        return (int)uro_sys(SYS_kill, a->pid, a->sig, 0, 0, 0);
+    case URO_ACT_WRITE:
+        return (int)uro_sys(SYS_pwrite64, a->fd, (long)a->data, a->len, 0, 0);
+    case URO_ACT_MRELEASE:
+        return (int)uro_sys(SYS_process_mrelease, a->fd, 0, 0, 0, 0);
+    case URO_ACT_WAKE: {
+        uint64_t one = 1;
+        long r = uro_sys(SYS_write, a->fd, (long)&one, sizeof one, 0, 0);
+        return r < 0 ? (int)r : 0;
+    }
+    case URO_ACT_AWAIT: {
+        int r = crit_wait_readable(a->fd, a->timeout_ns);
+        if (r == 0)
+            return -ETIMEDOUT;
+        if (r < 0 || !(a->flags & URO_F_READ))
+            return r;
+        uint64_t v = 0;
+        long n = uro_sys(SYS_read, a->fd, (long)&v, sizeof v, 0, 0);
+        if (n < 0)
+            return (int)n;
+        return v > 0x7fffffff ? 0x7fffffff : (int)v;
+    }
+    default:
+        return -EINVAL;
+    }
+}
+
+/* Publishes ev as record seq: the fields first, the sequence number last. */
+URO_CRIT static void crit_publish(struct uro_shared *sh, struct uro_event *ev, uint64_t seq)
+{
+    __atomic_store_n(&ev->seq, seq, __ATOMIC_RELEASE);
+    __atomic_store_n(&sh->head, seq, __ATOMIC_RELEASE);
+    if (sh->wake_fd >= 0) {
+        uint64_t one = 1;
+        uro_sys(SYS_write, sh->wake_fd, (long)&one, sizeof one, 0, 0);
+    }
+}
+
+/* Claims the armed plan for this episode. The loop closes the race with a
+ * Python thread switching plans between our load and our store. */
+URO_CRIT static int crit_claim_plan(struct uro_shared *sh)
+{
+    for (;;) {
+        int32_t slot = crit_load32(&sh->active_plan);
+        crit_store32(&sh->busy_plan, slot + 1);
+        if (crit_load32(&sh->active_plan) == slot)
+            return slot;
+    }
+}
+
+URO_CRIT static void crit_episode(struct uro_shared *sh, int src, uint64_t count, int64_t t0)
+{
+    uint64_t seq = __atomic_load_n(&sh->head, __ATOMIC_ACQUIRE) + 1;
+    struct uro_event *ev = &sh->ring[(seq - 1) % URO_RING_SIZE];
+    __atomic_store_n(&ev->seq, 0, __ATOMIC_RELEASE);
+    ev->source = src;
+    ev->count = count;
+    ev->notified_ns = t0;
+    ev->acted_ns = 0;
+    ev->resolved_ns = 0;
+    ev->nsteps = 0;
+    ev->plan_slot = -1;
+
+    if (src < 0 || src >= sh->nsources || sh->sources[src].kind != URO_SRC_OOM) {
+        ev->outcome = URO_OUT_FORWARDED;
+        crit_publish(sh, ev, seq);
+        return;
+    }
+
+    int slot = crit_claim_plan(sh);
+    const struct uro_plan *plan = &sh->plans[slot];
+    ev->plan_slot = slot;
+    int has_check = plan->check_fd >= 0;
+    int outcome = 0;
+
+    if (plan->count == 0) {
+        outcome = URO_OUT_NO_PLAN;
+    } else if (has_check) {
+        /* A notification with the group not under OOM: the episode was
+         * resolved by someone else, or the group was removed (rmdir signals
+         * the eventfd once). Act on neither. */
+        int r = crit_check(plan);
+        if (r == 1)
+            outcome = URO_OUT_NOT_NEEDED;
+        else if (r < 0)
+            outcome = URO_OUT_GONE;
+    }
+
+    if (!outcome) {
+        int acted_since_check = 0;
+        uint32_t n = plan->count < URO_PLAN_MAX ? plan->count : URO_PLAN_MAX;
+        for (uint32_t i = 0; i < n && !outcome; i++) {
+            const struct uro_action *a = &plan->actions[i];
+            int r;
+            if (!ev->acted_ns)
+                ev->acted_ns = crit_now();
+            if (a->kind == URO_ACT_CHECK) {
+                /* Nothing took effect since the last check (say, every victim
+                 * had already exited): waiting would only lose time. */
+                if (!has_check || !acted_since_check) {
+                    r = 0;
+                } else {
+                    int64_t when = 0;
+                    r = crit_await_resolved(plan, a->timeout_ns, &when);
+                    if (r == 1) {
+                        ev->resolved_ns = when;
+                        outcome = URO_OUT_RESOLVED;
+                    } else if (r < 0) {
+                        outcome = URO_OUT_GONE;
+                    }
+                }
+                acted_since_check = 0;
+            } else {
+                r = crit_action(a);
+                if (r >= 0)
+                    acted_since_check = 1;
+            }
+            ev->steps[i].kind = a->kind;
+            ev->steps[i].result = r;
+            ev->steps[i].t_ns = crit_now();
+            ev->nsteps = (int32_t)(i + 1);
+        }
+        if (!outcome) {
+            if (has_check) {
+                int r = crit_check(plan);
+                if (r == 1) {
+                    ev->resolved_ns = crit_now();
+                    outcome = URO_OUT_RESOLVED;
+                } else {
+                    outcome = r < 0 ? URO_OUT_GONE : URO_OUT_UNRESOLVED;
+                }
+            } else {
+                outcome = URO_OUT_ACTED;
+            }
+        }
+    }
+    ev->outcome = outcome;
+    crit_store32(&sh->busy_plan, 0);
+    crit_publish(sh, ev, seq);
+}
+
+/* The watcher thread: waits on the epoll set, reads the eventfd that fired
+ * and runs the episode. Critical: runs on the locked stack, all signals
+ * blocked, no libc. */
+URO_CRIT static void *crit_watcher_main(void *arg)
+{
+    struct uro_shared *sh = arg;
+    struct epoll_event evs[URO_SOURCES_MAX + 1];
+    crit_store32(&sh->state, URO_STATE_WAITING);
+    for (;;) {
+        long n = uro_sys(SYS_epoll_pwait, sh->epfd, (long)evs, URO_SOURCES_MAX + 1, -1, 0);
+        __atomic_add_fetch(&sh->loops, 1, __ATOMIC_RELAXED);
+        if (n < 0) {
+            if (n == -EINTR || n == -ENOMEM)
+                continue;
+            break;
+        }
+        for (long i = 0; i < n; i++) {
+            int64_t t0 = crit_now();
+            int src = (int)evs[i].data.u64;
+            int fd = src < 0 ? sh->stop_fd : sh->sources[src].fd;
+            uint64_t count = 0;
+            long r = uro_sys(SYS_read, fd, (long)&count, sizeof count, 0, 0);
+            if (src < 0) {
+                crit_store32(&sh->state, URO_STATE_STOPPED);
+                return 0;
+            }
+            if (r == -EAGAIN)
+                continue;
+            if (r < 0) {
+                /* An eventfd read does not fail otherwise; never spin on one. */
+                count = 0;
+            }
+            crit_store32(&sh->state, URO_STATE_EPISODE);
+            crit_episode(sh, src, count, t0);
+            crit_store32(&sh->state, URO_STATE_WAITING);
+        }
+    }
+    crit_store32(&sh->state, URO_STATE_STOPPED);
+    return 0;
+}
+
+/* Critical: the public entry for running an episode on the calling thread. */
+URO_CRIT int uro_run_episode(struct uro_shared *shared, int src, uint64_t count)
+{
+    if (!shared)
+        return -EINVAL;
+    crit_episode(shared, src, count, crit_now());
+    return 0;
+}
+
+/* ---------------------------------------------------------------------- */
+/* Setup and Python-facing functions: not critical, may use libc. */
+
+int64_t uro_monotonic_ns(void)
+{
+    struct timespec ts;
+    if (clock_gettime(CLOCK_MONOTONIC, &ts) != 0)
+        return -errno;
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+int uro_eventfd_create(unsigned int initval, int nonblock)
+{
+    int fd = eventfd(initval, EFD_CLOEXEC | (nonblock ? EFD_NONBLOCK : 0));
+    return fd < 0 ? -errno : fd;
+}
+
+int uro_eventfd_read(int fd, uint64_t *value)
+{
+    ssize_t n = read(fd, value, sizeof *value);
+    if (n < 0)
+        return -errno;
+    return n == sizeof *value ? 0 : -EIO;
+}
+
+int uro_eventfd_write(int fd, uint64_t value)
+{
+    ssize_t n = write(fd, &value, sizeof value);
+    if (n < 0)
+        return -errno;
+    return n == sizeof value ? 0 : -EIO;
+}
+
+int uro_epoll_create(void)
+{
+    int fd = epoll_create1(EPOLL_CLOEXEC);
+    return fd < 0 ? -errno : fd;
+}
+
+int uro_epoll_add(int epfd, int fd, uint32_t events, uint64_t data)
+{
+    struct epoll_event ev = {.events = events, .data.u64 = data};
+    return epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev) < 0 ? -errno : 0;
+}
+
+int uro_epoll_del(int epfd, int fd)
+{
+    return epoll_ctl(epfd, EPOLL_CTL_DEL, fd, NULL) < 0 ? -errno : 0;
+}
+
+int uro_epoll_wait(int epfd, struct uro_ready *out, int max, int64_t deadline_ns)
+{
+    struct epoll_event evs[16];
+    if (max <= 0)
+        return -EINVAL;
+    if (max > 16)
+        max = 16;
+    int timeout_ms = -1;
+    if (deadline_ns >= 0) {
+        int64_t left = deadline_ns - uro_monotonic_ns();
+        if (left < 0)
+            left = 0;
+        /* Round up: waking a little late is harmless, early means a spin. */
+        int64_t ms = (left + 999999) / 1000000;
+        timeout_ms = ms > 0x7fffffff ? 0x7fffffff : (int)ms;
+    }
+    int n = epoll_wait(epfd, evs, max, timeout_ms);
+    if (n < 0)
+        return -errno;
+    for (int i = 0; i < n; i++) {
+        out[i].data = evs[i].data.u64;
+        out[i].events = evs[i].events;
+    }
+    return n;
+}
+
+int uro_wait_readable(int fd, int64_t timeout_ns)
+{
+    return crit_wait_readable(fd, timeout_ns);
+}
+
+static size_t page_size(void) { return (size_t)sysconf(_SC_PAGESIZE); }
+
+int uro_arena_map(size_t size, int lock, struct uro_arena *out)
+{
+    size_t ps = page_size();
+    if (!out || size == 0)
+        return -EINVAL;
+    size = (size + ps - 1) & ~(ps - 1);
+    void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED)
+        return -errno;
+    out->base = p;
+    out->size = size;
+    out->locked = 0;
+    out->lock_errno = 0;
+    if (lock) {
+        if (mlock(p, size) == 0)
+            out->locked = size;
+        else
+            out->lock_errno = errno;
+    }
+    /* Prefault: mlock already populated the pages; touching them also does
+     * it when the lock was refused, so the pages exist before any OOM. */
+    for (size_t off = 0; off < size; off += ps)
+        ((volatile char *)p)[off] = 0;
+    return 0;
+}
+
+int uro_arena_unmap(struct uro_arena *arena)
+{
+    if (!arena || !arena->base)
+        return 0;
+    void *p = arena->base;
+    arena->base = NULL;
+    if (munmap(p, arena->size) != 0)
+        return -errno;
+    arena->locked = 0;
+    return 0;
+}
+
+struct lock_ctx {
+    uintptr_t self;
+    struct uro_text *out;
+};
+
+static int lock_segments(struct dl_phdr_info *info, size_t size, void *arg)
+{
+    struct lock_ctx *ctx = arg;
+    size_t ps = page_size();
+    int mine = 0;
+    for (int i = 0; i < info->dlpi_phnum; i++) {
+        const ElfW(Phdr) *ph = &info->dlpi_phdr[i];
+        uintptr_t lo = info->dlpi_addr + ph->p_vaddr;
+        if (ph->p_type == PT_LOAD && ctx->self >= lo && ctx->self < lo + ph->p_memsz)
+            mine = 1;
+    }
+    if (!mine)
+        return 0;
+    for (int i = 0; i < info->dlpi_phnum; i++) {
+        const ElfW(Phdr) *ph = &info->dlpi_phdr[i];
+        if (ph->p_type != PT_LOAD)
+            continue;
+        uintptr_t lo = (info->dlpi_addr + ph->p_vaddr) & ~(uintptr_t)(ps - 1);
+        uintptr_t hi = (info->dlpi_addr + ph->p_vaddr + ph->p_memsz + ps - 1) & ~(uintptr_t)(ps - 1);
+        ctx->out->segments++;
+        ctx->out->image_size += hi - lo;
+        if (mlock((void *)lo, hi - lo) == 0)
+            ctx->out->locked += hi - lo;
+        else if (!ctx->out->lock_errno)
+            ctx->out->lock_errno = errno;
+    }
+    return 1;
+}
+
+int uro_lock_text(struct uro_text *out)
+{
+    struct lock_ctx ctx = {.self = (uintptr_t)&crit_episode, .out = out};
+    memset(out, 0, sizeof *out);
+    out->crit_start = (uintptr_t)__start_uro_crit;
+    out->crit_size = (uintptr_t)__stop_uro_crit - (uintptr_t)__start_uro_crit;
+    if (!dl_iterate_phdr(lock_segments, &ctx))
+        return -ENOENT;
+    return 0;
+}
+
+int uro_shared_init(struct uro_shared *shared, int epfd, int stop_fd, int wake_fd)
+{
+    if (!shared || epfd < 0 || stop_fd < 0)
+        return -EINVAL;
+    memset(shared, 0, sizeof *shared);
+    shared->epfd = epfd;
+    shared->stop_fd = stop_fd;
+    shared->wake_fd = wake_fd;
+    for (int i = 0; i < URO_SOURCES_MAX; i++)
+        shared->sources[i].fd = -1;
+    for (int i = 0; i < 2; i++)
+        shared->plans[i].check_fd = -1;
+    /* The stop fd is source -1; epoll data is the source index. */
+    return uro_epoll_add(epfd, stop_fd, EPOLLIN, (uint64_t)(int64_t)-1);
+}
+
+int uro_source_add(struct uro_shared *shared, int fd, int kind)
+{
+    if (fd < 0 || (kind != URO_SRC_OOM && kind != URO_SRC_FORWARD))
+        return -EINVAL;
+    int idx = shared->nsources;
+    if (idx >= URO_SOURCES_MAX)
+        return -ENOSPC;
+    shared->sources[idx].fd = fd;
+    shared->sources[idx].kind = kind;
+    __atomic_store_n(&shared->nsources, idx + 1, __ATOMIC_SEQ_CST);
+    int r = uro_epoll_add(shared->epfd, fd, EPOLLIN, (uint64_t)idx);
+    if (r < 0) {
+        __atomic_store_n(&shared->nsources, idx, __ATOMIC_SEQ_CST);
+        shared->sources[idx].fd = -1;
+    }
+    return r < 0 ? r : idx;
+}
+
+int uro_plan_begin(struct uro_shared *shared)
+{
+    int32_t active = __atomic_load_n(&shared->active_plan, __ATOMIC_SEQ_CST);
+    int32_t other = 1 - active;
+    if (__atomic_load_n(&shared->busy_plan, __ATOMIC_SEQ_CST) == other + 1)
+        return -EBUSY;
+    return other;
+}
+
+int uro_plan_commit(struct uro_shared *shared, int slot)
+{
+    if (slot != 0 && slot != 1)
+        return -EINVAL;
+    __atomic_store_n(&shared->active_plan, slot, __ATOMIC_SEQ_CST);
+    return 0;
+}
+
+uint64_t uro_ring_head(struct uro_shared *shared)
+{
+    return __atomic_load_n(&shared->head, __ATOMIC_ACQUIRE);
+}
+
+int uro_ring_read(struct uro_shared *shared, uint64_t seq, struct uro_event *out)
+{
+    if (seq == 0)
+        return -EINVAL;
+    uint64_t head = uro_ring_head(shared);
+    if (seq > head)
+        return -EAGAIN;
+    if (head - seq >= URO_RING_SIZE)
+        return -ESTALE;
+    struct uro_event *ev = &shared->ring[(seq - 1) % URO_RING_SIZE];
+    if (__atomic_load_n(&ev->seq, __ATOMIC_ACQUIRE) != seq)
+        return -ESTALE;
+    memcpy(out, ev, sizeof *out);
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    if (__atomic_load_n(&ev->seq, __ATOMIC_ACQUIRE) != seq)
+        return -ESTALE;
+    out->seq = seq;
+    return 0;
+}
+
+int uro_state(struct uro_shared *shared)
+{
+    return __atomic_load_n(&shared->state, __ATOMIC_SEQ_CST);
+}
+
+int uro_watcher_start(struct uro_watcher *w)
+{
+    pthread_attr_t attr;
+    sigset_t all, old;
+    if (!w || !w->shared || !w->stack || w->running)
+        return -EINVAL;
+    int r = pthread_attr_init(&attr);
+    if (r)
+        return -r;
+    r = pthread_attr_setstack(&attr, w->stack, w->stack_size);
+    if (!r) {
+        /* The thread inherits this mask: no Python signal handler, no
+         * async signal ever runs on the watcher. */
+        sigfillset(&all);
+        pthread_sigmask(SIG_SETMASK, &all, &old);
+        crit_store32(&w->shared->state, URO_STATE_IDLE);
+        r = pthread_create((pthread_t *)w->thread, &attr, crit_watcher_main, w->shared);
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+    }
+    pthread_attr_destroy(&attr);
+    if (r)
+        return -r;
+    w->running = 1;
+    return 0;
+}
+
+int uro_watcher_stop(struct uro_watcher *w)
+{
+    if (!w || !w->running)
+        return -EINVAL;
+    int r = uro_eventfd_write(w->shared->stop_fd, 1);
+    if (r < 0)
+        return r;
+    r = pthread_join(*(pthread_t *)w->thread, NULL);
+    if (r)
+        return -r;
+    w->running = 0;
+    return 0;
+}
+

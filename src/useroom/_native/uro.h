@@ -1,0 +1,203 @@
+/* useroom native core: the declarations Python sees.
+ *
+ * This file is both the C header of uro.c and the cffi cdef, so it holds
+ * only what cffi's parser accepts: integer #defines, structs, prototypes.
+ *
+ * Every function returns >= 0 on success or -errno on failure, and its
+ * contract comment says whether it blocks, allocates, or is async-signal-safe.
+ * Functions marked "critical" run on the OOM path: they touch only locked
+ * memory and make raw system calls, never libc.
+ */
+
+#define URO_PLAN_MAX 32     /* actions in one plan */
+#define URO_RING_SIZE 64    /* event records kept */
+#define URO_DATA_MAX 40     /* payload bytes of a WRITE action */
+#define URO_NEEDLE_MAX 24   /* bytes of the resolution needle */
+#define URO_SOURCES_MAX 8   /* fds one watcher waits on (plus its stop fd) */
+
+/* Action kinds. */
+#define URO_ACT_SIGNAL_PIDFD 1  /* pidfd_send_signal(fd, sig); -ESRCH if it already exited */
+#define URO_ACT_SIGNAL_PID 2    /* kill(pid, sig) */
+#define URO_ACT_WRITE 3         /* pwrite(fd, data, len, 0) */
+#define URO_ACT_MRELEASE 4      /* process_mrelease(fd, 0) */
+#define URO_ACT_WAKE 5          /* write 1 to the eventfd fd */
+#define URO_ACT_AWAIT 6         /* wait until fd is readable, at most timeout_ns */
+#define URO_ACT_CHECK 7         /* wait for resolution, at most timeout_ns */
+
+/* Action flags. */
+#define URO_F_READ 1            /* AWAIT: read the eventfd counter once ready */
+
+/* Source kinds: what the watcher does when a source's eventfd fires. */
+#define URO_SRC_OOM 1           /* run the armed plan */
+#define URO_SRC_FORWARD 2       /* record the event and wake Python */
+
+/* Outcomes of an event record. */
+#define URO_OUT_RESOLVED 1      /* the check saw the OOM resolved */
+#define URO_OUT_UNRESOLVED 2    /* the plan ran out and the group is still under OOM */
+#define URO_OUT_NOT_NEEDED 3    /* the group was no longer under OOM when the episode began */
+#define URO_OUT_GONE 4          /* the check file is gone: the group was removed */
+#define URO_OUT_NO_PLAN 5       /* no plan was armed */
+#define URO_OUT_ACTED 6         /* the plan ran and there is no check to confirm it */
+#define URO_OUT_FORWARDED 7     /* a forward source fired; Python decides */
+
+/* Watcher states. */
+#define URO_STATE_IDLE 0
+#define URO_STATE_WAITING 1
+#define URO_STATE_EPISODE 2
+#define URO_STATE_STOPPED 3
+
+struct uro_action {
+    int32_t kind;
+    int32_t fd;
+    int32_t pid;
+    int32_t sig;
+    int32_t flags;
+    uint32_t len;
+    int64_t timeout_ns;
+    char data[40];
+};
+
+struct uro_plan {
+    uint32_t count;
+    int32_t check_fd;        /* file whose contents say whether the OOM is over; -1: none */
+    uint32_t needle_len;
+    char needle[24];         /* resolved when the check file contains these bytes */
+    int64_t poll_ns;         /* interval between reads of check_fd */
+    struct uro_action actions[32];
+};
+
+struct uro_step {
+    int64_t t_ns;            /* CLOCK_MONOTONIC when the action returned */
+    int32_t kind;
+    int32_t result;          /* >= 0, or -errno */
+};
+
+struct uro_event {
+    uint64_t seq;            /* 1, 2, ...; 0 while the record is being written */
+    int32_t source;          /* index of the source that fired */
+    int32_t outcome;         /* URO_OUT_* */
+    uint64_t count;          /* the eventfd counter that was read */
+    int64_t notified_ns;     /* the watcher read the notification */
+    int64_t acted_ns;        /* the first action began; 0 if none ran */
+    int64_t resolved_ns;     /* the check first saw the OOM over; 0 if not seen */
+    int32_t plan_slot;
+    int32_t nsteps;
+    struct uro_step steps[32];
+};
+
+struct uro_source {
+    int32_t fd;
+    int32_t kind;
+};
+
+/* Everything the watcher thread touches lives in this struct, inside the
+ * locked arena. Python writes plans and sources; the watcher writes the ring. */
+struct uro_shared {
+    int32_t state;           /* URO_STATE_* (atomic) */
+    int32_t active_plan;     /* 0 or 1 (atomic) */
+    int32_t busy_plan;       /* slot + 1 while an episode reads it, else 0 (atomic) */
+    int32_t nsources;
+    int32_t epfd;
+    int32_t stop_fd;         /* eventfd: any write stops the watcher */
+    int32_t wake_fd;         /* eventfd the watcher writes after each record; -1: none */
+    int32_t pad;
+    uint64_t head;           /* seq of the newest complete record (atomic) */
+    uint64_t loops;          /* wake-ups of the watcher (atomic), a heartbeat */
+    struct uro_source sources[8];
+    struct uro_plan plans[2];
+    struct uro_event ring[64];
+};
+
+struct uro_ready {
+    uint64_t data;
+    uint32_t events;
+};
+
+struct uro_arena {
+    void *base;
+    size_t size;
+    size_t locked;           /* bytes locked by mlock */
+    int32_t lock_errno;      /* why mlock failed, 0 if it did not */
+};
+
+struct uro_text {
+    size_t crit_start;       /* address of the critical code section */
+    size_t crit_size;        /* its size in bytes */
+    size_t image_size;       /* bytes of this module's loaded segments, in pages */
+    size_t locked;           /* bytes mlocked */
+    int32_t segments;        /* loaded segments found */
+    int32_t lock_errno;      /* why an mlock failed, 0 if none did */
+};
+
+struct uro_watcher {
+    struct uro_shared *shared;
+    void *stack;
+    size_t stack_size;
+    int32_t running;
+    unsigned char thread[64]; /* pthread_t, opaque */
+};
+
+/* Non-blocking, allocation-free, async-signal-safe. */
+int64_t uro_monotonic_ns(void);
+
+/* Non-blocking, allocation-free (the kernel object is the caller's to close). */
+int uro_eventfd_create(unsigned int initval, int nonblock);
+/* Blocks unless the fd is non-blocking; allocation-free, async-signal-safe. */
+int uro_eventfd_read(int fd, uint64_t *value);
+/* Non-blocking for counters far from overflow; allocation-free, async-signal-safe. */
+int uro_eventfd_write(int fd, uint64_t value);
+
+/* Non-blocking, allocation-free in user space. */
+int uro_epoll_create(void);
+int uro_epoll_add(int epfd, int fd, uint32_t events, uint64_t data);
+int uro_epoll_del(int epfd, int fd);
+/* Blocks until a fd is ready or the absolute CLOCK_MONOTONIC deadline
+ * (-1: none) passes; returns the number ready, 0 on timeout, -EINTR when
+ * interrupted (the caller retries; the timeout is recomputed from the
+ * deadline). Allocation-free. */
+int uro_epoll_wait(int epfd, struct uro_ready *out, int max, int64_t deadline_ns);
+/* Blocks up to timeout_ns (-1: forever) for fd to become readable; 1 ready,
+ * 0 timeout, -errno. Allocation-free. */
+int uro_wait_readable(int fd, int64_t timeout_ns);
+
+/* Maps size bytes (rounded up to pages), prefaults them and, if lock, mlocks
+ * them. A refused mlock is reported in out->lock_errno, not as failure.
+ * Non-blocking; the mapping is the caller's to unmap. */
+int uro_arena_map(size_t size, int lock, struct uro_arena *out);
+int uro_arena_unmap(struct uro_arena *arena);
+
+/* mlocks every loaded segment of this module (code, constants, data): the
+ * critical code may read constants and jump tables outside its own section.
+ * Non-blocking, allocation-free. */
+int uro_lock_text(struct uro_text *out);
+
+/* Prepares shared (zeroed, fds -1) for a watcher; takes ownership of no fd.
+ * Non-blocking, allocation-free. */
+int uro_shared_init(struct uro_shared *shared, int epfd, int stop_fd, int wake_fd);
+/* Adds a source: its fd joins the epoll set. Safe while the watcher runs.
+ * Returns the source index. Non-blocking, allocation-free. */
+int uro_source_add(struct uro_shared *shared, int fd, int kind);
+/* Returns the plan slot Python may fill now, or -EBUSY while the watcher
+ * is reading it (retry shortly). Non-blocking, allocation-free. */
+int uro_plan_begin(struct uro_shared *shared);
+/* Makes slot the armed plan; the next episode uses it. Non-blocking. */
+int uro_plan_commit(struct uro_shared *shared, int slot);
+/* Copies the record with sequence number seq into out. -EAGAIN if it is not
+ * written yet, -ESTALE if it was overwritten. Non-blocking, allocation-free. */
+int uro_ring_read(struct uro_shared *shared, uint64_t seq, struct uro_event *out);
+uint64_t uro_ring_head(struct uro_shared *shared);
+int uro_state(struct uro_shared *shared);
+
+/* Starts the watcher thread on the given (locked) stack with every signal
+ * blocked. Allocates inside libc (thread setup); never on the OOM path. */
+int uro_watcher_start(struct uro_watcher *w);
+/* Writes the stop eventfd and joins the thread. Blocks until it exits. */
+int uro_watcher_stop(struct uro_watcher *w);
+
+/* Runs one episode of the armed plan on the calling thread, exactly as the
+ * watcher would for source index src; for tests and for the in-thread
+ * fallback. Blocking (CHECK/AWAIT actions), allocation-free, critical. */
+int uro_run_episode(struct uro_shared *shared, int src, uint64_t count);
+
+/* 1 if the critical path uses raw syscall instructions, 0 if libc's syscall(). */
+int uro_raw_syscalls(void);

@@ -1,0 +1,117 @@
+"""The whole exception hierarchy of useroom.
+
+Every error subclasses :class:`UseroomError` and, where one fits, the matching
+builtin, so a caller can catch either (``except useroom.InvalidSize`` or
+``except ValueError``).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CgroupError",
+    "CgroupPermissionError",
+    "GroupBusy",
+    "GroupExists",
+    "GroupGone",
+    "GroupNotFound",
+    "InvalidName",
+    "InvalidSize",
+    "KernelFormatError",
+    "LimitBelowUsage",
+    "NotAMemoryCgroup",
+    "ProcessGone",
+    "RootGroupError",
+    "UnsupportedKernel",
+    "UseroomError",
+    "WatcherError",
+]
+
+
+class UseroomError(Exception):
+    """Base class of every error raised by useroom."""
+
+
+class InvalidSize(UseroomError, ValueError):
+    """A memory size could not be parsed (``"256M"``, ``"1.5G"`` or an int)."""
+
+
+class InvalidName(UseroomError, ValueError):
+    """A child group name is empty, contains ``/``, or is ``.`` or ``..``."""
+
+
+class CgroupError(UseroomError, OSError):
+    """A cgroup operation failed; ``path`` names the group or file."""
+
+    def __init__(self, errno: int, message: str, path: str | None = None) -> None:
+        super().__init__(errno, message, path)
+        self.path = path
+
+    def __str__(self) -> str:
+        return f"{self.strerror}: {self.path}" if self.path else str(self.strerror)
+
+
+class GroupNotFound(CgroupError, FileNotFoundError):
+    """The path does not exist in a cgroup filesystem."""
+
+
+class GroupGone(GroupNotFound):
+    """The group was removed while it was being used."""
+
+
+class KernelFormatError(UseroomError, ValueError):
+    """A kernel file (mountinfo, ``/proc/<pid>/cgroup``, ``memory.stat``) had unexpected text."""
+
+
+class NotAMemoryCgroup(UseroomError, ValueError):
+    """The path is outside every cgroupfs mount, or not in the memory hierarchy."""
+
+
+class RootGroupError(UseroomError, ValueError):
+    """The root memory cgroup has no limit and no OOM notifications."""
+
+
+class CgroupPermissionError(CgroupError, PermissionError):
+    """The kernel refused a cgroup operation.
+
+    ``rule`` names the kernel rule that refused it and ``advice`` says what an
+    administrator could grant.
+    """
+
+    def __init__(
+        self, errno: int, message: str, path: str | None = None, *, rule: str = "", advice: str = ""
+    ) -> None:
+        super().__init__(errno, message, path)
+        self.rule = rule
+        self.advice = advice
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if self.rule:
+            text += f" ({self.rule})"
+        if self.advice:
+            text += f"; {self.advice}"
+        return text
+
+
+class GroupBusy(CgroupError):
+    """The group still has tasks (or children) and cannot be removed."""
+
+
+class GroupExists(CgroupError, FileExistsError):
+    """A child group of that name already exists."""
+
+
+class LimitBelowUsage(CgroupError):
+    """The kernel could not reclaim enough to bring usage under the new limit."""
+
+
+class ProcessGone(UseroomError, ProcessLookupError):
+    """The process exited, or its pid now names another process."""
+
+
+class UnsupportedKernel(UseroomError, OSError):
+    """The running kernel lacks an interface this operation needs."""
+
+
+class WatcherError(UseroomError, RuntimeError):
+    """The native watcher is not in a state that allows the operation."""
