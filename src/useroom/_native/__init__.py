@@ -7,6 +7,7 @@ Decisions are made here and in the layers above; C only executes them.
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import errno as _errno
 import os
@@ -32,8 +33,15 @@ __all__ = [
     "Plan",
     "SourceKind",
     "Step",
+    "PoolReport",
+    "heap_reserve",
+    "install_arena_pool",
+    "can_use_mrelease",
     "lock_core",
+    "mlockall",
+    "mrelease",
     "monotonic_ns",
+    "stack_prefault",
     "raw_syscalls",
     "wait_readable",
 ]
@@ -57,6 +65,20 @@ def _check(ret: int, syscall: str) -> int:
 def monotonic_ns() -> int:
     """CLOCK_MONOTONIC in nanoseconds, the clock of every event record."""
     return _check(_lib.uro_monotonic_ns(), "clock_gettime")
+
+
+def mrelease(pidfd: int) -> None:
+    """process_mrelease(2): reap a SIGKILLed process's memory now (Linux 5.15)."""
+    _check(_lib.uro_mrelease(pidfd), "process_mrelease")
+
+
+def _probe_mrelease() -> bool:
+    # An invalid fd gives EBADF where the syscall exists, ENOSYS where not.
+    return _lib.uro_mrelease(-1) != -_errno.ENOSYS
+
+
+#: Whether process_mrelease exists; tests patch it to exercise the fallback.
+can_use_mrelease: bool = _probe_mrelease()
 
 
 def raw_syscalls() -> bool:
@@ -211,6 +233,75 @@ def lock_core() -> CoreLock:
     return CoreLock(int(text.image_size), int(text.locked), int(text.lock_errno), int(text.crit_size))
 
 
+def mlockall(*, future: bool) -> int:
+    """mlockall(MCL_CURRENT [| MCL_FUTURE]); returns 0 or the errno that refused it."""
+    flags = _lib.URO_MCL_CURRENT | (_lib.URO_MCL_FUTURE if future else 0)
+    return -int(_lib.uro_mlockall(flags))
+
+
+def heap_reserve(nbytes: int) -> None:
+    """Stops glibc trimming the heap or using fresh mmaps, then grows and
+    touches the heap by ``nbytes`` so later allocations reuse resident pages."""
+    _check(_lib.uro_heap_reserve(nbytes), "mallopt")
+
+
+def stack_prefault(nbytes: int) -> None:
+    """Touches ``nbytes`` of the calling thread's stack."""
+    _check(_lib.uro_stack_prefault(nbytes), "stack_prefault")
+
+
+@attrs.frozen
+class PoolReport:
+    """The pymalloc arena pool: its size, lock, and how arenas were served."""
+
+    size: int
+    locked: int
+    lock_errno: int
+    chunk: int
+    served: int
+    fallbacks: int
+    in_use: int
+
+
+class _ArenaAllocator(ctypes.Structure):
+    _fields_ = [("ctx", ctypes.c_void_p), ("alloc", ctypes.c_void_p), ("free", ctypes.c_void_p)]
+
+
+_pool: Any = None
+
+
+def install_arena_pool(nbytes: int, *, lock: bool) -> PoolReport:
+    """Serves pymalloc's arenas from a prefaulted (and, if ``lock``, locked)
+    pool of ``nbytes``. Once per process: the pool stays installed, because
+    arenas it handed out are freed through whichever allocator is current."""
+    global _pool
+    if _pool is None:
+        pool = _ffi.new("struct uro_pool *")
+        _check(_lib.uro_pool_init(pool, nbytes, int(lock)), "mmap")
+        allocator = _ArenaAllocator(
+            int(_ffi.cast("uintptr_t", pool)),
+            int(_ffi.cast("uintptr_t", _lib.uro_pool_alloc_fn())),
+            int(_ffi.cast("uintptr_t", _lib.uro_pool_free_fn())),
+        )
+        api = ctypes.pythonapi
+        api.PyObject_SetArenaAllocator.argtypes = [ctypes.POINTER(_ArenaAllocator)]
+        api.PyObject_SetArenaAllocator.restype = None
+        api.PyObject_SetArenaAllocator(ctypes.byref(allocator))
+        _pool = pool
+    return pool_report()
+
+
+def pool_report() -> PoolReport | None:
+    """The installed pool's figures, or None if none is installed."""
+    if _pool is None:
+        return None
+    p = _pool
+    return PoolReport(
+        int(p.size), int(p.locked), int(p.lock_errno), int(p.chunk), int(p.served),
+        int(p.fallbacks), bin(int(p.used_mask)).count("1"),
+    )
+
+
 class ActionKind(enum.IntEnum):
     SIGNAL_PIDFD = _lib.URO_ACT_SIGNAL_PIDFD
     SIGNAL_PID = _lib.URO_ACT_SIGNAL_PID
@@ -362,6 +453,7 @@ class EventRecord:
     notified_ns: int
     acted_ns: int
     resolved_ns: int
+    plan_id: int
     plan_slot: int
     steps: tuple[Step, ...]
 
@@ -382,7 +474,8 @@ def _record(ev: Any) -> EventRecord:
     return EventRecord(
         seq=int(ev.seq), source=int(ev.source), outcome=Outcome(ev.outcome), count=int(ev.count),
         notified_ns=int(ev.notified_ns), acted_ns=int(ev.acted_ns),
-        resolved_ns=int(ev.resolved_ns), plan_slot=int(ev.plan_slot), steps=steps,
+        resolved_ns=int(ev.resolved_ns), plan_id=int(ev.plan_id), plan_slot=int(ev.plan_slot),
+        steps=steps,
     )
 
 
@@ -399,6 +492,7 @@ class NativeWatcher:
         self._fds: list[_FdOwner] = []
         self._watcher = _ffi.new("struct uro_watcher *")
         self._next_seq = 1
+        self._plan_id = 0
         self.lost = 0
         shared_size = (_ffi.sizeof("struct uro_shared") + 4095) // 4096 * 4096
         self._arena = _Arena(shared_size + STACK_SIZE, lock=lock)
@@ -457,8 +551,9 @@ class NativeWatcher:
         self._live_arena()
         return _check(_lib.uro_source_add(self._shared, _fd(fd), int(kind)), "epoll_ctl")
 
-    def arm(self, plan: Plan, *, timeout: float = 5.0) -> None:
-        """Makes ``plan`` the one the next episode runs.
+    def arm(self, plan: Plan, *, timeout: float = 5.0) -> int:
+        """Makes ``plan`` the one the next episode runs; returns its id, which
+        the records of the episodes it runs carry as ``plan_id``.
 
         Waits while the watcher is still reading the spare slot (an episode
         in progress on the previous plan); raises WatcherError after ``timeout``.
@@ -472,6 +567,8 @@ class NativeWatcher:
         _check(slot, "plan_begin")
         dst = self._shared.plans[slot]
         dst.count = 0
+        self._plan_id += 1
+        dst.id = self._plan_id
         for i, action in enumerate(plan.actions):
             a = dst.actions[i]
             a.kind = int(action.kind)
@@ -488,6 +585,7 @@ class NativeWatcher:
         dst.poll_ns = int(plan.poll_interval * 1e9)
         dst.count = len(plan.actions)
         _check(_lib.uro_plan_commit(self._shared, slot), "plan_commit")
+        return self._plan_id
 
     def start(self) -> CoreLock:
         """Locks the native core's pages and starts the thread."""

@@ -24,6 +24,8 @@
 
 #define _GNU_SOURCE
 #include <errno.h>
+#include <malloc.h>
+#include <stdlib.h>
 #include <link.h>
 #include <pthread.h>
 #include <signal.h>
@@ -275,6 +277,7 @@ URO_CRIT static void crit_episode(struct uro_shared *sh, int src, uint64_t count
     ev->resolved_ns = 0;
     ev->nsteps = 0;
     ev->plan_slot = -1;
+    ev->plan_id = 0;
 
     if (src < 0 || src >= sh->nsources || sh->sources[src].kind != URO_SRC_OOM) {
         ev->outcome = URO_OUT_FORWARDED;
@@ -285,6 +288,7 @@ URO_CRIT static void crit_episode(struct uro_shared *sh, int src, uint64_t count
     int slot = crit_claim_plan(sh);
     const struct uro_plan *plan = &sh->plans[slot];
     ev->plan_slot = slot;
+    ev->plan_id = plan->id;
     int has_check = plan->check_fd >= 0;
     int outcome = 0;
 
@@ -478,6 +482,12 @@ int uro_epoll_wait(int epfd, struct uro_ready *out, int max, int64_t deadline_ns
         out[i].events = evs[i].events;
     }
     return n;
+}
+
+int uro_mrelease(int pidfd)
+{
+    long r = syscall(SYS_process_mrelease, pidfd, 0);
+    return r < 0 ? -errno : (int)r;
 }
 
 int uro_wait_readable(int fd, int64_t timeout_ns)
@@ -691,3 +701,108 @@ int uro_watcher_stop(struct uro_watcher *w)
     return 0;
 }
 
+
+/* ---------------------------------------------------------------------- */
+/* Memory hardening. Setup time only. */
+
+int uro_mlockall(int flags)
+{
+    int f = 0;
+    if (flags & URO_MCL_CURRENT)
+        f |= MCL_CURRENT;
+    if (flags & URO_MCL_FUTURE)
+        f |= MCL_FUTURE;
+    return mlockall(f) == 0 ? 0 : -errno;
+}
+
+int uro_munlockall(void) { return munlockall() == 0 ? 0 : -errno; }
+
+int uro_heap_reserve(size_t bytes)
+{
+    /* mallopt returns 1 on success, 0 on error (without errno). */
+    if (!mallopt(M_TRIM_THRESHOLD, -1) || !mallopt(M_MMAP_MAX, 0) || !mallopt(M_ARENA_MAX, 1))
+        return -EINVAL;
+    if (bytes == 0)
+        return 0;
+    volatile char *p = malloc(bytes);
+    if (!p)
+        return -ENOMEM;
+    size_t ps = page_size();
+    for (size_t off = 0; off < bytes; off += ps)
+        p[off] = 1;
+    /* With trimming off the pages stay in the heap's top chunk. */
+    free((void *)p);
+    return 0;
+}
+
+__attribute__((noinline)) int uro_stack_prefault(size_t bytes)
+{
+    if (bytes > (size_t)64 << 20)
+        return -EINVAL;
+    volatile char *p = __builtin_alloca(bytes);
+    size_t ps = page_size();
+    for (size_t off = 0; off < bytes; off += ps)
+        p[off] = 0;
+    return 0;
+}
+
+int uro_pool_init(struct uro_pool *pool, size_t size, int lock)
+{
+    size_t ps = page_size();
+    if (!pool || size == 0)
+        return -EINVAL;
+    memset(pool, 0, sizeof *pool);
+    size = (size + ps - 1) & ~(ps - 1);
+    void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED)
+        return -errno;
+    if (lock) {
+        if (mlock(p, size) == 0)
+            pool->locked = size;
+        else
+            pool->lock_errno = errno;
+    }
+    for (size_t off = 0; off < size; off += ps)
+        ((volatile char *)p)[off] = 0;
+    pool->base = p;
+    pool->size = size;
+    return 0;
+}
+
+void *uro_pool_arena_alloc(void *ctx, size_t size)
+{
+    struct uro_pool *pool = ctx;
+    if (pool->chunk == 0 && size > 0 && size % page_size() == 0 && size <= pool->size) {
+        /* pymalloc asks for one arena size; the first request fixes it. */
+        size_t n = pool->size / size;
+        pool->chunk = size;
+        pool->nchunks = (uint32_t)(n > 64 ? 64 : n);
+    }
+    if (pool->chunk && size == pool->chunk) {
+        for (uint32_t i = 0; i < pool->nchunks; i++) {
+            if (!(pool->used_mask & ((uint64_t)1 << i))) {
+                pool->used_mask |= (uint64_t)1 << i;
+                pool->served++;
+                return pool->base + (size_t)i * pool->chunk;
+            }
+        }
+    }
+    pool->fallbacks++;
+    void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    return p == MAP_FAILED ? NULL : p;
+}
+
+void uro_pool_arena_free(void *ctx, void *ptr, size_t size)
+{
+    struct uro_pool *pool = ctx;
+    char *p = ptr;
+    if (pool->chunk && p >= pool->base && p < pool->base + pool->size) {
+        size_t i = (size_t)(p - pool->base) / pool->chunk;
+        pool->used_mask &= ~((uint64_t)1 << i);
+        return;
+    }
+    munmap(ptr, size);
+}
+
+void *uro_pool_alloc_fn(void) { return (void *)uro_pool_arena_alloc; }
+void *uro_pool_free_fn(void) { return (void *)uro_pool_arena_free; }

@@ -58,6 +58,7 @@ struct uro_action {
 };
 
 struct uro_plan {
+    uint64_t id;             /* chosen by Python; copied into each record */
     uint32_t count;
     int32_t check_fd;        /* file whose contents say whether the OOM is over; -1: none */
     uint32_t needle_len;
@@ -80,6 +81,7 @@ struct uro_event {
     int64_t notified_ns;     /* the watcher read the notification */
     int64_t acted_ns;        /* the first action began; 0 if none ran */
     int64_t resolved_ns;     /* the check first saw the OOM over; 0 if not seen */
+    uint64_t plan_id;        /* the id of the plan that ran; 0 if none */
     int32_t plan_slot;
     int32_t nsteps;
     struct uro_step steps[32];
@@ -201,3 +203,50 @@ int uro_run_episode(struct uro_shared *shared, int src, uint64_t count);
 
 /* 1 if the critical path uses raw syscall instructions, 0 if libc's syscall(). */
 int uro_raw_syscalls(void);
+
+/* process_mrelease(pidfd, 0): reaps a killed process's memory now.
+ * -ENOSYS before Linux 5.15. Blocking while it reaps; allocation-free. */
+int uro_mrelease(int pidfd);
+
+/* ---- Memory hardening ---- */
+
+#define URO_MCL_CURRENT 1
+#define URO_MCL_FUTURE 2
+
+/* mlockall(flags); -ENOMEM/-EPERM when RLIMIT_MEMLOCK or the lack of
+ * CAP_IPC_LOCK refuse it. Non-blocking. */
+int uro_mlockall(int flags);
+int uro_munlockall(void);
+
+/* Makes glibc keep the heap: never trim it, never serve large blocks from
+ * fresh mmaps, one malloc arena for all threads; then grows the heap by
+ * bytes and touches it, so later mallocs reuse resident pages. Allocates
+ * (that is its point); not for the OOM path. Returns 0 or -errno. */
+int uro_heap_reserve(size_t bytes);
+
+/* Touches bytes of the calling thread's stack below the current frame so the
+ * pages exist before an OOM. Non-blocking, allocation-free. */
+int uro_stack_prefault(size_t bytes);
+
+/* A pool of prefaulted (and, if allowed, locked) chunks that pymalloc takes
+ * its arenas from (PyObject_SetArenaAllocator, called from Python with these
+ * two functions and the pool as ctx). Requests of another size, or beyond the
+ * pool, fall back to mmap; free() gives pool chunks back and munmaps the
+ * rest. Called with the GIL held. */
+struct uro_pool {
+    char *base;
+    size_t size;             /* bytes mapped */
+    size_t chunk;            /* bytes per chunk: pymalloc's arena size, set by its first request */
+    size_t locked;
+    int32_t lock_errno;
+    uint32_t nchunks;
+    uint64_t used_mask;      /* bit i: chunk i handed out */
+    uint64_t served;         /* arenas served from the pool */
+    uint64_t fallbacks;      /* arenas served by mmap */
+};
+int uro_pool_init(struct uro_pool *pool, size_t size, int lock);
+void *uro_pool_arena_alloc(void *ctx, size_t size);
+void uro_pool_arena_free(void *ctx, void *ptr, size_t size);
+/* The functions' addresses, for PyObject_SetArenaAllocator. */
+void *uro_pool_alloc_fn(void);
+void *uro_pool_free_fn(void);
