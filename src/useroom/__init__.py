@@ -1,0 +1,68 @@
+"""useroom: be the out-of-memory handler of your own memory cgroups.
+
+Unprivileged, and reliable even when the handler runs inside the group that
+is out of memory. See the documentation for the design and the rules.
+"""
+
+from useroom._cgroup import EventRegistration, Group, OomControl, Stats
+from useroom._handler import Handler, OomEvent, StepRecord, VictimRecord
+from useroom._hardening import HardeningReport, lock_memory
+from useroom._policy import KillByPriority, KillLargest, KillNewest, Policy, RaiseLimit
+from useroom._units import UNLIMITED, format_size, parse_size
+from useroom.exceptions import (
+    CgroupError,
+    CgroupPermissionError,
+    GroupBusy,
+    GroupExists,
+    GroupGone,
+    GroupNotFound,
+    InvalidName,
+    InvalidSize,
+    KernelFormatError,
+    LimitBelowUsage,
+    NotAMemoryCgroup,
+    ProcessGone,
+    RootGroupError,
+    UnsupportedKernel,
+    UseroomError,
+    WatcherError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "UNLIMITED",
+    "CgroupError",
+    "CgroupPermissionError",
+    "EventRegistration",
+    "Group",
+    "GroupBusy",
+    "GroupExists",
+    "GroupGone",
+    "GroupNotFound",
+    "Handler",
+    "HardeningReport",
+    "InvalidName",
+    "InvalidSize",
+    "KernelFormatError",
+    "KillByPriority",
+    "KillLargest",
+    "KillNewest",
+    "LimitBelowUsage",
+    "NotAMemoryCgroup",
+    "OomControl",
+    "OomEvent",
+    "Policy",
+    "ProcessGone",
+    "RaiseLimit",
+    "RootGroupError",
+    "Stats",
+    "StepRecord",
+    "UnsupportedKernel",
+    "UseroomError",
+    "VictimRecord",
+    "WatcherError",
+    "format_size",
+    "lock_memory",
+    "parse_size",
+]

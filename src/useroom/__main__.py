@@ -1,0 +1,3 @@
+from useroom._cli import main
+
+raise SystemExit(main())
