@@ -227,12 +227,12 @@ def read_memberships(pid: int | str = "self") -> tuple[Membership, ...]:
     return parse_proc_cgroup(read_text(f"/proc/{pid}/cgroup"))
 
 
-def memory_hierarchy() -> MemoryHierarchy:
-    """Find the memory controller's hierarchy in this process's mount namespace.
+def memory_hierarchy(mounts: Iterable[Mount] | None = None) -> MemoryHierarchy:
+    """Find the memory controller's hierarchy among *mounts* (default: this process's mounts).
 
     Raises :class:`~useroom.exceptions.UnsupportedKernel` if it is not mounted.
     """
-    hierarchy = find_memory_hierarchy(read_mounts(), _read_cgroup_controllers)
+    hierarchy = find_memory_hierarchy(read_mounts() if mounts is None else mounts, _read_cgroup_controllers)
     if hierarchy is None:
         raise UnsupportedKernel(
             "no cgroup filesystem with the memory controller is mounted "

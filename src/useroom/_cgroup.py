@@ -1,0 +1,828 @@
+"""The memory cgroup interface shared by the cgroup v1 and v2 backends.
+
+:class:`Group` is an abstract base class; each backend is a subclass
+(:class:`useroom._cgroup_v1.V1Group`) and :meth:`Group.open` /
+:meth:`Group.current` return an instance of the one the kernel needs (see
+:func:`backend_class`). A subclass rather than a delegate object because what
+differs between versions is a handful of file names, value formats and
+notification mechanisms, while most operations (paths, children, tasks,
+removal, error translation) are the same code: the base class holds that code
+and a backend overrides only what its kernel interface changes. Callers type
+against :class:`Group` and never name a backend.
+
+A ``Group`` is a handle on a directory: it holds no fd, values it returns are
+snapshots, and every operation translates the kernel's errno into an error of
+:mod:`useroom.exceptions` (``raise ... from`` the ``OSError``). This layer is
+plain Python and is never on the OOM critical path; what the handler needs
+then (fds of control files, the eventfd) is prepared ahead with
+:meth:`Group.open_file` and :meth:`Group.oom_notifier`.
+"""
+
+from __future__ import annotations
+
+import abc
+import errno
+import os
+import posixpath
+import re
+import select
+import signal
+import sys
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from typing import ClassVar, Final
+
+import attrs
+
+from useroom._mounts import (
+    CGROUP_FSTYPES,
+    MemoryHierarchy,
+    Mount,
+    memory_hierarchy,
+    read_memberships,
+    read_mounts,
+    read_text,
+)
+from useroom._units import format_size, parse_size
+from useroom.exceptions import (
+    CgroupError,
+    CgroupPermissionError,
+    GroupBusy,
+    GroupExists,
+    GroupGone,
+    GroupNotFound,
+    InvalidName,
+    KernelFormatError,
+    NotAMemoryCgroup,
+    ProcessGone,
+    RootGroupError,
+    UnsupportedKernel,
+)
+
+__all__ = ["EventRegistration", "Group", "OomControl", "Stats", "backend_class"]
+
+#: Whether pidfds (Linux 5.3) can be used to signal tasks without racing pid
+#: reuse. Tests set it to False to exercise the fallback.
+can_use_pidfd: bool = hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal")
+
+#: How long :meth:`Group.remove` with ``force=True`` waits by default for the
+#: group's tasks to die.
+DEFAULT_REMOVE_TIMEOUT: Final = 10.0
+
+_KEY_VALUE: Final = re.compile(r"([^ ]+) (-?[0-9]{1,20})", re.ASCII)
+_KILL_RULE: Final = (
+    "kill(2): the sender's real or effective uid must match the target's real or saved uid, or have CAP_KILL"
+)
+_KILL_ADVICE: Final = "remove the group as the user who owns its tasks, or as root"
+
+
+@attrs.frozen
+class OomControl:
+    """The OOM state of a group (v1 ``memory.oom_control``).
+
+    ``kill_disabled``: the kernel OOM killer is off, so tasks that hit the
+    limit sleep until user space resolves the OOM. ``under_oom``: they are
+    asleep now. ``oom_kill``: how many tasks the kernel OOM killer has killed
+    in the group (0 on kernels older than 4.13, which do not report it).
+    """
+
+    kill_disabled: bool
+    under_oom: bool
+    oom_kill: int
+
+    @classmethod
+    def from_text(cls, text: str) -> OomControl:
+        """Parse the text of v1 ``memory.oom_control`` (``oom_kill_disable 0`` lines)."""
+        values = _parse_key_values(text, "memory.oom_control")
+        try:
+            return cls(
+                kill_disabled=bool(values["oom_kill_disable"]),
+                under_oom=bool(values["under_oom"]),
+                oom_kill=values.get("oom_kill", 0),
+            )
+        except KeyError as err:
+            raise KernelFormatError(f"memory.oom_control has no {err.args[0]!r} line: {text[:200]!r}") from err
+
+
+@attrs.frozen(eq=False)
+class Stats(Mapping[str, int]):
+    """A snapshot of ``memory.stat``: a read-only mapping of its keys to ints.
+
+    Keys are the kernel's, which differ between versions (v1 ``rss``,
+    ``cache``, ``total_*``; v2 ``anon``, ``file``); the properties give the
+    common ones under one name, 0 when the kernel does not report them.
+    """
+
+    _items: tuple[tuple[str, int], ...]
+
+    @classmethod
+    def from_text(cls, text: str) -> Stats:
+        """Parse the text of ``memory.stat`` (``key value`` lines)."""
+        return cls(tuple(_parse_key_values(text, "memory.stat").items()))
+
+    @property
+    def rss(self) -> int:
+        """Anonymous memory (v1 ``rss``, v2 ``anon``), in bytes."""
+        return self._first("rss", "anon")
+
+    @property
+    def cache(self) -> int:
+        """Page cache (v1 ``cache``, v2 ``file``), in bytes."""
+        return self._first("cache", "file")
+
+    @property
+    def shmem(self) -> int:
+        """Shared memory and tmpfs, in bytes."""
+        return self._first("shmem")
+
+    @property
+    def mapped_file(self) -> int:
+        """Mapped file pages (v1 ``mapped_file``, v2 ``file_mapped``), in bytes."""
+        return self._first("mapped_file", "file_mapped")
+
+    @property
+    def swap(self) -> int:
+        """Swap used (v1 only; v2 reports it in ``memory.swap.current``), in bytes."""
+        return self._first("swap")
+
+    @property
+    def unevictable(self) -> int:
+        """Unevictable memory, such as mlocked pages, in bytes."""
+        return self._first("unevictable")
+
+    def _first(self, *keys: str) -> int:
+        values = self._dict()
+        for key in keys:
+            if key in values:
+                return values[key]
+        return 0
+
+    def _dict(self) -> dict[str, int]:
+        return dict(self._items)
+
+    def __getitem__(self, key: str) -> int:
+        return self._dict()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return (key for key, _ in self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Stats):
+            return self._dict() == other._dict()
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._items))
+
+
+class EventRegistration:
+    """An eventfd the kernel signals on a cgroup event, and the control file it watches.
+
+    It owns two fds (both close-on-exec): the eventfd (:meth:`fileno`, for
+    ``select``/``epoll`` or the native watcher) and the control file the
+    event was registered on. Close it with :meth:`close` or a ``with`` block;
+    dropping it open warns with ``ResourceWarning``.
+
+    Kernel behaviour a reader must know (cgroup v1, measured on Linux 6.18):
+
+    - each event adds 1 to the eventfd counter; :meth:`read` returns and
+      resets it;
+    - the event is unregistered when the eventfd is released, that is when
+      its last fd is closed: an fd duplicated into native code keeps it alive;
+    - removing the group signals the eventfd once (asynchronously, a few ms
+      after ``rmdir``), so a wakeup does not prove an OOM: check
+      :meth:`Group.oom_control`, which raises :class:`GroupGone` then.
+
+    The eventfd is blocking; :meth:`read` and :meth:`wait` poll it first, so
+    use one reader at a time.
+    """
+
+    __slots__ = ("_eventfd", "_control_fd", "description", "__weakref__")
+
+    def __init__(self, eventfd: int, control_fd: int, description: str) -> None:
+        self._eventfd = eventfd
+        self._control_fd = control_fd
+        #: What is watched, e.g. ``"OOM of /a/b"``.
+        self.description = description
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"fd={self._eventfd}"
+        return f"<EventRegistration {self.description} {state}>"
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` has run."""
+        return self._eventfd < 0
+
+    def fileno(self) -> int:
+        """The eventfd; raises ValueError once closed."""
+        if self._eventfd < 0:
+            raise ValueError(f"{self!r} is closed")
+        return self._eventfd
+
+    @property
+    def control_fd(self) -> int:
+        """The fd of the watched control file (owned by the registration); raises ValueError once closed."""
+        if self._control_fd < 0:
+            raise ValueError(f"{self!r} is closed")
+        return self._control_fd
+
+    def close(self) -> None:
+        """Close both fds (unregistering the event); safe to call again."""
+        # Forget the numbers first: a number reused by another thread's open()
+        # must never be closed twice.
+        eventfd, control_fd = self._eventfd, self._control_fd
+        self._eventfd = self._control_fd = -1
+        if eventfd >= 0:
+            os.close(eventfd)
+        if control_fd >= 0:
+            os.close(control_fd)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the event has fired (the counter is non-zero), without consuming it.
+
+        Returns False if *timeout* seconds (None: forever) pass first.
+        """
+        poller = select.poll()
+        poller.register(self.fileno(), select.POLLIN)
+        # poll() retries EINTR itself, with the timeout recomputed (PEP 475).
+        return bool(poller.poll(None if timeout is None else max(0, round(timeout * 1000))))
+
+    def read(self, timeout: float | None = None) -> int:
+        """Return how many times the event fired since the last read, and reset the count.
+
+        Blocks until it fires at least once; raises TimeoutError if *timeout*
+        seconds pass first.
+        """
+        if not self.wait(timeout):
+            raise TimeoutError(f"{self.description}: no event within {timeout} s")
+        return int.from_bytes(os.read(self.fileno(), 8), sys.byteorder)
+
+    def __enter__(self) -> EventRegistration:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_eventfd", -1) >= 0:
+            try:
+                warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self, stacklevel=1)
+            finally:
+                self.close()
+
+
+class Group(abc.ABC):
+    """A memory cgroup: one directory of the memory controller's hierarchy.
+
+    Get one with :meth:`current`, :meth:`open`, :meth:`of_pid` or
+    :meth:`create_child`; the constructor is for backends. Two handles on the
+    same directory are equal.
+    """
+
+    #: The cgroup version of the backend (1 or 2).
+    version: ClassVar[int]
+    #: Control files, relative to the group's directory. The handler opens
+    #: them ahead of an OOM with :meth:`open_file`.
+    procs_file: ClassVar[str] = "cgroup.procs"
+    stat_file: ClassVar[str] = "memory.stat"
+    limit_file: ClassVar[str]
+    usage_file: ClassVar[str]
+    #: Rules the kernel applies, by operation, for :class:`CgroupPermissionError`.
+    permission_rules: ClassVar[Mapping[str, tuple[str, str]]] = {}
+
+    __slots__ = ("_path", "_relpath", "_hierarchy")
+
+    def __init__(self, path: str, relpath: str, hierarchy: MemoryHierarchy) -> None:
+        self._path = path
+        self._relpath = relpath
+        self._hierarchy = hierarchy
+
+    # -- finding groups ---------------------------------------------------
+
+    @classmethod
+    def current(cls) -> Group:
+        """The memory cgroup of the calling process."""
+        return cls._of_process("self")
+
+    @classmethod
+    def of_pid(cls, pid: int) -> Group:
+        """The memory cgroup of process *pid* (raises :class:`ProcessGone` if there is none)."""
+        return cls._of_process(_checked_pid(pid))
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> Group:
+        """Open an existing group.
+
+        *path* is either a filesystem path at or below a mount of the memory
+        hierarchy (``/sys/fs/cgroup/memory/a/b``), or a path within the
+        hierarchy, as ``/proc/<pid>/cgroup`` shows it (``/a/b``; ``/`` is the
+        root group).
+
+        Raises :class:`GroupNotFound` if there is no such group, and
+        :class:`NotAMemoryCgroup` for a path in another cgroup hierarchy, or
+        outside every cgroup filesystem, or naming a file.
+        """
+        text = os.fspath(path)
+        if not isinstance(text, str):
+            raise TypeError(f"a group path is a str or os.PathLike[str], not {type(text).__name__}")
+        mounts = read_mounts()
+        hierarchy = memory_hierarchy(mounts)
+        if "\0" in text:
+            raise GroupNotFound(errno.ENOENT, f"no group {text!r} (a path cannot contain NUL)", text)
+        normalized = posixpath.normpath(posixpath.join("/", text))
+        real = os.path.realpath(normalized)
+        fs_path: str | None
+        relpath: str | None
+        cgroupfs = _containing_cgroup_mount(mounts, real)
+        if cgroupfs is not None:
+            if cgroupfs not in hierarchy.mounts:
+                raise NotAMemoryCgroup(
+                    f"{text} is in the cgroup hierarchy mounted at {cgroupfs.mount_point} "
+                    f"({_describe(cgroupfs)}), not in the memory hierarchy at {hierarchy.mount.mount_point}"
+                )
+            fs_path, relpath = real, cgroupfs.cgroup_path(real)
+        else:
+            relpath = normalized
+            fs_path = hierarchy.fs_path(relpath)
+        if fs_path is None or relpath is None:
+            raise GroupNotFound(errno.ENOENT, f"group {relpath or text} is not visible through any mount", text)
+        if not os.path.isdir(fs_path):
+            if os.path.lexists(fs_path):
+                raise NotAMemoryCgroup(f"{fs_path} is a file, not a group")
+            if cgroupfs is None and os.path.lexists(text):
+                raise NotAMemoryCgroup(
+                    f"{text} is not in a cgroup filesystem; the memory hierarchy is mounted at "
+                    f"{hierarchy.mount.mount_point} (pass a path below it, or a group path such as /a/b)"
+                )
+            raise GroupNotFound(errno.ENOENT, f"no group {relpath} in the memory hierarchy", fs_path)
+        return backend_class(hierarchy.version)(fs_path, relpath, hierarchy)
+
+    @classmethod
+    def _of_process(cls, pid: int | str) -> Group:
+        hierarchy = memory_hierarchy(read_mounts())
+        try:
+            memberships = read_memberships(pid)
+        except (FileNotFoundError, ProcessLookupError) as err:
+            raise ProcessGone(f"no process {pid}") from err
+        membership = hierarchy.membership(memberships)
+        if membership is None:
+            raise UnsupportedKernel(f"/proc/{pid}/cgroup has no line for the memory hierarchy")
+        fs_path = hierarchy.fs_path(membership.path)
+        if fs_path is None:
+            raise GroupNotFound(
+                errno.ENOENT,
+                f"the memory group {membership.path} of process {pid} is not visible through any mount",
+                membership.path,
+            )
+        return backend_class(hierarchy.version)(fs_path, membership.path, hierarchy)
+
+    # -- identity -----------------------------------------------------------
+
+    @property
+    def path(self) -> str:
+        """The group's directory."""
+        return self._path
+
+    @property
+    def relpath(self) -> str:
+        """The group's path within the hierarchy, as in ``/proc/<pid>/cgroup`` (``/`` for the root)."""
+        return self._relpath
+
+    @property
+    def name(self) -> str:
+        """The last component of :attr:`relpath` (``/`` for the root)."""
+        return posixpath.basename(self._relpath) or "/"
+
+    @property
+    def is_root(self) -> bool:
+        """True for the hierarchy's root group, which has no limit and no OOM notifications."""
+        return self._relpath == "/"
+
+    @property
+    def hierarchy(self) -> MemoryHierarchy:
+        """The memory hierarchy the group belongs to."""
+        return self._hierarchy
+
+    @property
+    def parent(self) -> Group | None:
+        """The parent group; None for the root and for the top of a mounted subtree."""
+        if self.is_root or any(self._path == mount.mount_point for mount in self._hierarchy.mounts):
+            return None
+        return type(self)(posixpath.dirname(self._path), posixpath.dirname(self._relpath), self._hierarchy)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self._relpath} at {self._path}>"
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Group):
+            return (self.version, self._path) == (other.version, other._path)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash((self.version, self._path))
+
+    # -- tree ---------------------------------------------------------------
+
+    def children(self) -> list[Group]:
+        """The child groups, sorted by name."""
+        try:
+            with os.scandir(self._path) as entries:
+                names = sorted(entry.name for entry in entries if entry.is_dir(follow_symlinks=False))
+        except OSError as err:
+            raise self._error(err, "list the child groups of", self._path) from err
+        return [self._child(name) for name in names]
+
+    def create_child(self, name: str, memory_max: str | int | None = None) -> Group:
+        """Create the child group *name* and return it.
+
+        *memory_max*, if given, is set as its limit (see :meth:`set_limit`);
+        if that fails, the new group is removed again. Raises
+        :class:`InvalidName` for a name that is not a single path component,
+        :class:`GroupExists` if the child exists.
+        """
+        _check_name(name, "group name")
+        limit = None if memory_max is None else parse_size(memory_max)
+        path = posixpath.join(self._path, name)
+        try:
+            os.mkdir(path)
+        except OSError as err:
+            if err.errno == errno.EEXIST:
+                raise GroupExists(err.errno, f"group {self._child_relpath(name)} already exists", path) from err
+            if err.errno == errno.EINVAL:
+                raise InvalidName(f"the kernel refused the group name {name!r}") from err
+            raise self._error(err, "create a child group in", path, rule="create") from err
+        child = self._child(name)
+        if limit is not None:
+            try:
+                child.set_limit(limit)
+            except BaseException:
+                try:
+                    os.rmdir(path)
+                except OSError:
+                    pass  # the error being raised says more than this one
+                raise
+        return child
+
+    def remove(self, force: bool = False, timeout: float = DEFAULT_REMOVE_TIMEOUT) -> None:
+        """Remove the group.
+
+        Without *force* the group must be empty: tasks or child groups raise
+        :class:`GroupBusy`. With *force*, for the group and every group below
+        it: the kernel OOM killer is re-enabled and the limit lifted (so tasks
+        asleep in an OOM can run), every task is sent SIGKILL, and once they
+        are gone (waiting up to *timeout* seconds, else :class:`GroupBusy`)
+        the groups are removed depth-first.
+        """
+        if self.is_root:
+            raise RootGroupError("the root memory cgroup cannot be removed")
+        if not force:
+            self._rmdir()
+            return
+        if not os.path.isdir(self._path):
+            raise GroupGone(errno.ENOENT, f"group {self._relpath} was removed", self._path)
+        deadline = time.monotonic() + timeout
+        while True:
+            subtree = self._subtree()  # children before parents
+            self._refuse_own_process(subtree)
+            for group in reversed(subtree):
+                group._release_quietly()
+            pidfds = [pidfd for group in subtree for pidfd in group._kill_tasks()]
+            try:
+                _wait_for_exit(pidfds, deadline)
+            finally:
+                for pidfd in pidfds:
+                    os.close(pidfd)
+            busy = None
+            for group in subtree:
+                try:
+                    group._rmdir()
+                except GroupGone:
+                    pass
+                except GroupBusy as err:
+                    busy = err
+                    break
+            if busy is None:
+                return
+            if time.monotonic() >= deadline:
+                raise GroupBusy(
+                    errno.EBUSY, f"could not remove {self._relpath} within {timeout} s: {busy.strerror}", busy.path
+                ) from busy
+            time.sleep(0.005)
+
+    # -- tasks --------------------------------------------------------------
+
+    def procs(self) -> list[int]:
+        """The pids of the group's processes (thread-group leaders), as the kernel lists them."""
+        text = self._read(self.procs_file, "list the tasks of")
+        try:
+            return [int(line) for line in text.split()]
+        except ValueError as err:
+            raise KernelFormatError(f"{self.procs_file} of {self._relpath}: {text[:200]!r}") from err
+
+    def attach(self, pid: int) -> None:
+        """Move process *pid* (all its threads) into the group.
+
+        Memory the process already uses stays charged to its old group; only
+        new pages are charged here. Raises :class:`ProcessGone` if there is no
+        such process.
+        """
+        pid = _checked_pid(pid)
+        try:
+            self._write(self.procs_file, str(pid))
+        except OSError as err:
+            if err.errno == errno.ESRCH:
+                raise ProcessGone(f"cannot attach pid {pid} to {self._relpath}: no such process") from err
+            raise self._error(err, f"attach pid {pid} to", self._file(self.procs_file), rule="attach") from err
+
+    # -- memory -------------------------------------------------------------
+
+    def usage(self) -> int:
+        """Memory charged to the group (and its descendants), in bytes."""
+        return self._read_int(self.usage_file, "read the usage of")
+
+    def stats(self) -> Stats:
+        """A snapshot of ``memory.stat``."""
+        return Stats.from_text(self._read(self.stat_file, "read the statistics of"))
+
+    @abc.abstractmethod
+    def limit(self) -> int:
+        """The hard limit in bytes; :data:`~useroom._units.UNLIMITED` when there is none."""
+
+    @abc.abstractmethod
+    def set_limit(self, size: str | int) -> None:
+        """Set the hard limit (``"256M"``, an int, or ``"max"``).
+
+        The kernel rounds it down to a whole page. A limit below the usage
+        makes the kernel reclaim; if it cannot, :class:`LimitBelowUsage`.
+        """
+
+    @abc.abstractmethod
+    def oom_control(self) -> OomControl:
+        """The group's OOM state."""
+
+    @abc.abstractmethod
+    def set_oom_kill(self, enabled: bool) -> None:
+        """Enable or disable the kernel OOM killer for the group.
+
+        Disabled, tasks that hit the limit sleep until user space raises the
+        limit or kills or moves a task; re-enabling it wakes them.
+        """
+
+    @abc.abstractmethod
+    def oom_notifier(self) -> EventRegistration:
+        """An eventfd signalled each time the group hits an OOM."""
+
+    @abc.abstractmethod
+    def usage_threshold(self, size: str | int) -> EventRegistration:
+        """An eventfd signalled each time the usage crosses *size*, upwards or downwards."""
+
+    # -- files --------------------------------------------------------------
+
+    def open_file(self, name: str, flags: int) -> int:
+        """Open the control file *name* of the group and return the fd, which the caller owns.
+
+        ``O_CLOEXEC`` is always added. *name* must be a plain file name
+        (:class:`InvalidName` otherwise). Used to prepare, ahead of an OOM,
+        every fd the handler will need then.
+        """
+        _check_name(name, "file name")
+        path = self._file(name)
+        try:
+            return os.open(path, flags | os.O_CLOEXEC)
+        except OSError as err:
+            writing = flags & (os.O_WRONLY | os.O_RDWR)
+            raise self._error(err, f"open {name} of", path, rule="write" if writing else "read") from err
+
+    # -- for backends ---------------------------------------------------------
+
+    @abc.abstractmethod
+    def _release(self) -> None:
+        """Let tasks asleep in an OOM run: re-enable the kernel killer, lift the limit."""
+
+    def _refuse_root(self, action: str) -> None:
+        if self.is_root:
+            raise RootGroupError(f"cannot {action} the root memory cgroup: it has no limit and no OOM")
+
+    def _file(self, name: str) -> str:
+        return posixpath.join(self._path, name)
+
+    def _read(self, name: str, action: str) -> str:
+        try:
+            return read_text(self._file(name))
+        except OSError as err:
+            raise self._error(err, action, self._file(name), rule="read") from err
+
+    def _read_int(self, name: str, action: str) -> int:
+        text = self._read(name, action)
+        try:
+            return int(text)
+        except ValueError as err:
+            raise KernelFormatError(f"{name} of {self._relpath} is not a number: {text[:200]!r}") from err
+
+    def _write(self, name: str, value: str) -> None:
+        """Write *value* to a control file in one write(); OSError is the caller's to translate."""
+        fd = os.open(self._file(name), os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, value.encode())
+        finally:
+            os.close(fd)
+
+    def _error(self, err: OSError, action: str, path: str, *, rule: str = "", detail: str = "") -> CgroupError:
+        """Translate *err* from an operation on this group (the caller raises it ``from err``).
+
+        The message reads "cannot <action> <group><detail>: <reason>"; *rule*
+        selects the entry of :attr:`permission_rules` for EACCES and EPERM.
+        """
+        what = f"cannot {action} {self._relpath}{detail}"
+        if err.errno == errno.ENODEV or (err.errno == errno.ENOENT and not os.path.isdir(self._path)):
+            return GroupGone(err.errno, f"{what}: the group was removed", path)
+        if err.errno in (errno.EACCES, errno.EPERM):
+            kernel_rule, advice = self.permission_rules.get(rule, ("", ""))
+            return CgroupPermissionError(
+                err.errno or 0, f"{what}: {os.strerror(err.errno)}", path, rule=kernel_rule, advice=advice
+            )
+        return CgroupError(err.errno or 0, f"{what}: {os.strerror(err.errno or 0)}", path)
+
+    def _child(self, name: str) -> Group:
+        return type(self)(posixpath.join(self._path, name), self._child_relpath(name), self._hierarchy)
+
+    def _child_relpath(self, name: str) -> str:
+        return posixpath.join(self._relpath, name)
+
+    def _subtree(self) -> list[Group]:
+        """This group and all below it, children before their parents; gone groups are skipped."""
+        groups: list[Group] = []
+        try:
+            children = self.children()
+        except GroupGone:
+            return groups
+        for child in children:
+            groups.extend(child._subtree())
+        groups.append(self)
+        return groups
+
+    def _rmdir(self) -> None:
+        try:
+            os.rmdir(self._path)
+        except OSError as err:
+            if err.errno == errno.EBUSY:
+                raise GroupBusy(err.errno, f"cannot remove {self._relpath}: {self._busy_reason()}", self._path) from err
+            raise self._error(err, "remove", self._path, rule="remove") from err
+
+    def _busy_reason(self) -> str:
+        reasons = []
+        try:
+            pids = self.procs()
+            children = [child.name for child in self.children()]
+        except CgroupError:
+            return "it is busy"
+        if pids:
+            reasons.append(f"it still has {len(pids)} task(s) {pids[:10]}")
+        if children:
+            reasons.append(f"it has child group(s) {children[:10]}")
+        reasons.append("use remove(force=True) to kill the tasks and remove the children")
+        return "; ".join(reasons)
+
+    def _refuse_own_process(self, subtree: list[Group]) -> None:
+        for group in subtree:
+            try:
+                if os.getpid() in group.procs():
+                    raise GroupBusy(
+                        errno.EBUSY,
+                        f"refusing to force-remove {self._relpath}: the calling process is in {group.relpath}",
+                        group.path,
+                    )
+            except GroupGone:
+                pass
+
+    def _release_quietly(self) -> None:
+        try:
+            self._release()
+        except GroupGone:
+            pass
+
+    def _kill_tasks(self) -> list[int]:
+        """SIGKILL every task of this group; return pidfds of those signalled, to wait on."""
+        try:
+            pids = self.procs()
+        except GroupGone:
+            return []
+        pidfds = []
+        for pid in pids:
+            pidfd = self._kill(pid)
+            if pidfd is not None:
+                pidfds.append(pidfd)
+        return pidfds
+
+    def _kill(self, pid: int) -> int | None:
+        """SIGKILL *pid* if it is still in this group; return its pidfd (the caller closes it)."""
+        try:
+            if not can_use_pidfd:
+                os.kill(pid, signal.SIGKILL)
+                return None
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return None
+        except PermissionError as err:
+            raise self._kill_refused(err, pid) from err
+        try:
+            # The pidfd pins the process: if it is still alive when signalled,
+            # the pid named it when /proc/<pid>/cgroup was read.
+            membership = self._hierarchy.membership(read_memberships(pid))
+            if membership is None or membership.path != self._relpath:
+                os.close(pidfd)
+                return None
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        except (FileNotFoundError, ProcessLookupError):
+            os.close(pidfd)
+            return None
+        except PermissionError as err:
+            os.close(pidfd)
+            raise self._kill_refused(err, pid) from err
+        except BaseException:
+            os.close(pidfd)
+            raise
+        return pidfd
+
+    def _kill_refused(self, err: OSError, pid: int) -> CgroupPermissionError:
+        return CgroupPermissionError(
+            err.errno or 0, f"cannot kill pid {pid} of {self._relpath}", self._path, rule=_KILL_RULE, advice=_KILL_ADVICE
+        )
+
+
+def backend_class(version: int) -> type[Group]:
+    """Return the :class:`Group` subclass for cgroup *version*."""
+    if version == 1:
+        from useroom._cgroup_v1 import V1Group  # the backend imports this module
+
+        return V1Group
+    raise UnsupportedKernel(f"the memory controller is on cgroup v{version}, which this version of useroom lacks")
+
+
+def _containing_cgroup_mount(mounts: tuple[Mount, ...], path: str) -> Mount | None:
+    """The cgroup mount with the longest mount point at or above *path*, if any."""
+    best = None
+    for mount in mounts:
+        if mount.fstype in CGROUP_FSTYPES and mount.cgroup_path(path) is not None:
+            if best is None or len(mount.mount_point) > len(best.mount_point):
+                best = mount
+    return best
+
+
+def _describe(mount: Mount) -> str:
+    if mount.fstype == "cgroup2":
+        return "cgroup2 without the memory controller"
+    return "cgroup v1: " + ",".join(sorted(mount.controllers)) if mount.controllers else "cgroup v1"
+
+
+def _check_name(name: str, what: str) -> None:
+    if not isinstance(name, str):
+        raise InvalidName(f"a {what} is a str, not {type(name).__name__}")
+    if name in ("", ".", ".."):
+        raise InvalidName(f"invalid {what} {name!r}: it must not be empty, '.' or '..'")
+    for char, label in (("/", "'/'"), ("\0", "NUL"), ("\n", "a newline")):
+        if char in name:
+            raise InvalidName(f"invalid {what} {name!r}: it must be a single path component without {label}")
+    if len(os.fsencode(name)) > 255:
+        raise InvalidName(f"invalid {what} {name[:40]!r}...: longer than 255 bytes")
+
+
+def _checked_pid(pid: int) -> int:
+    if isinstance(pid, bool) or not isinstance(pid, int):
+        raise TypeError(f"a pid is an int, not {type(pid).__name__}")
+    if pid <= 0:
+        # To the kernel, 0 in cgroup.procs means the writer itself.
+        raise ValueError(f"a pid is a positive int, not {pid}")
+    return pid
+
+
+def _parse_key_values(text: str, name: str) -> dict[str, int]:
+    values = {}
+    for line in text.split("\n"):
+        if not line:
+            continue
+        match = _KEY_VALUE.fullmatch(line)
+        if match is None:
+            raise KernelFormatError(f"{name}: line {line[:200]!r} is not 'key number'")
+        values[match[1]] = int(match[2])
+    return values
+
+
+def _wait_for_exit(pidfds: list[int], deadline: float) -> None:
+    """Wait until every pidfd is readable (its process exited) or *deadline* passes."""
+    poller = select.poll()
+    pending = set(pidfds)
+    for pidfd in pending:
+        poller.register(pidfd, select.POLLIN)
+    while pending:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        for pidfd, _ in poller.poll(max(1, round(remaining * 1000))):
+            pending.discard(pidfd)
+            poller.unregister(pidfd)

@@ -1,0 +1,166 @@
+"""The cgroup v1 memory controller backend.
+
+v1 is what makes a user-space OOM handler possible at all: with
+``memory.oom_control`` set to 1, tasks that hit the limit sleep (in
+``mem_cgroup_oom_synchronize``, killable) until user space raises the limit,
+kills or moves a task, or re-enables the kernel killer. Notifications are
+registered by writing ``"<eventfd> <control fd> [args]"`` to
+``cgroup.event_control``.
+
+Errno values measured on Linux 6.18:
+
+- ``rmdir`` with tasks or child groups: EBUSY; ``mkdir`` of an existing
+  group: EEXIST.
+- writing a missing pid to ``cgroup.procs``: ESRCH (0 means "the writer").
+- ``memory.limit_in_bytes`` below what the kernel can reclaim: EBUSY; the
+  value is rounded down to a page; "-1" lifts the limit, which then reads as
+  9223372036854771712 (``LONG_MAX`` rounded down to a page).
+- an fd opened on a group that was then removed: ENODEV on read and write;
+  opening a file of a removed group: ENOENT.
+- ``memory.oom_control`` takes only 0 or 1 (EINVAL otherwise) and, like the
+  limit, cannot be set on the root group.
+- ``cgroup.event_control`` is mode 0200 (owner only) on this kernel; older
+  kernels made it world-writable.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Mapping
+from typing import ClassVar, Final
+
+from useroom._cgroup import EventRegistration, Group, OomControl
+from useroom._units import UNLIMITED, format_size, parse_size
+from useroom.exceptions import InvalidSize, LimitBelowUsage
+
+__all__ = ["V1Group"]
+
+_PAGE_SIZE: Final = os.sysconf("SC_PAGE_SIZE")
+# What v1 reports for "no limit": PAGE_COUNTER_MAX pages, i.e. LONG_MAX rounded
+# down to a page (9223372036854771712 with 4 KiB pages).
+_V1_NO_LIMIT: Final = UNLIMITED // _PAGE_SIZE * _PAGE_SIZE
+
+
+class V1Group(Group):
+    """A group of the cgroup v1 memory controller."""
+
+    version: ClassVar[int] = 1
+    limit_file: ClassVar[str] = "memory.limit_in_bytes"
+    usage_file: ClassVar[str] = "memory.usage_in_bytes"
+    #: Writing "0" enables the kernel OOM killer, "1" disables it.
+    oom_control_file: ClassVar[str] = "memory.oom_control"
+    event_control_file: ClassVar[str] = "cgroup.event_control"
+    permission_rules: ClassVar[Mapping[str, tuple[str, str]]] = {
+        "attach": (
+            "v1: writing cgroup.procs needs write permission on it, and the writer's euid to match "
+            "the target's uid (or saved uid), or root",
+            "chown the group's cgroup.procs to the user, and attach only that user's processes",
+        ),
+        "create": (
+            "creating a group needs write permission on the parent group's directory",
+            "chown the parent group's directory to the user (delegation)",
+        ),
+        "remove": (
+            "removing a group needs write permission on the parent group's directory",
+            "chown the parent group's directory to the user (delegation)",
+        ),
+        "read": (
+            "reading a control file needs read permission on it",
+            "chown the group's directory and files to the user (delegation)",
+        ),
+        "write": (
+            "writing a control file needs write permission on it",
+            "chown the group's control files (memory.limit_in_bytes, memory.oom_control, ...) to the user",
+        ),
+        "notify": (
+            "v1: registering an event writes cgroup.event_control, which needs write permission on it "
+            "(owner-only, mode 0200, on recent kernels; world-writable on older ones)",
+            "chown the group's cgroup.event_control to the user",
+        ),
+    }
+
+    __slots__ = ()
+
+    def limit(self) -> int:
+        value = self._read_int(self.limit_file, "read the limit of")
+        return UNLIMITED if value >= _V1_NO_LIMIT else value
+
+    def set_limit(self, size: str | int) -> None:
+        self._refuse_root("set a limit on")
+        limit = parse_size(size)
+        try:
+            self._write(self.limit_file, "-1" if limit == UNLIMITED else str(limit))
+        except OSError as err:
+            if err.errno == errno.EBUSY:
+                raise LimitBelowUsage(
+                    err.errno,
+                    f"cannot set the limit of {self.relpath} to {format_size(limit)}: its usage is "
+                    f"{self._usage_text()} and the kernel could not reclaim enough",
+                    self._file(self.limit_file),
+                ) from err
+            raise self._error(
+                err, "set the limit of", self._file(self.limit_file), rule="write", detail=f" to {format_size(limit)}"
+            ) from err
+
+    def oom_control(self) -> OomControl:
+        return OomControl.from_text(self._read(self.oom_control_file, "read the OOM state of"))
+
+    def set_oom_kill(self, enabled: bool) -> None:
+        self._refuse_root("change the OOM killer of")
+        try:
+            self._write(self.oom_control_file, "0" if enabled else "1")
+        except OSError as err:
+            action = "enable" if enabled else "disable"
+            raise self._error(
+                err, f"{action} the OOM killer of", self._file(self.oom_control_file), rule="write"
+            ) from err
+
+    def oom_notifier(self) -> EventRegistration:
+        self._refuse_root("get OOM notifications for")
+        return self._register(self.oom_control_file, "", f"OOM of {self.relpath}")
+
+    def usage_threshold(self, size: str | int) -> EventRegistration:
+        self._refuse_root("set a usage threshold on")
+        threshold = parse_size(size)
+        if threshold == UNLIMITED:
+            raise InvalidSize("a usage threshold is a number of bytes, not 'max'")
+        return self._register(
+            self.usage_file, f" {threshold}", f"usage of {self.relpath} crossing {format_size(threshold)}"
+        )
+
+    def _register(self, control_file: str, arguments: str, description: str) -> EventRegistration:
+        """Register an eventfd on *control_file* through cgroup.event_control."""
+        eventfd = os.eventfd(0, os.EFD_CLOEXEC)
+        try:
+            control_fd = self.open_file(control_file, os.O_RDONLY)
+        except BaseException:
+            os.close(eventfd)
+            raise
+        registration = EventRegistration(eventfd, control_fd, description)  # owns both fds from here
+        try:
+            self._write(self.event_control_file, f"{eventfd} {control_fd}{arguments}")
+        except OSError as err:
+            registration.close()
+            raise self._error(
+                err, "register an event on", self._file(self.event_control_file), rule="notify"
+            ) from err
+        except BaseException:
+            registration.close()
+            raise
+        return registration
+
+    def _release(self) -> None:
+        # Either change wakes tasks asleep in the OOM wait; both, so that they
+        # also do not fall asleep again while they are being killed.
+        for name, value in ((self.oom_control_file, "0"), (self.limit_file, "-1")):
+            try:
+                self._write(name, value)
+            except OSError as err:
+                raise self._error(err, "release", self._file(name), rule="write") from err
+
+    def _usage_text(self) -> str:
+        try:
+            return format_size(self.usage())
+        except Exception:  # only decorates a message; the EBUSY is what matters
+            return "unknown"
