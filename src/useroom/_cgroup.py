@@ -44,7 +44,7 @@ from useroom._mounts import (
     read_mounts,
     read_text,
 )
-from useroom._units import format_size, parse_size
+from useroom._units import parse_size
 from useroom.exceptions import (
     CgroupError,
     CgroupPermissionError,
@@ -491,8 +491,10 @@ class Group(abc.ABC):
             self._refuse_own_process(subtree)
             for group in reversed(subtree):
                 group._release_quietly()
-            pidfds = [pidfd for group in subtree for pidfd in group._kill_tasks()]
+            pidfds: list[int] = []
             try:
+                for group in subtree:
+                    group._kill_tasks(pidfds)
                 _wait_for_exit(pidfds, deadline)
             finally:
                 for pidfd in pidfds:
@@ -706,18 +708,16 @@ class Group(abc.ABC):
         except GroupGone:
             pass
 
-    def _kill_tasks(self) -> list[int]:
-        """SIGKILL every task of this group; return pidfds of those signalled, to wait on."""
+    def _kill_tasks(self, pidfds: list[int]) -> None:
+        """SIGKILL every task of this group; add pidfds of those signalled to *pidfds*, to wait on."""
         try:
             pids = self.procs()
         except GroupGone:
-            return []
-        pidfds = []
+            return
         for pid in pids:
             pidfd = self._kill(pid)
             if pidfd is not None:
                 pidfds.append(pidfd)
-        return pidfds
 
     def _kill(self, pid: int) -> int | None:
         """SIGKILL *pid* if it is still in this group; return its pidfd (the caller closes it)."""
