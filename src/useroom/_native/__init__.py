@@ -348,6 +348,16 @@ class Action:
     data: bytes = b""
     timeout_ns: int = 0
     flags: int = 0
+    guard: int = -1
+
+    def finally_(self, after: int | None = None) -> Action:
+        """This action, run even when an earlier check has ended the episode
+        (for restores: the limit, the kernel killer setting); with ``after``,
+        only if the action at that index of the plan ran and succeeded."""
+        if after is not None and not 0 <= after < PLAN_MAX:
+            raise ValueError(f"after must index a plan action, not {after!r}")
+        return attrs.evolve(self, flags=self.flags | _lib.URO_F_ALWAYS,
+                            guard=-1 if after is None else after)
 
     @classmethod
     def signal_pidfd(cls, pidfd: int, sig: int) -> Action:
@@ -431,8 +441,10 @@ class Plan:
 
 @attrs.frozen
 class Step:
-    """One executed action: its kind, its result (>= 0 or -errno), when it returned."""
+    """One executed action: its index in the plan, its kind, its result
+    (>= 0 or -errno), and when it returned."""
 
+    index: int
     kind: ActionKind
     result: int
     t_ns: int
@@ -468,7 +480,8 @@ class EventRecord:
 
 def _record(ev: Any) -> EventRecord:
     steps = tuple(
-        Step(ActionKind(ev.steps[i].kind), int(ev.steps[i].result), int(ev.steps[i].t_ns))
+        Step(int(ev.steps[i].index), ActionKind(ev.steps[i].kind), int(ev.steps[i].result),
+             int(ev.steps[i].t_ns))
         for i in range(ev.nsteps)
     )
     return EventRecord(
@@ -576,6 +589,7 @@ class NativeWatcher:
             a.pid = action.pid
             a.sig = action.sig
             a.flags = action.flags
+            a.guard = action.guard
             a.timeout_ns = action.timeout_ns
             a.len = len(action.data)
             _ffi.memmove(a.data, action.data.ljust(DATA_MAX, b"\0"), DATA_MAX)

@@ -307,16 +307,23 @@ URO_CRIT static void crit_episode(struct uro_shared *sh, int src, uint64_t count
 
     if (!outcome) {
         int acted_since_check = 0;
+        uint64_t ran = 0; /* bit i: action i ran and succeeded */
+        int32_t k = 0;
         uint32_t n = plan->count < URO_PLAN_MAX ? plan->count : URO_PLAN_MAX;
-        for (uint32_t i = 0; i < n && !outcome; i++) {
+        for (uint32_t i = 0; i < n; i++) {
             const struct uro_action *a = &plan->actions[i];
             int r;
+            /* Once a check has ended the episode, only restores still run. */
+            if (outcome && !(a->flags & URO_F_ALWAYS))
+                continue;
+            if (outcome && a->guard >= 0 && !(ran & ((uint64_t)1 << (a->guard & 63))))
+                continue;
             if (!ev->acted_ns)
                 ev->acted_ns = crit_now();
             if (a->kind == URO_ACT_CHECK) {
                 /* Nothing took effect since the last check (say, every victim
                  * had already exited): waiting would only lose time. */
-                if (!has_check || !acted_since_check) {
+                if (outcome || !has_check || !acted_since_check) {
                     r = 0;
                 } else {
                     int64_t when = 0;
@@ -331,13 +338,16 @@ URO_CRIT static void crit_episode(struct uro_shared *sh, int src, uint64_t count
                 acted_since_check = 0;
             } else {
                 r = crit_action(a);
-                if (r >= 0)
+                if (r >= 0) {
                     acted_since_check = 1;
+                    ran |= (uint64_t)1 << (i & 63);
+                }
             }
-            ev->steps[i].kind = a->kind;
-            ev->steps[i].result = r;
-            ev->steps[i].t_ns = crit_now();
-            ev->nsteps = (int32_t)(i + 1);
+            ev->steps[k].index = (int32_t)i;
+            ev->steps[k].kind = a->kind;
+            ev->steps[k].result = r;
+            ev->steps[k].t_ns = crit_now();
+            ev->nsteps = ++k;
         }
         if (!outcome) {
             if (has_check) {

@@ -26,6 +26,8 @@
 
 /* Action flags. */
 #define URO_F_READ 1            /* AWAIT: read the eventfd counter once ready */
+#define URO_F_ALWAYS 2          /* run even after a check ended the episode, if the
+                                 * action at index guard ran (a restore) */
 
 /* Source kinds: what the watcher does when a source's eventfd fires. */
 #define URO_SRC_OOM 1           /* run the armed plan */
@@ -52,7 +54,9 @@ struct uro_action {
     int32_t pid;
     int32_t sig;
     int32_t flags;
+    int32_t guard;           /* URO_F_ALWAYS: index of the action that must have run; -1: none */
     uint32_t len;
+    uint32_t pad;
     int64_t timeout_ns;
     char data[40];
 };
@@ -69,8 +73,10 @@ struct uro_plan {
 
 struct uro_step {
     int64_t t_ns;            /* CLOCK_MONOTONIC when the action returned */
+    int32_t index;           /* of the action in the plan */
     int32_t kind;
     int32_t result;          /* >= 0, or -errno */
+    int32_t pad;
 };
 
 struct uro_event {

@@ -1,0 +1,197 @@
+"""The ``useroom`` command: ``handle``, ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+
+from useroom._cgroup import Group
+from useroom._handler import Handler, OomEvent
+from useroom._policy import KillLargest, KillNewest, Policy, RaiseLimit
+from useroom._units import format_size, parse_size
+from useroom.exceptions import UseroomError
+
+__all__ = ["main"]
+
+POLICIES = {"kill-largest": KillLargest, "kill-newest": KillNewest}
+
+
+def _policy(args: argparse.Namespace) -> Policy:
+    if args.policy == "raise-limit":
+        if not args.ceiling or not args.step:
+            raise SystemExit("useroom: --policy raise-limit needs --step and --ceiling")
+        return RaiseLimit(args.step, args.ceiling)
+    return POLICIES[args.policy]()
+
+
+def _handler_report(handler: Handler) -> dict[str, Any]:
+    return {
+        "group": handler.group.relpath,
+        "locked_bytes": handler.locked_bytes,
+        "hardening": attrs.asdict(handler.hardening) if handler.hardening else None,
+        "events": [e.to_dict() for e in handler.events],
+        "errors": [repr(e) for e in handler.errors],
+    }
+
+
+def cmd_handle(args: argparse.Namespace) -> int:
+    """Runs a handler for GROUP in this process until SIGTERM or SIGINT."""
+    group = Group.open(args.group)
+    if args.join:
+        group.attach(os.getpid())
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    handler = Handler(group, _policy(args), reserve=args.reserve)
+    with handler:
+        print("ready", flush=True)
+        while not stop.wait(0.5):
+            pass
+    report = _handler_report(handler)
+    if args.events_out:
+        tmp = args.events_out + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(report, f)
+        os.replace(tmp, args.events_out)
+    return 0
+
+
+_WORKER = """\
+import mmap, os, sys
+os.read(0, 1)
+size = int(sys.argv[1])
+m = mmap.mmap(-1, size)
+for off in range(0, size, 4096):
+    m[off] = 1
+"""
+
+
+def _describe(event: OomEvent) -> str:
+    def ms(ns: int | None) -> str:
+        return "-" if ns is None else f"{ns / 1e6:8.3f} ms"
+
+    act = None if event.acted_ns is None else event.acted_ns - event.notified_ns
+    sig = event.notify_to_signal_ns
+    lines = [
+        f"episode {event.seq}: {event.outcome}"
+        + (" (fallback)" if event.fallback else ""),
+        f"  notified -> first action {ms(act)}, -> signal sent {ms(sig)}, -> OOM over {ms(event.duration_ns)}",
+    ]
+    for v in event.victims:
+        lines.append(f"  {v.signal} {v.pid} ({v.name}, {format_size(v.rss)} RSS): "
+                     f"{'ok' if v.result == 0 else os.strerror(-v.result)}")
+    return "\n".join(lines)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Makes a group below the caller's own, runs a handler inside it, causes
+    real OOMs there, and prints what the native watcher did and how fast."""
+    parent = Group.current()
+    name = f"useroom-demo-{os.getpid()}"
+    group = parent.create_child(name, memory_max=args.limit)
+    workers: list[subprocess.Popen[bytes]] = []
+    handler_proc: subprocess.Popen[str] | None = None
+    out = tempfile.NamedTemporaryFile(prefix="useroom-demo-", suffix=".json", delete=False)
+    out.close()
+    try:
+        print(f"group {group.relpath}: limit {format_size(group.limit())}, kernel OOM killer disabled by the handler")
+        handler_proc = subprocess.Popen(
+            [sys.executable, "-m", "useroom", "handle", group.path, "--join", "--events-out", out.name],
+            stdout=subprocess.PIPE, text=True,
+        )
+        assert handler_proc.stdout is not None
+        if handler_proc.stdout.readline().strip() != "ready":
+            raise UseroomError("the handler did not start")
+        print(f"handler {handler_proc.pid} runs inside the group")
+        size = parse_size(args.size)
+        for _ in range(args.workers):
+            r, w = os.pipe()
+            proc = subprocess.Popen([sys.executable, "-c", _WORKER, str(size)], stdin=r)
+            os.close(r)
+            group.attach(proc.pid)
+            workers.append(proc)
+            proc._go = w  # type: ignore[attr-defined]
+        print(f"{args.workers} workers in the group will each touch {format_size(size)}")
+        start = time.monotonic()
+        for proc in workers:
+            os.write(proc._go, b"g")  # type: ignore[attr-defined]
+            os.close(proc._go)  # type: ignore[attr-defined]
+        for proc in workers:
+            proc.wait(timeout=args.timeout)
+        elapsed = time.monotonic() - start
+        handler_proc.send_signal(signal.SIGTERM)
+        handler_proc.wait(timeout=30)
+        with open(out.name, encoding="utf-8") as f:
+            report = json.load(f)
+        events = [OomEvent(**_event_fields(e)) for e in report["events"]]
+        print(f"all workers gone after {elapsed * 1000:.1f} ms; "
+              f"under_oom={int(group.oom_control().under_oom)}; handler locked {format_size(report['locked_bytes'])}")
+        for event in events:
+            if event.outcome != "not_needed":
+                print(_describe(event))
+        ignored = sum(e.outcome == "not_needed" for e in events)
+        if ignored:
+            print(f"({ignored} notification(s) arrived with the OOM already over and needed nothing)")
+        return 0
+    finally:
+        group.set_oom_kill(True)
+        for proc in workers:
+            proc.kill()
+            proc.wait()
+        if handler_proc is not None and handler_proc.poll() is None:
+            handler_proc.kill()
+            handler_proc.wait()
+        group.remove(force=True)
+        os.unlink(out.name)
+
+
+def _event_fields(data: dict[str, Any]) -> dict[str, Any]:
+    from useroom._handler import StepRecord, VictimRecord
+
+    fields = {k: v for k, v in data.items() if k in attrs.fields_dict(OomEvent)}
+    fields["victims"] = tuple(VictimRecord(**v) for v in data["victims"])
+    fields["steps"] = tuple(StepRecord(**s) for s in data["steps"])
+    return fields
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="useroom", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    handle = sub.add_parser("handle", help="run an OOM handler for a group in this process")
+    handle.add_argument("group", help="the group: a cgroupfs path or a path in the memory hierarchy")
+    handle.add_argument("--join", action="store_true", help="move this process into the group first")
+    handle.add_argument("--policy", choices=[*POLICIES, "raise-limit"], default="kill-largest")
+    handle.add_argument("--reserve", default=None, help="headroom grant size, e.g. 8M")
+    handle.add_argument("--step", default=None, help="raise-limit: step, e.g. 16M")
+    handle.add_argument("--ceiling", default=None, help="raise-limit: ceiling, e.g. 512M")
+    handle.add_argument("--events-out", default=None, help="write the events as JSON here on exit")
+    handle.set_defaults(func=cmd_handle)
+
+    demo = sub.add_parser("demo", help="cause real OOMs in a fresh group and show them handled")
+    demo.add_argument("--limit", default="64M")
+    demo.add_argument("--workers", type=int, default=3)
+    demo.add_argument("--size", default="160M", help="what each worker touches")
+    demo.add_argument("--timeout", type=float, default=60.0)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except UseroomError as err:
+        print(f"useroom: {err}", file=sys.stderr)
+        return 1

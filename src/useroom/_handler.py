@@ -1,0 +1,489 @@
+"""The handler: arms a native plan for a group and keeps it fresh.
+
+Two threads share the work:
+
+- the native watcher (C, locked memory, no GIL) waits on the group's OOM
+  eventfd and runs the armed plan: kill from the victim table, grant
+  headroom, let the kernel act as a last resort. It needs nothing from
+  Python, so it works while every Python thread of the process, the one
+  holding the GIL included, sleeps in the OOM wait;
+- the manager (a Python thread) keeps the plan fresh between episodes:
+  it refreshes the victim table (on usage thresholds, after each episode,
+  and every ``refresh_interval``), recompiles the policy, re-arms, turns the
+  watcher's records into :class:`OomEvent` values, and answers headroom
+  grants: with the OOM lifted by the grant, it refreshes the table (a task
+  forked since the last refresh is not in the plan) and kills by policy.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import attrs
+
+from useroom import _native
+from useroom._cgroup import EventRegistration, Group
+from useroom._hardening import HardeningReport, _vm_locked, lock_memory
+from useroom._native import EventFd, EventRecord, NativeWatcher, SourceKind
+from useroom._policy import CompiledPlan, KillLargest, PlanContext, Policy
+from useroom._units import UNLIMITED, parse_size
+from useroom._victims import Victim, VictimTable
+from useroom.exceptions import GroupGone, UnsupportedKernel, WatcherError
+
+__all__ = ["Handler", "OomEvent", "StepRecord", "VictimRecord"]
+
+
+@attrs.frozen
+class StepRecord:
+    """One action the native plan ran during an episode."""
+
+    kind: str
+    explanation: str
+    phase: str
+    result: int
+    t_ns: int
+
+    @property
+    def ok(self) -> bool:
+        return self.result >= 0
+
+
+@attrs.frozen
+class VictimRecord:
+    """A task signalled during an episode, and how the signal went."""
+
+    pid: int
+    name: str
+    rss: int
+    signal: str
+    result: int
+    by: str  # "plan" (native) or "handler" (Python, during a grant)
+
+
+@attrs.frozen
+class OomEvent:
+    """One OOM episode of a handled group.
+
+    Times are CLOCK_MONOTONIC nanoseconds (``time.monotonic_ns()``):
+    ``notified_ns`` when the watcher read the notification, ``acted_ns`` when
+    the first action began, ``resolved_ns`` when the watcher saw ``under_oom``
+    clear (None if it did not). ``outcome`` is one of ``resolved``,
+    ``unresolved``, ``not_needed`` (a notification with nothing to do),
+    ``gone`` (the group was removed), ``no_plan``, ``acted``. ``fallback`` is
+    True when the victims in the plan were not enough and the headroom grant
+    or the kernel OOM killer was used.
+    """
+
+    seq: int
+    notified_ns: int
+    acted_ns: int | None
+    resolved_ns: int | None
+    outcome: str
+    action: str
+    victims: tuple[VictimRecord, ...]
+    steps: tuple[StepRecord, ...]
+    fallback: bool
+    plan_id: int
+
+    @property
+    def notify_to_signal_ns(self) -> int | None:
+        """From the notification to the first signal's return."""
+        for step in self.steps:
+            if step.kind in ("SIGNAL_PIDFD", "SIGNAL_PID"):
+                return step.t_ns - self.notified_ns
+        return None
+
+    @property
+    def duration_ns(self) -> int | None:
+        """From the notification to the OOM being over."""
+        return None if self.resolved_ns is None else self.resolved_ns - self.notified_ns
+
+    def to_dict(self) -> dict[str, Any]:
+        out = attrs.asdict(self)
+        out["notify_to_signal_ns"] = self.notify_to_signal_ns
+        out["duration_ns"] = self.duration_ns
+        return out
+
+
+@attrs.frozen
+class _ArmedPlan:
+    compiled: CompiledPlan
+    plan_id: int
+
+
+class Handler:
+    """The OOM handler of one memory cgroup; it may live inside that group.
+
+    ``policy`` decides victims (KillLargest by default). ``reserve`` (bytes
+    or a size like ``"16M"``) enables the headroom grant: when the planned
+    victims are not enough, the watcher raises the limit by the reserve,
+    wakes this handler to refresh and act, then restores the limit. The
+    parent group must allow the raised limit. ``thresholds`` are fractions
+    of the limit at which the victim table is refreshed. The kernel OOM
+    killer is disabled for the group while the handler runs (its previous
+    setting is restored on stop) and re-enabled for one episode as the last
+    resort when ``kernel_fallback`` is true. ``protect`` lists pids never to
+    kill; this process is always protected.
+
+    Use it as a context manager or with :meth:`start` / :meth:`stop`.
+    """
+
+    def __init__(
+        self,
+        group: Group,
+        policy: Policy | None = None,
+        *,
+        reserve: int | str | None = None,
+        thresholds: Iterable[float] = (0.5, 0.75, 0.9),
+        refresh_interval: float = 0.5,
+        check_timeout: float = 0.25,
+        grant_timeout: float = 1.0,
+        kernel_fallback: bool = True,
+        protect: Iterable[int] = (),
+        harden: bool = True,
+        mlockall: bool = False,
+    ) -> None:
+        if group.is_root:
+            raise UnsupportedKernel(errno.EINVAL, "the root memory cgroup has no OOM notifications")
+        if group.version != 1:
+            raise UnsupportedKernel(errno.ENOTSUP, f"no handler backend for cgroup v{group.version} yet")
+        self.group = group
+        self.policy = policy if policy is not None else KillLargest()
+        self.reserve = 0 if reserve is None else parse_size(reserve)
+        self.thresholds = tuple(sorted(thresholds))
+        for fraction in self.thresholds:
+            if not 0 < fraction < 1:
+                raise ValueError(f"thresholds are fractions of the limit in (0, 1), not {fraction!r}")
+        for name, value in (("refresh_interval", refresh_interval), ("check_timeout", check_timeout),
+                            ("grant_timeout", grant_timeout)):
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0 seconds, not {value!r}")
+        self.refresh_interval = refresh_interval
+        self.check_timeout = check_timeout
+        self.grant_timeout = grant_timeout
+        self.kernel_fallback = kernel_fallback
+        self.protect = frozenset(protect)
+        self.harden = harden
+        self.mlockall = mlockall
+        #: What :func:`lock_memory` did; None before start or with harden=False.
+        self.hardening: HardeningReport | None = None
+        #: This process's locked bytes (VmLck) once started.
+        self.locked_bytes = 0
+        #: Errors the manager thread met and survived (ENOMEM during an OOM, ...).
+        self.errors: list[BaseException] = []
+        self._events: list[OomEvent] = []
+        self._events_lock = threading.Lock()
+        self._event_cond = threading.Condition(self._events_lock)
+        self._running = False
+        self._owned: list[Any] = []
+        self._thresholds: list[EventRegistration] = []
+        self._plans: dict[int, _ArmedPlan] = {}
+        self._armed: list[_ArmedPlan] = []
+        self._grant_actions: list[VictimRecord] = []
+        self._limit = UNLIMITED
+        self._pending_restore: int | None = None
+        self._restore_kill_setting: bool | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- public ------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    @property
+    def events(self) -> list[OomEvent]:
+        """The episodes so far, oldest first (a copy)."""
+        with self._events_lock:
+            return list(self._events)
+
+    @property
+    def victims(self) -> tuple[Victim, ...]:
+        """The victim table as of the last refresh."""
+        return self._table.victims if self._running else ()
+
+    def wait_for_events(self, count: int, timeout: float | None = None) -> list[OomEvent]:
+        """Blocks until at least ``count`` episodes are recorded or ``timeout`` passes."""
+        with self._event_cond:
+            self._event_cond.wait_for(lambda: len(self._events) >= count, timeout)
+            return list(self._events)
+
+    def start(self) -> Handler:
+        """Hardens the process, prepares every fd, arms the plan, starts the threads."""
+        if self._running:
+            raise WatcherError("the handler is already running")
+        try:
+            self._start()
+        except BaseException:
+            self._teardown()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Stops the threads, restores the group's kernel OOM killer setting,
+        closes every fd. Idempotent."""
+        if not self._running and not self._owned:
+            return
+        self._running = False
+        self._teardown()
+
+    def __enter__(self) -> Handler:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- arming ------------------------------------------------------------
+
+    def _own(self, obj: Any) -> Any:
+        self._owned.append(obj)
+        return obj
+
+    def _start(self) -> None:
+        group = self.group
+        if self.harden:
+            self.hardening = lock_memory(mlockall=self.mlockall)
+        oom_file = group.oom_control_file  # type: ignore[attr-defined]
+        self._check_fd = self._own(_Fd(group.open_file(oom_file, os.O_RDONLY)))
+        # The first read allocates the seq_file buffer; later preads from
+        # the watcher reuse it, so it can read the file even during the OOM.
+        os.pread(self._check_fd.fileno(), 256, 0)
+        self._limit_fd = self._own(_Fd(group.open_file(group.limit_file, os.O_WRONLY)))
+        self._switch_fd = (
+            self._own(_Fd(group.open_file(oom_file, os.O_WRONLY))) if self.kernel_fallback else None
+        )
+        self._grant_wake = self._own(EventFd())
+        self._grant_reply = self._own(EventFd())
+        self._stop_efd = self._own(EventFd())
+        self._table = self._own(VictimTable(group, self.protect))
+        self._watcher = self._own(NativeWatcher())
+        self._oom = self._own(group.oom_notifier())
+        self._watcher.add_source(self._oom.fileno(), SourceKind.OOM)
+
+        was_enabled = not group.oom_control().kill_disabled
+        group.set_oom_kill(False)
+        self._restore_kill_setting = was_enabled
+
+        self._limit = group.limit()
+        self._register_thresholds()
+        self._refresh(grant=False)
+        self._watcher.start()
+        self.locked_bytes = _vm_locked()
+        self._running = True
+        self._thread = threading.Thread(target=self._manage, name=f"useroom-handler {group.relpath}", daemon=True)
+        self._thread.start()
+
+    def _register_thresholds(self) -> None:
+        for reg in self._thresholds:
+            reg.close()
+        self._thresholds = []
+        if self._limit == UNLIMITED:
+            return
+        for fraction in self.thresholds:
+            self._thresholds.append(self.group.usage_threshold(int(self._limit * fraction)))
+
+    def _context(self) -> PlanContext:
+        return PlanContext(
+            victims=self._table.victims,
+            limit=-1 if self._limit == UNLIMITED else self._limit,
+            limit_fd=self._limit_fd.fileno(),
+            check_fd=self._check_fd.fileno(),
+            resolved_needle=b"under_oom 0",
+            kill_switch_fd=self._switch_fd.fileno() if self._switch_fd else -1,
+            reserve=self.reserve,
+            grant_wake_fd=self._grant_wake.fileno(),
+            grant_reply_fd=self._grant_reply.fileno(),
+            grant_timeout=self.grant_timeout,
+            check_timeout=self.check_timeout,
+        )
+
+    def _refresh(self, *, grant: bool) -> None:
+        """Refreshes the table and re-arms; outside an episode unless ``grant``."""
+        if not grant and self._watcher.state == _native._lib.URO_STATE_EPISODE:
+            return
+        if self._pending_restore is not None and not grant:
+            try:
+                self.group.set_limit(self._pending_restore)
+                self._pending_restore = None
+            except OSError as err:
+                self.errors.append(err)
+        self._table.refresh()
+        if not grant and self._pending_restore is None:
+            limit = self.group.limit()
+            if self._watcher.state != _native._lib.URO_STATE_EPISODE and limit != self._limit:
+                self._limit = limit
+                self._register_thresholds()
+        compiled = self.policy.compile(self._context())
+        plan_id = self._watcher.arm(compiled.plan)
+        armed = _ArmedPlan(compiled, plan_id)
+        self._plans[plan_id] = armed
+        self._armed = [*self._armed[-1:], armed]
+        for old in [k for k in self._plans if k < plan_id - 16]:
+            del self._plans[old]
+        self._table.release(p for a in self._armed for p in a.compiled.pidfds)
+
+    # -- the manager thread ------------------------------------------------
+
+    def _manage(self) -> None:
+        ep = _native.Epoll()
+        try:
+            ep.add(self._watcher.wake_fd, 0)
+            ep.add(self._grant_wake.fileno(), 1)
+            ep.add(self._stop_efd.fileno(), 2)
+            registered = list(self._thresholds)
+            for i, reg in enumerate(registered):
+                ep.add(reg.fileno(), 3 + i)
+            while self._running:
+                if registered != self._thresholds:
+                    for reg in registered:
+                        if not reg.closed:
+                            ep.remove(reg.fileno())
+                    registered = list(self._thresholds)
+                    for i, reg in enumerate(registered):
+                        ep.add(reg.fileno(), 3 + i)
+                try:
+                    self._step(ep, registered)
+                except Exception as err:  # survive, record, retry on the next round
+                    self._note(err)
+        finally:
+            ep.close()
+
+    def _step(self, ep: _native.Epoll, registered: list[EventRegistration]) -> None:
+        ready = ep.wait(self.refresh_interval)
+        for data, _ in ready:
+            if data == 2:
+                return
+            if data == 1:
+                self._grant()
+            elif data >= 3:
+                os.read(registered[data - 3].fileno(), 8)
+        self._collect()
+        self._refresh(grant=False)
+
+    def _note(self, err: BaseException) -> None:
+        self.errors.append(err)
+        del self.errors[:-100]
+        if isinstance(err, GroupGone):
+            self._running = False
+        elif isinstance(err, OSError) and err.errno == errno.ENOMEM:
+            time.sleep(0.005)  # under the OOM: let the watcher resolve it
+        else:
+            time.sleep(0.05)  # never spin on a repeating error
+
+    def _grant(self) -> None:
+        """With headroom granted: refresh, kill by policy from Python, reply."""
+        self._grant_wake.read()
+        try:
+            self._table.refresh()
+            for victim, _ in self.policy.order(self._table.victims):
+                if victim.pidfd is None or victim.pidfd.exited:
+                    continue
+                result = 0
+                try:
+                    signal.pidfd_send_signal(victim.pidfd.fileno(), self.policy.signal)
+                    if _native.can_use_mrelease and self.policy.signal == signal.SIGKILL:
+                        try:
+                            _native.mrelease(victim.pidfd.fileno())
+                        except OSError:
+                            pass
+                except OSError as err:
+                    result = -(err.errno or errno.EIO)
+                self._grant_actions.append(VictimRecord(
+                    victim.pid, victim.name, victim.rss, signal.Signals(self.policy.signal).name,
+                    result, "handler",
+                ))
+                if result == 0:
+                    break
+        finally:
+            self._grant_reply.write(1)
+
+    def _collect(self) -> None:
+        """Turns new watcher records into events."""
+        for record in self._watcher.wait(0):
+            event = self._event(record)
+            if any(s.phase == "grant" and s.kind == "WRITE" and not s.ok
+                                   and "restore" in s.explanation for s in event.steps):
+                self._pending_restore = self._limit
+            with self._event_cond:
+                self._events.append(event)
+                self._event_cond.notify_all()
+
+    def _event(self, record: EventRecord) -> OomEvent:
+        armed = self._plans.get(record.plan_id)
+        steps = []
+        victims = []
+        for step in record.steps:
+            i = step.index
+            why = armed.compiled.explanations[i] if armed else ""
+            phase = armed.compiled.phases[i] if armed else ""
+            steps.append(StepRecord(step.kind.name, why, phase, step.result, step.t_ns))
+            target = armed.compiled.targets[i] if armed else None
+            if target is not None and step.kind.name.startswith("SIGNAL"):
+                sig = "SIGTERM" if why.startswith("SIGTERM") else signal.Signals(self.policy.signal).name
+                victims.append(VictimRecord(target.pid, target.name, target.rss, sig, step.result, "plan"))
+        fallback = any(s.phase in ("grant", "kernel") for s in steps)
+        if any(s.phase == "grant" for s in steps) and self._grant_actions:
+            victims.extend(self._grant_actions)
+            self._grant_actions = []
+        taken = [s.explanation for s in steps if s.ok and s.kind != "CHECK" and s.explanation]
+        action = "; ".join(taken) if taken else "nothing"
+        return OomEvent(
+            seq=record.seq,
+            notified_ns=record.notified_ns,
+            acted_ns=record.acted_ns or None,
+            resolved_ns=record.resolved_ns or None,
+            outcome=record.outcome.name.lower(),
+            action=action,
+            victims=tuple(victims),
+            steps=tuple(steps),
+            fallback=fallback,
+            plan_id=record.plan_id,
+        )
+
+    # -- teardown ----------------------------------------------------------
+
+    def _teardown(self) -> None:
+        self._running = False
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._stop_efd.write(1)
+            thread.join()
+        # Give the group its kernel OOM killer back before the watcher goes:
+        # never leave a window with neither.
+        if self._restore_kill_setting is not None:
+            try:
+                if self._restore_kill_setting:
+                    self.group.set_oom_kill(True)
+            except GroupGone:
+                pass
+            self._restore_kill_setting = None
+        if self._pending_restore is not None:
+            try:
+                self.group.set_limit(self._pending_restore)
+            except OSError:
+                pass
+            self._pending_restore = None
+        watcher = getattr(self, "_watcher", None)
+        if watcher is not None and not watcher.closed:
+            watcher.stop()
+            self._collect()
+        for reg in self._thresholds:
+            reg.close()
+        self._thresholds = []
+        owned, self._owned = self._owned, []
+        for obj in reversed(owned):
+            obj.close()
+        self._armed = []
+
+
+class _Fd(_native._FdOwner):
+    """A plain fd with one owner."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd

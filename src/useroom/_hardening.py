@@ -1,0 +1,189 @@
+"""Memory hardening: make the pages an OOM handler needs exist before the OOM.
+
+During a memory cgroup OOM, a task of the group that touches a page that is
+not resident sleeps until the OOM is resolved. What can go missing:
+
+- anonymous pages never touched yet (a fresh heap block, a grown stack, a new
+  pymalloc arena): prefaulting them makes them resident, and with no swap the
+  kernel cannot take them back; mlock also keeps them with swap;
+- file pages (the text of libc, libpython, the native core): the kernel
+  reclaims them before it declares the OOM, so only mlock keeps them.
+
+``mlockall`` would cover everything, but for an ordinary user RLIMIT_MEMLOCK
+(8 MiB by default) is far below a CPython process, and where it is allowed,
+MCL_FUTURE populates every later mapping and every thread's whole stack,
+charging it all to the group it protects. So useroom locks the critical set
+(the native core's image, the watcher's state, ring and stack, a pymalloc
+arena pool) and prefaults the rest; ``mlockall`` is opt-in. The report says
+exactly what was locked and why not the rest.
+"""
+
+from __future__ import annotations
+
+import errno
+import gc
+import os
+import resource
+import sys
+import threading
+
+import attrs
+
+from useroom import _native
+from useroom._units import parse_size
+
+__all__ = ["HardeningReport", "lock_memory"]
+
+DEFAULT_HEAP = 8 << 20
+DEFAULT_STACK = 256 << 10
+DEFAULT_POOL = 2 << 20
+
+
+def _memlock_limit() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    return -1 if soft == resource.RLIM_INFINITY else soft
+
+
+def _has_swap() -> bool:
+    try:
+        with open("/proc/swaps", encoding="ascii") as f:
+            return len(f.read().splitlines()) > 1
+    except OSError:
+        return True  # unknown: assume the worse case
+
+
+def _vm_locked() -> int:
+    """VmLck of this process in bytes (what the kernel counts against the rlimit)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmLck:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _free_threaded() -> bool:
+    is_gil_enabled = getattr(sys, "_is_gil_enabled", None)
+    return is_gil_enabled is not None and not is_gil_enabled()
+
+
+@attrs.frozen
+class HardeningReport:
+    """What :func:`lock_memory` did, and why not more.
+
+    ``locked_bytes`` is the process's locked memory as the kernel counts it
+    against RLIMIT_MEMLOCK (``VmLck``), taken after hardening; native
+    watchers started later add their arena and are reported by the handler.
+    """
+
+    mlockall: bool
+    mlockall_errno: int
+    memlock_limit: int
+    locked_bytes: int
+    core: _native.CoreLock
+    heap_reserved: int
+    stack_prefaulted: int
+    pool: _native.PoolReport | None
+    gc_frozen: bool
+    swap: bool
+    notes: tuple[str, ...]
+
+    def describe(self) -> str:
+        """A few human-readable lines."""
+        limit = "unlimited" if self.memlock_limit < 0 else f"{self.memlock_limit} bytes"
+        lines = [
+            f"locked {self.locked_bytes} bytes (RLIMIT_MEMLOCK {limit})",
+            f"mlockall: {'yes' if self.mlockall else 'no'}",
+            f"native core: {self.core.locked} of {self.core.image_size} bytes locked",
+            f"heap prefaulted: {self.heap_reserved} bytes; stack: {self.stack_prefaulted} bytes",
+        ]
+        if self.pool:
+            lines.append(f"pymalloc arena pool: {self.pool.size} bytes, {self.pool.locked} locked")
+        lines.extend(self.notes)
+        return "\n".join(lines)
+
+
+_lock = threading.Lock()
+_done: HardeningReport | None = None
+
+
+def lock_memory(
+    *,
+    mlockall: bool = False,
+    heap: int | str = DEFAULT_HEAP,
+    stack: int | str = DEFAULT_STACK,
+    pool: int | str = DEFAULT_POOL,
+    freeze_gc: bool = True,
+) -> HardeningReport:
+    """Hardens this process for running an OOM handler; idempotent.
+
+    Locks the native core, prefaults ``heap`` bytes of glibc heap (and stops
+    glibc trimming it), ``stack`` bytes of the calling thread's stack, and a
+    pool of ``pool`` bytes that pymalloc takes its arenas from (locked when
+    RLIMIT_MEMLOCK allows), then freezes the garbage collector's current
+    objects. With ``mlockall=True`` it also tries ``mlockall(MCL_CURRENT |
+    MCL_FUTURE)`` and reports a refusal instead of raising.
+    """
+    global _done
+    with _lock:
+        if _done is not None and not (mlockall and not _done.mlockall):
+            return _done
+        notes: list[str] = []
+        limit = _memlock_limit()
+
+        ok, err = False, 0
+        if mlockall:
+            err = _native.mlockall(future=True)
+            ok = err == 0
+            if not ok:
+                notes.append(
+                    f"mlockall refused ({errno.errorcode.get(err, err)}): RLIMIT_MEMLOCK is "
+                    "below the process size and CAP_IPC_LOCK is absent; locked the critical set"
+                )
+        core = _native.lock_core()
+        if core.lock_errno:
+            notes.append(f"native core not fully locked: {os.strerror(core.lock_errno)}")
+
+        heap_bytes = parse_size(heap)
+        stack_bytes = parse_size(stack)
+        _native.heap_reserve(heap_bytes)
+        _native.stack_prefault(stack_bytes)
+
+        pool_report = None
+        pool_bytes = parse_size(pool)
+        if pool_bytes and _free_threaded():
+            notes.append("no pymalloc arena pool: free-threaded builds do not use pymalloc arenas")
+        elif pool_bytes:
+            used = _vm_locked()
+            fits = limit < 0 or used + pool_bytes <= limit or _can_lock_beyond_limit()
+            pool_report = _native.install_arena_pool(pool_bytes, lock=fits)
+            if pool_report.lock_errno or not fits:
+                notes.append("pymalloc arena pool prefaulted but not locked: RLIMIT_MEMLOCK too small")
+
+        if freeze_gc:
+            gc.collect()
+            gc.freeze()
+
+        swap = _has_swap()
+        if swap and not ok:
+            notes.append("swap is on: unlocked prefaulted pages can be swapped out")
+        _done = HardeningReport(
+            mlockall=ok, mlockall_errno=err, memlock_limit=limit, locked_bytes=_vm_locked(),
+            core=core, heap_reserved=heap_bytes, stack_prefaulted=stack_bytes,
+            pool=pool_report, gc_frozen=freeze_gc, swap=swap, notes=tuple(notes),
+        )
+        return _done
+
+
+def _can_lock_beyond_limit() -> bool:
+    """True if this process has CAP_IPC_LOCK (effective)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) & (1 << 14))
+    except OSError:
+        pass
+    return False

@@ -1,0 +1,304 @@
+"""Policies: who to kill or what to raise, decided ahead and compiled to a native plan.
+
+A policy orders the victim table (at refresh time, when reading ``/proc``
+is allowed) and compiles that order into a :class:`useroom._native.Plan`:
+a fixed list of actions the native watcher runs on the next OOM without
+Python. Each action carries a one-line explanation that ends up in the
+episode's event record.
+
+The plan every kill policy compiles to, for victims v1, v2, ...::
+
+    [SIGTERM v1, wait for v1 to exit (grace)]   # only with term_grace
+    SIGKILL v1, process_mrelease v1, check      # done if the OOM is over
+    SIGKILL v2, ...                             # else the next victim
+    grant: limit += reserve, wake Python, await its reply, restore limit, check
+    kernel: oom_kill_disable=0, check, oom_kill_disable=1
+
+A victim that already exited is skipped without waiting. The grant lets
+Python refresh the table with the OOM lifted (a task forked after the last
+refresh is not in the plan) and act; the kernel step is the last resort.
+"""
+
+from __future__ import annotations
+
+import abc
+import signal
+from collections.abc import Callable, Mapping
+from typing import Union
+
+import attrs
+import psutil
+
+from useroom import _native
+from useroom._native import Action, Plan
+from useroom._units import format_size, parse_size
+from useroom._victims import Pidfd, Victim
+
+__all__ = [
+    "CompiledPlan",
+    "KillByPriority",
+    "KillLargest",
+    "KillNewest",
+    "PlanContext",
+    "Policy",
+    "RaiseLimit",
+]
+
+
+@attrs.frozen
+class PlanContext:
+    """What a policy compiles against: the table and the preopened fds."""
+
+    victims: tuple[Victim, ...]
+    limit: int
+    limit_fd: int
+    check_fd: int
+    resolved_needle: bytes
+    kill_switch_fd: int = -1
+    kill_switch_on: bytes = b"0"
+    kill_switch_off: bytes = b"1"
+    reserve: int = 0
+    grant_wake_fd: int = -1
+    grant_reply_fd: int = -1
+    grant_timeout: float = 1.0
+    check_timeout: float = 0.25
+    kernel_timeout: float = 2.0
+
+
+@attrs.frozen
+class CompiledPlan:
+    """A plan, the explanation of each action, and what it relies on."""
+
+    plan: Plan
+    #: One line per action: why it is there.
+    explanations: tuple[str, ...]
+    #: One per action: "kill", "raise", "grant" or "kernel".
+    phases: tuple[str, ...]
+    #: One per action: the victim it signals, if any.
+    targets: tuple[Victim | None, ...]
+    victims: tuple[Victim, ...]
+    pidfds: tuple[Pidfd, ...]
+
+
+class _Builder:
+    def __init__(self, ctx: PlanContext) -> None:
+        self.ctx = ctx
+        self.actions: list[Action] = []
+        self.why: list[str] = []
+        self.phases: list[str] = []
+        self.targets: list[Victim | None] = []
+        self.victims: list[Victim] = []
+        self.pidfds: list[Pidfd] = []
+
+    def room(self) -> int:
+        return _native.PLAN_MAX - len(self.actions)
+
+    def add(self, action: Action, why: str, phase: str, target: Victim | None = None) -> None:
+        self.actions.append(action)
+        self.why.append(why)
+        self.phases.append(phase)
+        self.targets.append(target)
+
+    def kill(self, victim: Victim, reason: str, sig: int, term_grace: float | None) -> None:
+        who = victim.describe()
+        pidfd = victim.pidfd
+        if pidfd is not None:
+            self.pidfds.append(pidfd)
+            fd = pidfd.fileno()
+            if term_grace is not None:
+                self.add(Action.signal_pidfd(fd, signal.SIGTERM), f"SIGTERM {who}: {reason}", "kill", victim)
+                self.add(Action.await_readable(fd, term_grace), f"wait up to {term_grace} s for {victim.pid} to exit", "kill")
+            self.add(Action.signal_pidfd(fd, sig), f"{signal.Signals(sig).name} {who}: {reason}", "kill", victim)
+            if _native.can_use_mrelease and sig == signal.SIGKILL:
+                self.add(Action.mrelease(fd), f"reap the memory of {victim.pid} now", "kill")
+        else:
+            if term_grace is not None:
+                self.add(Action.signal_pid(victim.pid, signal.SIGTERM), f"SIGTERM {who}: {reason}", "kill", victim)
+            self.add(Action.signal_pid(victim.pid, sig), f"{signal.Signals(sig).name} {who}: {reason}", "kill", victim)
+        self.add(Action.check(self.ctx.check_timeout), "check whether the OOM is over", "kill")
+        self.victims.append(victim)
+
+    def kill_cost(self, term_grace: float | None) -> int:
+        return 2 + int(_native.can_use_mrelease) + (2 if term_grace is not None else 0)
+
+    def tail(self) -> None:
+        """The grant and the kernel fallback, when the context allows them."""
+        ctx = self.ctx
+        if ctx.reserve and ctx.grant_wake_fd >= 0 and ctx.grant_reply_fd >= 0 and ctx.limit >= 0:
+            granted = ctx.limit + ctx.reserve
+            grant_at = len(self.actions)
+            self.add(
+                Action.write(ctx.limit_fd, str(granted).encode()),
+                f"grant headroom: limit {format_size(ctx.limit)} -> {format_size(granted)}",
+                "grant",
+            )
+            self.add(Action.wake(ctx.grant_wake_fd), "wake the handler to refresh and act", "grant")
+            self.add(
+                Action.await_readable(ctx.grant_reply_fd, ctx.grant_timeout, read=True),
+                f"wait up to {ctx.grant_timeout} s for the handler",
+                "grant",
+            )
+            self.add(
+                Action.write(ctx.limit_fd, str(ctx.limit).encode()).finally_(after=grant_at),
+                f"restore the limit to {format_size(ctx.limit)}",
+                "grant",
+            )
+            self.add(Action.check(ctx.check_timeout), "check whether the OOM is over", "grant")
+        if ctx.kill_switch_fd >= 0:
+            enable_at = len(self.actions)
+            self.add(Action.write(ctx.kill_switch_fd, ctx.kill_switch_on), "last resort: let the kernel OOM killer act", "kernel")
+            self.add(Action.check(ctx.kernel_timeout), "check whether the kernel resolved it", "kernel")
+            self.add(
+                Action.write(ctx.kill_switch_fd, ctx.kill_switch_off).finally_(after=enable_at),
+                "disable the kernel OOM killer again", "kernel",
+            )
+
+    def tail_cost(self) -> int:
+        ctx = self.ctx
+        grant = 5 if ctx.reserve and ctx.grant_wake_fd >= 0 and ctx.grant_reply_fd >= 0 else 0
+        return grant + (3 if ctx.kill_switch_fd >= 0 else 0)
+
+    def build(self) -> CompiledPlan:
+        plan = Plan(self.actions, check_fd=self.ctx.check_fd, resolved_needle=self.ctx.resolved_needle)
+        return CompiledPlan(
+            plan, tuple(self.why), tuple(self.phases), tuple(self.targets), tuple(self.victims),
+            tuple(self.pidfds),
+        )
+
+
+def _valid_signal(_: object, attribute: attrs.Attribute[int], value: int) -> None:
+    try:
+        signal.Signals(value)
+    except ValueError:
+        raise ValueError(f"{attribute.name} must be a signal number, not {value!r}") from None
+
+
+@attrs.frozen
+class Policy(abc.ABC):
+    """Base of the kill policies: order the victims, then compile.
+
+    ``signal`` is sent to each victim (SIGKILL by default); with
+    ``term_grace`` (seconds) SIGTERM is sent first and the victim gets that
+    long to exit, timed by its pidfd. At most ``max_victims`` are planned.
+    """
+
+    signal: int = attrs.field(default=signal.SIGKILL, validator=_valid_signal, kw_only=True)
+    term_grace: float | None = attrs.field(default=None, kw_only=True)
+    max_victims: int = attrs.field(default=8, kw_only=True)
+
+    @term_grace.validator
+    def _check_grace(self, _: object, value: float | None) -> None:
+        if value is not None and not value >= 0:
+            raise ValueError(f"term_grace must be >= 0 seconds, not {value!r}")
+
+    @max_victims.validator
+    def _check_max(self, _: object, value: int) -> None:
+        if value < 1:
+            raise ValueError(f"max_victims must be >= 1, not {value!r}")
+
+    @abc.abstractmethod
+    def order(self, victims: tuple[Victim, ...]) -> list[tuple[Victim, str]]:
+        """The victims in kill order, each with the reason it is there."""
+
+    def compile(self, ctx: PlanContext) -> CompiledPlan:
+        b = _Builder(ctx)
+        self._compile_kills(b, ctx)
+        b.tail()
+        return b.build()
+
+    def _compile_kills(self, b: _Builder, ctx: PlanContext) -> None:
+        budget = b.room() - b.tail_cost()
+        cost = b.kill_cost(self.term_grace)
+        for victim, reason in self.order(ctx.victims)[: self.max_victims]:
+            if budget < cost:
+                break
+            b.kill(victim, reason, self.signal, self.term_grace)
+            budget -= cost
+
+
+@attrs.frozen
+class KillLargest(Policy):
+    """Kill the task with the largest RSS at the last refresh first."""
+
+    def order(self, victims: tuple[Victim, ...]) -> list[tuple[Victim, str]]:
+        ranked = sorted(victims, key=lambda v: (-v.rss, -v.create_time))
+        return [(v, f"largest RSS at refresh ({format_size(v.rss)})") for v in ranked]
+
+
+@attrs.frozen
+class KillNewest(Policy):
+    """Kill the most recently started task first."""
+
+    def order(self, victims: tuple[Victim, ...]) -> list[tuple[Victim, str]]:
+        ranked = sorted(victims, key=lambda v: (-v.create_time, -v.rss))
+        return [(v, "newest task") for v in ranked]
+
+
+PriorityFn = Callable[[psutil.Process], int]
+
+
+@attrs.frozen
+class KillByPriority(Policy):
+    """Kill by a priority the user gives: highest first, then largest RSS.
+
+    ``priority`` maps process names to priorities, or is a callable taking a
+    ``psutil.Process`` and returning one; it is evaluated at refresh time,
+    never during the OOM. Unlisted tasks get ``default``; tasks with a
+    priority below ``spare_below`` are never killed.
+    """
+
+    priority: Union[Mapping[str, int], PriorityFn] = attrs.field(default=attrs.Factory(dict))
+    default: int = 0
+    spare_below: int | None = None
+
+    def rank(self, victim: Victim) -> int:
+        if callable(self.priority):
+            try:
+                return int(self.priority(psutil.Process(victim.pid)))
+            except psutil.Error:
+                return self.default
+        return int(self.priority.get(victim.name, self.default))
+
+    def order(self, victims: tuple[Victim, ...]) -> list[tuple[Victim, str]]:
+        ranked = [(self.rank(v), v) for v in victims]
+        if self.spare_below is not None:
+            ranked = [(p, v) for p, v in ranked if p >= self.spare_below]
+        ranked.sort(key=lambda pv: (-pv[0], -pv[1].rss))
+        return [(v, f"priority {p}") for p, v in ranked]
+
+
+def _positive_size(_: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if value <= 0:
+        raise ValueError(f"{attribute.name} must be positive")
+
+
+@attrs.frozen
+class RaiseLimit(Policy):
+    """Raise the limit by ``step`` per episode step, up to ``ceiling``; then
+    fall back to ``then`` (a kill policy, KillLargest by default)."""
+
+    step: int = attrs.field(converter=parse_size, validator=_positive_size)
+    ceiling: int = attrs.field(converter=parse_size, validator=_positive_size)
+    then: Policy = attrs.field(factory=KillLargest)
+
+    def order(self, victims: tuple[Victim, ...]) -> list[tuple[Victim, str]]:
+        return self.then.order(victims)
+
+    def compile(self, ctx: PlanContext) -> CompiledPlan:
+        b = _Builder(ctx)
+        limit = ctx.limit
+        if limit >= 0:
+            while limit + self.step <= self.ceiling and b.room() - b.tail_cost() > 2 + 3:
+                limit += self.step
+                b.add(
+                    Action.write(ctx.limit_fd, str(limit).encode()),
+                    f"raise the limit to {format_size(limit)} (ceiling {format_size(self.ceiling)})",
+                    "raise",
+                )
+                b.add(Action.check(ctx.check_timeout), "check whether the OOM is over", "raise")
+        self.then._compile_kills(b, ctx)
+        # The grant restores the limit to ctx.limit; after a raise it would
+        # lower it, so a raising policy grants nothing.
+        b.ctx = attrs.evolve(ctx, reserve=0)
+        b.tail()
+        return b.build()

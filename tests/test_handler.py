@@ -1,0 +1,220 @@
+"""The Handler on real v1 OOMs: policies, grant, kernel fallback, events, cleanup."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import time
+
+import pytest
+
+from helpers import MIB, wait_until
+from useroom import (
+    Group,
+    Handler,
+    KillByPriority,
+    KillLargest,
+    KillNewest,
+    RaiseLimit,
+    UnsupportedKernel,
+)
+
+pytestmark = [pytest.mark.kernel, pytest.mark.timeout(90)]
+
+
+def _hogs(spawn_hog, group: Group, *sizes: int):
+    """Hogs that touch and hold ``sizes`` MiB, then wait for them to finish."""
+    hogs = [spawn_hog(mib, group=group) for mib in sizes]
+    for hog in hogs:
+        hog.start()
+        assert hog.wait_touched(20)
+    return hogs
+
+
+def _episodes(handler: Handler, count: int, timeout: float = 10.0) -> list:
+    """The first ``count`` episodes that needed action (waits for them)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        acted = [e for e in handler.events if e.outcome != "not_needed"]
+        left = deadline - time.monotonic()
+        if len(acted) >= count or left <= 0:
+            return acted
+        handler.wait_for_events(len(handler.events) + 1, left)
+
+
+def _table_has(handler: Handler, pids: set[int]) -> bool:
+    return pids <= {v.pid for v in handler.victims}
+
+
+class TestPolicies:
+    @pytest.fixture
+    def group(self, scratch_group: Group) -> Group:
+        scratch_group.set_limit("64M")
+        return scratch_group
+
+    def test_kill_largest(self, group: Group, spawn_hog) -> None:
+        """The largest task at the last refresh is killed; the others live and
+        the overrunning task completes."""
+        big, small = _hogs(spawn_hog, group, 30, 10)
+        with Handler(group, KillLargest(), thresholds=()) as handler:
+            assert wait_until(lambda: _table_has(handler, {big.pid, small.pid}), 5)
+            grower = spawn_hog(36, group=group)
+            assert wait_until(lambda: _table_has(handler, {grower.pid}), 5)
+            grower.start()
+            assert grower.wait_touched(20)
+            assert -signal.SIGKILL == big.wait(5)
+            [event] = _episodes(handler, 1)
+        assert None is small.returncode
+        assert "resolved" == event.outcome
+        assert [(big.pid, "SIGKILL", 0, "plan")] == [(v.pid, v.signal, v.result, v.by) for v in event.victims]
+        assert False is event.fallback
+        assert event.notified_ns <= event.acted_ns <= event.resolved_ns
+        assert "largest RSS" in event.action
+
+    def test_kill_newest(self, group: Group, spawn_hog) -> None:
+        """The most recently started task is killed first."""
+        old, = _hogs(spawn_hog, group, 30)
+        with Handler(group, KillNewest(), thresholds=()) as handler:
+            new = spawn_hog(60, group=group)
+            assert wait_until(lambda: _table_has(handler, {old.pid, new.pid}), 5)
+            new.start()
+            assert -signal.SIGKILL == new.wait(20)
+            events = _episodes(handler, 1)
+        assert None is old.returncode
+        assert [new.pid] == [v.pid for e in events for v in e.victims]
+
+    def test_kill_by_priority(self, group: Group, spawn_hog) -> None:
+        """A priority callable evaluated at refresh time picks the victim, even a small one."""
+        big, small = _hogs(spawn_hog, group, 24, 16)
+        policy = KillByPriority(lambda p: 10 if p.pid == small.pid else 0)
+        with Handler(group, policy, thresholds=()) as handler:
+            grower = spawn_hog(36, group=group)
+            assert wait_until(lambda: _table_has(handler, {big.pid, small.pid, grower.pid}), 5)
+            grower.start()
+            assert grower.wait_touched(20)
+            assert -signal.SIGKILL == small.wait(5)
+            events = _episodes(handler, 1)
+        assert None is big.returncode
+        assert [small.pid] == [v.pid for e in events for v in e.victims]
+        assert "priority 10" in events[0].action
+
+    def test_priority_spares(self, group: Group, spawn_hog) -> None:
+        """Tasks below spare_below are never planned as victims."""
+        keep, = _hogs(spawn_hog, group, 30)
+        policy = KillByPriority(lambda p: -1 if p.pid == keep.pid else 0, spare_below=0)
+        with Handler(group, policy, thresholds=()) as handler:
+            other = spawn_hog(50, group=group)
+            assert wait_until(lambda: _table_has(handler, {keep.pid, other.pid}), 5)
+            other.start()
+            assert -signal.SIGKILL == other.wait(20)
+        assert None is keep.returncode
+
+    def test_raise_limit(self, group: Group, spawn_hog) -> None:
+        """RaiseLimit raises in steps up to what resolves the OOM; nobody is killed."""
+        with Handler(group, RaiseLimit("32M", "256M"), thresholds=()) as handler:
+            hog = spawn_hog(100, group=group)
+            hog.start()
+            assert hog.wait_touched(30)
+            events = _episodes(handler, 1)
+        assert [] == [v for e in events for v in e.victims]
+        assert all(e.outcome == "resolved" for e in events)
+        assert 128 * MIB == group.limit()
+
+    def test_term_grace(self, group: Group, spawn_hog) -> None:
+        """With term_grace, the victim gets SIGTERM first and dies of it."""
+        victim, = _hogs(spawn_hog, group, 30)
+        with Handler(group, KillLargest(term_grace=2.0), thresholds=()) as handler:
+            grower = spawn_hog(50, group=group)
+            assert wait_until(lambda: _table_has(handler, {victim.pid, grower.pid}), 5)
+            grower.start()
+            assert -signal.SIGTERM == victim.wait(20)
+            events = _episodes(handler, 1)
+        assert [("SIGTERM", 0), ("SIGKILL", -errno.ESRCH)] == [(v.signal, v.result) for v in events[0].victims]
+
+
+class TestFallbacks:
+    def test_grant_handles_a_task_not_in_the_table(self, scratch_group: Group, spawn_hog) -> None:
+        """A task that arrived after the last refresh is found and killed during a
+        headroom grant, and the limit is restored."""
+        scratch_group.set_limit("64M")
+        with Handler(scratch_group, KillLargest(), reserve="16M", thresholds=(), refresh_interval=3600) as handler:
+            newcomer = spawn_hog(120, group=scratch_group)
+            assert not _table_has(handler, {newcomer.pid})
+            newcomer.start()
+            assert -signal.SIGKILL == newcomer.wait(20)
+            events = _episodes(handler, 1)
+        [event] = events
+        assert "resolved" == event.outcome
+        assert True is event.fallback
+        assert [(newcomer.pid, "handler")] == [(v.pid, v.by) for v in event.victims]
+        assert 64 * MIB == scratch_group.limit()
+
+    def test_kernel_is_the_last_resort(self, scratch_group: Group, spawn_hog) -> None:
+        """With no victim and no reserve the plan lets the kernel OOM killer act once,
+        then disables it again."""
+        scratch_group.set_limit("32M")
+        with Handler(scratch_group, KillLargest(), thresholds=(), refresh_interval=3600) as handler:
+            hog = spawn_hog(100, group=scratch_group)
+            hog.start()
+            assert -signal.SIGKILL == hog.wait(20)
+            events = _episodes(handler, 1)
+            assert True is scratch_group.oom_control().kill_disabled
+        assert True is events[0].fallback
+        assert "resolved" == events[0].outcome
+        kernel = [(s.kind, s.result) for s in events[0].steps if s.phase == "kernel"]
+        assert [("WRITE", 1), ("CHECK", 1), ("WRITE", 1)] == kernel
+
+
+class TestLifecycle:
+    def test_kernel_killer_setting_restored(self, scratch_group: Group) -> None:
+        """The kernel killer is off while the handler runs, back on after stop()."""
+        scratch_group.set_limit("64M")
+        handler = Handler(scratch_group)
+        handler.start()
+        try:
+            assert True is scratch_group.oom_control().kill_disabled
+        finally:
+            handler.stop()
+        assert False is scratch_group.oom_control().kill_disabled
+        handler.stop()
+
+    def test_protects_its_own_process(self, scratch_group: Group) -> None:
+        """The handler's process is never in its victim table, even inside the group."""
+        scratch_group.set_limit("256M")
+        with Handler(scratch_group, protect=[12345]) as handler:
+            scratch_group.attach(os.getpid())
+            try:
+                handler._refresh(grant=False)
+                assert os.getpid() not in {v.pid for v in handler.victims}
+            finally:
+                Group.open(os.path.dirname(scratch_group.path)).attach(os.getpid())
+
+    def test_root_group_refused(self, own_group: Group) -> None:
+        """The root memcg has no OOM notifications: a clear error."""
+        root = own_group
+        while root.parent is not None:
+            root = root.parent
+        with pytest.raises(UnsupportedKernel, match="root"):
+            Handler(root)
+
+    def test_bad_arguments(self, scratch_group: Group) -> None:
+        """Thresholds outside (0, 1) and non-positive timeouts are refused."""
+        with pytest.raises(ValueError, match="thresholds"):
+            Handler(scratch_group, thresholds=(1.5,))
+        with pytest.raises(ValueError, match="refresh_interval"):
+            Handler(scratch_group, refresh_interval=0)
+
+    def test_start_failure_cleans_up(self, scratch_group: Group, monkeypatch) -> None:
+        """If arming fails half-way, every fd is closed and the group's setting is untouched."""
+        before = len(os.listdir("/proc/self/fd"))
+
+        def refuse(*args: object) -> None:
+            raise OSError(errno.EPERM, "refused")
+
+        monkeypatch.setattr(type(scratch_group), "usage_threshold", refuse)
+        scratch_group.set_limit("64M")
+        with pytest.raises(OSError, match="refused"):
+            Handler(scratch_group).start()
+        assert before == len(os.listdir("/proc/self/fd"))
+        assert False is scratch_group.oom_control().kill_disabled
