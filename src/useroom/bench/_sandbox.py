@@ -1,0 +1,413 @@
+"""The benchmark's own groups and processes, and the safety net that frees them.
+
+With ``oom_kill_disable=1`` a task that needs a page while its group is at the
+limit sleeps in the kernel until user space resolves the OOM, possibly
+forever. So everything the benchmark creates is registered in a :class:`Lab`
+the moment it exists, and :meth:`Lab.close` (run from ``finally``, also after
+SIGINT, SIGTERM or SIGHUP) rescues every group still registered: it re-enables
+the kernel OOM killer, lifts the limit, SIGKILLs the processes the benchmark
+started, reaps them and removes the group. Children also get
+``PR_SET_PDEATHSIG`` = SIGKILL, so a benchmark killed with SIGKILL (the one
+case no ``finally`` survives) does not leave them asleep in the OOM wait.
+
+Groups are handled with plain file I/O on their directories, not with the
+library's cgroup layer: the safety net must not depend on the code being
+measured. Groups are created only below this process's own memory cgroup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import posixpath
+import select
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from types import FrameType
+from typing import Any, Final
+
+import attrs
+
+from useroom._mounts import memory_hierarchy, read_memberships, read_text
+
+__all__ = [
+    "BenchError",
+    "Child",
+    "Interrupted",
+    "Lab",
+    "OomControl",
+    "ScratchGroup",
+    "SignalGuard",
+    "die_with_parent",
+    "own_memcg",
+]
+
+#: What ``memory.limit_in_bytes`` takes for "no limit".
+NO_LIMIT: Final = -1
+_PR_SET_PDEATHSIG: Final = 1
+_REAP_TIMEOUT_S: Final = 10.0
+_RMDIR_TIMEOUT_S: Final = 5.0
+
+
+class BenchError(Exception):
+    """The benchmark cannot run, or could not clean up after itself."""
+
+
+class Interrupted(BaseException):
+    """SIGINT, SIGTERM or SIGHUP arrived; raised so that every ``finally`` runs.
+
+    A BaseException, like KeyboardInterrupt, so ``except Exception`` does not
+    swallow it.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+    def __str__(self) -> str:
+        return f"interrupted by {signal.Signals(self.signum).name}"
+
+
+class SignalGuard:
+    """Turn SIGINT, SIGTERM and SIGHUP into :class:`Interrupted`, except while shielded.
+
+    Cleanup runs :meth:`shielded`: a signal that arrives then is remembered and
+    raised when the outermost shielded block ends, so a second Ctrl-C cannot
+    cut a rescue short and leave a group stuck.
+    """
+
+    SIGNALS: Final = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self._depth = 0
+        self._pending: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> SignalGuard:
+        for signum in self.SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._on_signal)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)  # type: ignore[arg-type]
+        self._previous.clear()
+
+    @property
+    def received(self) -> int | None:
+        """The signal that arrived while shielded and is not raised yet, if any."""
+        return self._pending
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self._depth:
+            self._pending = signum
+            return
+        raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def shielded(self) -> Iterator[None]:
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+        if self._depth == 0 and self._pending is not None:
+            signum, self._pending = self._pending, None
+            raise Interrupted(signum)
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+_LIBC: Final = _libc()
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (for a fresh child).
+
+    Called in a child between fork and exec (or instead of exec); it allocates
+    nothing from Python's point of view but a ctypes call.
+    """
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def own_memcg() -> str:
+    """Return the filesystem path of this process's memory cgroup (cgroup v1).
+
+    Raises :class:`BenchError` when the memory controller is not on cgroup v1:
+    the hard case needs ``memory.oom_control``.
+    """
+    hierarchy = memory_hierarchy()
+    if hierarchy.version != 1:
+        raise BenchError(
+            "the deadlock benchmark needs the cgroup v1 memory controller "
+            "(memory.oom_control with oom_kill_disable); this machine has it on cgroup v2"
+        )
+    membership = hierarchy.membership(read_memberships())
+    if membership is None:
+        raise BenchError("this process has no 'memory' line in /proc/self/cgroup")
+    path = hierarchy.fs_path(membership.path)
+    if path is None:
+        raise BenchError(f"no mount of the memory hierarchy shows this process's group {membership.path}")
+    return path
+
+
+@attrs.frozen
+class OomControl:
+    """The three numbers of v1 ``memory.oom_control``."""
+
+    kill_disabled: bool
+    under_oom: bool
+    oom_kill: int
+
+    @classmethod
+    def parse(cls, text: str) -> OomControl:
+        fields = dict(line.split(None, 1) for line in text.splitlines() if line.strip())
+        return cls(fields["oom_kill_disable"].strip() == "1", fields["under_oom"].strip() == "1",
+                   int(fields.get("oom_kill", "0")))
+
+
+@attrs.define(eq=False)
+class ScratchGroup:
+    """A v1 memory cgroup the benchmark created, by its directory."""
+
+    path: str
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.path)
+
+    def _write(self, filename: str, value: str) -> None:
+        fd = os.open(posixpath.join(self.path, filename), os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, value.encode())
+        finally:
+            os.close(fd)
+
+    def oom_control(self) -> OomControl:
+        return OomControl.parse(read_text(posixpath.join(self.path, "memory.oom_control")))
+
+    def under_oom(self) -> bool:
+        return self.oom_control().under_oom
+
+    def set_kill_disable(self, disabled: bool) -> None:
+        self._write("memory.oom_control", "1" if disabled else "0")
+
+    def set_limit(self, limit: int) -> None:
+        """Set ``memory.limit_in_bytes``; :data:`NO_LIMIT` lifts it."""
+        self._write("memory.limit_in_bytes", str(limit))
+
+    def limit(self) -> int:
+        return int(read_text(posixpath.join(self.path, "memory.limit_in_bytes")))
+
+    def usage(self) -> int:
+        return int(read_text(posixpath.join(self.path, "memory.usage_in_bytes")))
+
+    def attach(self, pid: int) -> None:
+        self._write("cgroup.procs", str(pid))
+
+    def procs(self) -> list[int]:
+        return [int(line) for line in read_text(posixpath.join(self.path, "cgroup.procs")).split()]
+
+
+@attrs.define(eq=False)
+class Child:
+    """A process the benchmark started: a forked worker or a handler subprocess.
+
+    The pid stays ours until it is reaped, so signalling it cannot hit another
+    process; the pidfd lets the benchmark wait for its exit with poll().
+    """
+
+    pid: int
+    pidfd: int
+    popen: subprocess.Popen[bytes] | None = None
+    status: int | None = None  # the wait status once reaped
+    exited_ns: int | None = None
+
+    @classmethod
+    def adopt(cls, pid: int, popen: subprocess.Popen[bytes] | None = None) -> Child:
+        return cls(pid, os.pidfd_open(pid), popen)
+
+    @property
+    def reaped(self) -> bool:
+        return self.status is not None
+
+    def kill(self, signum: int = signal.SIGKILL) -> None:
+        if self.reaped or self.pidfd < 0:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self.pidfd, signum)
+
+    def exited(self) -> bool:
+        """Whether the process has exited (its pidfd is readable), without reaping it."""
+        if self.reaped:
+            return True
+        return bool(select.select([self.pidfd], [], [], 0)[0])
+
+    def reap(self, now_ns: int | None = None) -> int:
+        """Wait for the process (it should have exited) and return its wait status."""
+        if self.status is None:
+            if self.popen is not None:
+                self.popen.wait()
+                returncode = self.popen.returncode
+                self.status = (-returncode) & 0x7F if returncode < 0 else (returncode & 0xFF) << 8
+            else:
+                _, self.status = os.waitpid(self.pid, 0)
+            self.exited_ns = now_ns if now_ns is not None else time.monotonic_ns()
+            self._close_pidfd()
+        return self.status
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to *timeout* seconds for the process to exit; reap it if it did."""
+        if self.reaped:
+            return True
+        if select.select([self.pidfd], [], [], max(timeout, 0.0))[0]:
+            self.reap()
+            return True
+        return False
+
+    def _close_pidfd(self) -> None:
+        fd, self.pidfd = self.pidfd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    @property
+    def killed_by(self) -> int | None:
+        """The signal that ended the process, or None (not reaped, or exited normally)."""
+        if self.status is None or not os.WIFSIGNALED(self.status):
+            return None
+        return os.WTERMSIG(self.status)
+
+    @property
+    def exit_code(self) -> int | None:
+        if self.status is None or not os.WIFEXITED(self.status):
+            return None
+        return os.WEXITSTATUS(self.status)
+
+
+@attrs.define(eq=False)
+class Lab:
+    """Owns the benchmark's groups and children and always frees them.
+
+    Use as a context manager; every group made by :meth:`create_group` and
+    every child passed to :meth:`adopt` is rescued and released on exit,
+    whatever the exit.
+    """
+
+    parent: str
+    prefix: str = attrs.field(factory=lambda: f"useroom-bench.{os.getpid()}")
+    groups: list[ScratchGroup] = attrs.field(factory=list)
+    children: dict[int, Child] = attrs.field(factory=dict)
+    _serial: int = 0
+    #: Problems met while cleaning up (a rescue that failed); reported, never raised mid-cleanup.
+    problems: list[str] = attrs.field(factory=list)
+
+    @classmethod
+    def below_own_memcg(cls) -> Lab:
+        return cls(own_memcg())
+
+    def __enter__(self) -> Lab:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def create_group(self, tag: str, *, limit: int, kill_disable: bool) -> ScratchGroup:
+        """Make a fresh group below the own memcg with this limit and OOM-killer setting."""
+        self._serial += 1
+        path = posixpath.join(self.parent, f"{self.prefix}.{self._serial}.{tag}")
+        os.mkdir(path)
+        group = ScratchGroup(path)
+        self.groups.append(group)
+        group.set_limit(limit)
+        group.set_kill_disable(kill_disable)
+        return group
+
+    def adopt(self, pid: int, popen: subprocess.Popen[bytes] | None = None) -> Child:
+        """Register a process this benchmark just started, so the safety net covers it."""
+        child = Child.adopt(pid, popen)
+        self.children[pid] = child
+        return child
+
+    def forget(self, child: Child) -> None:
+        """Drop a reaped child from the registry."""
+        if child.reaped:
+            self.children.pop(child.pid, None)
+
+    def rescue(self, group: ScratchGroup, children: list[Child] | None = None) -> None:
+        """Resolve whatever OOM *group* is in: kernel killer on, limit lifted, *children* SIGKILLed and reaped.
+
+        *children* defaults to every registered child still in the group.
+        Errors are recorded in :attr:`problems` and the rescue goes on.
+        """
+        self._try(group, "re-enable the kernel OOM killer", group.set_kill_disable, False)
+        self._try(group, "lift the limit", group.set_limit, NO_LIMIT)
+        if children is None:
+            members = set(self._procs_or_empty(group))
+            children = [child for child in self.children.values() if child.pid in members]
+        for child in children:
+            child.kill()
+        self._reap_all(children)
+
+    def release(self, group: ScratchGroup) -> None:
+        """Rescue *group*, kill and reap every registered child in it, and remove it."""
+        self.rescue(group)
+        deadline = time.monotonic() + _RMDIR_TIMEOUT_S
+        while True:
+            try:
+                os.rmdir(group.path)
+                break
+            except FileNotFoundError:
+                break
+            except OSError as err:
+                # EBUSY: a task is still on its way out (or a stranger is in it).
+                left = self._procs_or_empty(group)
+                if err.errno != errno.EBUSY or time.monotonic() > deadline:
+                    self.problems.append(f"{group.path}: could not remove it ({err}); tasks left: {left}")
+                    return
+                stragglers = [child for child in self.children.values() if child.pid in left]
+                for child in stragglers:
+                    child.kill()
+                self._reap_all(stragglers)
+                time.sleep(0.01)
+        if group in self.groups:
+            self.groups.remove(group)
+
+    def close(self) -> None:
+        """Release every group, then kill and reap every child still registered."""
+        for group in list(self.groups):
+            self.release(group)
+        rest = [child for child in self.children.values() if not child.reaped]
+        for child in rest:
+            child.kill()
+        self._reap_all(rest)
+        for child in list(self.children.values()):
+            self.forget(child)
+
+    def _reap_all(self, children: list[Child]) -> None:
+        deadline = time.monotonic() + _REAP_TIMEOUT_S
+        for child in children:
+            if not child.wait(deadline - time.monotonic()):
+                self.problems.append(f"process {child.pid} did not exit within {_REAP_TIMEOUT_S:g} s of SIGKILL")
+                continue
+            self.forget(child)
+
+    def _try(self, group: ScratchGroup, step: str, action: Callable[[Any], None], value: Any) -> None:
+        try:
+            action(value)
+        except FileNotFoundError:
+            pass  # the group is gone already
+        except OSError as err:
+            self.problems.append(f"{group.path}: could not {step}: {err}")
+
+    @staticmethod
+    def _procs_or_empty(group: ScratchGroup) -> list[int]:
+        try:
+            return group.procs()
+        except OSError:
+            return []
