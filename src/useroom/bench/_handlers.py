@@ -1,0 +1,195 @@
+"""Handler processes: started inside the group, ready on a ``ready`` line, stopped by SIGTERM.
+
+All three handler variants share this protocol: the process joins the group
+itself, prints a line ``ready`` on stdout once it is armed, and on SIGTERM
+stops and reports. The naive handler reports one JSON line on stdout; the
+useroom handlers write their event list to a JSON file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from typing import IO, Any, Final
+
+import attrs
+
+from useroom.bench._sandbox import BenchError, Child, Lab, ScratchGroup, die_with_parent
+
+__all__ = ["HandlerProcess", "HandlerReport", "naive_argv", "service_argv", "standalone_argv"]
+
+NAIVE_SCRIPT: Final = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_naive.py")
+_TAIL_BYTES: Final = 4000
+
+
+def naive_argv(group: ScratchGroup, pick: str) -> list[str]:
+    # -I: no user site, no environment, no script directory on sys.path: the
+    # naive handler is plain Python with the standard library only.
+    return [sys.executable, "-I", NAIVE_SCRIPT, group.path, pick]
+
+
+def standalone_argv(group: ScratchGroup, events_path: str) -> list[str]:
+    return [sys.executable, "-m", "useroom", "handle", group.path, "--join", "--policy", "kill-largest",
+            "--events-out", events_path]
+
+
+def service_argv(group: ScratchGroup, events_path: str) -> list[str]:
+    return [sys.executable, "-m", "useroom.bench", "_service", group.path, events_path]
+
+
+@attrs.frozen
+class HandlerReport:
+    """What a handler process said about itself when it stopped."""
+
+    #: Bytes the handler says it locked (useroom handlers; None if not reported).
+    locked_bytes: int | None = None
+    #: Its event records, as decoded from JSON (useroom handlers).
+    events: tuple[dict[str, Any], ...] = ()
+    #: The naive handler's counters (wakeups, kills, failures, errors).
+    summary: dict[str, Any] | None = None
+    #: Why no report could be read, if so.
+    problem: str | None = None
+
+    @classmethod
+    def from_json(cls, data: Any) -> HandlerReport:
+        """Accept ``{"locked_bytes": int, "events": [...]}`` or a bare list of events."""
+        if isinstance(data, list):
+            return cls(events=tuple(data))
+        if isinstance(data, dict) and isinstance(data.get("events"), list):
+            locked = data.get("locked_bytes")
+            return cls(locked_bytes=locked if isinstance(locked, int) else None, events=tuple(data["events"]))
+        return cls(problem=f"unexpected JSON shape: {type(data).__name__} {str(data)[:200]}")
+
+
+@attrs.define(eq=False)
+class HandlerProcess:
+    """One handler process of a block: started, made ready, stopped, read."""
+
+    argv: list[str]
+    child: Child
+    popen: subprocess.Popen[bytes]
+    stderr_path: str
+    events_path: str | None
+    output: bytearray = attrs.field(factory=bytearray)
+    ready_ns: int | None = None
+
+    @classmethod
+    def start(cls, lab: Lab, argv: list[str], *, stderr_path: str, events_path: str | None) -> HandlerProcess:
+        with open(stderr_path, "wb") as stderr:
+            popen = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr, close_fds=True,
+                preexec_fn=die_with_parent,
+            )
+        try:
+            child = lab.adopt(popen.pid, popen)
+        except BaseException:
+            popen.kill()
+            popen.wait()
+            _close(popen.stdout)
+            raise
+        return cls(argv, child, popen, stderr_path, events_path)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def wait_ready(self, group: ScratchGroup, timeout: float) -> None:
+        """Wait for the ``ready`` line, then check the handler really is in *group*."""
+        assert self.popen.stdout is not None
+        fd = self.popen.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while not _has_ready_line(self.output):
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise BenchError(f"handler {self.argv[1:4]} printed no 'ready' within {timeout:g} s"
+                                 f"{self._tail_text()}")
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                self.child.wait(5.0)
+                raise BenchError(f"handler {self.argv[1:4]} exited before 'ready' "
+                                 f"(status {self.child.status}){self._tail_text()}")
+            self.output += chunk
+        self.ready_ns = time.monotonic_ns()
+        os.set_blocking(fd, False)
+        if self.pid not in group.procs():
+            raise BenchError(f"handler {self.pid} said ready but is not in {group.path}")
+
+    def drain(self) -> None:
+        """Read whatever the handler wrote to stdout so far (it must never block on a full pipe)."""
+        if self.popen.stdout is None or self.popen.stdout.closed:
+            return
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(self.popen.stdout.fileno(), 65536):
+                self.output += chunk
+
+    def alive(self) -> bool:
+        return not self.child.exited()
+
+    def stop(self, timeout: float) -> bool:
+        """SIGTERM the handler and wait up to *timeout* s; True if it exited by itself."""
+        if not self.child.reaped:
+            self.child.kill(signal.SIGTERM)
+        stopped = self.child.wait(timeout)
+        if stopped:
+            self._finish_output()
+        return stopped
+
+    def _finish_output(self) -> None:
+        self.drain()
+        _close(self.popen.stdout)
+
+    def close(self) -> None:
+        """Kill (if still running) and reap; idempotent."""
+        if not self.child.reaped:
+            self.child.kill()
+            self.child.wait(10.0)
+        self._finish_output()
+
+    def report_from_stdout(self) -> HandlerReport:
+        """The naive handler's JSON line after ``ready``."""
+        lines = [line for line in bytes(self.output).split(b"\n") if line.strip()]
+        for line in reversed(lines):
+            if line.startswith(b"{"):
+                try:
+                    return HandlerReport(summary=json.loads(line))
+                except ValueError:
+                    break
+        return HandlerReport(problem=f"no summary line on stdout{self._tail_text()}")
+
+    def report_from_file(self) -> HandlerReport:
+        """The useroom handlers' JSON events file."""
+        assert self.events_path is not None
+        try:
+            with open(self.events_path, "rb") as file:
+                data = json.load(file)
+        except (OSError, ValueError) as err:
+            return HandlerReport(problem=f"could not read {self.events_path}: {err}{self._tail_text()}")
+        return HandlerReport.from_json(data)
+
+    def stderr_tail(self) -> str:
+        try:
+            with open(self.stderr_path, "rb") as file:
+                file.seek(0, os.SEEK_END)
+                file.seek(max(file.tell() - _TAIL_BYTES, 0))
+                return file.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def _tail_text(self) -> str:
+        tail = self.stderr_tail().strip()
+        return f"; its stderr ends:\n{tail}" if tail else ""
+
+
+def _has_ready_line(output: bytearray) -> bool:
+    return any(line.strip() == b"ready" for line in bytes(output).split(b"\n")[:-1])
+
+
+def _close(stream: IO[bytes] | None) -> None:
+    if stream is not None:
+        stream.close()
