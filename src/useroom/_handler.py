@@ -305,7 +305,7 @@ class Handler:
 
     def _refresh(self, *, grant: bool) -> None:
         """Refreshes the table and re-arms; outside an episode unless ``grant``."""
-        if not grant and self._watcher.state == _native._lib.URO_STATE_EPISODE:
+        if not grant and self._watcher.state == _native.STATE_EPISODE:
             return
         if self._pending_restore is not None and not grant:
             try:
@@ -316,7 +316,7 @@ class Handler:
         self._table.refresh()
         if not grant and self._pending_restore is None:
             limit = self.group.limit()
-            if self._watcher.state != _native._lib.URO_STATE_EPISODE and limit != self._limit:
+            if self._watcher.state != _native.STATE_EPISODE and limit != self._limit:
                 self._limit = limit
                 self._register_thresholds()
         compiled = self.policy.compile(self._context())

@@ -24,7 +24,7 @@ from __future__ import annotations
 import abc
 import signal
 from collections.abc import Callable, Mapping
-from typing import Union
+from typing import Any, Union
 
 import attrs
 import psutil
@@ -159,14 +159,14 @@ class _Builder:
         return grant + (3 if ctx.kill_switch_fd >= 0 else 0)
 
     def build(self) -> CompiledPlan:
-        plan = Plan(self.actions, check_fd=self.ctx.check_fd, resolved_needle=self.ctx.resolved_needle)
+        plan = Plan(tuple(self.actions), check_fd=self.ctx.check_fd, resolved_needle=self.ctx.resolved_needle)
         return CompiledPlan(
             plan, tuple(self.why), tuple(self.phases), tuple(self.targets), tuple(self.victims),
             tuple(self.pidfds),
         )
 
 
-def _valid_signal(_: object, attribute: attrs.Attribute[int], value: int) -> None:
+def _valid_signal(_: object, attribute: attrs.Attribute[Any], value: int) -> None:
     try:
         signal.Signals(value)
     except ValueError:

@@ -13,6 +13,7 @@ import errno as _errno
 import os
 import time
 import warnings
+from collections.abc import Iterable
 from typing import Any
 
 import attrs
@@ -52,6 +53,7 @@ DATA_MAX: int = _lib.URO_DATA_MAX
 NEEDLE_MAX: int = _lib.URO_NEEDLE_MAX
 SOURCES_MAX: int = _lib.URO_SOURCES_MAX
 STACK_SIZE = 128 * 1024
+STATE_EPISODE: int = _lib.URO_STATE_EPISODE
 EPOLLIN = 0x001
 
 
@@ -74,7 +76,7 @@ def mrelease(pidfd: int) -> None:
 
 def _probe_mrelease() -> bool:
     # An invalid fd gives EBADF where the syscall exists, ENOSYS where not.
-    return _lib.uro_mrelease(-1) != -_errno.ENOSYS
+    return bool(_lib.uro_mrelease(-1) != -_errno.ENOSYS)
 
 
 #: Whether process_mrelease exists; tests patch it to exercise the fallback.
@@ -92,7 +94,7 @@ def wait_readable(fd: int, timeout: float | None) -> bool:
     while True:
         ret = _lib.uro_wait_readable(fd, ns)
         if ret != -_errno.EINTR:
-            return bool(_check(ret, "ppoll"))
+            return _check(ret, "ppoll") > 0
 
 
 class _FdOwner:
@@ -203,7 +205,7 @@ class _Arena:
 
     @property
     def closed(self) -> bool:
-        return self._arena.base == _ffi.NULL
+        return bool(self._arena.base == _ffi.NULL)
 
     def report(self) -> ArenaReport:
         return ArenaReport(int(self._arena.size), int(self._arena.locked), int(self._arena.lock_errno))
@@ -288,7 +290,9 @@ def install_arena_pool(nbytes: int, *, lock: bool) -> PoolReport:
         api.PyObject_SetArenaAllocator.restype = None
         api.PyObject_SetArenaAllocator(ctypes.byref(allocator))
         _pool = pool
-    return pool_report()
+    report = pool_report()
+    assert report is not None
+    return report
 
 
 def pool_report() -> PoolReport | None:
@@ -411,6 +415,10 @@ def _fd(fd: int) -> int:
     return fd
 
 
+def _actions(value: Iterable[Action]) -> tuple[Action, ...]:
+    return tuple(value)
+
+
 @attrs.frozen
 class Plan:
     """What the watcher does on an OOM notification, decided ahead of time.
@@ -421,7 +429,7 @@ class Plan:
     ``Action.check``.
     """
 
-    actions: tuple[Action, ...] = attrs.field(converter=tuple)
+    actions: tuple[Action, ...] = attrs.field(converter=_actions)
     check_fd: int = -1
     resolved_needle: bytes = attrs.field(default=b"")
     poll_interval: float = 0.0005
