@@ -222,7 +222,7 @@ class KillLargest(Policy):
 
     def order(self, victims: tuple[Victim, ...]) -> list[tuple[Victim, str]]:
         ranked = sorted(victims, key=lambda v: (-v.rss, -v.create_time))
-        return [(v, f"largest RSS at refresh ({format_size(v.rss)})") for v in ranked]
+        return [(v, "largest RSS at refresh") for v in ranked]
 
 
 @attrs.frozen

@@ -1,0 +1,55 @@
+"""Every example script, run for real."""
+
+from __future__ import annotations
+
+import pathlib
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from useroom import Group
+
+pytestmark = [pytest.mark.kernel, pytest.mark.timeout(120)]
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+
+
+class TestExamples:
+    def test_inprocess_service(self) -> None:
+        """The service handles its workers' OOMs from inside its group and survives."""
+        out = subprocess.run(
+            [sys.executable, str(EXAMPLES / "inprocess_service.py"), "--workers", "3"],
+            capture_output=True, text=True, timeout=100,
+        )
+        assert 0 == out.returncode, out.stderr
+        assert "3 of 3 workers killed by the handler; the service is alive" in out.stdout
+        assert 3 == out.stdout.count(": resolved: SIGKILL")
+
+    def test_standalone_handler(self, scratch_group: Group, spawn_hog) -> None:
+        """The standalone handler, inside the group, kills the task that overran and reports it."""
+        scratch_group.set_limit("64M")
+        with subprocess.Popen(
+            [sys.executable, str(EXAMPLES / "standalone_handler.py"), scratch_group.path, "--join"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ) as proc:
+            self._drive_standalone(proc, scratch_group, spawn_hog)
+
+    def _drive_standalone(self, proc: subprocess.Popen[str], scratch_group: Group, spawn_hog) -> None:
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline().startswith(f"handling {scratch_group.relpath}")
+            assert proc.pid in scratch_group.procs()
+            hog = spawn_hog(160, group=scratch_group)
+            hog.start()
+            assert -signal.SIGKILL == hog.wait(30)
+            line = proc.stdout.readline()
+            assert line.startswith("OOM 1: resolved in "), line
+            assert f"SIGKILL {hog.pid}" in line
+            proc.send_signal(signal.SIGTERM)
+            assert 0 == proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
