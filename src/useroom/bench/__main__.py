@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None, *, out: TextIO | None = None, err: TextI
 
 def _parser() -> argparse.ArgumentParser:
     from useroom._units import parse_size
-    from useroom.bench._deadlock import VARIANTS, Config
+    from useroom.bench._deadlock import DEFAULT_VARIANTS, VARIANTS, Config
 
     defaults = Config()
 
@@ -56,10 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     deadlock.add_argument("--episodes", type=int, default=defaults.episodes, metavar="N",
                           help="episodes per variant (default %(default)s)")
     deadlock.add_argument("--naive-episodes", type=int, default=None, metavar="M",
-                          help="episodes of the naive variant (default min(N, 20): each deadlock costs "
-                               "--deadlock-after seconds)")
+                          help="episodes of the naive and no-handler variants (default min(N, 20): each "
+                               "deadlock costs --deadlock-after seconds)")
     deadlock.add_argument("--variants", type=variants, nargs="+", default=None, metavar="NAME",
-                          help=f"which variants (default all: {' '.join(VARIANTS)}); commas also separate")
+                          help=f"which of {', '.join(VARIANTS)} (default: {' '.join(DEFAULT_VARIANTS)}); "
+                               "commas also separate")
     deadlock.add_argument("--limit", type=size, default=defaults.limit, help="the group's limit (default 64M)")
     deadlock.add_argument("--workers", type=int, default=defaults.workers, metavar="W",
                           help="worker processes per episode (default %(default)s)")
@@ -78,12 +79,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _deadlock_main(argv: list[str], out: TextIO, err: TextIO) -> int:
-    from useroom.bench._deadlock import VARIANTS, Config, check_available, run
+    from useroom.bench._deadlock import DEFAULT_VARIANTS, Config, check_available, run
     from useroom.bench._report import machine_facts, render, summarize, to_json
     from useroom.bench._sandbox import BenchError, own_memcg
 
     args = _parser().parse_args(argv)
-    chosen = tuple(dict.fromkeys(name for group in (args.variants or [list(VARIANTS)]) for name in group))
+    chosen = tuple(dict.fromkeys(name for group in (args.variants or [list(DEFAULT_VARIANTS)]) for name in group))
     try:
         config = Config(
             variants=chosen, episodes=args.episodes,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,6 +42,7 @@ from useroom.bench._sandbox import BenchError, Interrupted, Lab, ScratchGroup, S
 from useroom.bench._workers import spawn_crew
 
 __all__ = [
+    "DEFAULT_VARIANTS",
     "VARIANTS",
     "Block",
     "Config",
@@ -82,17 +84,23 @@ VARIANTS: Final[dict[str, Variant]] = {
                 "oom_kill_disable=1; `python -m useroom handle --join` in the group, kill-largest"),
         Variant("useroom-inprocess", True, "inprocess", False,
                 "oom_kill_disable=1; a Python service in the group running useroom.Handler in-process"),
+        Variant("no-handler", True, None, True,
+                "oom_kill_disable=1 and no handler at all: every episode must deadlock (checks the harness)"),
     )
 }
+#: What runs when no variant is named (no-handler only checks the harness itself).
+DEFAULT_VARIANTS: Final = ("kernel", "naive", "useroom-standalone", "useroom-inprocess")
+#: Variants whose episodes are expected to deadlock, so they run fewer of them.
+_FEW_EPISODES: Final = frozenset({"naive", "no-handler"})
 
 
 @attrs.frozen
 class Config:
     """What to run; sizes in bytes, times in seconds."""
 
-    variants: tuple[str, ...] = tuple(VARIANTS)
+    variants: tuple[str, ...] = DEFAULT_VARIANTS
     episodes: int = 100
-    #: Episodes of the naive variant (each deadlock costs ``deadlock_after``).
+    #: Episodes of the naive and no-handler variants (each deadlock costs ``deadlock_after``).
     naive_episodes: int = 20
     limit: int = 64 << 20
     workers: int = 4
@@ -119,7 +127,7 @@ class Config:
             raise BenchError("--naive-pick is 'first' or 'largest'")
 
     def episodes_of(self, variant: str) -> int:
-        return self.naive_episodes if variant == "naive" else self.episodes
+        return self.naive_episodes if variant in _FEW_EPISODES else self.episodes
 
 
 @attrs.define
@@ -500,8 +508,8 @@ def _episode_line(episode: Episode) -> str:
 
 def _block_line(block: Block) -> str:
     outcomes = [episode.outcome for episode in block.episodes]
-    durations = sorted(d for e in block.episodes if (d := e.duration_ns) is not None)
-    median = f", median {durations[len(durations) // 2] / _MS:.1f} ms" if durations else ""
+    durations = [d for e in block.episodes if (d := e.duration_ns) is not None]
+    median = f", median {statistics.median(durations) / _MS:.1f} ms" if durations else ""
     problem = f"; problem: {block.problem}" if block.problem else ""
     return (f"block {block.index} {block.variant}: {len(outcomes)} episodes, "
             f"{outcomes.count('deadlock')} deadlocks{median}{problem}")

@@ -137,8 +137,9 @@ def render(result: Run, rows: list[Summary]) -> str:
         f"deadlock: a worker alive and the group under OOM {config.deadlock_after:g} s after the workers start; "
         f"blocks of {config.block} episodes per group and handler",
     ]
-    if "naive" in config.variants and config.naive_episodes < config.episodes:
-        lines.append(f"naive runs {config.naive_episodes} episodes, not {config.episodes}: "
+    few = [name for name in ("naive", "no-handler") if name in config.variants]
+    if few and config.naive_episodes < config.episodes:
+        lines.append(f"{' and '.join(few)} run {config.naive_episodes} episodes, not {config.episodes}: "
                      f"each deadlock costs the full {config.deadlock_after:g} s (--naive-episodes)")
     lines.append("")
     header = ("variant", "episodes", "deadlocks", "median ms", "p99 ms", "x kernel", "kernel kills",

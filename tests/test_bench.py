@@ -1,0 +1,234 @@
+"""The deadlock benchmark: its bookkeeping, its figures on the real kernel, and that it leaves nothing behind."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from helpers import destroy_group
+from useroom.bench.__main__ import main
+from useroom.bench._deadlock import Config, check_available, notify_to_signal_ns, outcome_name, schedule
+from useroom.bench._handlers import HandlerReport
+from useroom.bench._report import percentile
+from useroom.bench._sandbox import BenchError, OomControl, own_memcg
+
+BENCH = [sys.executable, "-m", "useroom.bench", "deadlock"]
+GROUP_PREFIX = "useroom-bench."
+
+
+class TestSchedule:
+    def test_blocks_interleave_and_rotate(self) -> None:
+        """Blocks go round-robin, the order rotating each round; naive runs one episode per block."""
+        config = Config(variants=("kernel", "naive"), episodes=25, naive_episodes=2, block=10)
+        expected = [("kernel", 10), ("naive", 1), ("naive", 1), ("kernel", 10), ("kernel", 5)]
+        assert expected == [(variant.name, count) for variant, count in schedule(config)]
+
+    def test_every_episode_is_scheduled_once(self) -> None:
+        """The blocks of each variant add up to its episode count."""
+        config = Config(variants=("kernel", "useroom-standalone", "no-handler"), episodes=33, naive_episodes=4,
+                        block=7)
+        totals: dict[str, int] = {}
+        for variant, count in schedule(config):
+            totals[variant.name] = totals.get(variant.name, 0) + count
+        assert {"kernel": 33, "useroom-standalone": 33, "no-handler": 4} == totals
+
+
+class TestConfig:
+    def test_worker_must_exceed_the_limit(self) -> None:
+        """A worker that fits under the limit would make an episode without an OOM: refused."""
+        with pytest.raises(BenchError, match="more than the limit"):
+            Config(limit=64 << 20, worker_size=64 << 20)
+
+    def test_unknown_variant(self) -> None:
+        """An unknown variant name is refused with the known ones listed."""
+        with pytest.raises(BenchError, match="known: kernel, naive"):
+            Config(variants=("kernel", "fast"))
+
+    def test_cli_refuses_bad_sizes_before_touching_any_group(self) -> None:
+        """--worker-size below --limit exits with 2 and says why."""
+        out, err = io.StringIO(), io.StringIO()
+        assert 2 == main(["deadlock", "--variants", "kernel", "--worker-size", "32M"], out=out, err=err)
+        assert "more than the limit" in err.getvalue()
+        assert "" == out.getvalue()
+
+    def test_cli_refuses_unknown_variant(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """An unknown --variants name is a usage error (exit status 2)."""
+        with pytest.raises(SystemExit) as exit_info:
+            main(["deadlock", "--variants", "kernel,fast"])
+        assert 2 == exit_info.value.code
+        assert "unknown variant 'fast'" in capsys.readouterr().err
+
+    def test_missing_handler_api_is_named(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Without useroom.Handler the in-process variant cannot run, and the reason says so."""
+        import useroom
+
+        monkeypatch.delattr(useroom, "Handler", raising=False)
+        [reason] = check_available(("kernel", "useroom-inprocess"))
+        assert reason.startswith("useroom-inprocess:")
+        assert "Handler" in reason
+
+
+class TestFigures:
+    def test_percentile_is_nearest_rank(self) -> None:
+        """p99 of 1..100 is 99, of one value that value; no values, no percentile."""
+        assert 99 == percentile(list(range(1, 101)), 0.99)
+        assert 50 == percentile(list(range(100, 0, -1)), 0.5)
+        assert 7 == percentile([7], 0.99)
+        assert None is percentile([], 0.5)
+
+    def test_notify_to_signal_uses_the_first_signal_step(self) -> None:
+        """The first SIGNAL step counts, whatever steps come before it and however the kind is spelt."""
+        event = {
+            "notified_ns": 1_000,
+            "steps": [
+                {"kind": "CHECK", "result": 0, "t_ns": 1_200},
+                {"kind": "SIGNAL_PIDFD", "result": 0, "t_ns": 1_500},
+                {"kind": "signal_pid", "result": 0, "t_ns": 1_900},
+            ],
+        }
+        assert 500 == notify_to_signal_ns(event)
+        assert None is notify_to_signal_ns({"notified_ns": 1_000, "steps": [{"kind": "WRITE", "t_ns": 1_100}]})
+        assert None is notify_to_signal_ns({"steps": [{"kind": "SIGNAL_PIDFD", "t_ns": 1_100}]})
+
+    def test_numeric_step_kinds(self) -> None:
+        """A step kind written as the native enum's number is recognised too."""
+        from useroom._native import ActionKind
+
+        event = {"notified_ns": 10, "steps": [{"kind": int(ActionKind.SIGNAL_PID), "result": 0, "t_ns": 35}]}
+        assert 25 == notify_to_signal_ns(event)
+
+    def test_outcome_names(self) -> None:
+        """Outcomes compare by their bare lower-case name."""
+        assert ["resolved", "not_needed", "unresolved"] == [
+            outcome_name(value) for value in ("Outcome.RESOLVED", "NOT_NEEDED", "unresolved")
+        ]
+
+    def test_handler_report_shapes(self) -> None:
+        """Both report shapes are accepted; anything else is a problem, not an exception."""
+        events = [{"notified_ns": 1}]
+        assert HandlerReport(events=tuple(events)) == HandlerReport.from_json(events)
+        assert HandlerReport(locked_bytes=4096, events=tuple(events)) == HandlerReport.from_json(
+            {"locked_bytes": 4096, "events": events}
+        )
+        assert "unexpected JSON shape" in (HandlerReport.from_json({"records": []}).problem or "")
+
+    def test_oom_control_parse(self) -> None:
+        """The three lines of memory.oom_control."""
+        assert OomControl(True, False, 3) == OomControl.parse("oom_kill_disable 1\nunder_oom 0\noom_kill 3\n")
+
+
+@pytest.fixture
+def bench_groups() -> Iterator[Callable[[], list[str]]]:
+    """Lists the benchmark's groups below the own memcg; after the test, removes any left and fails."""
+    own = own_memcg()
+
+    def listing() -> list[str]:
+        return sorted(os.path.join(own, name) for name in os.listdir(own) if name.startswith(GROUP_PREFIX))
+
+    before = set(listing())
+    yield listing
+    left = sorted(set(listing()) - before)
+    for path in left:
+        destroy_group(path, below=own)
+    assert [] == left, "the benchmark left groups behind (now removed)"
+
+
+def _table_rows(output: str) -> list[str]:
+    """The rows of the printed table: the lines between its header rule and the next blank line."""
+    lines = output.splitlines()
+    start = next(number for number, line in enumerate(lines) if line.startswith("variant ")) + 2
+    end = lines.index("", start)
+    return lines[start:end]
+
+
+def _register_oom_eventfd(group: str) -> int:
+    """An eventfd that becomes readable when *group* is (or already was) under OOM."""
+    efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    ofd = os.open(os.path.join(group, "memory.oom_control"), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        control = os.open(os.path.join(group, "cgroup.event_control"), os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(control, f"{efd} {ofd}".encode())
+        finally:
+            os.close(control)
+    finally:
+        os.close(ofd)
+    return efd
+
+
+@pytest.mark.kernel
+class TestDeadlockRun:
+    def test_short_run_reports_figures_and_cleans_up(self, bench_groups: Callable[[], list[str]],
+                                                     tmp_path: os.PathLike[str]) -> None:
+        """Kernel episodes resolve with one kernel kill per worker; the no-handler episode is a rescued
+        deadlock; the naive one is counted either way; the table has every row and no group is left."""
+        figures = os.path.join(tmp_path, "figures.json")
+        done = subprocess.run(
+            BENCH + ["--variants", "kernel", "naive", "no-handler", "--episodes", "5", "--naive-episodes", "1",
+                     "--deadlock-after", "3", "--json", figures],
+            capture_output=True, text=True, timeout=100, check=False,
+        )
+        assert 0 == done.returncode, done.stderr
+        with open(figures) as file:
+            data = json.load(file)
+        summary = data["summary"]
+        kernel, naive, no_handler = summary["kernel"], summary["naive"], summary["no-handler"]
+        assert (5, 5, 0, 20) == (kernel["episodes"], kernel["resolved"], kernel["deadlocks"], kernel["kernel_kills"])
+        assert 0 < kernel["median_ns"] <= kernel["p99_ns"] < 3e9
+        assert 1.0 == kernel["ratio"]
+        assert (1, 1, 1) == (naive["episodes"], naive["resolved"] + naive["deadlocks"], naive["naive"]["reports"])
+        assert (1, 1, 0) == (no_handler["episodes"], no_handler["deadlocks"], no_handler["kernel_kills"])
+        episodes = [episode for block in data["blocks"] for episode in block["episodes"]]
+        assert 7 == len(episodes)
+        # Every worker of every episode ended by SIGKILL: from the OOM handling or from the rescue.
+        assert [[signal.SIGKILL] * 4] * 7 == [episode["worker_signals"] for episode in episodes]
+        [stuck] = [episode for episode in episodes if episode["variant"] == "no-handler"]
+        assert (True, 0, None) == (stuck["rescued"], stuck["gone_before_rescue"], stuck["end_ns"])
+        assert stuck["window_end_ns"] - stuck["start_ns"] >= 3e9
+        assert ["kernel", "naive", "no-handler"] == [row.split()[0] for row in _table_rows(done.stdout)]
+        assert [] == data["problems"]
+        assert [] == bench_groups()
+
+    @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+    def test_signal_while_stuck_rescues_everything(self, bench_groups: Callable[[], list[str]],
+                                                   signum: signal.Signals) -> None:
+        """A signal while the workers sleep in the OOM wait: the benchmark frees them, removes the group
+        and exits with 128 + the signal, printing the (partial) table."""
+        bench = subprocess.Popen(
+            BENCH + ["--variants", "no-handler", "--episodes", "1", "--deadlock-after", "100", "--verbose"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        try:
+            assert bench.stderr is not None
+            line = bench.stderr.readline()
+            assert "episode starting in " in line, line
+            group = line.rsplit(" ", 1)[1].strip()
+            efd = _register_oom_eventfd(group)
+            try:
+                assert [efd] == select.select([efd], [], [], 30)[0], "no OOM within 30 s"
+            finally:
+                os.close(efd)
+            with open(os.path.join(group, "memory.oom_control")) as file:
+                assert OomControl.parse(file.read()).under_oom
+            with open(os.path.join(group, "cgroup.procs")) as file:
+                stuck = [int(pid) for pid in file.read().split()]
+            assert 4 == len(stuck)
+            bench.send_signal(signum)
+            out, err = bench.communicate(timeout=60)
+        finally:
+            if bench.poll() is None:
+                bench.kill()
+                bench.communicate()
+        assert 128 + signum == bench.returncode, err
+        assert "interrupted by signal" in out
+        assert not os.path.exists(group)
+        assert [] == [pid for pid in stuck if os.path.exists(f"/proc/{pid}")]
+        assert [] == bench_groups()
