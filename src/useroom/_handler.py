@@ -41,12 +41,14 @@ __all__ = ["Handler", "OomEvent", "StepRecord", "VictimRecord"]
 
 @attrs.frozen
 class StepRecord:
-    """One action the native plan ran during an episode."""
+    """One action the native plan ran during an episode: when it began
+    (``started_ns``) and returned (``t_ns``), and its result (>= 0, or -errno)."""
 
     kind: str
     explanation: str
     phase: str
     result: int
+    started_ns: int
     t_ns: int
 
     @property
@@ -93,10 +95,11 @@ class OomEvent:
 
     @property
     def notify_to_signal_ns(self) -> int | None:
-        """From the notification to the first signal's return."""
+        """From the notification to the first signal being sent (the system
+        call's entry: its return can come after the woken victim has run)."""
         for step in self.steps:
-            if step.kind in ("SIGNAL_PIDFD", "SIGNAL_PID"):
-                return step.t_ns - self.notified_ns
+            if step.kind in ("SIGNAL_PIDFD", "SIGNAL_PID") and step.ok:
+                return step.started_ns - self.notified_ns
         return None
 
     @property
@@ -422,7 +425,7 @@ class Handler:
             i = step.index
             why = armed.compiled.explanations[i] if armed else ""
             phase = armed.compiled.phases[i] if armed else ""
-            steps.append(StepRecord(step.kind.name, why, phase, step.result, step.t_ns))
+            steps.append(StepRecord(step.kind.name, why, phase, step.result, step.t0_ns, step.t_ns))
             target = armed.compiled.targets[i] if armed else None
             if target is not None and step.kind.name.startswith("SIGNAL"):
                 sig = "SIGTERM" if why.startswith("SIGTERM") else signal.Signals(self.policy.signal).name

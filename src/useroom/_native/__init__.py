@@ -450,11 +450,12 @@ class Plan:
 @attrs.frozen
 class Step:
     """One executed action: its index in the plan, its kind, its result
-    (>= 0 or -errno), and when it returned."""
+    (>= 0 or -errno), when it began and when it returned."""
 
     index: int
     kind: ActionKind
     result: int
+    t0_ns: int
     t_ns: int
 
     @property
@@ -489,7 +490,7 @@ class EventRecord:
 def _record(ev: Any) -> EventRecord:
     steps = tuple(
         Step(int(ev.steps[i].index), ActionKind(ev.steps[i].kind), int(ev.steps[i].result),
-             int(ev.steps[i].t_ns))
+             int(ev.steps[i].t0_ns), int(ev.steps[i].t_ns))
         for i in range(ev.nsteps)
     )
     return EventRecord(

@@ -318,8 +318,9 @@ URO_CRIT static void crit_episode(struct uro_shared *sh, int src, uint64_t count
                 continue;
             if (outcome && a->guard >= 0 && !(ran & ((uint64_t)1 << (a->guard & 63))))
                 continue;
+            int64_t t0 = crit_now();
             if (!ev->acted_ns)
-                ev->acted_ns = crit_now();
+                ev->acted_ns = t0;
             if (a->kind == URO_ACT_CHECK) {
                 /* Nothing took effect since the last check (say, every victim
                  * had already exited): waiting would only lose time. */
@@ -346,6 +347,7 @@ URO_CRIT static void crit_episode(struct uro_shared *sh, int src, uint64_t count
             ev->steps[k].index = (int32_t)i;
             ev->steps[k].kind = a->kind;
             ev->steps[k].result = r;
+            ev->steps[k].t0_ns = t0;
             ev->steps[k].t_ns = crit_now();
             ev->nsteps = ++k;
         }

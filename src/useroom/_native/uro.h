@@ -72,6 +72,7 @@ struct uro_plan {
 };
 
 struct uro_step {
+    int64_t t0_ns;           /* CLOCK_MONOTONIC when the action began */
     int64_t t_ns;            /* CLOCK_MONOTONIC when the action returned */
     int32_t index;           /* of the action in the plan */
     int32_t kind;
