@@ -1,0 +1,132 @@
+"""Policies: ordering and what they compile to (no kernel needed: pid-only victims)."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from useroom import KillByPriority, KillLargest, KillNewest, RaiseLimit, _native
+from useroom._policy import PlanContext
+from useroom._victims import Victim
+
+MIB = 1 << 20
+
+
+def _victim(pid: int, rss_mib: int, created: float, name: str = "w") -> Victim:
+    return Victim(pid, name, rss_mib * MIB, created, 1000, None)
+
+
+VICTIMS = (_victim(11, 10, 1.0, "small"), _victim(12, 30, 2.0, "big"), _victim(13, 20, 3.0, "new"))
+
+
+def _ctx(**overrides) -> PlanContext:
+    base = dict(victims=VICTIMS, limit=64 * MIB, limit_fd=5, check_fd=6, resolved_needle=b"under_oom 0")
+    base.update(overrides)
+    return PlanContext(**base)
+
+
+def _shape(compiled) -> list[tuple[str, int, str]]:
+    return [(a.kind.name, a.pid or max(a.fd, 0), p) for a, p in zip(compiled.plan.actions, compiled.phases)]
+
+
+class TestOrder:
+    def test_largest(self) -> None:
+        """KillLargest orders by RSS, largest first."""
+        assert [12, 13, 11] == [v.pid for v, _ in KillLargest().order(VICTIMS)]
+
+    def test_newest(self) -> None:
+        """KillNewest orders by start time, newest first."""
+        assert [13, 12, 11] == [v.pid for v, _ in KillNewest().order(VICTIMS)]
+
+    def test_priority_mapping(self) -> None:
+        """A mapping of names to priorities: highest first, ties by RSS, default for the rest."""
+        policy = KillByPriority({"small": 5, "new": 5}, default=1)
+        assert [13, 11, 12] == [v.pid for v, _ in policy.order(VICTIMS)]
+
+    def test_priority_spare_below(self) -> None:
+        """Tasks below spare_below are left out of the order."""
+        policy = KillByPriority({"big": -1}, spare_below=0)
+        assert [13, 11] == [v.pid for v, _ in policy.order(VICTIMS)]
+
+
+class TestCompile:
+    def test_kill_plan_shape(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Each victim: signal, then a check; then the kernel fallback with its guarded restore."""
+        monkeypatch.setattr(_native, "can_use_mrelease", False)
+        compiled = KillLargest().compile(_ctx(kill_switch_fd=7))
+        assert [
+            ("SIGNAL_PID", 12, "kill"), ("CHECK", 0, "kill"),
+            ("SIGNAL_PID", 13, "kill"), ("CHECK", 0, "kill"),
+            ("SIGNAL_PID", 11, "kill"), ("CHECK", 0, "kill"),
+            ("WRITE", 7, "kernel"), ("CHECK", 0, "kernel"), ("WRITE", 7, "kernel"),
+        ] == _shape(compiled)
+        restore = compiled.plan.actions[-1]
+        assert (b"1", 6) == (restore.data, restore.guard)
+        assert [12, 13, 11] == [v.pid for v in compiled.victims]
+        assert all(a.sig == signal.SIGKILL for a in compiled.plan.actions if a.kind.name == "SIGNAL_PID")
+
+    def test_grant_tail(self) -> None:
+        """With a reserve: raise the limit, wake, await, restore (guarded by the raise), check."""
+        compiled = KillLargest(max_victims=1).compile(_ctx(reserve=16 * MIB, grant_wake_fd=8, grant_reply_fd=9))
+        tail = compiled.plan.actions[-5:]
+        assert ["WRITE", "WAKE", "AWAIT", "WRITE", "CHECK"] == [a.kind.name for a in tail]
+        assert str(80 * MIB).encode() == tail[0].data
+        assert str(64 * MIB).encode() == tail[3].data
+        assert len(compiled.plan.actions) - 5 == tail[3].guard
+
+    def test_term_grace(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """term_grace adds SIGTERM before SIGKILL (waiting on a pidfd needs one; pid-only victims
+        get SIGTERM then SIGKILL without a wait)."""
+        monkeypatch.setattr(_native, "can_use_mrelease", False)
+        compiled = KillLargest(term_grace=1.0, max_victims=1).compile(_ctx())
+        assert [(a.kind.name, a.sig) for a in compiled.plan.actions] == [
+            ("SIGNAL_PID", signal.SIGTERM), ("SIGNAL_PID", signal.SIGKILL), ("CHECK", 0),
+        ]
+
+    def test_plan_never_overflows(self) -> None:
+        """However many victims, the plan fits the native table and keeps its fallback tail."""
+        many = tuple(_victim(100 + i, i + 1, float(i)) for i in range(40))
+        compiled = KillLargest(max_victims=40).compile(
+            _ctx(victims=many, kill_switch_fd=7, reserve=MIB, grant_wake_fd=8, grant_reply_fd=9))
+        assert len(compiled.plan.actions) <= _native.PLAN_MAX
+        assert ["grant"] * 5 + ["kernel"] * 3 == list(compiled.phases[-8:])
+
+    def test_raise_limit(self) -> None:
+        """RaiseLimit raises in steps to the ceiling, then kills; it grants nothing."""
+        compiled = RaiseLimit("32M", "128M", max_victims=1).compile(
+            _ctx(reserve=MIB, grant_wake_fd=8, grant_reply_fd=9))
+        writes = [a.data for a in compiled.plan.actions if a.kind.name == "WRITE"]
+        assert [str(96 * MIB).encode(), str(128 * MIB).encode()] == writes
+        assert "grant" not in compiled.phases
+        assert "kill" in compiled.phases
+
+    def test_unlimited_group_plans_no_raise_or_grant(self) -> None:
+        """With no limit (-1) there is nothing to raise or restore."""
+        compiled = RaiseLimit("32M", "128M").compile(_ctx(limit=-1, reserve=MIB, grant_wake_fd=8,
+                                                          grant_reply_fd=9))
+        assert {"kill"} == set(compiled.phases)
+
+
+class TestValidation:
+    def test_bad_signal(self) -> None:
+        """A non-signal number is refused."""
+        with pytest.raises(ValueError, match="signal"):
+            KillLargest(signal=1000)
+
+    def test_bad_grace(self) -> None:
+        """A negative grace is refused."""
+        with pytest.raises(ValueError, match="term_grace"):
+            KillLargest(term_grace=-1)
+
+    def test_bad_max(self) -> None:
+        """At least one victim."""
+        with pytest.raises(ValueError, match="max_victims"):
+            KillNewest(max_victims=0)
+
+    def test_raise_limit_sizes(self) -> None:
+        """Step and ceiling must be positive sizes."""
+        with pytest.raises(ValueError):
+            RaiseLimit("0", "1G")
+        with pytest.raises(ValueError):
+            RaiseLimit("lots", "1G")
