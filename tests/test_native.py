@@ -382,6 +382,31 @@ class TestEpisodes:
             w.run_episode(idx)
             assert (1, 1) == (a.read(), b.read())
 
+    def test_guards_resolving_and_always(self, tmp_path: pathlib.Path) -> None:
+        """A guarded action runs only if its guard succeeded; a resolving action's
+        success ends the episode; 'always' actions still run afterwards."""
+        path = tmp_path / "out"
+        path.write_bytes(b"")
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            with NativeWatcher(lock=False) as w, EventFd() as src, EventFd() as a, EventFd() as b:
+                idx = w.add_source(src.fileno(), SourceKind.OOM)
+                w.arm(Plan([
+                    Action.signal_pid(2**22 + 1, 0),          # 0: fails (no such pid)
+                    Action.wake(a.fileno()).after(0),         # 1: skipped, its guard failed
+                    Action.write(fd, b"x").resolving(),       # 2: resolves
+                    Action.wake(a.fileno()),                  # 3: not run, resolved
+                    Action.wake(b.fileno()).after(2).always(),  # 4: runs
+                ]))
+                w.run_episode(idx)
+                [rec] = w.records()
+                assert (False, True) == (a.wait(0), b.wait(0))
+            assert Outcome.RESOLVED == rec.outcome
+            assert [0, 2, 4] == [s.index for s in rec.steps]
+            assert rec.resolved_ns > 0
+        finally:
+            os.close(fd)
+
     def test_forward_source(self) -> None:
         """A forward source is recorded with its counter and wakes Python; no plan runs."""
         with NativeWatcher(lock=False) as w, EventFd() as fwd, EventFd() as a:

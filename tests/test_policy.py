@@ -67,13 +67,28 @@ class TestCompile:
         assert all(a.sig == signal.SIGKILL for a in compiled.plan.actions if a.kind.name == "SIGNAL_PID")
 
     def test_grant_tail(self) -> None:
-        """With a reserve: raise the limit, wake, await, restore (guarded by the raise), check."""
+        """With a reserve: raise the limit, wake, await, restore (guarded by the raise,
+        resolving the episode on success), check."""
         compiled = KillLargest(max_victims=1).compile(_ctx(reserve=16 * MIB, grant_wake_fd=8, grant_reply_fd=9))
         tail = compiled.plan.actions[-5:]
         assert ["WRITE", "WAKE", "AWAIT", "WRITE", "CHECK"] == [a.kind.name for a in tail]
         assert str(80 * MIB).encode() == tail[0].data
         assert str(64 * MIB).encode() == tail[3].data
         assert len(compiled.plan.actions) - 5 == tail[3].guard
+        assert _native._lib.URO_F_RESOLVES & tail[3].flags
+
+    def test_hooks_head(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """With hooks: a grant for the hooks first, and after each kill a restore
+        guarded by that grant."""
+        monkeypatch.setattr(_native, "can_use_mrelease", False)
+        compiled = KillLargest(max_victims=1).compile(
+            _ctx(reserve=16 * MIB, hooks_wake_fd=8, hooks_reply_fd=9))
+        kinds = [(a.kind.name, a.guard, p) for a, p in zip(compiled.plan.actions, compiled.phases)]
+        assert [
+            ("WRITE", -1, "hooks"), ("WAKE", -1, "hooks"), ("AWAIT", -1, "hooks"), ("WRITE", 0, "hooks"),
+            ("CHECK", -1, "hooks"),
+            ("SIGNAL_PID", -1, "kill"), ("WRITE", 0, "kill"), ("CHECK", -1, "kill"),
+        ] == kinds
 
     def test_term_grace(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """term_grace adds SIGTERM before SIGKILL (waiting on a pidfd needs one; pid-only victims

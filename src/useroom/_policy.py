@@ -8,15 +8,25 @@ episode's event record.
 
 The plan every kill policy compiles to, for victims v1, v2, ...::
 
+    hooks: limit += reserve, wake the hooks, await them,   # only with on_oom hooks
+           restore the limit (resolves), check
     [SIGTERM v1, wait for v1 to exit (grace)]   # only with term_grace
-    SIGKILL v1, process_mrelease v1, check      # done if the OOM is over
+    SIGKILL v1, process_mrelease v1,
+    [restore the limit (resolves)]              # only if the hooks' grant is still on
+    check                                       # done if the OOM is over
     SIGKILL v2, ...                             # else the next victim
-    grant: limit += reserve, wake Python, await its reply, restore limit, check
-    kernel: oom_kill_disable=0, check, oom_kill_disable=1
+    grant: limit += reserve, wake Python, await its reply,
+           restore the limit (resolves), check
+    kernel: oom_kill_disable=0, check, oom_kill_disable=1 (always, if it was set to 0)
 
-A victim that already exited is skipped without waiting. The grant lets
-Python refresh the table with the OOM lifted (a task forked after the last
-refresh is not in the plan) and act; the kernel step is the last resort.
+A victim that already exited is skipped without waiting. A restore runs only
+if its grant did, and its success ends the episode: usage fits the limit
+again. The hooks' grant lets Python run with the OOM lifted (the GIL may be
+held by a thread asleep in the OOM wait; the grant wakes it); the tail grant
+lets Python refresh the table (a task forked after the last refresh is not
+in the plan) and act; the kernel step is the last resort. If no restore
+succeeds the limit stays raised by at most the reserve, and the handler
+restores it as soon as usage allows.
 """
 
 from __future__ import annotations
@@ -61,8 +71,15 @@ class PlanContext:
     grant_wake_fd: int = -1
     grant_reply_fd: int = -1
     grant_timeout: float = 1.0
+    hooks_wake_fd: int = -1
+    hooks_reply_fd: int = -1
+    hooks_timeout: float = 1.0
     check_timeout: float = 0.25
     kernel_timeout: float = 2.0
+
+    @property
+    def can_grant(self) -> bool:
+        return self.reserve > 0 and self.limit >= 0
 
 
 @attrs.frozen
@@ -72,7 +89,7 @@ class CompiledPlan:
     plan: Plan
     #: One line per action: why it is there.
     explanations: tuple[str, ...]
-    #: One per action: "kill", "raise", "grant" or "kernel".
+    #: One per action: "hooks", "kill", "raise", "grant" or "kernel".
     phases: tuple[str, ...]
     #: One per action: the victim it signals, if any.
     targets: tuple[Victim | None, ...]
@@ -89,6 +106,8 @@ class _Builder:
         self.targets: list[Victim | None] = []
         self.victims: list[Victim] = []
         self.pidfds: list[Pidfd] = []
+        #: Index of the hooks' grant while it may still be on.
+        self.hooks_grant: int | None = None
 
     def room(self) -> int:
         return _native.PLAN_MAX - len(self.actions)
@@ -115,47 +134,65 @@ class _Builder:
             if term_grace is not None:
                 self.add(Action.signal_pid(victim.pid, signal.SIGTERM), f"SIGTERM {who}: {reason}", "kill", victim)
             self.add(Action.signal_pid(victim.pid, sig), f"{signal.Signals(sig).name} {who}: {reason}", "kill", victim)
+        if self.hooks_grant is not None:
+            self.restore(self.hooks_grant, "kill")
         self.add(Action.check(self.ctx.check_timeout), "check whether the OOM is over", "kill")
         self.victims.append(victim)
 
     def kill_cost(self, term_grace: float | None) -> int:
-        return 2 + int(_native.can_use_mrelease) + (2 if term_grace is not None else 0)
+        return (2 + int(_native.can_use_mrelease) + (2 if term_grace is not None else 0)
+                + int(self.hooks_grant is not None))
+
+    def restore(self, grant_at: int, phase: str) -> None:
+        """Restore the limit if the grant at ``grant_at`` was made; success
+        ends the episode (usage fits the limit again)."""
+        limit = self.ctx.limit
+        self.add(
+            Action.write(self.ctx.limit_fd, str(limit).encode()).after(grant_at).always().resolving(),
+            f"restore the limit to {format_size(limit)}",
+            phase,
+        )
+
+    def grant(self, wake_fd: int, reply_fd: int, timeout: float, phase: str, who: str) -> int:
+        ctx = self.ctx
+        granted = ctx.limit + ctx.reserve
+        grant_at = len(self.actions)
+        self.add(
+            Action.write(ctx.limit_fd, str(granted).encode()),
+            f"grant headroom: limit {format_size(ctx.limit)} -> {format_size(granted)}",
+            phase,
+        )
+        self.add(Action.wake(wake_fd), f"wake {who}", phase)
+        self.add(Action.await_readable(reply_fd, timeout, read=True), f"wait up to {timeout} s for {who}", phase)
+        self.restore(grant_at, phase)
+        self.add(Action.check(ctx.check_timeout), "check whether the OOM is over", phase)
+        return grant_at
+
+    def head(self) -> None:
+        """The hooks' phase, when there are hooks and a reserve to grant."""
+        ctx = self.ctx
+        if ctx.can_grant and ctx.hooks_wake_fd >= 0 and ctx.hooks_reply_fd >= 0:
+            self.hooks_grant = self.grant(ctx.hooks_wake_fd, ctx.hooks_reply_fd, ctx.hooks_timeout,
+                                          "hooks", "the on_oom hooks")
 
     def tail(self) -> None:
         """The grant and the kernel fallback, when the context allows them."""
         ctx = self.ctx
-        if ctx.reserve and ctx.grant_wake_fd >= 0 and ctx.grant_reply_fd >= 0 and ctx.limit >= 0:
-            granted = ctx.limit + ctx.reserve
-            grant_at = len(self.actions)
-            self.add(
-                Action.write(ctx.limit_fd, str(granted).encode()),
-                f"grant headroom: limit {format_size(ctx.limit)} -> {format_size(granted)}",
-                "grant",
-            )
-            self.add(Action.wake(ctx.grant_wake_fd), "wake the handler to refresh and act", "grant")
-            self.add(
-                Action.await_readable(ctx.grant_reply_fd, ctx.grant_timeout, read=True),
-                f"wait up to {ctx.grant_timeout} s for the handler",
-                "grant",
-            )
-            self.add(
-                Action.write(ctx.limit_fd, str(ctx.limit).encode()).finally_(after=grant_at),
-                f"restore the limit to {format_size(ctx.limit)}",
-                "grant",
-            )
-            self.add(Action.check(ctx.check_timeout), "check whether the OOM is over", "grant")
+        if ctx.can_grant and ctx.grant_wake_fd >= 0 and ctx.grant_reply_fd >= 0:
+            self.grant(ctx.grant_wake_fd, ctx.grant_reply_fd, ctx.grant_timeout, "grant",
+                       "the handler to refresh and act")
         if ctx.kill_switch_fd >= 0:
             enable_at = len(self.actions)
             self.add(Action.write(ctx.kill_switch_fd, ctx.kill_switch_on), "last resort: let the kernel OOM killer act", "kernel")
             self.add(Action.check(ctx.kernel_timeout), "check whether the kernel resolved it", "kernel")
             self.add(
-                Action.write(ctx.kill_switch_fd, ctx.kill_switch_off).finally_(after=enable_at),
+                Action.write(ctx.kill_switch_fd, ctx.kill_switch_off).after(enable_at).always(),
                 "disable the kernel OOM killer again", "kernel",
             )
 
     def tail_cost(self) -> int:
         ctx = self.ctx
-        grant = 5 if ctx.reserve and ctx.grant_wake_fd >= 0 and ctx.grant_reply_fd >= 0 else 0
+        grant = 5 if ctx.can_grant and ctx.grant_wake_fd >= 0 and ctx.grant_reply_fd >= 0 else 0
         return grant + (3 if ctx.kill_switch_fd >= 0 else 0)
 
     def build(self) -> CompiledPlan:
@@ -202,6 +239,7 @@ class Policy(abc.ABC):
 
     def compile(self, ctx: PlanContext) -> CompiledPlan:
         b = _Builder(ctx)
+        b.head()
         self._compile_kills(b, ctx)
         b.tail()
         return b.build()
@@ -285,6 +323,9 @@ class RaiseLimit(Policy):
         return self.then.order(victims)
 
     def compile(self, ctx: PlanContext) -> CompiledPlan:
+        # The grants restore the limit to ctx.limit; after a raise they would
+        # lower it, so a raising policy grants nothing and runs no hooks phase.
+        ctx = attrs.evolve(ctx, reserve=0)
         b = _Builder(ctx)
         limit = ctx.limit
         if limit >= 0:
@@ -297,8 +338,5 @@ class RaiseLimit(Policy):
                 )
                 b.add(Action.check(ctx.check_timeout), "check whether the OOM is over", "raise")
         self.then._compile_kills(b, ctx)
-        # The grant restores the limit to ctx.limit; after a raise it would
-        # lower it, so a raising policy grants nothing.
-        b.ctx = attrs.evolve(ctx, reserve=0)
         b.tail()
         return b.build()

@@ -354,14 +354,21 @@ class Action:
     flags: int = 0
     guard: int = -1
 
-    def finally_(self, after: int | None = None) -> Action:
-        """This action, run even when an earlier check has ended the episode
-        (for restores: the limit, the kernel killer setting); with ``after``,
-        only if the action at that index of the plan ran and succeeded."""
-        if after is not None and not 0 <= after < PLAN_MAX:
-            raise ValueError(f"after must index a plan action, not {after!r}")
-        return attrs.evolve(self, flags=self.flags | _lib.URO_F_ALWAYS,
-                            guard=-1 if after is None else after)
+    def after(self, index: int) -> Action:
+        """This action, run only if the action at ``index`` of the plan ran
+        and succeeded (a restore runs only if what it undoes was done)."""
+        if not 0 <= index < PLAN_MAX:
+            raise ValueError(f"after must index a plan action, not {index!r}")
+        return attrs.evolve(self, guard=index)
+
+    def always(self) -> Action:
+        """This action, run even after the episode was resolved (a restore)."""
+        return attrs.evolve(self, flags=self.flags | _lib.URO_F_ALWAYS)
+
+    def resolving(self) -> Action:
+        """This action's success resolves the episode (a limit restored after
+        a grant: usage fits again)."""
+        return attrs.evolve(self, flags=self.flags | _lib.URO_F_RESOLVES)
 
     @classmethod
     def signal_pidfd(cls, pidfd: int, sig: int) -> Action:

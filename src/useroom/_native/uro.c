@@ -313,10 +313,11 @@ URO_CRIT static void crit_episode(struct uro_shared *sh, int src, uint64_t count
         for (uint32_t i = 0; i < n; i++) {
             const struct uro_action *a = &plan->actions[i];
             int r;
-            /* Once a check has ended the episode, only restores still run. */
+            /* Once the episode is resolved, only restores still run; an
+             * action guarded by another runs only if that one took effect. */
             if (outcome && !(a->flags & URO_F_ALWAYS))
                 continue;
-            if (outcome && a->guard >= 0 && !(ran & ((uint64_t)1 << (a->guard & 63))))
+            if (a->guard >= 0 && !(ran & ((uint64_t)1 << (a->guard & 63))))
                 continue;
             int64_t t0 = crit_now();
             if (!ev->acted_ns)
@@ -342,6 +343,10 @@ URO_CRIT static void crit_episode(struct uro_shared *sh, int src, uint64_t count
                 if (r >= 0) {
                     acted_since_check = 1;
                     ran |= (uint64_t)1 << (i & 63);
+                    if ((a->flags & URO_F_RESOLVES) && !outcome) {
+                        ev->resolved_ns = crit_now();
+                        outcome = URO_OUT_RESOLVED;
+                    }
                 }
             }
             ev->steps[k].index = (int32_t)i;

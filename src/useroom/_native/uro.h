@@ -26,8 +26,8 @@
 
 /* Action flags. */
 #define URO_F_READ 1            /* AWAIT: read the eventfd counter once ready */
-#define URO_F_ALWAYS 2          /* run even after a check ended the episode, if the
-                                 * action at index guard ran (a restore) */
+#define URO_F_ALWAYS 2          /* run even after the episode was resolved (a restore) */
+#define URO_F_RESOLVES 4        /* success resolves the episode (a limit restored) */
 
 /* Source kinds: what the watcher does when a source's eventfd fires. */
 #define URO_SRC_OOM 1           /* run the armed plan */
@@ -54,7 +54,7 @@ struct uro_action {
     int32_t pid;
     int32_t sig;
     int32_t flags;
-    int32_t guard;           /* URO_F_ALWAYS: index of the action that must have run; -1: none */
+    int32_t guard;           /* run only if the action at this index ran and succeeded; -1: no guard */
     uint32_t len;
     uint32_t pad;
     int64_t timeout_ns;
