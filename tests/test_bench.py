@@ -149,6 +149,23 @@ def _table_rows(output: str) -> list[str]:
     return lines[start:end]
 
 
+def _stuck_group(bench: subprocess.Popen[str]) -> str:
+    """The group of the episode a --verbose benchmark announced, once it is under OOM."""
+    assert bench.stderr is not None
+    for line in bench.stderr:  # other lines may come first (a group of a killed run removed)
+        if "episode starting in " in line:
+            break
+    else:
+        raise AssertionError("the benchmark ended without starting an episode")
+    group = line.rsplit(" ", 1)[1].strip()
+    efd = _register_oom_eventfd(group)
+    try:
+        assert [efd] == select.select([efd], [], [], 30)[0], "no OOM within 30 s"
+    finally:
+        os.close(efd)
+    return group
+
+
 def _register_oom_eventfd(group: str) -> int:
     """An eventfd that becomes readable when *group* is (or already was) under OOM."""
     efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -207,15 +224,7 @@ class TestDeadlockRun:
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         try:
-            assert bench.stderr is not None
-            line = bench.stderr.readline()
-            assert "episode starting in " in line, line
-            group = line.rsplit(" ", 1)[1].strip()
-            efd = _register_oom_eventfd(group)
-            try:
-                assert [efd] == select.select([efd], [], [], 30)[0], "no OOM within 30 s"
-            finally:
-                os.close(efd)
+            group = _stuck_group(bench)
             with open(os.path.join(group, "memory.oom_control")) as file:
                 assert OomControl.parse(file.read()).under_oom
             with open(os.path.join(group, "cgroup.procs")) as file:
@@ -231,4 +240,36 @@ class TestDeadlockRun:
         assert "interrupted by signal" in out
         assert not os.path.exists(group)
         assert [] == [pid for pid in stuck if os.path.exists(f"/proc/{pid}")]
+        assert [] == bench_groups()
+
+    def test_sigkill_leaves_no_task_stuck_and_the_next_run_removes_the_group(
+        self, bench_groups: Callable[[], list[str]]
+    ) -> None:
+        """SIGKILL (no finally runs) while the workers sleep in the OOM wait: they die with the benchmark
+        (parent-death signal), and the next run removes the group the killed one left."""
+        bench = subprocess.Popen(
+            BENCH + ["--variants", "no-handler", "--episodes", "1", "--deadlock-after", "100", "--verbose"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        pidfds: list[int] = []
+        try:
+            group = _stuck_group(bench)
+            with open(os.path.join(group, "cgroup.procs")) as file:
+                pidfds = [os.pidfd_open(int(pid)) for pid in file.read().split()]
+            assert 4 == len(pidfds)
+            bench.kill()
+            bench.communicate(timeout=30)
+            for pidfd in pidfds:
+                assert [pidfd] == select.select([pidfd], [], [], 30)[0], "a worker outlived the benchmark"
+        finally:
+            for pidfd in pidfds:
+                os.close(pidfd)
+            if bench.poll() is None:
+                bench.kill()
+                bench.communicate()
+        assert [group] == bench_groups()
+        done = subprocess.run(BENCH + ["--variants", "kernel", "--episodes", "1"], capture_output=True, text=True,
+                              timeout=60, check=False)
+        assert 0 == done.returncode, done.stderr
+        assert f"removed {group}, left by an earlier run" in done.stderr
         assert [] == bench_groups()

@@ -254,6 +254,8 @@ def run(config: Config, machine: dict[str, Any], *, progress: TextIO, verbose: b
     failed: dict[str, str] = {}
     with SignalGuard() as guard, tempfile.TemporaryDirectory(prefix="useroom-bench.") as workdir:
         lab = Lab.below_own_memcg()
+        for path in lab.sweep_stale():
+            _say(progress, f"removed {path}, left by an earlier run that was killed")
         try:
             for number, (variant, count) in enumerate(schedule(config), 1):
                 if variant.name in failed:
@@ -263,7 +265,7 @@ def run(config: Config, machine: dict[str, Any], *, progress: TextIO, verbose: b
                 result.blocks.append(block)
                 _say(progress, _block_line(block))
                 if block.problem and not block.episodes:
-                    failed[variant.name] = block.problem  # it would fail the same way every time
+                    failed[variant.name] = f"block {block.index}"  # it would fail the same way every time
         except Interrupted as err:
             result.interrupted = err.signum
         finally:
@@ -273,8 +275,8 @@ def run(config: Config, machine: dict[str, Any], *, progress: TextIO, verbose: b
             except Interrupted as err:
                 result.interrupted = result.interrupted or err.signum
             result.problems.extend(lab.problems)
-    for name, problem in failed.items():
-        result.problems.append(f"{name} stopped after a block that ran no episode: {problem}")
+    for name, where in failed.items():
+        result.problems.append(f"{name} was not run further: its {where} ran no episode (see that block)")
     return result
 
 

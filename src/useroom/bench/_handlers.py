@@ -26,6 +26,8 @@ __all__ = ["HandlerProcess", "HandlerReport", "naive_argv", "service_argv", "sta
 
 NAIVE_SCRIPT: Final = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_naive.py")
 _TAIL_BYTES: Final = 4000
+#: Lines of a handler's stderr quoted in a problem (the end of a traceback).
+_TAIL_LINES: Final = 6
 
 
 def naive_argv(group: ScratchGroup, pick: str) -> list[str]:
@@ -182,8 +184,8 @@ class HandlerProcess:
             return ""
 
     def _tail_text(self) -> str:
-        tail = self.stderr_tail().strip()
-        return f"; its stderr ends:\n{tail}" if tail else ""
+        lines = self.stderr_tail().strip().splitlines()[-_TAIL_LINES:]
+        return "; its stderr ends:\n" + "\n".join(f"    {line}" for line in lines) if lines else ""
 
 
 def _has_ready_line(output: bytearray) -> bool:

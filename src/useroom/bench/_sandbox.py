@@ -51,6 +51,8 @@ NO_LIMIT: Final = -1
 _PR_SET_PDEATHSIG: Final = 1
 _REAP_TIMEOUT_S: Final = 10.0
 _RMDIR_TIMEOUT_S: Final = 5.0
+#: Every group of the benchmark is named ``useroom-bench.<pid>.<serial>.<variant>``.
+_PREFIX: Final = "useroom-bench."
 
 
 class BenchError(Exception):
@@ -300,7 +302,7 @@ class Lab:
     """
 
     parent: str
-    prefix: str = attrs.field(factory=lambda: f"useroom-bench.{os.getpid()}")
+    prefix: str = attrs.field(factory=lambda: f"{_PREFIX}{os.getpid()}")
     groups: list[ScratchGroup] = attrs.field(factory=list)
     children: dict[int, Child] = attrs.field(factory=dict)
     _serial: int = 0
@@ -310,6 +312,32 @@ class Lab:
     @classmethod
     def below_own_memcg(cls) -> Lab:
         return cls(own_memcg())
+
+    def sweep_stale(self) -> list[str]:
+        """Remove groups an earlier run left here (its process is gone: it was SIGKILLed); return them.
+
+        Their workers died with it (``PR_SET_PDEATHSIG``), so they are empty;
+        the kernel killer is re-enabled and the limit lifted first anyway, and
+        a group that still has tasks is reported, never emptied: they are not
+        this run's processes.
+        """
+        swept = []
+        for name in sorted(os.listdir(self.parent)):
+            parts = name.split(".")
+            if len(parts) < 3 or f"{parts[0]}." != _PREFIX or not parts[1].isdecimal():
+                continue
+            if int(parts[1]) == os.getpid() or os.path.exists(f"/proc/{parts[1]}"):
+                continue
+            group = ScratchGroup(posixpath.join(self.parent, name))
+            self._try(group, "re-enable the kernel OOM killer", group.set_kill_disable, False)
+            self._try(group, "lift the limit", group.set_limit, NO_LIMIT)
+            try:
+                os.rmdir(group.path)
+            except OSError as err:
+                self.problems.append(f"{group.path}, left by an earlier run, could not be removed: {err}")
+                continue
+            swept.append(group.path)
+        return swept
 
     def __enter__(self) -> Lab:
         return self
