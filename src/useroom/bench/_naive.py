@@ -42,10 +42,14 @@ class _Failed(Exception):
 
 def _procs(group: str) -> list[int]:
     try:
-        with open(os.path.join(group, "cgroup.procs")) as file:
-            return [int(line) for line in file.read().split()]
+        file = open(os.path.join(group, "cgroup.procs"))
     except OSError as err:
-        raise _Failed("reading cgroup.procs", err) from err
+        raise _Failed("opening cgroup.procs", err) from err
+    with file:
+        try:
+            return [int(line) for line in file.read().split()]
+        except OSError as err:
+            raise _Failed("reading cgroup.procs", err) from err
 
 
 def _rss_pages(pid: int) -> int:
