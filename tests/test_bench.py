@@ -15,7 +15,16 @@ import pytest
 
 from helpers import destroy_group
 from useroom.bench.__main__ import main
-from useroom.bench._deadlock import Config, check_available, notify_to_signal_ns, outcome_name, schedule
+from useroom.bench._deadlock import (
+    Block,
+    Config,
+    Episode,
+    attribute_events,
+    check_available,
+    notify_to_signal_ns,
+    outcome_name,
+    schedule,
+)
 from useroom.bench._handlers import HandlerReport
 from useroom.bench._report import percentile
 from useroom.bench._sandbox import BenchError, OomControl, own_memcg
@@ -119,6 +128,31 @@ class TestFigures:
             {"locked_bytes": 4096, "events": events}
         )
         assert "unexpected JSON shape" in (HandlerReport.from_json({"records": []}).problem or "")
+
+    def test_events_go_to_the_episode_whose_window_holds_them(self) -> None:
+        """Events are counted in the episode whose window holds their notification, others are stray; an
+        episode is resolved by the handler only without a rescue, a kernel kill or a failed event."""
+
+        def episode(start: int, end: int, *, kernel_kills: int = 0, rescued: bool = False) -> Episode:
+            return Episode(variant="useroom-standalone", index=1, block=1, group="g", start_ns=start,
+                           outcome="deadlock" if rescued else "resolved", end_ns=None if rescued else end,
+                           window_end_ns=end, worker_exit_ns=[], worker_signals=[], worker_codes=[],
+                           kernel_kills=kernel_kills, gone_before_rescue=0, rescued=rescued)
+
+        def event(notified: int, outcome: str = "RESOLVED") -> dict[str, object]:
+            return {"notified_ns": notified, "outcome": outcome,
+                    "steps": [{"kind": "SIGNAL_PIDFD", "result": 0, "t_ns": notified + 7}]}
+
+        clean, failed, killed, stuck = episode(100, 200), episode(300, 400), episode(500, 600, kernel_kills=1), \
+            episode(700, 800, rescued=True)
+        block = Block("useroom-standalone", 1, "g", episodes=[clean, failed, killed, stuck])
+        block.report = HandlerReport(events=(event(150), event(160, "NOT_NEEDED"), event(250), event(310),
+                                             event(320, "UNRESOLVED"), event(550), event(750)))
+        attribute_events(block)
+        assert [2, 2, 1, 1] == [e.handler_events for e in block.episodes]
+        assert [True, False, False, False] == [e.handler_resolved for e in block.episodes]
+        assert [7, 7] == clean.notify_to_signal_ns
+        assert 1 == block.stray_events
 
     def test_oom_control_parse(self) -> None:
         """The three lines of memory.oom_control."""

@@ -49,6 +49,7 @@ __all__ = [
     "Episode",
     "Run",
     "Variant",
+    "attribute_events",
     "check_available",
     "run",
 ]
@@ -154,7 +155,8 @@ class Episode:
     #: Workers that had exited when the episode ended or was declared stuck (all of them if resolved).
     gone_before_rescue: int
     rescued: bool
-    #: Filled from the handler's report once its block has ended.
+    #: Filled from the handler's report once its block has ended. ``handler_resolved``: no rescue, no kernel
+    #: kill, and the handler's events in the window say "resolved" (and nothing but "not_needed" besides).
     handler_events: int = 0
     handler_resolved: bool = False
     notify_to_signal_ns: list[int] = attrs.field(factory=list)
@@ -314,7 +316,7 @@ def _run_block(lab: Lab, guard: SignalGuard, config: Config, variant: Variant, c
                 _stop_handler(lab, group, config, variant, handler, block, orderly=finished)
             lab.release(group)
     if block.report is not None:
-        _attribute_events(block)
+        attribute_events(block)
     return block
 
 
@@ -438,7 +440,7 @@ def _wait_cleared(group: ScratchGroup, deadline_ns: int) -> int | None:
         time.sleep(_UNDER_OOM_POLL_S)
 
 
-def _attribute_events(block: Block) -> None:
+def attribute_events(block: Block) -> None:
     """Give each of the handler's events to the episode whose window holds its notification."""
     assert block.report is not None
     outcomes: dict[int, list[str]] = {id(episode): [] for episode in block.episodes}
@@ -456,7 +458,8 @@ def _attribute_events(block: Block) -> None:
             episode.notify_to_signal_ns.append(latency)
     for episode in block.episodes:
         seen = outcomes[id(episode)]
-        episode.handler_resolved = (not episode.rescued and "resolved" in seen
+        # The kernel killer acting (useroom's last resort) means the handler alone did not resolve it.
+        episode.handler_resolved = (not episode.rescued and episode.kernel_kills == 0 and "resolved" in seen
                                     and all(outcome in ("resolved", "not_needed") for outcome in seen))
 
 

@@ -183,8 +183,8 @@ def _notes(result: Run, rows: list[Summary]) -> list[str]:
         if row.naive is not None and row.naive.get("reports"):
             naive = row.naive
             errors = ", ".join(f"{what} x{count}" for what, count in naive["errors"].items())
-            notes.append(f"naive handler: woke {naive['wakeups']} times, killed {naive['kills']} processes "
-                         f"(counting after rescues), {naive['failures']} failed attempts"
+            notes.append(f"naive handler: woke {naive['wakeups']} times, killed {_count(naive['kills'], 'process')} "
+                         f"(counting after rescues), {_count(naive['failures'], 'failed attempt')}"
                          + (f" ({errors})" if errors else ""))
             if naive["workers_of_rescued_episodes"]:
                 notes.append(f"naive: in its deadlocked episodes, {naive['workers_killed_before_rescue']} of "
@@ -230,6 +230,10 @@ def to_json(result: Run, rows: list[Summary]) -> dict[str, Any]:
         "interrupted": result.interrupted,
         "problems": result.problems,
     }
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "es" if noun.endswith("s") else "s")
 
 
 def _num(value: float | None, unit: float, decimals: int = 1) -> str:

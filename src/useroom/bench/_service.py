@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -57,7 +58,7 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _churn(stop: Any) -> None:
+def _churn(stop: Callable[[], bool]) -> None:
     rounds = 0
     while not stop():
         junk: list[object] = [str(i) for i in range(200)]
