@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -175,6 +176,20 @@ def bench_groups() -> Iterator[Callable[[], list[str]]]:
     assert [] == left, "the benchmark left groups behind (now removed)"
 
 
+def run_bench(tmp_path: os.PathLike[str], *args: str, timeout: float) -> tuple[subprocess.CompletedProcess[str],
+                                                                                 dict[str, Any]]:
+    """Run ``python -m useroom.bench deadlock *args`` to completion; return it and its --json figures.
+
+    Fails unless it exits with 0 (every block ran as planned).
+    """
+    figures = os.path.join(tmp_path, "figures.json")
+    done = subprocess.run(BENCH + [*args, "--json", figures], capture_output=True, text=True, timeout=timeout,
+                          check=False)
+    assert 0 == done.returncode, f"{done.stdout}\n{done.stderr}"
+    with open(figures) as file:
+        return done, json.load(file)
+
+
 def _table_rows(output: str) -> list[str]:
     """The rows of the printed table: the lines between its header rule and the next blank line."""
     lines = output.splitlines()
@@ -221,15 +236,8 @@ class TestDeadlockRun:
                                                      tmp_path: os.PathLike[str]) -> None:
         """Kernel episodes resolve with one kernel kill per worker; the no-handler episode is a rescued
         deadlock; the naive one is counted either way; the table has every row and no group is left."""
-        figures = os.path.join(tmp_path, "figures.json")
-        done = subprocess.run(
-            BENCH + ["--variants", "kernel", "naive", "no-handler", "--episodes", "5", "--naive-episodes", "1",
-                     "--deadlock-after", "3", "--json", figures],
-            capture_output=True, text=True, timeout=100, check=False,
-        )
-        assert 0 == done.returncode, done.stderr
-        with open(figures) as file:
-            data = json.load(file)
+        done, data = run_bench(tmp_path, "--variants", "kernel", "naive", "no-handler", "--episodes", "5",
+                               "--naive-episodes", "1", "--deadlock-after", "3", timeout=100)
         summary = data["summary"]
         kernel, naive, no_handler = summary["kernel"], summary["naive"], summary["no-handler"]
         assert (5, 5, 0, 20) == (kernel["episodes"], kernel["resolved"], kernel["deadlocks"], kernel["kernel_kills"])
