@@ -67,14 +67,15 @@ class TestCompile:
         assert all(a.sig == signal.SIGKILL for a in compiled.plan.actions if a.kind.name == "SIGNAL_PID")
 
     def test_grant_tail(self) -> None:
-        """With a reserve: raise the limit, wake, await, restore (guarded by the raise,
-        resolving the episode on success), check."""
+        """With a reserve: raise the limit (opening a grant), wake, await, restore
+        (each guarded by the raise; the restore resolves the episode)."""
         compiled = KillLargest(max_victims=1).compile(_ctx(reserve=16 * MIB, grant_wake_fd=8, grant_reply_fd=9))
-        tail = compiled.plan.actions[-5:]
-        assert ["WRITE", "WAKE", "AWAIT", "WRITE", "CHECK"] == [a.kind.name for a in tail]
+        tail = compiled.plan.actions[-4:]
+        at = len(compiled.plan.actions) - 4
+        assert [("WRITE", -1), ("WAKE", at), ("AWAIT", at), ("WRITE", at)] == [(a.kind.name, a.guard) for a in tail]
         assert str(80 * MIB).encode() == tail[0].data
+        assert _native._lib.URO_F_OPENS & tail[0].flags
         assert str(64 * MIB).encode() == tail[3].data
-        assert len(compiled.plan.actions) - 5 == tail[3].guard
         assert _native._lib.URO_F_RESOLVES & tail[3].flags
 
     def test_hooks_head(self, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -85,8 +86,7 @@ class TestCompile:
             _ctx(reserve=16 * MIB, hooks_wake_fd=8, hooks_reply_fd=9))
         kinds = [(a.kind.name, a.guard, p) for a, p in zip(compiled.plan.actions, compiled.phases)]
         assert [
-            ("WRITE", -1, "hooks"), ("WAKE", -1, "hooks"), ("AWAIT", -1, "hooks"), ("WRITE", 0, "hooks"),
-            ("CHECK", -1, "hooks"),
+            ("WRITE", -1, "hooks"), ("WAKE", 0, "hooks"), ("AWAIT", 0, "hooks"), ("WRITE", 0, "hooks"),
             ("SIGNAL_PID", -1, "kill"), ("WRITE", 0, "kill"), ("CHECK", -1, "kill"),
         ] == kinds
 
@@ -105,7 +105,7 @@ class TestCompile:
         compiled = KillLargest(max_victims=40).compile(
             _ctx(victims=many, kill_switch_fd=7, reserve=MIB, grant_wake_fd=8, grant_reply_fd=9))
         assert len(compiled.plan.actions) <= _native.PLAN_MAX
-        assert ["grant"] * 5 + ["kernel"] * 3 == list(compiled.phases[-8:])
+        assert ["grant"] * 4 + ["kernel"] * 3 == list(compiled.phases[-7:])
 
     def test_raise_limit(self) -> None:
         """RaiseLimit raises in steps to the ceiling, then kills; it grants nothing."""

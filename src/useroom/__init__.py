@@ -7,6 +7,7 @@ is out of memory. See the documentation for the design and the rules.
 from useroom._cgroup import EventRegistration, Group, OomControl, Stats
 from useroom._handler import Handler, OomEvent, StepRecord, VictimRecord
 from useroom._hardening import HardeningReport, lock_memory
+from useroom._hooks import HookRecord, OomContext, PressureContext
 from useroom._policy import KillByPriority, KillLargest, KillNewest, Policy, RaiseLimit
 from useroom._units import UNLIMITED, format_size, parse_size
 from useroom.exceptions import (
@@ -42,6 +43,7 @@ __all__ = [
     "GroupNotFound",
     "Handler",
     "HardeningReport",
+    "HookRecord",
     "InvalidName",
     "InvalidSize",
     "KernelFormatError",
@@ -50,9 +52,11 @@ __all__ = [
     "KillNewest",
     "LimitBelowUsage",
     "NotAMemoryCgroup",
+    "OomContext",
     "OomControl",
     "OomEvent",
     "Policy",
+    "PressureContext",
     "ProcessGone",
     "RaiseLimit",
     "RootGroupError",

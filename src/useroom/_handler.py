@@ -30,6 +30,14 @@ import attrs
 from useroom import _native
 from useroom._cgroup import EventRegistration, Group
 from useroom._hardening import HardeningReport, _vm_locked, lock_memory
+from useroom._hooks import (
+    THREAD_STACK_PREFAULT,
+    Hook,
+    HookRecord,
+    HookRegistry,
+    HookRunner,
+    PressureContext,
+)
 from useroom._native import EventFd, EventRecord, NativeWatcher, SourceKind
 from useroom._policy import CompiledPlan, KillLargest, PlanContext, Policy
 from useroom._units import UNLIMITED, parse_size
@@ -37,6 +45,9 @@ from useroom._victims import Victim, VictimTable
 from useroom.exceptions import GroupGone, UnsupportedKernel, WatcherError
 
 __all__ = ["Handler", "OomEvent", "StepRecord", "VictimRecord"]
+
+#: The reserve used when on_oom hooks are registered and none was given.
+DEFAULT_HOOK_RESERVE = 16 << 20
 
 
 @attrs.frozen
@@ -77,9 +88,12 @@ class OomEvent:
     the first action began, ``resolved_ns`` when the watcher saw ``under_oom``
     clear (None if it did not). ``outcome`` is one of ``resolved``,
     ``unresolved``, ``not_needed`` (a notification with nothing to do),
-    ``gone`` (the group was removed), ``no_plan``, ``acted``. ``fallback`` is
-    True when the victims in the plan were not enough and the headroom grant
-    or the kernel OOM killer was used.
+    ``gone`` (the group was removed), ``no_plan``, ``acted``. ``resolved_by``
+    names the phase that ended it: ``hooks`` (the ``on_oom`` hooks freed
+    enough), ``kill`` (a victim of the plan), ``raise``, ``grant`` (the
+    handler acted with headroom granted) or ``kernel``. ``fallback`` is True
+    when the hooks and the planned victims were not enough and the headroom
+    grant or the kernel OOM killer was used. ``hooks`` records each hook run.
     """
 
     seq: int
@@ -92,6 +106,13 @@ class OomEvent:
     steps: tuple[StepRecord, ...]
     fallback: bool
     plan_id: int
+    resolved_by: str | None = None
+    hooks: tuple[HookRecord, ...] = ()
+
+    @property
+    def notify_to_hook_ns(self) -> int | None:
+        """From the notification to the first hook starting."""
+        return self.hooks[0].started_ns - self.notified_ns if self.hooks else None
 
     @property
     def notify_to_signal_ns(self) -> int | None:
@@ -110,6 +131,7 @@ class OomEvent:
     def to_dict(self) -> dict[str, Any]:
         out = attrs.asdict(self)
         out["notify_to_signal_ns"] = self.notify_to_signal_ns
+        out["notify_to_hook_ns"] = self.notify_to_hook_ns
         out["duration_ns"] = self.duration_ns
         return out
 
@@ -134,6 +156,11 @@ class Handler:
     resort when ``kernel_fallback`` is true. ``protect`` lists pids never to
     kill; this process is always protected.
 
+    Hooks: :meth:`on_oom` (free memory before anything is killed; needs a
+    reserve, ``DEFAULT_HOOK_RESERVE`` if none is given, and runs within
+    ``hook_timeout``), :meth:`on_pressure`, :meth:`on_resolved`,
+    :meth:`on_kill`. They may be registered and removed while it runs.
+
     Use it as a context manager or with :meth:`start` / :meth:`stop`.
     """
 
@@ -147,6 +174,7 @@ class Handler:
         refresh_interval: float = 0.5,
         check_timeout: float = 0.25,
         grant_timeout: float = 1.0,
+        hook_timeout: float = 1.0,
         kernel_fallback: bool = True,
         protect: Iterable[int] = (),
         harden: bool = True,
@@ -164,12 +192,13 @@ class Handler:
             if not 0 < fraction < 1:
                 raise ValueError(f"thresholds are fractions of the limit in (0, 1), not {fraction!r}")
         for name, value in (("refresh_interval", refresh_interval), ("check_timeout", check_timeout),
-                            ("grant_timeout", grant_timeout)):
+                            ("grant_timeout", grant_timeout), ("hook_timeout", hook_timeout)):
             if not value > 0:
                 raise ValueError(f"{name} must be > 0 seconds, not {value!r}")
         self.refresh_interval = refresh_interval
         self.check_timeout = check_timeout
         self.grant_timeout = grant_timeout
+        self.hook_timeout = hook_timeout
         self.kernel_fallback = kernel_fallback
         self.protect = frozenset(protect)
         self.harden = harden
@@ -193,6 +222,67 @@ class Handler:
         self._pending_restore: int | None = None
         self._restore_kill_setting: bool | None = None
         self._thread: threading.Thread | None = None
+        self._hooks = HookRegistry()
+        self._runner: HookRunner | None = None
+        self._pressure: list[tuple[EventRegistration, int, list[Hook]]] = []
+        self._poke: EventFd | None = None
+
+    # -- hooks -------------------------------------------------------------
+
+    def on_oom(self, fn: Hook | None = None, *, priority: int = 0) -> Any:
+        """Registers ``fn(ctx: OomContext) -> bool`` to run on each OOM episode,
+        before any kill, with headroom granted; it returns whether it freed
+        memory. Higher ``priority`` runs first, then registration order. Use
+        as ``@handler.on_oom`` or ``@handler.on_oom(priority=10)``."""
+        def register(f: Hook) -> Hook:
+            self._hooks.add("oom", f, priority=priority)
+            self._changed()
+            return f
+        return register(fn) if fn is not None else register
+
+    def on_pressure(self, threshold: float | int | str) -> Any:
+        """Registers ``fn(ctx: PressureContext)`` to run (on the handler's
+        thread, free to allocate) when usage crosses ``threshold`` upward: a
+        fraction of the limit in (0, 1), or a size."""
+        if isinstance(threshold, float):
+            if not 0 < threshold < 1:
+                raise ValueError(f"a fractional threshold must be in (0, 1), not {threshold!r}")
+        else:
+            parse_size(threshold)
+
+        def register(f: Hook) -> Hook:
+            self._hooks.add("pressure", f, arg=threshold)
+            self._changed()
+            return f
+        return register
+
+    def on_resolved(self, fn: Hook) -> Hook:
+        """Registers ``fn(event: OomEvent)``, called after each episode that
+        needed action (free to allocate and log)."""
+        self._hooks.add("resolved", fn)
+        return fn
+
+    def on_kill(self, fn: Hook) -> Hook:
+        """Registers ``fn(victim: VictimRecord, event: OomEvent)``, called for
+        each task signalled during an episode."""
+        self._hooks.add("kill", fn)
+        return fn
+
+    def remove_hook(self, fn: Hook) -> bool:
+        """Unregisters ``fn`` wherever it was registered; True if it was."""
+        found = self._hooks.remove(fn)
+        if found:
+            self._changed()
+        return found
+
+    def _changed(self) -> None:
+        """Hooks changed: the manager re-arms (and re-registers thresholds)."""
+        self._hooks_dirty = True
+        poke = self._poke
+        if poke is not None and not poke.closed:
+            poke.write(1)
+
+    _hooks_dirty = True
 
     # -- public ------------------------------------------------------------
 
@@ -264,6 +354,7 @@ class Handler:
         self._grant_wake = self._own(EventFd())
         self._grant_reply = self._own(EventFd())
         self._stop_efd = self._own(EventFd())
+        self._poke = self._own(EventFd())
         self._table = self._own(VictimTable(group, self.protect))
         self._watcher = self._own(NativeWatcher())
         self._oom = self._own(group.oom_notifier())
@@ -274,7 +365,7 @@ class Handler:
         self._restore_kill_setting = was_enabled
 
         self._limit = group.limit()
-        self._register_thresholds()
+        self._update_hooks()
         self._refresh(grant=False)
         self._watcher.start()
         self.locked_bytes = _vm_locked()
@@ -286,10 +377,37 @@ class Handler:
         for reg in self._thresholds:
             reg.close()
         self._thresholds = []
+        self._pressure = []
         if self._limit == UNLIMITED:
             return
         for fraction in self.thresholds:
             self._thresholds.append(self.group.usage_threshold(int(self._limit * fraction)))
+        by_size: dict[int, list[Hook]] = {}
+        for fn, threshold in self._hooks.get("pressure"):
+            size = int(self._limit * threshold) if isinstance(threshold, float) else parse_size(threshold)
+            by_size.setdefault(size, []).append(fn)
+        for size, hooks in sorted(by_size.items()):
+            reg = self.group.usage_threshold(size)
+            self._thresholds.append(reg)
+            self._pressure.append((reg, size, hooks))
+
+    def _update_hooks(self) -> None:
+        """After hooks changed: thresholds, the hook runner, the plan."""
+        self._hooks_dirty = False
+        self._register_thresholds()
+        wants_runner = bool(self._hooks.get("oom"))
+        if wants_runner and self._runner is None:
+            self._runner = HookRunner(self.group, self._hooks, self._watcher, lambda: self._limit,
+                                      self.hook_timeout)
+        elif not wants_runner and self._runner is not None:
+            runner, self._runner = self._runner, None
+            runner.stop()
+
+    @property
+    def _reserve(self) -> int:
+        if self.reserve or self._runner is None:
+            return self.reserve
+        return DEFAULT_HOOK_RESERVE
 
     def _context(self) -> PlanContext:
         return PlanContext(
@@ -299,10 +417,13 @@ class Handler:
             check_fd=self._check_fd.fileno(),
             resolved_needle=b"under_oom 0",
             kill_switch_fd=self._switch_fd.fileno() if self._switch_fd else -1,
-            reserve=self.reserve,
-            grant_wake_fd=self._grant_wake.fileno(),
-            grant_reply_fd=self._grant_reply.fileno(),
+            reserve=self._reserve,
+            grant_wake_fd=self._grant_wake.fileno() if self.reserve else -1,
+            grant_reply_fd=self._grant_reply.fileno() if self.reserve else -1,
             grant_timeout=self.grant_timeout,
+            hooks_wake_fd=self._runner.wake.fileno() if self._runner else -1,
+            hooks_reply_fd=self._runner.reply.fileno() if self._runner else -1,
+            hooks_timeout=self.hook_timeout,
             check_timeout=self.check_timeout,
         )
 
@@ -320,8 +441,12 @@ class Handler:
         if not grant and self._pending_restore is None:
             limit = self.group.limit()
             if self._watcher.state != _native.STATE_EPISODE and limit != self._limit:
-                self._limit = limit
-                self._register_thresholds()
+                if self._limit != UNLIMITED and limit == self._limit + self._reserve:
+                    # A grant of ours is still open: restore, never adopt it.
+                    self._pending_restore = self._limit
+                else:
+                    self._limit = limit  # the user (or a raising policy) changed it
+                    self._register_thresholds()
         compiled = self.policy.compile(self._context())
         plan_id = self._watcher.arm(compiled.plan)
         armed = _ArmedPlan(compiled, plan_id)
@@ -334,23 +459,26 @@ class Handler:
     # -- the manager thread ------------------------------------------------
 
     def _manage(self) -> None:
+        _native.stack_prefault(THREAD_STACK_PREFAULT)
         ep = _native.Epoll()
         try:
             ep.add(self._watcher.wake_fd, 0)
             ep.add(self._grant_wake.fileno(), 1)
             ep.add(self._stop_efd.fileno(), 2)
-            registered = list(self._thresholds)
-            for i, reg in enumerate(registered):
-                ep.add(reg.fileno(), 3 + i)
+            assert self._poke is not None
+            ep.add(self._poke.fileno(), 3)
+            registered: list[EventRegistration] = []
             while self._running:
-                if registered != self._thresholds:
-                    for reg in registered:
-                        if not reg.closed:
-                            ep.remove(reg.fileno())
-                    registered = list(self._thresholds)
-                    for i, reg in enumerate(registered):
-                        ep.add(reg.fileno(), 3 + i)
                 try:
+                    if self._hooks_dirty:
+                        self._update_hooks()
+                    if registered != self._thresholds:
+                        for reg in registered:
+                            if not reg.closed:
+                                ep.remove(reg.fileno())
+                        registered = list(self._thresholds)
+                        for i, reg in enumerate(registered):
+                            ep.add(reg.fileno(), 4 + i)
                     self._step(ep, registered)
                 except Exception as err:  # survive, record, retry on the next round
                     self._note(err)
@@ -359,15 +487,48 @@ class Handler:
 
     def _step(self, ep: _native.Epoll, registered: list[EventRegistration]) -> None:
         ready = ep.wait(self.refresh_interval)
+        crossed = []
         for data, _ in ready:
             if data == 2:
                 return
             if data == 1:
                 self._grant()
-            elif data >= 3:
-                os.read(registered[data - 3].fileno(), 8)
+            elif data == 3:
+                assert self._poke is not None
+                self._poke.read()
+            elif data >= 4:
+                reg = registered[data - 4]
+                os.read(reg.fileno(), 8)
+                crossed.append(reg)
         self._collect()
+        self._check_runner()
         self._refresh(grant=False)
+        for reg, size, hooks in self._pressure:
+            if reg in crossed:
+                self._run_pressure(size, hooks)
+
+    def _run_pressure(self, size: int, hooks: list[Hook]) -> None:
+        usage = self.group.usage()
+        if usage < size:
+            return  # crossed downward
+        ctx = PressureContext(self.group, size, usage, self._limit)
+        for fn in hooks:
+            try:
+                fn(ctx)
+            except Exception as err:
+                self._note(err)
+
+    def _check_runner(self) -> None:
+        """A hook that never returns: abandon its thread, start a new one, re-arm."""
+        runner = self._runner
+        if runner is None or not runner.busy_since_ns:
+            return
+        if time.monotonic_ns() - runner.busy_since_ns > 2 * self.hook_timeout * 1e9:
+            runner.abandon()
+            self._runner = HookRunner(self.group, self._hooks, self._watcher, lambda: self._limit,
+                                      self.hook_timeout)
+            self.errors.append(TimeoutError(f"an on_oom hook did not return within {self.hook_timeout} s"
+                                            "; its thread was abandoned"))
 
     def _note(self, err: BaseException) -> None:
         self.errors.append(err)
@@ -410,12 +571,27 @@ class Handler:
         """Turns new watcher records into events."""
         for record in self._watcher.wait(0):
             event = self._event(record)
-            if any(s.phase == "grant" and s.kind == "WRITE" and not s.ok
-                                   and "restore" in s.explanation for s in event.steps):
+            if event.outcome in ("relieved", "unresolved") and any(
+                    s.kind == "WRITE" and s.ok and "grant headroom" in s.explanation for s in event.steps):
                 self._pending_restore = self._limit
             with self._event_cond:
                 self._events.append(event)
                 self._event_cond.notify_all()
+            if event.steps:
+                self._after(event)
+
+    def _after(self, event: OomEvent) -> None:
+        for fn, _ in self._hooks.get("kill"):
+            for victim in event.victims:
+                try:
+                    fn(victim, event)
+                except Exception as err:
+                    self._note(err)
+        for fn, _ in self._hooks.get("resolved"):
+            try:
+                fn(event)
+            except Exception as err:
+                self._note(err)
 
     def _event(self, record: EventRecord) -> OomEvent:
         armed = self._plans.get(record.plan_id)
@@ -431,6 +607,17 @@ class Handler:
                 sig = "SIGTERM" if why.startswith("SIGTERM") else signal.Signals(self.policy.signal).name
                 victims.append(VictimRecord(target.pid, target.name, target.rss, sig, step.result, "plan"))
         fallback = any(s.phase in ("grant", "kernel") for s in steps)
+        resolved_by = None
+        if record.outcome.name == "RESOLVED" and steps:
+            resolved_by = steps[-1].phase
+            for s_ in steps:
+                if s_.t_ns >= record.resolved_ns:
+                    resolved_by = s_.phase
+                    break
+        hooks: tuple[HookRecord, ...] = ()
+        for runner in (self._runner,):
+            if runner is not None:
+                hooks = runner.records.pop(record.seq, ())
         if any(s.phase == "grant" for s in steps) and self._grant_actions:
             victims.extend(self._grant_actions)
             self._grant_actions = []
@@ -447,6 +634,8 @@ class Handler:
             steps=tuple(steps),
             fallback=fallback,
             plan_id=record.plan_id,
+            resolved_by=resolved_by,
+            hooks=hooks,
         )
 
     # -- teardown ----------------------------------------------------------
@@ -476,9 +665,16 @@ class Handler:
         if watcher is not None and not watcher.closed:
             watcher.stop()
             self._collect()
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            runner.stop()
+
         for reg in self._thresholds:
             reg.close()
         self._thresholds = []
+        self._pressure = []
+        self._hooks_dirty = True
+        self._poke = None
         owned, self._owned = self._owned, []
         for obj in reversed(owned):
             obj.close()

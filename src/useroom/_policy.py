@@ -8,25 +8,26 @@ episode's event record.
 
 The plan every kill policy compiles to, for victims v1, v2, ...::
 
-    hooks: limit += reserve, wake the hooks, await them,   # only with on_oom hooks
-           restore the limit (resolves), check
-    [SIGTERM v1, wait for v1 to exit (grace)]   # only with term_grace
+    hooks: limit += reserve (opens a grant), wake the hooks, await them,
+           restore the limit (resolves)             # only with on_oom hooks
+    [SIGTERM v1, wait for v1 to exit (grace)]       # only with term_grace
     SIGKILL v1, process_mrelease v1,
-    [restore the limit (resolves)]              # only if the hooks' grant is still on
-    check                                       # done if the OOM is over
-    SIGKILL v2, ...                             # else the next victim
-    grant: limit += reserve, wake Python, await its reply,
-           restore the limit (resolves), check
-    kernel: oom_kill_disable=0, check, oom_kill_disable=1 (always, if it was set to 0)
+    [wait for v1 to exit, restore the limit]        # only while the hooks' grant is open
+    check                                           # done if the OOM is over
+    SIGKILL v2, ...                                 # else the next victim
+    grant: limit += reserve, wake Python, await its reply, restore the limit
+    kernel: oom_kill_disable=0, check, oom_kill_disable=1 (once no task waits)
 
 A victim that already exited is skipped without waiting. A restore runs only
 if its grant did, and its success ends the episode: usage fits the limit
-again. The hooks' grant lets Python run with the OOM lifted (the GIL may be
-held by a thread asleep in the OOM wait; the grant wakes it); the tail grant
-lets Python refresh the table (a task forked after the last refresh is not
-in the plan) and act; the kernel step is the last resort. If no restore
-succeeds the limit stays raised by at most the reserve, and the handler
-restores it as soon as usage allows.
+again; while a grant is open a check cannot end the episode, only see the
+sleepers woken. The hooks' grant lets Python run with the OOM lifted (the
+GIL may be held by a thread asleep in the OOM wait; the grant wakes it); the
+tail grant lets Python refresh the table (a task forked after the last
+refresh is not in the plan) and act; the kernel step is the last resort. If
+no restore succeeds the episode ends ``relieved``: nobody waits, the limit
+is raised by at most the reserve, and the handler restores it as soon as
+usage allows.
 """
 
 from __future__ import annotations
@@ -127,9 +128,14 @@ class _Builder:
             if term_grace is not None:
                 self.add(Action.signal_pidfd(fd, signal.SIGTERM), f"SIGTERM {who}: {reason}", "kill", victim)
                 self.add(Action.await_readable(fd, term_grace), f"wait up to {term_grace} s for {victim.pid} to exit", "kill")
+            signal_at = len(self.actions)
             self.add(Action.signal_pidfd(fd, sig), f"{signal.Signals(sig).name} {who}: {reason}", "kill", victim)
             if _native.can_use_mrelease and sig == signal.SIGKILL:
                 self.add(Action.mrelease(fd), f"reap the memory of {victim.pid} now", "kill")
+            if self.hooks_grant is not None:
+                # The restore that follows needs the memory back: wait for the exit.
+                self.add(Action.await_readable(fd, self.ctx.check_timeout).after(signal_at),
+                         f"wait up to {self.ctx.check_timeout} s for {victim.pid} to exit", "kill")
         else:
             if term_grace is not None:
                 self.add(Action.signal_pid(victim.pid, signal.SIGTERM), f"SIGTERM {who}: {reason}", "kill", victim)
@@ -141,7 +147,7 @@ class _Builder:
 
     def kill_cost(self, term_grace: float | None) -> int:
         return (2 + int(_native.can_use_mrelease) + (2 if term_grace is not None else 0)
-                + int(self.hooks_grant is not None))
+                + 2 * int(self.hooks_grant is not None))
 
     def restore(self, grant_at: int, phase: str) -> None:
         """Restore the limit if the grant at ``grant_at`` was made; success
@@ -158,14 +164,14 @@ class _Builder:
         granted = ctx.limit + ctx.reserve
         grant_at = len(self.actions)
         self.add(
-            Action.write(ctx.limit_fd, str(granted).encode()),
+            Action.write(ctx.limit_fd, str(granted).encode()).opening(),
             f"grant headroom: limit {format_size(ctx.limit)} -> {format_size(granted)}",
             phase,
         )
-        self.add(Action.wake(wake_fd), f"wake {who}", phase)
-        self.add(Action.await_readable(reply_fd, timeout, read=True), f"wait up to {timeout} s for {who}", phase)
+        self.add(Action.wake(wake_fd).after(grant_at), f"wake {who}", phase)
+        self.add(Action.await_readable(reply_fd, timeout, read=True).after(grant_at),
+                 f"wait up to {timeout} s for {who}", phase)
         self.restore(grant_at, phase)
-        self.add(Action.check(ctx.check_timeout), "check whether the OOM is over", phase)
         return grant_at
 
     def head(self) -> None:
@@ -185,14 +191,16 @@ class _Builder:
             enable_at = len(self.actions)
             self.add(Action.write(ctx.kill_switch_fd, ctx.kill_switch_on), "last resort: let the kernel OOM killer act", "kernel")
             self.add(Action.check(ctx.kernel_timeout), "check whether the kernel resolved it", "kernel")
+            # Disabled again only once no task waits: if the kernel has not
+            # acted yet, it stays enabled and the handler disables it later.
             self.add(
-                Action.write(ctx.kill_switch_fd, ctx.kill_switch_off).after(enable_at).always(),
+                Action.write(ctx.kill_switch_fd, ctx.kill_switch_off).after(enable_at).always().if_clear(),
                 "disable the kernel OOM killer again", "kernel",
             )
 
     def tail_cost(self) -> int:
         ctx = self.ctx
-        grant = 5 if ctx.can_grant and ctx.grant_wake_fd >= 0 and ctx.grant_reply_fd >= 0 else 0
+        grant = 4 if ctx.can_grant and ctx.grant_wake_fd >= 0 and ctx.grant_reply_fd >= 0 else 0
         return grant + (3 if ctx.kill_switch_fd >= 0 else 0)
 
     def build(self) -> CompiledPlan:

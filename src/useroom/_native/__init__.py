@@ -247,6 +247,36 @@ def heap_reserve(nbytes: int) -> None:
     _check(_lib.uro_heap_reserve(nbytes), "mallopt")
 
 
+def hooks_wait(wake: EventFd, resume: EventFd, pause: float) -> int:
+    """Blocks (without the GIL) until ``wake`` fires; then asks the main
+    thread to release the GIL and pause for at most ``pause`` seconds, until
+    :func:`hooks_done`. Returns the eventfd counter."""
+    while True:
+        ret = _lib.uro_hooks_wait(wake.fileno(), resume.fileno(), int(pause * 1e9))
+        if ret != -_errno.EINTR:
+            return _check(ret, "read")
+
+
+#: Whether the hook thread can lower CPython's switch interval while it
+#: waits for the GIL (the interpreter exports the setter).
+can_lower_switch_interval: bool = bool(_lib.uro_hooks_init())
+
+
+def hooks_done(resume: EventFd) -> None:
+    """Ends the main thread's pause."""
+    _check(_lib.uro_hooks_done(resume.fileno()), "write")
+
+
+def main_thread_pauses() -> int:
+    """How many times the main thread paused for hooks."""
+    return int(_lib.uro_pauses())
+
+
+def heap_trim() -> bool:
+    """Returns the heap's free pages to the kernel; True if any were."""
+    return bool(_lib.uro_heap_trim())
+
+
 def stack_prefault(nbytes: int) -> None:
     """Touches ``nbytes`` of the calling thread's stack."""
     _check(_lib.uro_stack_prefault(nbytes), "stack_prefault")
@@ -329,6 +359,7 @@ class Outcome(enum.IntEnum):
     NO_PLAN = _lib.URO_OUT_NO_PLAN
     ACTED = _lib.URO_OUT_ACTED
     FORWARDED = _lib.URO_OUT_FORWARDED
+    RELIEVED = _lib.URO_OUT_RELIEVED
 
 
 def _timeout_ns(seconds: float) -> int:
@@ -366,9 +397,18 @@ class Action:
         return attrs.evolve(self, flags=self.flags | _lib.URO_F_ALWAYS)
 
     def resolving(self) -> Action:
-        """This action's success resolves the episode (a limit restored after
-        a grant: usage fits again)."""
+        """This action's success resolves the episode and closes an open
+        grant (a limit restored: usage fits again)."""
         return attrs.evolve(self, flags=self.flags | _lib.URO_F_RESOLVES)
+
+    def opening(self) -> Action:
+        """This action's success opens a grant (the limit raised): until a
+        resolving action succeeds, a check can relieve but not resolve."""
+        return attrs.evolve(self, flags=self.flags | _lib.URO_F_OPENS)
+
+    def if_clear(self) -> Action:
+        """This action runs only if the check says the OOM is over now."""
+        return attrs.evolve(self, flags=self.flags | _lib.URO_F_IF_CLEAR)
 
     @classmethod
     def signal_pidfd(cls, pidfd: int, sig: int) -> Action:
@@ -630,6 +670,15 @@ class NativeWatcher:
         """Stops the thread (after the episode in progress) and joins it."""
         if self.running:
             _check(_lib.uro_watcher_stop(self._watcher), "pthread_join")
+
+    def current_episode(self) -> tuple[int, int] | None:
+        """``(seq, notified_ns)`` of the episode in progress, or None."""
+        self._live_arena()
+        if self.state != STATE_EPISODE:
+            return None
+        head = int(_lib.uro_ring_head(self._shared))
+        ev = self._shared.ring[head % RING_SIZE]
+        return head + 1, int(ev.notified_ns)
 
     def run_episode(self, source: int, count: int = 1) -> None:
         """Runs one episode on the calling thread, as the watcher would."""

@@ -30,7 +30,7 @@ ffibuilder.set_source(
     sources=[_relative(HERE / "uro.c")],
     include_dirs=[_relative(HERE)],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-std=gnu11"],
-    libraries=["pthread"],
+    libraries=["pthread", "dl"],
 )
 
 if __name__ == "__main__":

@@ -23,6 +23,9 @@
  */
 
 #define _GNU_SOURCE
+/* Only the stable ABI: the module stays abi3. */
+#define Py_LIMITED_API 0x030A0000
+#include <Python.h>
 #include <errno.h>
 #include <malloc.h>
 #include <stdlib.h>
@@ -307,7 +310,8 @@ URO_CRIT static void crit_episode(struct uro_shared *sh, int src, uint64_t count
 
     if (!outcome) {
         int acted_since_check = 0;
-        uint64_t ran = 0; /* bit i: action i ran and succeeded */
+        int grant_open = 0; /* a raised limit waits for its restore */
+        uint64_t ran = 0;   /* bit i: action i ran and succeeded */
         int32_t k = 0;
         uint32_t n = plan->count < URO_PLAN_MAX ? plan->count : URO_PLAN_MAX;
         for (uint32_t i = 0; i < n; i++) {
@@ -319,18 +323,22 @@ URO_CRIT static void crit_episode(struct uro_shared *sh, int src, uint64_t count
                 continue;
             if (a->guard >= 0 && !(ran & ((uint64_t)1 << (a->guard & 63))))
                 continue;
+            if ((a->flags & URO_F_IF_CLEAR) && has_check && crit_check(plan) != 1)
+                continue;
             int64_t t0 = crit_now();
             if (!ev->acted_ns)
                 ev->acted_ns = t0;
             if (a->kind == URO_ACT_CHECK) {
                 /* Nothing took effect since the last check (say, every victim
-                 * had already exited): waiting would only lose time. */
+                 * had already exited): waiting would only lose time. With a
+                 * grant open the check only waits for the sleepers to wake:
+                 * the restore of the limit is what resolves the episode. */
                 if (outcome || !has_check || !acted_since_check) {
                     r = 0;
                 } else {
                     int64_t when = 0;
                     r = crit_await_resolved(plan, a->timeout_ns, &when);
-                    if (r == 1) {
+                    if (r == 1 && !grant_open) {
                         ev->resolved_ns = when;
                         outcome = URO_OUT_RESOLVED;
                     } else if (r < 0) {
@@ -343,9 +351,14 @@ URO_CRIT static void crit_episode(struct uro_shared *sh, int src, uint64_t count
                 if (r >= 0) {
                     acted_since_check = 1;
                     ran |= (uint64_t)1 << (i & 63);
-                    if ((a->flags & URO_F_RESOLVES) && !outcome) {
-                        ev->resolved_ns = crit_now();
-                        outcome = URO_OUT_RESOLVED;
+                    if (a->flags & URO_F_OPENS)
+                        grant_open = 1;
+                    if (a->flags & URO_F_RESOLVES) {
+                        grant_open = 0;
+                        if (!outcome) {
+                            ev->resolved_ns = crit_now();
+                            outcome = URO_OUT_RESOLVED;
+                        }
                     }
                 }
             }
@@ -359,7 +372,9 @@ URO_CRIT static void crit_episode(struct uro_shared *sh, int src, uint64_t count
         if (!outcome) {
             if (has_check) {
                 int r = crit_check(plan);
-                if (r == 1) {
+                if (r == 1 && grant_open) {
+                    outcome = URO_OUT_RELIEVED;
+                } else if (r == 1) {
                     ev->resolved_ns = crit_now();
                     outcome = URO_OUT_RESOLVED;
                 } else {
@@ -819,6 +834,89 @@ void uro_pool_arena_free(void *ctx, void *ptr, size_t size)
         return;
     }
     munmap(ptr, size);
+}
+
+/* Hooks: pausing the main thread while they run. */
+
+static int32_t hooks_active;       /* hook runs in progress (atomic) */
+/* CPython's switch interval, which bounds how long a thread that holds the
+ * GIL keeps it once another asks: lowered while the hook thread waits for
+ * the GIL, restored when the hooks are done. Looked up at run time (private
+ * but exported); without them the interval is left alone. */
+static void (*set_switch_interval)(unsigned long);
+static unsigned long (*get_switch_interval)(void);
+static unsigned long saved_interval;
+static int interval_lowered;
+static int hooks_resume_fd = -1;
+static int64_t hooks_pause_until;  /* CLOCK_MONOTONIC deadline of the pause */
+static int64_t pauses;
+
+/* Runs in the main thread, with the GIL, at its next bytecode boundary. */
+static int pause_main(void *arg)
+{
+    if (!__atomic_load_n(&hooks_active, __ATOMIC_SEQ_CST))
+        return 0;
+    __atomic_add_fetch(&pauses, 1, __ATOMIC_RELAXED);
+    PyThreadState *ts = PyEval_SaveThread();
+    for (;;) {
+        int64_t left = __atomic_load_n(&hooks_pause_until, __ATOMIC_SEQ_CST) - uro_monotonic_ns();
+        if (!__atomic_load_n(&hooks_active, __ATOMIC_SEQ_CST) || left <= 0)
+            break;
+        crit_wait_readable(__atomic_load_n(&hooks_resume_fd, __ATOMIC_SEQ_CST),
+                           left < 10000000 ? left : 10000000);
+    }
+    PyEval_RestoreThread(ts);
+    return 0;
+}
+
+int64_t uro_hooks_wait(int wake_fd, int resume_fd, int64_t pause_ns)
+{
+    uint64_t count = 0;
+    ssize_t n;
+    do {
+        n = read(wake_fd, &count, sizeof count);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0)
+        return -errno;
+    /* Drain a stale resume from an earlier episode, then pause the main thread. */
+    uint64_t junk;
+    if (crit_wait_readable(resume_fd, 0) == 1)
+        (void)!read(resume_fd, &junk, sizeof junk);
+    __atomic_store_n(&hooks_resume_fd, resume_fd, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&hooks_pause_until, uro_monotonic_ns() + pause_ns, __ATOMIC_SEQ_CST);
+    __atomic_add_fetch(&hooks_active, 1, __ATOMIC_SEQ_CST);
+    (void)Py_AddPendingCall(pause_main, NULL);
+    if (set_switch_interval && get_switch_interval && !interval_lowered) {
+        saved_interval = get_switch_interval();
+        set_switch_interval(URO_HOOK_SWITCH_US);
+        interval_lowered = 1;
+    }
+    return (int64_t)count;
+}
+
+int uro_hooks_init(void)
+{
+    set_switch_interval = (void (*)(unsigned long))dlsym(RTLD_DEFAULT, "_PyEval_SetSwitchInterval");
+    get_switch_interval = (unsigned long (*)(void))dlsym(RTLD_DEFAULT, "_PyEval_GetSwitchInterval");
+    return set_switch_interval && get_switch_interval;
+}
+
+int uro_hooks_done(int resume_fd)
+{
+    if (interval_lowered) {
+        set_switch_interval(saved_interval);
+        interval_lowered = 0;
+    }
+    if (__atomic_load_n(&hooks_active, __ATOMIC_SEQ_CST) > 0)
+        __atomic_sub_fetch(&hooks_active, 1, __ATOMIC_SEQ_CST);
+    return uro_eventfd_write(resume_fd, 1);
+}
+
+int64_t uro_pauses(void) { return __atomic_load_n(&pauses, __ATOMIC_RELAXED); }
+
+int uro_heap_trim(void)
+{
+    return malloc_trim(0);
 }
 
 void *uro_pool_alloc_fn(void) { return (void *)uro_pool_arena_alloc; }

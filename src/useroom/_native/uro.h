@@ -26,8 +26,11 @@
 
 /* Action flags. */
 #define URO_F_READ 1            /* AWAIT: read the eventfd counter once ready */
-#define URO_F_ALWAYS 2          /* run even after the episode was resolved (a restore) */
-#define URO_F_RESOLVES 4        /* success resolves the episode (a limit restored) */
+#define URO_F_ALWAYS 2          /* may run after the episode was resolved (a restore) */
+#define URO_F_RESOLVES 4        /* success resolves the episode and closes a grant */
+#define URO_F_OPENS 8           /* success opens a grant: the limit is raised until
+                                 * an action with URO_F_RESOLVES succeeds */
+#define URO_F_IF_CLEAR 16       /* run only if the check says the OOM is over now */
 
 /* Source kinds: what the watcher does when a source's eventfd fires. */
 #define URO_SRC_OOM 1           /* run the armed plan */
@@ -41,6 +44,8 @@
 #define URO_OUT_NO_PLAN 5       /* no plan was armed */
 #define URO_OUT_ACTED 6         /* the plan ran and there is no check to confirm it */
 #define URO_OUT_FORWARDED 7     /* a forward source fired; Python decides */
+#define URO_OUT_RELIEVED 8      /* no task waits any more, but a grant is still open:
+                                 * the limit is raised by at most the reserve */
 
 /* Watcher states. */
 #define URO_STATE_IDLE 0
@@ -230,6 +235,29 @@ int uro_munlockall(void);
  * bytes and touches it, so later mallocs reuse resident pages. Allocates
  * (that is its point); not for the OOM path. Returns 0 or -errno. */
 int uro_heap_reserve(size_t bytes);
+
+/* The hook thread's wait. Blocks (call it without the GIL) until wake_fd
+ * is readable and reads it; then lowers CPython's switch interval (so the
+ * thread holding the GIL gives it up within microseconds, not milliseconds)
+ * and asks the main thread, through a pending call, to release the GIL and
+ * pause until uro_hooks_done() or until pause_ns have passed: a thread that
+ * allocates while it holds the GIL could otherwise use up the granted
+ * headroom before the hooks get the GIL.
+ * Returns the eventfd counter or -errno. Allocation-free. */
+int64_t uro_hooks_wait(int wake_fd, int resume_fd, int64_t pause_ns);
+/* Ends the pause of uro_hooks_wait. Non-blocking, allocation-free. */
+int uro_hooks_done(int resume_fd);
+/* The switch interval (microseconds) while the hook thread waits for the GIL. */
+#define URO_HOOK_SWITCH_US 50
+/* Finds CPython's switch-interval setters; 1 if found. Setup time. */
+int uro_hooks_init(void);
+/* Pending calls requested and pauses taken by the main thread so far. */
+int64_t uro_pauses(void);
+
+/* Returns the heap's free pages to the kernel (malloc_trim(0)): memory a
+ * hook freed must reach the kernel for the group's usage to drop. Returns 1
+ * if memory was released. Not for the OOM path. */
+int uro_heap_trim(void);
 
 /* Touches bytes of the calling thread's stack below the current frame so the
  * pages exist before an OOM. Non-blocking, allocation-free. */
