@@ -315,3 +315,28 @@ class TestDeadlockRun:
         assert 0 == done.returncode, done.stderr
         assert f"removed {group}, left by an earlier run" in done.stderr
         assert [] == bench_groups()
+
+
+@pytest.mark.kernel
+class TestHardCase:
+    """The product's claim, on the real kernel: a handler inside the group that is
+    out of memory, with the kernel OOM killer disabled, resolves every episode."""
+
+    @pytest.mark.timeout(600)
+    def test_no_deadlock_in_50_episodes_per_variant(self, bench_groups: Callable[[], list[str]],
+                                                   tmp_path: os.PathLike[str]) -> None:
+        """50 episodes each of the standalone and the in-process in-group handler: 0 deadlocks,
+        every worker gone, and events with timings recorded for the episodes."""
+        done, data = run_bench(tmp_path, "--variants", "useroom-standalone", "useroom-inprocess",
+                               "--episodes", "50", timeout=560)
+        for variant in ("useroom-standalone", "useroom-inprocess"):
+            row = data["summary"][variant]
+            assert (50, 50, 0, 0) == (row["episodes"], row["resolved"], row["deadlocks"], row["stalled"]), variant
+            assert row["handler_events"] >= 50, variant
+            assert row["notify_to_signal_p50_ns"] is not None, variant
+            assert 0 < row["locked_bytes"] <= 4 << 20, variant
+        episodes = [episode for block in data["blocks"] for episode in block["episodes"]]
+        assert 100 == len(episodes)
+        assert all(not episode["rescued"] for episode in episodes)
+        assert [] == data["problems"]
+        assert [] == bench_groups()

@@ -87,6 +87,10 @@ class OomEvent:
     ``notified_ns`` when the watcher read the notification, ``acted_ns`` when
     the first action began, ``resolved_ns`` when the watcher saw ``under_oom``
     clear (None if it did not). ``outcome`` is one of ``resolved``,
+    ``superseded`` (the action took effect and the group ran out again
+    before the check saw it clear: the next episode follows at once),
+    ``relieved`` (no task waits, but the limit is still raised by at most
+    the reserve; the handler restores it as soon as usage allows),
     ``unresolved``, ``not_needed`` (a notification with nothing to do),
     ``gone`` (the group was removed), ``no_plan``, ``acted``. ``resolved_by``
     names the phase that ended it: ``hooks`` (the ``on_oom`` hooks freed
@@ -170,7 +174,7 @@ class Handler:
         policy: Policy | None = None,
         *,
         reserve: int | str | None = None,
-        thresholds: Iterable[float] = (0.5, 0.75, 0.9),
+        thresholds: Iterable[float] = (0.25, 0.5, 0.75, 0.9),
         refresh_interval: float = 0.5,
         check_timeout: float = 0.25,
         grant_timeout: float = 1.0,
@@ -438,6 +442,12 @@ class Handler:
             except OSError as err:
                 self.errors.append(err)
         self._table.refresh()
+        if not grant and self._restore_kill_setting is not None:
+            # The plan's last resort left the kernel killer on (tasks still
+            # waited when it ended): turn it off again once no task waits.
+            control = self.group.oom_control()
+            if not control.kill_disabled and not control.under_oom:
+                self.group.set_oom_kill(False)
         if not grant and self._pending_restore is None:
             limit = self.group.limit()
             if self._watcher.state != _native.STATE_EPISODE and limit != self._limit:
@@ -541,7 +551,9 @@ class Handler:
             time.sleep(0.05)  # never spin on a repeating error
 
     def _grant(self) -> None:
-        """With headroom granted: refresh, kill by policy from Python, reply."""
+        """With headroom granted: refresh, kill by policy from Python until
+        the limit can be restored (other tasks may take what one victim
+        freed), then reply."""
         self._grant_wake.read()
         try:
             self._table.refresh()
@@ -555,17 +567,27 @@ class Handler:
                         try:
                             _native.mrelease(victim.pidfd.fileno())
                         except OSError:
-                            pass
+                            pass  # it exited already: its memory is back
                 except OSError as err:
                     result = -(err.errno or errno.EIO)
                 self._grant_actions.append(VictimRecord(
                     victim.pid, victim.name, victim.rss, signal.Signals(self.policy.signal).name,
                     result, "handler",
                 ))
-                if result == 0:
+                if result == 0 and self._limit_fits():
                     break
         finally:
             self._grant_reply.write(1)
+
+    def _limit_fits(self) -> bool:
+        """True if the limit can be restored now (it is, as a side effect)."""
+        if self._limit == UNLIMITED:
+            return True
+        try:
+            self.group.set_limit(self._limit)
+        except OSError:
+            return False
+        return True
 
     def _collect(self) -> None:
         """Turns new watcher records into events."""
@@ -608,7 +630,7 @@ class Handler:
                 victims.append(VictimRecord(target.pid, target.name, target.rss, sig, step.result, "plan"))
         fallback = any(s.phase in ("grant", "kernel") for s in steps)
         resolved_by = None
-        if record.outcome.name == "RESOLVED" and steps:
+        if record.outcome.name in ("RESOLVED", "SUPERSEDED") and steps:
             resolved_by = steps[-1].phase
             for s_ in steps:
                 if s_.t_ns >= record.resolved_ns:

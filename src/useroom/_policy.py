@@ -142,7 +142,7 @@ class _Builder:
             self.add(Action.signal_pid(victim.pid, sig), f"{signal.Signals(sig).name} {who}: {reason}", "kill", victim)
         if self.hooks_grant is not None:
             self.restore(self.hooks_grant, "kill")
-        self.add(Action.check(self.ctx.check_timeout), "check whether the OOM is over", "kill")
+        self.add(Action.check(self.ctx.check_timeout, supersede=True), "check whether the OOM is over", "kill")
         self.victims.append(victim)
 
     def kill_cost(self, term_grace: float | None) -> int:
@@ -344,7 +344,7 @@ class RaiseLimit(Policy):
                     f"raise the limit to {format_size(limit)} (ceiling {format_size(self.ceiling)})",
                     "raise",
                 )
-                b.add(Action.check(ctx.check_timeout), "check whether the OOM is over", "raise")
+                b.add(Action.check(ctx.check_timeout, supersede=True), "check whether the OOM is over", "raise")
         self.then._compile_kills(b, ctx)
         b.tail()
         return b.build()

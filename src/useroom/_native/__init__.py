@@ -360,6 +360,7 @@ class Outcome(enum.IntEnum):
     ACTED = _lib.URO_OUT_ACTED
     FORWARDED = _lib.URO_OUT_FORWARDED
     RELIEVED = _lib.URO_OUT_RELIEVED
+    SUPERSEDED = _lib.URO_OUT_SUPERSEDED
 
 
 def _timeout_ns(seconds: float) -> int:
@@ -449,11 +450,14 @@ class Action:
         )
 
     @classmethod
-    def check(cls, timeout: float) -> Action:
+    def check(cls, timeout: float, *, supersede: bool = False) -> Action:
         """Wait up to ``timeout`` seconds for the plan's check to say the OOM
         is over; the episode ends there if it is. Skipped when no action since
-        the previous check took effect."""
-        return cls(ActionKind.CHECK, timeout_ns=_timeout_ns(timeout))
+        the previous check took effect. With ``supersede``, a new notification
+        of the episode's source (the group ran out again: the action took
+        effect) also ends it, and the next episode starts at once."""
+        return cls(ActionKind.CHECK, timeout_ns=_timeout_ns(timeout),
+                   flags=_lib.URO_F_SUPERSEDE if supersede else 0)
 
 
 def _fd(fd: int) -> int:

@@ -186,9 +186,11 @@ URO_CRIT static int crit_check(const struct uro_plan *plan)
 }
 
 /* Waits until the check says resolved or timeout_ns passes. Returns 1
- * resolved, 0 not, -errno (group gone). *when gets the time it was seen. */
-URO_CRIT static int crit_await_resolved(const struct uro_plan *plan, int64_t timeout_ns,
-                                        int64_t *when)
+ * resolved, 2 superseded (the source fd became readable: a new OOM was
+ * declared, so the previous OOM lock holder woke up and the group ran out
+ * again), 0 not, -errno (group gone). *when gets the time it was seen. */
+URO_CRIT static int crit_await_resolved(const struct uro_plan *plan, int source_fd,
+                                        int64_t timeout_ns, int64_t *when)
 {
     int64_t deadline = crit_now() + timeout_ns;
     int64_t step = plan->poll_ns > 0 ? plan->poll_ns : 1000000;
@@ -202,7 +204,14 @@ URO_CRIT static int crit_await_resolved(const struct uro_plan *plan, int64_t tim
         int64_t left = deadline - crit_now();
         if (left <= 0)
             return 0;
-        crit_sleep(left < step ? left : step);
+        if (source_fd >= 0) {
+            if (crit_wait_readable(source_fd, left < step ? left : step) == 1) {
+                *when = crit_now();
+                return 2;
+            }
+        } else {
+            crit_sleep(left < step ? left : step);
+        }
     }
 }
 
@@ -337,10 +346,14 @@ URO_CRIT static void crit_episode(struct uro_shared *sh, int src, uint64_t count
                     r = 0;
                 } else {
                     int64_t when = 0;
-                    r = crit_await_resolved(plan, a->timeout_ns, &when);
+                    int supersede_fd = (a->flags & URO_F_SUPERSEDE) ? sh->sources[src].fd : -1;
+                    r = crit_await_resolved(plan, supersede_fd, a->timeout_ns, &when);
                     if (r == 1 && !grant_open) {
                         ev->resolved_ns = when;
                         outcome = URO_OUT_RESOLVED;
+                    } else if (r == 2) {
+                        ev->resolved_ns = when;
+                        outcome = URO_OUT_SUPERSEDED;
                     } else if (r < 0) {
                         outcome = URO_OUT_GONE;
                     }

@@ -31,6 +31,8 @@
 #define URO_F_OPENS 8           /* success opens a grant: the limit is raised until
                                  * an action with URO_F_RESOLVES succeeds */
 #define URO_F_IF_CLEAR 16       /* run only if the check says the OOM is over now */
+#define URO_F_SUPERSEDE 32      /* CHECK: a new notification of the source ends the
+                                 * episode (superseded) instead of waiting on */
 
 /* Source kinds: what the watcher does when a source's eventfd fires. */
 #define URO_SRC_OOM 1           /* run the armed plan */
@@ -46,6 +48,9 @@
 #define URO_OUT_FORWARDED 7     /* a forward source fired; Python decides */
 #define URO_OUT_RELIEVED 8      /* no task waits any more, but a grant is still open:
                                  * the limit is raised by at most the reserve */
+#define URO_OUT_SUPERSEDED 9    /* while a check waited, the group ran out again: the
+                                 * action took effect (the OOM lock changed hands) and
+                                 * the next notification starts a new episode */
 
 /* Watcher states. */
 #define URO_STATE_IDLE 0
@@ -92,7 +97,7 @@ struct uro_event {
     uint64_t count;          /* the eventfd counter that was read */
     int64_t notified_ns;     /* the watcher read the notification */
     int64_t acted_ns;        /* the first action began; 0 if none ran */
-    int64_t resolved_ns;     /* the check first saw the OOM over; 0 if not seen */
+    int64_t resolved_ns;     /* the OOM was seen over (or superseded); 0 if not seen */
     uint64_t plan_id;        /* the id of the plan that ran; 0 if none */
     int32_t plan_slot;
     int32_t nsteps;

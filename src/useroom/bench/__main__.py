@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
                           help="worker processes per episode (default %(default)s)")
     deadlock.add_argument("--worker-size", type=size, default=defaults.worker_size,
                           help="memory each worker touches, more than the limit (default 96M)")
+    deadlock.add_argument("--reserve", type=size, default=defaults.reserve,
+                          help="the useroom handlers' headroom grant, for workers that started after "
+                               "the last refresh (default 8M; 0: none)")
     deadlock.add_argument("--deadlock-after", type=float, default=defaults.deadlock_after, metavar="SECONDS",
                           help="an episode still under OOM this long after start is a deadlock "
                                "(default %(default)s)")
@@ -89,7 +92,7 @@ def _deadlock_main(argv: list[str], out: TextIO, err: TextIO) -> int:
         config = Config(
             variants=chosen, episodes=args.episodes,
             naive_episodes=args.naive_episodes if args.naive_episodes is not None else min(args.episodes, 20),
-            limit=args.limit, workers=args.workers, worker_size=args.worker_size,
+            limit=args.limit, workers=args.workers, worker_size=args.worker_size, reserve=args.reserve,
             deadlock_after=args.deadlock_after, block=args.block, naive_pick=args.naive_pick,
         )
         missing = check_available(config.variants)

@@ -55,6 +55,8 @@ __all__ = [
 ]
 
 _MS: Final = 1_000_000
+#: Handler outcomes that mean the episode's OOM was dealt with.
+_HANDLED: Final = frozenset({"resolved", "superseded"})
 #: How often ``under_oom`` is read once every worker has exited (nothing announces it clearing).
 _UNDER_OOM_POLL_S: Final = 0.0002
 _RESCUE_TIMEOUT_S: Final = 10.0
@@ -106,6 +108,9 @@ class Config:
     limit: int = 64 << 20
     workers: int = 4
     worker_size: int = 96 << 20
+    #: The useroom handlers' reserve: headroom for acting on workers that
+    #: started after the victim table's last refresh (0: none).
+    reserve: int = 8 << 20
     deadlock_after: float = 5.0
     #: Episodes per block (per handler process) for the variants that keep one.
     block: int = 10
@@ -328,9 +333,9 @@ def _start_handler(lab: Lab, group: ScratchGroup, config: Config, variant: Varia
         return HandlerProcess.start(lab, naive_argv(group, config.naive_pick), stderr_path=stderr_path,
                                     events_path=None)
     if variant.handler == "standalone":
-        argv = standalone_argv(group, events_path)
+        argv = standalone_argv(group, events_path, config.reserve)
     else:
-        argv = service_argv(group, events_path)
+        argv = service_argv(group, events_path, config.reserve)
     return HandlerProcess.start(lab, argv, stderr_path=stderr_path, events_path=events_path)
 
 
@@ -459,18 +464,22 @@ def attribute_events(block: Block) -> None:
     for episode in block.episodes:
         seen = outcomes[id(episode)]
         # The kernel killer acting (useroom's last resort) means the handler alone did not resolve it.
-        episode.handler_resolved = (not episode.rescued and episode.kernel_kills == 0 and "resolved" in seen
-                                    and all(outcome in ("resolved", "not_needed") for outcome in seen))
+        episode.handler_resolved = (not episode.rescued and episode.kernel_kills == 0 and bool(set(seen) & _HANDLED)
+                                    and all(outcome in _HANDLED | {"not_needed"} for outcome in seen))
 
 
 def notify_to_signal_ns(event: dict[str, Any]) -> int | None:
-    """The first signalling step's time minus the notification time, from one event record."""
+    """From the notification to the first signal sent (the system call's
+    entry), from one event record: the handler's own figure when it gives
+    one, else the first signalling step's start (or end) time."""
+    if "notify_to_signal_ns" in event:
+        return _int(event.get("notify_to_signal_ns"))
     notified = _int(event.get("notified_ns"))
     if notified is None:
         return None
     for step in event.get("steps") or ():
         if isinstance(step, dict) and _is_signal_kind(step.get("kind")):
-            t_ns = _int(step.get("t_ns"))
+            t_ns = _int(step.get("started_ns", step.get("t_ns")))
             return None if t_ns is None else t_ns - notified
     return None
 

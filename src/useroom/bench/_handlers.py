@@ -36,13 +36,13 @@ def naive_argv(group: ScratchGroup, pick: str) -> list[str]:
     return [sys.executable, "-I", NAIVE_SCRIPT, group.path, pick]
 
 
-def standalone_argv(group: ScratchGroup, events_path: str) -> list[str]:
+def standalone_argv(group: ScratchGroup, events_path: str, reserve: int) -> list[str]:
     return [sys.executable, "-m", "useroom", "handle", group.path, "--join", "--policy", "kill-largest",
-            "--events-out", events_path]
+            "--reserve", str(reserve), "--events-out", events_path]
 
 
-def service_argv(group: ScratchGroup, events_path: str) -> list[str]:
-    return [sys.executable, "-m", "useroom.bench", "_service", group.path, events_path]
+def service_argv(group: ScratchGroup, events_path: str, reserve: int) -> list[str]:
+    return [sys.executable, "-m", "useroom.bench", "_service", group.path, events_path, str(reserve)]
 
 
 @attrs.frozen

@@ -1,6 +1,6 @@
 """The in-process variant: a Python "service" in the group that runs useroom's handler itself.
 
-``python -m useroom.bench _service GROUP_DIR JSON_PATH`` opens the group with
+``python -m useroom.bench _service GROUP_DIR JSON_PATH [RESERVE]`` opens the group with
 the public API, moves itself into it, starts a :class:`useroom.Handler` with
 the kill-largest policy and prints ``ready``. Its main thread then keeps
 allocating a little, as a service would: small objects, and now and then a
@@ -30,10 +30,11 @@ _BUFFER_BYTES = 256 * 1024  # above glibc's default mmap threshold: fresh pages 
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:
-        print("usage: python -m useroom.bench _service GROUP_DIR JSON_PATH", file=sys.stderr)
+    if len(argv) not in (2, 3):
+        print("usage: python -m useroom.bench _service GROUP_DIR JSON_PATH [RESERVE]", file=sys.stderr)
         return 2
-    group_path, json_path = argv
+    group_path, json_path = argv[:2]
+    reserve = int(argv[2]) if len(argv) == 3 else 0
     import useroom
 
     stopping = False
@@ -45,7 +46,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, on_term)
     group = useroom.Group.open(group_path)
     group.attach(os.getpid())
-    handler = useroom.Handler(group, policy=useroom.KillLargest())
+    handler = useroom.Handler(group, policy=useroom.KillLargest(), reserve=reserve or None)
     handler.start()
     try:
         print("ready", flush=True)
