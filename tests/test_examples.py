@@ -53,3 +53,21 @@ class TestExamples:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+    def test_cache_service(self) -> None:
+        """Under repeated OOMs the cache service keeps serving, its hook runs every
+        episode and resolves it, and nothing is killed."""
+        out = subprocess.run(
+            [sys.executable, str(EXAMPLES / "cache_service.py"), "--seconds", "4"],
+            capture_output=True, text=True, timeout=100,
+        )
+        assert 0 == out.returncode, out.stderr
+        import re
+
+        served = int(re.search(r"served (\d+) requests", out.stdout).group(1))
+        episodes, by_hook, runs, killed = map(int, re.search(
+            r"OOM episodes: (\d+); resolved by the hook: (\d+); hook runs: (\d+); tasks killed: (\d+)",
+            out.stdout).groups())
+        assert episodes >= 3, out.stdout
+        assert (episodes, episodes, 0) == (by_hook, runs, killed)
+        assert served > 1000

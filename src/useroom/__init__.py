@@ -4,6 +4,7 @@ Unprivileged, and reliable even when the handler runs inside the group that
 is out of memory. See the documentation for the design and the rules.
 """
 
+from useroom._check import HookReport, check_hook
 from useroom._cgroup import EventRegistration, Group, OomControl, Stats
 from useroom._handler import Handler, OomEvent, StepRecord, VictimRecord
 from useroom._hardening import HardeningReport, lock_memory
@@ -44,6 +45,7 @@ __all__ = [
     "Handler",
     "HardeningReport",
     "HookRecord",
+    "HookReport",
     "InvalidName",
     "InvalidSize",
     "KernelFormatError",
@@ -66,6 +68,7 @@ __all__ = [
     "UseroomError",
     "VictimRecord",
     "WatcherError",
+    "check_hook",
     "format_size",
     "lock_memory",
     "parse_size",

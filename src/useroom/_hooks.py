@@ -155,9 +155,13 @@ class HookRunner:
             return
         self.wake.write(1)
         # The thread's wake-up asks the main thread to pause; if this is the
-        # main thread, the pause ends as soon as the hook thread is done.
-        self._thread.join()
-        self._close()
+        # main thread, the pause ends as soon as the hook thread is done. A
+        # hook that never returns keeps its thread: abandon it.
+        self._thread.join(self._timeout_ns / 1e9 + 1)
+        if self._thread.is_alive():
+            self.abandon()
+        else:
+            self._close()
 
     def abandon(self) -> None:
         with self._lock:

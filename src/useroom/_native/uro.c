@@ -332,6 +332,9 @@ URO_CRIT static void crit_episode(struct uro_shared *sh, int src, uint64_t count
                 continue;
             if (a->guard >= 0 && !(ran & ((uint64_t)1 << (a->guard & 63))))
                 continue;
+            /* A restore with no grant open (it succeeded already) is moot. */
+            if ((a->flags & URO_F_RESOLVES) && (a->flags & URO_F_ALWAYS) && !grant_open)
+                continue;
             if ((a->flags & URO_F_IF_CLEAR) && has_check && crit_check(plan) != 1)
                 continue;
             int64_t t0 = crit_now();
