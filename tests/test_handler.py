@@ -7,6 +7,7 @@ import os
 import signal
 import time
 
+import psutil
 import pytest
 
 from helpers import MIB, wait_until
@@ -218,3 +219,58 @@ class TestLifecycle:
             Handler(scratch_group).start()
         assert before == len(os.listdir("/proc/self/fd"))
         assert False is scratch_group.oom_control().kill_disabled
+
+
+class TestMorePolicies:
+    @pytest.fixture
+    def group(self, scratch_group: Group) -> Group:
+        scratch_group.set_limit("64M")
+        return scratch_group
+
+    def test_dry_run_kills_nobody_and_records_what_it_would_do(self, group: Group, spawn_hog) -> None:
+        """DryRun raises the limit within its ceiling instead of killing, and the event
+        says whom the policy would have killed, and why."""
+        big, = _hogs(spawn_hog, group, 30)
+        from useroom import DryRun
+
+        with Handler(group, DryRun(KillLargest(), step="32M", ceiling="256M"), thresholds=()) as handler:
+            grower = spawn_hog(50, group=group)
+            assert wait_until(lambda: _table_has(handler, {big.pid, grower.pid}), 5)
+            grower.start()
+            assert grower.wait_touched(20)
+            events = _episodes(handler, 1)
+        assert (None, None) == (big.returncode, grower.returncode)
+        assert [] == [v for e in events for v in e.victims]
+        assert events[0].would[0].startswith(f"SIGKILL {big.pid} ")
+        assert "largest RSS" in events[0].would[0]
+        assert 96 * MIB == group.limit()
+
+    def test_freeze_and_decide(self, group: Group, spawn_hog) -> None:
+        """The tasks are stopped, the callback picks the victim (not the largest), the
+        rest are thawed and finish."""
+        from useroom import FreezeAndDecide
+
+        big, small = _hogs(spawn_hog, group, 24, 20)
+        seen = []
+
+        def decide(ctx) -> list[int]:
+            seen.append(sorted(v.pid for v in ctx.victims))
+            seen.append(psutil.Process(big.pid).status())
+            return [small.pid]
+
+        with Handler(group, FreezeAndDecide(decide), reserve="16M", thresholds=()) as handler:
+            grower = spawn_hog(30, group=group)
+            assert wait_until(lambda: _table_has(handler, {big.pid, small.pid, grower.pid}), 5)
+            grower.start()
+            assert grower.wait_touched(20)
+            assert -signal.SIGKILL == small.wait(5)
+            events = _episodes(handler, 1)
+        assert sorted([big.pid, small.pid, grower.pid]) == seen[0]
+        assert psutil.STATUS_STOPPED == seen[1]  # stopped while deciding
+        assert None is big.returncode
+        assert psutil.STATUS_STOPPED != big.process.status()  # thawed
+        [event] = events
+        assert [(small.pid, "handler")] == [(v.pid, v.by) for v in event.victims if v.result == 0 and v.by == "handler"]
+        kinds = [(s.kind, s.phase) for s in event.steps]
+        assert ("SIGNAL_PIDFD", "freeze") in kinds
+        assert "resolved" == event.outcome

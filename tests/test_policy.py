@@ -145,3 +145,22 @@ class TestValidation:
             RaiseLimit("0", "1G")
         with pytest.raises(ValueError):
             RaiseLimit("lots", "1G")
+
+
+class TestDryRunAndFreeze:
+    def test_dry_run_plans_no_signal(self) -> None:
+        """A dry run plans raises and the kernel fallback, never a signal, and says what it would do."""
+        from useroom import DryRun
+
+        compiled = DryRun(KillNewest(), step="32M", ceiling="128M").compile(_ctx(kill_switch_fd=7))
+        assert not [a for a in compiled.plan.actions if a.kind.name.startswith("SIGNAL")]
+        assert [13, 12, 11] == [int(w.split()[1]) for w in compiled.would]
+        assert "kernel" in compiled.phases
+
+    def test_freeze_needs_pidfds_and_a_reserve(self) -> None:
+        """Without pidfds (or without a reserve) there is nothing to stop: the kill plan remains."""
+        from useroom import FreezeAndDecide
+
+        compiled = FreezeAndDecide(lambda ctx: []).compile(_ctx(reserve=MIB, grant_wake_fd=8, grant_reply_fd=9))
+        assert "freeze" not in compiled.phases
+        assert "kill" in compiled.phases

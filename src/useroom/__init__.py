@@ -9,7 +9,16 @@ from useroom._cgroup import EventRegistration, Group, OomControl, Stats
 from useroom._handler import Handler, OomEvent, StepRecord, VictimRecord
 from useroom._hardening import HardeningReport, lock_memory
 from useroom._hooks import HookRecord, OomContext, PressureContext
-from useroom._policy import KillByPriority, KillLargest, KillNewest, Policy, RaiseLimit
+from useroom._policy import (
+    DryRun,
+    FreezeAndDecide,
+    FrozenContext,
+    KillByPriority,
+    KillLargest,
+    KillNewest,
+    Policy,
+    RaiseLimit,
+)
 from useroom._units import UNLIMITED, format_size, parse_size
 from useroom.exceptions import (
     CgroupError,
@@ -33,10 +42,12 @@ from useroom.exceptions import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "UNLIMITED",
     "CgroupError",
     "CgroupPermissionError",
+    "DryRun",
     "EventRegistration",
+    "FreezeAndDecide",
+    "FrozenContext",
     "Group",
     "GroupBusy",
     "GroupExists",
@@ -64,6 +75,7 @@ __all__ = [
     "RootGroupError",
     "Stats",
     "StepRecord",
+    "UNLIMITED",
     "UnsupportedKernel",
     "UseroomError",
     "VictimRecord",

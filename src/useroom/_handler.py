@@ -39,7 +39,7 @@ from useroom._hooks import (
     PressureContext,
 )
 from useroom._native import EventFd, EventRecord, NativeWatcher, SourceKind
-from useroom._policy import CompiledPlan, KillLargest, PlanContext, Policy
+from useroom._policy import CompiledPlan, FreezeAndDecide, FrozenContext, KillLargest, PlanContext, Policy
 from useroom._units import UNLIMITED, parse_size
 from useroom._victims import Victim, VictimTable
 from useroom.exceptions import GroupGone, UnsupportedKernel, WatcherError
@@ -97,7 +97,8 @@ class OomEvent:
     enough), ``kill`` (a victim of the plan), ``raise``, ``grant`` (the
     handler acted with headroom granted) or ``kernel``. ``fallback`` is True
     when the hooks and the planned victims were not enough and the headroom
-    grant or the kernel OOM killer was used. ``hooks`` records each hook run.
+    grant or the kernel OOM killer was used. ``hooks`` records each hook run;
+    ``would``, under a :class:`DryRun` policy, what the policy would have done.
     """
 
     seq: int
@@ -112,6 +113,7 @@ class OomEvent:
     plan_id: int
     resolved_by: str | None = None
     hooks: tuple[HookRecord, ...] = ()
+    would: tuple[str, ...] = ()
 
     @property
     def notify_to_hook_ns(self) -> int | None:
@@ -557,6 +559,9 @@ class Handler:
         self._grant_wake.read()
         try:
             self._table.refresh()
+            if isinstance(self.policy, FreezeAndDecide):
+                self._decide(self.policy)
+                return
             for victim, _ in self.policy.order(self._table.victims):
                 if victim.pidfd is None or victim.pidfd.exited:
                     continue
@@ -578,6 +583,33 @@ class Handler:
                     break
         finally:
             self._grant_reply.write(1)
+
+    def _decide(self, policy: FreezeAndDecide) -> None:
+        """The group is stopped: ask the user's callback whom to kill."""
+        victims = {v.pid: v for v in self._table.victims}
+        ctx = FrozenContext(tuple(victims.values()), self.group.usage(), self._limit)
+        try:
+            chosen = list(policy.decide(ctx))
+        except Exception as err:
+            self._note(err)
+            return
+        for pid in chosen:
+            victim = victims.get(pid)
+            if victim is None or victim.pidfd is None:
+                self.errors.append(ValueError(f"decide() chose {pid}, which is not a task of the group"))
+                continue
+            result = 0
+            try:
+                signal.pidfd_send_signal(victim.pidfd.fileno(), signal.SIGKILL)
+                if _native.can_use_mrelease:
+                    try:
+                        _native.mrelease(victim.pidfd.fileno())
+                    except OSError:
+                        pass
+            except OSError as err:
+                result = -(err.errno or errno.EIO)
+            self._grant_actions.append(VictimRecord(victim.pid, victim.name, victim.rss, "SIGKILL", result,
+                                                    "handler"))
 
     def _limit_fits(self) -> bool:
         """True if the limit can be restored now (it is, as a side effect)."""
@@ -640,7 +672,7 @@ class Handler:
         for runner in (self._runner,):
             if runner is not None:
                 hooks = runner.records.pop(record.seq, ())
-        if any(s.phase == "grant" for s in steps) and self._grant_actions:
+        if any(s.phase in ("grant", "freeze") for s in steps) and self._grant_actions:
             victims.extend(self._grant_actions)
             self._grant_actions = []
         taken = [s.explanation for s in steps if s.ok and s.kind != "CHECK" and s.explanation]
@@ -658,6 +690,7 @@ class Handler:
             plan_id=record.plan_id,
             resolved_by=resolved_by,
             hooks=hooks,
+            would=armed.compiled.would if armed else (),
         )
 
     # -- teardown ----------------------------------------------------------

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import abc
 import signal
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Union
 
 import attrs
@@ -47,6 +47,9 @@ from useroom._victims import Pidfd, Victim
 
 __all__ = [
     "CompiledPlan",
+    "DryRun",
+    "FreezeAndDecide",
+    "FrozenContext",
     "KillByPriority",
     "KillLargest",
     "KillNewest",
@@ -96,6 +99,8 @@ class CompiledPlan:
     targets: tuple[Victim | None, ...]
     victims: tuple[Victim, ...]
     pidfds: tuple[Pidfd, ...]
+    #: What the policy would have done (dry runs), one line each.
+    would: tuple[str, ...] = ()
 
 
 class _Builder:
@@ -348,3 +353,105 @@ class RaiseLimit(Policy):
         self.then._compile_kills(b, ctx)
         b.tail()
         return b.build()
+
+
+@attrs.frozen
+class FrozenContext:
+    """What a :class:`FreezeAndDecide` callback is told: the group's tasks,
+    stopped, as of a refresh made with headroom granted."""
+
+    victims: tuple[Victim, ...]
+    usage: int
+    limit: int
+
+
+Decide = Callable[[FrozenContext], Iterable[int]]
+
+
+@attrs.frozen
+class FreezeAndDecide(Policy):
+    """Stop the group's tasks, let ``decide`` choose whom to kill, then thaw.
+
+    The plan grants headroom (the tasks asleep in the OOM wait wake up and
+    stop: SIGSTOP is taken as they return from the fault), stops the tasks of
+    the table, wakes the handler, which refreshes the table and calls
+    ``decide(ctx)`` for the pids to kill, kills them, and replies; the plan
+    then sends SIGCONT to every task it stopped and restores the limit. If
+    that does not fit, ``then`` (KillLargest by default) runs as usual.
+    cgroup v1's freezer is a separate hierarchy, so tasks are stopped by
+    signal, which works in a delegated memory subtree with no other
+    controller. At most ``max_frozen`` tasks are stopped.
+    """
+
+    decide: Decide = attrs.field(kw_only=False)
+    then: Policy = attrs.field(factory=KillLargest)
+    max_frozen: int = 6
+
+    def order(self, victims: tuple[Victim, ...]) -> list[tuple[Victim, str]]:
+        return self.then.order(victims)
+
+    def compile(self, ctx: PlanContext) -> CompiledPlan:
+        b = _Builder(attrs.evolve(ctx, hooks_wake_fd=-1, hooks_reply_fd=-1))
+        stoppable = [v for v in ctx.victims if v.pidfd is not None][: self.max_frozen]
+        if ctx.can_grant and ctx.grant_wake_fd >= 0 and ctx.grant_reply_fd >= 0 and stoppable:
+            grant_at = len(b.actions)
+            granted = ctx.limit + ctx.reserve
+            b.add(Action.write(ctx.limit_fd, str(granted).encode()).opening(),
+                  f"grant headroom: limit {format_size(ctx.limit)} -> {format_size(granted)}", "freeze")
+            stops = []
+            for v in stoppable:
+                assert v.pidfd is not None
+                stops.append((len(b.actions), v))
+                b.pidfds.append(v.pidfd)
+                b.add(Action.signal_pidfd(v.pidfd.fileno(), signal.SIGSTOP).after(grant_at),
+                      f"SIGSTOP {v.describe()}: freeze before deciding", "freeze", v)
+            b.add(Action.wake(ctx.grant_wake_fd).after(grant_at), "wake the handler to decide", "freeze")
+            b.add(Action.await_readable(ctx.grant_reply_fd, ctx.grant_timeout, read=True).after(grant_at),
+                  f"wait up to {ctx.grant_timeout} s for the decision", "freeze")
+            for at, v in stops:
+                assert v.pidfd is not None
+                b.add(Action.signal_pidfd(v.pidfd.fileno(), signal.SIGCONT).after(at).always(),
+                      f"SIGCONT {v.pid}: thaw", "freeze")
+            b.restore(grant_at, "freeze")
+            b.hooks_grant = grant_at
+        self.then._compile_kills(b, ctx)
+        b.ctx = attrs.evolve(b.ctx, grant_wake_fd=-1, grant_reply_fd=-1)  # the grant was the decision's
+        b.tail()
+        return b.build()
+
+
+@attrs.frozen
+class DryRun(Policy):
+    """Decide as ``policy`` would and record it, but kill nobody.
+
+    Each episode's event lists what ``policy`` would have done
+    (``OomEvent.would``), and the episode is resolved by the least
+    disruptive means allowed: the limit raised in ``step`` increments up to
+    ``ceiling`` when given, else the kernel OOM killer for that episode.
+    """
+
+    policy: Policy = attrs.field(factory=KillLargest)
+    step: int | None = attrs.field(default=None, converter=attrs.converters.optional(parse_size))
+    ceiling: int | None = attrs.field(default=None, converter=attrs.converters.optional(parse_size))
+
+    def order(self, victims: tuple[Victim, ...]) -> list[tuple[Victim, str]]:
+        return self.policy.order(victims)
+
+    def would(self, victims: tuple[Victim, ...]) -> tuple[str, ...]:
+        sig = signal.Signals(self.policy.signal).name
+        return tuple(f"{sig} {v.describe()}: {reason}"
+                     for v, reason in self.policy.order(victims)[: self.policy.max_victims])
+
+    def compile(self, ctx: PlanContext) -> CompiledPlan:
+        ctx = attrs.evolve(ctx, reserve=0, hooks_wake_fd=-1, hooks_reply_fd=-1)
+        b = _Builder(ctx)
+        if self.step and self.ceiling and ctx.limit >= 0:
+            limit = ctx.limit
+            while limit + self.step <= self.ceiling and b.room() - b.tail_cost() > 2:
+                limit += self.step
+                b.add(Action.write(ctx.limit_fd, str(limit).encode()),
+                      f"dry run: raise the limit to {format_size(limit)}", "raise")
+                b.add(Action.check(ctx.check_timeout, supersede=True), "check whether the OOM is over", "raise")
+        b.tail()
+        compiled = b.build()
+        return attrs.evolve(compiled, would=self.would(ctx.victims))
