@@ -42,6 +42,7 @@ from useroom.exceptions import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "UNLIMITED",
     "CgroupError",
     "CgroupPermissionError",
     "DryRun",
@@ -75,7 +76,6 @@ __all__ = [
     "RootGroupError",
     "Stats",
     "StepRecord",
-    "UNLIMITED",
     "UnsupportedKernel",
     "UseroomError",
     "VictimRecord",
