@@ -172,3 +172,22 @@ class TestRegistration:
         assert 1 <= len(seen)
         assert 32 << 20 == seen[0][0]
         assert seen[0][1] >= 32 << 20
+
+
+@pytest.mark.kernel
+@pytest.mark.timeout(120)
+def test_hooks_benchmark_reports_figures() -> None:
+    """``python -m useroom.bench hooks`` runs the cache service, whose hook resolves
+    every episode, and prints the notification-to-hook latency."""
+    done = subprocess.run([sys.executable, "-m", "useroom.bench", "hooks", "--runs", "1", "--seconds", "3"],
+                          capture_output=True, text=True, timeout=100)
+    assert 0 == done.returncode, done.stderr
+    import re
+
+    m = re.search(r"OOM episodes: (\d+); resolved by the hook: (\d+); needed the fallback: (\d+); "
+                  r"unresolved: (\d+); tasks killed: (\d+)", done.stdout)
+    assert m, done.stdout
+    episodes, by_hooks, fallback, unresolved, killed = map(int, m.groups())
+    assert episodes >= 2
+    assert (episodes, 0, 0, 0) == (by_hooks, fallback, unresolved, killed)
+    assert "notification -> hook start: p50" in done.stdout

@@ -1,4 +1,5 @@
-"""``python -m useroom.bench deadlock ...``: see ``docs/benchmarks.md``.
+"""``python -m useroom.bench deadlock ...`` and ``python -m useroom.bench hooks ...``:
+see ``docs/benchmarks.md``.
 
 ``python -m useroom.bench _service GROUP_DIR JSON_PATH`` is the in-process
 variant's service process, started by the benchmark itself; it is dispatched
@@ -22,6 +23,10 @@ def main(argv: list[str] | None = None, *, out: TextIO | None = None, err: TextI
         from useroom.bench._service import main as service_main
 
         return service_main(argv[1:])
+    if argv[:1] == ["hooks"]:
+        from useroom.bench._hooks import main as hooks_main
+
+        return hooks_main(argv[1:])
     return _deadlock_main(argv, out or sys.stdout, err or sys.stderr)
 
 
