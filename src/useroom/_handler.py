@@ -42,7 +42,7 @@ from useroom._native import EventFd, EventRecord, NativeWatcher, SourceKind
 from useroom._policy import CompiledPlan, FreezeAndDecide, FrozenContext, KillLargest, PlanContext, Policy
 from useroom._units import UNLIMITED, parse_size
 from useroom._victims import Victim, VictimTable
-from useroom.exceptions import GroupGone, UnsupportedKernel, WatcherError
+from useroom.exceptions import GroupGone, RootGroupError, UnsupportedKernel, WatcherError
 
 __all__ = ["Handler", "OomEvent", "StepRecord", "VictimRecord"]
 
@@ -187,7 +187,7 @@ class Handler:
         mlockall: bool = False,
     ) -> None:
         if group.is_root:
-            raise UnsupportedKernel(errno.EINVAL, "the root memory cgroup has no OOM notifications")
+            raise RootGroupError("the root memory cgroup has no limit and no OOM notifications")
         if group.version != 1:
             raise UnsupportedKernel(errno.ENOTSUP, f"no handler backend for cgroup v{group.version} yet")
         self.group = group
@@ -301,6 +301,12 @@ class Handler:
         """The episodes so far, oldest first (a copy)."""
         with self._events_lock:
             return list(self._events)
+
+    @property
+    def lost(self) -> int:
+        """Watcher records overwritten before they were read (0 normally)."""
+        watcher = getattr(self, "_watcher", None)
+        return watcher.lost if watcher is not None else 0
 
     @property
     def victims(self) -> tuple[Victim, ...]:
@@ -563,12 +569,15 @@ class Handler:
                 self._decide(self.policy)
                 return
             for victim, _ in self.policy.order(self._table.victims):
-                if victim.pidfd is None or victim.pidfd.exited:
+                if victim.pidfd is not None and victim.pidfd.exited:
                     continue
                 result = 0
                 try:
-                    signal.pidfd_send_signal(victim.pidfd.fileno(), self.policy.signal)
-                    if _native.can_use_mrelease and self.policy.signal == signal.SIGKILL:
+                    if victim.pidfd is None:
+                        os.kill(victim.pid, self.policy.signal)  # no pidfds: refreshed just now
+                    else:
+                        signal.pidfd_send_signal(victim.pidfd.fileno(), self.policy.signal)
+                    if victim.pidfd is not None and _native.can_use_mrelease and self.policy.signal == signal.SIGKILL:
                         try:
                             _native.mrelease(victim.pidfd.fileno())
                         except OSError:
@@ -579,6 +588,8 @@ class Handler:
                     victim.pid, victim.name, victim.rss, signal.Signals(self.policy.signal).name,
                     result, "handler",
                 ))
+                if result == 0 and self.policy.signal == signal.SIGKILL:
+                    self._table.dying.add(victim.pid)
                 if result == 0 and self._limit_fits():
                     break
         finally:
@@ -625,14 +636,26 @@ class Handler:
         """Turns new watcher records into events."""
         for record in self._watcher.wait(0):
             event = self._event(record)
-            if event.outcome in ("relieved", "unresolved") and any(
-                    s.kind == "WRITE" and s.ok and "grant headroom" in s.explanation for s in event.steps):
+            if self._grant_left_open(event):
                 self._pending_restore = self._limit
+            self._table.dying.update(v.pid for v in event.victims if v.signal == "SIGKILL" and v.result == 0)
             with self._event_cond:
                 self._events.append(event)
                 self._event_cond.notify_all()
             if event.steps:
                 self._after(event)
+
+    @staticmethod
+    def _grant_left_open(event: OomEvent) -> bool:
+        """True if the episode raised the limit and no restore succeeded after it."""
+        open_ = False
+        for step in event.steps:
+            if step.kind == "WRITE" and step.ok:
+                if step.explanation.startswith("grant headroom"):
+                    open_ = True
+                elif step.explanation.startswith("restore the limit"):
+                    open_ = False
+        return open_
 
     def _after(self, event: OomEvent) -> None:
         for fn, _ in self._hooks.get("kill"):
@@ -658,7 +681,7 @@ class Handler:
             steps.append(StepRecord(step.kind.name, why, phase, step.result, step.t0_ns, step.t_ns))
             target = armed.compiled.targets[i] if armed else None
             if target is not None and step.kind.name.startswith("SIGNAL"):
-                sig = "SIGTERM" if why.startswith("SIGTERM") else signal.Signals(self.policy.signal).name
+                sig = why.split(" ", 1)[0]  # the explanation starts with the signal's name
                 victims.append(VictimRecord(target.pid, target.name, target.rss, sig, step.result, "plan"))
         fallback = any(s.phase in ("grant", "kernel") for s in steps)
         resolved_by = None

@@ -85,6 +85,14 @@ Hook = Callable[..., Any]
 THREAD_STACK_PREFAULT = 256 << 10
 
 
+def _heap_keep() -> int:
+    """The heap reserve that hardening prefaulted: trimming keeps it."""
+    from useroom import _hardening
+
+    report = _hardening._done
+    return report.heap_reserved if report is not None else 0
+
+
 def hook_name(fn: Hook) -> str:
     return getattr(fn, "__qualname__", None) or repr(fn)
 
@@ -221,7 +229,7 @@ class HookRunner:
                 ended = time.monotonic_ns()
                 records.append(HookRecord(hook_name(fn), started, ended - started, freed, error,
                                           ended > ctx.deadline_ns))
-                _native.heap_trim()
+                _native.heap_trim(_heap_keep())
                 ctx.usage = self._usage(ctx.usage)
                 if ctx.usage < ctx.limit:
                     break
@@ -230,7 +238,7 @@ class HookRunner:
                 gc.enable()
             # What the hooks freed is in glibc's heap, which useroom keeps
             # from trimming: hand it back, or the group's usage stays put.
-            _native.heap_trim()
+            _native.heap_trim(_heap_keep())
         self.records[ctx.seq] = tuple(records)
         for old in [k for k in self.records if k < ctx.seq - 64]:
             del self.records[old]

@@ -69,6 +69,8 @@ class VictimTable:
         self.procs: tuple[int, ...] = ()
         self._pidfds: dict[int, Pidfd] = {}
         self._retired: list[Pidfd] = []
+        #: Pids already sent SIGKILL: dying, not victims again.
+        self.dying: set[int] = set()
 
     def changed(self) -> bool:
         """True if the group's task list differs from the last refresh."""
@@ -81,10 +83,11 @@ class VictimTable:
         while the group is under OOM.
         """
         procs = tuple(sorted(self.group.procs()))
+        self.dying &= set(procs)
         fresh: dict[int, Pidfd] = {}
         victims = []
         for pid in procs:
-            if pid in self.protect:
+            if pid in self.protect or pid in self.dying:
                 continue
             pidfd = self._pidfds.get(pid)
             try:

@@ -272,9 +272,10 @@ def main_thread_pauses() -> int:
     return int(_lib.uro_pauses())
 
 
-def heap_trim() -> bool:
-    """Returns the heap's free pages to the kernel; True if any were."""
-    return bool(_lib.uro_heap_trim())
+def heap_trim(keep: int = 0) -> bool:
+    """Returns the heap's free pages to the kernel but the top ``keep`` bytes;
+    True if any were returned."""
+    return bool(_lib.uro_heap_trim(keep))
 
 
 def stack_prefault(nbytes: int) -> None:
@@ -652,6 +653,7 @@ class NativeWatcher:
             a.guard = action.guard
             a.timeout_ns = action.timeout_ns
             a.len = len(action.data)
+            a.fired = 0
             _ffi.memmove(a.data, action.data.ljust(DATA_MAX, b"\0"), DATA_MAX)
         dst.check_fd = plan.check_fd
         dst.needle_len = len(plan.resolved_needle)

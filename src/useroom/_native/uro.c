@@ -220,11 +220,17 @@ URO_CRIT static int crit_action(const struct uro_action *a)
     switch (a->kind) {
     case URO_ACT_SIGNAL_PIDFD: {
         /* A process that has exited (a zombie included) makes its pidfd
-         * readable; signalling it would "succeed" and free nothing. */
+         * readable; signalling it would "succeed" and free nothing. One we
+         * already sent SIGKILL to is dying: the same holds until it is gone. */
+        if (a->sig == SIGKILL && __atomic_load_n(&a->fired, __ATOMIC_RELAXED))
+            return -ESRCH;
         int r = crit_wait_readable(a->fd, 0);
         if (r == 1)
             return -ESRCH;
-        return (int)uro_sys(SYS_pidfd_send_signal, a->fd, a->sig, 0, 0, 0);
+        r = (int)uro_sys(SYS_pidfd_send_signal, a->fd, a->sig, 0, 0, 0);
+        if (r == 0 && a->sig == SIGKILL)
+            __atomic_store_n((int32_t *)&a->fired, 1, __ATOMIC_RELAXED);
+        return r;
     }
     case URO_ACT_SIGNAL_PID:
         return (int)uro_sys(SYS_kill, a->pid, a->sig, 0, 0, 0);
@@ -930,9 +936,9 @@ int uro_hooks_done(int resume_fd)
 
 int64_t uro_pauses(void) { return __atomic_load_n(&pauses, __ATOMIC_RELAXED); }
 
-int uro_heap_trim(void)
+int uro_heap_trim(size_t keep)
 {
-    return malloc_trim(0);
+    return malloc_trim(keep);
 }
 
 void *uro_pool_alloc_fn(void) { return (void *)uro_pool_arena_alloc; }

@@ -16,7 +16,8 @@
 #define URO_SOURCES_MAX 8   /* fds one watcher waits on (plus its stop fd) */
 
 /* Action kinds. */
-#define URO_ACT_SIGNAL_PIDFD 1  /* pidfd_send_signal(fd, sig); -ESRCH if it already exited */
+#define URO_ACT_SIGNAL_PIDFD 1  /* pidfd_send_signal(fd, sig); -ESRCH if it already exited
+                                 * or this action already sent it SIGKILL */
 #define URO_ACT_SIGNAL_PID 2    /* kill(pid, sig) */
 #define URO_ACT_WRITE 3         /* pwrite(fd, data, len, 0) */
 #define URO_ACT_MRELEASE 4      /* process_mrelease(fd, 0) */
@@ -66,7 +67,7 @@ struct uro_action {
     int32_t flags;
     int32_t guard;           /* run only if the action at this index ran and succeeded; -1: no guard */
     uint32_t len;
-    uint32_t pad;
+    int32_t fired;           /* set by the watcher once a SIGKILL went out: not sent twice */
     int64_t timeout_ns;
     char data[40];
 };
@@ -260,9 +261,10 @@ int uro_hooks_init(void);
 int64_t uro_pauses(void);
 
 /* Returns the heap's free pages to the kernel (malloc_trim(0)): memory a
- * hook freed must reach the kernel for the group's usage to drop. Returns 1
- * if memory was released. Not for the OOM path. */
-int uro_heap_trim(void);
+ * hook freed must reach the kernel for the group's usage to drop. The top
+ * keep bytes stay (the prefaulted heap reserve). Returns 1 if memory was
+ * released. Not for the OOM path. */
+int uro_heap_trim(size_t keep);
 
 /* Touches bytes of the calling thread's stack below the current frame so the
  * pages exist before an OOM. Non-blocking, allocation-free. */
