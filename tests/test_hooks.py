@@ -66,7 +66,9 @@ class TestHooksInTheService:
         hooks = [h for e in events for h in e["hooks"]]
         assert hooks and all("RuntimeError('hook failed')" == h["error"] for h in hooks)
         assert -signal.SIGKILL == hog.wait(10)
-        assert [hog.pid] == [v["pid"] for e in events for v in e["victims"]]
+        # The hog, and nobody else (a dying victim may be signalled again by the
+        # grant path before its exit is seen: harmless, and recorded).
+        assert {hog.pid} == {v["pid"] for e in events for v in e["victims"]}
         assert "kill" == events[-1]["resolved_by"] or events[-1]["outcome"] in ("superseded", "relieved")
 
     def test_hook_that_hangs_falls_back_within_its_deadline(self, group: Group, spawn_hog) -> None:
@@ -78,7 +80,7 @@ class TestHooksInTheService:
         [await_hooks] = [s for s in first["steps"] if s["kind"] == "AWAIT" and s["phase"] == "hooks"]
         assert -110 == await_hooks["result"]  # ETIMEDOUT: the plan stopped waiting at the deadline
         assert await_hooks["t_ns"] - first["notified_ns"] < 2e9
-        assert [hog.pid] == [v["pid"] for v in first["victims"]]
+        assert {hog.pid} == {v["pid"] for v in first["victims"]}
 
     def test_hook_that_allocates_without_bound_never_deadlocks(self, group: Group, spawn_hog) -> None:
         """A hook that allocates without bound fills the headroom and sleeps; the plan kills the
