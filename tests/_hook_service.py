@@ -1,4 +1,4 @@
-"""A service for the hook tests: ``python _hook_service.py MODE GROUP_DIR``.
+"""A service for the hook tests: ``python _hook_service.py MODE GROUP_DIR HOG_PID``.
 
 It joins the group, fills a 40 MiB cache, starts a Handler whose on_oom hook
 behaves as MODE says (free, raise, hang, alloc), prints ``ready``, waits for
@@ -20,8 +20,16 @@ import useroom
 MIB = 1 << 20
 
 
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def main() -> int:
-    mode, path = sys.argv[1], sys.argv[2]
+    mode, path, hog = sys.argv[1], sys.argv[2], int(sys.argv[3])
     group = useroom.Group.open(path)
     group.attach(os.getpid())
     cache = [bytes([i % 256]) * MIB for i in range(40)]
@@ -49,7 +57,7 @@ def main() -> int:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             acted = [e for e in handler.events if e.outcome != "not_needed"]
-            if acted and (mode == "free" or any(e.victims for e in acted)):
+            if acted and (mode == "free" or any(e.victims for e in acted) or not _alive(hog)):
                 break
             m = mmap.mmap(-1, 4 * MIB)
             for off in range(0, 4 * MIB, mmap.PAGESIZE):

@@ -85,14 +85,6 @@ Hook = Callable[..., Any]
 THREAD_STACK_PREFAULT = 256 << 10
 
 
-def _heap_keep() -> int:
-    """The heap reserve that hardening prefaulted: trimming keeps it."""
-    from useroom import _hardening
-
-    report = _hardening._done
-    return report.heap_reserved if report is not None else 0
-
-
 def hook_name(fn: Hook) -> str:
     return getattr(fn, "__qualname__", None) or repr(fn)
 
@@ -229,7 +221,7 @@ class HookRunner:
                 ended = time.monotonic_ns()
                 records.append(HookRecord(hook_name(fn), started, ended - started, freed, error,
                                           ended > ctx.deadline_ns))
-                _native.heap_trim(_heap_keep())
+                _native.heap_trim()
                 ctx.usage = self._usage(ctx.usage)
                 if ctx.usage < ctx.limit:
                     break
@@ -238,7 +230,9 @@ class HookRunner:
                 gc.enable()
             # What the hooks freed is in glibc's heap, which useroom keeps
             # from trimming: hand it back, or the group's usage stays put.
-            _native.heap_trim(_heap_keep())
+            # This returns the prefaulted heap reserve too; later hooks run
+            # with headroom granted, so new heap pages can be had then.
+            _native.heap_trim()
         self.records[ctx.seq] = tuple(records)
         for old in [k for k in self.records if k < ctx.seq - 64]:
             del self.records[old]
