@@ -166,6 +166,9 @@ class HookRunner:
     def abandon(self) -> None:
         with self._lock:
             self.abandoned = True
+            if self.busy_since_ns and not self.resume.closed:
+                # End the main thread's pause on the stuck hook's behalf.
+                _native.hooks_done(self.resume)
             if not self._thread.is_alive():
                 self._close()
 
@@ -186,8 +189,10 @@ class HookRunner:
             try:
                 self._episode()
             finally:
+                was_abandoned = self.abandoned
                 self.busy_since_ns = 0
-                _native.hooks_done(self.resume)
+                if not was_abandoned:
+                    _native.hooks_done(self.resume)
             with self._lock:
                 if self.abandoned:
                     break
