@@ -571,26 +571,7 @@ class Handler:
             for victim, _ in self.policy.order(self._table.victims):
                 if victim.pidfd is not None and victim.pidfd.exited:
                     continue
-                result = 0
-                try:
-                    if victim.pidfd is None:
-                        os.kill(victim.pid, self.policy.signal)  # no pidfds: refreshed just now
-                    else:
-                        signal.pidfd_send_signal(victim.pidfd.fileno(), self.policy.signal)
-                    if victim.pidfd is not None and _native.can_use_mrelease and self.policy.signal == signal.SIGKILL:
-                        try:
-                            _native.mrelease(victim.pidfd.fileno())
-                        except OSError:
-                            pass  # it exited already: its memory is back
-                except OSError as err:
-                    result = -(err.errno or errno.EIO)
-                self._grant_actions.append(VictimRecord(
-                    victim.pid, victim.name, victim.rss, signal.Signals(self.policy.signal).name,
-                    result, "handler",
-                ))
-                if result == 0 and self.policy.signal == signal.SIGKILL:
-                    self._table.dying.add(victim.pid)
-                if result == 0 and self._limit_fits():
+                if self._kill_now(victim, self.policy.signal) == 0 and self._limit_fits():
                     break
         finally:
             self._grant_reply.write(1)
@@ -609,18 +590,29 @@ class Handler:
             if victim is None or victim.pidfd is None:
                 self.errors.append(ValueError(f"decide() chose {pid}, which is not a task of the group"))
                 continue
-            result = 0
-            try:
-                signal.pidfd_send_signal(victim.pidfd.fileno(), signal.SIGKILL)
-                if _native.can_use_mrelease:
+            self._kill_now(victim, signal.SIGKILL)
+
+    def _kill_now(self, victim: Victim, sig: int) -> int:
+        """Signals a victim from Python (headroom granted), reaps its memory
+        after SIGKILL, and records it; returns 0 or -errno."""
+        result = 0
+        try:
+            if victim.pidfd is None:
+                os.kill(victim.pid, sig)  # no pidfds: the table was refreshed just now
+            else:
+                signal.pidfd_send_signal(victim.pidfd.fileno(), sig)
+                if _native.can_use_mrelease and sig == signal.SIGKILL:
                     try:
                         _native.mrelease(victim.pidfd.fileno())
                     except OSError:
-                        pass
-            except OSError as err:
-                result = -(err.errno or errno.EIO)
-            self._grant_actions.append(VictimRecord(victim.pid, victim.name, victim.rss, "SIGKILL", result,
-                                                    "handler"))
+                        pass  # it exited already: its memory is back
+        except OSError as err:
+            result = -(err.errno or errno.EIO)
+        self._grant_actions.append(VictimRecord(victim.pid, victim.name, victim.rss, signal.Signals(sig).name,
+                                                result, "handler"))
+        if result == 0 and sig == signal.SIGKILL:
+            self._table.dying.add(victim.pid)
+        return result
 
     def _limit_fits(self) -> bool:
         """True if the limit can be restored now (it is, as a side effect)."""
