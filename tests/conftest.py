@@ -79,6 +79,24 @@ def spawn_hog() -> Iterator[Callable[..., Hog]]:
     assert not errors, f"hogs that could not be reaped: {errors}"
 
 
+#: Groups that examples, check_hook and the hooks benchmark make below the
+#: caller's own group, in processes a test may kill mid-OOM.
+OTHER_PREFIXES = ("inprocess-service-", "cache-service-", "useroom-check-", "useroom-hooks-bench-",
+                  "useroom-demo-", "svc-")
+
+
+@pytest.fixture(autouse=True)
+def _no_example_groups_left(own_group: Group) -> Iterator[None]:
+    """After every test, destroy (and fail on) groups that an example, check_hook or a
+    benchmark left below the own group: their processes may have been killed mid-OOM."""
+    yield
+    left = sorted(os.path.join(own_group.path, name) for name in os.listdir(own_group.path)
+                  if name.startswith(OTHER_PREFIXES))
+    for path in left:
+        destroy_group(path, below=own_group.path)
+    assert not left, f"groups left behind (now removed): {left}"
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _no_groups_left() -> Iterator[None]:
     """At the end of the session, fail if a group a test made is still there (and remove it)."""

@@ -47,6 +47,7 @@ class TestLockMemory:
         assert 8 << 20 == r["heap_reserved"]
         assert 256 << 10 == r["stack_prefaulted"]
         assert True is r["gc_frozen"]
+        assert True is r["raw_syscalls"]
         assert r["locked_bytes"] >= r["core"]["locked"] + r["pool"]["locked"]
 
     def test_mlockall_when_allowed(self) -> None:

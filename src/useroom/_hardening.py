@@ -88,6 +88,8 @@ class HardeningReport:
     pool: _native.PoolReport | None
     gc_frozen: bool
     swap: bool
+    #: False where the critical path goes through libc's syscall() (not x86-64 or arm64).
+    raw_syscalls: bool
     notes: tuple[str, ...]
 
     def describe(self) -> str:
@@ -166,13 +168,16 @@ def lock_memory(
             gc.collect()
             gc.freeze()
 
+        raw = _native.raw_syscalls()
+        if not raw:
+            notes.append("this architecture's critical path calls libc's syscall(), whose page is not locked")
         swap = _has_swap()
         if swap and not ok:
             notes.append("swap is on: unlocked prefaulted pages can be swapped out")
         _done = HardeningReport(
             mlockall=ok, mlockall_errno=err, memlock_limit=limit, locked_bytes=_vm_locked(),
             core=core, heap_reserved=heap_bytes, stack_prefaulted=stack_bytes,
-            pool=pool_report, gc_frozen=freeze_gc, swap=swap, notes=tuple(notes),
+            pool=pool_report, gc_frozen=freeze_gc, swap=swap, raw_syscalls=raw, notes=tuple(notes),
         )
         return _done
 

@@ -1,7 +1,7 @@
 """The victim table: who is in the group, how big, and a pidfd for each.
 
-It is refreshed ahead of the OOM (on usage thresholds, on a timer when the
-set of tasks changed, after each episode), never during one: reading
+It is refreshed ahead of the OOM (on usage thresholds, on a timer, after
+each episode), never during one: reading
 ``cgroup.procs`` or ``/proc`` allocates kernel memory charged to the group,
 which fails under the OOM. Each victim carries a pidfd opened at refresh
 time, so the native plan can signal it without racing pid reuse: a process
@@ -71,10 +71,6 @@ class VictimTable:
         self._retired: list[Pidfd] = []
         #: Pids already sent SIGKILL: dying, not victims again.
         self.dying: set[int] = set()
-
-    def changed(self) -> bool:
-        """True if the group's task list differs from the last refresh."""
-        return tuple(sorted(self.group.procs())) != self.procs
 
     def refresh(self) -> tuple[Victim, ...]:
         """Re-reads the group's tasks and their sizes; opens pidfds for new ones.
