@@ -10,13 +10,14 @@ import time
 import psutil
 import pytest
 
-from helpers import MIB, wait_until
+from helpers import MIB, destroy_group, wait_until
 from useroom import (
     Group,
     Handler,
     KillByPriority,
     KillLargest,
     KillNewest,
+    MoveToOverflow,
     RaiseLimit,
     RootGroupError,
 )
@@ -273,3 +274,81 @@ class TestMorePolicies:
         assert [(small.pid, "handler")] == [(v.pid, v.by) for v in event.victims if v.result == 0 and v.by == "handler"]
         assert "resolved" == event.outcome
         assert "freeze" == event.resolved_by
+
+
+class TestMoveToOverflow:
+    @pytest.fixture
+    def groups(self, scratch_group: Group, own_group: Group):
+        """The handled group (64 MiB) and a sibling overflow group, both destroyed afterwards."""
+        scratch_group.set_limit("64M")
+        path = scratch_group.path + "-overflow"
+        os.mkdir(path)
+        try:
+            yield scratch_group, Group.open(path)
+        finally:
+            destroy_group(path, below=own_group.path)
+
+    def test_moves_instead_of_killing(self, groups, spawn_hog) -> None:
+        """The largest task moves to the overflow group and lives; the grower completes;
+        the limit raised for the charge left behind comes back once that is freed."""
+        group, overflow = groups
+        big, = _hogs(spawn_hog, group, 40)
+        with Handler(group, MoveToOverflow(overflow), thresholds=(), refresh_interval=0.1) as handler:
+            grower = spawn_hog(36, group=group)
+            assert wait_until(lambda: _table_has(handler, {big.pid, grower.pid}), 5)
+            grower.start()
+            assert grower.wait_touched(20)
+            [event] = _episodes(handler, 1)
+            assert (None, None) == (big.returncode, grower.returncode)
+            assert [big.pid] == overflow.procs()
+            assert big.pid not in group.procs()
+            assert "resolved" == event.outcome
+            assert "move" == event.resolved_by
+            assert (big.pid,) == event.moved
+            assert () == event.victims
+            assert group.limit() > 64 * MIB  # its 40 MiB stay charged here
+            big.release()
+            assert big.wait(5) == 0
+            assert wait_until(lambda: group.limit() == 64 * MIB, 5)
+        assert None is grower.returncode
+
+    def test_overflow_must_be_outside_the_group(self, groups) -> None:
+        """The group itself, a child of it or its parent is refused as the overflow."""
+        group, _ = groups
+        child = group.create_child("inner")
+        try:
+            for bad in (group, child, group.parent):
+                with pytest.raises(ValueError, match="overflow"):
+                    Handler(group, MoveToOverflow(bad), thresholds=()).start()
+            assert not group.oom_control().kill_disabled  # nothing left armed
+        finally:
+            child.remove()
+
+    def test_bad_arguments(self, groups) -> None:
+        _, overflow = groups
+        with pytest.raises(ValueError, match="max_moved"):
+            MoveToOverflow(overflow, max_moved=0)
+        with pytest.raises(ValueError, match="max_raise"):
+            MoveToOverflow(overflow, max_raise=0)
+
+    def test_plan_shape(self, groups) -> None:
+        """Each move is followed by the raise it guards and a check, then the kill plan."""
+        from useroom._policy import PlanContext
+        from useroom._victims import Victim
+
+        group, overflow = groups
+        policy = MoveToOverflow(overflow, max_raise="8M")
+        policy.arm(group)
+        try:
+            victims = (Victim(11, "a", 30 * MIB, 1.0, 1000, None), Victim(12, "b", 10 * MIB, 2.0, 1000, None))
+            compiled = policy.compile(PlanContext(victims=victims, limit=64 * MIB, limit_fd=5, check_fd=6,
+                                                  resolved_needle=b"under_oom 0", reserve=MIB))
+        finally:
+            policy.disarm()
+        kinds = [(a.kind.name, p) for a, p in zip(compiled.plan.actions, compiled.phases)]
+        assert [("WRITE", "move"), ("WRITE", "move"), ("CHECK", "move")] == kinds[:3]
+        assert b"11" == compiled.plan.actions[0].data
+        assert str(72 * MIB).encode() == compiled.plan.actions[1].data  # capped by max_raise
+        assert compiled.plan.actions[1].guard == 0
+        assert "kill" in compiled.phases
+        assert "grant" not in compiled.phases

@@ -16,6 +16,7 @@ from useroom._policy import (
     KillByPriority,
     KillLargest,
     KillNewest,
+    MoveToOverflow,
     Policy,
     RaiseLimit,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "KillLargest",
     "KillNewest",
     "LimitBelowUsage",
+    "MoveToOverflow",
     "NotAMemoryCgroup",
     "OomContext",
     "OomControl",

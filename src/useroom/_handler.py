@@ -98,7 +98,8 @@ class OomEvent:
     handler acted with headroom granted) or ``kernel``. ``fallback`` is True
     when the hooks and the planned victims were not enough and the headroom
     grant or the kernel OOM killer was used. ``hooks`` records each hook run;
-    ``would``, under a :class:`DryRun` policy, what the policy would have done.
+    ``would``, under a :class:`DryRun` policy, what the policy would have done;
+    ``moved``, under :class:`MoveToOverflow`, the pids moved out of the group.
     """
 
     seq: int
@@ -114,6 +115,7 @@ class OomEvent:
     resolved_by: str | None = None
     hooks: tuple[HookRecord, ...] = ()
     would: tuple[str, ...] = ()
+    moved: tuple[int, ...] = ()
 
     @property
     def notify_to_hook_ns(self) -> int | None:
@@ -378,6 +380,8 @@ class Handler:
 
         self._limit = group.limit()
         self._update_hooks()
+        self.policy.arm(group)
+        self._owned.append(_Closing(self.policy.disarm))
         self._refresh(grant=False)
         self._watcher.start()
         self.locked_bytes = _vm_locked()
@@ -443,7 +447,7 @@ class Handler:
         """Refreshes the table and re-arms; outside an episode unless ``grant``."""
         if not grant and self._watcher.state == _native.STATE_EPISODE:
             return
-        if self._pending_restore is not None and not grant:
+        if self._pending_restore is not None and not grant and self.group.usage() <= self._pending_restore:
             try:
                 self.group.set_limit(self._pending_restore)
                 self._pending_restore = None
@@ -459,6 +463,9 @@ class Handler:
         if not grant and self._pending_restore is None:
             limit = self.group.limit()
             if self._watcher.state != _native.STATE_EPISODE and limit != self._limit:
+                self._collect()  # an episode that just ended may have raised it
+            if self._pending_restore is None and self._watcher.state != _native.STATE_EPISODE \
+                    and limit != self._limit:
                 if self._limit != UNLIMITED and limit == self._limit + self._reserve:
                     # A grant of ours is still open: restore, never adopt it.
                     self._pending_restore = self._limit
@@ -690,6 +697,9 @@ class Handler:
         if any(s.phase in ("grant", "freeze") for s in steps) and self._grant_actions:
             victims.extend(self._grant_actions)
             self._grant_actions = []
+        moved = tuple(armed.compiled.targets[st.index].pid for st in record.steps  # type: ignore[union-attr]
+                      if armed and st.result >= 0 and armed.compiled.phases[st.index] == "move"
+                      and armed.compiled.targets[st.index] is not None)
         taken = [s.explanation for s in steps if s.ok and s.kind != "CHECK" and s.explanation]
         action = "; ".join(taken) if taken else "nothing"
         return OomEvent(
@@ -706,6 +716,7 @@ class Handler:
             resolved_by=resolved_by,
             hooks=hooks,
             would=armed.compiled.would if armed else (),
+            moved=moved,
         )
 
     # -- teardown ----------------------------------------------------------
@@ -749,6 +760,16 @@ class Handler:
         for obj in reversed(owned):
             obj.close()
         self._armed = []
+
+
+class _Closing:
+    """Calls ``fn`` on close (an owned clean-up step)."""
+
+    def __init__(self, fn: Any) -> None:
+        self._fn = fn
+
+    def close(self) -> None:
+        self._fn()
 
 
 class _Fd(_native._FdOwner):

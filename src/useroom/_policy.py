@@ -33,6 +33,7 @@ usage allows.
 from __future__ import annotations
 
 import abc
+import os
 import signal
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Union
@@ -41,6 +42,7 @@ import attrs
 import psutil
 
 from useroom import _native
+from useroom._cgroup import Group
 from useroom._native import Action, Plan
 from useroom._units import format_size, parse_size
 from useroom._victims import Pidfd, Victim
@@ -53,6 +55,7 @@ __all__ = [
     "KillByPriority",
     "KillLargest",
     "KillNewest",
+    "MoveToOverflow",
     "PlanContext",
     "Policy",
     "RaiseLimit",
@@ -250,6 +253,13 @@ class Policy(abc.ABC):
     def order(self, victims: tuple[Victim, ...]) -> list[tuple[Victim, str]]:
         """The victims in kill order, each with the reason it is there."""
 
+    def arm(self, group: Group) -> None:
+        """Called by the handler before the first plan is compiled for
+        ``group``: open what the plans will use (none by default)."""
+
+    def disarm(self) -> None:
+        """Called by the handler when it stops: close what :meth:`arm` opened."""
+
     def compile(self, ctx: PlanContext) -> CompiledPlan:
         b = _Builder(ctx)
         b.head()
@@ -350,6 +360,93 @@ class RaiseLimit(Policy):
                     "raise",
                 )
                 b.add(Action.check(ctx.check_timeout, supersede=True), "check whether the OOM is over", "raise")
+        self.then._compile_kills(b, ctx)
+        b.tail()
+        return b.build()
+
+
+@attrs.frozen
+class MoveToOverflow(Policy):
+    """Move the task the ``select`` policy would kill into ``overflow``, a
+    group of the user's own, instead of killing it.
+
+    The task keeps running; what it charges from then on is charged to
+    ``overflow`` and limited there. What it had charged already stays
+    charged to the handled group: cgroup v2 never moves charges, and on
+    cgroup v1 ``memory.move_charge_at_immigrate`` no longer does anything
+    on current kernels. So the plan moves the task, then raises the handled
+    group's limit by the charge the task leaves behind (its RSS as of the
+    last refresh, at most ``max_raise``): the tasks asleep in the OOM wait
+    wake up and the episode ends without a kill. The raise is temporary:
+    the handler lowers the limit back as soon as usage fits it again (as
+    the moved task frees or exits). Up to ``max_moved`` tasks are moved,
+    each followed by a check; if the group is still out of memory, ``then``
+    (KillLargest by default) runs as usual, then the kernel fallback.
+
+    ``overflow`` must not be the handled group, one of its descendants or
+    ancestors (charges there count against the handled group too), and
+    the caller must be allowed to move the tasks (on v1 a non-root user
+    moves only its own processes). Like :class:`RaiseLimit`, this policy
+    grants no headroom of its own, so it runs no ``on_oom`` hooks phase.
+    """
+
+    overflow: Group
+    select: Policy = attrs.field(factory=KillLargest)
+    then: Policy = attrs.field(factory=KillLargest)
+    max_moved: int = attrs.field(default=1)
+    max_raise: int | None = attrs.field(default=None, converter=attrs.converters.optional(parse_size))
+    _procs_fd: list[int] = attrs.field(factory=list, init=False, eq=False, repr=False)
+
+    @max_moved.validator
+    def _check_moved(self, _: object, value: int) -> None:
+        if value < 1:
+            raise ValueError(f"max_moved must be >= 1, not {value!r}")
+
+    @max_raise.validator
+    def _check_raise(self, _: object, value: int | None) -> None:
+        if value is not None and value <= 0:
+            raise ValueError(f"max_raise must be positive, not {value!r}")
+
+    def order(self, victims: tuple[Victim, ...]) -> list[tuple[Victim, str]]:
+        return self.select.order(victims)
+
+    def arm(self, group: Group) -> None:
+        overflow = self.overflow
+        if overflow.version != group.version or overflow.hierarchy != group.hierarchy:
+            raise ValueError(f"the overflow group {overflow.relpath} is not in the hierarchy of {group.relpath}")
+        inside = (overflow.relpath.rstrip("/") + "/").startswith(group.relpath.rstrip("/") + "/")
+        above = (group.relpath.rstrip("/") + "/").startswith(overflow.relpath.rstrip("/") + "/")
+        if inside or above:
+            relation = "the handled group or below it" if inside else "an ancestor of the handled group"
+            raise ValueError(f"the overflow group {overflow.relpath} is {relation} ({group.relpath}): "
+                             "what moves there is still charged to the handled group")
+        self.disarm()
+        self._procs_fd.append(overflow.open_file(overflow.procs_file, os.O_WRONLY))
+
+    def disarm(self) -> None:
+        while self._procs_fd:
+            os.close(self._procs_fd.pop())
+
+    def compile(self, ctx: PlanContext) -> CompiledPlan:
+        ctx = attrs.evolve(ctx, reserve=0)  # a grant's restore would undo the raise
+        b = _Builder(ctx)
+        then_cost = b.kill_cost(self.then.term_grace)
+        if self._procs_fd and ctx.limit >= 0:
+            where = self.overflow.relpath
+            left_behind = 0
+            for victim, reason in self.order(ctx.victims)[: self.max_moved]:
+                if b.room() - b.tail_cost() - then_cost < 3:
+                    break
+                who = victim.describe()
+                move_at = len(b.actions)
+                b.add(Action.write(self._procs_fd[0], str(victim.pid).encode()),
+                      f"move {who} to {where}: {reason}", "move", victim)
+                left_behind += victim.rss
+                raised = ctx.limit + (left_behind if self.max_raise is None else min(left_behind, self.max_raise))
+                b.add(Action.write(ctx.limit_fd, str(raised).encode()).after(move_at),
+                      f"grant headroom: limit {format_size(ctx.limit)} -> {format_size(raised)}, "
+                      f"for what {victim.pid} leaves charged here", "move")
+                b.add(Action.check(ctx.check_timeout, supersede=True), "check whether the OOM is over", "move")
         self.then._compile_kills(b, ctx)
         b.tail()
         return b.build()
