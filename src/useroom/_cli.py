@@ -20,6 +20,8 @@ from useroom._cgroup import Group
 from useroom._handler import Handler, OomEvent
 from useroom._policy import KillLargest, KillNewest, Policy, RaiseLimit
 from useroom._units import format_size, parse_size
+from useroom._watchdog import Takeover
+from useroom._watchdog import main as watchdog_main
 from useroom.exceptions import UseroomError
 
 __all__ = ["main"]
@@ -162,6 +164,8 @@ def _event_fields(data: dict[str, Any]) -> dict[str, Any]:
     fields = {k: v for k, v in data.items() if k in attrs.fields_dict(OomEvent)}
     fields["victims"] = tuple(VictimRecord(**v) for v in data["victims"])
     fields["steps"] = tuple(StepRecord(**s) for s in data["steps"])
+    if data.get("takeover"):
+        fields["takeover"] = Takeover.from_dict(data["takeover"])
     return fields
 
 
@@ -179,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     handle.add_argument("--events-out", default=None, help="write the events as JSON here on exit")
     handle.set_defaults(func=cmd_handle)
 
+    watchdog = sub.add_parser("watchdog", add_help=False,
+                              help="guard groups: hand an OOM that outlasts --delay to the kernel "
+                                   "(see useroom watchdog --help)")
+    watchdog.add_argument("rest", nargs=argparse.REMAINDER)
+    watchdog.set_defaults(func=lambda args: watchdog_main(args.rest))
+
     demo = sub.add_parser("demo", help="cause real OOMs in a fresh group and show them handled")
     demo.add_argument("--limit", default="64M")
     demo.add_argument("--workers", type=int, default=3)
@@ -189,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["watchdog"]:
+        return watchdog_main(argv[1:])  # its own parser, --help included
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

@@ -29,6 +29,7 @@ import attrs
 
 from useroom import _native
 from useroom._cgroup import EventRegistration, Group
+from useroom._declare import Declaration, probe
 from useroom._hardening import HardeningReport, _vm_locked, lock_memory
 from useroom._hooks import (
     THREAD_STACK_PREFAULT,
@@ -40,9 +41,10 @@ from useroom._hooks import (
 )
 from useroom._native import EventFd, EventRecord, NativeWatcher, SourceKind
 from useroom._policy import CompiledPlan, FreezeAndDecide, FrozenContext, KillLargest, PlanContext, Policy
-from useroom._units import UNLIMITED, parse_size
+from useroom._units import UNLIMITED, format_size, parse_duration, parse_size
 from useroom._victims import Victim, VictimTable
-from useroom.exceptions import GroupGone, RootGroupError, UnsupportedKernel, WatcherError
+from useroom.exceptions import GroupGone, RootGroupError, UnsupportedKernel, UseroomError, WatcherError
+from useroom._watchdog import DEFAULT_DELAY, Takeover, WatchdogLink
 
 __all__ = ["Handler", "OomEvent", "StepRecord", "VictimRecord"]
 
@@ -100,6 +102,10 @@ class OomEvent:
     grant or the kernel OOM killer was used. ``hooks`` records each hook run;
     ``would``, under a :class:`DryRun` policy, what the policy would have done;
     ``moved``, under :class:`MoveToOverflow`, the pids moved out of the group.
+
+    An episode the watchdog handed to the kernel is an event of its own with
+    ``takeover`` set (its reason and timings), ``resolved_by == "watchdog"``
+    and no steps.
     """
 
     seq: int
@@ -116,6 +122,25 @@ class OomEvent:
     hooks: tuple[HookRecord, ...] = ()
     would: tuple[str, ...] = ()
     moved: tuple[int, ...] = ()
+    takeover: Takeover | None = None
+
+    @classmethod
+    def from_takeover(cls, takeover: Takeover) -> OomEvent:
+        ms = takeover.takeover_ns / 1e6
+        return cls(
+            seq=-1,
+            notified_ns=takeover.notified_ns,
+            acted_ns=takeover.acted_ns,
+            resolved_ns=takeover.resolved_ns,
+            outcome="resolved" if takeover.resolved_ns is not None else "gone",
+            action=f"watchdog ({takeover.reason}): kernel OOM killer enabled {ms:.1f} ms after the notification",
+            victims=(),
+            steps=(),
+            fallback=True,
+            plan_id=-1,
+            resolved_by="watchdog",
+            takeover=takeover,
+        )
 
     @property
     def notify_to_hook_ns(self) -> int | None:
@@ -169,6 +194,19 @@ class Handler:
     ``hook_timeout``), :meth:`on_pressure`, :meth:`on_resolved`,
     :meth:`on_kill`. They may be registered and removed while it runs.
 
+    Declared handler: on start the handler calls :meth:`declare`. Where
+    the kernel lacks the proposed interfaces (every kernel today), a
+    watchdog process outside the group (``watchdog=True``) hands an episode
+    to the kernel OOM killer when it outlasts ``delay`` (seconds, or
+    ``"2s"``/``"500ms"``), at once when this handler is stopped, exited,
+    has a declared thread asleep in the OOM wait or missed its heartbeat
+    (``heartbeat_timeout``) before the episode, and restores the limit if
+    this process dies with a grant open. ``watchdog_group`` is where it
+    runs (default: the handled group's parent when this process is inside
+    the handled group, else this process's group); ``watchdog_log`` a file
+    for its JSON log. If the watchdog dies it is restarted; if it cannot be,
+    the kernel OOM killer is re-enabled for the group.
+
     Use it as a context manager or with :meth:`start` / :meth:`stop`.
     """
 
@@ -187,6 +225,11 @@ class Handler:
         protect: Iterable[int] = (),
         harden: bool = True,
         mlockall: bool = False,
+        delay: float | str = DEFAULT_DELAY,
+        watchdog: bool = True,
+        watchdog_group: Group | None = None,
+        watchdog_log: str | None = None,
+        heartbeat_timeout: float = 5.0,
     ) -> None:
         if group.is_root:
             raise RootGroupError("the root memory cgroup has no limit and no OOM notifications")
@@ -211,6 +254,20 @@ class Handler:
         self.protect = frozenset(protect)
         self.harden = harden
         self.mlockall = mlockall
+        self.delay = parse_duration(delay)
+        if not heartbeat_timeout > 0:
+            raise ValueError(f"heartbeat_timeout must be > 0 seconds, not {heartbeat_timeout!r}")
+        self.heartbeat_timeout = heartbeat_timeout
+        self.use_watchdog = watchdog
+        self.watchdog_group = watchdog_group
+        self.watchdog_log = watchdog_log
+        #: What :meth:`declare` found: ``kernel`` or ``shim`` per feature.
+        self.declaration: Declaration | None = None
+        #: The watchdog process while it runs (None without one).
+        self.watchdog: WatchdogLink | None = None
+        self._degraded = False
+        self._manager_tid = 0
+        self._manager_ready = threading.Event()
         #: What :func:`lock_memory` did; None before start or with harden=False.
         self.hardening: HardeningReport | None = None
         #: This process's locked bytes (VmLck) once started.
@@ -388,6 +445,9 @@ class Handler:
         self._running = True
         self._thread = threading.Thread(target=self._manage, name=f"useroom-handler {group.relpath}", daemon=True)
         self._thread.start()
+        declaration = self.declare()
+        if self.use_watchdog and declaration.needs_watchdog:
+            self._start_watchdog()
 
     def _register_thresholds(self) -> None:
         for reg in self._thresholds:
@@ -454,7 +514,7 @@ class Handler:
             except OSError as err:
                 self.errors.append(err)
         self._table.refresh()
-        if not grant and self._restore_kill_setting is not None:
+        if not grant and self._restore_kill_setting is not None and not self._degraded:
             # The plan's last resort left the kernel killer on (tasks still
             # waited when it ended): turn it off again once no task waits.
             control = self.group.oom_control()
@@ -472,6 +532,8 @@ class Handler:
                 else:
                     self._limit = limit  # the user (or a raising policy) changed it
                     self._register_thresholds()
+                    if self.watchdog is not None:
+                        self.watchdog.set_limit(limit)
         compiled = self.policy.compile(self._context())
         plan_id = self._watcher.arm(compiled.plan)
         armed = _ArmedPlan(compiled, plan_id)
@@ -485,7 +547,10 @@ class Handler:
 
     def _manage(self) -> None:
         _native.stack_prefault(THREAD_STACK_PREFAULT)
+        self._manager_tid = threading.get_native_id()
+        self._manager_ready.set()
         ep = _native.Epoll()
+        linked: WatchdogLink | None = None
         try:
             ep.add(self._watcher.wake_fd, 0)
             ep.add(self._grant_wake.fileno(), 1)
@@ -495,6 +560,8 @@ class Handler:
             registered: list[EventRegistration] = []
             while self._running:
                 try:
+                    if self.watchdog is not linked or (linked is not None and linked.sock is None):
+                        linked = self._link(ep, linked)
                     if self._hooks_dirty:
                         self._update_hooks()
                     if registered != self._thresholds:
@@ -521,6 +588,10 @@ class Handler:
             elif data == 3:
                 assert self._poke is not None
                 self._poke.read()
+            elif data == _LINK_SOCKET:
+                self._takeovers()
+            elif data == _LINK_PIDFD:
+                self._watchdog_exited(ep)
             elif data >= 4:
                 reg = registered[data - 4]
                 os.read(reg.fileno(), 8)
@@ -528,9 +599,108 @@ class Handler:
         self._collect()
         self._check_runner()
         self._refresh(grant=False)
+        if self.watchdog is not None:
+            self.watchdog.beat()
         for reg, size, hooks in self._pressure:
             if reg in crossed:
                 self._run_pressure(size, hooks)
+
+    # -- the declared handler ----------------------------------------------
+
+    def declare(self) -> Declaration:
+        """Registers this handler as the group's declared OOM handler.
+
+        Probes the group for each proposed kernel interface (see
+        :mod:`useroom._declare`) and uses those that exist: the delay and
+        the reserve are written to their files. The features the kernel
+        lacks are served by the watchdog (the shim). Called on start;
+        returns what is in use, also kept as :attr:`declaration`.
+        """
+        declaration = probe(self.group)
+        files = declaration.found
+        if "delay" in files:
+            self.group._write(files["delay"], str(int(self.delay * 1000)))
+        if "reserve" in files and self._reserve:
+            self.group._write(files["reserve"], str(self._reserve))
+        if "handler" in files:
+            self.group._write(files["handler"], str(self._watcher.tid))
+        self.declaration = declaration
+        return declaration
+
+    def _watchdog_place(self) -> Group:
+        if self.watchdog_group is not None:
+            return self.watchdog_group
+        mine = Group.current()
+        inside = (mine.relpath.rstrip("/") + "/").startswith(self.group.relpath.rstrip("/") + "/")
+        if not inside:
+            return mine
+        parent = self.group.parent
+        if parent is None:
+            raise UseroomError(f"this process is inside {self.group.relpath}, which has no parent group for "
+                               "the watchdog: pass watchdog_group=")
+        return parent
+
+    def _start_watchdog(self) -> None:
+        self._manager_ready.wait(10)
+        link = WatchdogLink(
+            self.group, self._watchdog_place(), delay=self.delay,
+            handler_tids=[t for t in (self._watcher.tid, self._manager_tid) if t],
+            limit=self._limit, kill_enabled=bool(self._restore_kill_setting),
+            heartbeat_timeout=self.heartbeat_timeout, log=self.watchdog_log,
+        )
+        link.start()
+        self.watchdog = link
+        assert self._poke is not None
+        self._poke.write(1)  # the manager thread registers its fds
+
+    def _link(self, ep: _native.Epoll, old: WatchdogLink | None) -> WatchdogLink | None:
+        """Registers the current watchdog's fds in the manager's epoll set."""
+        for fd in getattr(self, "_linked_fds", ()):
+            try:
+                ep.remove(fd)
+            except OSError:
+                pass
+        self._linked_fds: tuple[int, ...] = ()
+        link = self.watchdog
+        if link is None or link.sock is None:
+            return link
+        ep.add(link.sock.fileno(), _LINK_SOCKET)
+        ep.add(link.pidfd, _LINK_PIDFD)
+        self._linked_fds = (link.sock.fileno(), link.pidfd)
+        return link
+
+    def _takeovers(self, link: WatchdogLink | None = None) -> None:
+        link = link or self.watchdog
+        if link is None:
+            return
+        for takeover in link.receive():
+            with self._event_cond:
+                self._events.append(OomEvent.from_takeover(takeover))
+                self._event_cond.notify_all()
+
+    def _watchdog_exited(self, ep: _native.Epoll) -> None:
+        """The watchdog died: restart it, or give the group its kernel killer back."""
+        link = self.watchdog
+        if link is None:
+            return
+        self._takeovers()
+        for fd in self._linked_fds:
+            ep.remove(fd)
+        self._linked_fds = ()
+        link.reap()
+        try:
+            link.start()
+            link.restarts += 1
+            link.history.append({"event": "watchdog-restarted", "pid": link.pid, "at_ns": time.monotonic_ns()})
+        except Exception as err:
+            self._note(err)
+            self.watchdog = None
+            self._degraded = True
+            self.errors.append(WatcherError(f"the watchdog could not be restarted ({err}); the kernel OOM "
+                                            f"killer is enabled for {self.group.relpath} instead"))
+            self.group.set_oom_kill(True)
+            return
+        self._link(ep, link)
 
     def _run_pressure(self, size: int, hooks: list[Hook]) -> None:
         usage = self.group.usage()
@@ -742,6 +912,12 @@ class Handler:
             except OSError:
                 pass
             self._pending_restore = None
+        link, self.watchdog = self.watchdog, None
+        if link is not None:
+            self._takeovers(link)
+            link.stop()
+        self._manager_ready.clear()
+        self._degraded = False
         watcher = getattr(self, "_watcher", None)
         if watcher is not None and not watcher.closed:
             watcher.stop()
@@ -760,6 +936,11 @@ class Handler:
         for obj in reversed(owned):
             obj.close()
         self._armed = []
+
+
+#: Epoll data of the watchdog's socket and pidfd in the manager's set.
+_LINK_SOCKET = 1 << 20
+_LINK_PIDFD = (1 << 20) + 1
 
 
 class _Closing:

@@ -30,7 +30,7 @@ from typing import Final
 
 from useroom.exceptions import InvalidSize
 
-__all__ = ["UNLIMITED", "format_size", "parse_size"]
+__all__ = ["UNLIMITED", "format_size", "parse_duration", "parse_size"]
 
 #: No limit. Equal to the largest size :func:`parse_size` accepts.
 UNLIMITED: Final[int] = 2**63 - 1
@@ -131,3 +131,25 @@ def _checked(size: int, shown: str) -> int:
     if size > UNLIMITED:
         raise InvalidSize(f"size {shown} is too large: the largest is {UNLIMITED} bytes ('max')")
     return size
+
+
+_DURATION: Final = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|)\s*", re.ASCII)
+
+
+def parse_duration(value: str | float | int) -> float:
+    """Seconds from ``"2s"``, ``"500ms"``, ``"1.5"`` (seconds) or a number of seconds.
+
+    Negative, infinite and not-a-number values are refused with ValueError.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"not a duration: {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        match = _DURATION.fullmatch(value) if isinstance(value, str) else None
+        if match is None:
+            raise ValueError(f"not a duration: {value!r} (say '2s', '500ms' or a number of seconds)")
+        seconds = float(match.group(1)) / (1000 if match.group(2) == "ms" else 1)
+    if not 0 <= seconds < float("inf"):
+        raise ValueError(f"a duration must be a finite number of seconds >= 0, not {value!r}")
+    return seconds

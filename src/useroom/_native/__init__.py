@@ -607,6 +607,11 @@ class NativeWatcher:
         return int(_lib.uro_state(self._shared))
 
     @property
+    def tid(self) -> int:
+        """The watcher thread's kernel thread id while it runs (0 before it starts)."""
+        return int(self._shared.tid)
+
+    @property
     def heartbeat(self) -> int:
         """Counts the watcher's wake-ups."""
         return int(self._shared.loops)

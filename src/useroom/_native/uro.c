@@ -419,6 +419,7 @@ URO_CRIT static void *crit_watcher_main(void *arg)
 {
     struct uro_shared *sh = arg;
     struct epoll_event evs[URO_SOURCES_MAX + 1];
+    crit_store32(&sh->tid, (int32_t)uro_sys(SYS_gettid, 0, 0, 0, 0, 0));
     crit_store32(&sh->state, URO_STATE_WAITING);
     for (;;) {
         long n = uro_sys(SYS_epoll_pwait, sh->epfd, (long)evs, URO_SOURCES_MAX + 1, -1, 0);

@@ -120,7 +120,7 @@ struct uro_shared {
     int32_t epfd;
     int32_t stop_fd;         /* eventfd: any write stops the watcher */
     int32_t wake_fd;         /* eventfd the watcher writes after each record; -1: none */
-    int32_t pad;
+    int32_t tid;             /* the watcher thread's id once it runs, else 0 (atomic) */
     uint64_t head;           /* seq of the newest complete record (atomic) */
     uint64_t loops;          /* wake-ups of the watcher (atomic), a heartbeat */
     struct uro_source sources[8];

@@ -1,0 +1,665 @@
+"""The watchdog: a process outside the handled group that never lets it sleep forever.
+
+It stands in for kernel interfaces that were proposed and never merged (see
+:mod:`useroom._declare` and docs/design.md):
+
+- **delay** (Rientjes' ``memory.oom_delay_millisecs``): when a group stays
+  under OOM longer than ``delay``, the watchdog enables the kernel OOM
+  killer for it until ``under_oom`` reads 0, then puts the setting back.
+  Like the proposal, the delay re-arms on each episode.
+- **declared handler** (Weiner): when the group's declared handler has
+  exited, is stopped, has one of its declared threads asleep in the memcg
+  OOM wait (``mem_cgroup_oom_synchronize`` in its wait channel), or missed
+  its heartbeat before the episode began, the watchdog hands the episode to
+  the kernel at once instead of waiting out the delay.
+- **reserve** (Rientjes' ``memory.oom_reserve_in_bytes``): the handler's
+  headroom grant raises the limit; if the handler dies with a grant open,
+  the watchdog restores the limit as soon as usage fits under it.
+
+It gets the OOM notification through its own eventfd, like the handler, and
+runs in a group of the user's own tree outside the handled one, so the OOM
+it watches never makes it wait. A :class:`~useroom.Handler` starts one when
+it arms (``watchdog=True``, the default) and restarts it if it dies; it can
+also run on its own to guard several groups::
+
+    useroom watchdog /sys/fs/cgroup/memory/.../app --delay 2s
+    python -m useroom.watchdog GROUP [GROUP ...] --delay 500ms --log takeovers.jsonl
+
+Each takeover is one JSON line in the log (and, for a handler's watchdog,
+an :class:`~useroom.OomEvent` with ``takeover`` set in ``handler.events``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import IO, Any, Final
+
+import attrs
+
+from useroom import _native
+from useroom._cgroup import EventRegistration, Group, OomControl
+from useroom._units import UNLIMITED, parse_duration
+from useroom.exceptions import CgroupPermissionError, GroupGone, UseroomError, WatcherError
+
+__all__ = ["DEFAULT_DELAY", "Takeover", "Watchdog", "WatchdogLink", "main"]
+
+#: How long an OOM may last before the watchdog hands it to the kernel, in seconds.
+DEFAULT_DELAY: Final = 2.0
+#: How often the watchdog looks at a group while it is under OOM, in seconds.
+POLL_INTERVAL: Final = 0.005
+#: The wait channel of a task asleep in a v1 memcg OOM wait.
+OOM_WAIT_CHANNEL: Final = "mem_cgroup_oom_synchronize"
+#: How long a handler waits for its watchdog to report ready, in seconds.
+START_TIMEOUT: Final = 20.0
+
+#: Why the watchdog took an episode over.
+REASONS: Final = ("delay", "handler-exited", "handler-stopped", "handler-in-oom-wait", "heartbeat")
+
+
+@attrs.frozen
+class Takeover:
+    """One episode the watchdog handed to the kernel.
+
+    Times are CLOCK_MONOTONIC nanoseconds, comparable with the handler's:
+    ``notified_ns`` when the watchdog saw the OOM, ``acted_ns`` when it
+    enabled the kernel OOM killer, ``resolved_ns`` when ``under_oom`` read 0
+    (None if the group went away first). ``reason`` is one of
+    :data:`REASONS`; ``restored`` is the ``oom_kill_disable`` value written
+    back afterwards.
+    """
+
+    group: str
+    reason: str
+    notified_ns: int
+    acted_ns: int
+    resolved_ns: int | None
+    delay: float
+    handler_pid: int | None
+    restored: int | None
+
+    @property
+    def takeover_ns(self) -> int:
+        """From the notification to the kernel killer enabled."""
+        return self.acted_ns - self.notified_ns
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"event": "takeover", **attrs.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Takeover:
+        fields = {f.name for f in attrs.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in fields})
+
+
+def _thread_state(pid: int, tid: int) -> tuple[str, str] | None:
+    """(state letter, wait channel) of a thread, or None if it is gone."""
+    base = f"/proc/{pid}/task/{tid}"
+    try:
+        with open(f"{base}/stat", "rb") as f:
+            stat = f.read()
+        with open(f"{base}/wchan", "rb") as f:
+            wchan = f.read().decode("ascii", "replace")
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # The state follows the last ")" (the name may contain one).
+    return stat[stat.rfind(b")") + 2:][:1].decode("ascii", "replace"), wchan
+
+
+@attrs.define
+class DeclaredHandler:
+    """The handler a group declared: its process, the threads it declared,
+    its pidfd, and its last heartbeat."""
+
+    pid: int
+    tids: tuple[int, ...]
+    pidfd: int
+    heartbeat_timeout: float
+    beat_ns: int = attrs.field(factory=time.monotonic_ns)
+    exited: bool = False
+
+    def check_exited(self) -> bool:
+        if not self.exited:
+            ready, _, _ = select.select([self.pidfd], [], [], 0)
+            self.exited = bool(ready)
+        return self.exited
+
+    def unfit(self, episode_ns: int) -> str | None:
+        """Why this handler cannot be trusted with an episode that began at
+        ``episode_ns``, or None."""
+        if self.check_exited():
+            return "handler-exited"
+        for tid in self.tids:
+            state = _thread_state(self.pid, tid)
+            if state is None:
+                continue  # a declared thread that ended: the process check above decides
+            letter, wchan = state
+            if letter in ("T", "t"):
+                return "handler-stopped"
+            if wchan == OOM_WAIT_CHANNEL:
+                return "handler-in-oom-wait"
+        if self.beat_ns < episode_ns - int(self.heartbeat_timeout * 1e9):
+            return "heartbeat"
+        return None
+
+
+class Guard:
+    """One group the watchdog keeps from sleeping forever."""
+
+    def __init__(self, group: Group, delay: float, *, handler: DeclaredHandler | None = None,
+                 limit: int | None = None, kill_enabled: bool | None = None) -> None:
+        oom_file = getattr(group, "oom_control_file", None)
+        if oom_file is None:
+            raise UseroomError(f"the watchdog needs cgroup v1's memory.oom_control; {group.relpath} "
+                               f"is on cgroup v{group.version}")
+        self.group = group
+        self.delay = delay
+        self.handler = handler
+        #: The limit the handler set; restored if the handler dies with a grant open.
+        self.limit = limit
+        #: The user's kernel OOM killer setting before the handler (restored if it dies).
+        self.kill_enabled = kill_enabled
+        self.pending_limit = False
+        self.gone = False
+        #: The handler's exit has been dealt with (limit, setting).
+        self.mourned = False
+        self._episode_ns: int | None = None
+        self._taken: tuple[str, int, int] | None = None  # reason, acted_ns, the setting before
+        self._fds: list[int] = []
+        self._fds.append(group.open_file(oom_file, os.O_RDONLY))
+        os.pread(self._fds[0], 256, 0)  # allocate the seq_file buffer now
+        self._switch = group.open_file(oom_file, os.O_WRONLY)
+        self._fds.append(self._switch)
+        self.notifier: EventRegistration = group.oom_notifier()
+        os.set_blocking(self.notifier.fileno(), False)
+
+    def fileno(self) -> int:
+        return self.notifier.fileno()
+
+    @property
+    def in_episode(self) -> bool:
+        return self._episode_ns is not None
+
+    def control(self) -> OomControl | None:
+        try:
+            return OomControl.from_text(os.pread(self._fds[0], 256, 0).decode("ascii"))
+        except OSError as err:
+            if err.errno in (errno.ENODEV, errno.ENOENT):
+                self.gone = True
+                return None
+            raise
+
+    def notified(self, now: int) -> None:
+        """The OOM eventfd fired (or the guard just started)."""
+        try:
+            os.read(self.notifier.fileno(), 8)
+        except BlockingIOError:
+            pass
+        if self._episode_ns is None:
+            control = self.control()
+            if control is not None and control.under_oom:
+                self._episode_ns = now
+
+    def _switch_to(self, disabled: bool) -> None:
+        os.pwrite(self._switch, b"1" if disabled else b"0", 0)
+
+    def tick(self, now: int) -> Takeover | None:
+        """Look at the group: act if the episode needs it; return a finished takeover."""
+        if self.pending_limit:
+            self._restore_limit()
+        if self._episode_ns is None:
+            return None
+        control = self.control()
+        if control is None:
+            return self._finish(None)
+        if not control.under_oom:
+            return self._finish(now)
+        if self._taken is None:
+            reason = None
+            if self.handler is not None:
+                reason = self.handler.unfit(self._episode_ns)
+            if reason is None and now - self._episode_ns >= self.delay * 1e9:
+                reason = "delay"
+            if reason is not None:
+                self._switch_to(False)
+                self._taken = (reason, time.monotonic_ns(), int(control.kill_disabled))
+        return None
+
+    def _finish(self, resolved_ns: int | None) -> Takeover | None:
+        episode_ns, self._episode_ns = self._episode_ns, None
+        taken, self._taken = self._taken, None
+        if taken is None or episode_ns is None:
+            return None
+        reason, acted_ns, before = taken
+        restored: int | None = None
+        if not self.gone:
+            handler_alive = self.handler is not None and not self.handler.check_exited()
+            if handler_alive or self.kill_enabled is None:
+                restored = before
+            else:
+                restored = 0 if self.kill_enabled else 1
+            try:
+                self._switch_to(bool(restored))
+            except OSError:
+                restored = None
+        return Takeover(self.group.relpath, reason, episode_ns, acted_ns, resolved_ns, self.delay,
+                        self.handler.pid if self.handler else None, restored)
+
+    def handler_exited(self) -> dict[str, Any]:
+        """The declared handler is gone: put back what it would have put back on stop."""
+        assert self.handler is not None
+        self.handler.exited = True
+        self.mourned = True
+        record: dict[str, Any] = {"event": "handler-exited", "group": self.group.relpath,
+                                  "handler_pid": self.handler.pid, "at_ns": time.monotonic_ns()}
+        if self.limit is not None and not self.gone:
+            try:
+                self.pending_limit = self.group.limit() != self.limit
+            except (OSError, UseroomError):
+                self.pending_limit = False
+            record["limit_raised"] = self.pending_limit
+            self._restore_limit()
+        if self.kill_enabled is not None and self._taken is None and not self.gone:
+            try:
+                self._switch_to(not self.kill_enabled)
+                record["restored"] = 0 if self.kill_enabled else 1
+            except OSError as err:
+                record["error"] = str(err)
+        return record
+
+    def _restore_limit(self) -> None:
+        assert self.limit is not None
+        try:
+            if self.group.usage() <= self.limit:
+                self.group.set_limit(self.limit)
+                self.pending_limit = False
+        except GroupGone:
+            self.pending_limit = False
+            self.gone = True
+        except (OSError, UseroomError):
+            pass  # usage does not fit yet: retried on the next tick
+
+    @property
+    def done(self) -> bool:
+        """Nothing left to guard: the group is gone, or its handler exited and
+        the kernel killer (the user's setting) guards it again."""
+        if self.gone:
+            return True
+        return (self.handler is not None and self.handler.exited and not self.pending_limit
+                and not self.in_episode and bool(self.kill_enabled))
+
+    def close(self) -> None:
+        self.notifier.close()
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+        if self.handler is not None:
+            os.close(self.handler.pidfd)
+            self.handler = None
+
+
+#: Epoll data: guards are 0.., their handlers' pidfds 1000.., then these.
+_STOP: Final = 1 << 30
+_CONTROL: Final = (1 << 30) + 1
+
+
+class Watchdog:
+    """The watchdog's loop over its guards; see the module's documentation.
+
+    ``control`` is the socket to a handler (None when run on its own):
+    the handler sends ``beat``, ``limit N`` and ``stop``; the watchdog
+    sends ``ready`` and each takeover as JSON.
+    """
+
+    def __init__(self, guards: Sequence[Guard], *, control: socket.socket | None = None,
+                 log: IO[str] | None = None) -> None:
+        self.guards = list(guards)
+        self.control = control
+        self.log = log
+        self.takeovers: list[Takeover] = []
+        self._stop = _native.EventFd()
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return (from another thread or a signal handler)."""
+        self._stop.write(1)
+
+    def _record(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, sort_keys=True)
+        if self.log is not None:
+            try:
+                self.log.write(line + "\n")
+                self.log.flush()
+            except OSError:
+                pass
+        if self.control is not None:
+            try:
+                self.control.send(line.encode(), socket.MSG_DONTWAIT)
+            except OSError:
+                pass
+
+    def _message(self, data: bytes) -> bool:
+        """A message from the handler; False on ``stop``."""
+        word, _, rest = data.partition(b" ")
+        if word == b"beat":
+            for guard in self.guards:
+                if guard.handler is not None:
+                    guard.handler.beat_ns = time.monotonic_ns()
+        elif word == b"limit":
+            for guard in self.guards:
+                guard.limit = UNLIMITED if rest == b"max" else int(rest)
+        elif word == b"stop":
+            return False
+        return True
+
+    def run(self) -> None:
+        ep = _native.Epoll()
+        try:
+            ep.add(self._stop.fileno(), _STOP)
+            if self.control is not None:
+                ep.add(self.control.fileno(), _CONTROL)
+            for i, guard in enumerate(self.guards):
+                ep.add(guard.fileno(), i)
+                if guard.handler is not None:
+                    ep.add(guard.handler.pidfd, 1000 + i)
+                guard.notified(time.monotonic_ns())  # an OOM that began before we looked
+            if self.control is not None:
+                self.control.send(b"ready")
+            self._loop(ep)
+        finally:
+            ep.close()
+
+    def _loop(self, ep: _native.Epoll) -> None:
+        while self.guards:
+            busy = any(g.in_episode or g.pending_limit for g in self.guards)
+            ready = ep.wait(POLL_INTERVAL if busy else 1.0)
+            now = time.monotonic_ns()
+            for data, _ in ready:
+                if data == _STOP:
+                    return
+                if data == _CONTROL:
+                    assert self.control is not None
+                    try:
+                        message = self.control.recv(256, socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        continue
+                    if not message:  # the handler closed its end: it is exiting
+                        ep.remove(self.control.fileno())
+                        self.control = None
+                    elif not self._message(message):
+                        return
+                elif data >= 1000:
+                    handler = self.guards[data - 1000].handler
+                    assert handler is not None
+                    ep.remove(handler.pidfd)  # level-triggered: once is enough
+                    handler.exited = True
+                else:
+                    self.guards[data].notified(now)
+            for guard in self.guards:
+                if guard.handler is not None and not guard.mourned and guard.handler.check_exited():
+                    self._record(guard.handler_exited())
+                takeover = guard.tick(now)
+                if takeover is not None:
+                    self.takeovers.append(takeover)
+                    self._record(takeover.to_dict())
+            for guard in [g for g in self.guards if g.done]:
+                ep.remove(guard.fileno())
+                self._record({"event": "done", "group": guard.group.relpath, "gone": guard.gone})
+                guard.close()
+                # Epoll data are indexes: re-register what is left.
+                self.guards.remove(guard)
+                self._reindex(ep)
+
+    def _reindex(self, ep: _native.Epoll) -> None:
+        for i, guard in enumerate(self.guards):
+            ep.remove(guard.fileno())
+            ep.add(guard.fileno(), i)
+            if guard.handler is not None and not guard.handler.exited:
+                ep.remove(guard.handler.pidfd)  # exited: removed already
+                ep.add(guard.handler.pidfd, 1000 + i)
+
+    def close(self) -> None:
+        for guard in self.guards:
+            guard.close()
+        self.guards = []
+        self._stop.close()
+
+
+# -- the handler's side ----------------------------------------------------
+
+
+class WatchdogLink:
+    """A handler's watchdog process: started, fed heartbeats and limits,
+    read for takeovers, restarted if it dies, stopped with the handler.
+
+    The process is started through ``/bin/sh``, which moves itself into
+    ``place`` (a group outside the handled one) before it becomes Python,
+    so none of the watchdog's memory is charged to the handled group.
+    """
+
+    def __init__(self, group: Group, place: Group, *, delay: float, handler_tids: Sequence[int],
+                 limit: int, kill_enabled: bool, heartbeat_timeout: float, log: str | None = None) -> None:
+        self.group = group
+        self.place = place
+        self.delay = delay
+        self.handler_tids = tuple(handler_tids)
+        self.limit = limit
+        self.kill_enabled = kill_enabled
+        self.heartbeat_timeout = heartbeat_timeout
+        self.log = log
+        self.restarts = 0
+        #: What happened to the watchdog itself (exits, restarts), one dict each.
+        self.history: list[dict[str, Any]] = []
+        self.popen: subprocess.Popen[bytes] | None = None
+        self.pidfd = -1
+        self.sock: socket.socket | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def pid(self) -> int | None:
+        return self.popen.pid if self.popen is not None else None
+
+    def start(self) -> None:
+        """Start the process and wait until it watches the group."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            argv = [
+                "/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', os.path.join(self.place.path, self.place.procs_file),
+                sys.executable, "-m", "useroom", "watchdog", self.group.path,
+                "--delay", repr(self.delay), "--control-fd", str(theirs.fileno()),
+                "--handler-pid", str(os.getpid()), "--limit", "max" if self.limit == UNLIMITED else str(self.limit),
+                "--kill-enabled", "1" if self.kill_enabled else "0",
+                "--heartbeat-timeout", repr(self.heartbeat_timeout),
+            ]
+            for tid in self.handler_tids:
+                argv += ["--tid", str(tid)]
+            if self.log is not None:
+                argv += ["--log", self.log]
+            popen = subprocess.Popen(argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, start_new_session=True)
+        except BaseException:
+            ours.close()
+            theirs.close()
+            raise
+        theirs.close()
+        try:
+            pidfd = os.pidfd_open(popen.pid)
+            ready, _, _ = select.select([ours], [], [], START_TIMEOUT)
+            message = ours.recv(256) if ready else b""
+            if message != b"ready":
+                popen.kill()
+                _, err = popen.communicate(timeout=10)
+                os.close(pidfd)
+                text = err.decode(errors="replace").strip()
+                if "Permission denied" in text:
+                    raise CgroupPermissionError(
+                        errno.EACCES, f"cannot start the watchdog in {self.place.relpath}: {text}",
+                        rule="the watchdog moves itself into a group outside the handled one, which needs "
+                             "write access to that group's cgroup.procs",
+                        advice="pass watchdog_group= a group of your own outside the handled group, "
+                               "or have the administrator delegate the handled group's parent")
+                raise WatcherError(f"the watchdog did not start ({'no answer' if not ready else 'exited'}): "
+                                   f"{text[-500:]}")
+        except BaseException:
+            if popen.poll() is None:
+                popen.kill()
+                popen.wait()
+            ours.close()
+            raise
+        assert popen.stderr is not None
+        popen.stderr.close()  # from now on it logs to its own log
+        ours.setblocking(False)
+        self.popen, self.pidfd, self.sock = popen, pidfd, ours
+
+    def send(self, message: bytes) -> None:
+        sock = self.sock
+        if sock is None:
+            return
+        try:
+            sock.send(message, socket.MSG_DONTWAIT)
+        except OSError:
+            pass  # gone or full: the pidfd tells the handler
+
+    def beat(self) -> None:
+        self.send(b"beat")
+
+    def set_limit(self, limit: int) -> None:
+        self.limit = limit
+        self.send(b"limit " + (b"max" if limit == UNLIMITED else str(limit).encode()))
+
+    def receive(self) -> list[Takeover]:
+        """Takeovers the watchdog reported since the last call."""
+        out = []
+        sock = self.sock
+        while sock is not None:
+            try:
+                data = sock.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break
+            if not data:
+                break
+            record = json.loads(data)
+            if record.get("event") == "takeover":
+                out.append(Takeover.from_dict(record))
+        return out
+
+    def exited(self) -> bool:
+        if self.pidfd < 0:
+            return True
+        ready, _, _ = select.select([self.pidfd], [], [], 0)
+        return bool(ready)
+
+    def reap(self) -> dict[str, Any]:
+        """After the process exited: close its fds and say how it ended."""
+        assert self.popen is not None
+        code = self.popen.wait()
+        record = {"event": "watchdog-exited", "pid": self.popen.pid, "returncode": code,
+                  "at_ns": time.monotonic_ns()}
+        self.history.append(record)
+        self._close()
+        return record
+
+    def _close(self) -> None:
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        self.popen = None
+
+    def stop(self, timeout: float = 5.0) -> None:
+        popen = self.popen
+        if popen is None:
+            return
+        self.send(b"stop")
+        try:
+            popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.wait()
+        self._close()
+
+
+# -- the command -----------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="useroom watchdog",
+        description="Guard memory cgroups from sleeping forever in an OOM: when an OOM outlasts the "
+                    "delay (or the declared handler cannot act), enable the kernel OOM killer until it "
+                    "ends, then restore the setting. One JSON line per takeover.")
+    parser.add_argument("groups", nargs="+", metavar="GROUP", help="a memory cgroup directory (v1)")
+    parser.add_argument("--delay", default=f"{DEFAULT_DELAY}s", help="how long an OOM may last (default %(default)s)")
+    parser.add_argument("--log", help="append the JSON lines to this file (default: standard output)")
+    # Set by a Handler for its own watchdog.
+    parser.add_argument("--control-fd", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--handler-pid", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--tid", type=int, action="append", default=[], help=argparse.SUPPRESS)
+    parser.add_argument("--limit", help=argparse.SUPPRESS)
+    parser.add_argument("--kill-enabled", type=int, choices=(0, 1), help=argparse.SUPPRESS)
+    parser.add_argument("--heartbeat-timeout", type=float, default=5.0, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        delay = parse_duration(args.delay)
+    except ValueError as err:
+        print(f"useroom watchdog: {err}", file=sys.stderr)
+        return 2
+    from useroom._hardening import lock_memory
+
+    lock_memory(heap="2M", stack="128K", pool="1M")
+    # On its own it logs to standard output; a handler's watchdog reports
+    # to the handler, and to a file only if given one.
+    log: IO[str] | None = open(args.log, "a", encoding="utf-8") if args.log else (  # noqa: SIM115
+        sys.stdout if args.control_fd is None else None)
+    guards: list[Guard] = []
+    control = socket.socket(fileno=args.control_fd) if args.control_fd is not None else None
+    try:
+        for path in args.groups:
+            handler = None
+            if args.handler_pid is not None:
+                handler = DeclaredHandler(args.handler_pid, tuple(args.tid), os.pidfd_open(args.handler_pid),
+                                          args.heartbeat_timeout)
+            limit = None
+            if args.limit is not None:
+                limit = UNLIMITED if args.limit == "max" else int(args.limit)
+            kill_enabled = None if args.kill_enabled is None else bool(args.kill_enabled)
+            guards.append(Guard(Group.open(path), delay, handler=handler, limit=limit, kill_enabled=kill_enabled))
+    except (UseroomError, OSError) as err:
+        print(f"useroom watchdog: {err}", file=sys.stderr)
+        for guard in guards:
+            guard.close()
+        return 1
+    watchdog = Watchdog(guards, control=control, log=log)
+    signal.signal(signal.SIGTERM, lambda *_: watchdog.stop())
+    signal.signal(signal.SIGINT, lambda *_: watchdog.stop())
+    if control is None and log is not None:
+        print(json.dumps({"event": "ready", "groups": [g.group.relpath for g in guards], "delay": delay}),
+              file=log, flush=True)
+    try:
+        watchdog.run()
+    finally:
+        watchdog.close()
+        if log is not None and log is not sys.stdout:
+            log.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
