@@ -1,4 +1,4 @@
-"""A service for the hook tests: ``python _hook_service.py MODE GROUP_DIR HOG_PID``.
+"""A service for the hook tests: ``python _hook_service.py MODE GROUP_DIR HOG_PID [DELAY [WATCHDOG_LOG]]``.
 
 It joins the group, fills a 40 MiB cache, starts a Handler whose on_oom hook
 behaves as MODE says (free, raise, hang, alloc), prints ``ready``, waits for
@@ -33,7 +33,10 @@ def main() -> int:
     group = useroom.Group.open(path)
     group.attach(os.getpid())
     cache = [bytes([i % 256]) * MIB for i in range(40)]
-    handler = useroom.Handler(group, reserve="16M", hook_timeout=0.5, refresh_interval=0.1)
+    delay = float(sys.argv[4]) if len(sys.argv) > 4 else useroom.DEFAULT_DELAY
+    log = sys.argv[5] if len(sys.argv) > 5 else None
+    handler = useroom.Handler(group, reserve="16M", hook_timeout=0.5, refresh_interval=0.1, delay=delay,
+                              watchdog_log=log)
     hoard = []
 
     @handler.on_oom

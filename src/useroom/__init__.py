@@ -6,6 +6,7 @@ is out of memory. See the documentation for the design and the rules.
 
 from useroom._check import HookReport, check_hook
 from useroom._cgroup import EventRegistration, Group, OomControl, Stats
+from useroom._declare import Declaration
 from useroom._handler import Handler, OomEvent, StepRecord, VictimRecord
 from useroom._hardening import HardeningReport, lock_memory
 from useroom._hooks import HookRecord, OomContext, PressureContext
@@ -21,6 +22,7 @@ from useroom._policy import (
     RaiseLimit,
 )
 from useroom._units import UNLIMITED, format_size, parse_size
+from useroom._watchdog import DEFAULT_DELAY, Takeover
 from useroom.exceptions import (
     CgroupError,
     CgroupPermissionError,
@@ -43,9 +45,11 @@ from useroom.exceptions import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_DELAY",
     "UNLIMITED",
     "CgroupError",
     "CgroupPermissionError",
+    "Declaration",
     "DryRun",
     "EventRegistration",
     "FreezeAndDecide",
@@ -78,6 +82,7 @@ __all__ = [
     "RootGroupError",
     "Stats",
     "StepRecord",
+    "Takeover",
     "UnsupportedKernel",
     "UseroomError",
     "VictimRecord",

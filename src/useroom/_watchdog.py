@@ -42,6 +42,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Sequence
 from typing import IO, Any, Final
 
@@ -269,6 +270,13 @@ class Guard:
                 self.pending_limit = False
             record["limit_raised"] = self.pending_limit
             self._restore_limit()
+        if self._episode_ns is not None and self._taken is None and not self.gone:
+            # It died during an episode: hand that to the kernel now (the
+            # user's setting goes back once the episode ends).
+            control = self.control()
+            if control is not None and control.under_oom:
+                self._switch_to(False)
+                self._taken = ("handler-exited", time.monotonic_ns(), int(control.kill_disabled))
         if self.kill_enabled is not None and self._taken is None and not self.gone:
             try:
                 self._switch_to(not self.kill_enabled)
@@ -392,6 +400,8 @@ class Watchdog:
                         message = self.control.recv(256, socket.MSG_DONTWAIT)
                     except BlockingIOError:
                         continue
+                    except OSError:
+                        message = b""  # reset: the handler is gone
                     if not message:  # the handler closed its end: it is exiting
                         ep.remove(self.control.fileno())
                         self.control = None
@@ -654,6 +664,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=log, flush=True)
     try:
         watchdog.run()
+    except Exception as err:
+        watchdog._record({"event": "error", "error": repr(err), "traceback": traceback.format_exc()})
+        raise
     finally:
         watchdog.close()
         if log is not None and log is not sys.stdout:

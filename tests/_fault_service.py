@@ -1,0 +1,81 @@
+"""A handler process for the watchdog's fault-injection tests.
+
+``python _fault_service.py MODE GROUP_DIR LOG DELAY [--join]``
+
+Starts a Handler for the group (its watchdog logging to LOG, with DELAY
+seconds), prints ``ready <watchdog pid> <manager tid>``, and then waits for
+the test to do something to it (SIGSTOP, SIGKILL) or for a line on stdin,
+on which it stops the handler cleanly and prints its events as JSON. MODE:
+
+- ``plain``: KillLargest, no reserve;
+- ``hang``: an on_oom hook that never returns (30 s deadline: the grant
+  stays open);
+- ``nothing``: a policy with no victims and no kernel fallback, so only the
+  watchdog can end an episode;
+- ``self-oom``: FreezeAndDecide whose callback touches far more than the
+  reserve on the handler's own manager thread.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import sys
+import time
+
+import useroom
+
+MIB = 1 << 20
+
+
+def main() -> int:
+    mode, path, log, delay = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+    group = useroom.Group.open(path)
+    if "--join" in sys.argv:
+        group.attach(os.getpid())
+    kwargs: dict = dict(thresholds=(), refresh_interval=0.1, delay=delay, watchdog_log=log)
+    if mode == "plain":
+        handler = useroom.Handler(group, **kwargs)
+    elif mode == "hang":
+        handler = useroom.Handler(group, reserve="16M", hook_timeout=30, **kwargs)
+
+        @handler.on_oom
+        def hang(ctx: useroom.OomContext) -> bool:
+            time.sleep(3600)
+            return False
+    elif mode == "nothing":
+        handler = useroom.Handler(group, _Nobody(), kernel_fallback=False, **kwargs)
+    elif mode == "self-oom":
+        touched = []
+
+        def decide(ctx: useroom.FrozenContext) -> list[int]:
+            m = mmap.mmap(-1, 256 * MIB)
+            for off in range(0, 256 * MIB, mmap.PAGESIZE):
+                m[off] = 1  # the manager thread faults past the reserve
+            touched.append(m)
+            return []
+
+        handler = useroom.Handler(group, useroom.FreezeAndDecide(decide), reserve="8M", grant_timeout=30,
+                                  **kwargs)
+    else:
+        raise SystemExit(f"unknown mode {mode}")
+    with handler:
+        assert handler.watchdog is not None
+        print("ready", handler.watchdog.pid, handler._manager_tid, flush=True)
+        sys.stdin.readline()
+        time.sleep(0.2)
+    events = [e.to_dict() for e in handler.events]
+    print(json.dumps({"events": events, "errors": [repr(e) for e in handler.errors]}, default=str), flush=True)
+    return 0
+
+
+class _Nobody(useroom.KillLargest):
+    """A policy with no victims: its plan does nothing."""
+
+    def order(self, victims):  # type: ignore[no-untyped-def]
+        return []
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,397 @@
+"""The declared handler and its watchdog, with faults injected, on real v1 OOMs.
+
+Each fault must end with the group no longer under OOM within the delay
+plus 100 ms (at once when the declared handler is stopped, dead or caught
+in the OOM wait), the kernel OOM killer setting put back, no task asleep,
+no group left (the fixtures check the last two).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import MIB, wait_until
+from useroom import FreezeAndDecide, Group, Handler, KillLargest, Takeover
+from useroom._declare import KERNEL_FILES, probe
+
+pytestmark = [pytest.mark.kernel, pytest.mark.timeout(120)]
+
+HERE = Path(__file__).parent
+#: "At once": the watchdog looks every 5 ms; allow for a loaded machine.
+AT_ONCE_NS = 100_000_000
+SLACK_NS = 100_000_000
+
+
+class _Nobody(KillLargest):
+    """A policy with no victims: only the watchdog can end an episode."""
+
+    def order(self, victims):  # type: ignore[no-untyped-def]
+        return []
+
+
+def _takeovers(handler: Handler, count: int, timeout: float = 10.0) -> list[Takeover]:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [e.takeover for e in handler.events if e.takeover is not None]
+        left = deadline - time.monotonic()
+        if len(found) >= count or left <= 0:
+            return found
+        handler.wait_for_events(len(handler.events) + 1, min(left, 0.2))
+
+
+def _log(path: Path, event: str) -> list[dict]:
+    if not path.exists():
+        return []
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r.get("event") == event]
+
+
+def _kill_if_ours(pid: int | None) -> None:
+    """SIGKILL a watchdog this test started (checked by its command line)."""
+    if pid is None:
+        return
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"watchdog" not in f.read():
+                return
+        os.kill(pid, signal.SIGKILL)
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+
+
+class Service:
+    """tests/_fault_service.py in a child process; killed at the end."""
+
+    def __init__(self, mode: str, group: Group, log: Path, delay: float, *, join: bool) -> None:
+        argv = [sys.executable, str(HERE / "_fault_service.py"), mode, group.path, str(log), str(delay)]
+        if join:
+            argv.append("--join")
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        words = self.proc.stdout.readline().split()
+        assert words and words[0] == "ready", words
+        self.watchdog_pid = int(words[1])
+        self.manager_tid = int(words[2])
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def finish(self) -> dict:
+        """Stop the handler cleanly; its events and errors."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("\n")
+        self.proc.stdin.flush()
+        out = self.proc.stdout.read()
+        assert 0 == self.proc.wait(30)
+        return json.loads(out)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                pipe.close()
+        _kill_if_ours(self.watchdog_pid)
+
+
+@pytest.fixture
+def group(scratch_group: Group) -> Group:
+    scratch_group.set_limit("64M")
+    return scratch_group
+
+
+@pytest.fixture
+def service(group: Group, tmp_path: Path):
+    started: list[Service] = []
+
+    def start(mode: str, delay: float = 5.0, *, join: bool = False) -> Service:
+        svc = Service(mode, group, tmp_path / "watchdog.jsonl", delay, join=join)
+        started.append(svc)
+        return svc
+
+    yield start
+    for svc in started:
+        svc.close()
+
+
+def _settled(group: Group, kill_disabled: bool) -> bool:
+    control = group.oom_control()
+    return not control.under_oom and control.kill_disabled == kill_disabled
+
+
+class TestDeclaration:
+    def test_no_kernel_interface_here_so_all_shim(self, group: Group) -> None:
+        """None of the proposed files exists on this kernel: every feature is the shim's."""
+        declaration = probe(group)
+        assert ("shim", "shim", "shim") == (declaration.delay, declaration.handler, declaration.reserve)
+        assert not any(os.path.exists(os.path.join(group.path, f)) for f in KERNEL_FILES.values())
+        assert declaration.needs_watchdog
+        with Handler(group, thresholds=()) as handler:
+            assert declaration == handler.declaration
+            assert handler.watchdog is not None and handler.watchdog.pid is not None
+
+    def test_watchdog_runs_outside_the_handled_group(self, group: Group, service) -> None:
+        """A handler inside the group puts its watchdog in the parent group."""
+        svc = service("plain", join=True)
+        with open(f"/proc/{svc.watchdog_pid}/cgroup") as f:
+            where = next(line.split(":", 2)[2].strip() for line in f if ":memory:" in line)
+        assert group.parent is not None and where == group.parent.relpath
+        assert svc.pid in group.procs()
+        svc.finish()
+        assert wait_until(lambda: not _is_watchdog(svc.watchdog_pid), 5)
+
+    def test_no_watchdog(self, group: Group) -> None:
+        with Handler(group, thresholds=(), watchdog=False) as handler:
+            assert handler.watchdog is None
+
+
+class TestDelay:
+    def test_a_stuck_episode_goes_to_the_kernel_after_the_delay_each_time(self, group: Group, spawn_hog) -> None:
+        """The plan does nothing; the watchdog enables the kernel killer once the delay
+        has passed, on each episode, and puts the handler's setting back."""
+        delay = 0.5
+        with Handler(group, _Nobody(), kernel_fallback=False, thresholds=(), delay=delay) as handler:
+            for n in (1, 2):
+                hog = spawn_hog(100, group=group)
+                hog.start()
+                assert -signal.SIGKILL == hog.wait(10)
+                takeovers = _takeovers(handler, n)
+                assert n == len(takeovers)
+                t = takeovers[-1]
+                assert "delay" == t.reason
+                assert delay * 1e9 <= t.takeover_ns <= delay * 1e9 + SLACK_NS
+                assert t.resolved_ns is not None and t.resolved_ns - t.notified_ns <= delay * 1e9 + SLACK_NS
+                assert 1 == t.restored
+                assert wait_until(lambda: _settled(group, kill_disabled=True), 2)
+            [event] = [e for e in handler.events if e.takeover is takeovers[0]]
+            assert ("resolved", "watchdog", True) == (event.outcome, event.resolved_by, event.fallback)
+        assert _settled(group, kill_disabled=False)  # the user's setting, back on stop
+
+    def test_heartbeat_missed_before_the_episode(self, group: Group, spawn_hog, monkeypatch) -> None:
+        """A handler that stopped beating before the OOM is not waited for."""
+        with Handler(group, _Nobody(), kernel_fallback=False, thresholds=(), delay=30,
+                     heartbeat_timeout=0.3, refresh_interval=0.05) as handler:
+            assert handler.watchdog is not None
+            monkeypatch.setattr(handler.watchdog, "beat", lambda: None)
+            time.sleep(0.6)
+            hog = spawn_hog(100, group=group)
+            hog.start()
+            assert -signal.SIGKILL == hog.wait(10)
+            [t] = _takeovers(handler, 1)
+        assert "heartbeat" == t.reason
+        assert t.takeover_ns <= AT_ONCE_NS
+
+
+class TestHandlerFaults:
+    def test_handler_stopped_before_the_oom(self, group: Group, service, spawn_hog, tmp_path: Path) -> None:
+        """SIGSTOP the handler (in the group): the watchdog hands the OOM to the kernel at once."""
+        svc = service("plain", delay=5.0, join=True)
+        os.kill(svc.pid, signal.SIGSTOP)
+        try:
+            hog = spawn_hog(100, group=group)
+            hog.start()
+            assert -signal.SIGKILL == hog.wait(10)
+            assert wait_until(lambda: _log(tmp_path / "watchdog.jsonl", "takeover"), 5)
+        finally:
+            os.kill(svc.pid, signal.SIGCONT)
+        [t] = _log(tmp_path / "watchdog.jsonl", "takeover")
+        assert "handler-stopped" == t["reason"]
+        assert t["acted_ns"] - t["notified_ns"] <= AT_ONCE_NS
+        assert t["resolved_ns"] is not None
+        result = svc.finish()
+        assert ["handler-stopped"] == [e["takeover"]["reason"] for e in result["events"] if e["takeover"]]
+        assert _settled(group, kill_disabled=False)
+
+    def test_handler_killed_during_an_episode(self, group: Group, service, spawn_hog, tmp_path: Path) -> None:
+        """SIGKILL the handler while the group sleeps in the OOM: the watchdog acts at once
+        and restores the user's setting."""
+        svc = service("nothing", delay=30.0)
+        hog = spawn_hog(100, group=group)
+        hog.start()
+        assert wait_until(hog.in_oom_wait, 10)
+        killed_ns = time.monotonic_ns()
+        os.kill(svc.pid, signal.SIGKILL)
+        assert -signal.SIGKILL == hog.wait(10)
+        assert wait_until(lambda: _log(tmp_path / "watchdog.jsonl", "takeover"), 5)
+        [t] = _log(tmp_path / "watchdog.jsonl", "takeover")
+        assert "handler-exited" == t["reason"]
+        assert t["acted_ns"] - killed_ns <= AT_ONCE_NS
+        assert 0 == t["restored"]
+        assert wait_until(lambda: _settled(group, kill_disabled=False), 2)
+        # Its work done (the user's setting guards the group), the watchdog exits.
+        assert wait_until(lambda: _log(tmp_path / "watchdog.jsonl", "done"), 5)
+
+    def test_handler_killed_mid_grant(self, group: Group, service, spawn_hog, tmp_path: Path) -> None:
+        """SIGKILL the handler while its hook holds a headroom grant: the watchdog takes the
+        episode and restores the limit."""
+        svc = service("hang", delay=30.0)
+        hog = spawn_hog(100, group=group)
+        hog.start()
+        assert wait_until(lambda: group.limit() == 80 * MIB, 10)  # granted: 64M + 16M
+        assert wait_until(hog.in_oom_wait, 10)  # and used up
+        os.kill(svc.pid, signal.SIGKILL)
+        assert -signal.SIGKILL == hog.wait(10)
+        assert wait_until(lambda: group.limit() == 64 * MIB, 5)
+        assert wait_until(lambda: _settled(group, kill_disabled=False), 2)
+        [exited] = _log(tmp_path / "watchdog.jsonl", "handler-exited")
+        assert exited["limit_raised"] is True
+        assert ["handler-exited"] == [t["reason"] for t in _log(tmp_path / "watchdog.jsonl", "takeover")]
+
+    def test_handler_thread_caught_in_the_oom_wait(self, group: Group, service, spawn_hog,
+                                                   tmp_path: Path) -> None:
+        """The handler's own manager thread faults past the reserve during the episode:
+        the watchdog sees it asleep in the OOM wait and acts at once."""
+        hog = spawn_hog(100, group=group)  # in the group before the handler's first refresh
+        svc = service("self-oom", delay=30.0, join=True)
+        hog.start()
+        assert wait_until(lambda: _log(tmp_path / "watchdog.jsonl", "takeover"), 15)
+        t = _log(tmp_path / "watchdog.jsonl", "takeover")[0]
+        assert "handler-in-oom-wait" == t["reason"]
+        assert t["acted_ns"] - t["notified_ns"] <= AT_ONCE_NS
+        assert t["resolved_ns"] is not None
+        # The kernel killed the largest task: the handler itself, 256 MiB into its callback.
+        assert -signal.SIGKILL == svc.proc.wait(10)
+        assert wait_until(lambda: group.limit() == 64 * MIB, 5)
+        assert wait_until(lambda: _settled(group, kill_disabled=False), 2)
+        hog.kill()  # it was stopped for the decision that never came
+
+
+@pytest.mark.parametrize("mode", ["hang", "raise", "alloc"])
+def test_faulty_hooks_end_within_the_delay(group: Group, spawn_hog, mode: str, tmp_path: Path) -> None:
+    """A hook that hangs, raises or allocates without bound: every episode still ends
+    within the delay, by the plan's fallback or by the watchdog (whose log outlives a
+    service the kernel had to kill)."""
+    group.set_limit("112M")
+    delay = 1.0
+    log = tmp_path / "watchdog.jsonl"
+    hog = spawn_hog(30, group=group)
+    hog.start()
+    assert hog.wait_touched(20)
+    with subprocess.Popen([sys.executable, str(HERE / "_hook_service.py"), mode, group.path, str(hog.pid),
+                           str(delay), str(log)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          text=True) as proc:
+        try:
+            assert proc.stdout is not None and proc.stdin is not None
+            assert "ready" == proc.stdout.readline().strip()
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            out = proc.stdout.read()
+            code = proc.wait(60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert -signal.SIGKILL == hog.wait(10)
+    assert code in (0, -signal.SIGKILL)
+    episodes = [(t["notified_ns"], t["resolved_ns"]) for t in _log(log, "takeover")]
+    if code == 0:
+        episodes += [(e["notified_ns"], e["resolved_ns"]) for e in json.loads(out)["events"]
+                     if e["outcome"] in ("resolved", "superseded")]
+    assert episodes or code == 0
+    for notified, resolved in episodes:
+        assert resolved is not None and resolved - notified <= delay * 1e9 + SLACK_NS
+    assert wait_until(lambda: _settled(group, kill_disabled=False), 5)
+
+
+class TestWatchdogFaults:
+    def test_killed_while_the_handler_is_healthy(self, group: Group) -> None:
+        """The handler notices (pidfd) and starts a new one."""
+        with Handler(group, thresholds=(), refresh_interval=0.05) as handler:
+            link = handler.watchdog
+            assert link is not None and link.pid is not None
+            first = link.pid
+            os.kill(first, signal.SIGKILL)
+            assert wait_until(lambda: link.restarts == 1 and link.pid not in (None, first), 10)
+            assert [-signal.SIGKILL] == [h["returncode"] for h in link.history if h["event"] == "watchdog-exited"]
+            second = link.pid
+            assert group.oom_control().kill_disabled  # still the handler's
+        assert wait_until(lambda: not _is_watchdog(second), 5)  # stopped with the handler
+
+    def test_killed_during_an_episode(self, group: Group, spawn_hog) -> None:
+        """Killed while the handler decides: the episode ends, a new watchdog starts."""
+        killed = []
+
+        def decide(ctx) -> list[int]:
+            link = handler.watchdog
+            assert link is not None and link.pid is not None
+            killed.append(link.pid)
+            os.kill(link.pid, signal.SIGKILL)
+            return [v.pid for v in ctx.victims]
+
+        handler = Handler(group, FreezeAndDecide(decide), reserve="16M", thresholds=(), refresh_interval=0.05)
+        with handler:
+            hog = spawn_hog(100, group=group)
+            assert wait_until(lambda: hog.pid in {v.pid for v in handler.victims}, 5)
+            hog.start()
+            assert -signal.SIGKILL == hog.wait(10)
+            link = handler.watchdog
+            assert link is not None
+            assert wait_until(lambda: link.restarts == 1 and link.pid != killed[0], 10)
+            resolved = [e for e in handler.events if e.outcome == "resolved"]
+            assert resolved and resolved[0].resolved_by == "freeze"
+        assert _settled(group, kill_disabled=False)
+
+    def test_restart_failure_gives_the_group_its_kernel_killer(self, group: Group, monkeypatch) -> None:
+        with Handler(group, thresholds=(), refresh_interval=0.05) as handler:
+            link = handler.watchdog
+            assert link is not None and link.pid is not None
+
+            def refuse() -> None:
+                raise OSError("no more processes")
+
+            monkeypatch.setattr(link, "start", refuse)
+            os.kill(link.pid, signal.SIGKILL)
+            assert wait_until(lambda: handler.watchdog is None, 10)
+            assert not group.oom_control().kill_disabled
+            time.sleep(0.2)  # refreshes do not turn it off again
+            assert not group.oom_control().kill_disabled
+            assert any("could not be restarted" in str(e) for e in handler.errors)
+
+
+def _is_watchdog(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"watchdog" in f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+class TestStandalone:
+    def test_guards_a_group_with_no_handler(self, group: Group, spawn_hog, tmp_path: Path) -> None:
+        """``useroom watchdog GROUP --delay``: the kernel killer is off and nobody handles the
+        group; the watchdog ends each OOM after the delay and puts the setting back."""
+        group.set_oom_kill(False)
+        log = tmp_path / "log.jsonl"
+        proc = subprocess.Popen([sys.executable, "-m", "useroom", "watchdog", group.path, "--delay", "300ms",
+                                 "--log", str(log)])
+        try:
+            assert wait_until(lambda: _log(log, "ready"), 20)
+            for n in (1, 2):
+                hog = spawn_hog(100, group=group)
+                hog.start()
+                assert -signal.SIGKILL == hog.wait(10)
+                assert wait_until(lambda: len(_log(log, "takeover")) == n, 5)
+                t = _log(log, "takeover")[-1]
+                assert ("delay", 1) == (t["reason"], t["restored"])
+                assert 0.3e9 <= t["acted_ns"] - t["notified_ns"] <= 0.3e9 + SLACK_NS
+                assert group.oom_control().kill_disabled
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert 0 == proc.wait(10)
+            group.set_oom_kill(True)
+
+    def test_bad_arguments(self, group: Group) -> None:
+        run = subprocess.run([sys.executable, "-m", "useroom", "watchdog", group.path, "--delay", "soon"],
+                             capture_output=True, text=True)
+        assert 2 == run.returncode and "not a duration" in run.stderr
+        run = subprocess.run([sys.executable, "-m", "useroom", "watchdog", group.path + "-missing"],
+                             capture_output=True, text=True)
+        assert 1 == run.returncode and "useroom watchdog:" in run.stderr
