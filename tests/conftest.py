@@ -82,7 +82,7 @@ def spawn_hog() -> Iterator[Callable[..., Hog]]:
 #: Groups that examples, check_hook and the hooks benchmark make below the
 #: caller's own group, in processes a test may kill mid-OOM.
 OTHER_PREFIXES = ("inprocess-service-", "cache-service-", "useroom-check-", "useroom-hooks-bench-",
-                  "useroom-demo-", "svc-")
+                  "useroom-demo-", "svc-", "useroom-watchdog-bench-")
 
 
 @pytest.fixture(autouse=True)

@@ -340,3 +340,24 @@ class TestHardCase:
         assert all(not episode["rescued"] for episode in episodes)
         assert [] == data["problems"]
         assert [] == bench_groups()
+
+
+@pytest.mark.kernel
+@pytest.mark.timeout(120)
+def test_watchdog_benchmark_prints_each_scenario(tmp_path) -> None:
+    """One run per scenario: every faulty handler's episode is taken over; the baseline
+    without a watchdog stays stuck (and is rescued)."""
+    run = subprocess.run([sys.executable, "-m", "useroom.bench", "watchdog", "--runs", "1", "--delay", "0.3",
+                          "--stuck-after", "0.5", "--json", str(tmp_path / "raw.json")],
+                         capture_output=True, text=True, timeout=100)
+    assert 0 == run.returncode, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith("scenario")
+    raw = json.loads((tmp_path / "raw.json").read_text())
+    by = {r["scenario"]: r for r in raw}
+    assert "handler-stopped" == by["stopped"]["takeover"]["reason"]
+    assert "handler-exited" == by["killed"]["takeover"]["reason"]
+    assert "delay" == by["delay"]["takeover"]["reason"]
+    assert by["delay"]["takeover"]["acted_ns"] - by["delay"]["takeover"]["notified_ns"] >= 0.3e9
+    assert True is by["baseline"]["stuck"]
+    assert "baseline: stopped, no watchdog" in run.stdout

@@ -1,5 +1,5 @@
-"""``python -m useroom.bench deadlock ...`` and ``python -m useroom.bench hooks ...``:
-see ``docs/benchmarks.md``.
+"""``python -m useroom.bench deadlock ...``, ``python -m useroom.bench hooks ...`` and
+``python -m useroom.bench watchdog ...``: see ``docs/benchmarks.md``.
 
 ``python -m useroom.bench _service GROUP_DIR JSON_PATH`` is the in-process
 variant's service process, started by the benchmark itself; it is dispatched
@@ -23,6 +23,10 @@ def main(argv: list[str] | None = None, *, out: TextIO | None = None, err: TextI
         from useroom.bench._service import main as service_main
 
         return service_main(argv[1:])
+    if argv[:1] == ["watchdog"]:
+        from useroom.bench._watchdog import main as watchdog_main
+
+        return watchdog_main(argv[1:])
     if argv[:1] == ["hooks"]:
         from useroom.bench._hooks import main as hooks_main
 
