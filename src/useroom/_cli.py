@@ -55,7 +55,8 @@ def cmd_handle(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    handler = Handler(group, _policy(args), reserve=args.reserve)
+    handler = Handler(group, _policy(args), reserve=args.reserve, delay=args.delay,
+                      watchdog=not args.no_watchdog, watchdog_log=args.watchdog_log)
     with handler:
         print("ready", flush=True)
         while not stop.wait(0.5):
@@ -181,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     handle.add_argument("--step", default=None, help="raise-limit: step, e.g. 16M")
     handle.add_argument("--ceiling", default=None, help="raise-limit: ceiling, e.g. 512M")
     handle.add_argument("--events-out", default=None, help="write the events as JSON here on exit")
+    handle.add_argument("--delay", default="2s", help="the watchdog's delay (default %(default)s)")
+    handle.add_argument("--watchdog-log", default=None, help="the watchdog's JSON log file")
+    handle.add_argument("--no-watchdog", action="store_true", help="run without the watchdog")
     handle.set_defaults(func=cmd_handle)
 
     watchdog = sub.add_parser("watchdog", add_help=False,
@@ -208,3 +212,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UseroomError as err:
         print(f"useroom: {err}", file=sys.stderr)
         return 1
+    except ValueError as err:  # a bad size or duration
+        print(f"useroom: {err}", file=sys.stderr)
+        return 2
