@@ -256,6 +256,8 @@ class TestMorePolicies:
 
         def decide(ctx) -> list[int]:
             seen.append(sorted(v.pid for v in ctx.victims))
+            # The stop takes effect when the task next runs: give it that chance.
+            wait_until(lambda: psutil.Process(big.pid).status() == psutil.STATUS_STOPPED, 2)
             seen.append(psutil.Process(big.pid).status())
             return [small.pid]
 
@@ -268,7 +270,7 @@ class TestMorePolicies:
             events = _episodes(handler, 1)
         assert sorted([big.pid, small.pid, grower.pid]) == seen[0]
         assert psutil.STATUS_STOPPED == seen[1]  # stopped while deciding
-        assert None is big.returncode
+        assert None is big.returncode, [(e.outcome, e.action) for e in handler.events]
         assert psutil.STATUS_STOPPED != big.process.status()  # thawed
         [event] = [e for e in events if any(s.phase == "freeze" for s in e.steps)][:1]
         assert [(small.pid, "handler")] == [(v.pid, v.by) for v in event.victims if v.result == 0 and v.by == "handler"]

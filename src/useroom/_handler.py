@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import signal
 import threading
 import time
@@ -762,12 +763,18 @@ class Handler:
         except Exception as err:
             self._note(err)
             return
+        killed = []
         for pid in chosen:
             victim = victims.get(pid)
             if victim is None or victim.pidfd is None:
                 self.errors.append(ValueError(f"decide() chose {pid}, which is not a task of the group"))
                 continue
-            self._kill_now(victim, signal.SIGKILL)
+            if self._kill_now(victim, signal.SIGKILL) == 0:
+                killed.append(victim.pidfd)
+        # The plan restores the limit once this returns: let the memory come back first.
+        deadline = time.monotonic() + self.check_timeout
+        for pidfd in killed:
+            select.select([pidfd], [], [], max(0.0, deadline - time.monotonic()))
 
     def _kill_now(self, victim: Victim, sig: int) -> int:
         """Signals a victim from Python (headroom granted), reaps its memory
