@@ -6,6 +6,7 @@ is out of memory. See the documentation for the design and the rules.
 
 from useroom._check import HookReport, check_hook
 from useroom._cgroup import EventRegistration, Group, OomControl, Stats
+from useroom._cgroup_v2 import FileNotifier, MemoryEvents, PressureTrigger, V2Group
 from useroom._handler import Handler, OomEvent, StepRecord, VictimRecord
 from useroom._hardening import HardeningReport, lock_memory
 from useroom._hooks import HookRecord, OomContext, PressureContext
@@ -32,6 +33,7 @@ from useroom.exceptions import (
     KernelFormatError,
     LimitBelowUsage,
     NotAMemoryCgroup,
+    PressureTriggerRefused,
     ProcessGone,
     RootGroupError,
     UnsupportedKernel,
@@ -47,6 +49,7 @@ __all__ = [
     "CgroupPermissionError",
     "DryRun",
     "EventRegistration",
+    "FileNotifier",
     "FreezeAndDecide",
     "FrozenContext",
     "Group",
@@ -65,12 +68,15 @@ __all__ = [
     "KillLargest",
     "KillNewest",
     "LimitBelowUsage",
+    "MemoryEvents",
     "NotAMemoryCgroup",
     "OomContext",
     "OomControl",
     "OomEvent",
     "Policy",
     "PressureContext",
+    "PressureTrigger",
+    "PressureTriggerRefused",
     "ProcessGone",
     "RaiseLimit",
     "RootGroupError",
@@ -78,6 +84,7 @@ __all__ = [
     "StepRecord",
     "UnsupportedKernel",
     "UseroomError",
+    "V2Group",
     "VictimRecord",
     "WatcherError",
     "check_hook",
