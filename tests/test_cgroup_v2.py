@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import pathlib
+import signal
 from collections.abc import Callable
 
 import pytest
@@ -25,6 +26,7 @@ from useroom._cgroup_v2 import (
     V2Group,
     _psi_reason,
 )
+from useroom._native import Action, NativeWatcher, Outcome, Plan, SourceKind, Wake
 from useroom._mounts import MemoryHierarchy, Mount, read_memberships, read_mounts
 from useroom._units import UNLIMITED
 from useroom.exceptions import (
@@ -450,3 +452,96 @@ class TestV2Rules:
         limit, procs, where = run_as(NOBODY, as_user, setup=enter_home)
         assert (64 * MIB, 1, home.relpath) == (limit, len(procs), where)
         assert ["home"] == [group.name for group in v2group.children()]
+
+
+@pytest.mark.cgroup2
+class TestV2NativeWake:
+    """The native watcher's v2 wake sources: memory.events changes and PSI triggers (EPOLLPRI)."""
+
+    def test_events_file_forwards(self, v2group: V2Group, spawn_hog: SpawnHog) -> None:
+        """A FILE source on memory.events records an event when the hog hits the wall, once per
+        change (the watcher re-reads the file, so it does not spin), and keeps waiting."""
+        v2group.set_high("16M")
+        with v2group.events_notifier() as notifier, NativeWatcher() as watcher:
+            source = watcher.add_source(notifier.fileno(), SourceKind.FORWARD, Wake.FILE)
+            watcher.start()
+            assert [] == watcher.wait(0.5)
+            hog = _hog_in(spawn_hog, v2group, 64)
+            hog.start()
+            records = watcher.wait(EVENT_TIMEOUT)
+            assert records and {(source, Outcome.FORWARDED)} == {(r.source, r.outcome) for r in records}
+            v2group.kill()
+            assert -9 == hog.wait(EVENT_TIMEOUT)
+            watcher.wait(0.5)
+            loops = watcher.heartbeat
+            assert [] == watcher.wait(1.0)  # nothing changes: no record, no spin
+            assert watcher.heartbeat - loops <= 1
+            assert watcher.running
+
+    def test_trigger_forwards(self, v2group: V2Group, spawn_hog: SpawnHog) -> None:
+        """A TRIGGER source (a PSI trigger on memory.pressure) records an event when the hog stalls."""
+        v2group.set_high("16M")
+        with v2group.pressure_trigger(0.05, 2.0) as trigger, NativeWatcher() as watcher:
+            source = watcher.add_source(trigger.fileno(), SourceKind.FORWARD, Wake.TRIGGER)
+            watcher.start()
+            hog = _hog_in(spawn_hog, v2group, 64)
+            hog.start()
+            records = watcher.wait(EVENT_TIMEOUT)
+            assert records and (source, Outcome.FORWARDED) == (records[0].source, records[0].outcome)
+        v2group.kill()
+        assert -9 == hog.wait(EVENT_TIMEOUT)
+
+    def test_removed_group_trigger_is_gone(self, v2group: V2Group) -> None:
+        """When a PSI trigger's group is removed (POLLERR), the watcher records GONE once and stops
+        waiting on it."""
+        child = v2group.create_child("watched")
+        assert isinstance(child, V2Group)
+        with child.pressure_trigger(0.1, 2.0) as trigger, NativeWatcher() as watcher:
+            source = watcher.add_source(trigger.fileno(), SourceKind.OOM, Wake.TRIGGER)
+            watcher.start()
+            child.remove()
+            records = watcher.wait(EVENT_TIMEOUT)
+            records += watcher.wait(0.5)
+            assert [(source, Outcome.GONE)] == [(r.source, r.outcome) for r in records]
+            assert watcher.running
+
+    def test_removed_group_file_is_silent(self, v2group: V2Group) -> None:
+        """Removing a group does not signal its memory.events (no kernfs change): the FILE source
+        stays quiet, and the watcher does not spin on it."""
+        child = v2group.create_child("watched")
+        assert isinstance(child, V2Group)
+        with child.events_notifier() as notifier, NativeWatcher() as watcher:
+            watcher.add_source(notifier.fileno(), SourceKind.OOM, Wake.FILE)
+            watcher.start()
+            loops = watcher.heartbeat
+            child.remove()
+            assert [] == watcher.wait(1.0)
+            assert watcher.heartbeat - loops <= 1
+
+    def test_plan_acts_on_the_high_event(self, v2group: V2Group, spawn_hog: SpawnHog) -> None:
+        """An OOM plan on the memory.events source kills the victim when the hog hits the wall, and
+        its check (memory.current below the wall) sees the episode resolved; the kernel killed nobody."""
+        wall = 16 * MIB
+        v2group.set_limit("64M")
+        v2group.set_high(wall)
+        hog = _hog_in(spawn_hog, v2group, 48)
+        pidfd = os.pidfd_open(hog.pid)
+        check_fd = v2group.open_file(v2group.usage_file, os.O_RDONLY)
+        try:
+            os.pread(check_fd, 64, 0)  # allocates the seq_file buffer ahead
+            with v2group.events_notifier() as notifier, NativeWatcher() as watcher:
+                watcher.add_source(notifier.fileno(), SourceKind.OOM, Wake.FILE)
+                watcher.arm(Plan((Action.signal_pidfd(pidfd, signal.SIGKILL), Action.mrelease(pidfd),
+                                  Action.check(EVENT_TIMEOUT)), check_fd=check_fd, resolved_below=wall))
+                watcher.start()
+                hog.start()
+                records = watcher.wait(EVENT_TIMEOUT)
+                assert records
+                first = records[0]
+                assert Outcome.RESOLVED == first.outcome, first
+                assert first.notified_ns < first.acted_ns < first.resolved_ns
+                assert -9 == hog.wait(EVENT_TIMEOUT)
+        finally:
+            os.close(pidfd)
+            os.close(check_fd)
+        assert (0, True) == (v2group.events().oom_kill, v2group.usage() < wall)
