@@ -29,6 +29,7 @@ from useroom._cgroup_v2 import (
 from useroom._native import Action, NativeWatcher, Outcome, Plan, SourceKind, Wake
 from useroom._mounts import MemoryHierarchy, Mount, read_memberships, read_mounts
 from useroom._units import UNLIMITED
+from useroom._wall import WallHandler
 from useroom.exceptions import (
     CgroupPermissionError,
     GroupBusy,
@@ -545,3 +546,79 @@ class TestV2NativeWake:
             os.close(pidfd)
             os.close(check_fd)
         assert (0, True) == (v2group.events().oom_kill, v2group.usage() < wall)
+
+
+_IN_GROUP_HANDLER = """\
+import json, os, sys
+from useroom._cgroup import Group
+from useroom._wall import WallHandler
+group = Group.open(sys.argv[1])
+group.attach(os.getpid())
+with WallHandler(group, wall=int(sys.argv[2]), reserve="32M", delay=5.0) as handler:
+    print("ready", flush=True)
+    records = handler.wait_for_records(1, float(sys.argv[3]))
+    print(json.dumps([[r.outcome.name, [s.kind.name for s in r.steps]] for r in records]), flush=True)
+"""
+
+
+@pytest.mark.cgroup2
+class TestV2WallHandler:
+    """The handler's v2 model: memory.high is the wall, memory.max = wall + reserve is the backstop."""
+
+    def test_wall_and_backstop(self, v2group: V2Group) -> None:
+        """While it runs, memory.high is the wall and memory.max the wall plus the reserve; stop restores both."""
+        with WallHandler(v2group, wall="32M", reserve="16M"):
+            assert (32 * MIB, 48 * MIB) == (v2group.high(), v2group.limit())
+        assert (UNLIMITED, UNLIMITED) == (v2group.high(), v2group.limit())
+
+    def test_kills_at_the_wall(self, v2group: V2Group, spawn_hog: SpawnHog) -> None:
+        """A hog that hits the wall is killed by the plan; the episode is resolved, the kernel killed nobody."""
+        hog = _hog_in(spawn_hog, v2group, 48)
+        with WallHandler(v2group, wall="16M", reserve="32M") as handler:
+            hog.start()
+            assert -9 == hog.wait(EVENT_TIMEOUT)
+            records = handler.wait_for_records(1, EVENT_TIMEOUT)
+            assert Outcome.RESOLVED == records[0].outcome
+        assert (0, True) == (v2group.events().oom_kill, v2group.usage() < 16 * MIB)
+
+    def test_handler_inside_the_group(self, v2group: V2Group, spawn_hog: SpawnHog) -> None:
+        """With the handler's own process inside the group, the hog that hits the wall is still killed
+        by the native plan (the watcher charges nothing, so it is never throttled)."""
+        import json
+        import subprocess
+        import sys
+
+        wall = 48 * MIB
+        handler = subprocess.Popen(
+            [sys.executable, "-c", _IN_GROUP_HANDLER, v2group.path, str(wall), str(EVENT_TIMEOUT)],
+            stdout=subprocess.PIPE, text=True,
+        )
+        try:
+            assert handler.stdout is not None
+            assert "ready" == handler.stdout.readline().strip()
+            assert handler.pid in v2group.procs()
+            hog = _hog_in(spawn_hog, v2group, 96)
+            hog.start()
+            assert -9 == hog.wait(EVENT_TIMEOUT)
+            records = json.loads(handler.stdout.readline())
+            assert 0 == handler.wait(EVENT_TIMEOUT)
+        finally:
+            handler.kill()
+            handler.wait()
+            if handler.stdout is not None:
+                handler.stdout.close()
+        assert "RESOLVED" == records[0][0]
+        assert 0 == v2group.events().oom_kill
+
+    def test_delay_shim_lifts_the_wall(self, v2group: V2Group, spawn_hog: SpawnHog) -> None:
+        """With no victim the plan may kill (the hog is protected), the delay shim lifts the wall: the
+        hog runs into memory.max and the kernel kills it; then the wall is put back."""
+        hog = _hog_in(spawn_hog, v2group, 96)
+        with WallHandler(v2group, wall="16M", reserve="32M", delay=5.0, protect=(hog.pid,)) as handler:
+            hog.start()
+            assert -9 == hog.wait(EVENT_TIMEOUT)
+            records = handler.wait_for_records(1, EVENT_TIMEOUT)
+            assert records[0].outcome in (Outcome.RESOLVED, Outcome.UNRESOLVED)
+            assert handler.compiled is not None and "kernel" in handler.compiled.phases
+            assert wait_until(lambda: v2group.high() == 16 * MIB, EVENT_TIMEOUT)
+        assert 1 == v2group.events().oom_kill
