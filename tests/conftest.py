@@ -13,7 +13,10 @@ At the end of the session, any group a test created that is still there is
 destroyed and reported as an error.
 
 On a machine without the memory controller, ``own_group`` fails (it never
-skips): the ``kernel`` tests must run wherever the suite runs.
+skips): the ``kernel`` tests must run wherever the suite runs, and fail
+where the memory controller is not on v1. ``cgroup2`` tests are skipped on a
+v1 host (with the reason); .ci/run runs them, with the ``backends`` tests, in
+a cgroup v2 guest (tools/vm-run).
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from helpers import GROUP_PREFIX, Hog, destroy_group
+from helpers import GROUP_PREFIX, LEAF_PREFIX, Hog, destroy_group
 from useroom._cgroup import Group
+from useroom._mounts import memory_hierarchy
 from useroom.exceptions import UnsupportedKernel
 
 _names = itertools.count()
@@ -33,17 +37,81 @@ _created: list[str] = []  # paths of every group the fixtures made
 _own_path: list[str] = []  # set once own_group has been resolved
 
 
+def _hierarchy_version() -> int | None:
+    try:
+        return memory_hierarchy().version
+    except UnsupportedKernel:
+        return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``cgroup2`` tests need a v2 memory hierarchy: on a v1 host they are skipped, saying where
+    they run (.ci/run runs them in a v2 guest); ``kernel`` tests need v1 and fail elsewhere."""
+    version = _hierarchy_version()
+    delegated = pytest.mark.skip(reason="runs as a non-root user in a systemd-delegated v2 subtree: .ci/run runs "
+                                 "it in a systemd guest (tools/vm-run -S -- tools/v2-delegated PYTHON)")
+    if version != 2 or os.geteuid() == 0:
+        for item in items:
+            if item.get_closest_marker("delegated") is not None:
+                item.add_marker(delegated)
+    if version == 2:
+        return
+    skip = pytest.mark.skip(reason="cgroup v2 test: the memory controller is on v1 here; .ci/run runs it in the "
+                            "v2 guest (tools/vm-run -- python -m pytest -m 'cgroup2 or backends')")
+    for item in items:
+        if item.get_closest_marker("cgroup2") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def own_group() -> Group:
-    """The memory cgroup of the test process (not the root: groups are made below it)."""
+    """The memory cgroup below which the tests make their groups.
+
+    On v1, the test process's own group. On v2 (the guest), the same, but
+    the memory controller must be enabled for its children, which a v2
+    group that holds processes cannot do (the "no internal processes" rule,
+    the root excepted): then the group's processes (a delegated scope: the
+    test run's own) are moved to a leaf child first.
+    """
     try:
         group = Group.current()
     except UnsupportedKernel as err:
         pytest.fail(f"the kernel tests need the memory cgroup controller: {err}")
-    if group.version != 1:
-        pytest.fail(f"the kernel tests need the cgroup v1 memory controller; it is on v{group.version} here")
+    if group.version == 2:
+        group = _prepare_v2_base(group)
     _own_path.append(group.path)
     return group
+
+
+def _prepare_v2_base(group: Group) -> Group:
+    subtree = os.path.join(group.path, "cgroup.subtree_control")
+    with open(subtree) as file:
+        if "memory" in file.read().split():
+            return group
+    if not group.is_root:
+        leaf = os.path.join(group.path, f"{LEAF_PREFIX}{os.getpid()}")
+        os.mkdir(leaf)
+        for _ in range(100):  # processes forked meanwhile are moved by the next round
+            with open(os.path.join(group.path, "cgroup.procs")) as file:
+                pids = [int(pid) for pid in file.read().split()]
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    with open(os.path.join(leaf, "cgroup.procs"), "w") as file:
+                        file.write(str(pid))
+                except ProcessLookupError:
+                    pass
+    with open(subtree, "w") as file:
+        file.write("+memory")
+    return group
+
+
+@pytest.fixture(autouse=True)
+def _backend_required(request: pytest.FixtureRequest) -> None:
+    """A ``kernel`` test (the v1 suite) fails where the memory controller is not on v1."""
+    if request.node.get_closest_marker("kernel") is not None and _hierarchy_version() != 1:
+        pytest.fail(f"this test needs the cgroup v1 memory controller; it is on v{_hierarchy_version()} here")
 
 
 @pytest.fixture

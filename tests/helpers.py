@@ -34,6 +34,8 @@ MIB: Final = 1 << 20
 #: Names of the groups the fixtures create start with this, plus the pid of
 #: the test session.
 GROUP_PREFIX: Final = "useroom-test-"
+#: On v2, the leaf a delegated test group's own processes move to (plus the pid).
+LEAF_PREFIX: Final = "useroom-leaf-"
 #: Where a task sleeps while its memcg is under OOM with the kernel killer off.
 OOM_WAIT_CHANNEL: Final = "mem_cgroup_oom_synchronize"
 
@@ -210,7 +212,8 @@ def destroy_group(path: str, *, below: str, timeout: float = 10.0) -> None:
     """Remove the group directory *path* and everything below it, whatever state it is in.
 
     For every group of the subtree: re-enable the kernel OOM killer and lift
-    the limit (waking tasks asleep in an OOM), SIGKILL its tasks, then remove
+    the limit (waking tasks asleep in an OOM; on v2: lift memory.high and
+    memory.max, thaw, write cgroup.kill), SIGKILL its tasks, then remove
     the directories depth-first; repeat until gone or *timeout*. *path* must
     be strictly below the group directory *below* (the test session's own
     group), so a wrong path can never touch a group outside it.
@@ -221,8 +224,13 @@ def destroy_group(path: str, *, below: str, timeout: float = 10.0) -> None:
     while os.path.isdir(path):
         directories = [directory for directory, _, _ in os.walk(path, topdown=False)]  # children first
         for directory in reversed(directories):
+            # v1 files, then v2 files; a version's files are absent on the other.
             _write_quietly(os.path.join(directory, "memory.oom_control"), "0")
             _write_quietly(os.path.join(directory, "memory.limit_in_bytes"), "-1")
+            _write_quietly(os.path.join(directory, "memory.high"), "max")
+            _write_quietly(os.path.join(directory, "memory.max"), "max")
+            _write_quietly(os.path.join(directory, "cgroup.freeze"), "0")
+            _write_quietly(os.path.join(directory, "cgroup.kill"), "1")
         for directory in directories:
             for pid in _read_pids(os.path.join(directory, "cgroup.procs")):
                 try:
@@ -263,8 +271,18 @@ def _read_pids(path: str) -> list[int]:
         return []
 
 
-def run_as(uid: int, function: Callable[[], Any], *, gid: int | None = None, timeout: float = 30.0) -> Any:
+def run_as(
+    uid: int,
+    function: Callable[[], Any],
+    *,
+    gid: int | None = None,
+    timeout: float = 30.0,
+    setup: Callable[[], None] | None = None,
+) -> Any:
     """Run *function* in a forked child with real, effective and saved uid *uid*; return its result.
+
+    *setup*, if given, runs in the child before the uids change (as root:
+    say, to move the child into a group).
 
     An exception raised by *function* is re-raised here (pickled across the
     pipe), so ``pytest.raises`` works as if the call were local.
@@ -275,6 +293,8 @@ def run_as(uid: int, function: Callable[[], Any], *, gid: int | None = None, tim
         status = 0
         try:
             os.close(read_end)
+            if setup is not None:
+                setup()
             os.setgroups([])
             os.setresgid(gid if gid is not None else uid, gid if gid is not None else uid, gid if gid is not None else uid)
             os.setresuid(uid, uid, uid)

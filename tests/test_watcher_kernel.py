@@ -6,6 +6,7 @@ killer, lifts the limit, kills what is left and removes the group.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -81,7 +82,10 @@ class TestRealOom:
             assert -signal.SIGKILL == hog.wait(20)
             [rec] = armed.watcher.wait(5)
             assert Outcome.RESOLVED == rec.outcome
-            assert [0, 0, 1] == [s.result for s in rec.steps]
+            # process_mrelease finds nothing to reap (ESRCH) when the victim,
+            # woken by SIGKILL on another CPU, exited before it ran.
+            kill, release, check = (s.result for s in rec.steps)
+            assert (0, True, 1) == (kill, release in (0, -errno.ESRCH), check)
             assert 0 == armed.group.oom_control().oom_kill
         finally:
             os.close(pidfd)

@@ -6,6 +6,7 @@ is out of memory. See the documentation for the design and the rules.
 
 from useroom._check import HookReport, check_hook
 from useroom._cgroup import EventRegistration, Group, OomControl, Stats
+from useroom._cgroup_v2 import FileNotifier, MemoryEvents, PressureTrigger, V2Group
 from useroom._declare import Declaration
 from useroom._handler import Handler, OomEvent, StepRecord, VictimRecord
 from useroom._hardening import HardeningReport, lock_memory
@@ -35,6 +36,7 @@ from useroom.exceptions import (
     KernelFormatError,
     LimitBelowUsage,
     NotAMemoryCgroup,
+    PressureTriggerRefused,
     ProcessGone,
     RootGroupError,
     UnsupportedKernel,
@@ -52,6 +54,7 @@ __all__ = [
     "Declaration",
     "DryRun",
     "EventRegistration",
+    "FileNotifier",
     "FreezeAndDecide",
     "FrozenContext",
     "Group",
@@ -70,6 +73,7 @@ __all__ = [
     "KillLargest",
     "KillNewest",
     "LimitBelowUsage",
+    "MemoryEvents",
     "MoveToOverflow",
     "NotAMemoryCgroup",
     "OomContext",
@@ -77,6 +81,8 @@ __all__ = [
     "OomEvent",
     "Policy",
     "PressureContext",
+    "PressureTrigger",
+    "PressureTriggerRefused",
     "ProcessGone",
     "RaiseLimit",
     "RootGroupError",
@@ -85,6 +91,7 @@ __all__ = [
     "Takeover",
     "UnsupportedKernel",
     "UseroomError",
+    "V2Group",
     "VictimRecord",
     "WatcherError",
     "check_hook",

@@ -761,6 +761,10 @@ def backend_class(version: int) -> type[Group]:
         from useroom._cgroup_v1 import V1Group  # the backend imports this module
 
         return V1Group
+    if version == 2:
+        from useroom._cgroup_v2 import V2Group
+
+        return V2Group
     raise UnsupportedKernel(f"the memory controller is on cgroup v{version}, which this version of useroom lacks")
 
 

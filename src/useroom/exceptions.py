@@ -19,6 +19,7 @@ __all__ = [
     "KernelFormatError",
     "LimitBelowUsage",
     "NotAMemoryCgroup",
+    "PressureTriggerRefused",
     "ProcessGone",
     "RootGroupError",
     "UnsupportedKernel",
@@ -115,3 +116,16 @@ class UnsupportedKernel(UseroomError, OSError):
 
 class WatcherError(UseroomError, RuntimeError):
     """The native watcher is not in a state that allows the operation."""
+
+
+class PressureTriggerRefused(UnsupportedKernel):
+    """The kernel refused a PSI trigger; ``reason`` says the likely rule, ``path`` the pressure file."""
+
+    def __init__(self, errno: int, message: str, path: str | None = None, *, reason: str = "") -> None:
+        super().__init__(errno, message, path)
+        self.path = path
+        self.reason = reason
+
+    def __str__(self) -> str:
+        text = str(self.strerror)
+        return f"{text} ({self.reason})" if self.reason else text

@@ -35,6 +35,7 @@ __all__ = [
     "SourceKind",
     "Step",
     "PoolReport",
+    "Wake",
     "heap_reserve",
     "install_arena_pool",
     "can_use_mrelease",
@@ -352,6 +353,17 @@ class SourceKind(enum.IntEnum):
     FORWARD = _lib.URO_SRC_FORWARD
 
 
+class Wake(enum.IntEnum):
+    """How a source's fd signals: an eventfd (v1 notifications, the stop fd)
+    is readable and its counter is read; a cgroup v2 file (``memory.events``)
+    polls ``EPOLLPRI`` on a change and is read again to re-arm; a PSI trigger
+    polls ``EPOLLPRI`` (the poll consumes the event)."""
+
+    EVENTFD = 0
+    FILE = _lib.URO_SRC_PRI | _lib.URO_SRC_REREAD
+    TRIGGER = _lib.URO_SRC_PRI
+
+
 class Outcome(enum.IntEnum):
     RESOLVED = _lib.URO_OUT_RESOLVED
     UNRESOLVED = _lib.URO_OUT_UNRESOLVED
@@ -476,15 +488,17 @@ class Plan:
     """What the watcher does on an OOM notification, decided ahead of time.
 
     ``check_fd`` is a preopened file (v1: ``memory.oom_control``) that says
-    the OOM is over when it contains ``resolved_needle``; the watcher reads it
-    before acting (to ignore a notification that needs nothing) and at each
-    ``Action.check``.
+    the OOM is over when it contains ``resolved_needle``, or (v2:
+    ``memory.current``) when the number it holds is below ``resolved_below``;
+    the watcher reads it before acting (to ignore a notification that needs
+    nothing) and at each ``Action.check``.
     """
 
     actions: tuple[Action, ...] = attrs.field(converter=_actions)
     check_fd: int = -1
     resolved_needle: bytes = attrs.field(default=b"")
     poll_interval: float = 0.0005
+    resolved_below: int = attrs.field(default=0, kw_only=True)
 
     @actions.validator
     def _validate_actions(self, _: object, value: tuple[Action, ...]) -> None:
@@ -495,8 +509,8 @@ class Plan:
     def _validate_needle(self, _: object, value: bytes) -> None:
         if len(value) > NEEDLE_MAX:
             raise ValueError(f"the needle holds at most {NEEDLE_MAX} bytes")
-        if self.check_fd >= 0 and not value:
-            raise ValueError("a plan with a check_fd needs a resolved_needle")
+        if self.check_fd >= 0 and not value and self.resolved_below <= 0:
+            raise ValueError("a plan with a check_fd needs a resolved_needle or a resolved_below")
 
 
 @attrs.frozen
@@ -625,10 +639,18 @@ class NativeWatcher:
             raise WatcherError("the watcher is closed")
         return self._arena
 
-    def add_source(self, fd: int, kind: SourceKind) -> int:
-        """Adds an eventfd to wait on; returns the source index used in records."""
+    def add_source(self, fd: int, kind: SourceKind, wake: Wake = Wake.EVENTFD) -> int:
+        """Adds an fd to wait on; returns the source index used in records.
+
+        ``wake`` says how the fd signals (:class:`Wake`). A ``FILE`` source
+        must have been read once (which arms it and allocates its kernel
+        buffer). When a ``TRIGGER`` polls POLLERR, or a ``FILE`` source that
+        woke reads ENODEV, its group is gone: the watcher records a ``GONE``
+        event and stops waiting on it. (Removing a group does not signal its
+        ``memory.events``: watch the parent's ``cgroup.events`` for that.)
+        """
         self._live_arena()
-        return _check(_lib.uro_source_add(self._shared, _fd(fd), int(kind)), "epoll_ctl")
+        return _check(_lib.uro_source_add(self._shared, _fd(fd), int(kind) | int(wake)), "epoll_ctl")
 
     def arm(self, plan: Plan, *, timeout: float = 5.0) -> int:
         """Makes ``plan`` the one the next episode runs; returns its id, which
@@ -664,6 +686,7 @@ class NativeWatcher:
         dst.needle_len = len(plan.resolved_needle)
         _ffi.memmove(dst.needle, plan.resolved_needle.ljust(NEEDLE_MAX, b"\0"), NEEDLE_MAX)
         dst.poll_ns = int(plan.poll_interval * 1e9)
+        dst.below = plan.resolved_below
         dst.count = len(plan.actions)
         _check(_lib.uro_plan_commit(self._shared, slot), "plan_commit")
         return self._plan_id

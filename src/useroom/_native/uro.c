@@ -172,6 +172,13 @@ URO_CRIT static int crit_check(const struct uro_plan *plan)
         return 0;
     if (n < 0)
         return (int)n;
+    if (plan->below > 0) {
+        int64_t v = 0;
+        long i = 0;
+        while (i < n && buf[i] >= '0' && buf[i] <= '9' && v < ((int64_t)1 << 58))
+            v = v * 10 + (buf[i++] - '0');
+        return i > 0 && v < plan->below ? 1 : 0;
+    }
     uint32_t m = plan->needle_len;
     if (m == 0 || (long)m > n)
         return 0;
@@ -297,7 +304,7 @@ URO_CRIT static void crit_episode(struct uro_shared *sh, int src, uint64_t count
     ev->plan_slot = -1;
     ev->plan_id = 0;
 
-    if (src < 0 || src >= sh->nsources || sh->sources[src].kind != URO_SRC_OOM) {
+    if (src < 0 || src >= sh->nsources || (sh->sources[src].kind & URO_SRC_KIND_MASK) != URO_SRC_OOM) {
         ev->outcome = URO_OUT_FORWARDED;
         crit_publish(sh, ev, seq);
         return;
@@ -355,7 +362,10 @@ URO_CRIT static void crit_episode(struct uro_shared *sh, int src, uint64_t count
                     r = 0;
                 } else {
                     int64_t when = 0;
-                    int supersede_fd = (a->flags & URO_F_SUPERSEDE) ? sh->sources[src].fd : -1;
+                    /* A kernfs file polls readable (POLLIN) at all times: only
+                     * an eventfd source can tell a new notification that way. */
+                    int supersede_fd = (a->flags & URO_F_SUPERSEDE) && !(sh->sources[src].kind & URO_SRC_PRI)
+                                           ? sh->sources[src].fd : -1;
                     r = crit_await_resolved(plan, supersede_fd, a->timeout_ns, &when);
                     if (r == 1 && !grant_open) {
                         ev->resolved_ns = when;
@@ -412,6 +422,26 @@ URO_CRIT static void crit_episode(struct uro_shared *sh, int src, uint64_t count
     crit_publish(sh, ev, seq);
 }
 
+/* Records that source src is gone (its group was removed) and drops it from
+ * the epoll set, so that a file that polls ready forever does not spin us. */
+URO_CRIT static void crit_source_gone(struct uro_shared *sh, int src, int64_t t0)
+{
+    uro_sys(SYS_epoll_ctl, sh->epfd, EPOLL_CTL_DEL, sh->sources[src].fd, 0, 0);
+    uint64_t seq = __atomic_load_n(&sh->head, __ATOMIC_ACQUIRE) + 1;
+    struct uro_event *ev = &sh->ring[(seq - 1) % URO_RING_SIZE];
+    __atomic_store_n(&ev->seq, 0, __ATOMIC_RELEASE);
+    ev->source = src;
+    ev->count = 0;
+    ev->notified_ns = t0;
+    ev->acted_ns = 0;
+    ev->resolved_ns = 0;
+    ev->nsteps = 0;
+    ev->plan_slot = -1;
+    ev->plan_id = 0;
+    ev->outcome = URO_OUT_GONE;
+    crit_publish(sh, ev, seq);
+}
+
 /* The watcher thread: waits on the epoll set, reads the eventfd that fired
  * and runs the episode. Critical: runs on the locked stack, all signals
  * blocked, no libc. */
@@ -434,7 +464,25 @@ URO_CRIT static void *crit_watcher_main(void *arg)
             int src = (int)evs[i].data.u64;
             int fd = src < 0 ? sh->stop_fd : sh->sources[src].fd;
             uint64_t count = 0;
-            long r = uro_sys(SYS_read, fd, (long)&count, sizeof count, 0, 0);
+            long r;
+            if (src >= 0 && (sh->sources[src].kind & URO_SRC_PRI)) {
+                /* A kernfs file: read it again to re-arm its notification (the
+                 * seq_file buffer was allocated by Python's first read). A PSI
+                 * trigger: polling consumed the event; POLLERR: group removed. */
+                char buf[256];
+                count = 1;
+                r = 0;
+                if (sh->sources[src].kind & URO_SRC_REREAD)
+                    r = uro_sys(SYS_pread64, fd, (long)buf, sizeof buf, 0, 0);
+                else if (evs[i].events & (EPOLLERR | EPOLLHUP))
+                    r = -ENODEV;
+                if (r == -ENODEV || r == -ENOENT) {
+                    crit_source_gone(sh, src, t0);
+                    continue;
+                }
+            } else {
+                r = uro_sys(SYS_read, fd, (long)&count, sizeof count, 0, 0);
+            }
             if (src < 0) {
                 crit_store32(&sh->state, URO_STATE_STOPPED);
                 return 0;
@@ -653,7 +701,10 @@ int uro_shared_init(struct uro_shared *shared, int epfd, int stop_fd, int wake_f
 
 int uro_source_add(struct uro_shared *shared, int fd, int kind)
 {
-    if (fd < 0 || (kind != URO_SRC_OOM && kind != URO_SRC_FORWARD))
+    int what = kind & URO_SRC_KIND_MASK;
+    if (fd < 0 || (what != URO_SRC_OOM && what != URO_SRC_FORWARD) ||
+        (kind & ~(URO_SRC_KIND_MASK | URO_SRC_PRI | URO_SRC_REREAD)) ||
+        ((kind & URO_SRC_REREAD) && !(kind & URO_SRC_PRI)))
         return -EINVAL;
     int idx = shared->nsources;
     if (idx >= URO_SOURCES_MAX)
@@ -661,7 +712,7 @@ int uro_source_add(struct uro_shared *shared, int fd, int kind)
     shared->sources[idx].fd = fd;
     shared->sources[idx].kind = kind;
     __atomic_store_n(&shared->nsources, idx + 1, __ATOMIC_SEQ_CST);
-    int r = uro_epoll_add(shared->epfd, fd, EPOLLIN, (uint64_t)idx);
+    int r = uro_epoll_add(shared->epfd, fd, (kind & URO_SRC_PRI) ? EPOLLPRI : EPOLLIN, (uint64_t)idx);
     if (r < 0) {
         __atomic_store_n(&shared->nsources, idx, __ATOMIC_SEQ_CST);
         shared->sources[idx].fd = -1;

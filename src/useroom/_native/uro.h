@@ -38,6 +38,15 @@
 /* Source kinds: what the watcher does when a source's eventfd fires. */
 #define URO_SRC_OOM 1           /* run the armed plan */
 #define URO_SRC_FORWARD 2       /* record the event and wake Python */
+/* Source flags, or'ed into the kind: how the source's fd signals. Without
+ * them it is an eventfd (EPOLLIN, its counter read). */
+#define URO_SRC_KIND_MASK 255
+#define URO_SRC_PRI 256         /* wait for EPOLLPRI: a cgroup v2 file change
+                                 * (memory.events) or a PSI trigger; count 1 */
+#define URO_SRC_REREAD 512      /* with PRI: pread the file from offset 0 after
+                                 * each wakeup, which re-arms a kernfs change
+                                 * notification; ENODEV: the group is gone
+                                 * (removal itself does not signal the file) */
 
 /* Outcomes of an event record. */
 #define URO_OUT_RESOLVED 1      /* the check saw the OOM resolved */
@@ -80,6 +89,9 @@ struct uro_plan {
     char needle[24];         /* resolved when the check file contains these bytes */
     int64_t poll_ns;         /* interval between reads of check_fd */
     struct uro_action actions[32];
+    int64_t below;           /* > 0: check_fd holds a number (v2 memory.current) and
+                              * the episode is resolved when it is below this; the
+                              * needle is then unused */
 };
 
 struct uro_step {

@@ -1,0 +1,85 @@
+"""Behaviour that both backends share, run on the backend of this machine.
+
+On the host the memory controller is on cgroup v1, so these run on
+``V1Group``; .ci/run runs them again in a cgroup v2 guest (tools/vm-run),
+where they run on ``V2Group``. The version-specific behaviour is in
+test_cgroup_v1.py and test_cgroup_v2.py.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import pytest
+
+from helpers import MIB, Hog, run_as, wait_until
+from useroom._cgroup import Group, backend_class
+from useroom._units import UNLIMITED
+from useroom.exceptions import CgroupPermissionError, GroupBusy, GroupExists, GroupGone, ProcessGone
+
+SpawnHog = Callable[..., Hog]
+NOBODY = 65534
+EVENT_TIMEOUT = 60.0
+
+pytestmark = pytest.mark.backends
+
+
+class TestBothBackends:
+    def test_backend_matches_hierarchy(self, scratch_group: Group) -> None:
+        """A group is an instance of the backend of its hierarchy's version."""
+        assert backend_class(scratch_group.hierarchy.version) is type(scratch_group)
+
+    def test_create_limit_remove(self, scratch_group: Group) -> None:
+        """A child is created with a limit, listed, read back, and removed."""
+        child = scratch_group.create_child("app", memory_max="64M")
+        assert ([child], 64 * MIB) == (scratch_group.children(), child.limit())
+        with pytest.raises(GroupExists):
+            scratch_group.create_child("app")
+        child.set_limit("max")
+        assert UNLIMITED == child.limit()
+        child.remove()
+        assert [] == scratch_group.children()
+
+    def test_attach_usage_stats(self, scratch_group: Group, spawn_hog: SpawnHog) -> None:
+        """An attached process is listed, and the pages it touches are charged to the group."""
+        hog = spawn_hog(16, scratch_group)
+        hog.start()
+        assert hog.wait_touched(EVENT_TIMEOUT)
+        assert [hog.pid] == scratch_group.procs()
+        assert scratch_group == Group.of_pid(hog.pid)
+        assert scratch_group.usage() >= 16 * MIB and scratch_group.stats().rss >= 16 * MIB
+
+    def test_attach_gone_process(self, scratch_group: Group) -> None:
+        """Attaching a pid that no longer exists raises ProcessGone."""
+        hog = Hog(0, hold=False)
+        hog.start()
+        hog.close()
+        with pytest.raises(ProcessGone):
+            scratch_group.attach(hog.pid)
+
+    def test_remove_busy_and_forced(self, scratch_group: Group, spawn_hog: SpawnHog) -> None:
+        """A group with a task refuses plain removal (GroupBusy); force kills the task and removes it."""
+        child = scratch_group.create_child("busy")
+        hog = spawn_hog(0, child)
+        with pytest.raises(GroupBusy):
+            child.remove()
+        child.remove(force=True)
+        assert (False, -9) == (os.path.exists(child.path), hog.wait(EVENT_TIMEOUT))
+        with pytest.raises(GroupGone):
+            child.limit()
+
+    def test_kernel_kill_at_the_limit(self, scratch_group: Group, spawn_hog: SpawnHog) -> None:
+        """With the kernel OOM killer on (the default), a hog over the limit is killed and counted."""
+        scratch_group.set_limit("32M")
+        hog = spawn_hog(64, scratch_group, False)
+        hog.start()
+        assert -9 == hog.wait(EVENT_TIMEOUT)
+        assert wait_until(lambda: scratch_group.oom_control().oom_kill == 1, EVENT_TIMEOUT)
+
+    def test_create_without_permission(self, scratch_group: Group) -> None:
+        """Creating a child without write permission on the directory raises CgroupPermissionError."""
+        with pytest.raises(CgroupPermissionError) as info:
+            run_as(NOBODY, lambda: Group.open(scratch_group.path).create_child("a"))
+        assert info.value.rule and info.value.advice
+        assert [] == scratch_group.children()
