@@ -6,6 +6,7 @@ killer, lifts the limit, kills what is left and removes the group.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -81,7 +82,9 @@ class TestRealOom:
             assert -signal.SIGKILL == hog.wait(20)
             [rec] = armed.watcher.wait(5)
             assert Outcome.RESOLVED == rec.outcome
-            assert [0, 0, 1] == [s.result for s in rec.steps]
+            kill, reap, check = (s.result for s in rec.steps)
+            # process_mrelease finds no memory (ESRCH) if the victim finished exiting first.
+            assert (0, 1) == (kill, check) and reap in (0, -errno.ESRCH)
             assert 0 == armed.group.oom_control().oom_kill
         finally:
             os.close(pidfd)

@@ -90,9 +90,12 @@ def remove_user(user: User) -> None:
 
 
 def _user_can_run(user: User, python: str) -> bool:
+    # The path itself is tested first: exec() alone is not proof enough, some
+    # sandboxes run another interpreter when the one named is unreachable.
+    check = 'test -r "$1" && test -x "$1" && exec "$1" -c "import sys; assert sys.version_info >= (3, 10)"'
     try:
         done = subprocess.run(
-            _setpriv(user) + [python, "-c", "import sys; assert sys.version_info >= (3, 10)"],
+            _setpriv(user) + ["/bin/sh", "-c", check, "sh", python],
             capture_output=True, timeout=60, check=False, env=_user_environ("/"),
         )
     except OSError:
