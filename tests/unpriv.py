@@ -125,16 +125,20 @@ class UserEnv:
     project: str
     python: str
 
-    def command(self, argv: Sequence[str], group: str) -> list[str]:
-        """*argv* run as the user, after joining the delegated *group* (a directory)."""
+    def command(self, argv: Sequence[str], group: str | None) -> list[str]:
+        """*argv* run as the user, after joining the delegated *group* (a directory; None: stay
+        in the caller's group, which the user does not own)."""
+        if group is None:
+            return _setpriv(self.user) + list(argv)
         return _setpriv(self.user) + ["/bin/sh", "-c", _SHELL_JOIN, "sh", group, *argv]
 
-    def run(self, argv: Sequence[str], group: str, *, timeout: float,
+    def run(self, argv: Sequence[str], group: str | None, *, timeout: float,
             cwd: str | None = None) -> subprocess.CompletedProcess[str]:
         """Run *argv* as the user in *group*; fails the test if it runs longer than *timeout* s.
 
         On timeout the command is killed; whatever it started is left in
-        *group*'s subtree, for the fixture that delegated it to kill.
+        *group*'s subtree, for the fixture that delegated it to kill. With
+        *group* None, use it only for commands that start nothing lasting.
         """
         try:
             return subprocess.run(self.command(argv, group), capture_output=True, text=True, timeout=timeout,
