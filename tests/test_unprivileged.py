@@ -80,9 +80,12 @@ class TestSuiteAsTheUser:
         match = re.search(r"(\d+)(?:/\d+)? tests? collected", collected.stdout)
         assert match, collected.stdout + collected.stderr
         expected = int(match[1])
-        junit = os.path.join(unpriv_env.project, f"junit-{os.path.basename(user_group)}.xml")
+        run = os.path.join(unpriv_env.project, f"run-{os.path.basename(user_group)}")
+        junit = run + ".xml"
+        # --basetemp: the user's temporary files go with the project copy, not to /tmp/pytest-of-<user>.
         done = unpriv_env.run([unpriv_env.python, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                               f"--junitxml={junit}", *SUITE, *deselect], user_group, timeout=280)
+                               f"--basetemp={run}", f"--junitxml={junit}", *SUITE, *deselect], user_group,
+                              timeout=280)
         assert 0 == done.returncode, done.stdout[-6000:] + done.stderr[-3000:]
         suite = ElementTree.parse(junit).getroot().find("testsuite")
         assert suite is not None
