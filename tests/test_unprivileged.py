@@ -13,8 +13,6 @@ import json
 import os
 import pathlib
 import re
-import resource
-import signal
 import subprocess
 import sys
 import xml.etree.ElementTree as ElementTree
@@ -23,7 +21,7 @@ from typing import Any
 import pytest
 
 from useroom import Group
-from unpriv import UserEnv
+from unpriv import USER_MEMLOCK, UserEnv
 
 pytestmark = [pytest.mark.kernel]
 
@@ -111,8 +109,7 @@ class TestHardCaseAsTheUser:
         machine = data["machine"]
         assert (unpriv_env.user.uid, False, False) == (machine["uid"], machine["cap_ipc_lock"],
                                                        machine["cap_sys_resource"])
-        # The user's limit is the default one this session has too (the user inherits it).
-        assert resource.getrlimit(resource.RLIMIT_MEMLOCK)[0] == machine["memlock_limit"]
+        assert USER_MEMLOCK == machine["memlock_limit"]
         for variant in ("useroom-standalone", "useroom-inprocess"):
             row = data["summary"][variant]
             assert (episodes, episodes, 0, 0) == (row["episodes"], row["resolved"], row["deadlocks"],
@@ -200,6 +197,7 @@ print(json.dumps({"limit": resource.getrlimit(resource.RLIMIT_MEMLOCK)[0], "afte
         assert 0 == done.returncode, done.stderr
         error, report = (json.loads(line) for line in done.stdout.strip().splitlines())
         limit = report["limit"]
+        assert USER_MEMLOCK == limit
         assert ("MemoryLockError", True) == (error["type"], error["permission_error"])
         assert f"RLIMIT_MEMLOCK is {limit >> 20}MiB" in error["text"]
         assert "cannot lock" in error["text"] and "pymalloc arena pool" in error["text"]

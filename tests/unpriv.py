@@ -16,7 +16,9 @@ What root sets up (and always takes down), as an administrator would:
 :meth:`UserEnv.run` then runs a command as the user with ``setpriv``: real,
 effective and saved uid and gid of the user, no supplementary groups, no
 capabilities (the kernel clears them when root changes uid, and the
-inheritable and bounding sets are emptied too). The command first moves
+inheritable and bounding sets are emptied too), and the default
+RLIMIT_MEMLOCK of 8 MiB (set with ``prlimit``, so a CI container's own
+limit does not matter). The command first moves
 itself into the delegated group, which v1 allows because the process is the
 user's own, so all it starts is charged there and the fixtures find (and
 kill, by pid) whatever is left in that subtree. Nothing here is used by the
@@ -47,6 +49,9 @@ _COPY_IGNORE: Final = shutil.ignore_patterns(
 _SHELL_JOIN: Final = 'echo $$ > "$1/cgroup.procs" || exit 97; shift; exec "$@"'
 #: Exit status of a user command that could not join its delegated group.
 JOIN_FAILED: Final = 97
+#: RLIMIT_MEMLOCK (soft and hard) of every user command: the kernel's default
+#: (MLOCK_LIMIT, 8 MiB since Linux 5.16), whatever this session inherited.
+USER_MEMLOCK: Final = 8 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,11 +224,11 @@ def stale_delegations(parent: str) -> list[str]:
 
 
 def _setpriv(user: User) -> list[str]:
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        raise AssertionError("setpriv (util-linux) is needed to run commands as the test user")
-    return [setpriv, f"--reuid={user.uid}", f"--regid={user.gid}", "--clear-groups",
-            "--inh-caps=-all", "--bounding-set=-all", "--"]
+    setpriv, prlimit = shutil.which("setpriv"), shutil.which("prlimit")
+    if setpriv is None or prlimit is None:
+        raise AssertionError("setpriv and prlimit (util-linux) are needed to run commands as the test user")
+    return [prlimit, f"--memlock={USER_MEMLOCK}:{USER_MEMLOCK}", "--", setpriv, f"--reuid={user.uid}",
+            f"--regid={user.gid}", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", "--"]
 
 
 def _user_environ(home: str) -> dict[str, str]:
