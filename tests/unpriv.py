@@ -46,9 +46,9 @@ _COPY_IGNORE: Final = shutil.ignore_patterns(
     ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "*.so", "_core.c", ".pytest_cache",
     ".mypy_cache", ".hypothesis", "out",
 )
-_SHELL_JOIN: Final = 'echo $$ > "$1/cgroup.procs" || exit 97; shift; exec "$@"'
 #: Exit status of a user command that could not join its delegated group.
 JOIN_FAILED: Final = 97
+_SHELL_JOIN: Final = f'echo $$ > "$1/cgroup.procs" || exit {JOIN_FAILED}; shift; exec "$@"'
 #: RLIMIT_MEMLOCK (soft and hard) of every user command: the kernel's default
 #: (MLOCK_LIMIT, 8 MiB since Linux 5.16), whatever this session inherited.
 USER_MEMLOCK: Final = 8 << 20
