@@ -8,6 +8,10 @@
   :func:`helpers.destroy_group`.
 - ``spawn_hog``: a factory of :class:`helpers.Hog` children, all killed and
   reaped at teardown.
+- ``unpriv_env`` (session): a real ordinary user, created if missing and
+  removed after, with a venv it can run (see :mod:`unpriv`); ``user_group``:
+  a fresh group below ``own_group`` delegated (chowned) to that user, and
+  destroyed after the test like ``scratch_group``, with every task left in it.
 
 At the end of the session, any group a test created that is still there is
 destroyed and reported as an error.
@@ -23,11 +27,22 @@ from __future__ import annotations
 
 import itertools
 import os
+import pathlib
 from collections.abc import Callable, Iterator
 
 import pytest
 
 from helpers import GROUP_PREFIX, LEAF_PREFIX, Hog, destroy_group
+from unpriv import (
+    DELEGATION_PREFIX,
+    UserEnv,
+    build_user_env,
+    delegate,
+    ensure_user,
+    remove_user,
+    remove_user_env,
+    stale_delegations,
+)
 from useroom._cgroup import Group
 from useroom._mounts import memory_hierarchy
 from useroom.exceptions import UnsupportedKernel
@@ -145,6 +160,35 @@ def spawn_hog() -> Iterator[Callable[..., Hog]]:
         except Exception as err:  # every hog must still be tried
             errors.append(f"{hog}: {err!r}")
     assert not errors, f"hogs that could not be reaped: {errors}"
+
+
+@pytest.fixture(scope="session")
+def unpriv_env(own_group: Group) -> Iterator[UserEnv]:
+    """The test user and its venv; the user is removed after the session if this session made it."""
+    for path in stale_delegations(own_group.path):
+        destroy_group(path, below=own_group.path)
+    user = ensure_user()
+    try:
+        env = build_user_env(user, str(pathlib.Path(__file__).resolve().parents[1]))
+        try:
+            yield env
+        finally:
+            remove_user_env(env)
+    finally:
+        remove_user(user)  # its processes were all in user_group groups, destroyed by now
+
+
+@pytest.fixture
+def user_group(own_group: Group, unpriv_env: UserEnv) -> Iterator[str]:
+    """A new group below ``own_group``, chowned to the test user; destroyed after the test with all in it."""
+    name = f"{DELEGATION_PREFIX}{os.getpid()}-{next(_names)}"
+    path = os.path.join(own_group.path, name)
+    _created.append(path)
+    try:
+        yield delegate(own_group.path, name, unpriv_env.user)
+    finally:
+        if os.path.isdir(path):
+            destroy_group(path, below=own_group.path)
 
 
 #: Groups that examples, check_hook and the hooks benchmark make below the

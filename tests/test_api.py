@@ -76,12 +76,12 @@ class TestCommand:
         )
         assert (0, "") == (result.returncode, result.stderr)
         assert result.stdout.startswith("usage: useroom")
-        for command in ("handle", "watchdog", "demo"):
+        for command in ("handle", "watchdog", "demo", "doctor"):
             assert command in result.stdout
 
     def test_subcommand_help(self) -> None:
         """Each subcommand's --help exits 0."""
-        for command in ("handle", "watchdog", "demo"):
+        for command in ("handle", "watchdog", "demo", "doctor"):
             result = subprocess.run(
                 [sys.executable, "-m", "useroom", command, "--help"], capture_output=True, text=True, timeout=60
             )

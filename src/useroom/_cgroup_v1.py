@@ -21,18 +21,22 @@ Errno values measured on Linux 6.18:
   limit, cannot be set on the root group.
 - ``cgroup.event_control`` is mode 0200 (owner only) on this kernel; older
   kernels made it world-writable.
+- a writer that is not root gets EACCES from ``cgroup.procs`` for a process
+  whose uid and saved uid both differ from its euid, even with the file
+  writable (``__cgroup1_procs_write``); v1 has no common-ancestor rule.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import pwd
 from collections.abc import Mapping
 from typing import ClassVar, Final
 
 from useroom._cgroup import EventRegistration, Group, OomControl
 from useroom._units import UNLIMITED, format_size, parse_size
-from useroom.exceptions import InvalidSize, LimitBelowUsage
+from useroom.exceptions import CgroupError, CgroupPermissionError, InvalidSize, LimitBelowUsage
 
 __all__ = ["V1Group"]
 
@@ -52,6 +56,12 @@ class V1Group(Group):
     oom_control_file: ClassVar[str] = "memory.oom_control"
     event_control_file: ClassVar[str] = "cgroup.event_control"
     permission_rules: ClassVar[Mapping[str, tuple[str, str]]] = {
+        "attach-owner": (
+            "v1: a writer that is not root may move only processes whose real or saved uid equals its "
+            "effective uid; write permission on cgroup.procs does not extend that",
+            "start the process as this user, or have root attach it: delegating a group cannot grant "
+            "moving another user's processes",
+        ),
         "attach": (
             "v1: writing cgroup.procs needs write permission on it, and the writer's euid to match "
             "the target's uid (or saved uid), or root",
@@ -81,6 +91,37 @@ class V1Group(Group):
     }
 
     __slots__ = ()
+
+    def attach(self, pid: int) -> None:
+        try:
+            super().attach(pid)
+        except CgroupPermissionError as err:
+            procs = self._file(self.procs_file)
+            if err.errno != errno.EACCES or not os.access(procs, os.W_OK):
+                raise
+            # The file let us write: the kernel's uid rule refused it.
+            rule, advice = self.permission_rules["attach-owner"]
+            raise CgroupPermissionError(
+                err.errno,
+                f"cannot attach pid {pid} ({_owner_text(pid)}) to {self.relpath}: Permission denied: "
+                f"this process runs as euid {os.geteuid()} ({_user_text(os.geteuid())})",
+                procs, rule=rule, advice=advice,
+            ) from err.__cause__
+
+    def _error(self, err: OSError, action: str, path: str, **options: str) -> CgroupError:
+        error = super()._error(err, action, path, **options)
+        if not isinstance(error, CgroupPermissionError) or options.get("rule") == "attach":
+            return error
+        # Name who owns what was refused, and who asked.
+        try:
+            st = os.stat(path)
+            owner = f"owned by uid {st.st_uid} ({_user_text(st.st_uid)}), mode {st.st_mode & 0o7777:04o}"
+        except OSError:
+            owner = "its owner unknown"
+        return CgroupPermissionError(
+            error.errno or 0, f"{error.strerror} (the file is {owner}; this process runs as euid "
+            f"{os.geteuid()} ({_user_text(os.geteuid())}))", error.path, rule=error.rule, advice=error.advice,
+        )
 
     def limit(self) -> int:
         value = self._read_int(self.limit_file, "read the limit of")
@@ -164,3 +205,26 @@ class V1Group(Group):
             return format_size(self.usage())
         except Exception:  # only decorates a message; the EBUSY is what matters
             return "unknown"
+
+
+def _user_text(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return "no such user"
+
+
+def _owner_text(pid: int) -> str:
+    """ "uid 0 (root)" for the owner of process *pid*, from /proc (the real uid, as the kernel checks it)."""
+    try:
+        # Binary: a process that cannot read the interpreter's library
+        # (a uid switched after start) cannot import a codec either.
+        with open(f"/proc/{pid}/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"Uid:"):
+                    real, _, saved = (int(field) for field in line.split()[1:4])
+                    uids = f"uid {real}" if real == saved else f"uid {real}, saved uid {saved}"
+                    return f"{uids} ({_user_text(real)})"
+    except (OSError, ValueError):
+        pass
+    return "owner unknown"

@@ -1,4 +1,4 @@
-"""The ``useroom`` command: ``handle``, ``demo``."""
+"""The ``useroom`` command: ``handle``, ``demo``, ``doctor``."""
 
 from __future__ import annotations
 
@@ -170,6 +170,19 @@ def _event_fields(data: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Reports what the calling user and this kernel allow; exits 0 when a handler can run."""
+    from useroom._doctor import diagnose
+
+    diagnosis = diagnose(args.group, measure=not args.no_measure)
+    if args.json:
+        json.dump(diagnosis.to_dict(), sys.stdout, indent=1)
+        print()
+    else:
+        print(diagnosis.describe())
+    return 0 if diagnosis.ready else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="useroom", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -199,6 +212,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", default="160M", help="what each worker touches")
     demo.add_argument("--timeout", type=float, default=60.0)
     demo.set_defaults(func=cmd_demo)
+
+    doctor = sub.add_parser(
+        "doctor", help="what this user and kernel allow: delegation, memory locking, kernel features",
+        description="Check, as the calling user, whether a handler can run for GROUP (default: your own "
+                    "memory group) and say what to ask an administrator for. Exits 0 when it can, 1 when not.",
+    )
+    doctor.add_argument("group", nargs="?", default=None,
+                        help="a cgroupfs path or a path in the memory hierarchy (default: your own group)")
+    doctor.add_argument("--json", action="store_true", help="print the findings as JSON")
+    doctor.add_argument("--no-measure", action="store_true",
+                        help="do not measure the locked set (it starts a fresh interpreter)")
+    doctor.set_defaults(func=cmd_doctor)
     return parser
 
 

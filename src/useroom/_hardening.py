@@ -16,6 +16,15 @@ charging it all to the group it protects. So useroom locks the critical set
 (the native core's image, the watcher's state, ring and stack, a pymalloc
 arena pool) and prefaults the rest; ``mlockall`` is opt-in. The report says
 exactly what was locked and why not the rest.
+
+Fitting in RLIMIT_MEMLOCK: without CAP_IPC_LOCK, mlock fails with ENOMEM
+once the process's locked pages (``VmLck``) would pass the soft limit. The
+native core and the watchers' arenas are what the first response runs on;
+the arena pool only keeps pymalloc's arenas resident. So the pool is locked
+only if it fits with room left for one watcher arena
+(:func:`useroom._native.watcher_arena_size`), and is otherwise prefaulted
+without a lock. With the defaults the whole set is about 2.3 MiB (measured
+by ``useroom doctor``).
 """
 
 from __future__ import annotations
@@ -30,7 +39,8 @@ import threading
 import attrs
 
 from useroom import _native
-from useroom._units import parse_size
+from useroom._units import format_size, parse_size
+from useroom.exceptions import MemoryLockError
 
 __all__ = ["HardeningReport", "lock_memory"]
 
@@ -42,6 +52,44 @@ DEFAULT_POOL = 2 << 20
 def _memlock_limit() -> int:
     soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
     return -1 if soft == resource.RLIM_INFINITY else soft
+
+
+def _memlock_hard_limit() -> int:
+    _, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    return -1 if hard == resource.RLIM_INFINITY else hard
+
+
+#: The kernel rule behind every refusal to lock (mlock(2), ENOMEM or EPERM).
+MEMLOCK_RULE = (
+    "mlock(2): without CAP_IPC_LOCK a process may lock at most its soft RLIMIT_MEMLOCK, "
+    "counted over all its locked pages (VmLck)"
+)
+
+
+def memlock_refusal(what: str, requested: int, *, err: int = errno.ENOMEM) -> MemoryLockError:
+    """The error for locking *requested* more bytes of *what* than RLIMIT_MEMLOCK leaves (0: the whole process)."""
+    limit, hard, locked = _memlock_limit(), _memlock_hard_limit(), _vm_locked()
+    shown = "unlimited" if limit < 0 else format_size(limit)
+    size = f"{format_size(requested)} of " if requested else ""
+    message = f"cannot lock {size}{what}: RLIMIT_MEMLOCK is {shown} and {format_size(locked)} is locked already"
+    return MemoryLockError(
+        err, message, what=what, requested=requested, limit=limit, locked=locked,
+        rule=MEMLOCK_RULE, advice=memlock_advice(locked + requested if requested else 0, limit, hard),
+    )
+
+
+def memlock_advice(needed: int, limit: int, hard: int) -> str:
+    """What an administrator could grant so that *needed* bytes (0: the whole process) can be locked."""
+    if needed:
+        kib = -(-needed // 1024)
+        amount = (f"to at least {format_size(needed)} (pam_limits: '<user> - memlock {kib}' in "
+                  f"/etc/security/limits.conf; systemd: LimitMEMLOCK={kib}K)")
+    else:
+        amount = "to 'unlimited' (pam_limits: '<user> - memlock unlimited'; systemd: LimitMEMLOCK=infinity)"
+    advice = f"an administrator could raise the user's RLIMIT_MEMLOCK {amount}, or grant CAP_IPC_LOCK"
+    if needed and limit >= 0 and (hard < 0 or hard >= needed) and hard != limit:
+        advice += f"; the hard limit allows it already: raise the soft limit yourself (ulimit -l {kib})"
+    return advice
 
 
 def _has_swap() -> bool:
@@ -118,6 +166,7 @@ def lock_memory(
     stack: int | str = DEFAULT_STACK,
     pool: int | str = DEFAULT_POOL,
     freeze_gc: bool = True,
+    strict: bool = False,
 ) -> HardeningReport:
     """Hardens this process for running an OOM handler; idempotent.
 
@@ -127,6 +176,12 @@ def lock_memory(
     RLIMIT_MEMLOCK allows), then freezes the garbage collector's current
     objects. With ``mlockall=True`` it also tries ``mlockall(MCL_CURRENT |
     MCL_FUTURE)`` and reports a refusal instead of raising.
+
+    The pool is locked only if it fits in RLIMIT_MEMLOCK with room left for
+    a watcher's arena. With ``strict=True`` a refusal (mlockall, or a pool
+    that does not fit) raises :class:`~useroom.MemoryLockError` instead,
+    naming the rule and what an administrator could grant; a pool that does
+    not fit is refused before anything is changed.
     """
     global _done
     with _lock:
@@ -134,35 +189,47 @@ def lock_memory(
             return _done
         notes: list[str] = []
         limit = _memlock_limit()
+        heap_bytes = parse_size(heap)
+        stack_bytes = parse_size(stack)
+        pool_bytes = parse_size(pool)
+        wanted = pool_bytes + _native.watcher_arena_size()
+        if strict and pool_bytes and not _free_threaded() and _native.pool_report() is None and not _fits(wanted, limit):
+            raise memlock_refusal("the pymalloc arena pool and a watcher's arena", wanted)
 
         ok, err = False, 0
         if mlockall:
             err = _native.mlockall(future=True)
             ok = err == 0
             if not ok:
+                refusal = memlock_refusal("the whole process (mlockall)", 0, err=err)
+                if strict:
+                    raise refusal
                 notes.append(
-                    f"mlockall refused ({errno.errorcode.get(err, err)}): RLIMIT_MEMLOCK is "
-                    "below the process size and CAP_IPC_LOCK is absent; locked the critical set"
+                    f"mlockall refused ({errno.errorcode.get(err, err)}): {refusal.strerror}; locked the "
+                    f"critical set instead. Rule: {refusal.rule}. To allow it: {refusal.advice}"
                 )
         core = _native.lock_core()
         if core.lock_errno:
             notes.append(f"native core not fully locked: {os.strerror(core.lock_errno)}")
 
-        heap_bytes = parse_size(heap)
-        stack_bytes = parse_size(stack)
         _native.heap_reserve(heap_bytes)
         _native.stack_prefault(stack_bytes)
 
         pool_report = None
-        pool_bytes = parse_size(pool)
         if pool_bytes and _free_threaded():
             notes.append("no pymalloc arena pool: free-threaded builds do not use pymalloc arenas")
         elif pool_bytes:
-            used = _vm_locked()
-            fits = limit < 0 or used + pool_bytes <= limit or _can_lock_beyond_limit()
+            # Checked again: locking the core used some of the limit.
+            fits = _fits(wanted, limit)
+            if strict and not fits and _native.pool_report() is None:
+                raise memlock_refusal("the pymalloc arena pool and a watcher's arena", wanted)
             pool_report = _native.install_arena_pool(pool_bytes, lock=fits)
             if pool_report.lock_errno or not fits:
-                notes.append("pymalloc arena pool prefaulted but not locked: RLIMIT_MEMLOCK too small")
+                refusal = memlock_refusal("the pymalloc arena pool and a watcher's arena", wanted)
+                notes.append(
+                    f"pymalloc arena pool prefaulted but not locked: RLIMIT_MEMLOCK too small to lock it and "
+                    f"leave room for a watcher ({refusal.strerror}). To allow it: {refusal.advice}"
+                )
 
         if freeze_gc:
             gc.collect()
@@ -180,6 +247,11 @@ def lock_memory(
             pool=pool_report, gc_frozen=freeze_gc, swap=swap, raw_syscalls=raw, notes=tuple(notes),
         )
         return _done
+
+
+def _fits(nbytes: int, limit: int) -> bool:
+    """Whether *nbytes* more can be locked now, on top of what is locked already."""
+    return limit < 0 or _vm_locked() + nbytes <= limit or _can_lock_beyond_limit()
 
 
 def _can_lock_beyond_limit() -> bool:

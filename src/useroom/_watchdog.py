@@ -59,6 +59,8 @@ __all__ = ["DEFAULT_DELAY", "Takeover", "Watchdog", "WatchdogLink", "main"]
 DEFAULT_DELAY: Final = 2.0
 #: How often the watchdog looks at a group while it is under OOM, in seconds.
 POLL_INTERVAL: Final = 0.005
+#: After a takeover, ``under_oom`` at 0 this long (with no kill) ends the episode, in ns.
+SETTLE_NS: Final = 100_000_000
 #: The wait channel of a task asleep in a v1 memcg OOM wait.
 OOM_WAIT_CHANNEL: Final = "mem_cgroup_oom_synchronize"
 #: How long a handler waits for its watchdog to report ready, in seconds.
@@ -176,6 +178,8 @@ class Guard:
         self.mourned = False
         self._episode_ns: int | None = None
         self._taken: tuple[str, int, int] | None = None  # reason, acted_ns, the setting before
+        self._kills_at_takeover = 0
+        self._clear_ns: int | None = None  # when under_oom first read 0 after a takeover
         self._fds: list[int] = []
         self._fds.append(group.open_file(oom_file, os.O_RDONLY))
         os.pread(self._fds[0], 256, 0)  # allocate the seq_file buffer now
@@ -224,7 +228,17 @@ class Guard:
         if control is None:
             return self._finish(None)
         if not control.under_oom:
-            return self._finish(now)
+            if self._taken is None:
+                return self._finish(now)
+            # Enabling the killer wakes the sleepers, which clears under_oom
+            # before the kernel has killed anyone: the episode is over once the
+            # kernel has killed, or once it stays clear for SETTLE_NS.
+            if self._clear_ns is None:
+                self._clear_ns = now
+            if control.oom_kill > self._kills_at_takeover or now - self._clear_ns >= SETTLE_NS:
+                return self._finish(self._clear_ns)
+            return None
+        self._clear_ns = None
         if self._taken is None:
             reason = None
             if self.handler is not None:
@@ -232,11 +246,13 @@ class Guard:
             if reason is None and now - self._episode_ns >= self.delay * 1e9:
                 reason = "delay"
             if reason is not None:
+                self._kills_at_takeover = control.oom_kill
                 self._switch_to(False)
                 self._taken = (reason, time.monotonic_ns(), int(control.kill_disabled))
         return None
 
     def _finish(self, resolved_ns: int | None) -> Takeover | None:
+        self._clear_ns = None
         episode_ns, self._episode_ns = self._episode_ns, None
         taken, self._taken = self._taken, None
         if taken is None or episode_ns is None:
@@ -275,6 +291,7 @@ class Guard:
             # user's setting goes back once the episode ends).
             control = self.control()
             if control is not None and control.under_oom:
+                self._kills_at_takeover = control.oom_kill
                 self._switch_to(False)
                 self._taken = ("handler-exited", time.monotonic_ns(), int(control.kill_disabled))
         if self.kill_enabled is not None and self._taken is None and not self.gone:

@@ -18,6 +18,7 @@ __all__ = [
     "InvalidSize",
     "KernelFormatError",
     "LimitBelowUsage",
+    "MemoryLockError",
     "NotAMemoryCgroup",
     "PressureTriggerRefused",
     "ProcessGone",
@@ -104,6 +105,31 @@ class GroupExists(CgroupError, FileExistsError):
 
 class LimitBelowUsage(CgroupError):
     """The kernel could not reclaim enough to bring usage under the new limit."""
+
+
+class MemoryLockError(UseroomError, PermissionError):
+    """The kernel would refuse to lock memory that useroom was asked to lock.
+
+    ``what`` names the memory, ``requested`` its size in bytes (0: the whole
+    process), ``limit`` the soft RLIMIT_MEMLOCK (-1: unlimited) and
+    ``locked`` what the process had locked already; ``rule`` names the kernel
+    rule and ``advice`` what an administrator could grant.
+    """
+
+    def __init__(
+        self, errno: int, message: str, *, what: str = "", requested: int = 0, limit: int = -1, locked: int = 0,
+        rule: str = "", advice: str = "",
+    ) -> None:
+        super().__init__(errno, message)
+        self.what = what
+        self.requested = requested
+        self.limit = limit
+        self.locked = locked
+        self.rule = rule
+        self.advice = advice
+
+    def __str__(self) -> str:
+        return f"{self.strerror} ({self.rule}); {self.advice}"
 
 
 class ProcessGone(UseroomError, ProcessLookupError):

@@ -46,6 +46,7 @@ __all__ = [
     "stack_prefault",
     "raw_syscalls",
     "wait_readable",
+    "watcher_arena_size",
 ]
 
 PLAN_MAX: int = _lib.URO_PLAN_MAX
@@ -565,6 +566,11 @@ def _record(ev: Any) -> EventRecord:
         resolved_ns=int(ev.resolved_ns), plan_id=int(ev.plan_id), plan_slot=int(ev.plan_slot),
         steps=steps,
     )
+
+
+def watcher_arena_size() -> int:
+    """Bytes each :class:`NativeWatcher` maps and locks: its state, ring and stack."""
+    return (int(_ffi.sizeof("struct uro_shared")) + 4095) // 4096 * 4096 + STACK_SIZE
 
 
 class NativeWatcher:

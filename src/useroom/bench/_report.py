@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import os
 import platform
+import pwd
+import resource
 import signal
 import statistics
 from typing import Any, Final
@@ -118,6 +120,12 @@ def machine_facts(config: Config, memcg: str) -> dict[str, Any]:
         "transparent_hugepage": _chosen(_read_first("/sys/kernel/mm/transparent_hugepage/enabled")),
         "python": platform.python_version(),
         "memcg": memcg,
+        # Who ran it: the figures of an unprivileged run are an ordinary user's.
+        "uid": os.geteuid(),
+        "user": _user_name(os.geteuid()),
+        "memlock_limit": _memlock_limit(),
+        "cap_ipc_lock": _has_capability(_CAP_IPC_LOCK),
+        "cap_sys_resource": _has_capability(_CAP_SYS_RESOURCE),
         "limit_bytes": config.limit,
         "workers": config.workers,
         "worker_size_bytes": config.worker_size,
@@ -137,6 +145,8 @@ def render(result: Run, rows: list[Summary]) -> str:
         f"deadlock: a worker alive and the group under OOM {config.deadlock_after:g} s after the workers start; "
         f"blocks of {config.block} episodes per group and handler",
     ]
+    if "uid" in machine:
+        lines.append(_who(machine))
     few = [name for name in ("naive", "no-handler") if name in config.variants]
     if few and config.naive_episodes < config.episodes:
         lines.append(f"{' and '.join(few)} run {config.naive_episodes} episodes, not {config.episodes}: "
@@ -154,6 +164,13 @@ def render(result: Run, rows: list[Summary]) -> str:
     lines.append("")
     lines.append("episode time: workers start -> every worker gone and under_oom 0; median and p99 "
                  "(nearest rank) over the episodes that ended without rescue")
+    locked = [row.locked_bytes for row in rows if row.locked_bytes is not None]
+    if locked:
+        limit = machine.get("memlock_limit")
+        within = "" if limit is None else (" (RLIMIT_MEMLOCK unlimited)" if limit < 0 else
+                                           f" of RLIMIT_MEMLOCK {_size(limit)} ({'fits' if max(locked) <= limit else 'OVER'})")
+        lines.append(f"memory locked by a handler: {max(locked)} bytes ({_size(max(locked))}, the largest "
+                     f"VmLck a handler reported){within}")
     notes = _notes(result, rows)
     lines.extend(notes)
     return "\n".join(lines)
@@ -230,6 +247,43 @@ def to_json(result: Run, rows: list[Summary]) -> dict[str, Any]:
         "interrupted": result.interrupted,
         "problems": result.problems,
     }
+
+
+_CAP_IPC_LOCK: Final = 14
+_CAP_SYS_RESOURCE: Final = 24
+
+
+def _who(machine: dict[str, Any]) -> str:
+    caps = [name for name, key in (("CAP_IPC_LOCK", "cap_ipc_lock"), ("CAP_SYS_RESOURCE", "cap_sys_resource"))
+            if machine.get(key)]
+    limit = machine.get("memlock_limit")
+    shown = "unlimited" if limit is None or limit < 0 else _size(limit)
+    return (f"run as uid {machine['uid']} ({machine.get('user')}), RLIMIT_MEMLOCK {shown}, "
+            f"{'with ' + ' and '.join(caps) if caps else 'without CAP_IPC_LOCK or CAP_SYS_RESOURCE'}")
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _memlock_limit() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    return -1 if soft == resource.RLIM_INFINITY else soft
+
+
+def _has_capability(bit: int) -> bool:
+    """Whether the effective capability set has *bit* (from /proc/self/status)."""
+    try:
+        with open("/proc/self/status") as file:
+            for line in file:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> bit & 1)
+    except (OSError, ValueError):
+        pass
+    return False
 
 
 def _count(number: int, noun: str) -> str:
