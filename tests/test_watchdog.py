@@ -176,16 +176,17 @@ class TestDelay:
             assert ("resolved", "watchdog", True) == (event.outcome, event.resolved_by, event.fallback)
         assert _settled(group, kill_disabled=False)  # the user's setting, back on stop
 
-    def test_heartbeat_missed_before_the_episode(self, group: Group, spawn_hog, monkeypatch) -> None:
+    def test_heartbeat_missed(self, group: Group, spawn_hog, monkeypatch, tmp_path: Path) -> None:
         """A handler that stopped beating before the OOM is not waited for."""
+        log = tmp_path / "watchdog.jsonl"
         with Handler(group, _Nobody(), kernel_fallback=False, thresholds=(), delay=30,
-                     heartbeat_timeout=0.3, refresh_interval=0.05) as handler:
+                     heartbeat_timeout=0.3, refresh_interval=0.05, watchdog_log=str(log)) as handler:
             assert handler.watchdog is not None
             monkeypatch.setattr(handler.watchdog, "beat", lambda: None)
             time.sleep(0.6)
             hog = spawn_hog(100, group=group)
             hog.start()
-            assert -signal.SIGKILL == hog.wait(10)
+            assert -signal.SIGKILL == hog.wait(10), log.read_text() if log.exists() else "no log"
             [t] = _takeovers(handler, 1)
         assert "heartbeat" == t.reason
         assert t.takeover_ns <= AT_ONCE_NS

@@ -200,8 +200,8 @@ class Handler:
     watchdog process outside the group (``watchdog=True``) hands an episode
     to the kernel OOM killer when it outlasts ``delay`` (seconds, or
     ``"2s"``/``"500ms"``), at once when this handler is stopped, exited,
-    has a declared thread asleep in the OOM wait or missed its heartbeat
-    (``heartbeat_timeout``) before the episode, and restores the limit if
+    has a declared thread asleep in the OOM wait or sent no heartbeat for
+    ``heartbeat_timeout``, and restores the limit if
     this process dies with a grant open. ``watchdog_group`` is where it
     runs (default: the handled group's parent when this process is inside
     the handled group, else this process's group); ``watchdog_log`` a file
@@ -579,7 +579,8 @@ class Handler:
             ep.close()
 
     def _step(self, ep: _native.Epoll, registered: list[EventRegistration]) -> None:
-        ready = ep.wait(self.refresh_interval)
+        # Often enough for the watchdog's heartbeat too.
+        ready = ep.wait(min(self.refresh_interval, self.heartbeat_timeout / 3))
         crossed = []
         for data, _ in ready:
             if data == 2:

@@ -9,8 +9,8 @@ It stands in for kernel interfaces that were proposed and never merged (see
   Like the proposal, the delay re-arms on each episode.
 - **declared handler** (Weiner): when the group's declared handler has
   exited, is stopped, has one of its declared threads asleep in the memcg
-  OOM wait (``mem_cgroup_oom_synchronize`` in its wait channel), or missed
-  its heartbeat before the episode began, the watchdog hands the episode to
+  OOM wait (``mem_cgroup_oom_synchronize`` in its wait channel), or has sent
+  no heartbeat for ``heartbeat_timeout``, the watchdog hands the episode to
   the kernel at once instead of waiting out the delay.
 - **reserve** (Rientjes' ``memory.oom_reserve_in_bytes``): the handler's
   headroom grant raises the limit; if the handler dies with a grant open,
@@ -137,9 +137,8 @@ class DeclaredHandler:
             self.exited = bool(ready)
         return self.exited
 
-    def unfit(self, episode_ns: int) -> str | None:
-        """Why this handler cannot be trusted with an episode that began at
-        ``episode_ns``, or None."""
+    def unfit(self, now: int) -> str | None:
+        """Why this handler cannot be trusted with the episode under way, or None."""
         if self.check_exited():
             return "handler-exited"
         for tid in self.tids:
@@ -151,7 +150,7 @@ class DeclaredHandler:
                 return "handler-stopped"
             if wchan == OOM_WAIT_CHANNEL:
                 return "handler-in-oom-wait"
-        if self.beat_ns < episode_ns - int(self.heartbeat_timeout * 1e9):
+        if now - self.beat_ns > self.heartbeat_timeout * 1e9:
             return "heartbeat"
         return None
 
@@ -242,7 +241,7 @@ class Guard:
         if self._taken is None:
             reason = None
             if self.handler is not None:
-                reason = self.handler.unfit(self._episode_ns)
+                reason = self.handler.unfit(now)
             if reason is None and now - self._episode_ns >= self.delay * 1e9:
                 reason = "delay"
             if reason is not None:
