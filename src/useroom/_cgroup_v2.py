@@ -42,7 +42,7 @@ import os
 import select
 import time
 from collections.abc import Mapping
-from typing import ClassVar, Final, Literal
+from typing import Any, ClassVar, Final, Literal
 
 import attrs
 
@@ -106,7 +106,48 @@ class MemoryEvents:
         )
 
 
-class FileNotifier:
+class _OwnedFd:
+    """One fd this object owns: ``fileno``, ``closed``, an idempotent
+    ``close``, a ``with`` block, and a ``ResourceWarning`` if dropped open."""
+
+    __slots__ = ("_fd", "__weakref__")
+
+    _fd: int
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` has run."""
+        return self._fd < 0
+
+    def fileno(self) -> int:
+        """The fd, to poll for ``POLLPRI``; raises ValueError once closed."""
+        if self._fd < 0:
+            raise ValueError(f"{self!r} is closed")
+        return self._fd
+
+    def close(self) -> None:
+        """Close the fd; safe to call again."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", -1) >= 0:
+            import warnings
+
+            try:
+                warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self, stacklevel=1)
+            finally:
+                self.close()
+
+
+class FileNotifier(_OwnedFd):
     """Change notifications of a cgroup counter file (``memory.events``, ``cgroup.events``).
 
     It owns one fd of the file (close-on-exec). :meth:`fileno` polls ready
@@ -118,7 +159,7 @@ class FileNotifier:
     ``wait``, ``read``, ``close``, ``closed``, ``description``.
     """
 
-    __slots__ = ("_fd", "path", "description", "text", "__weakref__")
+    __slots__ = ("path", "description", "text")
 
     def __init__(self, fd: int, path: str, description: str) -> None:
         self._fd = fd
@@ -137,23 +178,6 @@ class FileNotifier:
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"fd={self._fd}"
         return f"<FileNotifier {self.description} {state}>"
-
-    @property
-    def closed(self) -> bool:
-        """True once :meth:`close` has run."""
-        return self._fd < 0
-
-    def fileno(self) -> int:
-        """The file's fd, to poll for ``POLLPRI``; raises ValueError once closed."""
-        if self._fd < 0:
-            raise ValueError(f"{self!r} is closed")
-        return self._fd
-
-    def close(self) -> None:
-        """Close the fd; safe to call again."""
-        fd, self._fd = self._fd, -1
-        if fd >= 0:
-            os.close(fd)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until the file changed since it was last read; False if *timeout* seconds pass first."""
@@ -181,23 +205,7 @@ class FileNotifier:
             raise CgroupError(err.errno or 0, f"{self.description}: {os.strerror(err.errno or 0)}", self.path) from err
         return os.fsdecode(data)
 
-    def __enter__(self) -> FileNotifier:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if getattr(self, "_fd", -1) >= 0:
-            import warnings
-
-            try:
-                warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self, stacklevel=1)
-            finally:
-                self.close()
-
-
-class PressureTrigger:
+class PressureTrigger(_OwnedFd):
     """A PSI trigger: wakes (``POLLPRI``) when tasks stall on memory for *stall* in a *window*.
 
     Made by :meth:`open` (or :meth:`V2Group.pressure_trigger`). It owns the fd
@@ -205,7 +213,7 @@ class PressureTrigger:
     trigger. ``POLLERR`` means the file's group was removed.
     """
 
-    __slots__ = ("_fd", "path", "kind", "stall_us", "window_us", "__weakref__")
+    __slots__ = ("path", "kind", "stall_us", "window_us")
 
     def __init__(self, fd: int, path: str, kind: str, stall_us: int, window_us: int) -> None:
         self._fd = fd
@@ -283,23 +291,6 @@ class PressureTrigger:
         """What is watched."""
         return f"memory pressure ({self.kind} {self.stall_us / 1e6:g} s in {self.window_us / 1e6:g} s) of {self.path}"
 
-    @property
-    def closed(self) -> bool:
-        """True once :meth:`close` has run."""
-        return self._fd < 0
-
-    def fileno(self) -> int:
-        """The trigger's fd, to poll for ``POLLPRI``; raises ValueError once closed."""
-        if self._fd < 0:
-            raise ValueError(f"{self!r} is closed")
-        return self._fd
-
-    def close(self) -> None:
-        """Close the fd (removing the trigger); safe to call again."""
-        fd, self._fd = self._fd, -1
-        if fd >= 0:
-            os.close(fd)
-
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until the trigger fires; False if *timeout* seconds pass first.
 
@@ -312,21 +303,6 @@ class PressureTrigger:
         if ready and ready[0][1] & (select.POLLERR | select.POLLNVAL):
             raise GroupGone(errno.ENODEV, f"{self.description}: the group was removed", self.path)
         return bool(ready)
-
-    def __enter__(self) -> PressureTrigger:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if getattr(self, "_fd", -1) >= 0:
-            import warnings
-
-            try:
-                warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self, stacklevel=1)
-            finally:
-                self.close()
 
 
 def _psi_reason(err: int | None, window_us: int, path: str) -> str:
