@@ -293,7 +293,16 @@ class Group(abc.ABC):
     limit_file: ClassVar[str]
     usage_file: ClassVar[str]
     #: Rules the kernel applies, by operation, for :class:`CgroupPermissionError`.
-    permission_rules: ClassVar[Mapping[str, tuple[str, str]]] = {}
+    permission_rules: ClassVar[Mapping[str, tuple[str, str]]] = {
+        "remove": (
+            "removing a group needs write permission on the parent group's directory",
+            "chown the parent group's directory to the user (delegation)",
+        ),
+        "read": (
+            "reading a control file needs read permission on it",
+            "chown the group's directory and files to the user (delegation)",
+        ),
+    }
 
     __slots__ = ("_path", "_relpath", "_hierarchy")
 

@@ -56,6 +56,7 @@ class V1Group(Group):
     oom_control_file: ClassVar[str] = "memory.oom_control"
     event_control_file: ClassVar[str] = "cgroup.event_control"
     permission_rules: ClassVar[Mapping[str, tuple[str, str]]] = {
+        **Group.permission_rules,
         "attach-owner": (
             "v1: a writer that is not root may move only processes whose real or saved uid equals its "
             "effective uid; write permission on cgroup.procs does not extend that",
@@ -70,14 +71,6 @@ class V1Group(Group):
         "create": (
             "creating a group needs write permission on the parent group's directory",
             "chown the parent group's directory to the user (delegation)",
-        ),
-        "remove": (
-            "removing a group needs write permission on the parent group's directory",
-            "chown the parent group's directory to the user (delegation)",
-        ),
-        "read": (
-            "reading a control file needs read permission on it",
-            "chown the group's directory and files to the user (delegation)",
         ),
         "write": (
             "writing a control file needs write permission on it",

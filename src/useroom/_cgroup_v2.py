@@ -339,6 +339,7 @@ class V2Group(Group):
     cgroup_events_file: ClassVar[str] = "cgroup.events"
     kill_file: ClassVar[str] = "cgroup.kill"
     permission_rules: ClassVar[Mapping[str, tuple[str, str]]] = {
+        **Group.permission_rules,
         "attach": (
             "v2: moving a process needs write permission on cgroup.procs of the destination group and of "
             "the common ancestor of its current and destination groups",
@@ -348,14 +349,6 @@ class V2Group(Group):
         "create": (
             "creating a group needs write permission on the parent group's directory",
             "chown the parent group's directory to the user (delegation, e.g. systemd's Delegate=yes)",
-        ),
-        "remove": (
-            "removing a group needs write permission on the parent group's directory",
-            "chown the parent group's directory to the user (delegation)",
-        ),
-        "read": (
-            "reading a control file needs read permission on it",
-            "chown the group's directory and files to the user (delegation)",
         ),
         "write": (
             "writing a control file needs write permission on it; a delegated group's own "
