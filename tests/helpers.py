@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import pickle
 import select
@@ -336,3 +337,26 @@ def _reap(pid: int, timeout: float) -> None:
             os.waitpid(pid, 0)
             return
         time.sleep(0.005)
+
+
+def run_hook_service(group: Group, mode: str, spawn_hog: Callable[..., Hog], *args: str,
+                     hog_mib: int = 30) -> tuple[Any, Hog, int]:
+    """Runs tests/_hook_service.py (MODE GROUP HOG_PID ARGS...) in ``group`` with a hog
+    beside it; returns (its JSON result or None, the hog, its exit status)."""
+    hog = spawn_hog(hog_mib, group=group)
+    hog.start()
+    assert hog.wait_touched(20)
+    service = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_hook_service.py")
+    with subprocess.Popen([sys.executable, service, mode, group.path, str(hog.pid), *args],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stdout is not None and proc.stdin is not None
+            assert "ready" == proc.stdout.readline().strip()
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            out = proc.stdout.read()
+            code = proc.wait(60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    return (json.loads(out) if out.strip() else None), hog, code

@@ -2,39 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
-import pathlib
 import signal
 import subprocess
 import sys
 
 import pytest
 
+from helpers import run_hook_service
 from useroom import Group, Handler, check_hook
 from useroom.testing import assert_hook_safe
-
-HERE = pathlib.Path(__file__).resolve().parent
-
-
-def _service(group: Group, mode: str, spawn_hog, *, hog_mib: int = 30):
-    """Runs the hook service in ``group`` with a hog beside it; returns (result, hog, returncode)."""
-    hog = spawn_hog(hog_mib, group=group)
-    hog.start()
-    assert hog.wait_touched(20)
-    with subprocess.Popen([sys.executable, str(HERE / "_hook_service.py"), mode, group.path, str(hog.pid)],
-                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as proc:
-        try:
-            assert proc.stdout is not None and proc.stdin is not None
-            assert "ready" == proc.stdout.readline().strip()
-            proc.stdin.write("go\n")
-            proc.stdin.flush()
-            out = proc.stdout.read()
-            code = proc.wait(60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    return (json.loads(out) if out.strip() else None), hog, code
 
 
 @pytest.mark.kernel
@@ -48,7 +25,7 @@ class TestHooksInTheService:
     def test_hook_frees_memory_and_nobody_is_killed(self, group: Group, spawn_hog) -> None:
         """The hook frees memory, the episode ends with no kill, although the
         service's faulting thread held the GIL."""
-        result, hog, code = _service(group, "free", spawn_hog)
+        result, hog, code = run_hook_service(group, "free", spawn_hog)
         assert 0 == code
         first = result["events"][0]
         assert ("resolved", "hooks") == (first["outcome"], first["resolved_by"])
@@ -60,7 +37,7 @@ class TestHooksInTheService:
     def test_hook_that_raises_falls_back(self, group: Group, spawn_hog) -> None:
         """A hook that raises is recorded each time, and the policy's plan kills the hog
         once restoring the limit is not enough."""
-        result, hog, code = _service(group, "raise", spawn_hog)
+        result, hog, code = run_hook_service(group, "raise", spawn_hog)
         assert -signal.SIGKILL == hog.wait(10)
         if code != 0:
             # The service kept allocating after the hog's death and met the
@@ -78,7 +55,7 @@ class TestHooksInTheService:
 
     def test_hook_that_hangs_falls_back_within_its_deadline(self, group: Group, spawn_hog) -> None:
         """A hook that never returns is abandoned after its deadline; the plan kills the hog."""
-        result, hog, code = _service(group, "hang", spawn_hog)
+        result, hog, code = run_hook_service(group, "hang", spawn_hog)
         assert -signal.SIGKILL == hog.wait(10)
         if code != 0:
             assert (-signal.SIGKILL, False) == (code, group.oom_control().under_oom)
@@ -93,7 +70,7 @@ class TestHooksInTheService:
     def test_hook_that_allocates_without_bound_never_deadlocks(self, group: Group, spawn_hog) -> None:
         """A hook that allocates without bound fills the headroom and sleeps; the plan kills the
         hog, then the kernel is the last resort: the group ends with nobody waiting."""
-        result, hog, code = _service(group, "alloc", spawn_hog)
+        result, hog, code = run_hook_service(group, "alloc", spawn_hog)
         assert -signal.SIGKILL == hog.wait(10)
         assert code in (0, -signal.SIGKILL)
         assert False is group.oom_control().under_oom

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import MIB, wait_until
+from helpers import MIB, run_hook_service, wait_until
 from useroom import FreezeAndDecide, Group, Handler, KillLargest, Takeover
 from useroom._declare import KERNEL_FILES, probe
 
@@ -274,27 +274,12 @@ def test_faulty_hooks_end_within_the_delay(group: Group, spawn_hog, mode: str, t
     group.set_limit("112M")
     delay = 1.0
     log = tmp_path / "watchdog.jsonl"
-    hog = spawn_hog(30, group=group)
-    hog.start()
-    assert hog.wait_touched(20)
-    with subprocess.Popen([sys.executable, str(HERE / "_hook_service.py"), mode, group.path, str(hog.pid),
-                           str(delay), str(log)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                          text=True) as proc:
-        try:
-            assert proc.stdout is not None and proc.stdin is not None
-            assert "ready" == proc.stdout.readline().strip()
-            proc.stdin.write("go\n")
-            proc.stdin.flush()
-            out = proc.stdout.read()
-            code = proc.wait(60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+    result, hog, code = run_hook_service(group, mode, spawn_hog, str(delay), str(log))
     assert -signal.SIGKILL == hog.wait(10)
     assert code in (0, -signal.SIGKILL)
     episodes = [(t["notified_ns"], t["resolved_ns"]) for t in _log(log, "takeover")]
     if code == 0:
-        episodes += [(e["notified_ns"], e["resolved_ns"]) for e in json.loads(out)["events"]
+        episodes += [(e["notified_ns"], e["resolved_ns"]) for e in result["events"]
                      if e["outcome"] in ("resolved", "superseded")]
     assert episodes or code == 0
     for notified, resolved in episodes:
