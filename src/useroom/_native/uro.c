@@ -854,24 +854,17 @@ __attribute__((noinline)) int uro_stack_prefault(size_t bytes)
 
 int uro_pool_init(struct uro_pool *pool, size_t size, int lock)
 {
-    size_t ps = page_size();
-    if (!pool || size == 0)
+    struct uro_arena arena;
+    if (!pool)
         return -EINVAL;
+    int r = uro_arena_map(size, lock, &arena); /* rounded, locked if allowed, prefaulted */
+    if (r)
+        return r;
     memset(pool, 0, sizeof *pool);
-    size = (size + ps - 1) & ~(ps - 1);
-    void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED)
-        return -errno;
-    if (lock) {
-        if (mlock(p, size) == 0)
-            pool->locked = size;
-        else
-            pool->lock_errno = errno;
-    }
-    for (size_t off = 0; off < size; off += ps)
-        ((volatile char *)p)[off] = 0;
-    pool->base = p;
-    pool->size = size;
+    pool->base = arena.base;
+    pool->size = arena.size;
+    pool->locked = arena.locked;
+    pool->lock_errno = arena.lock_errno;
     return 0;
 }
 
