@@ -74,11 +74,16 @@ class Service:
         if join:
             argv.append("--join")
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None
-        words = self.proc.stdout.readline().split()
-        assert words and words[0] == "ready", words
-        self.watchdog_pid = int(words[1])
-        self.manager_tid = int(words[2])
+        self.watchdog_pid: int | None = None
+        try:
+            assert self.proc.stdout is not None
+            words = self.proc.stdout.readline().split()
+            assert words and words[0] == "ready", words
+            self.watchdog_pid = int(words[1])
+            self.manager_tid = int(words[2])
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def pid(self) -> int:
@@ -371,8 +376,15 @@ class TestStandalone:
                 assert group.oom_control().kill_disabled
         finally:
             proc.send_signal(signal.SIGTERM)
-            assert 0 == proc.wait(10)
-            group.set_oom_kill(True)
+            try:
+                code = proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                raise
+            finally:
+                group.set_oom_kill(True)
+        assert 0 == code
 
     def test_bad_arguments(self, group: Group) -> None:
         run = subprocess.run([sys.executable, "-m", "useroom", "watchdog", group.path, "--delay", "soon"],
