@@ -5,7 +5,8 @@
 Starts a Handler for the group (its watchdog logging to LOG, with DELAY
 seconds), prints ``ready <watchdog pid> <manager tid>``, and then waits for
 the test to do something to it (SIGSTOP, SIGKILL) or for a line on stdin,
-on which it stops the handler cleanly and prints its events as JSON. MODE:
+on which it stops the handler cleanly and prints its events, errors and the
+memory group of each of its threads as JSON. MODE:
 
 - ``plain``: KillLargest, no reserve;
 - ``hang``: an on_oom hook that never returns (30 s deadline: the grant
@@ -66,7 +67,9 @@ def main() -> int:
         sys.stdin.readline()
         time.sleep(0.2)
     events = [e.to_dict() for e in handler.events]
-    print(json.dumps({"events": events, "errors": [repr(e) for e in handler.errors]}, default=str), flush=True)
+    threads = {tid: useroom.Group._of_process(f"self/task/{tid}").relpath for tid in os.listdir("/proc/self/task")}
+    print(json.dumps({"events": events, "errors": [repr(e) for e in handler.errors], "threads": threads},
+                     default=str), flush=True)
     return 0
 
 

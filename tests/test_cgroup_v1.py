@@ -10,6 +10,8 @@ import gc
 import os
 import pathlib
 import stat
+import subprocess
+import sys
 from collections.abc import Callable
 
 import pytest
@@ -409,6 +411,30 @@ class TestTasks:
         with pytest.raises(error):
             scratch_group.attach(pid)  # type: ignore[arg-type]
         assert [] == scratch_group.procs()
+
+    def test_attach_thread_moves_one_thread(self, scratch_group: Group) -> None:
+        """attach_thread() moves one thread: the process stays where it was, the thread's
+        memory group is the new one; a tid that names no thread raises ProcessGone."""
+        home, away = scratch_group.create_child("home"), scratch_group.create_child("away")
+        code = ("import sys, threading\n"
+                "t = threading.Thread(target=sys.stdin.readline, daemon=True); t.start()\n"
+                "print(t.native_id, flush=True); t.join()\n")
+        proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None
+            tid = int(proc.stdout.readline())
+            home.attach(proc.pid)
+            away.attach_thread(tid)  # type: ignore[attr-defined]
+            assert [proc.pid] == home.procs()
+            assert away.relpath == Group._of_process(f"{proc.pid}/task/{tid}").relpath
+            assert home.relpath == Group.of_pid(proc.pid).relpath
+            with open(os.path.join(away.path, "tasks")) as f:
+                assert [tid] == [int(line) for line in f]
+            with pytest.raises(ProcessLookupError):
+                away.attach_thread(gone_pid())  # type: ignore[attr-defined]
+        finally:
+            proc.kill()
+            proc.communicate(timeout=10)
 
     def test_attach_to_gone_group(self, scratch_group: Group, spawn_hog: SpawnHog) -> None:
         """Attaching to a removed group raises GroupGone."""

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers import MIB, run_hook_service, wait_until
+from helpers import MIB, oom_trap, run_hook_service, wait_until
 from useroom import FreezeAndDecide, Group, Handler, KillLargest, Takeover
 from useroom._declare import KERNEL_FILES, probe
+from useroom._watchdog import CAUGHT_NS, DeclaredHandler
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(120)]
 
@@ -128,6 +129,11 @@ def service(group: Group, tmp_path: Path):
         svc.close()
 
 
+def _tasks(group: Group) -> list[int]:
+    with open(os.path.join(group.path, "tasks")) as f:
+        return [int(line) for line in f]
+
+
 def _settled(group: Group, kill_disabled: bool) -> bool:
     control = group.oom_control()
     return not control.under_oom and control.kill_disabled == kill_disabled
@@ -153,6 +159,20 @@ class TestDeclaration:
         assert svc.pid in group.procs()
         svc.finish()
         assert wait_until(lambda: not _is_watchdog(svc.watchdog_pid), 5)
+
+    def test_handler_threads_charge_kernel_memory_outside(self, group: Group, service) -> None:
+        """Inside the group, the watcher and manager threads sit in the watchdog's group (their
+        kernel allocations are charged there) while the process stays in the handled group;
+        on stop every thread is back in the handled group."""
+        svc = service("plain", join=True)
+        assert group.parent is not None
+        assert group.parent.relpath == Group._of_process(f"{svc.pid}/task/{svc.manager_tid}").relpath
+        assert group.relpath == Group.of_pid(svc.pid).relpath
+        assert svc.pid in group.procs()
+        assert {svc.manager_tid} <= set(_tasks(group.parent))
+        done = svc.finish()
+        assert [] == done["errors"]
+        assert {group.relpath} == set(done["threads"].values())
 
     def test_no_watchdog(self, group: Group) -> None:
         with Handler(group, thresholds=(), watchdog=False) as handler:
@@ -198,6 +218,29 @@ class TestDelay:
 
 
 class TestHandlerFaults:
+    def test_which_thread_in_the_oom_wait_counts(self, group: Group, spawn_hog) -> None:
+        """A declared watcher thread asleep in the OOM wait makes the handler unfit at once;
+        a helper (manager) thread only while a grant is open, and only after CAUGHT_NS."""
+        oom_trap(group, "32M")
+        hog = spawn_hog(64, group=group)
+        hog.start()
+        assert wait_until(hog.in_oom_wait, 10)
+        pidfd = os.pidfd_open(hog.pid)
+        try:
+            watcher = DeclaredHandler(hog.pid, (hog.pid,), pidfd, 60.0)
+            helper = DeclaredHandler(hog.pid, (), pidfd, 60.0, (hog.pid,))
+            now = time.monotonic_ns()
+            assert "handler-in-oom-wait" == watcher.unfit(now)
+            assert None is helper.unfit(now, lambda: False)
+            assert None is helper.unfit(now + 10 * CAUGHT_NS, lambda: False)
+            assert None is helper.unfit(now, lambda: True)  # caught from now on
+            assert None is helper.unfit(now + CAUGHT_NS // 2, lambda: True)
+            assert "handler-in-oom-wait" == helper.unfit(now + CAUGHT_NS, lambda: True)
+            assert None is helper.unfit(now + 2 * CAUGHT_NS, lambda: False)  # the grant closed
+        finally:
+            os.close(pidfd)
+            hog.kill()
+
     def test_handler_stopped_before_the_oom(self, group: Group, service, spawn_hog, tmp_path: Path) -> None:
         """SIGSTOP the handler (in the group): the watchdog hands the OOM to the kernel at once."""
         svc = service("plain", delay=5.0, join=True)

@@ -36,7 +36,7 @@ from typing import ClassVar, Final
 
 from useroom._cgroup import EventRegistration, Group, OomControl
 from useroom._units import UNLIMITED, format_size, parse_size
-from useroom.exceptions import CgroupError, CgroupPermissionError, InvalidSize, LimitBelowUsage
+from useroom.exceptions import CgroupError, CgroupPermissionError, InvalidSize, LimitBelowUsage, ProcessGone
 
 __all__ = ["V1Group"]
 
@@ -100,6 +100,21 @@ class V1Group(Group):
                 f"this process runs as euid {os.geteuid()} ({_user_text(os.geteuid())})",
                 procs, rule=rule, advice=advice,
             ) from err.__cause__
+
+    def attach_thread(self, tid: int) -> None:
+        """Move one thread *tid* into the group (cgroup v1's ``tasks``).
+
+        The memory controller charges a process's pages to the group of its
+        mm's owner wherever its threads are, but a thread's kernel
+        allocations (open files, pidfds, read buffers) to the thread's own
+        group. Raises :class:`ProcessGone` if there is no such thread.
+        """
+        try:
+            self._write("tasks", str(tid))
+        except OSError as err:
+            if err.errno == errno.ESRCH:
+                raise ProcessGone(f"cannot move thread {tid} to {self.relpath}: no such thread") from err
+            raise self._error(err, f"move thread {tid} to", self._file("tasks"), rule="attach") from err
 
     def _error(self, err: OSError, action: str, path: str, **options: str) -> CgroupError:
         error = super()._error(err, action, path, **options)

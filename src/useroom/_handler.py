@@ -208,6 +208,12 @@ class Handler:
     for its JSON log. If the watchdog dies it is restarted; if it cannot be,
     the kernel OOM killer is re-enabled for the group.
 
+    Inside the group (cgroup v1), the handler's own threads are moved to
+    the watchdog's group (``kernel_memory_group``) so that the files they
+    open during an episode are not charged to the group at its limit; the
+    process and its pages stay in the group, and :meth:`stop` moves the
+    threads back.
+
     Use it as a context manager or with :meth:`start` / :meth:`stop`.
     """
 
@@ -266,6 +272,10 @@ class Handler:
         self.declaration: Declaration | None = None
         #: The watchdog process while it runs (None without one).
         self.watchdog: WatchdogLink | None = None
+        #: Where the handler's own threads' kernel allocations are charged
+        #: while it runs inside the group (cgroup v1), or None.
+        self.kernel_memory_group: Group | None = None
+        self._placement: tuple[Group, Group] | None = None
         self._degraded = False
         self._manager_tid = 0
         self._manager_ready = threading.Event()
@@ -420,6 +430,8 @@ class Handler:
         # the watcher reuse it, so it can read the file even during the OOM.
         os.pread(self._check_fd.fileno(), 256, 0)
         self._limit_fd = self._own(_Fd(group.open_file(group.limit_file, os.O_WRONLY)))
+        self._spare_procs: int = -1
+        self._own(_Closing(self._close_spare_procs))
         self._switch_fd = (
             self._own(_Fd(group.open_file(oom_file, os.O_WRONLY))) if self.kernel_fallback else None
         )
@@ -446,6 +458,8 @@ class Handler:
         self._running = True
         self._thread = threading.Thread(target=self._manage, name=f"useroom-handler {group.relpath}", daemon=True)
         self._thread.start()
+        self._manager_ready.wait(10)
+        self._place_threads()
         declaration = self.declare()
         if self.use_watchdog and declaration.needs_watchdog:
             self._start_watchdog()
@@ -515,6 +529,7 @@ class Handler:
             except OSError as err:
                 self.errors.append(err)
         self._table.refresh()
+        self._renew_spare_procs()
         if not grant and self._restore_kill_setting is not None and not self._degraded:
             # The plan's last resort left the kernel killer on (tasks still
             # waited when it ended): turn it off again once no task waits.
@@ -632,21 +647,67 @@ class Handler:
     def _watchdog_place(self) -> Group:
         if self.watchdog_group is not None:
             return self.watchdog_group
-        mine = Group.current()
-        inside = (mine.relpath.rstrip("/") + "/").startswith(self.group.relpath.rstrip("/") + "/")
-        if not inside:
-            return mine
+        if not self._inside():
+            return Group.current()
         parent = self.group.parent
         if parent is None:
             raise UseroomError(f"this process is inside {self.group.relpath}, which has no parent group for "
                                "the watchdog: pass watchdog_group=")
         return parent
 
+    def _place_threads(self) -> None:
+        """Inside the group, charge the watcher's and the manager's kernel
+        allocations to the watchdog's group instead.
+
+        Their pages stay charged to the handled group (the process's), but
+        the files they open during an episode (``/proc``, ``cgroup.procs``,
+        pidfds) no longer fail with ENOMEM when the group is at its limit.
+        Threads the manager starts later inherit the placement; :meth:`stop`
+        moves them all back. cgroup v1 only (v2 keeps a process's threads
+        together); skipped, with the reason in ``errors``, if the ``tasks``
+        file refuses it.
+        """
+        self.kernel_memory_group = None
+        if not hasattr(self.group, "attach_thread") or not self._inside():
+            return
+        home = Group.current()
+        try:
+            place = self._watchdog_place()
+            self._placement = (place, home)
+            for tid in (self._watcher.tid, self._manager_tid):
+                if tid:
+                    place.attach_thread(tid)  # type: ignore[attr-defined]
+        except (OSError, UseroomError) as err:
+            self.errors.append(err)
+            self._unplace_threads()
+            return
+        self.kernel_memory_group = place
+
+    def _unplace_threads(self) -> None:
+        """Moves this process's threads that :meth:`_place_threads` placed back home."""
+        placement, self._placement = self._placement, None
+        self.kernel_memory_group = None
+        if placement is None:
+            return
+        place, home = placement
+        for name in os.listdir("/proc/self/task"):
+            try:
+                if Group._of_process(f"self/task/{name}").relpath == place.relpath:
+                    home.attach_thread(int(name))  # type: ignore[attr-defined]
+            except (OSError, UseroomError):
+                pass  # the thread ended
+
+    def _inside(self) -> bool:
+        """Whether this process (its main thread) is in the handled group or below it."""
+        mine = Group.current()
+        return (mine.relpath.rstrip("/") + "/").startswith(self.group.relpath.rstrip("/") + "/")
+
     def _start_watchdog(self) -> None:
         self._manager_ready.wait(10)
         link = WatchdogLink(
             self.group, self._watchdog_place(), delay=self.delay,
-            handler_tids=[t for t in (self._watcher.tid, self._manager_tid) if t],
+            handler_tids=[t for t in (self._watcher.tid,) if t],
+            helper_tids=[t for t in (self._manager_tid,) if t],
             limit=self._limit, kill_enabled=bool(self._restore_kill_setting),
             heartbeat_timeout=self.heartbeat_timeout, log=self.watchdog_log,
         )
@@ -743,7 +804,15 @@ class Handler:
         freed), then reply."""
         self._grant_wake.read()
         try:
-            self._table.refresh()
+            try:
+                self._table.refresh()
+            except OSError as err:
+                if err.errno != errno.ENOMEM:
+                    raise
+                # The woken tasks took the headroom before this thread could
+                # open /proc: act with what needs no new file.
+                self._kill_unseen()
+                return
             if isinstance(self.policy, FreezeAndDecide):
                 self._decide(self.policy)
                 return
@@ -754,6 +823,51 @@ class Handler:
                     break
         finally:
             self._grant_reply.write(1)
+
+    def _kill_unseen(self) -> None:
+        """Kill, by pid, the tasks no refresh has seen (the newest first),
+        then the table's live ones in policy order, until the limit fits.
+
+        Runs when the refresh failed with ENOMEM: it opens no file. The
+        tasks come from the spare ``cgroup.procs`` fd opened at the last
+        refresh and never read (cgroup v1 loads the task list on an fd's
+        first read; a read fd would list its first read's tasks again for a
+        second), the kill is ``kill(2)``, and the fit is tried through the
+        open limit fd. A pid is killed only if it was in the group's task
+        list read just before.
+        """
+        if self._spare_procs < 0:
+            return
+        fd, self._spare_procs = self._spare_procs, -1
+        try:
+            pids = [int(p) for p in os.pread(fd, 1 << 20, 0).split()]
+        finally:
+            os.close(fd)
+        table = self._table
+        known = {v.pid: v for v in table.victims}
+        skip = table.protect | table.dying
+        unseen = sorted((p for p in pids if p not in known and p not in skip), reverse=True)
+        ranked = [v.pid for v, _ in self.policy.order(table.victims) if v.pid in pids and v.pid not in skip]
+        deadline_step = self.check_timeout
+        for pid in [*unseen, *ranked]:
+            victim = known.get(pid)
+            try:
+                os.kill(pid, signal.SIGKILL)
+                result = 0
+            except OSError as err:
+                result = -(err.errno or errno.EIO)
+            self._grant_actions.append(VictimRecord(pid, victim.name if victim else "?", victim.rss if victim else 0,
+                                                    "SIGKILL", result, "handler"))
+            if result != 0:
+                continue
+            table.dying.add(pid)
+            deadline = time.monotonic() + deadline_step
+            while True:
+                if self._limit_fits():
+                    return
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.001)  # the victim is exiting: its memory comes back
 
     def _decide(self, policy: FreezeAndDecide) -> None:
         """The group is stopped: ask the user's callback whom to kill."""
@@ -799,12 +913,30 @@ class Handler:
             self._table.dying.add(victim.pid)
         return result
 
+    def _renew_spare_procs(self) -> None:
+        """Keeps one unread ``cgroup.procs`` fd for :meth:`_kill_unseen`."""
+        if self._spare_procs >= 0:
+            return
+        try:
+            self._spare_procs = self.group.open_file(self.group.procs_file, os.O_RDONLY)
+        except OSError:
+            self._spare_procs = -1
+
+    def _close_spare_procs(self) -> None:
+        fd, self._spare_procs = self._spare_procs, -1
+        if fd >= 0:
+            os.close(fd)
+
     def _limit_fits(self) -> bool:
-        """True if the limit can be restored now (it is, as a side effect)."""
+        """True if the limit can be restored now (it is, as a side effect).
+
+        Written through the fd opened at start: this runs under the OOM,
+        where opening the file may fail for want of memory.
+        """
         if self._limit == UNLIMITED:
             return True
         try:
-            self.group.set_limit(self._limit)
+            os.pwrite(self._limit_fd.fileno(), str(self._limit).encode(), 0)
         except OSError:
             return False
         return True
@@ -933,6 +1065,7 @@ class Handler:
         runner, self._runner = self._runner, None
         if runner is not None:
             runner.stop()
+        self._unplace_threads()
 
         for reg in self._thresholds:
             reg.close()

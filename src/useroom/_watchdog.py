@@ -8,10 +8,14 @@ It stands in for kernel interfaces that were proposed and never merged (see
   killer for it until ``under_oom`` reads 0, then puts the setting back.
   Like the proposal, the delay re-arms on each episode.
 - **declared handler** (Weiner): when the group's declared handler has
-  exited, is stopped, has one of its declared threads asleep in the memcg
-  OOM wait (``mem_cgroup_oom_synchronize`` in its wait channel), or has sent
-  no heartbeat for ``heartbeat_timeout``, the watchdog hands the episode to
-  the kernel at once instead of waiting out the delay.
+  exited, is stopped, has its native watcher asleep in the memcg OOM wait
+  (``mem_cgroup_oom_synchronize`` in its wait channel), has its manager
+  thread asleep there while the headroom grant it was given is open (the
+  grant is used up: the plan waits for a thread that waits for memory), or
+  has sent no heartbeat for ``heartbeat_timeout``, the watchdog hands the
+  episode to the kernel at once instead of waiting out the delay. The
+  manager asleep in the OOM wait with no grant open is the in-group design
+  at work (the native watcher acts for it), not a fault.
 - **reserve** (Rientjes' ``memory.oom_reserve_in_bytes``): the handler's
   headroom grant raises the limit; if the handler dies with a grant open,
   the watchdog restores the limit as soon as usage fits under it.
@@ -43,7 +47,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import IO, Any, Final
 
 import attrs
@@ -61,6 +65,10 @@ DEFAULT_DELAY: Final = 2.0
 POLL_INTERVAL: Final = 0.005
 #: After a takeover, ``under_oom`` at 0 this long (with no kill) ends the episode, in ns.
 SETTLE_NS: Final = 100_000_000
+#: How long the manager thread must be seen asleep in the OOM wait with a grant
+#: open before it counts as caught there (the grant's raise wakes it; it may
+#: not have run yet when the watchdog looks).
+CAUGHT_NS: Final = 20_000_000
 #: The wait channel of a task asleep in a v1 memcg OOM wait.
 OOM_WAIT_CHANNEL: Final = "mem_cgroup_oom_synchronize"
 #: How long a handler waits for its watchdog to report ready, in seconds.
@@ -125,11 +133,16 @@ class DeclaredHandler:
     its pidfd, and its last heartbeat."""
 
     pid: int
+    #: Threads that must never wait for memory (the native watcher).
     tids: tuple[int, ...]
     pidfd: int
     heartbeat_timeout: float
+    #: Threads that may wait for memory, but not while a grant made for them is open (the manager).
+    helper_tids: tuple[int, ...] = ()
     beat_ns: int = attrs.field(factory=time.monotonic_ns)
     exited: bool = False
+    #: Since when a helper thread has been seen in the OOM wait with a grant open.
+    _caught_ns: int | None = None
 
     def check_exited(self) -> bool:
         if not self.exited:
@@ -137,11 +150,16 @@ class DeclaredHandler:
             self.exited = bool(ready)
         return self.exited
 
-    def unfit(self, now: int) -> str | None:
-        """Why this handler cannot be trusted with the episode under way, or None."""
+    def unfit(self, now: int, grant_open: Callable[[], bool] = lambda: False) -> str | None:
+        """Why this handler cannot be trusted with the episode under way, or None.
+
+        ``grant_open`` tells whether the group's limit is raised above the one
+        the handler set (read only when a helper thread is in the OOM wait).
+        """
         if self.check_exited():
             return "handler-exited"
-        for tid in self.tids:
+        caught = False
+        for tid, helper in [(t, False) for t in self.tids] + [(t, True) for t in self.helper_tids]:
             state = _thread_state(self.pid, tid)
             if state is None:
                 continue  # a declared thread that ended: the process check above decides
@@ -149,7 +167,15 @@ class DeclaredHandler:
             if letter in ("T", "t"):
                 return "handler-stopped"
             if wchan == OOM_WAIT_CHANNEL:
-                return "handler-in-oom-wait"
+                if not helper:
+                    return "handler-in-oom-wait"
+                caught = caught or grant_open()
+        if not caught:
+            self._caught_ns = None
+        elif self._caught_ns is None:
+            self._caught_ns = now
+        elif now - self._caught_ns >= CAUGHT_NS:
+            return "handler-in-oom-wait"
         if now - self.beat_ns > self.heartbeat_timeout * 1e9:
             return "heartbeat"
         return None
@@ -214,6 +240,15 @@ class Guard:
             if control is not None and control.under_oom:
                 self._episode_ns = now
 
+    def _grant_open(self) -> bool:
+        """Whether the handled group's limit is above the one the handler set."""
+        if self.limit is None:
+            return False
+        try:
+            return self.group.limit() > self.limit
+        except OSError:
+            return False
+
     def _switch_to(self, disabled: bool) -> None:
         os.pwrite(self._switch, b"1" if disabled else b"0", 0)
 
@@ -241,7 +276,7 @@ class Guard:
         if self._taken is None:
             reason = None
             if self.handler is not None:
-                reason = self.handler.unfit(now)
+                reason = self.handler.unfit(now, self._grant_open)
             if reason is None and now - self._episode_ns >= self.delay * 1e9:
                 reason = "delay"
             if reason is not None:
@@ -473,11 +508,13 @@ class WatchdogLink:
     """
 
     def __init__(self, group: Group, place: Group, *, delay: float, handler_tids: Sequence[int],
-                 limit: int, kill_enabled: bool, heartbeat_timeout: float, log: str | None = None) -> None:
+                 limit: int, kill_enabled: bool, heartbeat_timeout: float, log: str | None = None,
+                 helper_tids: Sequence[int] = ()) -> None:
         self.group = group
         self.place = place
         self.delay = delay
         self.handler_tids = tuple(handler_tids)
+        self.helper_tids = tuple(helper_tids)
         self.limit = limit
         self.kill_enabled = kill_enabled
         self.heartbeat_timeout = heartbeat_timeout
@@ -508,6 +545,8 @@ class WatchdogLink:
             ]
             for tid in self.handler_tids:
                 argv += ["--tid", str(tid)]
+            for tid in self.helper_tids:
+                argv += ["--helper-tid", str(tid)]
             if self.log is not None:
                 argv += ["--log", self.log]
             popen = subprocess.Popen(argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
@@ -634,6 +673,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--control-fd", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--handler-pid", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--tid", type=int, action="append", default=[], help=argparse.SUPPRESS)
+    parser.add_argument("--helper-tid", type=int, action="append", default=[], help=argparse.SUPPRESS)
     parser.add_argument("--limit", help=argparse.SUPPRESS)
     parser.add_argument("--kill-enabled", type=int, choices=(0, 1), help=argparse.SUPPRESS)
     parser.add_argument("--heartbeat-timeout", type=float, default=5.0, help=argparse.SUPPRESS)
@@ -661,7 +701,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             handler = None
             if args.handler_pid is not None:
                 handler = DeclaredHandler(args.handler_pid, tuple(args.tid), os.pidfd_open(args.handler_pid),
-                                          args.heartbeat_timeout)
+                                          args.heartbeat_timeout, tuple(args.helper_tid))
             limit = None
             if args.limit is not None:
                 limit = UNLIMITED if args.limit == "max" else int(args.limit)

@@ -57,6 +57,8 @@ class HandlerReport:
     summary: dict[str, Any] | None = None
     #: Why no report could be read, if so.
     problem: str | None = None
+    #: The errors the handler noted (``handler.errors``, as repr strings).
+    errors: tuple[str, ...] = ()
 
     @classmethod
     def from_json(cls, data: Any) -> HandlerReport:
@@ -65,7 +67,9 @@ class HandlerReport:
             return cls(events=tuple(data))
         if isinstance(data, dict) and isinstance(data.get("events"), list):
             locked = data.get("locked_bytes")
-            return cls(locked_bytes=locked if isinstance(locked, int) else None, events=tuple(data["events"]))
+            errors = data.get("errors")
+            return cls(locked_bytes=locked if isinstance(locked, int) else None, events=tuple(data["events"]),
+                       errors=tuple(str(e) for e in errors) if isinstance(errors, list) else ())
         return cls(problem=f"unexpected JSON shape: {type(data).__name__} {str(data)[:200]}")
 
 

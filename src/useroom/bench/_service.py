@@ -7,7 +7,7 @@ allocating a little, as a service would: small objects, and now and then a
 buffer large enough to need fresh pages, so that during an OOM this thread may
 well be asleep in the kernel's OOM wait (holding the GIL) while the handler
 must still resolve the OOM. On SIGTERM it stops the handler and writes
-``{"locked_bytes": ..., "events": [...]}`` to JSON_PATH.
+``{"locked_bytes": ..., "events": [...], "errors": [...]}`` to JSON_PATH.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ def main(argv: list[str]) -> int:
         _churn(lambda: stopping)
     finally:
         handler.stop()
-    report = {"locked_bytes": _locked_bytes(handler), "events": [event_to_json(e) for e in handler.events]}
+    report = {"locked_bytes": _locked_bytes(handler), "events": [event_to_json(e) for e in handler.events],
+              "errors": [repr(e) for e in handler.errors]}
     with open(json_path, "w") as file:
         json.dump(report, file, default=_json_default)
     return 0
