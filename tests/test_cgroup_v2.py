@@ -12,6 +12,7 @@ import errno
 import os
 import pathlib
 import signal
+import time
 from collections.abc import Callable
 
 import pytest
@@ -29,7 +30,7 @@ from useroom._cgroup_v2 import (
 from useroom._native import Action, NativeWatcher, Outcome, Plan, SourceKind, Wake
 from useroom._mounts import MemoryHierarchy, Mount, read_memberships, read_mounts
 from useroom._units import UNLIMITED
-from useroom._wall import WallHandler
+from useroom import Handler, OomContext, OomEvent
 from useroom.exceptions import (
     CgroupPermissionError,
     GroupBusy,
@@ -550,75 +551,162 @@ class TestV2NativeWake:
 
 _IN_GROUP_HANDLER = """\
 import json, os, sys
-from useroom._cgroup import Group
-from useroom._wall import WallHandler
-group = Group.open(sys.argv[1])
+import useroom
+group = useroom.Group.open(sys.argv[1])
 group.attach(os.getpid())
-with WallHandler(group, wall=int(sys.argv[2]), reserve="32M", delay=5.0) as handler:
+with useroom.Handler(group, reserve="16M", delay=5.0) as handler:
     print("ready", flush=True)
-    records = handler.wait_for_records(1, float(sys.argv[3]))
-    print(json.dumps([[r.outcome.name, [s.kind.name for s in r.steps]] for r in records]), flush=True)
+    handler.wait_for_events(1, float(sys.argv[2]))
+    events = [e for e in handler.events if e.outcome != "not_needed"]
+    print(json.dumps([[e.outcome, [v.pid for v in e.victims]] for e in events]), flush=True)
 """
 
 
-@pytest.mark.cgroup2
-class TestV2WallHandler:
-    """The handler's v2 model: memory.high is the wall, memory.max = wall + reserve is the backstop."""
+def _acted(handler: Handler, timeout: float = EVENT_TIMEOUT) -> list[OomEvent]:
+    """The episodes that needed action, once one has ended resolved (or the timeout passed)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        acted = [e for e in handler.events if e.outcome != "not_needed"]
+        left = deadline - time.monotonic()
+        if any(e.outcome == "resolved" for e in acted) or left <= 0:
+            return acted
+        handler.wait_for_events(len(handler.events) + 1, left)
 
-    def test_wall_and_backstop(self, v2group: V2Group) -> None:
-        """While it runs, memory.high is the wall and memory.max the wall plus the reserve; stop restores both."""
-        with WallHandler(v2group, wall="32M", reserve="16M"):
-            assert (32 * MIB, 48 * MIB) == (v2group.high(), v2group.limit())
+
+@pytest.mark.cgroup2
+class TestV2Handler:
+    """useroom.Handler on v2: memory.high is the wall, memory.max the kernel's backstop."""
+
+    def test_wall_below_the_users_max(self, v2group: V2Group) -> None:
+        """With only memory.max set, the wall is memory.max minus the gap and the hard limit stays;
+        with memory.high set below memory.max, that is the wall; stop restores both files."""
+        v2group.set_limit("64M")
+        with Handler(v2group, reserve="8M", thresholds=()) as handler:
+            assert (48 * MIB, 64 * MIB) == (v2group.high(), v2group.limit())
+            assert handler.watchdog is None  # the plan's kernel step is v2's delay shim
+        assert (UNLIMITED, 64 * MIB) == (v2group.high(), v2group.limit())
+        v2group.set_high("32M")
+        with Handler(v2group, reserve="8M", thresholds=()):
+            assert (32 * MIB, 64 * MIB) == (v2group.high(), v2group.limit())
+        assert (32 * MIB, 64 * MIB) == (v2group.high(), v2group.limit())
+
+    def test_needs_a_limit(self, v2group: V2Group) -> None:
+        """No memory.max and no memory.high: nothing to hold the wall at, a clear error."""
+        with pytest.raises(ValueError, match="neither memory.max nor memory.high"):
+            Handler(v2group).start()
         assert (UNLIMITED, UNLIMITED) == (v2group.high(), v2group.limit())
 
-    def test_kills_at_the_wall(self, v2group: V2Group, spawn_hog: SpawnHog) -> None:
-        """A hog that hits the wall is killed by the plan; the episode is resolved, the kernel killed nobody."""
-        hog = _hog_in(spawn_hog, v2group, 48)
-        with WallHandler(v2group, wall="16M", reserve="32M") as handler:
+    def test_kills_the_largest_at_the_wall(self, v2group: V2Group, spawn_hog: SpawnHog) -> None:
+        """The largest task is killed by the native plan when the grower reaches the wall; the
+        others live; the kernel killed nobody."""
+        v2group.set_limit("96M")  # wall 80M
+        big, small = _hog_in(spawn_hog, v2group, 40), _hog_in(spawn_hog, v2group, 10)
+        for hog in (big, small):
             hog.start()
-            assert -9 == hog.wait(EVENT_TIMEOUT)
-            records = handler.wait_for_records(1, EVENT_TIMEOUT)
-            assert Outcome.RESOLVED == records[0].outcome
-        assert (0, True) == (v2group.events().oom_kill, v2group.usage() < 16 * MIB)
+            assert hog.wait_touched(EVENT_TIMEOUT)
+        with Handler(v2group, thresholds=()) as handler:
+            grower = _hog_in(spawn_hog, v2group, 40)
+            assert wait_until(lambda: {big.pid, small.pid, grower.pid} <= {v.pid for v in handler.victims},
+                              EVENT_TIMEOUT)
+            grower.start()
+            assert -signal.SIGKILL == big.wait(EVENT_TIMEOUT)
+            assert grower.wait_touched(EVENT_TIMEOUT)
+            events = _acted(handler)
+        assert "resolved" == events[-1].outcome
+        assert [big.pid] == [v.pid for e in events for v in e.victims if v.result == 0]
+        assert None is small.returncode
+        assert 0 == v2group.events().oom_kill
+
+    def test_grant_finds_a_task_not_in_the_table(self, v2group: V2Group, spawn_hog: SpawnHog) -> None:
+        """A task started after the last refresh: the plan's grant wakes the manager, which
+        refreshes and kills it; the wall is back afterwards."""
+        v2group.set_limit("64M")  # wall 48M with the 16M reserve as the gap
+        with Handler(v2group, reserve="16M", thresholds=(), refresh_interval=3600) as handler:
+            newcomer = _hog_in(spawn_hog, v2group, 120)
+            assert newcomer.pid not in {v.pid for v in handler.victims}
+            newcomer.start()
+            assert -signal.SIGKILL == newcomer.wait(EVENT_TIMEOUT)
+            events = _acted(handler)
+            assert 48 * MIB == v2group.high()
+        assert "resolved" == events[-1].outcome
+        assert [(newcomer.pid, "handler")] == [(v.pid, v.by) for e in events for v in e.victims]
+        assert 0 == v2group.events().oom_kill
+
+    def test_on_oom_hook_resolves_without_a_kill(self, v2group: V2Group, spawn_hog: SpawnHog) -> None:
+        """An on_oom hook runs during the hooks' grant and frees the memory (here: it ends the
+        hog itself); the plan kills nobody."""
+        v2group.set_limit("64M")
+        hog = _hog_in(spawn_hog, v2group, 120)
+        with Handler(v2group, reserve="16M", thresholds=(), protect=(hog.pid,)) as handler:
+            @handler.on_oom
+            def free(ctx: OomContext) -> bool:
+                os.kill(hog.pid, signal.SIGKILL)
+                return True
+
+            time.sleep(0.2)  # the manager re-arms with the hook
+            hog.start()
+            assert -signal.SIGKILL == hog.wait(EVENT_TIMEOUT)
+            events = _acted(handler)
+        assert "resolved" == events[-1].outcome
+        assert [] == [v for e in events for v in e.victims]
+        assert [True] == [h.freed for e in events for h in e.hooks][:1]
+        assert 0 == v2group.events().oom_kill
+
+    def test_pressure_hook_fires_on_v2(self, v2group: V2Group, spawn_hog: SpawnHog) -> None:
+        """v2 has no usage thresholds: the manager compares memory.current with the pressure
+        hook's size at each step, and calls it once on the way up."""
+        v2group.set_limit("96M")
+        seen: list[int] = []
+        with Handler(v2group, thresholds=(), refresh_interval=0.05) as handler:
+            handler.on_pressure(0.25)(lambda ctx: seen.append(ctx.usage))
+            time.sleep(0.2)
+            hog = _hog_in(spawn_hog, v2group, 40)
+            hog.start()
+            assert hog.wait_touched(EVENT_TIMEOUT)
+            assert wait_until(lambda: bool(seen), EVENT_TIMEOUT)
+            time.sleep(0.3)
+        assert 1 == len(seen) and seen[0] >= 20 * MIB
 
     def test_handler_inside_the_group(self, v2group: V2Group, spawn_hog: SpawnHog) -> None:
-        """With the handler's own process inside the group, the hog that hits the wall is still killed
-        by the native plan (the watcher charges nothing, so it is never throttled)."""
+        """With the handler's own process inside the group, the hog that hits the wall is still
+        killed by the native plan (the watcher charges nothing, so it is never throttled)."""
         import json
         import subprocess
         import sys
 
-        wall = 48 * MIB
+        v2group.set_limit("128M")
         handler = subprocess.Popen(
-            [sys.executable, "-c", _IN_GROUP_HANDLER, v2group.path, str(wall), str(EVENT_TIMEOUT)],
+            [sys.executable, "-c", _IN_GROUP_HANDLER, v2group.path, str(EVENT_TIMEOUT)],
             stdout=subprocess.PIPE, text=True,
         )
         try:
             assert handler.stdout is not None
             assert "ready" == handler.stdout.readline().strip()
             assert handler.pid in v2group.procs()
-            hog = _hog_in(spawn_hog, v2group, 96)
+            hog = _hog_in(spawn_hog, v2group, 200)
+            time.sleep(0.7)  # a refresh puts it in the plan
             hog.start()
             assert -9 == hog.wait(EVENT_TIMEOUT)
-            records = json.loads(handler.stdout.readline())
+            events = json.loads(handler.stdout.readline())
             assert 0 == handler.wait(EVENT_TIMEOUT)
         finally:
             handler.kill()
             handler.wait()
             if handler.stdout is not None:
                 handler.stdout.close()
-        assert "RESOLVED" == records[0][0]
+        assert events and events[0][0] in ("resolved", "superseded")
+        assert hog.pid in [pid for _, pids in events for pid in pids]
         assert 0 == v2group.events().oom_kill
 
     def test_delay_shim_lifts_the_wall(self, v2group: V2Group, spawn_hog: SpawnHog) -> None:
-        """With no victim the plan may kill (the hog is protected), the delay shim lifts the wall: the
-        hog runs into memory.max and the kernel kills it; then the wall is put back."""
+        """With no victim the plan may kill (the hog is protected) and no reserve, the kernel step
+        lifts the wall: the hog runs into memory.max and the kernel kills it; the wall comes back."""
+        v2group.set_limit("48M")  # wall 32M
         hog = _hog_in(spawn_hog, v2group, 96)
-        with WallHandler(v2group, wall="16M", reserve="32M", delay=5.0, protect=(hog.pid,)) as handler:
+        with Handler(v2group, thresholds=(), delay=5.0, protect=(hog.pid,)) as handler:
             hog.start()
             assert -9 == hog.wait(EVENT_TIMEOUT)
-            records = handler.wait_for_records(1, EVENT_TIMEOUT)
-            assert records[0].outcome in (Outcome.RESOLVED, Outcome.UNRESOLVED)
-            assert handler.compiled is not None and "kernel" in handler.compiled.phases
-            assert wait_until(lambda: v2group.high() == 16 * MIB, EVENT_TIMEOUT)
+            events = _acted(handler)
+            assert any(s.phase == "kernel" for e in events for s in e.steps)
+            assert wait_until(lambda: v2group.high() == 32 * MIB, EVENT_TIMEOUT)
         assert 1 == v2group.events().oom_kill

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 
 import pytest
@@ -19,7 +20,8 @@ from helpers import MIB, Hog
 from test_cgroup_v2 import _IN_GROUP_HANDLER, EVENT_TIMEOUT
 from useroom._cgroup import Group
 from useroom._cgroup_v2 import MemoryEvents, PressureTrigger, V2Group
-from useroom._wall import WallHandler
+from useroom import Handler
+from useroom._units import UNLIMITED
 
 SpawnHog = Callable[..., Hog]
 
@@ -54,36 +56,44 @@ def test_group_operations(scratch_group: Group, spawn_hog: SpawnHog) -> None:
     assert [] == scratch_group.children()
 
 
-def test_wall_handler_inside_the_group(scratch_group: Group, spawn_hog: SpawnHog) -> None:
-    """Unprivileged, with the handler inside the group: the hog that hits the wall is killed by the
-    native plan, and the kernel killed nobody."""
+def test_handler_inside_the_group(scratch_group: Group, spawn_hog: SpawnHog) -> None:
+    """Unprivileged, with useroom.Handler inside the group: the hog that hits the wall is killed
+    by the native plan, and the kernel killed nobody."""
+    assert isinstance(scratch_group, V2Group)
+    scratch_group.set_limit("128M")
     handler = subprocess.Popen(
-        [sys.executable, "-c", _IN_GROUP_HANDLER, scratch_group.path, str(48 * MIB), str(EVENT_TIMEOUT)],
+        [sys.executable, "-c", _IN_GROUP_HANDLER, scratch_group.path, str(EVENT_TIMEOUT)],
         stdout=subprocess.PIPE, text=True,
     )
     try:
         assert handler.stdout is not None
         assert "ready" == handler.stdout.readline().strip()
-        hog = spawn_hog(96, scratch_group)
+        hog = spawn_hog(200, scratch_group)
+        time.sleep(0.7)  # a refresh puts it in the plan
         hog.start()
         assert -9 == hog.wait(EVENT_TIMEOUT)
-        records = json.loads(handler.stdout.readline())
+        events = json.loads(handler.stdout.readline())
         assert 0 == handler.wait(EVENT_TIMEOUT)
     finally:
         handler.kill()
         handler.wait()
         if handler.stdout is not None:
             handler.stdout.close()
-    assert "RESOLVED" == records[0][0]
-    assert isinstance(scratch_group, V2Group) and 0 == scratch_group.events().oom_kill
+    assert events and hog.pid in [pid for _, pids in events for pid in pids]
+    assert 0 == scratch_group.events().oom_kill
 
 
-def test_wall_handler_outside(scratch_group: Group, spawn_hog: SpawnHog) -> None:
-    """Unprivileged, handler outside the group: the wall and backstop are set and restored."""
+def test_handler_outside(scratch_group: Group, spawn_hog: SpawnHog) -> None:
+    """Unprivileged, handler outside the group: the wall is set below the user's memory.max,
+    the hog is killed at it, and memory.high is restored."""
     assert isinstance(scratch_group, V2Group)
-    hog = spawn_hog(48, scratch_group)
-    with WallHandler(scratch_group, wall="16M", reserve="32M") as handler:
-        assert 48 * MIB == scratch_group.limit()
+    scratch_group.set_limit("64M")
+    hog = spawn_hog(96, scratch_group)
+    with Handler(scratch_group, reserve="16M") as handler:
+        assert (48 * MIB, 64 * MIB) == (scratch_group.high(), scratch_group.limit())
+        time.sleep(0.7)  # a refresh puts the hog in the plan
         hog.start()
         assert -9 == hog.wait(EVENT_TIMEOUT)
-        assert handler.wait_for_records(1, EVENT_TIMEOUT)
+        assert handler.wait_for_events(1, EVENT_TIMEOUT)
+    assert (UNLIMITED, 64 * MIB) == (scratch_group.high(), scratch_group.limit())
+    assert 0 == scratch_group.events().oom_kill

@@ -51,6 +51,8 @@ __all__ = ["Handler", "OomEvent", "StepRecord", "VictimRecord"]
 
 #: The reserve used when on_oom hooks are registered and none was given.
 DEFAULT_HOOK_RESERVE = 16 << 20
+#: cgroup v2: the least gap between the wall (memory.high) and the backstop (memory.max).
+V2_GAP = 16 << 20
 
 
 @attrs.frozen
@@ -240,8 +242,8 @@ class Handler:
     ) -> None:
         if group.is_root:
             raise RootGroupError("the root memory cgroup has no limit and no OOM notifications")
-        if group.version != 1:
-            raise UnsupportedKernel(errno.ENOTSUP, f"no handler backend for cgroup v{group.version} yet")
+        if group.version not in (1, 2):
+            raise UnsupportedKernel(errno.ENOTSUP, f"no handler backend for cgroup v{group.version}")
         self.group = group
         self.policy = policy if policy is not None else KillLargest()
         self.reserve = 0 if reserve is None else parse_size(reserve)
@@ -301,6 +303,10 @@ class Handler:
         self._hooks = HookRegistry()
         self._runner: HookRunner | None = None
         self._pressure: list[tuple[EventRegistration, int, list[Hook]]] = []
+        #: v2's pressure hooks: [size, hooks, above at the last look].
+        self._polled: list[list[Any]] = []
+        self._saved_v2: tuple[int, int] | None = None
+        self._backstop = UNLIMITED
         self._poke: EventFd | None = None
 
     # -- hooks -------------------------------------------------------------
@@ -424,31 +430,18 @@ class Handler:
         group = self.group
         if self.harden:
             self.hardening = lock_memory(mlockall=self.mlockall)
-        oom_file = group.oom_control_file  # type: ignore[attr-defined]
-        self._check_fd = self._own(_Fd(group.open_file(oom_file, os.O_RDONLY)))
-        # The first read allocates the seq_file buffer; later preads from
-        # the watcher reuse it, so it can read the file even during the OOM.
-        os.pread(self._check_fd.fileno(), 256, 0)
-        self._limit_fd = self._own(_Fd(group.open_file(group.limit_file, os.O_WRONLY)))
-        self._spare_procs: int = -1
-        self._own(_Closing(self._close_spare_procs))
-        self._switch_fd = (
-            self._own(_Fd(group.open_file(oom_file, os.O_WRONLY))) if self.kernel_fallback else None
-        )
         self._grant_wake = self._own(EventFd())
         self._grant_reply = self._own(EventFd())
         self._stop_efd = self._own(EventFd())
         self._poke = self._own(EventFd())
         self._table = self._own(VictimTable(group, self.protect))
         self._watcher = self._own(NativeWatcher())
-        self._oom = self._own(group.oom_notifier())
-        self._watcher.add_source(self._oom.fileno(), SourceKind.OOM)
-
-        was_enabled = not group.oom_control().kill_disabled
-        group.set_oom_kill(False)
-        self._restore_kill_setting = was_enabled
-
-        self._limit = group.limit()
+        self._spare_procs: int = -1
+        self._own(_Closing(self._close_spare_procs))
+        if group.version == 2:
+            self._open_v2()
+        else:
+            self._open_v1()
         self._update_hooks()
         self.policy.arm(group)
         self._owned.append(_Closing(self.policy.disarm))
@@ -461,15 +454,82 @@ class Handler:
         self._manager_ready.wait(10)
         self._place_threads()
         declaration = self.declare()
-        if self.use_watchdog and declaration.needs_watchdog:
+        # On v2 the kernel never waits: the plan's kernel step (the wall
+        # lifted for ``delay``) is the delay shim, and memory.max stays.
+        if self.use_watchdog and declaration.needs_watchdog and group.version == 1:
             self._start_watchdog()
+
+    def _open_v1(self) -> None:
+        """v1: the OOM eventfd wakes the watcher; the kernel killer is switched off."""
+        group = self.group
+        oom_file = group.oom_control_file  # type: ignore[attr-defined]
+        self._check_fd = self._own(_Fd(group.open_file(oom_file, os.O_RDONLY)))
+        # The first read allocates the seq_file buffer; later preads from
+        # the watcher reuse it, so it can read the file even during the OOM.
+        os.pread(self._check_fd.fileno(), 256, 0)
+        self._limit_fd = self._own(_Fd(group.open_file(group.limit_file, os.O_WRONLY)))
+        self._switch_fd = (
+            self._own(_Fd(group.open_file(oom_file, os.O_WRONLY))) if self.kernel_fallback else None
+        )
+        self._oom = self._own(group.oom_notifier())
+        self._watcher.add_source(self._oom.fileno(), SourceKind.OOM)
+        was_enabled = not group.oom_control().kill_disabled
+        group.set_oom_kill(False)
+        self._restore_kill_setting = was_enabled
+        self._limit = group.limit()
+
+    def _open_v2(self) -> None:
+        """v2: ``memory.high`` is the wall, ``memory.max`` the kernel's backstop.
+
+        The wall is the group's ``memory.high`` if it is below
+        ``memory.max``, else ``memory.max`` minus the gap (the reserve, at
+        least :data:`V2_GAP`), so the user's hard limit stays what it was;
+        with no ``memory.max`` the backstop becomes the wall plus the gap.
+        ``memory.events`` changes wake the watcher; the check reads
+        ``memory.current``; the kernel step lifts the wall for ``delay``.
+        """
+        group = self.group
+        high, backstop = group.high(), group.limit()  # type: ignore[attr-defined]
+        gap = max(self.reserve, V2_GAP)
+        if high != UNLIMITED and (backstop == UNLIMITED or high < backstop):
+            wall = high
+        elif backstop != UNLIMITED:
+            wall = backstop - gap
+        else:
+            raise ValueError(f"{group.relpath} has neither memory.max nor memory.high: set one (the handler "
+                             "holds memory.high as its wall below memory.max)")
+        if wall <= 0:
+            raise ValueError(f"memory.max of {group.relpath} ({format_size(backstop)}) leaves no room for a wall "
+                             f"{format_size(gap)} below it")
+        self._saved_v2 = (high, backstop)
+        if backstop == UNLIMITED:
+            backstop = wall + gap
+            group.set_limit(backstop)
+        group.set_high(wall)  # type: ignore[attr-defined]
+        self._backstop = backstop
+        self._check_fd = self._own(_Fd(group.open_file(group.usage_file, os.O_RDONLY)))
+        os.pread(self._check_fd.fileno(), 64, 0)
+        high_file = group.high_file  # type: ignore[attr-defined]
+        self._limit_fd = self._own(_Fd(group.open_file(high_file, os.O_WRONLY)))
+        self._switch_fd = self._own(_Fd(group.open_file(high_file, os.O_WRONLY))) if self.kernel_fallback else None
+        self._oom = self._own(group.events_notifier())  # type: ignore[attr-defined]
+        self._watcher.add_source(self._oom.fileno(), SourceKind.OOM, _native.Wake.FILE)
+        self._limit = wall
 
     def _register_thresholds(self) -> None:
         for reg in self._thresholds:
             reg.close()
         self._thresholds = []
         self._pressure = []
+        self._polled = []
         if self._limit == UNLIMITED:
+            return
+        if self.group.version == 2:
+            # No usage thresholds on v2: the manager compares memory.current
+            # with the pressure hooks' sizes at each step.
+            for fn, threshold in self._hooks.get("pressure"):
+                size = int(self._limit * threshold) if isinstance(threshold, float) else parse_size(threshold)
+                self._polled.append([size, [fn], self.group.usage() >= size])
             return
         for fraction in self.thresholds:
             self._thresholds.append(self.group.usage_threshold(int(self._limit * fraction)))
@@ -501,6 +561,29 @@ class Handler:
         return DEFAULT_HOOK_RESERVE
 
     def _context(self) -> PlanContext:
+        if self.group.version == 2:
+            wall = self._limit
+            return PlanContext(
+                victims=self._table.victims,
+                limit=wall,
+                limit_fd=self._limit_fd.fileno(),
+                check_fd=self._check_fd.fileno(),
+                resolved_needle=b"",
+                resolved_below=wall,
+                restore_resolves=False,
+                kill_switch_fd=self._switch_fd.fileno() if self._switch_fd else -1,
+                kill_switch_on=b"max",
+                kill_switch_off=str(wall).encode(),
+                kernel_timeout=self.delay,
+                reserve=min(self._reserve, max(0, self._backstop - wall)),
+                grant_wake_fd=self._grant_wake.fileno() if self.reserve else -1,
+                grant_reply_fd=self._grant_reply.fileno() if self.reserve else -1,
+                grant_timeout=self.grant_timeout,
+                hooks_wake_fd=self._runner.wake.fileno() if self._runner else -1,
+                hooks_reply_fd=self._runner.reply.fileno() if self._runner else -1,
+                hooks_timeout=self.hook_timeout,
+                check_timeout=self.check_timeout,
+            )
         return PlanContext(
             victims=self._table.victims,
             limit=-1 if self._limit == UNLIMITED else self._limit,
@@ -521,6 +604,9 @@ class Handler:
     def _refresh(self, *, grant: bool) -> None:
         """Refreshes the table and re-arms; outside an episode unless ``grant``."""
         if not grant and self._watcher.state == _native.STATE_EPISODE:
+            return
+        if self.group.version == 2:
+            self._refresh_v2(grant)
             return
         if self._pending_restore is not None and not grant and self.group.usage() <= self._pending_restore:
             try:
@@ -550,6 +636,32 @@ class Handler:
                     self._register_thresholds()
                     if self.watchdog is not None:
                         self.watchdog.set_limit(limit)
+        self._arm()
+
+    def _refresh_v2(self, grant: bool) -> None:
+        """v2: refresh, put back a wall the kernel step lifted (once the usage
+        fits), adopt a wall the user moved, re-arm."""
+        self._table.refresh()
+        self._renew_spare_procs()
+        if not grant:
+            high = self.group.high()  # type: ignore[attr-defined]
+            if high != self._limit:
+                self._collect()  # an episode that just ended may have lifted or raised it
+                high = self.group.high()  # type: ignore[attr-defined]
+            if high == UNLIMITED or self._pending_restore is not None:
+                # Lifted by the kernel step, or raised by the plan (a move)
+                # and not put back: the wall returns once the usage fits.
+                if high != self._limit and self.group.usage() < self._limit:
+                    self.group.set_high(self._limit)  # type: ignore[attr-defined]
+                    self._pending_restore = None
+                elif high == self._limit:
+                    self._pending_restore = None
+            elif high != self._limit:
+                self._limit = high  # the user moved the wall
+                self._register_thresholds()
+        self._arm()
+
+    def _arm(self) -> None:
         compiled = self.policy.compile(self._context())
         plan_id = self._watcher.arm(compiled.plan)
         armed = _ArmedPlan(compiled, plan_id)
@@ -621,6 +733,13 @@ class Handler:
         for reg, size, hooks in self._pressure:
             if reg in crossed:
                 self._run_pressure(size, hooks)
+        if self._polled:
+            usage = self.group.usage()
+            for entry in self._polled:
+                size, hooks, above = entry
+                entry[2] = usage >= size
+                if entry[2] and not above:
+                    self._run_pressure(size, hooks)
 
     # -- the declared handler ----------------------------------------------
 
@@ -935,6 +1054,13 @@ class Handler:
         """
         if self._limit == UNLIMITED:
             return True
+        if self.group.version == 2:
+            # memory.high takes any value: the usage tells, and the plan
+            # puts the wall back itself.
+            try:
+                return int(os.pread(self._check_fd.fileno(), 64, 0)) < self._limit
+            except (OSError, ValueError):
+                return False
         try:
             os.pwrite(self._limit_fd.fileno(), str(self._limit).encode(), 0)
         except OSError:
@@ -962,7 +1088,7 @@ class Handler:
             if step.kind == "WRITE" and step.ok:
                 if step.explanation.startswith("grant headroom"):
                     open_ = True
-                elif step.explanation.startswith("restore the limit"):
+                elif step.explanation.startswith(("restore the limit", "restore the wall")):
                     open_ = False
         return open_
 
@@ -1046,12 +1172,21 @@ class Handler:
             except GroupGone:
                 pass
             self._restore_kill_setting = None
-        if self._pending_restore is not None:
+        if self._pending_restore is not None and self.group.version == 1:
             try:
                 self.group.set_limit(self._pending_restore)
             except OSError:
                 pass
-            self._pending_restore = None
+        self._pending_restore = None
+        saved, self._saved_v2 = self._saved_v2, None
+        if saved is not None:
+            # memory.high first to max, so it never sits above memory.max.
+            try:
+                self.group.set_high(UNLIMITED)  # type: ignore[attr-defined]
+                self.group.set_limit(saved[1])
+                self.group.set_high(saved[0])  # type: ignore[attr-defined]
+            except OSError as err:
+                self.errors.append(err)
         link, self.watchdog = self.watchdog, None
         if link is not None:
             self._takeovers(link)

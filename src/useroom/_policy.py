@@ -83,6 +83,13 @@ class PlanContext:
     hooks_timeout: float = 1.0
     check_timeout: float = 0.25
     kernel_timeout: float = 2.0
+    #: cgroup v2: the check reads a number (``memory.current``) and the
+    #: episode is over below this (the wall); 0 on v1 (the needle decides).
+    resolved_below: int = 0
+    #: Whether a successful restore of the limit means the usage fits (v1,
+    #: which refuses a limit below the usage). v2 accepts any ``memory.high``,
+    #: so there a check after the restore decides instead.
+    restore_resolves: bool = True
 
     @property
     def can_grant(self) -> bool:
@@ -155,12 +162,23 @@ class _Builder:
 
     def kill_cost(self, term_grace: float | None) -> int:
         return (2 + int(_native.can_use_mrelease) + (2 if term_grace is not None else 0)
-                + 2 * int(self.hooks_grant is not None))
+                + (1 + self.restore_cost) * int(self.hooks_grant is not None))
+
+    @property
+    def restore_cost(self) -> int:
+        """Actions of one restore: the write, and on v2 the check after it."""
+        return 1 if self.ctx.restore_resolves else 2
 
     def restore(self, grant_at: int, phase: str) -> None:
         """Restore the limit if the grant at ``grant_at`` was made; success
         ends the episode (usage fits the limit again)."""
         limit = self.ctx.limit
+        if not self.ctx.restore_resolves:
+            self.add(Action.write(self.ctx.limit_fd, str(limit).encode()).after(grant_at).always(),
+                     f"restore the wall to {format_size(limit)}", phase)
+            self.add(Action.check(self.ctx.check_timeout).after(grant_at),
+                     "check whether the usage is back under the wall", phase)
+            return
         self.add(
             Action.write(self.ctx.limit_fd, str(limit).encode()).after(grant_at).always().resolving(),
             f"restore the limit to {format_size(limit)}",
@@ -171,8 +189,9 @@ class _Builder:
         ctx = self.ctx
         granted = ctx.limit + ctx.reserve
         grant_at = len(self.actions)
+        raise_ = Action.write(ctx.limit_fd, str(granted).encode())
         self.add(
-            Action.write(ctx.limit_fd, str(granted).encode()).opening(),
+            raise_.opening() if ctx.restore_resolves else raise_,
             f"grant headroom: limit {format_size(ctx.limit)} -> {format_size(granted)}",
             phase,
         )
@@ -208,11 +227,12 @@ class _Builder:
 
     def tail_cost(self) -> int:
         ctx = self.ctx
-        grant = 4 if ctx.can_grant and ctx.grant_wake_fd >= 0 and ctx.grant_reply_fd >= 0 else 0
+        grant = 3 + self.restore_cost if ctx.can_grant and ctx.grant_wake_fd >= 0 and ctx.grant_reply_fd >= 0 else 0
         return grant + (3 if ctx.kill_switch_fd >= 0 else 0)
 
     def build(self) -> CompiledPlan:
-        plan = Plan(tuple(self.actions), check_fd=self.ctx.check_fd, resolved_needle=self.ctx.resolved_needle)
+        plan = Plan(tuple(self.actions), check_fd=self.ctx.check_fd, resolved_needle=self.ctx.resolved_needle,
+                    resolved_below=self.ctx.resolved_below)
         return CompiledPlan(
             plan, tuple(self.why), tuple(self.phases), tuple(self.targets), tuple(self.victims),
             tuple(self.pidfds),
