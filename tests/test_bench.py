@@ -342,6 +342,29 @@ class TestHardCase:
         assert [] == bench_groups()
 
 
+@pytest.mark.cgroup2
+@pytest.mark.timeout(900)
+def test_v2_mode(bench_groups: Callable[[], list[str]], tmp_path: os.PathLike[str]) -> None:
+    """On cgroup v2 (the guest) the same table for the kernel and both useroom handlers: no
+    deadlock, every episode resolved, the handlers' episodes resolved by them with no kernel
+    kill; the report says v2 and emulated; the v1-only variants are refused with the reason."""
+    done, data = run_bench(tmp_path, "--episodes", "5", timeout=800)
+    assert 2 == data["machine"]["cgroup_version"]
+    assert "cgroup v2 memcg" in done.stdout and "EMULATED" in done.stdout
+    for variant in ("kernel", "useroom-standalone", "useroom-inprocess"):
+        row = data["summary"][variant]
+        assert (5, 5, 0, 0) == (row["episodes"], row["resolved"], row["deadlocks"], row["stalled"]), variant
+    assert data["summary"]["kernel"]["kernel_kills"] >= 5
+    for variant in ("useroom-standalone", "useroom-inprocess"):
+        row = data["summary"][variant]
+        assert (0, 5) == (row["kernel_kills"], row["handler_resolved"]), variant
+    assert [] == data["problems"]
+    assert [] == bench_groups()
+    refused = subprocess.run(BENCH + ["--variants", "naive"], capture_output=True, text=True, timeout=60,
+                             check=False)
+    assert 2 == refused.returncode and "needs cgroup v1" in refused.stderr
+
+
 @pytest.mark.kernel
 @pytest.mark.timeout(120)
 def test_watchdog_benchmark_prints_each_scenario(tmp_path) -> None:

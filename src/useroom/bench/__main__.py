@@ -59,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
         "deadlock",
         help="the hard case, side by side: kernel killer, naive handler, useroom handler",
         description="Run the hard case (an OOM handled from inside the group) many times for each variant "
-                    "and print a table. Needs the cgroup v1 memory controller; groups are made below this "
+                    "and print a table. On cgroup v1 (oom_kill_disable) or v2 (the handlers hold memory.high "
+                    "as a wall; no naive and no no-handler variant there); groups are made below this "
                     "process's own memcg.",
     )
     deadlock.add_argument("--episodes", type=int, default=defaults.episodes, metavar="N",
@@ -91,12 +92,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _deadlock_main(argv: list[str], out: TextIO, err: TextIO) -> int:
-    from useroom.bench._deadlock import DEFAULT_VARIANTS, Config, check_available, run
+    from useroom.bench._deadlock import Config, check_available, default_variants, run
     from useroom.bench._report import machine_facts, render, summarize, to_json
-    from useroom.bench._sandbox import BenchError, own_memcg
+    from useroom.bench._sandbox import BenchError, cgroup_version, own_memcg
 
     args = _parser().parse_args(argv)
-    chosen = tuple(dict.fromkeys(name for group in (args.variants or [list(DEFAULT_VARIANTS)]) for name in group))
+    version = cgroup_version()
+    chosen = tuple(dict.fromkeys(name for group in (args.variants or [list(default_variants(version))])
+                                 for name in group))
     try:
         config = Config(
             variants=chosen, episodes=args.episodes,
@@ -104,7 +107,7 @@ def _deadlock_main(argv: list[str], out: TextIO, err: TextIO) -> int:
             limit=args.limit, workers=args.workers, worker_size=args.worker_size, reserve=args.reserve,
             deadlock_after=args.deadlock_after, block=args.block, naive_pick=args.naive_pick,
         )
-        missing = check_available(config.variants)
+        missing = check_available(config.variants, version)
         if missing:
             print("cannot run the requested variants:", file=err)
             for reason in missing:

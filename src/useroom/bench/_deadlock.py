@@ -203,9 +203,21 @@ class Run:
         return [episode for block in self.blocks if block.variant == variant for episode in block.episodes]
 
 
-def check_available(variants: tuple[str, ...]) -> list[str]:
+#: The variants that need v1's disabled kernel killer (nobody waits on v2).
+V1_ONLY: Final = ("naive", "no-handler")
+
+
+def default_variants(version: int) -> tuple[str, ...]:
+    """The default variants on this cgroup version."""
+    return tuple(name for name in DEFAULT_VARIANTS if version == 1 or name not in V1_ONLY)
+
+
+def check_available(variants: tuple[str, ...], version: int = 1) -> list[str]:
     """Return, for each requested variant that cannot run here, why not."""
     reasons = []
+    if version == 2:
+        reasons += [f"{name}: needs cgroup v1's oom_kill_disable (on v2 nobody waits in an OOM)"
+                    for name in variants if name in V1_ONLY]
     if "useroom-inprocess" in variants:
         try:
             useroom = importlib.import_module("useroom")

@@ -15,6 +15,7 @@ import attrs
 
 from useroom._units import format_size
 from useroom.bench._deadlock import VARIANTS, Config, Run
+from useroom.bench._sandbox import cgroup_version
 
 __all__ = ["Summary", "machine_facts", "percentile", "render", "summarize", "to_json"]
 
@@ -120,6 +121,9 @@ def machine_facts(config: Config, memcg: str) -> dict[str, Any]:
         "transparent_hugepage": _chosen(_read_first("/sys/kernel/mm/transparent_hugepage/enabled")),
         "python": platform.python_version(),
         "memcg": memcg,
+        "cgroup_version": cgroup_version(),
+        # A QEMU guest under software emulation (tools/vm-run): its times are not the host's.
+        "emulated": os.environ.get("VMRUN_GUEST") == "1",
         # Who ran it: the figures of an unprivileged run are an ordinary user's.
         "uid": os.geteuid(),
         "user": _user_name(os.geteuid()),
@@ -140,11 +144,18 @@ def render(result: Run, rows: list[Summary]) -> str:
         f"kernel {machine['kernel']}, {machine['cores']} cores ({machine['cpu'] or 'cpu unknown'}), "
         f"{_size(machine['memory_bytes'])} RAM, {_swap(machine['swap_bytes'])}, "
         f"THP {machine['transparent_hugepage'] or '?'}, Python {machine['python']}",
-        f"group: cgroup v1 memcg below {machine['memcg']}, limit {format_size(config.limit)}; "
-        f"{config.workers} workers x {format_size(config.worker_size)} touched each (each alone exceeds the limit)",
+        f"group: cgroup v{machine.get('cgroup_version', 1)} memcg below {machine['memcg']}, limit "
+        f"{format_size(config.limit)}; {config.workers} workers x {format_size(config.worker_size)} touched each "
+        "(each alone exceeds the limit)",
         f"deadlock: a worker alive and the group under OOM {config.deadlock_after:g} s after the workers start; "
         f"blocks of {config.block} episodes per group and handler",
     ]
+    if machine.get("cgroup_version") == 2:
+        lines.append("cgroup v2: nobody waits in an OOM; the handlers hold memory.high as a wall below memory.max, "
+                     "'under OOM' is the usage held at the wall, kernel kills are memory.events oom_kill")
+    if machine.get("emulated"):
+        lines.append("EMULATED: run in a QEMU guest under software emulation (tools/vm-run); "
+                     "times are the guest's, several times the host's")
     if "uid" in machine:
         lines.append(_who(machine))
     few = [name for name in ("naive", "no-handler") if name in config.variants]

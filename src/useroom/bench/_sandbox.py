@@ -13,6 +13,11 @@ case no ``finally`` survives) does not leave them asleep in the OOM wait.
 Groups are handled with plain file I/O on their directories, not with the
 library's cgroup layer: the safety net must not depend on the code being
 measured. Groups are created only below this process's own memory cgroup.
+
+On cgroup v2 nobody waits in an OOM (the kernel kills at ``memory.max``):
+there the handler's wall (``memory.high``) takes the place of the disabled
+kernel killer, "under OOM" means the usage is held at the wall, and the
+rescue lifts the wall and the limit.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ __all__ = [
     "OomControl",
     "ScratchGroup",
     "SignalGuard",
+    "cgroup_version",
     "die_with_parent",
     "own_memcg",
 ]
@@ -139,24 +145,53 @@ def die_with_parent() -> None:
 
 
 def own_memcg() -> str:
-    """Return the filesystem path of this process's memory cgroup (cgroup v1).
+    """Return the filesystem path of this process's memory cgroup.
 
-    Raises :class:`BenchError` when the memory controller is not on cgroup v1:
-    the hard case needs ``memory.oom_control``.
+    On cgroup v2 a group that holds processes cannot give its children the
+    memory controller (the root excepted): this process then moves the
+    group's processes (its own run: a delegated scope) to a leaf child and
+    enables ``+memory`` for the children.
     """
     hierarchy = memory_hierarchy()
-    if hierarchy.version != 1:
-        raise BenchError(
-            "the deadlock benchmark needs the cgroup v1 memory controller "
-            "(memory.oom_control with oom_kill_disable); this machine has it on cgroup v2"
-        )
     membership = hierarchy.membership(read_memberships())
     if membership is None:
         raise BenchError("this process has no 'memory' line in /proc/self/cgroup")
     path = hierarchy.fs_path(membership.path)
     if path is None:
         raise BenchError(f"no mount of the memory hierarchy shows this process's group {membership.path}")
+    if hierarchy.version == 2:
+        _enable_memory_below(path, membership.path == "/")
     return path
+
+
+def cgroup_version() -> int:
+    """1 or 2: where the memory controller is."""
+    return memory_hierarchy().version
+
+
+def _enable_memory_below(path: str, is_root: bool) -> None:
+    subtree = posixpath.join(path, "cgroup.subtree_control")
+    if "memory" in read_text(subtree).split():
+        return
+    if not is_root:
+        leaf = posixpath.join(path, f"{_PREFIX}{os.getpid()}.self")
+        os.makedirs(leaf, exist_ok=True)
+        for _ in range(100):  # processes forked meanwhile are moved by the next round
+            pids = read_text(posixpath.join(path, "cgroup.procs")).split()
+            if not pids:
+                break
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    _write_file(posixpath.join(leaf, "cgroup.procs"), pid)
+    _write_file(subtree, "+memory")
+
+
+def _write_file(path: str, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
 
 
 @attrs.frozen
@@ -176,45 +211,65 @@ class OomControl:
 
 @attrs.define(eq=False)
 class ScratchGroup:
-    """A v1 memory cgroup the benchmark created, by its directory."""
+    """A memory cgroup the benchmark created, by its directory (v1 or v2)."""
 
     path: str
+    version: int = 1
 
     @property
     def name(self) -> str:
         return posixpath.basename(self.path)
 
     def _write(self, filename: str, value: str) -> None:
-        fd = os.open(posixpath.join(self.path, filename), os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            os.write(fd, value.encode())
-        finally:
-            os.close(fd)
+        _write_file(posixpath.join(self.path, filename), value)
+
+    def _read(self, filename: str) -> str:
+        return read_text(posixpath.join(self.path, filename))
 
     def oom_control(self) -> OomControl:
-        return OomControl.parse(read_text(posixpath.join(self.path, "memory.oom_control")))
+        """v1's ``memory.oom_control``; on v2 its meaning there: the killer is
+        never off, "under OOM" is the usage held at the wall, and the kill
+        count is ``memory.events``' ``oom_kill``."""
+        if self.version == 1:
+            return OomControl.parse(self._read("memory.oom_control"))
+        events = dict(line.split() for line in self._read("memory.events").splitlines() if line.strip())
+        high = self._read("memory.high").strip()
+        held = high != "max" and self.usage() >= int(high)
+        return OomControl(False, held, int(events.get("oom_kill", "0")))
 
     def under_oom(self) -> bool:
         return self.oom_control().under_oom
 
     def set_kill_disable(self, disabled: bool) -> None:
-        self._write("memory.oom_control", "1" if disabled else "0")
+        """v1: the kernel OOM killer off or on. v2 has no switch: enabling
+        lifts any wall (``memory.high`` = max), disabling is the handler's
+        wall, which it sets itself."""
+        if self.version == 1:
+            self._write("memory.oom_control", "1" if disabled else "0")
+        elif not disabled:
+            self._write("memory.high", "max")
 
     def set_limit(self, limit: int) -> None:
-        """Set ``memory.limit_in_bytes``; :data:`NO_LIMIT` lifts it."""
-        self._write("memory.limit_in_bytes", str(limit))
+        """Set ``memory.limit_in_bytes`` (v2: ``memory.max``); :data:`NO_LIMIT` lifts it."""
+        if self.version == 1:
+            self._write("memory.limit_in_bytes", str(limit))
+        else:
+            self._write("memory.max", "max" if limit == NO_LIMIT else str(limit))
 
     def limit(self) -> int:
-        return int(read_text(posixpath.join(self.path, "memory.limit_in_bytes")))
+        if self.version == 1:
+            return int(self._read("memory.limit_in_bytes"))
+        text = self._read("memory.max").strip()
+        return NO_LIMIT if text == "max" else int(text)
 
     def usage(self) -> int:
-        return int(read_text(posixpath.join(self.path, "memory.usage_in_bytes")))
+        return int(self._read("memory.usage_in_bytes" if self.version == 1 else "memory.current"))
 
     def attach(self, pid: int) -> None:
         self._write("cgroup.procs", str(pid))
 
     def procs(self) -> list[int]:
-        return [int(line) for line in read_text(posixpath.join(self.path, "cgroup.procs")).split()]
+        return [int(line) for line in self._read("cgroup.procs").split()]
 
 
 @attrs.define(eq=False)
@@ -302,6 +357,7 @@ class Lab:
     """
 
     parent: str
+    version: int = 1
     prefix: str = attrs.field(factory=lambda: f"{_PREFIX}{os.getpid()}")
     groups: list[ScratchGroup] = attrs.field(factory=list)
     children: dict[int, Child] = attrs.field(factory=dict)
@@ -311,7 +367,7 @@ class Lab:
 
     @classmethod
     def below_own_memcg(cls) -> Lab:
-        return cls(own_memcg())
+        return cls(own_memcg(), cgroup_version())
 
     def sweep_stale(self) -> list[str]:
         """Remove groups an earlier run left here (its process is gone: it was SIGKILLed); return them.
@@ -324,11 +380,11 @@ class Lab:
         swept = []
         for name in sorted(os.listdir(self.parent)):
             parts = name.split(".")
-            if len(parts) < 3 or f"{parts[0]}." != _PREFIX or not parts[1].isdecimal():
+            if len(parts) < 3 or f"{parts[0]}." != _PREFIX or not parts[1].isdecimal() or parts[2] == "self":
                 continue
             if int(parts[1]) == os.getpid() or os.path.exists(f"/proc/{parts[1]}"):
                 continue
-            group = ScratchGroup(posixpath.join(self.parent, name))
+            group = ScratchGroup(posixpath.join(self.parent, name), self.version)
             self._try(group, "re-enable the kernel OOM killer", group.set_kill_disable, False)
             self._try(group, "lift the limit", group.set_limit, NO_LIMIT)
             try:
@@ -350,7 +406,7 @@ class Lab:
         self._serial += 1
         path = posixpath.join(self.parent, f"{self.prefix}.{self._serial}.{tag}")
         os.mkdir(path)
-        group = ScratchGroup(path)
+        group = ScratchGroup(path, self.version)
         self.groups.append(group)
         group.set_limit(limit)
         group.set_kill_disable(kill_disable)
