@@ -1,0 +1,207 @@
+"""The handler's behaviour that both backends share, run on the backend of this machine.
+
+On the host (cgroup v1) the handler disables the kernel OOM killer and the
+tasks wait for it at the limit; in the v2 guest (.ci/run runs these there
+too) it holds ``memory.high`` as a wall below ``memory.max``. The tests give
+the handler the same effective limit on both: the v1 limit, or the v2 wall
+(``memory.max`` minus the gap). What only one backend has is tested in
+test_handler.py / test_watchdog.py (v1) and test_cgroup_v2.py (v2).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+
+import pytest
+
+from helpers import MIB, Hog, wait_until
+from useroom import Handler, KillByPriority, KillLargest, KillNewest, OomContext, OomEvent
+from useroom._cgroup import Group
+from useroom._handler import V2_GAP
+
+SpawnHog = Callable[..., Hog]
+EVENT_TIMEOUT = 60.0
+
+pytestmark = pytest.mark.backends
+
+
+def _limit(group: Group, mib: int) -> Group:
+    """Give the handler an effective limit of *mib* MiB on either backend."""
+    group.set_limit((mib << 20) + (V2_GAP if group.version == 2 else 0))
+    return group
+
+
+def _settings(group: Group) -> tuple[object, ...]:
+    """What the handler changes while it runs and must restore."""
+    if group.version == 2:
+        return group.high(), group.limit()  # type: ignore[attr-defined]
+    return group.limit(), group.oom_control().kill_disabled
+
+
+def _hogs(spawn_hog: SpawnHog, group: Group, *sizes: int) -> list[Hog]:
+    hogs = [spawn_hog(mib, group) for mib in sizes]
+    for hog in hogs:
+        hog.start()
+        assert hog.wait_touched(EVENT_TIMEOUT)
+    return hogs
+
+
+def _in_table(handler: Handler, *hogs: Hog) -> bool:
+    return {h.pid for h in hogs} <= {v.pid for v in handler.victims}
+
+
+def _until_resolved(handler: Handler) -> list[OomEvent]:
+    """The episodes that needed action, up to the first resolved one (waits for it)."""
+    deadline = time.monotonic() + EVENT_TIMEOUT
+    while True:
+        acted = [e for e in handler.events if e.outcome != "not_needed"]
+        done = [i for i, e in enumerate(acted) if e.outcome == "resolved"]
+        left = deadline - time.monotonic()
+        if done or left <= 0:
+            return acted[: done[0] + 1] if done else acted
+        handler.wait_for_events(len(handler.events) + 1, left)
+
+
+def _killed(events: list[OomEvent]) -> list[int]:
+    return [v.pid for e in events for v in e.victims if v.result == 0]
+
+
+@pytest.fixture
+def group(scratch_group: Group) -> Group:
+    return _limit(scratch_group, 64)
+
+
+class TestPolicies:
+    def test_kill_largest(self, group: Group, spawn_hog: SpawnHog) -> None:
+        """The largest task is killed by the plan, the others live, the grower completes, and
+        the kernel killed nobody."""
+        big, small = _hogs(spawn_hog, group, 30, 10)
+        with Handler(group, KillLargest(), thresholds=()) as handler:
+            grower = spawn_hog(36, group)
+            assert wait_until(lambda: _in_table(handler, big, small, grower), EVENT_TIMEOUT)
+            grower.start()
+            assert grower.wait_touched(EVENT_TIMEOUT)
+            assert -signal.SIGKILL == big.wait(EVENT_TIMEOUT)
+            events = _until_resolved(handler)
+        assert "resolved" == events[-1].outcome
+        assert [big.pid] == _killed(events)
+        assert {"plan"} == {v.by for e in events for v in e.victims}
+        assert None is small.returncode
+        for event in events:
+            assert event.notified_ns <= event.acted_ns <= event.resolved_ns
+        assert 0 == group.oom_control().oom_kill
+
+    def test_kill_newest(self, group: Group, spawn_hog: SpawnHog) -> None:
+        """The most recently started task goes first."""
+        old, = _hogs(spawn_hog, group, 30)
+        with Handler(group, KillNewest(), thresholds=()) as handler:
+            new = spawn_hog(60, group)
+            assert wait_until(lambda: _in_table(handler, old, new), EVENT_TIMEOUT)
+            new.start()
+            assert -signal.SIGKILL == new.wait(EVENT_TIMEOUT)
+            events = _until_resolved(handler)
+        assert [new.pid] == _killed(events)
+        assert None is old.returncode
+
+    def test_kill_by_priority_spares_the_protected(self, group: Group, spawn_hog: SpawnHog) -> None:
+        """A priority picks a small task over a big one; a protected pid is never a victim."""
+        big, small = _hogs(spawn_hog, group, 24, 16)
+        policy = KillByPriority(lambda p: 10 if p.pid == small.pid else 0)
+        with Handler(group, policy, thresholds=(), protect=(big.pid,)) as handler:
+            grower = spawn_hog(36, group)
+            assert wait_until(lambda: _in_table(handler, small, grower), EVENT_TIMEOUT)
+            assert big.pid not in {v.pid for v in handler.victims}
+            grower.start()
+            assert -signal.SIGKILL == small.wait(EVENT_TIMEOUT)
+            events = _until_resolved(handler)
+        assert small.pid == _killed(events)[0]
+        assert None is big.returncode
+
+
+class TestGrantsAndHooks:
+    def test_grant_kills_a_task_the_plan_did_not_know(self, group: Group, spawn_hog: SpawnHog) -> None:
+        """A task started after the last refresh: the grant wakes the manager, which refreshes
+        and kills it; the limit (v1) or wall (v2) is back afterwards."""
+        before = _settings(group)
+        with Handler(group, KillLargest(), reserve="16M", thresholds=(), refresh_interval=3600) as handler:
+            during = _settings(group)
+            newcomer = spawn_hog(120, group)
+            assert not _in_table(handler, newcomer)
+            newcomer.start()
+            assert -signal.SIGKILL == newcomer.wait(EVENT_TIMEOUT)
+            events = _until_resolved(handler)
+            assert wait_until(lambda: _settings(group) == during, EVENT_TIMEOUT)
+        assert before == _settings(group)
+        assert "resolved" == events[-1].outcome
+        assert [(newcomer.pid, "handler")] == [(v.pid, v.by) for e in events for v in e.victims]
+        assert any(e.fallback for e in events)
+        assert 0 == group.oom_control().oom_kill
+
+    def test_on_oom_hook_frees_memory_and_nobody_is_killed(self, group: Group, spawn_hog: SpawnHog) -> None:
+        """The on_oom hook runs with headroom granted before any kill; it frees the memory (it
+        ends the hog itself, which the handler protects), and the plan kills nobody."""
+        hog = spawn_hog(120, group)
+        calls: list[OomContext] = []
+        handler = Handler(group, KillLargest(), reserve="16M", thresholds=(), protect=(hog.pid,))
+
+        @handler.on_oom
+        def free(ctx: OomContext) -> bool:
+            calls.append(ctx)
+            os.kill(hog.pid, signal.SIGKILL)
+            hog.wait(EVENT_TIMEOUT)  # reaped: its memory is back
+            return True
+
+        with handler:
+            hog.start()
+            assert -signal.SIGKILL == hog.wait(EVENT_TIMEOUT)
+            events = _until_resolved(handler)
+        assert calls and "resolved" == events[-1].outcome
+        assert [] == _killed(events)
+        assert [True] == [h.freed for e in events for h in e.hooks][:1]
+
+    def test_kill_and_resolved_hooks(self, group: Group, spawn_hog: SpawnHog) -> None:
+        """on_kill is called for the task the plan killed, on_resolved for the episode."""
+        big, = _hogs(spawn_hog, group, 30)
+        killed: list[int] = []
+        resolved: list[str] = []
+        with Handler(group, KillLargest(), thresholds=()) as handler:
+            handler.on_kill(lambda victim, event: killed.append(victim.pid))
+            handler.on_resolved(lambda event: resolved.append(event.outcome))
+            grower = spawn_hog(50, group)
+            assert wait_until(lambda: _in_table(handler, big, grower), EVENT_TIMEOUT)
+            grower.start()
+            assert -signal.SIGKILL == big.wait(EVENT_TIMEOUT)
+            assert wait_until(lambda: "resolved" in resolved, EVENT_TIMEOUT)
+        assert big.pid in killed
+
+
+class TestLifecycle:
+    def test_stop_restores_the_group(self, group: Group) -> None:
+        """While it runs the handler holds the group (v1: killer off; v2: the wall); stop puts
+        every setting back; a second stop does nothing."""
+        before = _settings(group)
+        handler = Handler(group, thresholds=()).start()
+        try:
+            assert _settings(group) != before
+        finally:
+            handler.stop()
+        assert before == _settings(group)
+        handler.stop()
+        assert before == _settings(group)
+
+    def test_kernel_step_is_the_last_resort(self, group: Group, spawn_hog: SpawnHog) -> None:
+        """No victim the plan may kill and no reserve: the kernel step lets the kernel act
+        (v1: the killer on; v2: the wall lifted), and the handler's setting comes back."""
+        _limit(group, 32)
+        hog = spawn_hog(100, group)
+        with Handler(group, KillLargest(), thresholds=(), protect=(hog.pid,), delay=5.0) as handler:
+            during = _settings(group)
+            hog.start()
+            assert -signal.SIGKILL == hog.wait(EVENT_TIMEOUT)
+            events = _until_resolved(handler)
+            assert wait_until(lambda: _settings(group) == during, EVENT_TIMEOUT)
+        assert any(s.phase == "kernel" for e in events for s in e.steps)
+        assert 1 == group.oom_control().oom_kill
