@@ -360,3 +360,19 @@ def run_hook_service(group: Group, mode: str, spawn_hog: Callable[..., Hog], *ar
             if proc.poll() is None:
                 proc.kill()
     return (json.loads(out) if out.strip() else None), hog, code
+
+
+def until_resolved(handler: Any, timeout: float = 60.0) -> list[Any]:
+    """A handler's episodes that needed action, up to the first resolved one (waits for it).
+
+    An episode may end ``superseded`` when another task's fault notifies
+    again during the check; the one after it finishes the work.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        acted = [e for e in handler.events if e.outcome != "not_needed"]
+        done = [i for i, e in enumerate(acted) if e.outcome == "resolved"]
+        left = deadline - time.monotonic()
+        if done or left <= 0:
+            return acted[: done[0] + 1] if done else acted
+        handler.wait_for_events(len(handler.events) + 1, left)

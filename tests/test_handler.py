@@ -10,7 +10,7 @@ import time
 import psutil
 import pytest
 
-from helpers import MIB, destroy_group, wait_until
+from helpers import MIB, destroy_group, until_resolved, wait_until
 from useroom import (
     Group,
     Handler,
@@ -45,22 +45,6 @@ def _episodes(handler: Handler, count: int, timeout: float = 10.0) -> list:
         handler.wait_for_events(len(handler.events) + 1, left)
 
 
-def _until_resolved(handler: Handler, timeout: float = 10.0) -> list:
-    """The episodes that needed action, up to the first resolved one (waits for it).
-
-    An episode may end ``superseded`` when another task's fault notifies
-    again during the check; the one after it finishes the work.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        acted = [e for e in handler.events if e.outcome != "not_needed"]
-        done = [i for i, e in enumerate(acted) if e.outcome == "resolved"]
-        left = deadline - time.monotonic()
-        if done or left <= 0:
-            return acted[: done[0] + 1] if done else acted
-        handler.wait_for_events(len(handler.events) + 1, left)
-
-
 def _table_has(handler: Handler, pids: set[int]) -> bool:
     return pids <= {v.pid for v in handler.victims}
 
@@ -82,7 +66,7 @@ class TestPolicies:
             grower.start()
             assert grower.wait_touched(20)
             assert -signal.SIGKILL == big.wait(5)
-            events = _until_resolved(handler)
+            events = until_resolved(handler)
         assert None is small.returncode
         assert "resolved" == events[-1].outcome
         assert {"superseded"} >= {e.outcome for e in events[:-1]}
@@ -337,7 +321,7 @@ class TestMoveToOverflow:
             assert wait_until(lambda: _table_has(handler, {big.pid, grower.pid}), 5)
             grower.start()
             assert grower.wait_touched(20)
-            events = _until_resolved(handler)
+            events = until_resolved(handler)
             assert (None, None) == (big.returncode, grower.returncode)
             assert [big.pid] == overflow.procs()
             assert big.pid not in group.procs()

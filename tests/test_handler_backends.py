@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import pytest
 
-from helpers import MIB, Hog, wait_until
+from helpers import MIB, Hog, until_resolved, wait_until
 from useroom import Handler, KillByPriority, KillLargest, KillNewest, OomContext, OomEvent
 from useroom._cgroup import Group
 from useroom._handler import V2_GAP
@@ -53,18 +53,6 @@ def _in_table(handler: Handler, *hogs: Hog) -> bool:
     return {h.pid for h in hogs} <= {v.pid for v in handler.victims}
 
 
-def _until_resolved(handler: Handler) -> list[OomEvent]:
-    """The episodes that needed action, up to the first resolved one (waits for it)."""
-    deadline = time.monotonic() + EVENT_TIMEOUT
-    while True:
-        acted = [e for e in handler.events if e.outcome != "not_needed"]
-        done = [i for i, e in enumerate(acted) if e.outcome == "resolved"]
-        left = deadline - time.monotonic()
-        if done or left <= 0:
-            return acted[: done[0] + 1] if done else acted
-        handler.wait_for_events(len(handler.events) + 1, left)
-
-
 def _killed(events: list[OomEvent]) -> list[int]:
     return [v.pid for e in events for v in e.victims if v.result == 0]
 
@@ -85,7 +73,7 @@ class TestPolicies:
             grower.start()
             assert grower.wait_touched(EVENT_TIMEOUT)
             assert -signal.SIGKILL == big.wait(EVENT_TIMEOUT)
-            events = _until_resolved(handler)
+            events = until_resolved(handler, EVENT_TIMEOUT)
         assert "resolved" == events[-1].outcome
         assert [big.pid] == _killed(events)
         assert {"plan"} == {v.by for e in events for v in e.victims}
@@ -102,7 +90,7 @@ class TestPolicies:
             assert wait_until(lambda: _in_table(handler, old, new), EVENT_TIMEOUT)
             new.start()
             assert -signal.SIGKILL == new.wait(EVENT_TIMEOUT)
-            events = _until_resolved(handler)
+            events = until_resolved(handler, EVENT_TIMEOUT)
         assert [new.pid] == _killed(events)
         assert None is old.returncode
 
@@ -116,7 +104,7 @@ class TestPolicies:
             assert big.pid not in {v.pid for v in handler.victims}
             grower.start()
             assert -signal.SIGKILL == small.wait(EVENT_TIMEOUT)
-            events = _until_resolved(handler)
+            events = until_resolved(handler, EVENT_TIMEOUT)
         assert small.pid == _killed(events)[0]
         assert None is big.returncode
 
@@ -132,7 +120,7 @@ class TestGrantsAndHooks:
             assert not _in_table(handler, newcomer)
             newcomer.start()
             assert -signal.SIGKILL == newcomer.wait(EVENT_TIMEOUT)
-            events = _until_resolved(handler)
+            events = until_resolved(handler, EVENT_TIMEOUT)
             assert wait_until(lambda: _settings(group) == during, EVENT_TIMEOUT)
         assert before == _settings(group)
         assert "resolved" == events[-1].outcome
@@ -157,7 +145,7 @@ class TestGrantsAndHooks:
         with handler:
             hog.start()
             assert -signal.SIGKILL == hog.wait(EVENT_TIMEOUT)
-            events = _until_resolved(handler)
+            events = until_resolved(handler, EVENT_TIMEOUT)
         assert calls and "resolved" == events[-1].outcome
         assert [] == _killed(events)
         assert [True] == [h.freed for e in events for h in e.hooks][:1]
@@ -201,7 +189,7 @@ class TestLifecycle:
             during = _settings(group)
             hog.start()
             assert -signal.SIGKILL == hog.wait(EVENT_TIMEOUT)
-            events = _until_resolved(handler)
+            events = until_resolved(handler, EVENT_TIMEOUT)
             assert wait_until(lambda: _settings(group) == during, EVENT_TIMEOUT)
         assert any(s.phase == "kernel" for e in events for s in e.steps)
         assert 1 == group.oom_control().oom_kill

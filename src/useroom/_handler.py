@@ -561,37 +561,11 @@ class Handler:
         return DEFAULT_HOOK_RESERVE
 
     def _context(self) -> PlanContext:
-        if self.group.version == 2:
-            wall = self._limit
-            return PlanContext(
-                victims=self._table.victims,
-                limit=wall,
-                limit_fd=self._limit_fd.fileno(),
-                check_fd=self._check_fd.fileno(),
-                resolved_needle=b"",
-                resolved_below=wall,
-                restore_resolves=False,
-                kill_switch_fd=self._switch_fd.fileno() if self._switch_fd else -1,
-                kill_switch_on=b"max",
-                kill_switch_off=str(wall).encode(),
-                kernel_timeout=self.delay,
-                reserve=min(self._reserve, max(0, self._backstop - wall)),
-                grant_wake_fd=self._grant_wake.fileno() if self.reserve else -1,
-                grant_reply_fd=self._grant_reply.fileno() if self.reserve else -1,
-                grant_timeout=self.grant_timeout,
-                hooks_wake_fd=self._runner.wake.fileno() if self._runner else -1,
-                hooks_reply_fd=self._runner.reply.fileno() if self._runner else -1,
-                hooks_timeout=self.hook_timeout,
-                check_timeout=self.check_timeout,
-            )
-        return PlanContext(
+        shared = dict(
             victims=self._table.victims,
-            limit=-1 if self._limit == UNLIMITED else self._limit,
             limit_fd=self._limit_fd.fileno(),
             check_fd=self._check_fd.fileno(),
-            resolved_needle=b"under_oom 0",
             kill_switch_fd=self._switch_fd.fileno() if self._switch_fd else -1,
-            reserve=self._reserve,
             grant_wake_fd=self._grant_wake.fileno() if self.reserve else -1,
             grant_reply_fd=self._grant_reply.fileno() if self.reserve else -1,
             grant_timeout=self.grant_timeout,
@@ -600,6 +574,15 @@ class Handler:
             hooks_timeout=self.hook_timeout,
             check_timeout=self.check_timeout,
         )
+        if self.group.version == 2:
+            wall = self._limit
+            return PlanContext(
+                limit=wall, resolved_needle=b"", resolved_below=wall, restore_resolves=False,
+                kill_switch_on=b"max", kill_switch_off=str(wall).encode(), kernel_timeout=self.delay,
+                reserve=min(self._reserve, max(0, self._backstop - wall)), **shared,
+            )
+        return PlanContext(limit=-1 if self._limit == UNLIMITED else self._limit, resolved_needle=b"under_oom 0",
+                           reserve=self._reserve, **shared)
 
     def _refresh(self, *, grant: bool) -> None:
         """Refreshes the table and re-arms; outside an episode unless ``grant``."""
