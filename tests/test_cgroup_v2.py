@@ -30,7 +30,7 @@ from useroom._cgroup_v2 import (
 from useroom._native import Action, NativeWatcher, Outcome, Plan, SourceKind, Wake
 from useroom._mounts import MemoryHierarchy, Mount, read_memberships, read_mounts
 from useroom._units import UNLIMITED
-from useroom import Handler, OomContext, OomEvent
+from useroom import FreezeAndDecide, FrozenContext, Handler, OomContext, OomEvent
 from useroom.exceptions import (
     CgroupPermissionError,
     GroupBusy,
@@ -651,6 +651,36 @@ class TestV2Handler:
         assert [] == [v for e in events for v in e.victims]
         assert [True] == [h.freed for e in events for h in e.hooks][:1]
         assert 0 == v2group.events().oom_kill
+
+    def test_freeze_and_decide_freezes_the_group(self, v2group: V2Group, spawn_hog: SpawnHog) -> None:
+        """With the handler outside the group, FreezeAndDecide freezes the whole group through
+        cgroup.freeze while the callback decides; the chosen task dies, the rest are thawed."""
+        v2group.set_limit("96M")  # wall 80M
+        big, small = _hog_in(spawn_hog, v2group, 24), _hog_in(spawn_hog, v2group, 20)
+        for hog in (big, small):
+            hog.start()
+            assert hog.wait_touched(EVENT_TIMEOUT)
+        freeze = os.path.join(v2group.path, "cgroup.freeze")
+        seen: list[tuple[list[int], str]] = []
+
+        def decide(ctx: FrozenContext) -> list[int]:
+            with open(freeze) as f:
+                seen.append((sorted(v.pid for v in ctx.victims), f.read().strip()))
+            return [small.pid]
+
+        with Handler(v2group, FreezeAndDecide(decide), reserve="16M", thresholds=()) as handler:
+            grower = _hog_in(spawn_hog, v2group, 50)
+            assert wait_until(lambda: grower.pid in {v.pid for v in handler.victims}, EVENT_TIMEOUT)
+            grower.start()
+            assert -signal.SIGKILL == small.wait(EVENT_TIMEOUT)
+            assert grower.wait_touched(EVENT_TIMEOUT)
+            events = _acted(handler)
+        assert (sorted([big.pid, small.pid, grower.pid]), "1") == seen[0]  # decided while frozen
+        assert not v2group.frozen() and None is big.returncode
+        frozen = [s for e in events for s in e.steps if s.phase == "freeze" and s.kind == "WRITE"]
+        assert any("cgroup.freeze" in s.explanation for s in frozen)
+        assert any(s.explanation == "thaw the group" and s.ok for s in frozen)
+        assert [(small.pid, "handler")] == [(v.pid, v.by) for e in events for v in e.victims if v.result == 0]
 
     def test_pressure_hook_fires_on_v2(self, v2group: V2Group, spawn_hog: SpawnHog) -> None:
         """v2 has no usage thresholds: the manager compares memory.current with the pressure

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import pytest
 
 from helpers import MIB, Hog, until_resolved, wait_until
-from useroom import Handler, KillByPriority, KillLargest, KillNewest, OomContext, OomEvent
+from useroom import Handler, KillByPriority, KillGroup, KillLargest, KillNewest, OomContext, OomEvent
 from useroom._cgroup import Group
 from useroom._handler import V2_GAP
 
@@ -107,6 +107,26 @@ class TestPolicies:
             events = until_resolved(handler, EVENT_TIMEOUT)
         assert small.pid == _killed(events)[0]
         assert None is big.returncode
+
+
+    def test_kill_group_kills_every_task(self, group: Group, spawn_hog: SpawnHog) -> None:
+        """KillGroup: every task of the group dies in the episode (v2, handler outside:
+        through cgroup.kill; else SIGKILL to each), and the kernel killed nobody."""
+        a, b = _hogs(spawn_hog, group, 20, 10)
+        with Handler(group, KillGroup(), thresholds=()) as handler:
+            grower = spawn_hog(60, group)
+            assert wait_until(lambda: _in_table(handler, a, b, grower), EVENT_TIMEOUT)
+            grower.start()
+            for hog in (a, b, grower):
+                assert -signal.SIGKILL == hog.wait(EVENT_TIMEOUT)
+            events = until_resolved(handler, EVENT_TIMEOUT)
+        assert "resolved" == events[-1].outcome
+        assert [] == group.procs()
+        via_file = any("cgroup.kill" in s.explanation for e in events for s in e.steps)
+        assert via_file == (group.version == 2)
+        if not via_file:
+            assert {a.pid, b.pid, grower.pid} == set(_killed(events))
+        assert 0 == group.oom_control().oom_kill
 
 
 class TestGrantsAndHooks:

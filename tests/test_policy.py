@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from useroom import KillByPriority, KillLargest, KillNewest, RaiseLimit, _native
+from useroom import KillByPriority, KillGroup, KillLargest, KillNewest, RaiseLimit, _native
 from useroom._policy import PlanContext
 from useroom._victims import Victim
 
@@ -51,6 +51,22 @@ class TestOrder:
 
 
 class TestCompile:
+    def test_kill_group_signals_every_task_then_checks_once(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """KillGroup: SIGKILL to every task of the table, then one check; then the tail."""
+        monkeypatch.setattr(_native, "can_use_mrelease", False)
+        compiled = KillGroup().compile(_ctx(kill_switch_fd=7))
+        assert [("SIGNAL_PID", 11, "kill"), ("SIGNAL_PID", 12, "kill"), ("SIGNAL_PID", 13, "kill"),
+                ("CHECK", 0, "kill")] == _shape(compiled)[:4]
+        assert [11, 12, 13] == [v.pid for v in compiled.victims]
+        assert {"kernel"} == set(compiled.phases[4:])
+
+    def test_kill_group_through_cgroup_kill(self) -> None:
+        """With a cgroup.kill fd (v2, handler outside the group) one write kills the group."""
+        compiled = KillGroup().compile(_ctx(kill_fd=9))
+        assert [("WRITE", 9, "kill"), ("CHECK", 0, "kill")] == _shape(compiled)
+        assert b"1" == compiled.plan.actions[0].data
+        assert "cgroup.kill" in compiled.explanations[0]
+
     def test_kill_plan_shape(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """Each victim: signal, then a check; then the kernel fallback with its guarded restore."""
         monkeypatch.setattr(_native, "can_use_mrelease", False)

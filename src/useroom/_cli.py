@@ -18,7 +18,7 @@ import attrs
 
 from useroom._cgroup import Group
 from useroom._handler import Handler, OomEvent
-from useroom._policy import KillLargest, KillNewest, Policy, RaiseLimit
+from useroom._policy import KillGroup, KillLargest, KillNewest, Policy, RaiseLimit
 from useroom._units import format_size, parse_size
 from useroom._watchdog import Takeover
 from useroom._watchdog import main as watchdog_main
@@ -26,7 +26,9 @@ from useroom.exceptions import UseroomError
 
 __all__ = ["main"]
 
-POLICIES = {"kill-largest": KillLargest, "kill-newest": KillNewest}
+POLICIES: dict[str, type[KillLargest] | type[KillNewest] | type[KillGroup]] = {
+    "kill-largest": KillLargest, "kill-newest": KillNewest, "kill-group": KillGroup,
+}
 
 
 def _policy(args: argparse.Namespace) -> Policy:

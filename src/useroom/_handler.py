@@ -17,6 +17,7 @@ Two threads share the work:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import select
@@ -306,6 +307,8 @@ class Handler:
         #: v2's pressure hooks: [size, hooks, above at the last look].
         self._polled: list[list[Any]] = []
         self._saved_v2: tuple[int, int] | None = None
+        self._freeze_fd: _Fd | None = None
+        self._kill_fd: _Fd | None = None
         self._backstop = UNLIMITED
         self._poke: EventFd | None = None
 
@@ -514,6 +517,12 @@ class Handler:
         self._switch_fd = self._own(_Fd(group.open_file(high_file, os.O_WRONLY))) if self.kernel_fallback else None
         self._oom = self._own(group.events_notifier())  # type: ignore[attr-defined]
         self._watcher.add_source(self._oom.fileno(), SourceKind.OOM, _native.Wake.FILE)
+        self._freeze_fd = self._kill_fd = None
+        if not self._inside():
+            # Outside the group only: cgroup.freeze and cgroup.kill would reach this process too.
+            for attr, name in (("_freeze_fd", group.freeze_file), ("_kill_fd", group.kill_file)):  # type: ignore[attr-defined]
+                if os.path.exists(os.path.join(group.path, name)):
+                    setattr(self, attr, self._own(_Fd(group.open_file(name, os.O_WRONLY))))
         self._limit = wall
 
     def _register_thresholds(self) -> None:
@@ -579,7 +588,9 @@ class Handler:
             return PlanContext(
                 limit=wall, resolved_needle=b"", resolved_below=wall, restore_resolves=False,
                 kill_switch_on=b"max", kill_switch_off=str(wall).encode(), kernel_timeout=self.delay,
-                reserve=min(self._reserve, max(0, self._backstop - wall)), **shared,
+                reserve=min(self._reserve, max(0, self._backstop - wall)),
+                freeze_fd=self._freeze_fd.fileno() if self._freeze_fd is not None else -1,
+                kill_fd=self._kill_fd.fileno() if self._kill_fd is not None else -1, **shared,
             )
         return PlanContext(limit=-1 if self._limit == UNLIMITED else self._limit, resolved_needle=b"under_oom 0",
                            reserve=self._reserve, **shared)
@@ -1161,6 +1172,10 @@ class Handler:
             except OSError:
                 pass
         self._pending_restore = None
+        freeze, self._freeze_fd = self._freeze_fd, None
+        if freeze is not None and not freeze.closed:
+            with contextlib.suppress(OSError):
+                os.pwrite(freeze.fileno(), b"0", 0)  # never leave the group frozen
         saved, self._saved_v2 = self._saved_v2, None
         if saved is not None:
             # memory.high first to max, so it never sits above memory.max.

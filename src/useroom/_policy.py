@@ -53,6 +53,7 @@ __all__ = [
     "FreezeAndDecide",
     "FrozenContext",
     "KillByPriority",
+    "KillGroup",
     "KillLargest",
     "KillNewest",
     "MoveToOverflow",
@@ -90,6 +91,11 @@ class PlanContext:
     #: which refuses a limit below the usage). v2 accepts any ``memory.high``,
     #: so there a check after the restore decides instead.
     restore_resolves: bool = True
+    #: cgroup v2: ``cgroup.freeze`` opened for writing, when the handler's own
+    #: process is outside the group (it would freeze itself); -1 otherwise.
+    freeze_fd: int = -1
+    #: cgroup v2: ``cgroup.kill`` opened for writing, under the same condition.
+    kill_fd: int = -1
 
     @property
     def can_grant(self) -> bool:
@@ -315,6 +321,51 @@ class KillNewest(Policy):
         return [(v, "newest task") for v in ranked]
 
 
+@attrs.frozen
+class KillGroup(Policy):
+    """Kill every task of the group at once, as ``memory.oom.group`` and
+    systemd-oomd do: for a service whose processes make sense only together.
+
+    On cgroup v2, with the handler's process outside the group, the plan
+    writes ``cgroup.kill``: the kernel kills every task of the subtree,
+    those started since the last refresh included. Otherwise (v1, or the
+    handler inside the group, which must survive) it sends SIGKILL to every
+    task of the table through its pidfd, then reaps their memory with
+    ``process_mrelease``, then checks. Protected pids and the handler's
+    own process are spared as always.
+    """
+
+    def order(self, victims: tuple[Victim, ...]) -> list[tuple[Victim, str]]:
+        return [(v, "the whole group") for v in sorted(victims, key=lambda v: v.pid)]
+
+    def compile(self, ctx: PlanContext) -> CompiledPlan:
+        b = _Builder(ctx)
+        b.head()
+        if ctx.kill_fd >= 0:
+            b.add(Action.write(ctx.kill_fd, b"1"), "kill the whole group (cgroup.kill)", "kill")
+        else:
+            budget = b.room() - b.tail_cost() - 1 - (b.restore_cost if b.hooks_grant is not None else 0)
+            each = 1 + int(_native.can_use_mrelease)
+            chosen = [v for v, _ in self.order(ctx.victims)][: max(0, budget // each)]
+            for v in chosen:
+                b.victims.append(v)
+                why = f"SIGKILL {v.describe()}: the whole group"
+                if v.pidfd is None:
+                    b.add(Action.signal_pid(v.pid, signal.SIGKILL), why, "kill", v)
+                    continue
+                b.pidfds.append(v.pidfd)
+                b.add(Action.signal_pidfd(v.pidfd.fileno(), signal.SIGKILL), why, "kill", v)
+            if _native.can_use_mrelease:
+                for v in chosen:
+                    if v.pidfd is not None:
+                        b.add(Action.mrelease(v.pidfd.fileno()), f"reap the memory of {v.pid} now", "kill")
+        if b.hooks_grant is not None:
+            b.restore(b.hooks_grant, "kill")
+        b.add(Action.check(ctx.check_timeout, supersede=True), "check whether the OOM is over", "kill")
+        b.tail()
+        return b.build()
+
+
 PriorityFn = Callable[[psutil.Process], int]
 
 
@@ -497,7 +548,10 @@ class FreezeAndDecide(Policy):
     that does not fit, ``then`` (KillLargest by default) runs as usual.
     cgroup v1's freezer is a separate hierarchy, so tasks are stopped by
     signal, which works in a delegated memory subtree with no other
-    controller. At most ``max_frozen`` tasks are stopped.
+    controller. At most ``max_frozen`` tasks are stopped. On cgroup v2,
+    with the handler's process outside the group, the plan freezes the
+    whole group through ``cgroup.freeze`` instead (tasks started since the
+    last refresh included) and thaws it the same way.
     """
 
     decide: Decide = attrs.field(kw_only=False)
@@ -510,25 +564,31 @@ class FreezeAndDecide(Policy):
     def compile(self, ctx: PlanContext) -> CompiledPlan:
         b = _Builder(attrs.evolve(ctx, hooks_wake_fd=-1, hooks_reply_fd=-1))
         stoppable = [v for v in ctx.victims if v.pidfd is not None][: self.max_frozen]
-        if ctx.can_grant and ctx.grant_wake_fd >= 0 and ctx.grant_reply_fd >= 0 and stoppable:
+        if ctx.can_grant and ctx.grant_wake_fd >= 0 and ctx.grant_reply_fd >= 0 and (stoppable or ctx.freeze_fd >= 0):
             grant_at = len(b.actions)
             granted = ctx.limit + ctx.reserve
-            b.add(Action.write(ctx.limit_fd, str(granted).encode()).opening(),
+            raise_ = Action.write(ctx.limit_fd, str(granted).encode())
+            b.add(raise_.opening() if ctx.restore_resolves else raise_,
                   f"grant headroom: limit {format_size(ctx.limit)} -> {format_size(granted)}", "freeze")
-            stops = []
-            for v in stoppable:
-                assert v.pidfd is not None
-                stops.append((len(b.actions), v))
-                b.pidfds.append(v.pidfd)
-                b.add(Action.signal_pidfd(v.pidfd.fileno(), signal.SIGSTOP).after(grant_at),
-                      f"SIGSTOP {v.describe()}: freeze before deciding", "freeze", v)
+            thaws = []
+            if ctx.freeze_fd >= 0:
+                # cgroup v2: the whole group at once, newcomers included.
+                thaws.append((len(b.actions), Action.write(ctx.freeze_fd, b"0"), "thaw the group"))
+                b.add(Action.write(ctx.freeze_fd, b"1").after(grant_at),
+                      "freeze the group (cgroup.freeze) before deciding", "freeze")
+            else:
+                for v in stoppable:
+                    assert v.pidfd is not None
+                    b.pidfds.append(v.pidfd)
+                    thaws.append((len(b.actions), Action.signal_pidfd(v.pidfd.fileno(), signal.SIGCONT),
+                                  f"SIGCONT {v.pid}: thaw"))
+                    b.add(Action.signal_pidfd(v.pidfd.fileno(), signal.SIGSTOP).after(grant_at),
+                          f"SIGSTOP {v.describe()}: freeze before deciding", "freeze", v)
             b.add(Action.wake(ctx.grant_wake_fd).after(grant_at), "wake the handler to decide", "freeze")
             b.add(Action.await_readable(ctx.grant_reply_fd, ctx.grant_timeout, read=True).after(grant_at),
                   f"wait up to {ctx.grant_timeout} s for the decision", "freeze")
-            for at, v in stops:
-                assert v.pidfd is not None
-                b.add(Action.signal_pidfd(v.pidfd.fileno(), signal.SIGCONT).after(at).always(),
-                      f"SIGCONT {v.pid}: thaw", "freeze")
+            for at, thaw, why in thaws:
+                b.add(thaw.after(at).always(), why, "freeze")
             b.restore(grant_at, "freeze")
             b.hooks_grant = grant_at
         self.then._compile_kills(b, ctx)
