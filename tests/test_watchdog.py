@@ -21,7 +21,8 @@ import pytest
 from helpers import MIB, oom_trap, run_hook_service, wait_until
 from useroom import FreezeAndDecide, Group, Handler, KillLargest, Takeover
 from useroom._declare import KERNEL_FILES, probe
-from useroom._watchdog import CAUGHT_NS, DeclaredHandler
+from useroom._cgroup import OomControl
+from useroom._watchdog import CAUGHT_NS, DeclaredHandler, Guard
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(120)]
 
@@ -218,6 +219,27 @@ class TestDelay:
 
 
 class TestHandlerFaults:
+    def test_a_takeover_keeps_the_killer_on(self, group: Group, monkeypatch) -> None:
+        """Taken over, the guard finds the killer off again while a task waits (the handler's
+        manager turned it off in the instant the takeover's wakeup cleared under_oom): it turns
+        the killer back on; with nobody waiting it leaves the switch alone."""
+        guard = Guard(group, 0.0)
+        try:
+            switched: list[bool] = []
+            monkeypatch.setattr(guard, "_switch_to", switched.append)
+            states = iter([OomControl(True, True, 0)] * 3 + [OomControl(True, False, 0)])
+            monkeypatch.setattr(guard, "control", lambda: next(states))
+            now = time.monotonic_ns()
+            guard.notified(now)
+            assert None is guard.tick(now)  # the delay (0) has passed: taken over
+            assert [False] == switched
+            assert None is guard.tick(now + 1)  # off again, a task waits: on again
+            assert [False, False] == switched
+            guard.tick(now + 2)  # nobody waits: no switch
+            assert [False, False] == switched
+        finally:
+            guard.close()
+
     def test_which_thread_in_the_oom_wait_counts(self, group: Group, spawn_hog) -> None:
         """A declared watcher thread asleep in the OOM wait makes the handler unfit at once;
         a helper (manager) thread only while a grant is open, and only after CAUGHT_NS."""

@@ -273,6 +273,11 @@ class Guard:
                 return self._finish(self._clear_ns)
             return None
         self._clear_ns = None
+        if self._taken is not None and control.kill_disabled:
+            # Taken over, yet the killer is off again: the handler's manager
+            # turns it off when it sees it on with nobody waiting, which the
+            # takeover's own wakeup can look like. The episode is still ours.
+            self._switch_to(False)
         if self._taken is None:
             reason = None
             if self.handler is not None:
