@@ -588,7 +588,9 @@ class Handler:
             return PlanContext(
                 limit=wall, resolved_needle=b"", resolved_below=wall, restore_resolves=False,
                 kill_switch_on=b"max", kill_switch_off=str(wall).encode(), kernel_timeout=self.delay,
-                reserve=min(self._reserve, max(0, self._backstop - wall)),
+                # Half the gap at most: the tasks a grant wakes must not reach
+                # memory.max (the kernel) while the manager refreshes.
+                reserve=min(self._reserve, max(0, (self._backstop - wall) // 2)),
                 freeze_fd=self._freeze_fd.fileno() if self._freeze_fd is not None else -1,
                 kill_fd=self._kill_fd.fileno() if self._kill_fd is not None else -1, **shared,
             )
