@@ -743,3 +743,26 @@ class TestV2Handler:
             assert any(s.phase == "kernel" for e in events for s in e.steps)
             assert wait_until(lambda: v2group.high() == 32 * MIB, EVENT_TIMEOUT)
         assert 1 == v2group.events().oom_kill
+
+
+def run_demo_in(group: V2Group, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m useroom demo`` started in *group* (which it has to itself)."""
+    import subprocess
+    import sys
+
+    procs = os.path.join(group.path, "cgroup.procs")
+    return subprocess.run(["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', procs, sys.executable, "-m", "useroom",
+                           "demo", *args], capture_output=True, text=True, timeout=300, check=False)
+
+
+@pytest.mark.cgroup2
+def test_demo_on_v2(v2group: V2Group) -> None:
+    """`useroom demo` on v2, started in a group of its own that holds a process: it steps into a
+    leaf to give its demo group the memory controller, the handler kills at the wall, and it
+    puts everything back (no group left, the controller off again, the process back)."""
+    done = run_demo_in(v2group, "--workers", "2", "--size", "100M")
+    assert 0 == done.returncode, done.stdout + done.stderr
+    assert "memory.high as its wall" in done.stdout and "kernel OOM kills=0" in done.stdout
+    assert "SIGKILL" in done.stdout
+    assert [] == v2group.children()
+    assert "memory" not in v2group.subtree_control()

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import pytest
 
 from helpers import MIB, Hog
-from test_cgroup_v2 import _IN_GROUP_HANDLER, EVENT_TIMEOUT
+from test_cgroup_v2 import _IN_GROUP_HANDLER, EVENT_TIMEOUT, run_demo_in
 from useroom._cgroup import Group
 from useroom._cgroup_v2 import MemoryEvents, PressureTrigger, V2Group
 from useroom import Handler
@@ -97,3 +97,12 @@ def test_handler_outside(scratch_group: Group, spawn_hog: SpawnHog) -> None:
         assert handler.wait_for_events(1, EVENT_TIMEOUT)
     assert (UNLIMITED, 64 * MIB) == (scratch_group.high(), scratch_group.limit())
     assert 0 == scratch_group.events().oom_kill
+
+
+def test_demo_unprivileged(scratch_group: Group) -> None:
+    """`useroom demo` as the user in the delegated scope: OOMs handled at the wall, nothing left."""
+    assert isinstance(scratch_group, V2Group)
+    done = run_demo_in(scratch_group, "--workers", "2", "--size", "100M")
+    assert 0 == done.returncode, done.stdout + done.stderr
+    assert "kernel OOM kills=0" in done.stdout and "SIGKILL" in done.stdout
+    assert [] == scratch_group.children()

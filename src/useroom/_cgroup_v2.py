@@ -450,6 +450,19 @@ class V2Group(Group):
         except OSError as err:
             raise self._subtree_error(err) from err
 
+    def disable_memory_for_children(self) -> None:
+        """Write ``-memory`` to ``cgroup.subtree_control`` (nothing if it is not enabled).
+
+        Raises :class:`GroupBusy` while a child group still has memory
+        settings in use (the kernel refuses).
+        """
+        if "memory" not in self.subtree_control():
+            return
+        try:
+            self._write(self.subtree_control_file, "-memory")
+        except OSError as err:
+            raise self._subtree_error(err) from err
+
     def _subtree_error(self, err: OSError) -> CgroupError | UnsupportedKernel:
         path = self._file(self.subtree_control_file)
         what = f"cannot enable the memory controller for the children of {self.relpath}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -11,18 +12,19 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import attrs
 
 from useroom._cgroup import Group
+from useroom._cgroup_v2 import V2Group
 from useroom._handler import Handler, OomEvent
 from useroom._policy import KillGroup, KillLargest, KillNewest, Policy, RaiseLimit
 from useroom._units import format_size, parse_size
 from useroom._watchdog import Takeover
 from useroom._watchdog import main as watchdog_main
-from useroom.exceptions import UseroomError
+from useroom.exceptions import GroupBusy, UseroomError
 
 __all__ = ["main"]
 
@@ -104,13 +106,53 @@ def cmd_demo(args: argparse.Namespace) -> int:
     real OOMs there, and prints what the native watcher did and how fast."""
     parent = Group.current()
     name = f"useroom-demo-{os.getpid()}"
-    group = parent.create_child(name, memory_max=args.limit)
+    with _room_for_children(parent, name):
+        return _demo(args, parent.create_child(name, memory_max=args.limit))
+
+
+@contextlib.contextmanager
+def _room_for_children(parent: Group, name: str) -> Iterator[None]:
+    """cgroup v2: a group that holds processes cannot give its children the
+    memory controller (the root excepted). Then this process steps into a
+    leaf of its own for the demo, and everything is put back afterwards:
+    the controller, this process, the leaf."""
+    if not isinstance(parent, V2Group) or parent.is_root or "memory" in parent.subtree_control():
+        yield
+        return
+    leaf = os.path.join(parent.path, f"{name}-self")
+    os.mkdir(leaf)
+    try:
+        Group.open(leaf).attach(os.getpid())
+        try:
+            parent.enable_memory_for_children()
+        except GroupBusy as err:
+            raise UseroomError(f"{err}; other processes share this process's group {parent.relpath}: run the "
+                               "demo in a group of its own (systemd-run --user --scope -p Delegate=yes useroom "
+                               "demo)") from err
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                parent.disable_memory_for_children()
+    finally:
+        with contextlib.suppress(OSError, UseroomError):
+            parent.attach(os.getpid())
+        with contextlib.suppress(OSError):
+            os.rmdir(leaf)
+
+
+def _demo(args: argparse.Namespace, group: Group) -> int:
     workers: list[subprocess.Popen[bytes]] = []
     handler_proc: subprocess.Popen[str] | None = None
     out = tempfile.NamedTemporaryFile(prefix="useroom-demo-", suffix=".json", delete=False)
     out.close()
     try:
-        print(f"group {group.relpath}: limit {format_size(group.limit())}, kernel OOM killer disabled by the handler")
+        if group.version == 2:
+            print(f"group {group.relpath}: memory.max {format_size(group.limit())}; the handler holds memory.high "
+                  "as its wall below it (cgroup v2: the kernel kills only at memory.max)")
+        else:
+            print(f"group {group.relpath}: limit {format_size(group.limit())}, kernel OOM killer disabled by "
+                  "the handler")
         handler_proc = subprocess.Popen(
             [sys.executable, "-m", "useroom", "handle", group.path, "--join", "--events-out", out.name],
             stdout=subprocess.PIPE, text=True,
@@ -140,8 +182,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         with open(out.name, encoding="utf-8") as f:
             report = json.load(f)
         events = [OomEvent(**_event_fields(e)) for e in report["events"]]
-        print(f"all workers gone after {elapsed * 1000:.1f} ms; "
-              f"under_oom={int(group.oom_control().under_oom)}; handler locked {format_size(report['locked_bytes'])}")
+        state = (f"under_oom={int(group.oom_control().under_oom)}" if group.version == 1 else
+                 f"kernel OOM kills={group.oom_control().oom_kill}")
+        print(f"all workers gone after {elapsed * 1000:.1f} ms; {state}; "
+              f"handler locked {format_size(report['locked_bytes'])}")
         for event in events:
             if event.outcome != "not_needed":
                 print(_describe(event))
@@ -150,7 +194,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print(f"({ignored} notification(s) arrived with the OOM already over and needed nothing)")
         return 0
     finally:
-        group.set_oom_kill(True)
+        if group.version == 1:
+            group.set_oom_kill(True)
         for proc in workers:
             proc.kill()
             proc.wait()
