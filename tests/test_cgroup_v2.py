@@ -586,7 +586,7 @@ class TestV2Handler:
         v2group.set_limit("64M")
         with Handler(v2group, reserve="8M", thresholds=()) as handler:
             assert (48 * MIB, 64 * MIB) == (v2group.high(), v2group.limit())
-            assert handler.watchdog is None  # the plan's kernel step is v2's delay shim
+            assert handler.watchdog is not None  # for a death: the plan's kernel step is v2's delay shim
         assert (UNLIMITED, 64 * MIB) == (v2group.high(), v2group.limit())
         v2group.set_high("32M")
         with Handler(v2group, reserve="8M", thresholds=()):
@@ -684,6 +684,44 @@ class TestV2Handler:
         assert any("cgroup.freeze" in s.explanation for s in frozen)
         assert any(s.explanation == "thaw the group" and s.ok for s in frozen)
         assert [(small.pid, "handler")] == [(v.pid, v.by) for e in events for v in e.victims if v.result == 0]
+
+    def test_watchdog_restores_the_group_after_the_handler_dies(self, v2group: V2Group,
+                                                                tmp_path: pathlib.Path) -> None:
+        """The handler's process dies by SIGKILL: its watchdog puts back memory.high and
+        memory.max as they were before the handler, logs it, and exits."""
+        import subprocess
+        import sys
+
+        v2group.set_limit("64M")
+        log = tmp_path / "watchdog.jsonl"
+        code = ("import sys, time, useroom\n"
+                "h = useroom.Handler(useroom.Group.open(sys.argv[1]), watchdog_log=sys.argv[2]).start()\n"
+                "print('ready', h.watchdog.pid, flush=True)\n"
+                "time.sleep(600)\n")
+        proc = subprocess.Popen([sys.executable, "-c", code, v2group.path, str(log)], stdout=subprocess.PIPE,
+                                text=True)
+        watchdog = 0
+        try:
+            assert proc.stdout is not None
+            word, pid = proc.stdout.readline().split()
+            watchdog = int(pid)
+            assert (48 * MIB, 64 * MIB) == (v2group.high(), v2group.limit())
+            proc.kill()
+            proc.wait(EVENT_TIMEOUT)
+            assert wait_until(lambda: v2group.high() == UNLIMITED, EVENT_TIMEOUT)
+            assert 64 * MIB == v2group.limit()
+            assert wait_until(lambda: not os.path.exists(f"/proc/{watchdog}"), EVENT_TIMEOUT)
+        finally:
+            proc.kill()
+            proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+            if watchdog and os.path.exists(f"/proc/{watchdog}"):
+                os.kill(watchdog, signal.SIGKILL)
+        import json
+        records = [json.loads(line) for line in log.read_text().splitlines()]
+        [exited] = [r for r in records if r.get("event") == "handler-exited"]
+        assert {"memory.high": UNLIMITED, "memory.max": 64 * MIB} == exited["restored"]
 
     def test_pressure_hook_fires_on_v2(self, v2group: V2Group, spawn_hog: SpawnHog) -> None:
         """v2 has no usage thresholds: the manager compares memory.current with the pressure

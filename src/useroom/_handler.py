@@ -458,8 +458,9 @@ class Handler:
         self._place_threads()
         declaration = self.declare()
         # On v2 the kernel never waits: the plan's kernel step (the wall
-        # lifted for ``delay``) is the delay shim, and memory.max stays.
-        if self.use_watchdog and declaration.needs_watchdog and group.version == 1:
+        # lifted for ``delay``) is the delay shim, and the watchdog only puts
+        # the group's memory.high and memory.max back if this process dies.
+        if self.use_watchdog and declaration.needs_watchdog:
             self._start_watchdog()
 
     def _open_v1(self) -> None:
@@ -819,17 +820,29 @@ class Handler:
 
     def _start_watchdog(self) -> None:
         self._manager_ready.wait(10)
+        if self.group.version == 2:
+            # A v2 parent with memory enabled for its children cannot hold
+            # processes: inside the group, the watchdog stays with us.
+            place = self.watchdog_group or (None if self._inside() else Group.current())
+        else:
+            place = self._watchdog_place()
         link = WatchdogLink(
-            self.group, self._watchdog_place(), delay=self.delay,
+            self.group, place, delay=self.delay,
             handler_tids=[t for t in (self._watcher.tid,) if t],
             helper_tids=[t for t in (self._manager_tid,) if t],
             limit=self._limit, kill_enabled=bool(self._restore_kill_setting),
-            heartbeat_timeout=self.heartbeat_timeout, log=self.watchdog_log,
+            heartbeat_timeout=self.heartbeat_timeout, log=self.watchdog_log, saved=self._saved_v2,
         )
         link.start()
         self.watchdog = link
+        self._protect_watchdog()
         assert self._poke is not None
         self._poke.write(1)  # the manager thread registers its fds
+
+    def _protect_watchdog(self) -> None:
+        """The watchdog is never a victim (on v2 it may share the group)."""
+        if self.watchdog is not None and self.watchdog.pid is not None:
+            self._table.protect = self._table.protect | {self.watchdog.pid}
 
     def _link(self, ep: _native.Epoll, old: WatchdogLink | None) -> WatchdogLink | None:
         """Registers the current watchdog's fds in the manager's epoll set."""
@@ -870,13 +883,16 @@ class Handler:
             link.start()
             link.restarts += 1
             link.history.append({"event": "watchdog-restarted", "pid": link.pid, "at_ns": time.monotonic_ns()})
+            self._protect_watchdog()
         except Exception as err:
             self._note(err)
             self.watchdog = None
             self._degraded = True
-            self.errors.append(WatcherError(f"the watchdog could not be restarted ({err}); the kernel OOM "
-                                            f"killer is enabled for {self.group.relpath} instead"))
-            self.group.set_oom_kill(True)
+            what = ("the kernel OOM killer is enabled for it instead" if self.group.version == 1 else
+                    "nothing will restore its memory.high and memory.max if this process dies")
+            self.errors.append(WatcherError(f"the watchdog of {self.group.relpath} could not be restarted ({err}); "
+                                            f"{what}"))
+            self.group.set_oom_kill(True)  # v2: nothing to switch
             return
         self._link(ep, link)
 

@@ -372,6 +372,67 @@ class Guard:
             self.handler = None
 
 
+class WallGuard:
+    """A cgroup v2 group's handler, guarded for its death only.
+
+    Nobody waits in an OOM on v2: the kernel kills at ``memory.max``. What a
+    dead handler leaves behind is its wall, ``memory.high``, throttling the
+    group. When the handler exits without stopping, this puts back the
+    ``memory.high`` and ``memory.max`` the group had before it.
+    """
+
+    def __init__(self, group: Group, handler: DeclaredHandler, saved_high: int, saved_max: int) -> None:
+        self.group = group
+        self.handler: DeclaredHandler | None = handler
+        self.saved = (saved_high, saved_max)
+        self.limit: int | None = None  # a handler's "limit" message: not used on v2
+        self.delay = 0.0
+        self.mourned = False
+        self.gone = False
+        self.pending_limit = False
+        self.in_episode = False
+        self._idle = _native.EventFd()  # never signalled: the handler's pidfd is what wakes this guard
+
+    def fileno(self) -> int:
+        return self._idle.fileno()
+
+    def notified(self, now: int) -> None:
+        pass
+
+    def tick(self, now: int) -> Takeover | None:
+        return None
+
+    def handler_exited(self) -> dict[str, Any]:
+        """Restore the group's memory.high and memory.max from before the handler."""
+        assert self.handler is not None
+        self.handler.exited = True
+        self.mourned = True
+        high, limit = self.saved
+        record: dict[str, Any] = {"event": "handler-exited", "group": self.group.relpath,
+                                  "handler_pid": self.handler.pid, "at_ns": time.monotonic_ns()}
+        try:
+            # memory.high first to max, so it never sits above memory.max.
+            self.group.set_high(UNLIMITED)  # type: ignore[attr-defined]
+            self.group.set_limit(limit)
+            self.group.set_high(high)  # type: ignore[attr-defined]
+            record["restored"] = {"memory.high": high, "memory.max": limit}
+        except GroupGone:
+            self.gone = True
+        except (OSError, UseroomError) as err:
+            record["error"] = str(err)
+        return record
+
+    @property
+    def done(self) -> bool:
+        return self.gone or self.mourned
+
+    def close(self) -> None:
+        self._idle.close()
+        if self.handler is not None:
+            os.close(self.handler.pidfd)
+            self.handler = None
+
+
 #: Epoll data: guards are 0.., their handlers' pidfds 1000.., then these.
 _STOP: Final = 1 << 30
 _CONTROL: Final = (1 << 30) + 1
@@ -385,7 +446,7 @@ class Watchdog:
     sends ``ready`` and each takeover as JSON.
     """
 
-    def __init__(self, guards: Sequence[Guard], *, control: socket.socket | None = None,
+    def __init__(self, guards: Sequence[Guard | WallGuard], *, control: socket.socket | None = None,
                  log: IO[str] | None = None) -> None:
         self.guards = list(guards)
         self.control = control
@@ -509,17 +570,21 @@ class WatchdogLink:
 
     The process is started through ``/bin/sh``, which moves itself into
     ``place`` (a group outside the handled one) before it becomes Python,
-    so none of the watchdog's memory is charged to the handled group.
+    so none of the watchdog's memory is charged to the handled group. With
+    ``place`` None (cgroup v2, where the parent of a group cannot hold
+    processes) it stays in this process's group.
     """
 
-    def __init__(self, group: Group, place: Group, *, delay: float, handler_tids: Sequence[int],
+    def __init__(self, group: Group, place: Group | None, *, delay: float, handler_tids: Sequence[int],
                  limit: int, kill_enabled: bool, heartbeat_timeout: float, log: str | None = None,
-                 helper_tids: Sequence[int] = ()) -> None:
+                 helper_tids: Sequence[int] = (), saved: tuple[int, int] | None = None) -> None:
         self.group = group
         self.place = place
         self.delay = delay
         self.handler_tids = tuple(handler_tids)
         self.helper_tids = tuple(helper_tids)
+        #: cgroup v2: the group's memory.high and memory.max before the handler.
+        self.saved = saved
         self.limit = limit
         self.kill_enabled = kill_enabled
         self.heartbeat_timeout = heartbeat_timeout
@@ -540,9 +605,12 @@ class WatchdogLink:
         """Start the process and wait until it watches the group."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
+            # /bin/sh moves itself into the place before it becomes Python;
+            # with no place (v2, the handler inside the group) it stays here.
+            enter = [] if self.place is None else [
+                "/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', os.path.join(self.place.path, self.place.procs_file)]
             argv = [
-                "/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', os.path.join(self.place.path, self.place.procs_file),
-                sys.executable, "-m", "useroom", "watchdog", self.group.path,
+                *enter, sys.executable, "-m", "useroom", "watchdog", self.group.path,
                 "--delay", repr(self.delay), "--control-fd", str(theirs.fileno()),
                 "--handler-pid", str(os.getpid()), "--limit", "max" if self.limit == UNLIMITED else str(self.limit),
                 "--kill-enabled", "1" if self.kill_enabled else "0",
@@ -552,6 +620,8 @@ class WatchdogLink:
                 argv += ["--tid", str(tid)]
             for tid in self.helper_tids:
                 argv += ["--helper-tid", str(tid)]
+            if self.saved is not None:
+                argv += ["--saved-high", str(self.saved[0]), "--saved-max", str(self.saved[1])]
             if self.log is not None:
                 argv += ["--log", self.log]
             popen = subprocess.Popen(argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
@@ -570,7 +640,7 @@ class WatchdogLink:
                 _, err = popen.communicate(timeout=10)
                 os.close(pidfd)
                 text = err.decode(errors="replace").strip()
-                if "Permission denied" in text:
+                if "Permission denied" in text and self.place is not None:
                     raise CgroupPermissionError(
                         errno.EACCES, f"cannot start the watchdog in {self.place.relpath}: {text}",
                         rule="the watchdog moves itself into a group outside the handled one, which needs "
@@ -679,6 +749,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--handler-pid", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--tid", type=int, action="append", default=[], help=argparse.SUPPRESS)
     parser.add_argument("--helper-tid", type=int, action="append", default=[], help=argparse.SUPPRESS)
+    parser.add_argument("--saved-high", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--saved-max", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--limit", help=argparse.SUPPRESS)
     parser.add_argument("--kill-enabled", type=int, choices=(0, 1), help=argparse.SUPPRESS)
     parser.add_argument("--heartbeat-timeout", type=float, default=5.0, help=argparse.SUPPRESS)
@@ -699,7 +771,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # to the handler, and to a file only if given one.
     log: IO[str] | None = open(args.log, "a", encoding="utf-8") if args.log else (  # noqa: SIM115
         sys.stdout if args.control_fd is None else None)
-    guards: list[Guard] = []
+    guards: list[Guard | WallGuard] = []
     control = socket.socket(fileno=args.control_fd) if args.control_fd is not None else None
     try:
         for path in args.groups:
@@ -711,7 +783,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.limit is not None:
                 limit = UNLIMITED if args.limit == "max" else int(args.limit)
             kill_enabled = None if args.kill_enabled is None else bool(args.kill_enabled)
-            guards.append(Guard(Group.open(path), delay, handler=handler, limit=limit, kill_enabled=kill_enabled))
+            group = Group.open(path)
+            if group.version == 2:
+                if handler is None or args.saved_high is None or args.saved_max is None:
+                    raise UseroomError(f"{group.relpath} is on cgroup v2, where nobody waits in an OOM (the kernel "
+                                       "kills at memory.max): there the watchdog only guards a handler's wall")
+                guards.append(WallGuard(group, handler, args.saved_high, args.saved_max))
+            else:
+                guards.append(Guard(group, delay, handler=handler, limit=limit, kill_enabled=kill_enabled))
     except (UseroomError, OSError) as err:
         print(f"useroom watchdog: {err}", file=sys.stderr)
         for guard in guards:
