@@ -106,3 +106,12 @@ def test_demo_unprivileged(scratch_group: Group) -> None:
     assert 0 == done.returncode, done.stdout + done.stderr
     assert "kernel OOM kills=0" in done.stdout and "SIGKILL" in done.stdout
     assert [] == scratch_group.children()
+
+
+def test_doctor_says_ready(own_group: Group) -> None:
+    """`useroom doctor --json` as the user in the delegated v2 scope: delegated, ready, no advice."""
+    done = subprocess.run([sys.executable, "-m", "useroom", "doctor", "--json"], capture_output=True, text=True,
+                          timeout=120, check=False)
+    found = json.loads(done.stdout)
+    assert (0, True, 2) == (done.returncode, found["ready"], found["memory_version"]), done.stdout + done.stderr
+    assert [] == found["advice"]

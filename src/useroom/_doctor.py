@@ -249,7 +249,7 @@ class Diagnosis:
     @property
     def ready(self) -> bool:
         """This user can run a handler for the group: delegated, supported, and the locked set fits."""
-        return (self.group is not None and self.group.delegated and self.memory_version == 1
+        return (self.group is not None and self.group.delegated and self.memory_version in (1, 2)
                 and self.memlock.fits is True)
 
     def to_dict(self) -> dict[str, Any]:
@@ -593,9 +593,6 @@ def _advice(uid: int, user: str, hierarchy: MemoryHierarchy | None, group: Group
                       "(cgroup v2: list 'memory' in the parent's cgroup.subtree_control; v1: mount -t cgroup "
                       "-o memory)")
         return advice
-    if hierarchy.version != 1:
-        advice.append(f"the memory controller is on cgroup v{hierarchy.version}: this version of useroom "
-                      "handles OOMs on cgroup v1 only")
     if group is None:
         advice.append(f"your memory group could not be checked: {group_error}")
     elif not group.delegated:
