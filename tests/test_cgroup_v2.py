@@ -14,6 +14,7 @@ import pathlib
 import signal
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -565,6 +566,35 @@ with useroom.Handler(group, reserve="16M", delay=5.0) as handler:
 """
 
 
+def run_in_group_handler(group: V2Group, spawn_hog: SpawnHog) -> tuple[Hog, list[list[Any]]]:
+    """Run _IN_GROUP_HANDLER in *group* (memory.max 128M), start a 200 MiB hog there once a
+    refresh has put it in the plan, and return the hog (dead by SIGKILL) and the handler's
+    acted episodes as ``[outcome, [victim pids]]``. The handler process never outlives this."""
+    import json
+    import subprocess
+    import sys
+
+    group.set_limit("128M")
+    handler = subprocess.Popen([sys.executable, "-c", _IN_GROUP_HANDLER, group.path, str(EVENT_TIMEOUT)],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        assert handler.stdout is not None
+        assert "ready" == handler.stdout.readline().strip()
+        assert handler.pid in group.procs()
+        hog = _hog_in(spawn_hog, group, 200)
+        time.sleep(0.7)  # a refresh puts it in the plan
+        hog.start()
+        assert -9 == hog.wait(EVENT_TIMEOUT)
+        events = json.loads(handler.stdout.readline())
+        assert 0 == handler.wait(EVENT_TIMEOUT)
+    finally:
+        handler.kill()
+        handler.wait()
+        if handler.stdout is not None:
+            handler.stdout.close()
+    return hog, events
+
+
 def _acted(handler: Handler, timeout: float = EVENT_TIMEOUT) -> list[OomEvent]:
     """The episodes that needed action, once one has ended resolved (or the timeout passed)."""
     deadline = time.monotonic() + timeout
@@ -741,30 +771,7 @@ class TestV2Handler:
     def test_handler_inside_the_group(self, v2group: V2Group, spawn_hog: SpawnHog) -> None:
         """With the handler's own process inside the group, the hog that hits the wall is still
         killed by the native plan (the watcher charges nothing, so it is never throttled)."""
-        import json
-        import subprocess
-        import sys
-
-        v2group.set_limit("128M")
-        handler = subprocess.Popen(
-            [sys.executable, "-c", _IN_GROUP_HANDLER, v2group.path, str(EVENT_TIMEOUT)],
-            stdout=subprocess.PIPE, text=True,
-        )
-        try:
-            assert handler.stdout is not None
-            assert "ready" == handler.stdout.readline().strip()
-            assert handler.pid in v2group.procs()
-            hog = _hog_in(spawn_hog, v2group, 200)
-            time.sleep(0.7)  # a refresh puts it in the plan
-            hog.start()
-            assert -9 == hog.wait(EVENT_TIMEOUT)
-            events = json.loads(handler.stdout.readline())
-            assert 0 == handler.wait(EVENT_TIMEOUT)
-        finally:
-            handler.kill()
-            handler.wait()
-            if handler.stdout is not None:
-                handler.stdout.close()
+        hog, events = run_in_group_handler(v2group, spawn_hog)
         assert events and events[0][0] in ("resolved", "superseded")
         assert hog.pid in [pid for _, pids in events for pid in pids]
         assert 0 == v2group.events().oom_kill

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import pytest
 
 from helpers import MIB, Hog
-from test_cgroup_v2 import _IN_GROUP_HANDLER, EVENT_TIMEOUT, run_demo_in
+from test_cgroup_v2 import EVENT_TIMEOUT, run_demo_in, run_in_group_handler
 from useroom._cgroup import Group
 from useroom._cgroup_v2 import MemoryEvents, PressureTrigger, V2Group
 from useroom import Handler
@@ -60,25 +60,7 @@ def test_handler_inside_the_group(scratch_group: Group, spawn_hog: SpawnHog) -> 
     """Unprivileged, with useroom.Handler inside the group: the hog that hits the wall is killed
     by the native plan, and the kernel killed nobody."""
     assert isinstance(scratch_group, V2Group)
-    scratch_group.set_limit("128M")
-    handler = subprocess.Popen(
-        [sys.executable, "-c", _IN_GROUP_HANDLER, scratch_group.path, str(EVENT_TIMEOUT)],
-        stdout=subprocess.PIPE, text=True,
-    )
-    try:
-        assert handler.stdout is not None
-        assert "ready" == handler.stdout.readline().strip()
-        hog = spawn_hog(200, scratch_group)
-        time.sleep(0.7)  # a refresh puts it in the plan
-        hog.start()
-        assert -9 == hog.wait(EVENT_TIMEOUT)
-        events = json.loads(handler.stdout.readline())
-        assert 0 == handler.wait(EVENT_TIMEOUT)
-    finally:
-        handler.kill()
-        handler.wait()
-        if handler.stdout is not None:
-            handler.stdout.close()
+    hog, events = run_in_group_handler(scratch_group, spawn_hog)
     assert events and hog.pid in [pid for _, pids in events for pid in pids]
     assert 0 == scratch_group.events().oom_kill
 

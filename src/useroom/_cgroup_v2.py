@@ -47,6 +47,7 @@ from typing import Any, ClassVar, Final, Literal
 import attrs
 
 from useroom._cgroup import EventRegistration, Group, OomControl, _parse_key_values
+from useroom._fd import OwnedFd
 from useroom._units import UNLIMITED, format_size, parse_size
 from useroom.exceptions import (
     CgroupError,
@@ -106,48 +107,7 @@ class MemoryEvents:
         )
 
 
-class _OwnedFd:
-    """One fd this object owns: ``fileno``, ``closed``, an idempotent
-    ``close``, a ``with`` block, and a ``ResourceWarning`` if dropped open."""
-
-    __slots__ = ("_fd", "__weakref__")
-
-    _fd: int
-
-    @property
-    def closed(self) -> bool:
-        """True once :meth:`close` has run."""
-        return self._fd < 0
-
-    def fileno(self) -> int:
-        """The fd, to poll for ``POLLPRI``; raises ValueError once closed."""
-        if self._fd < 0:
-            raise ValueError(f"{self!r} is closed")
-        return self._fd
-
-    def close(self) -> None:
-        """Close the fd; safe to call again."""
-        fd, self._fd = self._fd, -1
-        if fd >= 0:
-            os.close(fd)
-
-    def __enter__(self) -> Any:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if getattr(self, "_fd", -1) >= 0:
-            import warnings
-
-            try:
-                warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self, stacklevel=1)
-            finally:
-                self.close()
-
-
-class FileNotifier(_OwnedFd):
+class FileNotifier(OwnedFd):
     """Change notifications of a cgroup counter file (``memory.events``, ``cgroup.events``).
 
     It owns one fd of the file (close-on-exec). :meth:`fileno` polls ready
@@ -205,7 +165,7 @@ class FileNotifier(_OwnedFd):
             raise CgroupError(err.errno or 0, f"{self.description}: {os.strerror(err.errno or 0)}", self.path) from err
         return os.fsdecode(data)
 
-class PressureTrigger(_OwnedFd):
+class PressureTrigger(OwnedFd):
     """A PSI trigger: wakes (``POLLPRI``) when tasks stall on memory for *stall* in a *window*.
 
     Made by :meth:`open` (or :meth:`V2Group.pressure_trigger`). It owns the fd

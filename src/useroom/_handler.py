@@ -790,7 +790,9 @@ class Handler:
         try:
             place = self._watchdog_place()
             self._placement = (place, home)
-            for tid in (self._watcher.tid, self._manager_tid):
+            # The hook thread of hooks registered before start was started
+            # here, not by the manager: it is moved too.
+            for tid in (self._watcher.tid, self._manager_tid, self._runner.tid if self._runner else 0):
                 if tid:
                     place.attach_thread(tid)  # type: ignore[attr-defined]
         except (OSError, UseroomError) as err:

@@ -148,6 +148,11 @@ class HookRunner:
         self._thread = threading.Thread(target=self._run, name="useroom-hooks", daemon=True)
         self._thread.start()
 
+    @property
+    def tid(self) -> int:
+        """The hook thread's kernel thread id (0 if unknown)."""
+        return self._thread.native_id or 0
+
     def stop(self) -> None:
         """Stops the thread; an abandoned one is left to finish on its own."""
         self._stopping = True

@@ -386,7 +386,6 @@ class WallGuard:
         self.handler: DeclaredHandler | None = handler
         self.saved = (saved_high, saved_max)
         self.limit: int | None = None  # a handler's "limit" message: not used on v2
-        self.delay = 0.0
         self.mourned = False
         self.gone = False
         self.pending_limit = False

@@ -18,6 +18,7 @@ from typing import Any
 
 import attrs
 
+from useroom._fd import OwnedFd
 from useroom.exceptions import WatcherError
 from useroom._native._core import ffi as _ffi, lib as _lib
 
@@ -99,36 +100,8 @@ def wait_readable(fd: int, timeout: float | None) -> bool:
             return _check(ret, "ppoll") > 0
 
 
-class _FdOwner:
-    """An fd with exactly one owner: close() is idempotent and forgets the
-    number before closing it, so a reused number is never closed twice."""
-
-    _fd: int = -1
-
-    def fileno(self) -> int:
-        if self._fd < 0:
-            raise ValueError(f"{type(self).__name__} is closed")
-        return self._fd
-
-    @property
-    def closed(self) -> bool:
-        return self._fd < 0
-
-    def close(self) -> None:
-        fd, self._fd = self._fd, -1
-        if fd >= 0:
-            os.close(fd)
-
-    def __enter__(self) -> Any:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if self._fd >= 0:
-            warnings.warn(f"unclosed {type(self).__name__} fd={self._fd}", ResourceWarning, stacklevel=2)
-            self.close()
+#: Every fd-owning object of the native layer (the shared pure-Python base).
+_FdOwner = OwnedFd
 
 
 class EventFd(_FdOwner):
