@@ -670,13 +670,16 @@ class TestV2Handler:
         hog itself); the plan kills nobody."""
         v2group.set_limit("64M")
         hog = _hog_in(spawn_hog, v2group, 120)
-        with Handler(v2group, reserve="16M", thresholds=(), protect=(hog.pid,)) as handler:
-            @handler.on_oom
-            def free(ctx: OomContext) -> bool:
-                os.kill(hog.pid, signal.SIGKILL)
-                return True
+        # Registered before start: the first plan already has the hooks' phase.
+        handler = Handler(v2group, reserve="16M", thresholds=(), protect=(hog.pid,))
 
-            time.sleep(0.2)  # the manager re-arms with the hook
+        @handler.on_oom
+        def free(ctx: OomContext) -> bool:
+            os.kill(hog.pid, signal.SIGKILL)
+            hog.wait(EVENT_TIMEOUT)  # reaped: its memory is back
+            return True
+
+        with handler:
             hog.start()
             assert -signal.SIGKILL == hog.wait(EVENT_TIMEOUT)
             events = _acted(handler)
@@ -758,9 +761,9 @@ class TestV2Handler:
         hook's size at each step, and calls it once on the way up."""
         v2group.set_limit("96M")
         seen: list[int] = []
-        with Handler(v2group, thresholds=(), refresh_interval=0.05) as handler:
-            handler.on_pressure(0.25)(lambda ctx: seen.append(ctx.usage))
-            time.sleep(0.2)
+        handler = Handler(v2group, thresholds=(), refresh_interval=0.05)
+        handler.on_pressure(0.25)(lambda ctx: seen.append(ctx.usage))  # before start: armed from the first step
+        with handler:
             hog = _hog_in(spawn_hog, v2group, 40)
             hog.start()
             assert hog.wait_touched(EVENT_TIMEOUT)
