@@ -292,6 +292,12 @@ class Group(abc.ABC):
     stat_file: ClassVar[str] = "memory.stat"
     limit_file: ClassVar[str]
     usage_file: ClassVar[str]
+    #: The file a handler's wall lives in: what its grants raise and restore
+    #: (v1 the hard limit; v2 ``memory.high``, below ``memory.max``).
+    wall_file: ClassVar[str]
+    #: Whether the kernel refuses to set the wall below the usage (v1), so
+    #: that a successful write says the usage fits; v2 takes any value.
+    wall_write_checks_fit: ClassVar[bool]
     #: Rules the kernel applies, by operation, for :class:`CgroupPermissionError`.
     permission_rules: ClassVar[Mapping[str, tuple[str, str]]] = {
         "remove": (

@@ -287,6 +287,8 @@ class V2Group(Group):
     limit_file: ClassVar[str] = "memory.max"
     usage_file: ClassVar[str] = "memory.current"
     high_file: ClassVar[str] = "memory.high"
+    wall_file: ClassVar[str] = "memory.high"
+    wall_write_checks_fit: ClassVar[bool] = False  # memory.high takes any value
     peak_file: ClassVar[str] = "memory.peak"
     events_file: ClassVar[str] = "memory.events"
     events_local_file: ClassVar[str] = "memory.events.local"

@@ -3,15 +3,25 @@
 ``on_oom`` hooks run on a dedicated thread, woken by the native plan only
 after it has granted headroom (the group's limit raised by the reserve): the
 thread of this process that faulted may hold the GIL while it sleeps in the
-OOM wait, and the grant is what wakes it. Woken, the hook thread first asks
-the main thread (through a pending call) to release the GIL and pause until
-the hooks are done: a main thread allocating in a loop would otherwise keep
-the GIL for a switch interval and could use up the headroom meanwhile. The
-hooks then run in priority order with a preallocated :class:`OomContext`,
-the garbage collector off, and a deadline; they stop as soon as the group's
-usage fits its limit again.
-Whatever they do, the plan restores the limit when they are done or when the
-deadline passes, and kills by policy if usage still does not fit.
+OOM wait, and the grant is what wakes it. Woken, the hook thread asks the
+main thread (through a pending call) to release the GIL and pause, and
+lowers CPython's switch interval, so that it gets the GIL within one
+bytecode of the threads ahead of it. Holding the GIL, it then holds every
+other Python thread of the process at its next call or return (see
+:func:`useroom._native.hold_begin`): a service whose threads keep
+allocating would otherwise take the headroom back, or fault at the limit
+with the GIL held, while the hooks run.
+
+The hooks run in rounds, in priority order, with a preallocated
+:class:`OomContext`, the garbage collector off, and a deadline. After each
+hook the allocator is trimmed (the pages it freed leave the process) and the
+group's usage is read again: each :class:`HookRecord` says how much came
+back. The rounds end once the usage fits the limit, when a round released
+nothing, or at the deadline. Then, with the other threads still held, the
+hook thread closes the grant itself (:class:`useroom._settle.GrantCloser`)
+and tells the plan so; if it could not, the plan restores the limit when
+the hooks are done or the deadline passes, and kills by policy if the usage
+still does not fit.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import attrs
 
 from useroom import _native
 from useroom._cgroup import Group
+from useroom._settle import SETTLED, GrantCloser
 
 __all__ = ["HookRecord", "HookRegistry", "HookRunner", "OomContext", "PressureContext"]
 
@@ -46,6 +57,9 @@ class OomContext:
     usage: int = 0
     limit: int = 0
     deadline_ns: int = 0
+    #: 1 for the first round of hooks of an episode; a hook may shed more
+    #: in later rounds (the earlier ones did not free enough).
+    round: int = 1
 
     def time_left(self) -> float:
         """Seconds before the native plan stops waiting for the hooks."""
@@ -69,7 +83,10 @@ class PressureContext:
 
 @attrs.frozen
 class HookRecord:
-    """One hook's run during an episode."""
+    """One hook's run during an episode: when it started, how long it took,
+    what it returned (``freed``) or raised (``error``), whether it ended past
+    the deadline, and the group's usage in bytes just before it ran and
+    after it returned and the allocator was trimmed (-1 if unreadable)."""
 
     name: str
     started_ns: int
@@ -77,12 +94,34 @@ class HookRecord:
     freed: bool | None
     error: str | None
     late: bool
+    usage_before: int = -1
+    usage_after: int = -1
+    round: int = 1
+
+    @property
+    def released(self) -> int:
+        """Bytes the group's usage fell while the hook ran and the allocator
+        was trimmed (0 if it rose, or could not be read)."""
+        if self.usage_before < 0 or self.usage_after < 0:
+            return 0
+        return max(0, self.usage_before - self.usage_after)
 
 
 Hook = Callable[..., Any]
 
 #: Bytes of stack the hook thread touches when it starts.
 THREAD_STACK_PREFAULT = 256 << 10
+#: How long the hook thread may make no progress (it waits for something,
+#: maybe a lock a held thread owns) before the held threads run on, each to
+#: its next call or return.
+HOLD_STALL_NS = 2_000_000
+#: The hold is armed ahead of an episode (see :meth:`HookRunner.update_hold`)
+#: once the usage reaches this fraction of the limit (by default always:
+#: the handler's thread, which arms it, may not get the GIL in time while
+#: the service's threads fill the group) ...
+HOLD_ARM_AT = 0.0
+#: ... and disarmed once it falls below half of that.
+HOLD_DISARM_RATIO = 0.5
 
 
 def hook_name(fn: Hook) -> str:
@@ -131,22 +170,66 @@ class HookRunner:
     """
 
     def __init__(self, group: Group, registry: HookRegistry, watcher: _native.NativeWatcher,
-                 limit: Callable[[], int], timeout: float) -> None:
+                 closer: GrantCloser, timeout: float, *, hold_threads: bool = True,
+                 hold_arm_at: float = HOLD_ARM_AT, exempt: Callable[[], list[int]] = list) -> None:
         self.wake = _native.EventFd()
         self.reply = _native.EventFd()
         self.resume = _native.EventFd()
+        self.release = _native.EventFd()
         self.context = OomContext(group)
         self.records: dict[int, tuple[HookRecord, ...]] = {}
         self.busy_since_ns = 0
         self.abandoned = False
+        #: Episodes whose grant this runner closed itself.
+        self.settled = 0
         self._registry = registry
         self._watcher = watcher
-        self._limit = limit
+        self._closer = closer
         self._timeout_ns = int(timeout * 1e9)
+        self._hold = hold_threads and _native.can_hold_threads
+        self._arm_at = hold_arm_at
+        self.hold_armed = False
+        self._exempt_also = exempt
         self._stopping = False
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="useroom-hooks", daemon=True)
         self._thread.start()
+
+    def _exempt(self) -> list[int]:
+        """The threads a hold never stops: this one (and what the handler adds)."""
+        own = self._thread.ident
+        return [*([own] if own else []), *self._exempt_also()]
+
+    def update_hold(self, usage: int | None = None) -> None:
+        """Arms the hold while the usage is near the limit, disarms it once
+        well below (with the GIL: from the handler's thread between
+        episodes, and from this one at the end of each).
+
+        An armed hold starts the moment the hooks are woken: the service's
+        threads stop at their next call or return, and none competes with
+        the hook thread for the GIL, which it may otherwise get only after
+        every other waiting thread had a turn (an allocating thread's turn
+        can take the whole headroom). Armed, the interpreter runs slower
+        (every call and return goes through the profile function), so it is
+        armed from ``hold_arm_at`` of the limit (0: always) and disarmed
+        below half of that. Re-arming reaches threads started since."""
+        if not self._hold or self.abandoned or self._stopping:
+            return
+        limit = self._closer.limit()
+        if usage is None:
+            usage = self._closer.usage()
+        if usage < 0 or limit <= 0:
+            return
+        if usage >= self._arm_at * limit:
+            _native.hold_arm(self.release, HOLD_STALL_NS, self._exempt())
+            self.hold_armed = True
+        elif usage < self._arm_at * HOLD_DISARM_RATIO * limit:
+            self.disarm_hold()
+
+    def disarm_hold(self) -> None:
+        if self.hold_armed:
+            _native.hold_disarm()
+            self.hold_armed = False
 
     @property
     def tid(self) -> int:
@@ -158,6 +241,7 @@ class HookRunner:
         self._stopping = True
         if self.abandoned:
             return
+        self.disarm_hold()  # the wake-up below must not hold anyone
         self.wake.write(1)
         # The thread's wake-up asks the main thread to pause; if this is the
         # main thread, the pause ends as soon as the hook thread is done. A
@@ -171,6 +255,9 @@ class HookRunner:
     def abandon(self) -> None:
         with self._lock:
             self.abandoned = True
+            if self._hold:
+                self.disarm_hold()
+                _native.hold_end(self.release)  # the stuck hook's threads run on
             if self.busy_since_ns and not self.resume.closed:
                 # End the main thread's pause on the stuck hook's behalf.
                 _native.hooks_done(self.resume)
@@ -181,74 +268,103 @@ class HookRunner:
         self.wake.close()
         self.reply.close()
         self.resume.close()
+        self.release.close()
 
     def _run(self) -> None:
         # The hooks' stack must not need new pages during an episode.
         _native.stack_prefault(THREAD_STACK_PREFAULT)
+        reply = 0
         while True:
-            _native.hooks_wait(self.wake, self.resume, self._timeout_ns / 1e9)
+            # From the reply to the next wake-up this thread needs no GIL: a
+            # service thread may fault at the limit while it holds the GIL.
+            # An abandoned runner's reply reaches nobody: the plans use its
+            # successor's eventfds.
+            if self.abandoned:
+                break
+            self.settled += reply == SETTLED
+            _native.hooks_next(self.reply, reply, self.release, self.wake, self.resume, self._timeout_ns / 1e9)
             if self._stopping or self.abandoned:
+                if self._hold:
+                    _native.hold_end(self.release)
                 _native.hooks_done(self.resume)
                 break
             self.busy_since_ns = time.monotonic_ns()
             try:
-                self._episode()
+                reply = SETTLED if self._episode() else 1
+            except BaseException:
+                if self._hold:
+                    _native.hold_end(self.release)
+                _native.hooks_done(self.resume)
+                raise
             finally:
-                was_abandoned = self.abandoned
                 self.busy_since_ns = 0
-                if not was_abandoned:
-                    _native.hooks_done(self.resume)
-            with self._lock:
-                if self.abandoned:
-                    break
-                self.reply.write(1)
         with self._lock:
             if self.abandoned:
                 self._close()
 
-    def _episode(self) -> None:
+    def _episode(self) -> bool:
+        """Runs the hooks of one episode; True if it closed the grant."""
         ctx = self.context
         woke = time.monotonic_ns()
         current = self._watcher.current_episode()
         ctx.seq, ctx.notified_ns = current if current else (0, woke)
         ctx.deadline_ns = woke + self._timeout_ns
-        ctx.limit = self._limit()
-        ctx.usage = self._usage(ctx.usage)
-        records = []
+        ctx.limit = self._closer.limit()
+        if self._hold:
+            # Armed, the hold started when this thread was woken; this
+            # reaches the threads started since, or starts an unarmed one.
+            _native.hold_begin(self.release, ctx.deadline_ns, HOLD_STALL_NS, self._exempt())
+        records: list[HookRecord] = []
         collecting = gc.isenabled()
         gc.disable()
         try:
-            for fn, _ in self._registry.get("oom"):
-                if time.monotonic_ns() >= ctx.deadline_ns:
-                    break
-                started = time.monotonic_ns()
-                freed: bool | None = None
-                error = None
-                try:
-                    freed = bool(fn(ctx))
-                except Exception as err:  # a faulty hook is recorded, never fatal
-                    error = repr(err)
-                ended = time.monotonic_ns()
-                records.append(HookRecord(hook_name(fn), started, ended - started, freed, error,
-                                          ended > ctx.deadline_ns))
-                _native.heap_trim()
-                ctx.usage = self._usage(ctx.usage)
-                if ctx.usage < ctx.limit:
-                    break
+            ctx.usage = self._usage(ctx.usage)
+            ctx.round = 0
+            while True:
+                ctx.round += 1
+                released = self._round(ctx, records)
+                if self._closer.fits(ctx.usage) or released <= 0 or time.monotonic_ns() >= ctx.deadline_ns:
+                    break  # done, or another round would free nothing more
+            settled = self._closer.close_grant()
+            # The hold ends in hooks_next, after the reply; armed, it stays
+            # installed for the next episode, which may come at once.
+            self.update_hold(ctx.usage)
+            return settled
         finally:
             if collecting:
                 gc.enable()
-            # What the hooks freed is in glibc's heap, which useroom keeps
-            # from trimming: hand it back, or the group's usage stays put.
-            # This returns the prefaulted heap reserve too; later hooks run
-            # with headroom granted, so new heap pages can be had then.
+            self.records[ctx.seq] = tuple(records)
+            for old in [k for k in self.records if k < ctx.seq - 64]:
+                del self.records[old]
+
+    def _round(self, ctx: OomContext, records: list[HookRecord]) -> int:
+        """One pass over the hooks, until the usage fits; returns the bytes released."""
+        released = 0
+        for fn, _ in self._registry.get("oom"):
+            if time.monotonic_ns() >= ctx.deadline_ns:
+                break
+            before = ctx.usage
+            started = time.monotonic_ns()
+            freed: bool | None = None
+            error = None
+            try:
+                freed = bool(fn(ctx))
+            except Exception as err:  # a faulty hook is recorded, never fatal
+                error = repr(err)
+            ended = time.monotonic_ns()
+            # What the hook freed is in the allocator, which useroom keeps
+            # from trimming itself: hand it back (the GIL held, the other
+            # threads held), or the group's usage stays put.
             _native.heap_trim()
-        self.records[ctx.seq] = tuple(records)
-        for old in [k for k in self.records if k < ctx.seq - 64]:
-            del self.records[old]
+            ctx.usage = self._usage(ctx.usage)
+            record = HookRecord(hook_name(fn), started, ended - started, freed, error, ended > ctx.deadline_ns,
+                                before, ctx.usage, ctx.round)
+            records.append(record)
+            released += record.released
+            if self._closer.fits(ctx.usage):
+                break
+        return released
 
     def _usage(self, fallback: int) -> int:
-        try:
-            return self.context.group.usage()
-        except OSError:
-            return fallback
+        usage = self._closer.usage()
+        return usage if usage >= 0 else fallback

@@ -191,7 +191,11 @@ class _Builder:
             phase,
         )
 
-    def grant(self, wake_fd: int, reply_fd: int, timeout: float, phase: str, who: str) -> int:
+    def grant(self, wake_fd: int, reply_fd: int, timeout: float, phase: str, who: str, *,
+              settles: bool = False) -> int:
+        """Raise the limit by the reserve, wake ``who``, await its reply,
+        restore. With ``settles``, ``who`` may restore the limit itself and
+        reply :data:`useroom._native.SETTLED`, which resolves the episode."""
         ctx = self.ctx
         granted = ctx.limit + ctx.reserve
         grant_at = len(self.actions)
@@ -202,8 +206,8 @@ class _Builder:
             phase,
         )
         self.add(Action.wake(wake_fd).after(grant_at), f"wake {who}", phase)
-        self.add(Action.await_readable(reply_fd, timeout, read=True).after(grant_at),
-                 f"wait up to {timeout} s for {who}", phase)
+        awaited = Action.await_readable(reply_fd, timeout, read=True).after(grant_at)
+        self.add(awaited.settling() if settles else awaited, f"wait up to {timeout} s for {who}", phase)
         self.restore(grant_at, phase)
         return grant_at
 
@@ -212,7 +216,7 @@ class _Builder:
         ctx = self.ctx
         if ctx.can_grant and ctx.hooks_wake_fd >= 0 and ctx.hooks_reply_fd >= 0:
             self.hooks_grant = self.grant(ctx.hooks_wake_fd, ctx.hooks_reply_fd, ctx.hooks_timeout,
-                                          "hooks", "the on_oom hooks")
+                                          "hooks", "the on_oom hooks", settles=True)
 
     def tail(self) -> None:
         """The grant and the kernel fallback, when the context allows them."""

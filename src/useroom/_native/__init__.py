@@ -57,6 +57,8 @@ NEEDLE_MAX: int = _lib.URO_NEEDLE_MAX
 SOURCES_MAX: int = _lib.URO_SOURCES_MAX
 STACK_SIZE = 128 * 1024
 STATE_EPISODE: int = _lib.URO_STATE_EPISODE
+#: What a thread that settled an episode writes to the plan's reply eventfd.
+SETTLED: int = _lib.URO_SETTLED
 EPOLLIN = 0x001
 
 
@@ -247,10 +249,91 @@ def main_thread_pauses() -> int:
     return int(_lib.uro_pauses())
 
 
+# cffi releases the GIL around every call. The functions below must run
+# with it held (the hold walks the thread states; a trim must not let other
+# Python threads refill the heap): they are called through a ctypes.PyDLL
+# handle on the same loaded module, which keeps the GIL.
+from useroom._native import _core as _core_module  # noqa: E402
+
+_held = ctypes.PyDLL(_core_module.__file__)
+_held.uro_heap_trim.argtypes = [ctypes.c_size_t]
+_held.uro_heap_trim.restype = ctypes.c_int
+_held.uro_hold_begin.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
+                                 ctypes.POINTER(ctypes.c_uint64), ctypes.c_int]
+_held.uro_hold_begin.restype = ctypes.c_int
+_held.uro_hold_end.argtypes = [ctypes.c_int]
+_held.uro_hold_end.restype = ctypes.c_int
+_held.uro_hold_arm.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.POINTER(ctypes.c_uint64), ctypes.c_int]
+_held.uro_hold_arm.restype = ctypes.c_int
+_held.uro_hold_disarm.argtypes = []
+_held.uro_hold_disarm.restype = ctypes.c_int
+_held.uro_hooks_next.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                 ctypes.c_int64]
+_held.uro_hooks_next.restype = ctypes.c_int64
+
+#: Whether the other Python threads can be held while the hooks run (the
+#: interpreter exports the functions :func:`hold_begin` needs).
+can_hold_threads: bool = bool(_lib.uro_hold_init())
+#: Most threads :func:`hold_begin` can exempt.
+HOLD_EXEMPT_MAX = 8
+
+
 def heap_trim(keep: int = 0) -> bool:
-    """Returns the heap's free pages to the kernel but the top ``keep`` bytes;
-    True if any were returned."""
-    return bool(_lib.uro_heap_trim(keep))
+    """Returns the heap's free pages, in every malloc arena, to the kernel
+    but the top ``keep`` bytes of the main heap; True if any were returned.
+    Runs with the GIL held: no other Python thread allocates meanwhile."""
+    return bool(_held.uro_heap_trim(keep))
+
+
+def _exempt(exempt: Iterable[int]) -> tuple[Any, int]:
+    ids = [int(i) for i in exempt]
+    if len(ids) > HOLD_EXEMPT_MAX:
+        raise ValueError(f"at most {HOLD_EXEMPT_MAX} exempt threads, not {len(ids)}")
+    return (ctypes.c_uint64 * max(1, len(ids)))(*ids), len(ids)
+
+
+def hold_begin(release: EventFd, deadline_ns: int, stall_ns: int, exempt: Iterable[int] = ()) -> int:
+    """Holds every Python thread of this process but ``exempt`` (values of
+    ``threading.get_ident()``) at its next call or return until
+    :func:`hold_end` or ``deadline_ns``; a held thread runs on to its next
+    event when the exempt threads made no progress for ``stall_ns`` (they may
+    wait for a lock it holds). Returns how many threads got the hold. Needs
+    :data:`can_hold_threads`."""
+    ids, n = _exempt(exempt)
+    return _check(_held.uro_hold_begin(release.fileno(), deadline_ns, stall_ns, ids, n), "hold_begin")
+
+
+def hold_arm(release: EventFd, stall_ns: int, exempt: Iterable[int] = ()) -> int:
+    """Installs the hold on every thread ahead of an episode, inactive (the
+    interpreter runs slower meanwhile); :func:`hooks_wait` starts it the
+    moment the hooks are woken, before the hook thread asks for the GIL.
+    Returns how many threads have it."""
+    ids, n = _exempt(exempt)
+    return _check(_held.uro_hold_arm(release.fileno(), stall_ns, ids, n), "hold_arm")
+
+
+def hold_disarm() -> int:
+    """Removes an armed hold (at the end of the active one, if one is)."""
+    return _check(_held.uro_hold_disarm(), "hold_disarm")
+
+
+def hold_end(resume: EventFd) -> int:
+    """Releases the threads :func:`hold_begin` held; returns how many had the hold."""
+    return _check(_held.uro_hold_end(resume.fileno()), "hold_end")
+
+
+def hooks_next(reply: EventFd, value: int, hold: EventFd, wake: EventFd, resume: EventFd, pause: float) -> int:
+    """The hook thread between episodes, without needing the GIL from its
+    reply to its next wake-up: ends the hold (``hold``), then without the
+    GIL replies ``value`` (if > 0, after ending the main thread's pause) and
+    waits as :func:`hooks_wait` does. Returns the wake eventfd's counter."""
+    ret = _held.uro_hooks_next(reply.fileno(), value, hold.fileno(), wake.fileno(), resume.fileno(), int(pause * 1e9))
+    return _check(int(ret), "read")
+
+
+def holds() -> int:
+    """How many times a thread was held so far."""
+    return int(_lib.uro_holds())
 
 
 def stack_prefault(nbytes: int) -> None:
@@ -393,6 +476,14 @@ class Action:
         """This action's success opens a grant (the limit raised): until a
         resolving action succeeds, a check can relieve but not resolve."""
         return attrs.evolve(self, flags=self.flags | _lib.URO_F_OPENS)
+
+    def settling(self) -> Action:
+        """An AWAIT that reads its eventfd: a counter of :data:`SETTLED`
+        means the thread it waited for restored the limit itself, with the
+        usage fitting; the grant is closed and the episode resolved."""
+        if self.kind != ActionKind.AWAIT or not self.flags & _lib.URO_F_READ:
+            raise ValueError("only an AWAIT that reads its eventfd can settle")
+        return attrs.evolve(self, flags=self.flags | _lib.URO_F_SETTLES)
 
     def if_clear(self) -> Action:
         """This action runs only if the check says the OOM is over now."""

@@ -385,7 +385,8 @@ URO_CRIT static void crit_episode(struct uro_shared *sh, int src, uint64_t count
                     ran |= (uint64_t)1 << (i & 63);
                     if (a->flags & URO_F_OPENS)
                         grant_open = 1;
-                    if (a->flags & URO_F_RESOLVES) {
+                    if ((a->flags & URO_F_RESOLVES) ||
+                        ((a->flags & URO_F_SETTLES) && r == URO_SETTLED)) {
                         grant_open = 0;
                         if (!outcome) {
                             ev->resolved_ns = crit_now();
@@ -903,7 +904,11 @@ void uro_pool_arena_free(void *ctx, void *ptr, size_t size)
     munmap(ptr, size);
 }
 
+
 /* Hooks: pausing the main thread while they run. */
+
+static int32_t hold_armed;
+static void hold_activate(int64_t deadline_ns);
 
 static int32_t hooks_active;       /* hook runs in progress (atomic) */
 /* CPython's switch interval, which bounds how long a thread that holds the
@@ -951,6 +956,10 @@ int64_t uro_hooks_wait(int wake_fd, int resume_fd, int64_t pause_ns)
         (void)!read(resume_fd, &junk, sizeof junk);
     __atomic_store_n(&hooks_resume_fd, resume_fd, __ATOMIC_SEQ_CST);
     __atomic_store_n(&hooks_pause_until, uro_monotonic_ns() + pause_ns, __ATOMIC_SEQ_CST);
+    /* An armed hold starts now, before this thread asks for the GIL: the
+     * other threads stop at their next event instead of competing for it. */
+    if (__atomic_load_n(&hold_armed, __ATOMIC_SEQ_CST))
+        hold_activate(uro_monotonic_ns() + pause_ns);
     __atomic_add_fetch(&hooks_active, 1, __ATOMIC_SEQ_CST);
     (void)Py_AddPendingCall(pause_main, NULL);
     if (set_switch_interval && get_switch_interval && !interval_lowered) {
@@ -984,6 +993,173 @@ int64_t uro_pauses(void) { return __atomic_load_n(&pauses, __ATOMIC_RELAXED); }
 int uro_heap_trim(size_t keep)
 {
     return malloc_trim(keep);
+}
+
+/* Holding the other Python threads. CPython calls a thread's profile
+ * function at each call and return, with the GIL held; releasing the GIL
+ * there is allowed (a profiler written in Python may block). The functions
+ * that set another thread's profile function and walk the thread states
+ * are not in the stable ABI: they are looked up at run time, and without
+ * them the hold is not offered (the main thread's pause still is). */
+typedef int (*uro_tracefunc)(PyObject *, void *, int, PyObject *);
+static int (*set_profile)(PyThreadState *, uro_tracefunc, PyObject *);
+static PyThreadState *(*thread_head)(PyInterpreterState *);
+static PyThreadState *(*thread_next)(PyThreadState *);
+static int32_t hold_active;        /* threads are held at their next event (atomic) */
+static int hold_fd = -1;
+static int64_t hold_until, hold_stall;
+#define URO_HOLD_EXEMPT_MAX 8
+static uint64_t hold_exempt[URO_HOLD_EXEMPT_MAX];
+static int32_t hold_nexempt;
+static uint64_t hold_progress;     /* events of the exempt threads (atomic) */
+static int64_t holds;
+
+int uro_hold_init(void)
+{
+    set_profile = (int (*)(PyThreadState *, uro_tracefunc, PyObject *))dlsym(RTLD_DEFAULT, "_PyEval_SetProfile");
+    thread_head = (PyThreadState * (*)(PyInterpreterState *)) dlsym(RTLD_DEFAULT, "PyInterpreterState_ThreadHead");
+    thread_next = (PyThreadState * (*)(PyThreadState *)) dlsym(RTLD_DEFAULT, "PyThreadState_Next");
+    return set_profile && thread_head && thread_next;
+}
+
+/* The profile function of every thread while the hold is armed or active.
+ * Inactive, it returns at once. Active, an exempt thread (the hook thread)
+ * counts its progress and goes on; any other releases the GIL and waits
+ * until the hold ends, its deadline passes, or the exempt threads have made
+ * no progress for hold_stall ns (the hook thread waits for something, maybe
+ * a lock this thread holds): then it runs on to its next event. */
+static int hold_profile(PyObject *obj, void *frame, int what, PyObject *arg)
+{
+    if (!__atomic_load_n(&hold_active, __ATOMIC_ACQUIRE))
+        return 0;
+    uint64_t self = (uint64_t)pthread_self();
+    int32_t nexempt = __atomic_load_n(&hold_nexempt, __ATOMIC_ACQUIRE);
+    for (int i = 0; i < nexempt; i++) {
+        if (hold_exempt[i] == self) {
+            __atomic_add_fetch(&hold_progress, 1, __ATOMIC_RELAXED);
+            return 0;
+        }
+    }
+    __atomic_add_fetch(&holds, 1, __ATOMIC_RELAXED);
+    PyThreadState *ts = PyEval_SaveThread();
+    uint64_t seen = __atomic_load_n(&hold_progress, __ATOMIC_RELAXED);
+    int64_t moved = uro_monotonic_ns();
+    for (;;) {
+        int64_t now = uro_monotonic_ns();
+        int64_t left = __atomic_load_n(&hold_until, __ATOMIC_SEQ_CST) - now;
+        if (!__atomic_load_n(&hold_active, __ATOMIC_SEQ_CST) || left <= 0)
+            break;
+        uint64_t progress = __atomic_load_n(&hold_progress, __ATOMIC_RELAXED);
+        if (progress != seen) {
+            seen = progress;
+            moved = now;
+        } else if (now - moved >= hold_stall) {
+            break;
+        }
+        crit_wait_readable(hold_fd, left < 1000000 ? left : 1000000);
+    }
+    PyEval_RestoreThread(ts);
+    return 0;
+}
+
+/* Sets fn as the profile function of every thread of this interpreter;
+ * returns how many. GIL held. */
+static int hold_install(uro_tracefunc fn)
+{
+    PyThreadState *me = PyThreadState_Get();
+    int n = 0;
+    for (PyThreadState *ts = thread_head(PyThreadState_GetInterpreter(me)); ts; ts = thread_next(ts)) {
+        if (set_profile(ts, fn, NULL) == 0)
+            n++;
+        else
+            PyErr_Clear();
+    }
+    return n;
+}
+
+static int hold_available(void) { return set_profile && thread_head && thread_next; }
+
+static int hold_set(int fd, int64_t stall_ns, const uint64_t *exempt, int nexempt)
+{
+    if (nexempt < 0 || nexempt > URO_HOLD_EXEMPT_MAX || fd < 0 || stall_ns <= 0)
+        return -EINVAL;
+    __atomic_store_n(&hold_nexempt, 0, __ATOMIC_RELEASE);
+    for (int i = 0; i < nexempt; i++)
+        hold_exempt[i] = exempt[i];
+    __atomic_store_n(&hold_nexempt, nexempt, __ATOMIC_RELEASE);
+    hold_fd = fd;
+    hold_stall = stall_ns;
+    return 0;
+}
+
+/* Starts holding: drains the release fd, then sets the deadline and the flag. */
+static void hold_activate(int64_t deadline_ns)
+{
+    uint64_t junk;
+    if (crit_wait_readable(hold_fd, 0) == 1)
+        (void)!read(hold_fd, &junk, sizeof junk);
+    __atomic_store_n(&hold_until, deadline_ns, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&hold_active, 1, __ATOMIC_SEQ_CST);
+}
+
+int uro_hold_arm(int release_fd, int64_t stall_ns, const uint64_t *exempt, int nexempt)
+{
+    if (!hold_available())
+        return -ENOSYS;
+    int r = hold_set(release_fd, stall_ns, exempt, nexempt);
+    if (r < 0)
+        return r;
+    __atomic_store_n(&hold_armed, 1, __ATOMIC_SEQ_CST);
+    return hold_install(hold_profile);
+}
+
+int uro_hold_disarm(void)
+{
+    if (!hold_available())
+        return -ENOSYS;
+    if (!__atomic_exchange_n(&hold_armed, 0, __ATOMIC_SEQ_CST))
+        return 0;
+    return __atomic_load_n(&hold_active, __ATOMIC_SEQ_CST) ? 0 : hold_install(NULL);
+}
+
+int uro_hold_begin(int release_fd, int64_t deadline_ns, int64_t stall_ns, const uint64_t *exempt, int nexempt)
+{
+    if (!hold_available())
+        return -ENOSYS;
+    int r = hold_set(release_fd, stall_ns, exempt, nexempt);
+    if (r < 0)
+        return r;
+    hold_activate(deadline_ns);
+    return hold_install(hold_profile);
+}
+
+int uro_hold_end(int release_fd)
+{
+    if (!hold_available())
+        return -ENOSYS;
+    int n = 0;
+    if (__atomic_exchange_n(&hold_active, 0, __ATOMIC_SEQ_CST) && !__atomic_load_n(&hold_armed, __ATOMIC_SEQ_CST))
+        n = hold_install(NULL);
+    int r = uro_eventfd_write(release_fd, 1);
+    return r < 0 ? r : n;
+}
+
+int64_t uro_holds(void) { return __atomic_load_n(&holds, __ATOMIC_RELAXED); }
+
+int64_t uro_hooks_next(int reply_fd, int64_t reply, int hold_fd_, int wake_fd, int resume_fd, int64_t pause_ns)
+{
+    if (set_profile && __atomic_load_n(&hold_active, __ATOMIC_SEQ_CST))
+        (void)uro_hold_end(hold_fd_);
+    PyThreadState *ts = PyEval_SaveThread();
+    int64_t r = 0;
+    if (reply > 0) {
+        (void)uro_hooks_done(resume_fd);
+        r = uro_eventfd_write(reply_fd, (uint64_t)reply);
+    }
+    if (r >= 0)
+        r = uro_hooks_wait(wake_fd, resume_fd, pause_ns);
+    PyEval_RestoreThread(ts);
+    return r;
 }
 
 void *uro_pool_alloc_fn(void) { return (void *)uro_pool_arena_alloc; }

@@ -34,6 +34,10 @@
 #define URO_F_IF_CLEAR 16       /* run only if the check says the OOM is over now */
 #define URO_F_SUPERSEDE 32      /* CHECK: a new notification of the source ends the
                                  * episode (superseded) instead of waiting on */
+#define URO_F_SETTLES 64        /* AWAIT with READ: a counter of URO_SETTLED means the
+                                 * woken thread restored the limit itself with the usage
+                                 * fitting: the grant is closed, the episode resolved */
+#define URO_SETTLED 2           /* what a settling waker adds to the eventfd counter */
 
 /* Source kinds: what the watcher does when a source's eventfd fires. */
 #define URO_SRC_OOM 1           /* run the armed plan */
@@ -272,11 +276,51 @@ int uro_hooks_init(void);
 /* Pending calls requested and pauses taken by the main thread so far. */
 int64_t uro_pauses(void);
 
-/* Returns the heap's free pages to the kernel (malloc_trim(0)): memory a
- * hook freed must reach the kernel for the group's usage to drop. The top
- * keep bytes stay (the prefaulted heap reserve). Returns 1 if memory was
- * released. Not for the OOM path. */
+/* Returns the heap's free pages to the kernel (malloc_trim(0), every arena):
+ * memory a hook freed must reach the kernel for the group's usage to drop.
+ * The top keep bytes of the main heap stay. Returns 1 if memory was
+ * released. Called through a handle that keeps the GIL (ctypes.PyDLL), so
+ * that no other Python thread refills the heap while it runs. Not for the
+ * OOM path. */
 int uro_heap_trim(size_t keep);
+
+/* Holding the process's other Python threads while the hooks run.
+ *
+ * A held thread, at its next call or return event (CPython calls a thread's
+ * profile function there, with the GIL held), releases the GIL and waits
+ * until the hold ends, until its deadline (CLOCK_MONOTONIC), or until the
+ * exempt threads (the hook thread, by pthread id) have made no progress for
+ * stall_ns: the hook thread may wait for a lock the held thread owns, which
+ * then runs on to its next event.
+ *
+ * uro_hold_arm installs the profile function on every thread ahead of an
+ * episode (it returns at once while no hold is active; the interpreter runs
+ * slower while one is installed); uro_hooks_wait then starts the hold the
+ * moment the hooks are woken, without the GIL, so the service's threads stop
+ * at their next event instead of competing with the hook thread for the GIL.
+ * uro_hold_begin installs and starts it at once (a hold that was not armed,
+ * or threads started since). uro_hold_end stops it, and removes the profile
+ * functions unless the hold is armed; uro_hold_disarm removes them.
+ * All but uro_hold_init need the GIL (call them through ctypes.PyDLL), return
+ * how many threads they changed or -errno (-ENOSYS: the interpreter lacks
+ * the functions; see uro_hold_init), and do not allocate. */
+int uro_hold_init(void);
+int uro_hold_arm(int release_fd, int64_t stall_ns, const uint64_t *exempt, int nexempt);
+int uro_hold_disarm(void);
+int uro_hold_begin(int release_fd, int64_t deadline_ns, int64_t stall_ns, const uint64_t *exempt, int nexempt);
+int uro_hold_end(int release_fd);
+/* Times a thread was held so far. */
+int64_t uro_holds(void);
+
+/* The hook thread between two episodes, in one call so that it never needs
+ * the GIL between its reply and its next wake-up (a thread of the service
+ * could fault at the limit with the GIL held meanwhile). Called with the
+ * GIL held (ctypes.PyDLL): ends the hold (hold_fd) if one is active, then
+ * releases the GIL; if reply > 0, ends the main thread's pause
+ * (uro_hooks_done) and adds reply to reply_fd (1, or URO_SETTLED); then
+ * waits as uro_hooks_wait does (the switch interval lowered before it asks
+ * for the GIL back), and returns its result. Allocation-free; blocks. */
+int64_t uro_hooks_next(int reply_fd, int64_t reply, int hold_fd, int wake_fd, int resume_fd, int64_t pause_ns);
 
 /* Touches bytes of the calling thread's stack below the current frame so the
  * pages exist before an OOM. Non-blocking, allocation-free. */
