@@ -9,7 +9,7 @@ from useroom._cgroup import EventRegistration, Group, OomControl, Stats
 from useroom._cgroup_v2 import FileNotifier, MemoryEvents, PressureTrigger, V2Group
 from useroom._declare import Declaration
 from useroom._handler import Handler, OomEvent, StepRecord, VictimRecord
-from useroom._hardening import HardeningReport, lock_memory
+from useroom._hardening import HardeningReport, lock_memory, release_memory
 from useroom._hooks import HookRecord, OomContext, PressureContext
 from useroom._policy import (
     DryRun,
@@ -102,4 +102,5 @@ __all__ = [
     "format_size",
     "lock_memory",
     "parse_size",
+    "release_memory",
 ]

@@ -495,6 +495,8 @@ class Handler:
         self._owned.append(_Closing(self.policy.disarm))
         self._refresh(grant=False)
         self._watcher.start()
+        if self._restore_kill_setting is not None:
+            group.set_oom_kill(False)  # v1: the watcher acts from now on
         self.locked_bytes = _vm_locked()
         self._running = True
         self._thread = threading.Thread(target=self._manage, name=f"useroom-handler {group.relpath}", daemon=True)
@@ -522,9 +524,10 @@ class Handler:
         )
         self._oom = self._own(group.oom_notifier())
         self._watcher.add_source(self._oom.fileno(), SourceKind.OOM)
-        was_enabled = not group.oom_control().kill_disabled
-        group.set_oom_kill(False)
-        self._restore_kill_setting = was_enabled
+        # The kernel killer goes off only once the watcher runs (see
+        # _start): a group at its limit meanwhile would leave this process
+        # asleep in the OOM wait with nobody to act.
+        self._restore_kill_setting = not group.oom_control().kill_disabled
         self._limit = group.limit()
 
     def _open_v2(self) -> None:

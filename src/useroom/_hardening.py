@@ -42,7 +42,7 @@ from useroom import _native
 from useroom._units import format_size, parse_size
 from useroom.exceptions import MemoryLockError
 
-__all__ = ["HardeningReport", "lock_memory"]
+__all__ = ["HardeningReport", "lock_memory", "release_memory"]
 
 DEFAULT_HEAP = 8 << 20
 DEFAULT_STACK = 256 << 10
@@ -264,3 +264,18 @@ def _can_lock_beyond_limit() -> bool:
     except OSError:
         pass
     return False
+
+
+def release_memory() -> bool:
+    """Gives the memory this process freed back to the kernel: trims every
+    malloc arena (glibc's ``malloc_trim(0)``) with the GIL held, so that no
+    other Python thread refills the heap meanwhile. Freed memory otherwise
+    stays in the process, charged to its group: glibc keeps freed chunks
+    for reuse, and useroom's hardening stops it trimming on its own.
+
+    The hook thread calls it after each ``on_oom`` hook; a worker process a
+    hook tells to shed calls it after dropping what it holds. Returns True
+    if memory was released. With another allocator (jemalloc, tcmalloc
+    preloaded) it releases nothing: use that allocator's own purge.
+    """
+    return _native.heap_trim()

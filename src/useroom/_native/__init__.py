@@ -13,6 +13,7 @@ import errno as _errno
 import os
 import time
 import warnings
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -267,6 +268,26 @@ _held.uro_hold_arm.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.POINTER(ctyp
 _held.uro_hold_arm.restype = ctypes.c_int
 _held.uro_hold_disarm.argtypes = []
 _held.uro_hold_disarm.restype = ctypes.c_int
+_held.uro_hold_reset.argtypes = []
+_held.uro_hold_reset.restype = ctypes.c_int
+
+
+#: The watchers' arenas, copied again in the parent after each fork
+#: (see uro_arena_touch).
+_LIVE_ARENAS: weakref.WeakSet[_Arena] = weakref.WeakSet()
+
+
+def _touch_arenas_in_parent() -> None:
+    for arena in list(_LIVE_ARENAS):
+        if not arena.closed:
+            _lib.uro_arena_touch(arena._arena)
+
+
+def _hold_reset_in_child() -> None:
+    # A child forked while a hold was armed (or active) keeps neither: its
+    # one thread would run slower, or wait for hooks that are not its own.
+    if can_hold_threads:
+        _held.uro_hold_reset()
 _held.uro_hooks_next.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                                  ctypes.c_int64]
 _held.uro_hooks_next.restype = ctypes.c_int64
@@ -276,6 +297,7 @@ _held.uro_hooks_next.restype = ctypes.c_int64
 can_hold_threads: bool = bool(_lib.uro_hold_init())
 #: Most threads :func:`hold_begin` can exempt.
 HOLD_EXEMPT_MAX = 8
+os.register_at_fork(after_in_child=_hold_reset_in_child, after_in_parent=_touch_arenas_in_parent)
 
 
 def heap_trim(keep: int = 0) -> bool:
@@ -668,6 +690,7 @@ class NativeWatcher:
             self._watcher.shared = self._shared
             self._watcher.stack = _ffi.cast("char *", self._arena.base) + shared_size
             self._watcher.stack_size = STACK_SIZE
+            _LIVE_ARENAS.add(self._arena)
         except BaseException:
             self.close()
             raise

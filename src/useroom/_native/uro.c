@@ -331,6 +331,14 @@ URO_CRIT static void crit_episode(struct uro_shared *sh, int src, uint64_t count
     }
 
     if (!outcome) {
+        /* A settling AWAIT's eventfd may hold a late reply to an earlier
+         * episode (its wait timed out): this episode's answer starts clean. */
+        for (uint32_t i = 0; i < plan->count && i < URO_PLAN_MAX; i++) {
+            const struct uro_action *a = &plan->actions[i];
+            uint64_t stale;
+            if ((a->flags & URO_F_SETTLES) && crit_wait_readable(a->fd, 0) == 1)
+                (void)uro_sys(SYS_read, a->fd, (long)&stale, sizeof stale, 0, 0);
+        }
         int acted_since_check = 0;
         int grant_open = 0; /* a raised limit waits for its restore */
         uint64_t ran = 0;   /* bit i: action i ran and succeeded */
@@ -636,6 +644,18 @@ int uro_arena_unmap(struct uro_arena *arena)
     if (munmap(p, arena->size) != 0)
         return -errno;
     arena->locked = 0;
+    return 0;
+}
+
+int uro_arena_touch(struct uro_arena *arena)
+{
+    if (!arena || !arena->base)
+        return -EINVAL;
+    size_t ps = page_size();
+    for (size_t off = 0; off < arena->size; off += ps) {
+        volatile char *p = (volatile char *)arena->base + off;
+        *p = *p;
+    }
     return 0;
 }
 
@@ -1142,6 +1162,15 @@ int uro_hold_end(int release_fd)
         n = hold_install(NULL);
     int r = uro_eventfd_write(release_fd, 1);
     return r < 0 ? r : n;
+}
+
+int uro_hold_reset(void)
+{
+    if (!hold_available())
+        return -ENOSYS;
+    __atomic_store_n(&hold_active, 0, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&hold_armed, 0, __ATOMIC_SEQ_CST);
+    return hold_install(NULL);
 }
 
 int64_t uro_holds(void) { return __atomic_load_n(&holds, __ATOMIC_RELAXED); }

@@ -201,6 +201,16 @@ int uro_wait_readable(int fd, int64_t timeout_ns);
  * Non-blocking; the mapping is the caller's to unmap. */
 int uro_arena_map(size_t size, int lock, struct uro_arena *out);
 int uro_arena_unmap(struct uro_arena *arena);
+/* Writes every page of the arena again (the same bytes), in the parent
+ * right after a fork. A fork makes every private page copy-on-write, the
+ * locked ones included, for as long as the child shares them: the parent's
+ * next write to one copies it, which needs a new page, charged to the
+ * group; at the limit that write would sleep in the OOM wait. The watcher
+ * must never fault, so its arena (its data and its stack) is copied now.
+ * It cannot be kept out of the child instead (MADV_DONTFORK): glibc keeps
+ * the thread's descriptor at the top of a stack it was given, and walks it
+ * in the child. Non-blocking; returns 0 or -errno. */
+int uro_arena_touch(struct uro_arena *arena);
 
 /* mlocks every loaded segment of this module (code, constants, data): the
  * critical code may read constants and jump tables outside its own section.
@@ -309,6 +319,9 @@ int uro_hold_arm(int release_fd, int64_t stall_ns, const uint64_t *exempt, int n
 int uro_hold_disarm(void);
 int uro_hold_begin(int release_fd, int64_t deadline_ns, int64_t stall_ns, const uint64_t *exempt, int nexempt);
 int uro_hold_end(int release_fd);
+/* In a child after fork (GIL held): no hold, armed or active, and no
+ * profile function left on the one thread the child has. */
+int uro_hold_reset(void);
 /* Times a thread was held so far. */
 int64_t uro_holds(void);
 

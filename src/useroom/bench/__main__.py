@@ -2,8 +2,10 @@
 ``python -m useroom.bench watchdog ...``: see ``docs/benchmarks.md``.
 
 ``python -m useroom.bench _service GROUP_DIR JSON_PATH`` is the in-process
-variant's service process, started by the benchmark itself; it is dispatched
-before anything else is imported, so the service carries only what it needs.
+variant's service process, and ``python -m useroom.bench _hook_service SPEC``
+the hooks benchmark's, both started by the benchmark itself; they are
+dispatched before anything else is imported, so the service carries only
+what it needs.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ def main(argv: list[str] | None = None, *, out: TextIO | None = None, err: TextI
         from useroom.bench._service import main as service_main
 
         return service_main(argv[1:])
+    if argv[:1] == ["_hook_service"]:
+        from useroom.bench._hook_service import main as hook_service_main
+
+        return hook_service_main(argv[1:])
     if argv[:1] == ["watchdog"]:
         from useroom.bench._watchdog import main as watchdog_main
 

@@ -1,131 +1,264 @@
-"""The hooks benchmark: a service whose cache outgrows its group, kept alive by an on_oom hook.
+"""The hooks benchmark: services that shed their cache in an ``on_oom`` hook,
+in a matrix of allocation shapes, side by side with the kernel OOM killer.
 
-``python -m useroom.bench hooks [--seconds S] [--runs N] [--limit 96M]`` runs
-``examples/cache_service.py``'s workload N times, each in a fresh group below
-the caller's memcg, in a child process that is the service and its own
-handler. It reports, over all runs: OOM episodes, how many the hook resolved
-and how many needed the fallback (a kill, the kernel), tasks killed, and the
-latency from the native notification to the hook starting (p50, p99, max).
+``python -m useroom.bench hooks [--seconds S] [--limit 96M] [--shapes ...]``
+
+Each shape (see :mod:`useroom.bench._hook_service`) runs twice, each time
+in a fresh group below the caller's memory cgroup with the same limit:
+
+- ``useroom``: the service is inside its group with a Handler (KillLargest)
+  whose hook drops the oldest half of its cache; the group's limit is the
+  wall (cgroup v1: the kernel killer off; v2: ``memory.high``, with
+  ``memory.max`` two reserves above it);
+- ``kernel``: no handler; the kernel OOM killer meets the limit (v2:
+  ``memory.max``). A killed service is started again until the time is up.
+
+Per shape it reports: episodes, the share the hooks resolved, kills of the
+service (any of its processes: by the handler's plan, by the kernel, or a
+death), grants left open at the end, the time from the notification to the
+hook starting (p50, p99), the bytes each hook run gave back (median), and
+what was served (allocations), for both variants.
+
+The reserve is what the hooks' headroom grant may use. Before the hook
+thread gets the GIL, each allocating thread may finish the allocation it is
+in and start one more, so a shape needs a reserve of about (threads x
+largest object); the benchmark sizes it so (at least 16M) and prints it.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
+import time
 from typing import Any
 
-__all__ = ["main"]
+from useroom._units import format_size, parse_size
+from useroom.bench._sandbox import Lab, die_with_parent
 
-_SERVICE = r"""
-import collections, json, os, sys, threading, time
-import useroom
-seconds, limit, threads = float(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-entries = collections.OrderedDict()
-lock = threading.Lock()
-home = useroom.Group.current()
-group = home.create_child(f"useroom-hooks-bench-{os.getpid()}", memory_max=limit)
-try:
-    group.attach(os.getpid())
-    handler = useroom.Handler(group, reserve="16M")
+__all__ = ["SHAPES", "Shape", "main", "run_shape"]
 
-    @handler.on_oom
-    def shed(ctx):
-        with lock:
-            n = len(entries) // 2
-            for _ in range(n):
-                entries.popitem(last=False)
-        return n > 0
-
-    stop = threading.Event()
-    served = [0] * threads
-
-    def serve(i):
-        key = i
-        while not stop.is_set():
-            with lock:
-                hit = key in entries
-            if not hit:
-                value = key.to_bytes(8, "little") * 8192
-                with lock:
-                    entries[key] = value
-            served[i] += 1
-            key += threads
-            time.sleep(0.0002)
-
-    with handler:
-        ts = [threading.Thread(target=serve, args=(i,)) for i in range(threads)]
-        for t in ts:
-            t.start()
-        stop.wait(seconds)
-        stop.set()
-        for t in ts:
-            t.join()
-    acted = [e for e in handler.events if e.outcome != "not_needed"]
-    print(json.dumps({
-        "served": sum(served),
-        "episodes": len(acted),
-        "by_hooks": sum(e.resolved_by == "hooks" for e in acted),
-        "fallback": sum(e.fallback or (e.resolved_by not in (None, "hooks")) for e in acted),
-        "unresolved": sum(e.outcome not in ("resolved", "superseded") for e in acted),
-        "killed": sum(len(e.victims) for e in acted),
-        "notify_to_hook_ns": [e.notify_to_hook_ns for e in acted if e.notify_to_hook_ns is not None],
-    }))
-finally:
-    home.attach(os.getpid())
-    group.remove(force=True)
-"""
+KIB, MIB = 1 << 10, 1 << 20
 
 
-def _pct(values: list[int], q: float) -> float:
+class Shape:
+    """One workload of the matrix."""
+
+    def __init__(self, kind: str, size: int, threads: int) -> None:
+        self.kind, self.size, self.threads = kind, size, threads
+
+    @property
+    def name(self) -> str:
+        if self.kind == "small":
+            return f"small objects x{self.threads}"
+        if self.kind == "mixed":
+            return f"mixed 4K-{format_size(self.size)} x{self.threads}"
+        if self.kind == "procs":
+            return f"{self.threads} processes {format_size(self.size)}"
+        return f"{format_size(self.size)} x{self.threads}"
+
+    def reserve(self) -> int:
+        """Threads: each may finish the allocation it is in and start one
+        more before the hook thread has the GIL. Processes run on until they
+        read the hook's request: about ten allocations each."""
+        if self.kind == "procs":
+            return max(16 * MIB, 10 * self.threads * self.size)
+        per_thread = self.size if self.kind != "small" else 1 * MIB
+        return max(16 * MIB, self.threads * per_thread + 8 * MIB)
+
+    @classmethod
+    def parse(cls, text: str) -> Shape:
+        """``objects:1M:2``, ``small::4``, ``mixed:4M:2``, ``procs:1M:3``."""
+        kind, size, threads = text.split(":")
+        return cls(kind, parse_size(size) if size else 0, int(threads))
+
+
+SHAPES = [
+    *(Shape("objects", size, threads) for size in (4 * KIB, 64 * KIB, 1 * MIB, 8 * MIB) for threads in (1, 2, 4)),
+    Shape("small", 0, 2),
+    Shape("mixed", 4 * MIB, 2),
+    Shape("procs", 1 * MIB, 3),
+]
+
+
+def _start(lab: Lab, group: Any, spec: dict[str, Any]) -> tuple[subprocess.Popen[str], Any]:
+    proc = subprocess.Popen([sys.executable, "-m", "useroom.bench", "_hook_service", json.dumps(spec)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, preexec_fn=die_with_parent)
+    child = lab.adopt(proc.pid, proc)  # type: ignore[arg-type]
+    assert proc.stdout is not None and proc.stdin is not None
+    if proc.stdout.readline().strip() != "ready":
+        raise RuntimeError(f"the service did not start (exit {proc.wait()})")
+    group.attach(proc.pid)
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    return proc, child
+
+
+def _finish(child: Any, deadline: float) -> int:
+    """Waits for the service until ``deadline``, then kills it; its wait status."""
+    if not child.wait(max(1.0, deadline - time.monotonic())):
+        child.kill()
+        child.wait(30)
+    lab_status = child.reap()
+    return 0 if os.WIFEXITED(lab_status) and os.WEXITSTATUS(lab_status) == 0 else lab_status or 1
+
+
+def run_shape(lab: Lab, shape: Shape, *, limit: int, seconds: float, mode: str, hold_arm_at: float = 0.0,
+              workdir: str) -> dict[str, Any]:
+    """Runs one shape in one mode; returns its figures."""
+    reserve = shape.reserve()
+    tag = f"hooks-{mode}"
+    if lab.version == 1:
+        group = lab.create_group(tag, limit=limit, kill_disable=False)
+    else:
+        group = lab.create_group(tag, limit=limit if mode == "kernel" else limit + 2 * reserve, kill_disable=False)
+        if mode == "useroom":
+            group.set_high(limit)
+    out = os.path.join(workdir, f"{group.name}.json")
+    spec = {"shape": shape.kind, "size": shape.size, "threads": shape.threads, "seconds": seconds, "mode": mode,
+            "reserve": reserve, "out": out, "hold_arm_at": hold_arm_at}
+    figures: dict[str, Any] = {"shape": shape.name, "mode": mode, "reserve": reserve, "service_kills": 0,
+                               "served": 0, "events": [], "runs": 0, "deaths": []}
+    try:
+        ends = time.monotonic() + seconds
+        while True:
+            left = ends - time.monotonic()
+            if left < 0.5:
+                break
+            spec["seconds"] = left
+            _, child = _start(lab, group, spec)
+            code = _finish(child, time.monotonic() + left + 60)
+            lab.forget(child)
+            figures["runs"] += 1
+            if os.path.exists(out):
+                with open(out) as f:
+                    data = json.load(f)
+                os.unlink(out)
+                figures["served"] += data["served"]
+                figures["events"].extend(data.get("events", []))
+                figures["errors"] = data.get("errors", [])
+            elif os.path.exists(out + ".served"):
+                with open(out + ".served") as f:
+                    figures["served"] += int(f.read().strip() or 0)  # killed: what it reported last
+            if code != 0:
+                figures["deaths"].append(code)
+                figures["service_kills"] += 1
+            if mode == "useroom":
+                break  # a handled service is never restarted: a death counts and ends the run
+        figures["kernel_kills"] = group.oom_control().oom_kill
+        events = figures["events"]
+        # Every kill in the group is one of the service's processes; a
+        # restarted service the kernel killed is also a death: counted once.
+        deaths = len(figures["deaths"])
+        figures["service_kills"] = (figures["kernel_kills"] + sum(len(e["victims"]) for e in events)
+                                    + max(0, deaths - figures["kernel_kills"]))
+        figures["grants_left_open"] = sum(e["grant_left_open"] for e in events)
+        if lab.version == 1 and group.limit() != limit:
+            figures["grants_left_open"] += 1
+    finally:
+        lab.release(group)
+    return figures
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
     ranked = sorted(values)
     return ranked[min(len(ranked) - 1, max(0, int(round(q * len(ranked) + 0.5)) - 1))]
 
 
+def summarize(useroom_run: dict[str, Any], kernel_run: dict[str, Any]) -> dict[str, Any]:
+    events = useroom_run["events"]
+    by_hooks = sum(e["resolved_by"] == "hooks" for e in events)
+    starts = [e["notify_to_hook_ns"] / 1e6 for e in events if e["notify_to_hook_ns"] is not None]
+    released = [r for e in events for r in e["released"]]
+    return {
+        "shape": useroom_run["shape"],
+        "reserve": useroom_run["reserve"],
+        "episodes": len(events),
+        "by_hooks_pct": 100.0 * by_hooks / len(events) if events else None,
+        "service_kills": useroom_run["service_kills"],
+        "grants_left_open": useroom_run["grants_left_open"],
+        "hook_start_p50_ms": _pct(starts, 0.5),
+        "hook_start_p99_ms": _pct(starts, 0.99),
+        "released_per_hook": statistics.median(released) if released else None,
+        "served": useroom_run["served"],
+        "kernel_service_kills": kernel_run["service_kills"],
+        "kernel_served": kernel_run["served"],
+    }
+
+
+def _fmt(value: Any, spec: str = "") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_table(rows: list[dict[str, Any]], out: Any = sys.stdout) -> None:
+    header = ("shape", "reserve", "episodes", "by hooks", "kills", "grants open", "hook start p50/p99 ms",
+              "released/hook", "served", "| kernel: kills", "served")
+    lines = [header]
+    for r in rows:
+        lines.append((
+            r["shape"], format_size(r["reserve"]), str(r["episodes"]), _fmt(r["by_hooks_pct"], ".1f") + "%",
+            str(r["service_kills"]), str(r["grants_left_open"]),
+            f"{_fmt(r['hook_start_p50_ms'], '.2f')} / {_fmt(r['hook_start_p99_ms'], '.2f')}",
+            format_size(int(r["released_per_hook"])) if r["released_per_hook"] is not None else "-",
+            str(r["served"]), f"| {r['kernel_service_kills']}", str(r["kernel_served"]),
+        ))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    for line in lines:
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip(), file=out)
+
+
 def main(argv: list[str]) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m useroom.bench hooks", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m useroom.bench hooks", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--limit", default="96M")
-    parser.add_argument("--threads", type=int, default=4)
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--seconds", type=float, default=8.0, help="per shape and variant (default %(default)s)")
+    parser.add_argument("--limit", default="96M", help="the group's limit (v2: the wall) (default %(default)s)")
+    parser.add_argument("--shapes", default="", help="comma-separated KIND:SIZE:THREADS (default: the matrix)")
+    parser.add_argument("--hold-arm-at", type=float, default=0.0,
+                        help="the handler's hold_arm_at (default %(default)s: always armed)")
+    parser.add_argument("--json", metavar="PATH", help="write every raw figure to PATH")
     args = parser.parse_args(argv)
-    if args.runs < 1 or args.seconds <= 0:
-        parser.error("--runs must be >= 1 and --seconds > 0")
-
-    runs: list[dict[str, Any]] = []
-    for _ in range(args.runs):
-        done = subprocess.run([sys.executable, "-c", _SERVICE, str(args.seconds), args.limit, str(args.threads)],
-                              capture_output=True, text=True, timeout=args.seconds + 120)
-        if done.returncode != 0:
-            runs.append({"error": f"service exited with {done.returncode}: {done.stderr.strip()[-500:]}"})
-            continue
-        runs.append(json.loads(done.stdout))
-    ok = [r for r in runs if "error" not in r]
-    latencies = [n for r in ok for n in r["notify_to_hook_ns"]]
-    total = {key: sum(r[key] for r in ok) for key in ("served", "episodes", "by_hooks", "fallback",
-                                                      "unresolved", "killed")}
-    print("useroom hooks benchmark: a threaded service whose cache outgrows its group; "
-          "its on_oom hook drops half the cache")
-    print(f"kernel {os.uname().release}, {os.cpu_count()} cores; {args.runs} runs x {args.seconds} s, "
-          f"limit {args.limit}, {args.threads} serving threads, reserve 16M")
-    print(f"runs that failed: {len(runs) - len(ok)}")
-    print(f"requests served: {total['served']}; OOM episodes: {total['episodes']}; "
-          f"resolved by the hook: {total['by_hooks']}; needed the fallback: {total['fallback']}; "
-          f"unresolved: {total['unresolved']}; tasks killed: {total['killed']}")
-    if latencies:
-        print(f"notification -> hook start: p50 {_pct(latencies, 0.5) / 1e6:.3f} ms, "
-              f"p99 {_pct(latencies, 0.99) / 1e6:.3f} ms, max {max(latencies) / 1e6:.3f} ms, "
-              f"mean {statistics.fmean(latencies) / 1e6:.3f} ms over {len(latencies)} episodes")
-    for r in runs:
-        if "error" in r:
-            print(r["error"], file=sys.stderr)
+    if args.seconds <= 1:
+        parser.error("--seconds must be > 1")
+    limit = parse_size(args.limit)
+    shapes = [Shape.parse(s) for s in args.shapes.split(",") if s] or SHAPES
+    rows, raw = [], []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        with Lab.below_own_memcg() as lab, tempfile.TemporaryDirectory(prefix="useroom-hooks-bench-") as workdir:
+            lab.sweep_stale()
+            print(f"useroom hooks benchmark: cgroup v{lab.version}, kernel {os.uname().release}, "
+                  f"{os.cpu_count()} cores, limit {format_size(limit)}, {args.seconds:g} s per shape and variant, "
+                  f"hold_arm_at {args.hold_arm_at:g}"
+                  + (" (EMULATED guest)" if os.environ.get("VMRUN_GUEST") else ""), flush=True)
+            for shape in shapes:
+                mine = run_shape(lab, shape, limit=limit, seconds=args.seconds, mode="useroom",
+                                 hold_arm_at=args.hold_arm_at, workdir=workdir)
+                theirs = run_shape(lab, shape, limit=limit, seconds=args.seconds, mode="kernel", workdir=workdir)
+                raw.append({"useroom": mine, "kernel": theirs})
+                row = summarize(mine, theirs)
+                rows.append(row)
+                print(f"  {shape.name}: {row['episodes']} episodes, {_fmt(row['by_hooks_pct'], '.1f')}% by hooks, "
+                      f"{row['service_kills']} service kills (kernel: {row['kernel_service_kills']})", flush=True)
+            print()
+            print_table(rows)
+            if lab.problems:
+                print("cleanup problems:", *lab.problems, sep="\n  ", file=sys.stderr)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"runs": runs, "total": total}, f)
-    return 0 if len(ok) == len(runs) else 1
+            json.dump({"rows": rows, "raw": raw}, f, default=str)
+    failing = [r["shape"] for r in rows if r["service_kills"] or (r["by_hooks_pct"] or 0) < 95]
+    if failing:
+        print(f"below the goal (>= 95% by hooks, 0 service kills): {', '.join(failing)}")
+    return 0

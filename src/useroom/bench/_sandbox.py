@@ -256,6 +256,10 @@ class ScratchGroup:
         else:
             self._write("memory.max", "max" if limit == NO_LIMIT else str(limit))
 
+    def set_high(self, high: int) -> None:
+        """cgroup v2: set ``memory.high`` (the wall a handler holds)."""
+        self._write("memory.high", "max" if high == NO_LIMIT else str(high))
+
     def limit(self) -> int:
         if self.version == 1:
             return int(self._read("memory.limit_in_bytes"))
