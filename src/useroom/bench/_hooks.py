@@ -131,8 +131,13 @@ def run_shape(lab: Lab, shape: Shape, *, limit: int, seconds: float, mode: str, 
             if left < 0.5:
                 break
             spec["seconds"] = left
-            _, child = _start(lab, group, spec)
-            code = _finish(child, time.monotonic() + left + 60)
+            proc, child = _start(lab, group, spec)
+            try:
+                code = _finish(child, time.monotonic() + left + 60)
+            finally:
+                for pipe in (proc.stdin, proc.stdout):
+                    if pipe is not None:
+                        pipe.close()
             lab.forget(child)
             figures["runs"] += 1
             if os.path.exists(out):

@@ -1,0 +1,168 @@
+"""A service whose on_oom hook sheds its cache survives, whatever its
+allocation shape: short runs of the hooks benchmark's service on the real
+kernel (v1 on the host; v2 in the guest, as ``backends``), and the parts that
+make it so (the hold, the trim, the settled grant, the records)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from useroom import _native
+from useroom._hooks import HookRecord
+from useroom.bench._hooks import Shape, run_shape
+from useroom.bench._sandbox import Lab
+
+KIB, MIB = 1 << 10, 1 << 20
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    with Lab.below_own_memcg() as lab:
+        yield lab
+    assert [] == lab.problems
+
+
+def _run(lab: Lab, shape: Shape, seconds: float = 3.0) -> dict:
+    with tempfile.TemporaryDirectory() as workdir:
+        return run_shape(lab, shape, limit=96 * MIB, seconds=seconds, mode="useroom", workdir=workdir)
+
+
+@pytest.mark.kernel
+@pytest.mark.backends
+@pytest.mark.timeout(300)
+class TestShapes:
+    """Each shape class: episodes happen, the hooks resolve them (the grant
+    closed by the hook thread), nothing of the service is killed, no grant
+    is left open, and each hook run gave memory back."""
+
+    @pytest.mark.parametrize("shape", [
+        Shape("objects", 16 * KIB, 2),
+        Shape("objects", 1 * MIB, 4),
+        Shape("objects", 8 * MIB, 1),
+        Shape("small", 0, 2),
+        Shape("mixed", 4 * MIB, 2),
+    ], ids=lambda s: s.name.replace(" ", ""))
+    def test_the_service_survives(self, lab: Lab, shape: Shape) -> None:
+        figures = _run(lab, shape, seconds=6.0 if os.environ.get("VMRUN_GUEST") else 3.0)
+        events = figures["events"]
+        assert (0, [], 0) == (figures["service_kills"], figures["deaths"], figures["grants_left_open"])
+        assert len(events) >= 1
+        assert all("hooks" == e["resolved_by"] and e["settled"] for e in events), events
+        assert all(sum(e["released"]) > 0 for e in events)
+
+
+@pytest.mark.kernel
+class TestHold:
+    def _spinner(self, count: list[int], stop: threading.Event) -> None:
+        def step() -> None:
+            count[0] += 1
+        while not stop.is_set():
+            step()
+
+    def test_a_held_thread_stops_and_resumes(self) -> None:
+        """While held, another thread makes (almost) no progress; after, it runs on."""
+        count, stop = [0], threading.Event()
+        t = threading.Thread(target=self._spinner, args=(count, stop))
+        t.start()
+        release = _native.EventFd()
+        try:
+            time.sleep(0.05)
+            assert _native.hold_begin(release, time.monotonic_ns() + 5_000_000_000, 2_000_000,
+                                      [threading.get_ident()]) >= 1
+            before = count[0]
+            deadline = time.monotonic() + 0.2
+            while time.monotonic() < deadline:
+                pass  # holds the GIL but for the switch interval: the spinner would run
+            during = count[0] - before
+            _native.hold_end(release)
+            time.sleep(0.05)
+            after = count[0] - before - during
+        finally:
+            stop.set()
+            _native.hold_end(release)
+            t.join()
+            release.close()
+        assert during < 50 < after
+
+    def test_a_held_thread_that_owns_a_lock_lets_go(self) -> None:
+        """The hook thread waiting for a lock a held thread owns makes no
+        progress: the held thread runs on to its next event and releases it."""
+        lock, stop, inside = threading.Lock(), threading.Event(), threading.Event()
+
+        def holder() -> None:
+            while not stop.is_set():
+                with lock:
+                    inside.set()
+                    time.sleep(0)  # an event inside the lock: held here
+
+        t = threading.Thread(target=holder)
+        t.start()
+        release = _native.EventFd()
+        try:
+            inside.wait(5)
+            _native.hold_begin(release, time.monotonic_ns() + 5_000_000_000, 2_000_000, [threading.get_ident()])
+            started = time.monotonic()
+            for _ in range(20):
+                with lock:
+                    pass
+            waited = time.monotonic() - started
+        finally:
+            stop.set()
+            _native.hold_end(release)
+            t.join()
+            release.close()
+        assert waited < 2.0  # not the 5 s deadline
+
+    def test_a_forked_child_keeps_no_hold(self) -> None:
+        """A child forked while the hold is armed runs without it."""
+        release = _native.EventFd()
+        _native.hold_arm(release, 2_000_000, [])
+        try:
+            pid = os.fork()
+            if pid == 0:
+                import sys
+                code = 0 if sys.getprofile() is None else 3
+                os._exit(code)
+            _, status = os.waitpid(pid, 0)
+        finally:
+            _native.hold_disarm()
+            release.close()
+        assert 0 == os.waitstatus_to_exitcode(status)
+
+
+class TestRecords:
+    def test_a_hook_record_says_what_came_back(self) -> None:
+        record = HookRecord("h", 0, 1, True, None, False, usage_before=100 * MIB, usage_after=60 * MIB)
+        assert 40 * MIB == record.released
+        assert 0 == HookRecord("h", 0, 1, True, None, False, 50, 70).released
+        assert 0 == HookRecord("h", 0, 1, True, None, False).released
+
+
+@pytest.mark.kernel
+class TestReleaseMemory:
+    def test_freed_memory_leaves_the_process(self) -> None:
+        """With useroom's hardening (no trimming, no mmap'd blocks), memory a
+        program frees stays in the process until release_memory()."""
+        code = (
+            "import os, sys\n"
+            "from useroom import _native, release_memory\n"
+            "_native.heap_reserve(0)\n"
+            "def rss():\n"
+            "    return int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')\n"
+            "cache = [bytearray(1 << 20) for _ in range(64)]\n"
+            "full = rss(); del cache\n"
+            "kept = rss(); release_memory(); after = rss()\n"
+            "print(full, kept, after)\n"
+        )
+        import subprocess
+        import sys
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        full, kept, after = (int(x) for x in out.split())
+        assert kept > full - 8 * MIB  # freed, but still in the process
+        assert after < full - 48 * MIB  # given back
