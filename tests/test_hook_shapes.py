@@ -33,7 +33,6 @@ def _run(lab: Lab, shape: Shape, seconds: float = 3.0) -> dict:
         return run_shape(lab, shape, limit=96 * MIB, seconds=seconds, mode="useroom", workdir=workdir)
 
 
-@pytest.mark.kernel
 @pytest.mark.backends
 @pytest.mark.timeout(300)
 class TestShapes:
@@ -166,3 +165,60 @@ class TestReleaseMemory:
         full, kept, after = (int(x) for x in out.split())
         assert kept > full - 8 * MIB  # freed, but still in the process
         assert after < full - 48 * MIB  # given back
+
+
+_ALONE = r"""
+import os, sys, useroom
+group = useroom.Group.open(sys.argv[1])
+group.attach(os.getpid())
+handler = useroom.Handler(group, reserve="16M", hook_timeout=0.5, watchdog_log=sys.argv[2])
+cache = [bytearray(1 << 20) for _ in range(24)]
+
+@handler.on_oom
+def shed_a_little(ctx):
+    if cache:
+        cache.pop()      # 1 MiB: never enough for what the service goes on to allocate
+    return True
+
+with handler:
+    print("ready", flush=True)
+    hoard = []
+    while True:
+        hoard.append(bytearray(1 << 20))
+"""
+
+
+@pytest.mark.kernel
+@pytest.mark.timeout(120)
+class TestAlone:
+    def test_the_last_resort_is_recorded(self, scratch_group) -> None:
+        """A service alone in its group whose hook cannot free enough: nothing
+        else to kill, the kernel OOM killer (the last resort) takes it, and
+        the watchdog's log keeps what the hooks did."""
+        import json
+        import signal
+        import subprocess
+        import sys
+
+        scratch_group.set_limit("64M")
+        with tempfile.TemporaryDirectory() as tmp:
+            log = os.path.join(tmp, "watchdog.log")
+            proc = subprocess.Popen([sys.executable, "-c", _ALONE, scratch_group.path, log],
+                                    stdout=subprocess.PIPE, text=True)
+            try:
+                assert proc.stdout is not None and "ready" == proc.stdout.readline().strip()
+                code = proc.wait(60)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                proc.stdout.close()
+            deadline = time.monotonic() + 10
+            notes: list[dict] = []
+            while not notes and time.monotonic() < deadline:
+                with open(log) as f:
+                    notes = [r for r in map(json.loads, f) if r.get("event") == "last-resort"]
+                time.sleep(0.1)
+        assert -signal.SIGKILL == code
+        assert notes
+        assert notes[0]["hooks"] >= 1 and notes[0]["short_by"] > 0 and notes[0]["kernel_next"]

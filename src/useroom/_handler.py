@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import select
 import signal
@@ -332,6 +333,11 @@ class Handler:
         self.locked_bytes = 0
         #: Errors the manager thread met and survived (ENOMEM during an OOM, ...).
         self.errors: list[BaseException] = []
+        #: Episodes that found nothing left to kill with the usage above the
+        #: limit (the kernel OOM killer, the plan's last resort, comes next):
+        #: their seq, how many hook runs, the bytes the hooks released, and
+        #: by how much the usage still exceeded the limit.
+        self.last_resorts: list[dict[str, Any]] = []
         self._events: list[OomEvent] = []
         self._events_lock = threading.Lock()
         self._event_cond = threading.Condition(self._events_lock)
@@ -1004,13 +1010,33 @@ class Handler:
             if isinstance(self.policy, FreezeAndDecide):
                 self._decide(self.policy)
                 return
+            killed = False
             for victim, _ in self.policy.order(self._table.victims):
                 if victim.pidfd is not None and victim.pidfd.exited:
                     continue
-                if self._kill_now(victim, self.policy.signal) == 0 and self._limit_fits():
+                killed = self._kill_now(victim, self.policy.signal) == 0 or killed
+                if killed and self._limit_fits():
                     break
+            if not killed and not self._limit_fits():
+                self._last_resort()
         finally:
             self._grant_reply.write(1)
+
+    def _last_resort(self) -> None:
+        """Nothing is left to kill and the usage does not fit: the plan's
+        next step is the kernel OOM killer, which will take this process
+        (the only task left). Its events die with it, so the watchdog
+        records what the hooks did in its log (``last-resort``)."""
+        current = self._watcher.current_episode()
+        seq = current[0] if current else 0
+        records = self._runner.records.get(seq, ()) if self._runner is not None else ()
+        after = [h.usage_after for h in records if h.usage_after >= 0]
+        note = {"seq": seq, "hooks": len(records), "released": sum(h.released for h in records),
+                "short_by": max(0, after[-1] - self._limit) if after else None,
+                "kernel_next": self.kernel_fallback}
+        self.last_resorts.append(note)
+        if self.watchdog is not None:
+            self.watchdog.send(b"last-resort " + json.dumps(note).encode())
 
     def _kill_unseen(self) -> None:
         """Kill, by pid, the tasks no refresh has seen (the newest first),

@@ -481,6 +481,14 @@ class Watchdog:
         elif word == b"limit":
             for guard in self.guards:
                 guard.limit = UNLIMITED if rest == b"max" else int(rest)
+        elif word == b"last-resort":
+            # The handler found nothing left to kill: the kernel acts next and
+            # may take the handler's own process. Its record survives here.
+            try:
+                note = json.loads(rest)
+            except ValueError:
+                note = {"raw": rest.decode(errors="replace")}
+            self._record({"event": "last-resort", "at_ns": time.monotonic_ns(), **note})
         elif word == b"stop":
             return False
         return True
