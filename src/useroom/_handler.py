@@ -613,6 +613,7 @@ class Handler:
         wants_runner = bool(self._hooks.get("oom"))
         if wants_runner and self._runner is None:
             self._runner = self._new_runner()
+            self._runner.update_hold()  # armed before the first episode, not at the first step
         elif not wants_runner and self._runner is not None:
             runner, self._runner = self._runner, None
             runner.stop()
@@ -979,6 +980,7 @@ class Handler:
         if time.monotonic_ns() - runner.busy_since_ns > 2 * self.hook_timeout * 1e9:
             runner.abandon()
             self._runner = self._new_runner()
+            self._runner.update_hold()
             self.errors.append(TimeoutError(f"an on_oom hook did not return within {self.hook_timeout} s"
                                             "; its thread was abandoned"))
 

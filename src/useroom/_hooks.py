@@ -27,6 +27,7 @@ still does not fit.
 from __future__ import annotations
 
 import gc
+import sys
 import itertools
 import threading
 import time
@@ -221,12 +222,26 @@ class HookRunner:
         if usage < 0 or limit <= 0:
             return
         if usage >= self._arm_at * limit:
-            _native.hold_arm(self.release, HOLD_STALL_NS, self._exempt())
-            self.hold_armed = True
+            self._arm()
         elif usage < self._arm_at * HOLD_DISARM_RATIO * limit:
             self.disarm_hold()
 
+    def _arm(self) -> None:
+        _native.hold_arm(self.release, HOLD_STALL_NS, self._exempt())
+        self.hold_armed = True
+        # A thread started from now on is armed at its first event (through
+        # threading's profile hook, when the process sets none of its own).
+        if threading.getprofile() is None:
+            threading.setprofile(self._arm_new_thread)
+
+    def _arm_new_thread(self, frame: Any, event: str, arg: Any) -> None:
+        sys.setprofile(None)
+        if self.hold_armed and not self.abandoned and not self._stopping:
+            _native.hold_arm(self.release, HOLD_STALL_NS, self._exempt())
+
     def disarm_hold(self) -> None:
+        if threading.getprofile() == self._arm_new_thread:
+            threading.setprofile(None)  # type: ignore[arg-type]
         if self.hold_armed:
             _native.hold_disarm()
             self.hold_armed = False

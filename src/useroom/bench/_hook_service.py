@@ -104,7 +104,10 @@ def _report(path: str, served: list[int], stop: threading.Event) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         while not stop.wait(0.05):
-            os.pwrite(fd, str(sum(served)).encode().ljust(20), 0)
+            try:
+                os.pwrite(fd, str(sum(served)).encode().ljust(20), 0)
+            except OSError:
+                pass  # ENOMEM while the group is at its limit: the next one counts
     finally:
         os.close(fd)
 
@@ -194,11 +197,17 @@ def main(argv: list[str]) -> int:
                 t.join()
     finally:
         stop.set()
-        if handler is not None:
+        # The workers stop before the handler: without it they would meet
+        # the kernel killer.
+        for _, commands, _ in workers:
+            try:
+                os.write(commands, b"q")
+            except OSError:
+                pass
+        if handler is not None and not workers:
             handler.stop()
     for pid, commands, replies in workers:
         try:
-            os.write(commands, b"q")
             data = b""
             while chunk := os.read(replies, 4096):  # acks, then the count as the worker exits
                 data = (data + chunk)[-8:]
@@ -206,6 +215,8 @@ def main(argv: list[str]) -> int:
         except OSError:
             pass
         os.waitpid(pid, 0)
+    if handler is not None and workers:
+        handler.stop()
     result["served"] = sum(served)
     result["seconds"] = time.monotonic() - started
     if handler is not None:
