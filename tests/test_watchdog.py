@@ -302,20 +302,23 @@ class TestHandlerFaults:
         assert wait_until(lambda: _log(tmp_path / "watchdog.jsonl", "done"), 5)
 
     def test_handler_killed_mid_grant(self, group: Group, service, spawn_hog, tmp_path: Path) -> None:
-        """SIGKILL the handler while its hook holds a headroom grant: the watchdog takes the
+        """SIGKILL the handler while its hook holds a headroom grant, with the group's
+        other process stopped for the hooks: the watchdog continues it, takes the
         episode and restores the limit."""
         svc = service("hang", delay=30.0)
         hog = spawn_hog(100, group=group)
         hog.start()
         assert wait_until(lambda: group.limit() == 80 * MIB, 10)  # granted: 64M + 16M
-        assert wait_until(hog.in_oom_wait, 10)  # and used up
+        assert wait_until(lambda: _state(hog.pid) == "T", 10)  # held while the hooks run
         os.kill(svc.pid, signal.SIGKILL)
         assert -signal.SIGKILL == hog.wait(10)
         assert wait_until(lambda: group.limit() == 64 * MIB, 5)
         assert wait_until(lambda: _settled(group, kill_disabled=False), 2)
         [exited] = _log(tmp_path / "watchdog.jsonl", "handler-exited")
-        assert exited["limit_raised"] is True
-        assert ["handler-exited"] == [t["reason"] for t in _log(tmp_path / "watchdog.jsonl", "takeover")]
+        assert (True, 1) == (exited["limit_raised"], exited["continued"])
+        # The hog, stopped when the handler died, met the kernel killer (the
+        # user's setting, restored) once continued; or a takeover gave it.
+        assert {t["reason"] for t in _log(tmp_path / "watchdog.jsonl", "takeover")} <= {"handler-exited"}
 
     def test_handler_thread_caught_in_the_oom_wait(self, group: Group, service, spawn_hog,
                                                    tmp_path: Path) -> None:
@@ -458,3 +461,12 @@ class TestStandalone:
         run = subprocess.run([sys.executable, "-m", "useroom", "watchdog", group.path + "-missing"],
                              capture_output=True, text=True)
         assert 1 == run.returncode and "useroom watchdog:" in run.stderr
+
+
+def _state(pid: int) -> str:
+    """The process's state letter in /proc (T: stopped); "" once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return ""

@@ -254,7 +254,10 @@ class Handler:
     are woken, and removed below half of that. While it is installed, Python
     code runs slower (about 1.2-4x, most for call-heavy code, on CPython
     3.11); a profiler the process runs on its threads is replaced and then
-    cleared. Pass ``hold_threads=False`` to do without.
+    cleared. Pass ``hold_threads=False`` to do without. The group's other
+    processes are stopped (SIGSTOP) before the hooks' grant and continued
+    (SIGCONT) after the hooks (``hold_processes``, at most six, the table's
+    first); a hook that needs them to act calls ``ctx.resume_others()``.
 
     Use it as a context manager or with :meth:`start` / :meth:`stop`.
     """
@@ -281,6 +284,7 @@ class Handler:
         heartbeat_timeout: float = 5.0,
         hold_threads: bool = True,
         hold_arm_at: float = 0.0,
+        hold_processes: bool = True,
     ) -> None:
         if group.is_root:
             raise RootGroupError("the root memory cgroup has no limit and no OOM notifications")
@@ -313,6 +317,7 @@ class Handler:
             raise ValueError(f"hold_arm_at is a fraction of the limit in [0, 1), not {hold_arm_at!r}")
         self.hold_threads = hold_threads
         self.hold_arm_at = hold_arm_at
+        self.hold_processes = hold_processes
         self.use_watchdog = watchdog
         self.watchdog_group = watchdog_group
         self.watchdog_log = watchdog_log
@@ -623,7 +628,12 @@ class Handler:
             self._closer = self._own(GrantCloser.open(self.group, lambda: self._limit))
         # The manager is held too: it would compete with the hooks for the GIL.
         return HookRunner(self.group, self._hooks, self._watcher, self._closer, self.hook_timeout,
-                          hold_threads=self.hold_threads, hold_arm_at=self.hold_arm_at)
+                          hold_threads=self.hold_threads, hold_arm_at=self.hold_arm_at, held=self._held)
+
+    def _held(self) -> tuple[Victim, ...]:
+        """The processes the armed plan stops while the hooks run."""
+        armed = self._armed
+        return armed[-1].compiled.held if armed else ()
 
     @property
     def _reserve(self) -> int:
@@ -644,6 +654,7 @@ class Handler:
             hooks_reply_fd=self._runner.reply.fileno() if self._runner else -1,
             hooks_timeout=self.hook_timeout,
             check_timeout=self.check_timeout,
+            hold_processes=self.hold_processes,
         )
         if self.group.version == 2:
             wall = self._limit

@@ -27,6 +27,7 @@ still does not fit.
 from __future__ import annotations
 
 import gc
+import signal
 import sys
 import itertools
 import threading
@@ -61,6 +62,21 @@ class OomContext:
     #: 1 for the first round of hooks of an episode; a hook may shed more
     #: in later rounds (the earlier ones did not free enough).
     round: int = 1
+    #: The group's other processes, stopped (SIGSTOP) while the hooks run:
+    #: (pid, pidfd) pairs; see :meth:`resume_others`.
+    held: tuple[Any, ...] = ()
+
+    def resume_others(self) -> None:
+        """Continues the group's other processes, which were stopped for the
+        hooks: for a hook that asks them to free memory (over a pipe, say)
+        and waits for their answer. Each may finish the allocation it was
+        in. They are continued anyway when the hooks are done."""
+        for victim in self.held:
+            try:
+                if victim.pidfd is not None:
+                    signal.pidfd_send_signal(victim.pidfd.fileno(), signal.SIGCONT)
+            except (OSError, ValueError):
+                pass  # gone, or its pidfd closed: nothing to continue
 
     def time_left(self) -> float:
         """Seconds before the native plan stops waiting for the hooks."""
@@ -172,7 +188,8 @@ class HookRunner:
 
     def __init__(self, group: Group, registry: HookRegistry, watcher: _native.NativeWatcher,
                  closer: GrantCloser, timeout: float, *, hold_threads: bool = True,
-                 hold_arm_at: float = HOLD_ARM_AT, exempt: Callable[[], list[int]] = list) -> None:
+                 hold_arm_at: float = HOLD_ARM_AT, exempt: Callable[[], list[int]] = list,
+                 held: Callable[[], tuple[Any, ...]] = tuple) -> None:
         self.wake = _native.EventFd()
         self.reply = _native.EventFd()
         self.resume = _native.EventFd()
@@ -191,6 +208,7 @@ class HookRunner:
         self._arm_at = hold_arm_at
         self.hold_armed = False
         self._exempt_also = exempt
+        self._held = held
         self._stopping = False
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="useroom-hooks", daemon=True)
@@ -325,6 +343,7 @@ class HookRunner:
         ctx.seq, ctx.notified_ns = current if current else (0, woke)
         ctx.deadline_ns = woke + self._timeout_ns
         ctx.limit = self._closer.limit()
+        ctx.held = self._held()
         if self._hold:
             # Armed, the hold started when this thread was woken; this
             # reaches the threads started since, or starts an unarmed one.

@@ -47,6 +47,9 @@ from useroom._native import Action, Plan
 from useroom._units import format_size, parse_size
 from useroom._victims import Pidfd, Victim
 
+#: Most processes the hooks' phase stops (each costs two plan actions).
+HOLD_PROCESSES_MAX = 6
+
 __all__ = [
     "CompiledPlan",
     "DryRun",
@@ -96,6 +99,10 @@ class PlanContext:
     freeze_fd: int = -1
     #: cgroup v2: ``cgroup.kill`` opened for writing, under the same condition.
     kill_fd: int = -1
+    #: Stop the group's other processes (SIGSTOP, through their pidfds) before
+    #: the hooks' grant, and continue them after: they would take the
+    #: headroom before the hooks run. At most :data:`HOLD_PROCESSES_MAX`.
+    hold_processes: bool = False
 
     @property
     def can_grant(self) -> bool:
@@ -117,6 +124,8 @@ class CompiledPlan:
     pidfds: tuple[Pidfd, ...]
     #: What the policy would have done (dry runs), one line each.
     would: tuple[str, ...] = ()
+    #: The processes the hooks' phase stops while the hooks run.
+    held: tuple[Victim, ...] = ()
 
 
 class _Builder:
@@ -130,6 +139,7 @@ class _Builder:
         self.pidfds: list[Pidfd] = []
         #: Index of the hooks' grant while it may still be on.
         self.hooks_grant: int | None = None
+        self.held: list[Victim] = []
 
     def room(self) -> int:
         return _native.PLAN_MAX - len(self.actions)
@@ -192,10 +202,12 @@ class _Builder:
         )
 
     def grant(self, wake_fd: int, reply_fd: int, timeout: float, phase: str, who: str, *,
-              settles: bool = False) -> int:
+              settles: bool = False, then: tuple[tuple[int, Action, str], ...] = ()) -> int:
         """Raise the limit by the reserve, wake ``who``, await its reply,
         restore. With ``settles``, ``who`` may restore the limit itself and
-        reply :data:`useroom._native.SETTLED`, which resolves the episode."""
+        reply :data:`useroom._native.SETTLED`, which resolves the episode.
+        ``then`` are (guard, action, why): run after the reply, always, if
+        their guard ran."""
         ctx = self.ctx
         granted = ctx.limit + ctx.reserve
         grant_at = len(self.actions)
@@ -208,6 +220,8 @@ class _Builder:
         self.add(Action.wake(wake_fd).after(grant_at), f"wake {who}", phase)
         awaited = Action.await_readable(reply_fd, timeout, read=True).after(grant_at)
         self.add(awaited.settling() if settles else awaited, f"wait up to {timeout} s for {who}", phase)
+        for guard, action, why in then:
+            self.add(action.after(guard).always(), why, phase)
         self.restore(grant_at, phase)
         return grant_at
 
@@ -215,8 +229,21 @@ class _Builder:
         """The hooks' phase, when there are hooks and a reserve to grant."""
         ctx = self.ctx
         if ctx.can_grant and ctx.hooks_wake_fd >= 0 and ctx.hooks_reply_fd >= 0:
+            # The other processes stop before the grant: the ones asleep in
+            # the OOM wait take the stop as they return from the fault,
+            # instead of the headroom.
+            resume = []
+            if ctx.hold_processes:
+                for v in [v for v in ctx.victims if v.pidfd is not None][:HOLD_PROCESSES_MAX]:
+                    assert v.pidfd is not None
+                    self.pidfds.append(v.pidfd)
+                    self.held.append(v)
+                    fd = v.pidfd.fileno()
+                    resume.append((len(self.actions), Action.signal_pidfd(fd, signal.SIGCONT), f"SIGCONT {v.pid}"))
+                    self.add(Action.signal_pidfd(fd, signal.SIGSTOP),
+                             f"SIGSTOP {v.describe()}: hold it while the hooks run", "hooks")
             self.hooks_grant = self.grant(ctx.hooks_wake_fd, ctx.hooks_reply_fd, ctx.hooks_timeout,
-                                          "hooks", "the on_oom hooks", settles=True)
+                                          "hooks", "the on_oom hooks", settles=True, then=tuple(resume))
 
     def tail(self) -> None:
         """The grant and the kernel fallback, when the context allows them."""
@@ -245,7 +272,7 @@ class _Builder:
                     resolved_below=self.ctx.resolved_below)
         return CompiledPlan(
             plan, tuple(self.why), tuple(self.phases), tuple(self.targets), tuple(self.victims),
-            tuple(self.pidfds),
+            tuple(self.pidfds), held=tuple(self.held),
         )
 
 

@@ -113,6 +113,23 @@ class Takeover:
         return cls(**{k: v for k, v in data.items() if k in fields})
 
 
+def _continue_group(group: Group, record: dict[str, Any]) -> None:
+    """A handler that died while its hooks ran left the group's other
+    processes stopped (SIGSTOP): continue every task of the group."""
+    try:
+        pids = group.procs()
+    except (OSError, UseroomError):
+        return
+    continued = 0
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGCONT)
+            continued += 1
+        except OSError:
+            pass
+    record["continued"] = continued
+
+
 def _thread_state(pid: int, tid: int) -> tuple[str, str] | None:
     """(state letter, wait channel) of a thread, or None if it is gone."""
     base = f"/proc/{pid}/task/{tid}"
@@ -318,6 +335,8 @@ class Guard:
         self.mourned = True
         record: dict[str, Any] = {"event": "handler-exited", "group": self.group.relpath,
                                   "handler_pid": self.handler.pid, "at_ns": time.monotonic_ns()}
+        if not self.gone:
+            _continue_group(self.group, record)
         if self.limit is not None and not self.gone:
             try:
                 self.pending_limit = self.group.limit() != self.limit
@@ -409,6 +428,7 @@ class WallGuard:
         high, limit = self.saved
         record: dict[str, Any] = {"event": "handler-exited", "group": self.group.relpath,
                                   "handler_pid": self.handler.pid, "at_ns": time.monotonic_ns()}
+        _continue_group(self.group, record)
         try:
             # memory.high first to max, so it never sits above memory.max.
             self.group.set_high(UNLIMITED)  # type: ignore[attr-defined]

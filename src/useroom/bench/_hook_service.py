@@ -154,6 +154,9 @@ def main(argv: list[str]) -> int:
                 return cache.shed() > 0
             for _, commands, _ in workers:
                 os.write(commands, b"s")
+            # The workers were stopped for the hooks: they read the request
+            # first thing (each may finish the allocation it was in).
+            ctx.resume_others()
             for _, _, replies in workers:
                 # Return well before the deadline: the plan stops waiting then.
                 ready, _, _ = select.select([replies], [], [], ctx.time_left() / 2)

@@ -64,10 +64,11 @@ class Shape:
 
     def reserve(self) -> int:
         """Threads: each may finish the allocation it is in and start one
-        more before the hook thread has the GIL. Processes run on until they
-        read the hook's request: about ten allocations each."""
+        more before the hook thread has the GIL. Processes are stopped for
+        the hooks, and continued to shed: each may finish an allocation on
+        either side."""
         if self.kind == "procs":
-            return max(16 * MIB, 10 * self.threads * self.size)
+            return max(16 * MIB, 2 * self.threads * self.size + 8 * MIB)
         per_thread = self.size if self.kind != "small" else 1 * MIB
         return max(16 * MIB, self.threads * per_thread + 8 * MIB)
 
