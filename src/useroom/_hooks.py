@@ -259,7 +259,7 @@ class HookRunner:
 
     def disarm_hold(self) -> None:
         if threading.getprofile() == self._arm_new_thread:
-            threading.setprofile(None)  # type: ignore[arg-type]
+            threading.setprofile(None)
         if self.hold_armed:
             _native.hold_disarm()
             self.hold_armed = False
