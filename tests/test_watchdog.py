@@ -309,13 +309,17 @@ class TestHandlerFaults:
         hog = spawn_hog(100, group=group)
         hog.start()
         assert wait_until(lambda: group.limit() == 80 * MIB, 10)  # granted: 64M + 16M
-        assert wait_until(lambda: _state(hog.pid) == "T", 10)  # held while the hooks run
+        # Held while the hooks run (stopped), or, when it reached the limit
+        # before the table's refresh saw it, it used up the grant.
+        assert wait_until(lambda: _state(hog.pid) == "T" or hog.in_oom_wait(), 10)
+        held = _state(hog.pid) == "T"
         os.kill(svc.pid, signal.SIGKILL)
         assert -signal.SIGKILL == hog.wait(10)
         assert wait_until(lambda: group.limit() == 64 * MIB, 5)
         assert wait_until(lambda: _settled(group, kill_disabled=False), 2)
         [exited] = _log(tmp_path / "watchdog.jsonl", "handler-exited")
-        assert (True, 1) == (exited["limit_raised"], exited["continued"])
+        assert exited["limit_raised"] is True
+        assert exited["continued"] >= int(held)
         # The hog, stopped when the handler died, met the kernel killer (the
         # user's setting, restored) once continued; or a takeover gave it.
         assert {t["reason"] for t in _log(tmp_path / "watchdog.jsonl", "takeover")} <= {"handler-exited"}
@@ -354,7 +358,10 @@ def test_faulty_hooks_end_within_the_delay(group: Group, spawn_hog, mode: str, t
     if code == 0:
         episodes += [(e["notified_ns"], e["resolved_ns"]) for e in result["events"]
                      if e["outcome"] in ("resolved", "superseded")]
-    assert episodes or code == 0
+    # A service left alone in the group (the hog killed) whose hook cannot
+    # free memory meets the kernel, the plan's last resort: its own events
+    # die with it, the watchdog's log keeps the last resort.
+    assert episodes or code == 0 or _log(log, "last-resort")
     for notified, resolved in episodes:
         assert resolved is not None and resolved - notified <= delay * 1e9 + SLACK_NS
     assert wait_until(lambda: _settled(group, kill_disabled=False), 5)

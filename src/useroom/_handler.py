@@ -628,7 +628,8 @@ class Handler:
             self._closer = self._own(GrantCloser.open(self.group, lambda: self._limit))
         # The manager is held too: it would compete with the hooks for the GIL.
         return HookRunner(self.group, self._hooks, self._watcher, self._closer, self.hook_timeout,
-                          hold_threads=self.hold_threads, hold_arm_at=self.hold_arm_at, held=self._held)
+                          hold_threads=self.hold_threads, hold_arm_at=self.hold_arm_at, held=self._held,
+                          unsettled=self._hooks_unsettled)
 
     def _held(self) -> tuple[Victim, ...]:
         """The processes the armed plan stops while the hooks run."""
@@ -1035,14 +1036,26 @@ class Handler:
         finally:
             self._grant_reply.write(1)
 
-    def _last_resort(self) -> None:
+    def _hooks_unsettled(self, seq: int, records: tuple[HookRecord, ...]) -> None:
+        """The hooks could not close their grant: if the group has no other
+        task to kill, the last resort comes next. Called by the hook thread,
+        with the service's threads still held (the manager, at the tail
+        grant, may not get the GIL before the kernel acts)."""
+        if not any(v.pidfd is None or not v.pidfd.exited for v in self._table.victims):
+            self._last_resort(seq, records)
+
+    def _last_resort(self, seq: int | None = None, records: tuple[HookRecord, ...] | None = None) -> None:
         """Nothing is left to kill and the usage does not fit: the plan's
         next step is the kernel OOM killer, which will take this process
         (the only task left). Its events die with it, so the watchdog
         records what the hooks did in its log (``last-resort``)."""
-        current = self._watcher.current_episode()
-        seq = current[0] if current else 0
-        records = self._runner.records.get(seq, ()) if self._runner is not None else ()
+        if seq is None:
+            current = self._watcher.current_episode()
+            seq = current[0] if current else 0
+        if self.last_resorts and self.last_resorts[-1]["seq"] == seq:
+            return  # recorded already (by the hook thread)
+        if records is None:
+            records = self._runner.records.get(seq, ()) if self._runner is not None else ()
         after = [h.usage_after for h in records if h.usage_after >= 0]
         note = {"seq": seq, "hooks": len(records), "released": sum(h.released for h in records),
                 "short_by": max(0, after[-1] - self._limit) if after else None,

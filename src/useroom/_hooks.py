@@ -189,7 +189,8 @@ class HookRunner:
     def __init__(self, group: Group, registry: HookRegistry, watcher: _native.NativeWatcher,
                  closer: GrantCloser, timeout: float, *, hold_threads: bool = True,
                  hold_arm_at: float = HOLD_ARM_AT, exempt: Callable[[], list[int]] = list,
-                 held: Callable[[], tuple[Any, ...]] = tuple) -> None:
+                 held: Callable[[], tuple[Any, ...]] = tuple,
+                 unsettled: Callable[[int, tuple[HookRecord, ...]], None] = lambda seq, records: None) -> None:
         self.wake = _native.EventFd()
         self.reply = _native.EventFd()
         self.resume = _native.EventFd()
@@ -209,6 +210,7 @@ class HookRunner:
         self.hold_armed = False
         self._exempt_also = exempt
         self._held = held
+        self._unsettled = unsettled
         self._stopping = False
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="useroom-hooks", daemon=True)
@@ -360,6 +362,9 @@ class HookRunner:
                 if self._closer.fits(ctx.usage) or released <= 0 or time.monotonic_ns() >= ctx.deadline_ns:
                     break  # done, or another round would free nothing more
             settled = self._closer.close_grant()
+            self.records[ctx.seq] = tuple(records)
+            if not settled:
+                self._unsettled(ctx.seq, tuple(records))
             # The hold ends in hooks_next, after the reply; armed, it stays
             # installed for the next episode, which may come at once.
             self.update_hold(ctx.usage)
