@@ -41,8 +41,10 @@ from useroom._hooks import (
     HookRegistry,
     HookRunner,
     PressureContext,
+    hooks_short_by,
 )
 from useroom._native import EventFd, EventRecord, NativeWatcher, SourceKind
+from useroom._last_resort import LastResorts
 from useroom._settle import GrantCloser
 from useroom._policy import CompiledPlan, FreezeAndDecide, FrozenContext, KillLargest, PlanContext, Policy
 from useroom._units import UNLIMITED, format_size, parse_duration, parse_size
@@ -147,10 +149,7 @@ class OomEvent:
     def hooks_short_by(self) -> int | None:
         """After the hooks' last round, how many bytes the usage still
         exceeded the limit by (0 if it fitted); None if no hook ran."""
-        last = [h.usage_after for h in self.hooks if h.usage_after >= 0]
-        if not last or not self.limit:
-            return None
-        return max(0, last[-1] - self.limit)
+        return hooks_short_by(self.hooks, self.limit)
 
     @classmethod
     def from_takeover(cls, takeover: Takeover) -> OomEvent:
@@ -339,10 +338,8 @@ class Handler:
         #: Errors the manager thread met and survived (ENOMEM during an OOM, ...).
         self.errors: list[BaseException] = []
         #: Episodes that found nothing left to kill with the usage above the
-        #: limit (the kernel OOM killer, the plan's last resort, comes next):
-        #: their seq, how many hook runs, the bytes the hooks released, and
-        #: by how much the usage still exceeded the limit.
-        self.last_resorts: list[dict[str, Any]] = []
+        #: limit (the kernel OOM killer, the plan's last resort, comes next).
+        self.last_resorts = LastResorts()
         self._events: list[OomEvent] = []
         self._events_lock = threading.Lock()
         self._event_cond = threading.Condition(self._events_lock)
@@ -1052,16 +1049,10 @@ class Handler:
         if seq is None:
             current = self._watcher.current_episode()
             seq = current[0] if current else 0
-        if self.last_resorts and self.last_resorts[-1]["seq"] == seq:
-            return  # recorded already (by the hook thread)
         if records is None:
             records = self._runner.records.get(seq, ()) if self._runner is not None else ()
-        after = [h.usage_after for h in records if h.usage_after >= 0]
-        note = {"seq": seq, "hooks": len(records), "released": sum(h.released for h in records),
-                "short_by": max(0, after[-1] - self._limit) if after else None,
-                "kernel_next": self.kernel_fallback}
-        self.last_resorts.append(note)
-        if self.watchdog is not None:
+        note = self.last_resorts.record(seq, records, self._limit, kernel_next=self.kernel_fallback)
+        if note is not None and self.watchdog is not None:
             self.watchdog.send(b"last-resort " + json.dumps(note).encode())
 
     def _kill_unseen(self) -> None:

@@ -27,9 +27,9 @@ still does not fit.
 from __future__ import annotations
 
 import gc
+import itertools
 import signal
 import sys
-import itertools
 import threading
 import time
 from collections.abc import Callable
@@ -62,8 +62,8 @@ class OomContext:
     #: 1 for the first round of hooks of an episode; a hook may shed more
     #: in later rounds (the earlier ones did not free enough).
     round: int = 1
-    #: The group's other processes, stopped (SIGSTOP) while the hooks run:
-    #: (pid, pidfd) pairs; see :meth:`resume_others`.
+    #: The group's other processes (victim-table entries, with their
+    #: pidfds), stopped (SIGSTOP) while the hooks run; see :meth:`resume_others`.
     held: tuple[Any, ...] = ()
 
     def resume_others(self) -> None:
@@ -141,6 +141,15 @@ HOLD_ARM_AT = 0.0
 HOLD_DISARM_RATIO = 0.5
 
 
+def hooks_short_by(records: tuple[HookRecord, ...], limit: int) -> int | None:
+    """After the hooks' last round, by how many bytes the usage still
+    exceeded ``limit`` (0 if it fitted); None if no hook ran or it is unknown."""
+    after = [h.usage_after for h in records if h.usage_after >= 0]
+    if not after or limit <= 0:
+        return None
+    return max(0, after[-1] - limit)
+
+
 def hook_name(fn: Hook) -> str:
     return getattr(fn, "__qualname__", None) or repr(fn)
 
@@ -188,8 +197,7 @@ class HookRunner:
 
     def __init__(self, group: Group, registry: HookRegistry, watcher: _native.NativeWatcher,
                  closer: GrantCloser, timeout: float, *, hold_threads: bool = True,
-                 hold_arm_at: float = HOLD_ARM_AT, exempt: Callable[[], list[int]] = list,
-                 held: Callable[[], tuple[Any, ...]] = tuple,
+                 hold_arm_at: float = HOLD_ARM_AT, held: Callable[[], tuple[Any, ...]] = tuple,
                  unsettled: Callable[[int, tuple[HookRecord, ...]], None] = lambda seq, records: None) -> None:
         self.wake = _native.EventFd()
         self.reply = _native.EventFd()
@@ -199,8 +207,6 @@ class HookRunner:
         self.records: dict[int, tuple[HookRecord, ...]] = {}
         self.busy_since_ns = 0
         self.abandoned = False
-        #: Episodes whose grant this runner closed itself.
-        self.settled = 0
         self._registry = registry
         self._watcher = watcher
         self._closer = closer
@@ -208,7 +214,6 @@ class HookRunner:
         self._hold = hold_threads and _native.can_hold_threads
         self._arm_at = hold_arm_at
         self.hold_armed = False
-        self._exempt_also = exempt
         self._held = held
         self._unsettled = unsettled
         self._stopping = False
@@ -217,9 +222,9 @@ class HookRunner:
         self._thread.start()
 
     def _exempt(self) -> list[int]:
-        """The threads a hold never stops: this one (and what the handler adds)."""
+        """The threads a hold never stops: this one."""
         own = self._thread.ident
-        return [*([own] if own else []), *self._exempt_also()]
+        return [own] if own else []
 
     def update_hold(self, usage: int | None = None) -> None:
         """Arms the hold while the usage is near the limit, disarms it once
@@ -316,7 +321,6 @@ class HookRunner:
             # successor's eventfds.
             if self.abandoned:
                 break
-            self.settled += reply == SETTLED
             _native.hooks_next(self.reply, reply, self.release, self.wake, self.resume, self._timeout_ns / 1e9)
             if self._stopping or self.abandoned:
                 if self._hold:
@@ -362,7 +366,6 @@ class HookRunner:
                 if self._closer.fits(ctx.usage) or released <= 0 or time.monotonic_ns() >= ctx.deadline_ns:
                     break  # done, or another round would free nothing more
             settled = self._closer.close_grant()
-            self.records[ctx.seq] = tuple(records)
             if not settled:
                 self._unsettled(ctx.seq, tuple(records))
             # The hold ends in hooks_next, after the reply; armed, it stays

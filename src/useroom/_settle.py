@@ -91,3 +91,4 @@ class GrantCloser:
     def close(self) -> None:
         self.usage_fd.close()
         self.limit_fd.close()
+

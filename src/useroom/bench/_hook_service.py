@@ -174,6 +174,9 @@ def main(argv: list[str]) -> int:
             r_read, r_write = os.pipe()
             pid = os.fork()
             if pid == 0:
+                from useroom.bench._sandbox import die_with_parent
+
+                die_with_parent()  # never left in the group if the service is killed
                 os.close(c_write)
                 os.close(r_read)
                 try:
