@@ -351,6 +351,7 @@ class Handler:
         self._grant_actions: list[VictimRecord] = []
         self._limit = UNLIMITED
         self._pending_restore: int | None = None
+        self._next_refresh = 0.0  # time.monotonic() of the next timed refresh
         self._restore_kill_setting: bool | None = None
         self._thread: threading.Thread | None = None
         self._hooks = HookRegistry()
@@ -502,6 +503,7 @@ class Handler:
         self.policy.arm(group)
         self._owned.append(_Closing(self.policy.disarm))
         self._refresh(grant=False)
+        self._next_refresh = time.monotonic() + self.refresh_interval
         self._watcher.start()
         if self._restore_kill_setting is not None:
             group.set_oom_kill(False)  # v1: the watcher acts from now on
@@ -773,8 +775,11 @@ class Handler:
             ep.close()
 
     def _step(self, ep: _native.Epoll, registered: list[EventRegistration]) -> None:
-        # Often enough for the watchdog's heartbeat too.
-        ready = ep.wait(min(self.refresh_interval, self.heartbeat_timeout / 3))
+        # The table is refreshed every refresh_interval and after any wake-up
+        # (an episode's end, a grant, a threshold); the watchdog's heartbeat
+        # may need more frequent rounds, which do not refresh.
+        now = time.monotonic()
+        ready = ep.wait(max(0.0, min(self._next_refresh - now, self.heartbeat_timeout / 3)))
         crossed = []
         for data, _ in ready:
             if data == 2:
@@ -796,7 +801,9 @@ class Handler:
             self._runner.update_hold()  # first: the step may be the last before an episode
         self._collect()
         self._check_runner()
-        self._refresh(grant=False)
+        if ready or self._pending_restore is not None or time.monotonic() >= self._next_refresh:
+            self._next_refresh = time.monotonic() + self.refresh_interval
+            self._refresh(grant=False)
         if self.watchdog is not None:
             self.watchdog.beat()
         for reg, size, hooks in self._pressure:
@@ -1025,8 +1032,12 @@ class Handler:
             for victim, _ in self.policy.order(self._table.victims):
                 if victim.pidfd is not None and victim.pidfd.exited:
                     continue
-                killed = self._kill_now(victim, self.policy.signal) == 0 or killed
-                if killed and self._limit_fits():
+                if self._kill_now(victim, self.policy.signal) != 0:
+                    continue
+                killed = True
+                # Its memory comes back when it has exited: judge the fit
+                # then, or the next victim dies for memory already freed.
+                if self._limit_fits() or (self._exited(victim) and self._limit_fits()):
                     break
             if not killed and not self._limit_fits():
                 self._last_resort()
@@ -1157,6 +1168,14 @@ class Handler:
         fd, self._spare_procs = self._spare_procs, -1
         if fd >= 0:
             os.close(fd)
+
+    def _exited(self, victim: Victim) -> bool:
+        """Waits up to ``check_timeout`` for a signalled victim to exit;
+        True if it did (false at once without a pidfd to wait on)."""
+        if victim.pidfd is None:
+            return False
+        ready, _, _ = select.select([victim.pidfd], [], [], self.check_timeout)
+        return bool(ready)
 
     def _limit_fits(self) -> bool:
         """True if the limit can be restored now (it is, as a side effect).
