@@ -140,6 +140,58 @@ class TestHold:
         assert 0 == os.waitstatus_to_exitcode(status)
 
 
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+@pytest.mark.kernel
+class TestOtherProcesses:
+    """OomContext's control of the group's other processes, stopped by the
+    plan for the hooks: a hook continues them, stops each again once it has
+    answered, and the hook thread continues every one it stopped again."""
+
+    def test_resume_stop_and_continue(self) -> None:
+        import signal
+        import subprocess
+        import sys
+
+        from useroom._hooks import OomContext
+        from useroom._victims import Pidfd, Victim
+
+        procs = [subprocess.Popen([sys.executable, "-c", "import time\nwhile True: time.sleep(0.001)"])
+                 for _ in range(2)]
+        pidfds = [Pidfd(p.pid) for p in procs]
+        try:
+            for p in procs:
+                os.kill(p.pid, signal.SIGSTOP)  # as the plan does before the grant
+            held = tuple(Victim(p.pid, "python", 0, 0.0, 0, fd) for p, fd in zip(procs, pidfds))
+            ctx = OomContext(group=None, held=held)  # type: ignore[arg-type]
+            first, second = procs[0].pid, procs[1].pid
+
+            def states() -> list[str]:
+                time.sleep(0.05)
+                return [_state(p.pid) for p in procs]
+
+            assert ["T", "T"] == states()
+            ctx.resume_others()
+            assert "T" not in states() and {first, second} == ctx.resumed
+            ctx.stop_others([first])  # it answered
+            assert "T" == states()[0] != states()[1]
+            ctx.stop_others([first])  # already stopped: nothing to do
+            ctx.stop_others()  # the hook returned: the rest
+            assert ["T", "T"] == states() and set() == ctx.resumed and {first, second} == ctx.restopped
+            ctx.continue_others()  # the grant is closed
+            assert "T" not in states() and set() == ctx.restopped
+            ctx.stop_others()  # nothing resumed: stops nobody
+            assert "T" not in states()
+        finally:
+            for p, fd in zip(procs, pidfds):
+                p.kill()
+                p.wait()
+                fd.close()
+
+
 class TestRecords:
     def test_a_hook_record_says_what_came_back(self) -> None:
         record = HookRecord("h", 0, 1, True, None, False, usage_before=100 * MIB, usage_after=60 * MIB)

@@ -994,11 +994,12 @@ class Handler:
         if runner is None or not runner.busy_since_ns:
             return
         if time.monotonic_ns() - runner.busy_since_ns > 2 * self.hook_timeout * 1e9:
+            where = runner.where()
             runner.abandon()
             self._runner = self._new_runner()
             self._runner.update_hold()
             self.errors.append(TimeoutError(f"an on_oom hook did not return within {self.hook_timeout} s"
-                                            "; its thread was abandoned"))
+                                            f"; its thread was abandoned (at {where or 'an unknown place'})"))
 
     def _note(self, err: BaseException) -> None:
         self.errors.append(err)

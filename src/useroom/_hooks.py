@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import gc
 import itertools
+import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
@@ -65,18 +67,56 @@ class OomContext:
     #: The group's other processes (victim-table entries, with their
     #: pidfds), stopped (SIGSTOP) while the hooks run; see :meth:`resume_others`.
     held: tuple[Any, ...] = ()
+    #: Pids of the processes in :attr:`held` continued by
+    #: :meth:`resume_others` and running now.
+    resumed: set[int] = attrs.field(factory=set)
+    #: Pids stopped again by :meth:`stop_others`: the hook thread continues
+    #: them itself once the grant is closed (the plan may have continued
+    #: them already, at its deadline).
+    restopped: set[int] = attrs.field(factory=set)
 
-    def resume_others(self) -> None:
-        """Continues the group's other processes, which were stopped for the
-        hooks: for a hook that asks them to free memory (over a pipe, say)
-        and waits for their answer. Each may finish the allocation it was
-        in. They are continued anyway when the hooks are done."""
+    def resume_others(self, pids: Iterable[int] | None = None) -> None:
+        """Continues the group's other processes (or those of ``pids``),
+        which were stopped for the hooks: for a hook that asks them to free
+        memory (over a pipe, say) and waits for their answer. Each may
+        finish the allocation it was in. When the hook returns they are
+        stopped again until the grant is closed (what they freed must not
+        be taken back before the usage is measured), then continued with
+        the rest."""
+        self.resumed.update(self._signal_held(signal.SIGCONT, pids))
+
+    def stop_others(self, pids: Iterable[int] | None = None) -> None:
+        """Stops again what :meth:`resume_others` continued (all, or those of
+        ``pids``): a hook calls it for each process that has answered, so
+        that it cannot take the grant the slower ones need. The hook thread
+        calls it for the rest when the hook returns. SIGSTOP takes effect at
+        the target's next return to user space: a process running on
+        another CPU is interrupted at once, so at most the fault it is in
+        completes."""
+        wanted = set(self.resumed if pids is None else pids) & self.resumed
+        if wanted:
+            self.restopped.update(self._signal_held(signal.SIGSTOP, wanted))
+            self.resumed -= wanted
+
+    def continue_others(self) -> None:
+        """Continues what :meth:`stop_others` stopped; after the grant is closed."""
+        if self.restopped:
+            self._signal_held(signal.SIGCONT, set(self.restopped))
+            self.restopped.clear()
+
+    def _signal_held(self, sig: int, pids: Iterable[int] | None) -> list[int]:
+        wanted = None if pids is None else set(pids)
+        done = []
         for victim in self.held:
+            if wanted is not None and victim.pid not in wanted:
+                continue
             try:
                 if victim.pidfd is not None:
-                    signal.pidfd_send_signal(victim.pidfd.fileno(), signal.SIGCONT)
+                    signal.pidfd_send_signal(victim.pidfd.fileno(), sig)
+                    done.append(victim.pid)
             except (OSError, ValueError):
-                pass  # gone, or its pidfd closed: nothing to continue
+                pass  # gone, or its pidfd closed: nothing to signal
+        return done
 
     def time_left(self) -> float:
         """Seconds before the native plan stops waiting for the hooks."""
@@ -292,6 +332,15 @@ class HookRunner:
         else:
             self._close()
 
+    def where(self) -> str:
+        """Where the hook thread is now (file:line in function, innermost
+        last), for the error that abandons it; empty if it is not running."""
+        frame = sys._current_frames().get(self._thread.ident or -1)
+        if frame is None:
+            return ""
+        return " < ".join(f"{os.path.basename(f.filename)}:{f.lineno} in {f.name}"
+                          for f in reversed(traceback.extract_stack(frame)[-4:]))
+
     def abandon(self) -> None:
         with self._lock:
             self.abandoned = True
@@ -350,6 +399,8 @@ class HookRunner:
         ctx.deadline_ns = woke + self._timeout_ns
         ctx.limit = self._closer.limit()
         ctx.held = self._held()
+        ctx.resumed.clear()
+        ctx.restopped.clear()
         if self._hold:
             # Armed, the hold started when this thread was woken; this
             # reaches the threads started since, or starts an unarmed one.
@@ -373,6 +424,7 @@ class HookRunner:
             self.update_hold(ctx.usage)
             return settled
         finally:
+            ctx.continue_others()  # the grant is closed (or cannot be): they run on
             if collecting:
                 gc.enable()
             self.records[ctx.seq] = tuple(records)
@@ -393,6 +445,7 @@ class HookRunner:
                 freed = bool(fn(ctx))
             except Exception as err:  # a faulty hook is recorded, never fatal
                 error = repr(err)
+            ctx.stop_others()
             ended = time.monotonic_ns()
             # What the hook freed is in the allocator, which useroom keeps
             # from trimming itself: hand it back (the GIL held, the other

@@ -31,6 +31,7 @@ import select
 import sys
 import threading
 import time
+import traceback
 from collections import OrderedDict
 from typing import Any
 
@@ -121,6 +122,8 @@ def _event_summary(event: Any) -> dict[str, Any]:
         "grant_left_open": event.outcome == "relieved",
         "notify_to_hook_ns": event.notify_to_hook_ns,
         "released": [h.released for h in event.hooks],
+        "hook_ms": [round(h.duration_ns / 1e6, 2) for h in event.hooks],
+        "step_ms": [round((s.t_ns - s.started_ns) / 1e6, 2) for s in event.steps],
         "short_by": event.hooks_short_by,
         "settled": any(s.settled for s in event.steps),
         "takeover": event.takeover.reason if event.takeover is not None else None,
@@ -157,11 +160,16 @@ def main(argv: list[str]) -> int:
             # The workers were stopped for the hooks: they read the request
             # first thing (each may finish the allocation it was in).
             ctx.resume_others()
-            for _, _, replies in workers:
-                # Return well before the deadline: the plan stops waiting then.
-                ready, _, _ = select.select([replies], [], [], ctx.time_left() / 2)
-                if ready:
+            waiting = {replies: pid for pid, _, replies in workers}
+            # Return well before the deadline: the plan stops waiting then.
+            answer_by = time.monotonic() + ctx.time_left() / 2
+            while waiting and (left := answer_by - time.monotonic()) > 0:
+                ready, _, _ = select.select(list(waiting), [], [], left)
+                for replies in ready:
                     os.read(replies, 1)
+                    # It has shed: held again, it cannot take the headroom
+                    # the slower workers need to answer.
+                    ctx.stop_others([waiting.pop(replies)])
             return True
 
     started = time.monotonic()
@@ -227,7 +235,7 @@ def main(argv: list[str]) -> int:
     result["seconds"] = time.monotonic() - started
     if handler is not None:
         result["events"] = [_event_summary(e) for e in handler.events if e.outcome != "not_needed"]
-        result["errors"] = [repr(e) for e in handler.errors][-5:]
+        result["errors"] = ["".join(traceback.format_exception(e)) for e in handler.errors][-5:]
     with open(spec["out"], "w") as f:
         json.dump(result, f)
     return 0
