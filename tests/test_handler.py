@@ -75,7 +75,28 @@ class TestPolicies:
         assert not any(e.fallback for e in events)
         for event in events:
             assert event.notified_ns <= event.acted_ns <= event.resolved_ns
-        assert "largest RSS" in events[0].action
+        assert f"SIGKILL {big.pid} " in events[0].action and "at the OOM" in events[0].action
+        assert [True] == [v.badness is not None and v.badness > 30 * MIB for e in events for v in e.victims
+                          if v.result == 0]
+
+    def test_kill_largest_measures_at_the_oom(self, group: Group, spawn_hog) -> None:
+        """The victim is the largest task at the moment of the OOM, not at the
+        last refresh: a task that was small when the table was read and
+        grew since is the one killed (as the kernel would), and the one
+        that was largest then is spared."""
+        settled, = _hogs(spawn_hog, group, 16)
+        grower = spawn_hog(60, group=group)
+        with Handler(group, KillLargest(), thresholds=(), refresh_interval=3600) as handler:
+            assert _table_has(handler, {settled.pid, grower.pid})
+            sizes = {v.pid: v.rss for v in handler.victims}
+            assert sizes[grower.pid] < sizes[settled.pid]  # the refresh saw it small
+            grower.start()
+            assert -signal.SIGKILL == grower.wait(20)
+            events = until_resolved(handler)
+        assert None is settled.returncode
+        [victim] = [v for e in events for v in e.victims if v.result == 0]
+        assert (grower.pid, "plan") == (victim.pid, victim.by)
+        assert victim.badness is not None and victim.badness > sizes[settled.pid]
 
     def test_kill_newest(self, group: Group, spawn_hog) -> None:
         """The most recently started task is killed first."""

@@ -172,7 +172,7 @@ class TestGrantsAndHooks:
 
     def test_kill_and_resolved_hooks(self, group: Group, spawn_hog: SpawnHog) -> None:
         """on_kill is called for the task the plan killed, on_resolved for the episode."""
-        big, = _hogs(spawn_hog, group, 30)
+        big, = _hogs(spawn_hog, group, 40)  # the largest at the OOM, not only at the refresh
         killed: list[int] = []
         resolved: list[str] = []
         with Handler(group, KillLargest(), thresholds=()) as handler:

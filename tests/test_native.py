@@ -17,11 +17,13 @@ import subprocess
 import sys
 import threading
 
+import attrs
 import pytest
 
 from useroom import _native
 from useroom._native import (
     Action,
+    Candidate,
     ActionKind,
     Epoll,
     EventFd,
@@ -265,6 +267,68 @@ class TestEpisodes:
                 assert rec.notified_ns <= rec.acted_ns <= rec.steps[0].t_ns <= rec.steps[1].t_ns
         finally:
             os.close(pidfd)
+
+    def test_signal_best_picks_by_badness_now(self) -> None:
+        """SIGNAL_BEST reads each candidate's /proc/<pid>/status at the episode:
+        the one with the most RSS + swap + page tables (plus adj_kb) is
+        killed, the pick and its points are recorded, MRELEASE and AWAIT act
+        on the pick, and a second SIGNAL_BEST picks among the rest."""
+        from useroom._victims import Pidfd
+
+        code = "import sys, time\nb = bytearray(int(sys.argv[1]) << 20)\nb[::4096] = b'x' * len(b[::4096])\n" \
+               "print('ready', flush=True)\ntime.sleep(60)\n"
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(mib)], stdout=subprocess.PIPE) for mib in (8, 40, 24)]
+        fds = []
+        try:
+            for p in procs:
+                assert b"ready\n" == p.stdout.readline()  # type: ignore[union-attr]
+            fds = [Pidfd(p.pid) for p in procs]
+            small, big, middle = procs
+            candidates = [Candidate(f.fileno(), f.status.fileno(), p.pid) for f, p in zip(fds, procs)]  # type: ignore[union-attr]
+            # The middle one, pushed up by its adj, outranks the biggest.
+            boosted = [*candidates[:2], attrs.evolve(candidates[2], adj_kb=32 << 10)]
+            with NativeWatcher(lock=False) as w, EventFd() as src:
+                idx = w.add_source(src.fileno(), SourceKind.OOM)
+                w.arm(Plan([Action.signal_best(signal.SIGKILL), Action.mrelease(0).on_pick(),
+                            Action.await_readable(0, 5).on_pick(), Action.signal_best(signal.SIGKILL)],
+                           candidates=boosted))
+                w.run_episode(idx)
+                [rec] = w.records()
+            assert -signal.SIGKILL == middle.wait(5)
+            assert -signal.SIGKILL == big.wait(5)
+            assert None is small.poll()
+            first, reaped, awaited, second = rec.steps
+            assert (2, 0) == (first.pick, first.result)
+            assert 24 << 10 < first.points - (32 << 10) < 40 << 10
+            assert (0, 1) == (reaped.result, awaited.result)
+            assert (1, 0) == (second.pick, second.result)
+            assert 40 << 10 <= second.points < 60 << 10
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait()
+                p.stdout.close()  # type: ignore[union-attr]
+            for f in fds:
+                f.close()
+
+    def test_signal_best_with_nobody_left(self, sleeper: subprocess.Popen[bytes]) -> None:
+        """No live candidate: ESRCH, no pick, and the pick's MRELEASE is skipped."""
+        from useroom._victims import Pidfd
+
+        fd = Pidfd(sleeper.pid)
+        try:
+            assert fd.status is not None
+            sleeper.kill()
+            sleeper.wait()
+            with NativeWatcher(lock=False) as w, EventFd() as src:
+                idx = w.add_source(src.fileno(), SourceKind.OOM)
+                w.arm(Plan([Action.signal_best(signal.SIGKILL), Action.mrelease(0).on_pick()],
+                           candidates=[Candidate(fd.fileno(), fd.status.fileno(), sleeper.pid)]))
+                w.run_episode(idx)
+                [rec] = w.records()
+            assert [(-errno.ESRCH, -1), (-errno.ESRCH, -1)] == [(s.result, s.pick) for s in rec.steps]
+        finally:
+            fd.close()
 
     def test_exited_victim_is_skipped(self, sleeper: subprocess.Popen[bytes], check_file) -> None:
         """A victim that already exited gives ESRCH and the following check is

@@ -46,7 +46,15 @@ from useroom._hooks import (
 from useroom._native import EventFd, EventRecord, NativeWatcher, SourceKind
 from useroom._last_resort import LastResorts
 from useroom._settle import GrantCloser
-from useroom._policy import CompiledPlan, FreezeAndDecide, FrozenContext, KillLargest, PlanContext, Policy
+from useroom._policy import (
+    PICK_REASON,
+    CompiledPlan,
+    FreezeAndDecide,
+    FrozenContext,
+    KillLargest,
+    PlanContext,
+    Policy,
+)
 from useroom._units import UNLIMITED, format_size, parse_duration, parse_size
 from useroom._victims import Victim, VictimTable
 from useroom.exceptions import GroupGone, RootGroupError, UnsupportedKernel, UseroomError, WatcherError
@@ -92,6 +100,9 @@ class VictimRecord:
     signal: str
     result: int
     by: str  # "plan" (native) or "handler" (Python, during a grant)
+    #: Picked at the OOM by badness (KillLargest): RSS + swap + page tables
+    #: + the scaled oom_score_adj, in bytes, as read at that moment.
+    badness: int | None = None
 
 
 @attrs.frozen
@@ -179,7 +190,7 @@ class OomEvent:
         """From the notification to the first signal being sent (the system
         call's entry: its return can come after the woken victim has run)."""
         for step in self.steps:
-            if step.kind in ("SIGNAL_PIDFD", "SIGNAL_PID") and step.ok:
+            if step.kind in ("SIGNAL_PIDFD", "SIGNAL_PID", "SIGNAL_BEST") and step.ok:
                 return step.started_ns - self.notified_ns
         return None
 
@@ -1247,11 +1258,17 @@ class Handler:
             i = step.index
             why = armed.compiled.explanations[i] if armed else ""
             phase = armed.compiled.phases[i] if armed else ""
-            steps.append(StepRecord(step.kind.name, why, phase, step.result, step.t0_ns, step.t_ns))
             target = armed.compiled.targets[i] if armed else None
-            if target is not None and step.kind.name.startswith("SIGNAL"):
-                sig = why.split(" ", 1)[0]  # the explanation starts with the signal's name
-                victims.append(VictimRecord(target.pid, target.name, target.rss, sig, step.result, "plan"))
+            badness = None
+            if armed and step.kind == _native.ActionKind.SIGNAL_BEST and step.pick >= 0:
+                target = armed.compiled.candidates[step.pick]
+                badness = step.points * 1024
+                sig_name = signal.Signals(armed.compiled.plan.actions[i].sig).name
+                why = f"{sig_name} {target.pid} ({target.name}, {format_size(badness)}): {PICK_REASON}"
+            steps.append(StepRecord(step.kind.name, why, phase, step.result, step.t0_ns, step.t_ns))
+            if armed and target is not None and step.kind.name.startswith("SIGNAL"):
+                sig = signal.Signals(armed.compiled.plan.actions[i].sig).name
+                victims.append(VictimRecord(target.pid, target.name, target.rss, sig, step.result, "plan", badness))
         fallback = any(s.phase in ("grant", "kernel") for s in steps)
         resolved_by = None
         if record.outcome.name in ("RESOLVED", "SUPERSEDED") and steps:

@@ -43,9 +43,12 @@ import psutil
 
 from useroom import _native
 from useroom._cgroup import Group
-from useroom._native import Action, Plan
+from useroom._native import Action, Candidate, Plan
 from useroom._units import format_size, parse_size
 from useroom._victims import Pidfd, Victim
+
+#: Why KillLargest's pick was killed (the event names the task and its size).
+PICK_REASON = "largest RSS + swap + page tables at the OOM"
 
 #: Most processes the hooks' phase stops (each costs two plan actions).
 HOLD_PROCESSES_MAX = 6
@@ -108,6 +111,14 @@ class PlanContext:
     def can_grant(self) -> bool:
         return self.reserve > 0 and self.limit >= 0
 
+    @property
+    def limit_kb(self) -> int:
+        """What the kernel scales oom_score_adj by in a memcg OOM: the
+        group's limit, or the machine's memory and swap without one (kB)."""
+        if self.limit > 0:
+            return self.limit // 1024
+        return int(psutil.virtual_memory().total + psutil.swap_memory().total) // 1024
+
 
 @attrs.frozen
 class CompiledPlan:
@@ -126,6 +137,9 @@ class CompiledPlan:
     would: tuple[str, ...] = ()
     #: The processes the hooks' phase stops while the hooks run.
     held: tuple[Victim, ...] = ()
+    #: What the plan's SIGNAL_BEST actions pick from, by the index a step
+    #: records (:attr:`useroom._native.Step.pick`).
+    candidates: tuple[Victim, ...] = ()
 
 
 class _Builder:
@@ -140,6 +154,7 @@ class _Builder:
         #: Index of the hooks' grant while it may still be on.
         self.hooks_grant: int | None = None
         self.held: list[Victim] = []
+        self.candidates: list[Victim] = []
 
     def room(self) -> int:
         return _native.PLAN_MAX - len(self.actions)
@@ -175,6 +190,20 @@ class _Builder:
             self.restore(self.hooks_grant, "kill")
         self.add(Action.check(self.ctx.check_timeout, supersede=True), "check whether the OOM is over", "kill")
         self.victims.append(victim)
+
+    def kill_best(self, sig: int, reason: str) -> None:
+        """Kill the candidate with the highest badness at the OOM (one of
+        :attr:`candidates`, which the caller has set): the same steps as
+        :meth:`kill`, on the pidfd the pick chose."""
+        signal_at = len(self.actions)
+        self.add(Action.signal_best(sig), f"{signal.Signals(sig).name} the task with the {reason}", "kill")
+        if _native.can_use_mrelease and sig == signal.SIGKILL:
+            self.add(Action.mrelease(0).on_pick(), "reap the memory of the pick now", "kill")
+        if self.hooks_grant is not None:
+            self.add(Action.await_readable(0, self.ctx.check_timeout).on_pick().after(signal_at),
+                     f"wait up to {self.ctx.check_timeout} s for the pick to exit", "kill")
+            self.restore(self.hooks_grant, "kill")
+        self.add(Action.check(self.ctx.check_timeout, supersede=True), "check whether the OOM is over", "kill")
 
     def kill_cost(self, term_grace: float | None) -> int:
         return (2 + int(_native.can_use_mrelease) + (2 if term_grace is not None else 0)
@@ -268,11 +297,17 @@ class _Builder:
         return grant + (3 if ctx.kill_switch_fd >= 0 else 0)
 
     def build(self) -> CompiledPlan:
+        candidates = []
+        for v in self.candidates:
+            assert v.pidfd is not None and v.pidfd.status is not None
+            self.pidfds.append(v.pidfd)
+            candidates.append(Candidate(v.pidfd.fileno(), v.pidfd.status.fileno(), v.pid,
+                                        v.oom_score_adj * self.ctx.limit_kb // 1000))
         plan = Plan(tuple(self.actions), check_fd=self.ctx.check_fd, resolved_needle=self.ctx.resolved_needle,
-                    resolved_below=self.ctx.resolved_below)
+                    resolved_below=self.ctx.resolved_below, candidates=candidates)
         return CompiledPlan(
             plan, tuple(self.why), tuple(self.phases), tuple(self.targets), tuple(self.victims),
-            tuple(self.pidfds), held=tuple(self.held),
+            tuple(self.pidfds), held=tuple(self.held), candidates=tuple(self.candidates),
         )
 
 
@@ -336,11 +371,39 @@ class Policy(abc.ABC):
 
 @attrs.frozen
 class KillLargest(Policy):
-    """Kill the task with the largest RSS at the last refresh first."""
+    """Kill the task the kernel's OOM killer would pick: the largest
+    badness (resident + swapped-out + page-table memory, plus
+    ``oom_score_adj`` scaled to the limit), measured at the OOM itself.
+
+    The plan's native core reads each task's ``/proc/<pid>/status`` at the
+    moment of the OOM (through fds opened at the refresh), so a task that
+    grew since the refresh is seen at its size now, and one that exited is
+    skipped. Tasks with ``oom_score_adj`` -1000 are never picked, as by the
+    kernel. With ``term_grace``, or where those files could not be opened,
+    the order is the largest RSS seen at the last refresh.
+    """
 
     def order(self, victims: tuple[Victim, ...]) -> list[tuple[Victim, str]]:
-        ranked = sorted(victims, key=lambda v: (-v.rss, -v.create_time))
+        ranked = sorted((v for v in victims if v.oom_score_adj > -1000), key=lambda v: (-v.rss, -v.create_time))
         return [(v, "largest RSS at refresh") for v in ranked]
+
+    def _compile_kills(self, b: _Builder, ctx: PlanContext) -> None:
+        # order() says who may be killed (a subclass may narrow it); the
+        # native pick ranks them at the OOM.
+        picks = [v for v, _ in self.order(ctx.victims)]
+        if self.term_grace is not None or not picks or \
+                any(v.pidfd is None or v.pidfd.status is None for v in picks):
+            super()._compile_kills(b, ctx)
+            return
+        # The kernel scans the oldest task first and a tie goes to the later one.
+        b.candidates = sorted(picks, key=lambda v: (v.create_time, v.pid))[:_native.CANDS_MAX]
+        budget = b.room() - b.tail_cost()
+        cost = b.kill_cost(None)
+        for _ in range(min(self.max_victims, len(b.candidates))):
+            if budget < cost:
+                break
+            b.kill_best(self.signal, PICK_REASON)
+            budget -= cost
 
 
 @attrs.frozen

@@ -19,19 +19,51 @@ import psutil
 
 from useroom import _native
 from useroom._cgroup import Group
+from useroom._fd import OwnedFd
 
-__all__ = ["Pidfd", "Victim", "VictimTable"]
+__all__ = ["Pidfd", "ProcStatus", "Victim", "VictimTable"]
 
 #: Whether pidfds can be used; without them the plan signals pids.
 can_use_pidfd: bool = hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal")
 
 
-class Pidfd(_native._FdOwner):
-    """A pidfd (close-on-exec) for one process."""
+class ProcStatus(OwnedFd):
+    """``/proc/<pid>/status`` of one process, opened and read once, so that
+    the native plan can read it again at the OOM (``pread`` at offset 0
+    regenerates the text into the buffer the first read allocated) and
+    compute the process's badness then, not at the last refresh."""
+
+    def __init__(self, pid: int) -> None:
+        self._fd = os.open(f"/proc/{pid}/status", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.pread(self._fd, 4096, 0)
+        except BaseException:
+            self.close()
+            raise
+
+
+class Pidfd(OwnedFd):
+    """A pidfd (close-on-exec) for one process, and its :class:`ProcStatus`
+    (None if it could not be opened), closed with it."""
+
+    __slots__ = ("pid", "status")
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self._fd = os.pidfd_open(pid)
+        self.status: ProcStatus | None = None
+        try:
+            # Opened after the pidfd: should the process exit first (and its
+            # pid be reused), the pidfd is readable and the pick skips it,
+            # whatever process this file then names.
+            self.status = ProcStatus(pid)
+        except OSError:
+            pass  # exited already (the pidfd says so), or /proc is not there
+
+    def close(self) -> None:
+        if self.status is not None:
+            self.status.close()
+        super().close()
 
     @property
     def exited(self) -> bool:
@@ -49,9 +81,21 @@ class Victim:
     create_time: float
     uid: int
     pidfd: Pidfd | None = attrs.field(eq=False, repr=False)
+    #: /proc/<pid>/oom_score_adj at the refresh (-1000: the kernel never
+    #: picks it, and neither does a badness pick).
+    oom_score_adj: int = 0
 
     def describe(self) -> str:
         return f"{self.pid} ({self.name}, {self.rss / 2**20:.1f} MiB RSS)"
+
+
+def _oom_score_adj(pid: int) -> int:
+    """The process's oom_score_adj (-1000..1000); raises ProcessLookupError if it is gone."""
+    try:
+        with open(f"/proc/{pid}/oom_score_adj", "rb") as f:
+            return int(f.read())
+    except FileNotFoundError:
+        raise ProcessLookupError(pid) from None
 
 
 class VictimTable:
@@ -95,6 +139,7 @@ class VictimTable:
                     name = proc.name()
                     created = proc.create_time()
                     uid = proc.uids().real
+                adj = _oom_score_adj(pid)
             except (ProcessLookupError, psutil.NoSuchProcess, psutil.ZombieProcess):
                 if pidfd is not None and pid not in self._pidfds:
                     pidfd.close()
@@ -105,7 +150,7 @@ class VictimTable:
                         pidfd.close()
                     continue
                 fresh[pid] = pidfd
-            victims.append(Victim(pid, name, info.rss, created, uid, pidfd))
+            victims.append(Victim(pid, name, info.rss, created, uid, pidfd, adj))
         # A pid that was in cgroup.procs and whose pidfd is still not readable
         # is the same live process: a live process keeps its pid. Check that
         # it is still in the group (it may have been moved out meanwhile).

@@ -26,6 +26,7 @@ from useroom._native._core import ffi as _ffi, lib as _lib
 __all__ = [
     "Action",
     "ActionKind",
+    "Candidate",
     "ArenaReport",
     "CoreLock",
     "Epoll",
@@ -55,6 +56,7 @@ PLAN_MAX: int = _lib.URO_PLAN_MAX
 RING_SIZE: int = _lib.URO_RING_SIZE
 DATA_MAX: int = _lib.URO_DATA_MAX
 NEEDLE_MAX: int = _lib.URO_NEEDLE_MAX
+CANDS_MAX: int = _lib.URO_CANDS_MAX
 SOURCES_MAX: int = _lib.URO_SOURCES_MAX
 STACK_SIZE = 128 * 1024
 STATE_EPISODE: int = _lib.URO_STATE_EPISODE
@@ -425,6 +427,7 @@ class ActionKind(enum.IntEnum):
     WAKE = _lib.URO_ACT_WAKE
     AWAIT = _lib.URO_ACT_AWAIT
     CHECK = _lib.URO_ACT_CHECK
+    SIGNAL_BEST = _lib.URO_ACT_SIGNAL_BEST
 
 
 class SourceKind(enum.IntEnum):
@@ -511,6 +514,21 @@ class Action:
         """This action runs only if the check says the OOM is over now."""
         return attrs.evolve(self, flags=self.flags | _lib.URO_F_IF_CLEAR)
 
+    def on_pick(self) -> Action:
+        """This MRELEASE or AWAIT, on the pidfd of the episode's last
+        :meth:`signal_best` pick instead of its own fd (-ESRCH if it picked
+        nobody)."""
+        if self.kind not in (ActionKind.MRELEASE, ActionKind.AWAIT):
+            raise ValueError("only MRELEASE and AWAIT can act on the pick")
+        return attrs.evolve(self, fd=-1, flags=self.flags | _lib.URO_F_PICKED)
+
+    @classmethod
+    def signal_best(cls, sig: int) -> Action:
+        """Pick the plan's candidate with the highest badness at this moment
+        (see :class:`Candidate`) and signal it through its pidfd; fails with
+        ESRCH if no live candidate is left. The step records the pick."""
+        return cls(ActionKind.SIGNAL_BEST, sig=sig)
+
     @classmethod
     def signal_pidfd(cls, pidfd: int, sig: int) -> Action:
         """Signal a process through its pidfd; fails with ESRCH if it exited."""
@@ -571,6 +589,24 @@ def _actions(value: Iterable[Action]) -> tuple[Action, ...]:
 
 
 @attrs.frozen
+class Candidate:
+    """A task :meth:`Action.signal_best` may pick, by the fds the caller
+    keeps open while the plan is armed: its pidfd, and ``/proc/<pid>/status``
+    opened and read once ahead. Its badness at the pick is VmRSS + VmSwap +
+    VmPTE (kB), as the kernel's ``oom_badness()`` counts, plus ``adj_kb``:
+    ``oom_score_adj`` scaled to the group's limit (adj x limit / 1000)."""
+
+    pidfd: int = attrs.field(converter=_fd)
+    status_fd: int = attrs.field(converter=_fd)
+    pid: int
+    adj_kb: int = 0
+
+
+def _candidates(value: Iterable[Candidate]) -> tuple[Candidate, ...]:
+    return tuple(value)
+
+
+@attrs.frozen
 class Plan:
     """What the watcher does on an OOM notification, decided ahead of time.
 
@@ -586,6 +622,14 @@ class Plan:
     resolved_needle: bytes = attrs.field(default=b"")
     poll_interval: float = 0.0005
     resolved_below: int = attrs.field(default=0, kw_only=True)
+    #: What :meth:`Action.signal_best` picks from, in the order ties go to
+    #: the later one (the kernel scans the oldest task first).
+    candidates: tuple[Candidate, ...] = attrs.field(default=(), kw_only=True, converter=_candidates)
+
+    @candidates.validator
+    def _validate_candidates(self, _: object, value: tuple[Candidate, ...]) -> None:
+        if len(value) > CANDS_MAX:
+            raise ValueError(f"a plan holds at most {CANDS_MAX} candidates, not {len(value)}")
 
     @actions.validator
     def _validate_actions(self, _: object, value: tuple[Action, ...]) -> None:
@@ -610,6 +654,10 @@ class Step:
     result: int
     t0_ns: int
     t_ns: int
+    #: SIGNAL_BEST: the index of the candidate picked (-1: none), and its
+    #: badness (kB) at that moment.
+    pick: int = -1
+    points: int = 0
 
     @property
     def ok(self) -> bool:
@@ -643,7 +691,7 @@ class EventRecord:
 def _record(ev: Any) -> EventRecord:
     steps = tuple(
         Step(int(ev.steps[i].index), ActionKind(ev.steps[i].kind), int(ev.steps[i].result),
-             int(ev.steps[i].t0_ns), int(ev.steps[i].t_ns))
+             int(ev.steps[i].t0_ns), int(ev.steps[i].t_ns), int(ev.steps[i].pick), int(ev.steps[i].points))
         for i in range(ev.nsteps)
     )
     return EventRecord(
@@ -780,6 +828,14 @@ class NativeWatcher:
         _ffi.memmove(dst.needle, plan.resolved_needle.ljust(NEEDLE_MAX, b"\0"), NEEDLE_MAX)
         dst.poll_ns = int(plan.poll_interval * 1e9)
         dst.below = plan.resolved_below
+        for i, cand in enumerate(plan.candidates):
+            c = dst.cands[i]
+            c.pidfd = cand.pidfd
+            c.status_fd = cand.status_fd
+            c.pid = cand.pid
+            c.fired = 0
+            c.adj_kb = cand.adj_kb
+        dst.ncands = len(plan.candidates)
         dst.count = len(plan.actions)
         _check(_lib.uro_plan_commit(self._shared, slot), "plan_commit")
         return self._plan_id

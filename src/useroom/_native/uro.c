@@ -222,7 +222,8 @@ URO_CRIT static int crit_await_resolved(const struct uro_plan *plan, int source_
     }
 }
 
-URO_CRIT static int crit_action(const struct uro_action *a)
+/* Runs action a on fd (fd, or the pidfd of the last pick). */
+URO_CRIT static int crit_action(const struct uro_action *a, int fd)
 {
     switch (a->kind) {
     case URO_ACT_SIGNAL_PIDFD: {
@@ -231,10 +232,10 @@ URO_CRIT static int crit_action(const struct uro_action *a)
          * already sent SIGKILL to is dying: the same holds until it is gone. */
         if (a->sig == SIGKILL && __atomic_load_n(&a->fired, __ATOMIC_RELAXED))
             return -ESRCH;
-        int r = crit_wait_readable(a->fd, 0);
+        int r = crit_wait_readable(fd, 0);
         if (r == 1)
             return -ESRCH;
-        r = (int)uro_sys(SYS_pidfd_send_signal, a->fd, a->sig, 0, 0, 0);
+        r = (int)uro_sys(SYS_pidfd_send_signal, fd, a->sig, 0, 0, 0);
         if (r == 0 && a->sig == SIGKILL)
             __atomic_store_n((int32_t *)&a->fired, 1, __ATOMIC_RELAXED);
         return r;
@@ -242,22 +243,22 @@ URO_CRIT static int crit_action(const struct uro_action *a)
     case URO_ACT_SIGNAL_PID:
         return (int)uro_sys(SYS_kill, a->pid, a->sig, 0, 0, 0);
     case URO_ACT_WRITE:
-        return (int)uro_sys(SYS_pwrite64, a->fd, (long)a->data, a->len, 0, 0);
+        return (int)uro_sys(SYS_pwrite64, fd, (long)a->data, a->len, 0, 0);
     case URO_ACT_MRELEASE:
-        return (int)uro_sys(SYS_process_mrelease, a->fd, 0, 0, 0, 0);
+        return (int)uro_sys(SYS_process_mrelease, fd, 0, 0, 0, 0);
     case URO_ACT_WAKE: {
         uint64_t one = 1;
-        long r = uro_sys(SYS_write, a->fd, (long)&one, sizeof one, 0, 0);
+        long r = uro_sys(SYS_write, fd, (long)&one, sizeof one, 0, 0);
         return r < 0 ? (int)r : 0;
     }
     case URO_ACT_AWAIT: {
-        int r = crit_wait_readable(a->fd, a->timeout_ns);
+        int r = crit_wait_readable(fd, a->timeout_ns);
         if (r == 0)
             return -ETIMEDOUT;
         if (r < 0 || !(a->flags & URO_F_READ))
             return r;
         uint64_t v = 0;
-        long n = uro_sys(SYS_read, a->fd, (long)&v, sizeof v, 0, 0);
+        long n = uro_sys(SYS_read, fd, (long)&v, sizeof v, 0, 0);
         if (n < 0)
             return (int)n;
         return v > 0x7fffffff ? 0x7fffffff : (int)v;
@@ -265,6 +266,72 @@ URO_CRIT static int crit_action(const struct uro_action *a)
     default:
         return -EINVAL;
     }
+}
+
+/* The kB value of the line starting "\n<key>" in a /proc/<pid>/status
+ * text, or 0 if there is no such line (a kernel thread has no Vm lines). */
+URO_CRIT static int64_t crit_status_kb(const char *buf, long n, const char *key, long klen)
+{
+    for (long i = 0; i + klen < n; i++) {
+        if (buf[i] != '\n')
+            continue;
+        long j = 0;
+        while (j < klen && buf[i + 1 + j] == key[j])
+            j++;
+        if (j < klen)
+            continue;
+        long p = i + 1 + klen;
+        while (p < n && (buf[p] == ' ' || buf[p] == '\t'))
+            p++;
+        int64_t v = 0;
+        while (p < n && buf[p] >= '0' && buf[p] <= '9' && v < ((int64_t)1 << 50))
+            v = v * 10 + (buf[p++] - '0');
+        return v;
+    }
+    return 0;
+}
+
+/* A candidate's badness in kB now: VmRSS + VmSwap + VmPTE (kB, the
+ * kernel's get_mm_rss + MM_SWAPENTS + mm_pgtables_bytes) / page + adj.
+ * -errno if its status cannot be read (ESRCH: it exited). The buffer is on
+ * the watcher's locked stack; the text's Vm lines end within its first
+ * 2 KiB (Name, Umask, State ... VmPTE, VmSwap precede the signal masks). */
+URO_CRIT static int crit_badness(const struct uro_cand *c, int64_t *points)
+{
+    char buf[3072];
+    long n = uro_sys(SYS_pread64, c->status_fd, (long)buf, sizeof buf, 0, 0);
+    if (n < 0)
+        return (int)n;
+    int64_t kb = crit_status_kb(buf, n, "VmRSS:", 6) + crit_status_kb(buf, n, "VmSwap:", 7) +
+                 crit_status_kb(buf, n, "VmPTE:", 6);
+    *points = kb + c->adj_kb;
+    return 0;
+}
+
+/* Picks the live, not yet killed candidate with the highest badness now
+ * (ties to the later one); returns its index, or -ESRCH if none is left.
+ * A candidate whose pidfd is readable has exited (or is a zombie): its
+ * memory is already gone; one whose status cannot be read is exiting.
+ * Points may be negative (a negative oom_score_adj), as in the kernel. */
+URO_CRIT static int crit_pick(const struct uro_plan *plan, int64_t *points)
+{
+    int best = -ESRCH;
+    int64_t best_points = 0;
+    uint32_t n = plan->ncands < URO_CANDS_MAX ? plan->ncands : URO_CANDS_MAX;
+    for (uint32_t i = 0; i < n; i++) {
+        const struct uro_cand *c = &plan->cands[i];
+        int64_t p = 0;
+        if (__atomic_load_n(&c->fired, __ATOMIC_RELAXED) || crit_wait_readable(c->pidfd, 0) != 0)
+            continue;
+        if (crit_badness(c, &p) < 0)
+            continue;
+        if (best < 0 || p >= best_points) {
+            best = (int)i;
+            best_points = p;
+        }
+    }
+    *points = best_points;
+    return best;
 }
 
 /* Publishes ev as record seq: the fields first, the sequence number last. */
@@ -340,6 +407,8 @@ URO_CRIT static void crit_episode(struct uro_shared *sh, int src, uint64_t count
                 (void)uro_sys(SYS_read, a->fd, (long)&stale, sizeof stale, 0, 0);
         }
         int acted_since_check = 0;
+        int pick = -1;      /* the last SIGNAL_BEST's candidate */
+        int64_t pick_points = 0;
         int grant_open = 0; /* a raised limit waits for its restore */
         uint64_t ran = 0;   /* bit i: action i ran and succeeded */
         int32_t k = 0;
@@ -386,8 +455,30 @@ URO_CRIT static void crit_episode(struct uro_shared *sh, int src, uint64_t count
                     }
                 }
                 acted_since_check = 0;
+            } else if (a->kind == URO_ACT_SIGNAL_BEST) {
+                r = crit_pick(plan, &pick_points);
+                pick = r >= 0 ? r : -1;
+                if (pick >= 0) {
+                    struct uro_cand *c = (struct uro_cand *)&plan->cands[pick];
+                    r = (int)uro_sys(SYS_pidfd_send_signal, c->pidfd, a->sig, 0, 0, 0);
+                    if (r == 0 && a->sig == SIGKILL)
+                        __atomic_store_n(&c->fired, 1, __ATOMIC_RELAXED);
+                }
+                if (r >= 0) {
+                    acted_since_check = 1;
+                    ran |= (uint64_t)1 << (i & 63);
+                }
+            } else if (a->flags & URO_F_PICKED) {
+                /* Acts on the last pick (and only if its signal went out). */
+                if (pick < 0) {
+                    r = -ESRCH;
+                } else {
+                    r = crit_action(a, plan->cands[pick].pidfd);
+                }
+                if (r >= 0)
+                    ran |= (uint64_t)1 << (i & 63);
             } else {
-                r = crit_action(a);
+                r = crit_action(a, a->fd);
                 if (r >= 0) {
                     acted_since_check = 1;
                     ran |= (uint64_t)1 << (i & 63);
@@ -406,6 +497,8 @@ URO_CRIT static void crit_episode(struct uro_shared *sh, int src, uint64_t count
             ev->steps[k].index = (int32_t)i;
             ev->steps[k].kind = a->kind;
             ev->steps[k].result = r;
+            ev->steps[k].pick = a->kind == URO_ACT_SIGNAL_BEST ? pick : -1;
+            ev->steps[k].points = a->kind == URO_ACT_SIGNAL_BEST && pick >= 0 ? pick_points : 0;
             ev->steps[k].t0_ns = t0;
             ev->steps[k].t_ns = crit_now();
             ev->nsteps = ++k;

@@ -24,6 +24,10 @@
 #define URO_ACT_WAKE 5          /* write 1 to the eventfd fd */
 #define URO_ACT_AWAIT 6         /* wait until fd is readable, at most timeout_ns */
 #define URO_ACT_CHECK 7         /* wait for resolution, at most timeout_ns */
+#define URO_ACT_SIGNAL_BEST 8   /* pick the plan's candidate with the highest badness
+                                 * now (see struct uro_cand) and signal it through its
+                                 * pidfd; -ESRCH if no live candidate is left. The
+                                 * step records the pick and its points */
 
 /* Action flags. */
 #define URO_F_READ 1            /* AWAIT: read the eventfd counter once ready */
@@ -38,6 +42,10 @@
                                  * woken thread restored the limit itself with the usage
                                  * fitting: the grant is closed, the episode resolved */
 #define URO_SETTLED 2           /* what a settling waker adds to the eventfd counter */
+#define URO_F_PICKED 128        /* MRELEASE, AWAIT: act on the pidfd of this episode's
+                                 * last SIGNAL_BEST pick instead of fd (skipped with
+                                 * -ESRCH if it picked nobody) */
+#define URO_CANDS_MAX 32        /* candidates of one plan */
 
 /* Source kinds: what the watcher does when a source's eventfd fires. */
 #define URO_SRC_OOM 1           /* run the armed plan */
@@ -85,6 +93,20 @@ struct uro_action {
     char data[40];
 };
 
+/* A task SIGNAL_BEST may pick. Its badness is computed at the OOM as the
+ * kernel's oom_badness() does: resident pages (VmRSS) + swapped-out pages
+ * (VmSwap) + page-table pages (VmPTE), read from /proc/<pid>/status through
+ * status_fd (opened and read once ahead, so that the seq_file buffer exists
+ * and a pread at offset 0 regenerates the text without allocating in user
+ * space), plus oom_score_adj scaled to the group's limit (adj_kb), all in kB. */
+struct uro_cand {
+    int32_t pidfd;
+    int32_t status_fd;
+    int32_t pid;
+    int32_t fired;           /* set by the watcher once it sent SIGKILL: not picked again */
+    int64_t adj_kb;
+};
+
 struct uro_plan {
     uint64_t id;             /* chosen by Python; copied into each record */
     uint32_t count;
@@ -96,6 +118,10 @@ struct uro_plan {
     int64_t below;           /* > 0: check_fd holds a number (v2 memory.current) and
                               * the episode is resolved when it is below this; the
                               * needle is then unused */
+    uint32_t ncands;
+    int32_t pad;
+    struct uro_cand cands[32]; /* in the order ties go to the later one, as the
+                              * kernel's scan does (the oldest task first) */
 };
 
 struct uro_step {
@@ -104,7 +130,8 @@ struct uro_step {
     int32_t index;           /* of the action in the plan */
     int32_t kind;
     int32_t result;          /* >= 0, or -errno */
-    int32_t pad;
+    int32_t pick;            /* SIGNAL_BEST: the candidate picked, else -1 */
+    int64_t points;          /* SIGNAL_BEST: its badness (kB) at the pick */
 };
 
 struct uro_event {

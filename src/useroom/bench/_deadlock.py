@@ -509,7 +509,7 @@ def _is_signal_kind(kind: Any) -> bool:
             from useroom._native import ActionKind
         except ImportError:
             return False
-        return kind in (ActionKind.SIGNAL_PIDFD, ActionKind.SIGNAL_PID)
+        return kind in (ActionKind.SIGNAL_PIDFD, ActionKind.SIGNAL_PID, ActionKind.SIGNAL_BEST)
     return False
 
 
