@@ -31,7 +31,7 @@ from useroom._cgroup_v2 import (
 from useroom._native import Action, NativeWatcher, Outcome, Plan, SourceKind, Wake
 from useroom._mounts import MemoryHierarchy, Mount, read_memberships, read_mounts
 from useroom._units import UNLIMITED
-from useroom import FreezeAndDecide, FrozenContext, Handler, OomContext, OomEvent
+from useroom import FreezeAndDecide, FrozenContext, Handler, KillNewest, OomContext, OomEvent
 from useroom.exceptions import (
     CgroupPermissionError,
     GroupBusy,
@@ -654,7 +654,8 @@ class TestV2Handler:
         """A task started after the last refresh: the plan's grant wakes the manager, which
         refreshes and kills it; the wall is back afterwards."""
         v2group.set_limit("64M")  # wall 48M with the 16M reserve as the gap
-        with Handler(v2group, reserve="16M", thresholds=(), refresh_interval=3600) as handler:
+        # KillNewest plans only its table's tasks (KillLargest's pick finds a newcomer itself).
+        with Handler(v2group, KillNewest(), reserve="16M", thresholds=(), refresh_interval=3600) as handler:
             newcomer = _hog_in(spawn_hog, v2group, 120)
             assert newcomer.pid not in {v.pid for v in handler.victims}
             newcomer.start()

@@ -68,7 +68,7 @@ class TestPolicies:
         the kernel killed nobody."""
         big, small = _hogs(spawn_hog, group, 30, 10)
         with Handler(group, KillLargest(), thresholds=()) as handler:
-            grower = spawn_hog(36, group)
+            grower = spawn_hog(28, group)  # without big the rest fits with room to spare
             assert wait_until(lambda: _in_table(handler, big, small, grower), EVENT_TIMEOUT)
             grower.start()
             assert grower.wait_touched(EVENT_TIMEOUT)
@@ -134,7 +134,9 @@ class TestGrantsAndHooks:
         """A task started after the last refresh: the grant wakes the manager, which refreshes
         and kills it; the limit (v1) or wall (v2) is back afterwards."""
         before = _settings(group)
-        with Handler(group, KillLargest(), reserve="16M", thresholds=(), refresh_interval=3600) as handler:
+        # KillNewest plans only the tasks of its table (KillLargest's pick
+        # finds a newcomer itself: the test below).
+        with Handler(group, KillNewest(), reserve="16M", thresholds=(), refresh_interval=3600) as handler:
             during = _settings(group)
             newcomer = spawn_hog(120, group)
             assert not _in_table(handler, newcomer)
@@ -146,6 +148,25 @@ class TestGrantsAndHooks:
         assert "resolved" == events[-1].outcome
         assert [(newcomer.pid, "handler")] == [(v.pid, v.by) for e in events for v in e.victims]
         assert any(e.fallback for e in events)
+        assert 0 == group.oom_control().oom_kill
+
+    def test_the_pick_finds_a_task_started_since_the_refresh(self, group: Group, spawn_hog: SpawnHog) -> None:
+        """KillLargest's pick reads cgroup.procs at the OOM: a task the table
+        never saw, larger than every candidate, is the one the plan kills (as
+        the kernel would), without the grant; the others live."""
+        old, = _hogs(spawn_hog, group, 16)
+        with Handler(group, KillLargest(), reserve="16M", thresholds=(), refresh_interval=3600) as handler:
+            newcomer = spawn_hog(120, group)
+            assert not _in_table(handler, newcomer)
+            newcomer.start()
+            assert -signal.SIGKILL == newcomer.wait(EVENT_TIMEOUT)
+            events = until_resolved(handler, EVENT_TIMEOUT)
+        assert None is old.returncode
+        killed = [v for e in events for v in e.victims if v.result == 0]
+        assert [(newcomer.pid, "plan")] == [(v.pid, v.by) for v in killed]
+        assert killed[0].badness is not None and killed[0].badness > 16 * MIB
+        assert "new since the refresh" in events[0].action
+        assert not any(e.fallback for e in events)
         assert 0 == group.oom_control().oom_kill
 
     def test_on_oom_hook_frees_memory_and_nobody_is_killed(self, group: Group, spawn_hog: SpawnHog) -> None:

@@ -300,7 +300,7 @@ class TestEpisodes:
             first, reaped, awaited, second = rec.steps
             assert (2, 0) == (first.pick, first.result)
             assert 24 << 10 < first.points - (32 << 10) < 40 << 10
-            assert (0, 1) == (reaped.result, awaited.result)
+            assert reaped.result in (0, -errno.ESRCH) and 1 == awaited.result  # ESRCH: it had exited already
             assert (1, 0) == (second.pick, second.result)
             assert 40 << 10 <= second.points < 60 << 10
         finally:

@@ -298,6 +298,11 @@ class Group(abc.ABC):
     #: Whether the kernel refuses to set the wall below the usage (v1), so
     #: that a successful write says the usage fits; v2 takes any value.
     wall_write_checks_fit: ClassVar[bool]
+    #: Whether a ``pread`` at offset 0 of an open ``cgroup.procs`` lists the
+    #: tasks of now (v2: the iteration restarts at position 0) or the list
+    #: its first read loaded (v1 keeps a pid list per open file while it is
+    #: read; only a new file's first read loads a new one).
+    procs_pread_relists: ClassVar[bool]
     #: Rules the kernel applies, by operation, for :class:`CgroupPermissionError`.
     permission_rules: ClassVar[Mapping[str, tuple[str, str]]] = {
         "remove": (

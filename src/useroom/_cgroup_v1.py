@@ -54,6 +54,7 @@ class V1Group(Group):
     usage_file: ClassVar[str] = "memory.usage_in_bytes"
     wall_file: ClassVar[str] = "memory.limit_in_bytes"
     wall_write_checks_fit: ClassVar[bool] = True  # EBUSY below the usage
+    procs_pread_relists: ClassVar[bool] = False  # the first read of each open file loads the list
     #: Writing "0" enables the kernel OOM killer, "1" disables it.
     oom_control_file: ClassVar[str] = "memory.oom_control"
     event_control_file: ClassVar[str] = "cgroup.event_control"

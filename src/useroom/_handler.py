@@ -55,6 +55,7 @@ from useroom._policy import (
     PlanContext,
     Policy,
 )
+from useroom._procs import ProcsFiles
 from useroom._units import UNLIMITED, format_size, parse_duration, parse_size
 from useroom._victims import Victim, VictimTable
 from useroom.exceptions import GroupGone, RootGroupError, UnsupportedKernel, UseroomError, WatcherError
@@ -503,6 +504,7 @@ class Handler:
         self._stop_efd = self._own(EventFd())
         self._poke = self._own(EventFd())
         self._table = self._own(VictimTable(group, self.protect))
+        self._procs = self._own(ProcsFiles(group))
         self._watcher = self._own(NativeWatcher())
         self._spare_procs: int = -1
         self._own(_Closing(self._close_spare_procs))
@@ -666,6 +668,8 @@ class Handler:
             hooks_timeout=self.hook_timeout,
             check_timeout=self.check_timeout,
             hold_processes=self.hold_processes,
+            procs_fd=self._procs.for_plan(),
+            protect=tuple(sorted(self._table.protect)) + tuple(sorted(self._table.dying - self._table.protect)),
         )
         if self.group.version == 2:
             wall = self._limit
@@ -1260,11 +1264,15 @@ class Handler:
             phase = armed.compiled.phases[i] if armed else ""
             target = armed.compiled.targets[i] if armed else None
             badness = None
-            if armed and step.kind == _native.ActionKind.SIGNAL_BEST and step.pick >= 0:
-                target = armed.compiled.candidates[step.pick]
+            if armed and step.kind == _native.ActionKind.SIGNAL_BEST and step.pid > 0:
+                # A candidate, or a task started since the refresh that the
+                # pick found through cgroup.procs (no name known).
                 badness = step.points * 1024
+                target = armed.compiled.candidates[step.pick] if step.pick >= 0 else \
+                    Victim(step.pid, "", 0, 0.0, -1, None)
                 sig_name = signal.Signals(armed.compiled.plan.actions[i].sig).name
-                why = f"{sig_name} {target.pid} ({target.name}, {format_size(badness)}): {PICK_REASON}"
+                who = f"{target.name}, " if target.name else "new since the refresh, "
+                why = f"{sig_name} {target.pid} ({who}{format_size(badness)}): {PICK_REASON}"
             steps.append(StepRecord(step.kind.name, why, phase, step.result, step.t0_ns, step.t_ns))
             if armed and target is not None and step.kind.name.startswith("SIGNAL"):
                 sig = signal.Signals(armed.compiled.plan.actions[i].sig).name

@@ -106,6 +106,11 @@ class PlanContext:
     #: the hooks' grant, and continue them after: they would take the
     #: headroom before the hooks run. At most :data:`HOLD_PROCESSES_MAX`.
     hold_processes: bool = False
+    #: The group's ``cgroup.procs`` for the native pick (see
+    #: :mod:`useroom._procs`), and the pids it must never pick: the
+    #: protected ones and those already killed (-1, (): none).
+    procs_fd: int = -1
+    protect: tuple[int, ...] = ()
 
     @property
     def can_grant(self) -> bool:
@@ -155,6 +160,8 @@ class _Builder:
         self.hooks_grant: int | None = None
         self.held: list[Victim] = []
         self.candidates: list[Victim] = []
+        #: SIGNAL_BEST also looks for tasks that are not candidates.
+        self.finding = False
 
     def room(self) -> int:
         return _native.PLAN_MAX - len(self.actions)
@@ -303,8 +310,13 @@ class _Builder:
             self.pidfds.append(v.pidfd)
             candidates.append(Candidate(v.pidfd.fileno(), v.pidfd.status.fileno(), v.pid,
                                         v.oom_score_adj * self.ctx.limit_kb // 1000))
+        # Tasks started since the refresh are found through cgroup.procs;
+        # with more pids to protect than the plan holds, none are looked for.
+        find = self.finding and len(self.ctx.protect) <= 32
         plan = Plan(tuple(self.actions), check_fd=self.ctx.check_fd, resolved_needle=self.ctx.resolved_needle,
-                    resolved_below=self.ctx.resolved_below, candidates=candidates)
+                    resolved_below=self.ctx.resolved_below, candidates=candidates,
+                    procs_fd=self.ctx.procs_fd if find else -1, protect=self.ctx.protect if find else (),
+                    limit_kb=self.ctx.limit_kb)
         return CompiledPlan(
             plan, tuple(self.why), tuple(self.phases), tuple(self.targets), tuple(self.victims),
             tuple(self.pidfds), held=tuple(self.held), candidates=tuple(self.candidates),
@@ -391,15 +403,17 @@ class KillLargest(Policy):
         # order() says who may be killed (a subclass may narrow it); the
         # native pick ranks them at the OOM.
         picks = [v for v, _ in self.order(ctx.victims)]
-        if self.term_grace is not None or not picks or \
+        finds = ctx.procs_fd >= 0 and type(self).order is KillLargest.order
+        if self.term_grace is not None or not (picks or finds) or \
                 any(v.pidfd is None or v.pidfd.status is None for v in picks):
             super()._compile_kills(b, ctx)
             return
         # The kernel scans the oldest task first and a tie goes to the later one.
         b.candidates = sorted(picks, key=lambda v: (v.create_time, v.pid))[:_native.CANDS_MAX]
+        b.finding = finds
         budget = b.room() - b.tail_cost()
         cost = b.kill_cost(None)
-        for _ in range(min(self.max_victims, len(b.candidates))):
+        for _ in range(self.max_victims if finds else min(self.max_victims, len(b.candidates))):
             if budget < cost:
                 break
             b.kill_best(self.signal, PICK_REASON)

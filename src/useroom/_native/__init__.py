@@ -606,6 +606,10 @@ def _candidates(value: Iterable[Candidate]) -> tuple[Candidate, ...]:
     return tuple(value)
 
 
+def _pids(value: Iterable[int]) -> tuple[int, ...]:
+    return tuple(int(pid) for pid in value)
+
+
 @attrs.frozen
 class Plan:
     """What the watcher does on an OOM notification, decided ahead of time.
@@ -625,6 +629,18 @@ class Plan:
     #: What :meth:`Action.signal_best` picks from, in the order ties go to
     #: the later one (the kernel scans the oldest task first).
     candidates: tuple[Candidate, ...] = attrs.field(default=(), kw_only=True, converter=_candidates)
+    #: The group's ``cgroup.procs``, through which :meth:`Action.signal_best`
+    #: also finds tasks that are not candidates (-1: it does not look).
+    procs_fd: int = attrs.field(default=-1, kw_only=True)
+    #: Pids never picked through ``procs_fd`` (at most 32).
+    protect: tuple[int, ...] = attrs.field(default=(), kw_only=True, converter=_pids)
+    #: What such a task's oom_score_adj is scaled by (kB, adj x limit / 1000).
+    limit_kb: int = attrs.field(default=0, kw_only=True)
+
+    @protect.validator
+    def _validate_protect(self, _: object, value: tuple[int, ...]) -> None:
+        if len(value) > 32:
+            raise ValueError(f"a plan protects at most 32 pids, not {len(value)}")
 
     @candidates.validator
     def _validate_candidates(self, _: object, value: tuple[Candidate, ...]) -> None:
@@ -658,6 +674,9 @@ class Step:
     #: badness (kB) at that moment.
     pick: int = -1
     points: int = 0
+    #: SIGNAL_BEST: the pid picked (a candidate's, or a task found through
+    #: the plan's ``procs_fd``, with ``pick`` -1); 0 if none.
+    pid: int = 0
 
     @property
     def ok(self) -> bool:
@@ -691,7 +710,8 @@ class EventRecord:
 def _record(ev: Any) -> EventRecord:
     steps = tuple(
         Step(int(ev.steps[i].index), ActionKind(ev.steps[i].kind), int(ev.steps[i].result),
-             int(ev.steps[i].t0_ns), int(ev.steps[i].t_ns), int(ev.steps[i].pick), int(ev.steps[i].points))
+             int(ev.steps[i].t0_ns), int(ev.steps[i].t_ns), int(ev.steps[i].pick), int(ev.steps[i].points),
+             int(ev.steps[i].pid))
         for i in range(ev.nsteps)
     )
     return EventRecord(
@@ -836,6 +856,11 @@ class NativeWatcher:
             c.fired = 0
             c.adj_kb = cand.adj_kb
         dst.ncands = len(plan.candidates)
+        dst.procs_fd = plan.procs_fd
+        for i, pid in enumerate(plan.protect):
+            dst.protect[i] = pid
+        dst.nprotect = len(plan.protect)
+        dst.limit_kb = plan.limit_kb
         dst.count = len(plan.actions)
         _check(_lib.uro_plan_commit(self._shared, slot), "plan_commit")
         return self._plan_id

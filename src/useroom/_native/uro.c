@@ -27,6 +27,7 @@
 #define Py_LIMITED_API 0x030A0000
 #include <Python.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <malloc.h>
 #include <stdlib.h>
 #include <link.h>
@@ -51,6 +52,9 @@
 #ifndef SYS_process_mrelease
 #define SYS_process_mrelease 448
 #endif
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434
+#endif
 
 _Static_assert(URO_PLAN_MAX == sizeof(((struct uro_plan *)0)->actions) / sizeof(struct uro_action),
                "plan size");
@@ -63,6 +67,7 @@ _Static_assert(URO_SOURCES_MAX == sizeof(((struct uro_shared *)0)->sources) / si
 _Static_assert(URO_RING_SIZE == sizeof(((struct uro_shared *)0)->ring) / sizeof(struct uro_event),
                "ring size");
 _Static_assert(sizeof(pthread_t) <= sizeof(((struct uro_watcher *)0)->thread), "pthread_t fits");
+_Static_assert(URO_CANDS_MAX == sizeof(((struct uro_plan *)0)->cands) / sizeof(struct uro_cand), "cands size");
 
 /* Critical code: its own section (mlocked as a whole), no stack protector
  * (whose failure path calls into libc), and no loop turned into a memset or
@@ -308,15 +313,100 @@ URO_CRIT static int crit_badness(const struct uro_cand *c, int64_t *points)
     return 0;
 }
 
-/* Picks the live, not yet killed candidate with the highest badness now
- * (ties to the later one); returns its index, or -ESRCH if none is left.
- * A candidate whose pidfd is readable has exited (or is a zombie): its
- * memory is already gone; one whose status cannot be read is exiting.
- * Points may be negative (a negative oom_score_adj), as in the kernel. */
-URO_CRIT static int crit_pick(const struct uro_plan *plan, int64_t *points)
+/* Reads /proc/<pid>/<name> into buf (opened, read, closed now); the bytes
+ * read or -errno. The open may fail under the OOM (ENOMEM: the file's
+ * kernel memory is charged to the group); the caller then skips the task. */
+URO_CRIT static long crit_read_proc(int32_t pid, const char *name, char *buf, long size)
 {
-    int best = -ESRCH;
-    int64_t best_points = 0;
+    char path[48];
+    const char *head = "/proc/";
+    int n = 0;
+    while (*head)
+        path[n++] = *head++;
+    char digits[12];
+    int d = 0;
+    uint32_t v = (uint32_t)pid;
+    do {
+        digits[d++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v && d < 12);
+    while (d)
+        path[n++] = digits[--d];
+    path[n++] = '/';
+    while (*name && n < 47)
+        path[n++] = *name++;
+    path[n] = 0;
+    long fd = uro_sys(SYS_openat, AT_FDCWD, (long)path, O_RDONLY | O_CLOEXEC, 0, 0);
+    if (fd < 0)
+        return fd;
+    long r = uro_sys(SYS_read, fd, (long)buf, size, 0, 0);
+    uro_sys(SYS_close, fd, 0, 0, 0, 0);
+    return r;
+}
+
+/* The badness (kB) of a task found through cgroup.procs: its status and
+ * oom_score_adj read now. -ESRCH-like errors: skip it; -EPERM: adj -1000
+ * (never picked). */
+URO_CRIT static int crit_badness_pid(const struct uro_plan *plan, int32_t pid, int64_t *points)
+{
+    char buf[3072];
+    long n = crit_read_proc(pid, "oom_score_adj", buf, 16);
+    if (n <= 0)
+        return n < 0 ? (int)n : -ESRCH;
+    long i = 0;
+    int neg = buf[0] == '-';
+    int64_t adj = 0;
+    for (i = neg; i < n && buf[i] >= '0' && buf[i] <= '9'; i++)
+        adj = adj * 10 + (buf[i] - '0');
+    if (neg)
+        adj = -adj;
+    if (adj <= -1000)
+        return -EPERM;
+    n = crit_read_proc(pid, "status", buf, sizeof buf);
+    if (n < 0)
+        return (int)n;
+    *points = crit_status_kb(buf, n, "VmRSS:", 6) + crit_status_kb(buf, n, "VmSwap:", 7) +
+              crit_status_kb(buf, n, "VmPTE:", 6) + adj * plan->limit_kb / 1000;
+    return 0;
+}
+
+URO_CRIT static int crit_is_listed(const struct uro_plan *plan, int32_t pid)
+{
+    uint32_t np = plan->nprotect < 32 ? plan->nprotect : 32;
+    for (uint32_t i = 0; i < np; i++)
+        if (plan->protect[i] == pid)
+            return 1;
+    uint32_t nc = plan->ncands < URO_CANDS_MAX ? plan->ncands : URO_CANDS_MAX;
+    for (uint32_t i = 0; i < nc; i++)
+        if (plan->cands[i].pid == pid)
+            return 1;
+    return 0;
+}
+
+/* The pick of SIGNAL_BEST. */
+struct crit_pick {
+    int index;               /* the candidate, or -1 */
+    int32_t pid;             /* the task picked; 0: none */
+    int64_t points;
+    int pidfd;               /* a candidate's, or one opened for a found task */
+    int owned;               /* pidfd was opened here: the episode closes it */
+};
+
+/* Picks the live, not yet killed task with the highest badness now (ties to
+ * the later one) among the candidates and, through procs_fd, the group's
+ * other tasks, which come after them, as newer. Returns 0 with *out set, or
+ * -ESRCH if there is nobody to pick. A candidate whose pidfd is readable
+ * has exited (or is a zombie): its memory is already gone; a task whose
+ * status cannot be read is exiting. Points may be negative (a negative
+ * oom_score_adj), as in the kernel. */
+URO_CRIT static int crit_pick(const struct uro_plan *plan, struct crit_pick *out)
+{
+    out->index = -1;
+    out->pid = 0;
+    out->points = 0;
+    out->pidfd = -1;
+    out->owned = 0;
+    int found = 0;
     uint32_t n = plan->ncands < URO_CANDS_MAX ? plan->ncands : URO_CANDS_MAX;
     for (uint32_t i = 0; i < n; i++) {
         const struct uro_cand *c = &plan->cands[i];
@@ -325,13 +415,46 @@ URO_CRIT static int crit_pick(const struct uro_plan *plan, int64_t *points)
             continue;
         if (crit_badness(c, &p) < 0)
             continue;
-        if (best < 0 || p >= best_points) {
-            best = (int)i;
-            best_points = p;
+        if (!found || p >= out->points) {
+            found = 1;
+            out->index = (int)i;
+            out->pid = c->pid;
+            out->points = p;
         }
     }
-    *points = best_points;
-    return best;
+    if (plan->procs_fd >= 0) {
+        char text[4096];
+        long m = uro_sys(SYS_pread64, plan->procs_fd, (long)text, sizeof text, 0, 0);
+        int32_t pid = 0;
+        for (long i = 0; i < m; i++) {
+            if (text[i] >= '0' && text[i] <= '9') {
+                pid = pid * 10 + (text[i] - '0');
+                continue;
+            }
+            if (pid > 0 && !crit_is_listed(plan, pid)) {
+                int64_t p = 0;
+                if (crit_badness_pid(plan, pid, &p) == 0 && (!found || p >= out->points)) {
+                    found = 1;
+                    out->index = -1;
+                    out->pid = pid;
+                    out->points = p;
+                }
+            }
+            pid = 0;
+        }
+    }
+    if (!found)
+        return -ESRCH;
+    if (out->index >= 0) {
+        out->pidfd = plan->cands[out->index].pidfd;
+    } else {
+        long fd = uro_sys(SYS_pidfd_open, out->pid, 0, 0, 0, 0);
+        if (fd < 0)
+            return (int)fd;
+        out->pidfd = (int)fd;
+        out->owned = 1;
+    }
+    return 0;
 }
 
 /* Publishes ev as record seq: the fields first, the sequence number last. */
@@ -407,8 +530,7 @@ URO_CRIT static void crit_episode(struct uro_shared *sh, int src, uint64_t count
                 (void)uro_sys(SYS_read, a->fd, (long)&stale, sizeof stale, 0, 0);
         }
         int acted_since_check = 0;
-        int pick = -1;      /* the last SIGNAL_BEST's candidate */
-        int64_t pick_points = 0;
+        struct crit_pick pick = {.index = -1, .pid = 0, .points = 0, .pidfd = -1, .owned = 0};
         int grant_open = 0; /* a raised limit waits for its restore */
         uint64_t ran = 0;   /* bit i: action i ran and succeeded */
         int32_t k = 0;
@@ -456,25 +578,25 @@ URO_CRIT static void crit_episode(struct uro_shared *sh, int src, uint64_t count
                 }
                 acted_since_check = 0;
             } else if (a->kind == URO_ACT_SIGNAL_BEST) {
-                r = crit_pick(plan, &pick_points);
-                pick = r >= 0 ? r : -1;
-                if (pick >= 0) {
-                    struct uro_cand *c = (struct uro_cand *)&plan->cands[pick];
-                    r = (int)uro_sys(SYS_pidfd_send_signal, c->pidfd, a->sig, 0, 0, 0);
-                    if (r == 0 && a->sig == SIGKILL)
-                        __atomic_store_n(&c->fired, 1, __ATOMIC_RELAXED);
+                if (pick.owned)
+                    uro_sys(SYS_close, pick.pidfd, 0, 0, 0, 0);
+                r = crit_pick(plan, &pick);
+                if (r == 0) {
+                    r = (int)uro_sys(SYS_pidfd_send_signal, pick.pidfd, a->sig, 0, 0, 0);
+                    if (r == 0 && a->sig == SIGKILL && pick.index >= 0)
+                        __atomic_store_n((int32_t *)&plan->cands[pick.index].fired, 1, __ATOMIC_RELAXED);
                 }
                 if (r >= 0) {
                     acted_since_check = 1;
                     ran |= (uint64_t)1 << (i & 63);
+                } else if (pick.owned) {
+                    uro_sys(SYS_close, pick.pidfd, 0, 0, 0, 0);
+                    pick.owned = 0;
+                    pick.pidfd = -1;
                 }
             } else if (a->flags & URO_F_PICKED) {
                 /* Acts on the last pick (and only if its signal went out). */
-                if (pick < 0) {
-                    r = -ESRCH;
-                } else {
-                    r = crit_action(a, plan->cands[pick].pidfd);
-                }
+                r = pick.pidfd < 0 ? -ESRCH : crit_action(a, pick.pidfd);
                 if (r >= 0)
                     ran |= (uint64_t)1 << (i & 63);
             } else {
@@ -497,12 +619,16 @@ URO_CRIT static void crit_episode(struct uro_shared *sh, int src, uint64_t count
             ev->steps[k].index = (int32_t)i;
             ev->steps[k].kind = a->kind;
             ev->steps[k].result = r;
-            ev->steps[k].pick = a->kind == URO_ACT_SIGNAL_BEST ? pick : -1;
-            ev->steps[k].points = a->kind == URO_ACT_SIGNAL_BEST && pick >= 0 ? pick_points : 0;
+            int best = a->kind == URO_ACT_SIGNAL_BEST;
+            ev->steps[k].pick = best ? pick.index : -1;
+            ev->steps[k].points = best ? pick.points : 0;
+            ev->steps[k].pid = best ? pick.pid : 0;
             ev->steps[k].t0_ns = t0;
             ev->steps[k].t_ns = crit_now();
             ev->nsteps = ++k;
         }
+        if (pick.owned)
+            uro_sys(SYS_close, pick.pidfd, 0, 0, 0, 0); /* a found task's, opened by the pick */
         if (!outcome) {
             if (has_check) {
                 int r = crit_check(plan);

@@ -122,6 +122,16 @@ struct uro_plan {
     int32_t pad;
     struct uro_cand cands[32]; /* in the order ties go to the later one, as the
                               * kernel's scan does (the oldest task first) */
+    /* Tasks that are not candidates (started since the candidates were
+     * listed) are found by SIGNAL_BEST through procs_fd, the group's
+     * cgroup.procs (-1: not looked for): their status and oom_score_adj are
+     * opened and read at the pick, and adj scaled by limit_kb. The pids of
+     * protect are never picked (the handler, its watchdog, the user's, and
+     * tasks already killed). */
+    int32_t procs_fd;
+    uint32_t nprotect;
+    int64_t limit_kb;
+    int32_t protect[32];
 };
 
 struct uro_step {
@@ -132,6 +142,9 @@ struct uro_step {
     int32_t result;          /* >= 0, or -errno */
     int32_t pick;            /* SIGNAL_BEST: the candidate picked, else -1 */
     int64_t points;          /* SIGNAL_BEST: its badness (kB) at the pick */
+    int32_t pid;             /* SIGNAL_BEST: the pid picked (a candidate's, or one
+                              * found through procs_fd with pick -1), else 0 */
+    int32_t pad;
 };
 
 struct uro_event {

@@ -1,0 +1,72 @@
+"""The ``cgroup.procs`` files the plans read at the OOM.
+
+A task started after the last refresh is not among a plan's candidates.
+The native pick (``SIGNAL_BEST``) finds such tasks by reading the group's
+``cgroup.procs`` at the OOM through a file opened ahead: opening it then
+may fail for want of memory. The two backends differ in what a second read
+of one open file returns, held as data on the group class
+(``procs_pread_relists``):
+
+- cgroup v2 restarts its task iteration whenever a read starts at offset
+  0: one file, read once ahead (the read allocates its seq_file buffer,
+  charged to the group), serves every plan.
+- cgroup v1 loads a pid list at the first read of each open file and keeps
+  serving it to that file while it is read (the list is dropped a second
+  after its last read): each plan gets a new, unread file, and it lists the
+  tasks as of the plan's first pick.
+
+A plan names its file by number, so a file is closed only once no plan
+that may still run names it: the watcher runs the armed plan or, for an
+episode in progress, the one before it.
+"""
+
+from __future__ import annotations
+
+import os
+
+from useroom._cgroup import Group
+from useroom._fd import OwnedFd
+
+__all__ = ["ProcsFiles"]
+
+
+class _ProcsFile(OwnedFd):
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+
+class ProcsFiles:
+    """Hands each plan the ``cgroup.procs`` fd it reads at the OOM."""
+
+    #: Files kept open: the armed plan's, the one an episode may still be
+    #: running, and one spare for a plan compiled but not armed.
+    KEEP = 3
+
+    def __init__(self, group: Group) -> None:
+        self.group = group
+        self._files: list[_ProcsFile] = []
+
+    def for_plan(self) -> int:
+        """The fd for the next plan; -1 if the file cannot be opened (the
+        plan then looks at its candidates only)."""
+        if self.group.procs_pread_relists and self._files:
+            return self._files[-1].fileno()
+        try:
+            file = _ProcsFile(self.group.open_file(self.group.procs_file, os.O_RDONLY))
+        except OSError:
+            return -1
+        if self.group.procs_pread_relists:
+            try:
+                os.pread(file.fileno(), 4096, 0)  # allocates the buffer now, not at the OOM
+            except OSError:
+                file.close()
+                return -1
+        self._files.append(file)
+        while len(self._files) > self.KEEP:
+            self._files.pop(0).close()
+        return file.fileno()
+
+    def close(self) -> None:
+        for file in self._files:
+            file.close()
+        self._files = []
