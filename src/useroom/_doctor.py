@@ -593,6 +593,11 @@ def _advice(uid: int, user: str, hierarchy: MemoryHierarchy | None, group: Group
                       "(cgroup v2: list 'memory' in the parent's cgroup.subtree_control; v1: mount -t cgroup "
                       "-o memory)")
         return advice
+    if hierarchy.version == 1:
+        advice.append("the memory controller is on cgroup v1, which upstream is retiring: memory.oom_control "
+                      "is deprecated (a warning since about Linux 6.12) and kernels since 6.11 build without "
+                      "v1 memory unless CONFIG_MEMCG_V1=y; useroom keeps v1 as legacy: plan the move to "
+                      "cgroup v2 (systemd: systemd.unified_cgroup_hierarchy=1 on the kernel command line)")
     if group is None:
         advice.append(f"your memory group could not be checked: {group_error}")
     elif not group.delegated:
