@@ -15,6 +15,7 @@ import signal
 import time
 from collections.abc import Callable
 
+import attrs
 import pytest
 
 from helpers import MIB, Hog, until_resolved, wait_until
@@ -234,3 +235,40 @@ class TestLifecycle:
             assert wait_until(lambda: _settings(group) == during, EVENT_TIMEOUT)
         assert any(s.phase == "kernel" for e in events for s in e.steps)
         assert 1 == group.oom_control().oom_kill
+
+
+class TestPickFindsNewTasks:
+    """The native pick's cgroup.procs, read again at each pick of one armed
+    plan (signal 0: the pick is recorded, nobody is killed)."""
+
+    def _pick(self, watcher, source: int) -> int:  # type: ignore[no-untyped-def]
+        watcher.run_episode(source)
+        [step] = watcher.records()[-1].steps
+        return int(step.pid)
+
+    def test_each_pick_lists_the_tasks_of_now(self, group: Group, spawn_hog: SpawnHog) -> None:
+        """A task started after the plan was armed, and after a first pick read
+        cgroup.procs, is found by the next pick of the same plan (cgroup v1
+        lists an open file's first read again: the pick opens it anew)."""
+        from useroom._native import Action, EventFd, NativeWatcher, Plan, SourceKind
+        from useroom._procs import ProcsFiles
+
+        first, = _hogs(spawn_hog, group, 8)
+        files = ProcsFiles(group)
+        try:
+            fd = files.for_plan()
+            os.pread(fd, 4096, 0)  # listed once before the plan runs: v1 keeps this list for the file
+            plan = Plan([Action.signal_best(0)], procs_fd=fd, limit_kb=64 << 10)
+            with NativeWatcher(lock=False) as watcher, EventFd() as source:
+                idx = watcher.add_source(source.fileno(), SourceKind.OOM)
+                watcher.arm(plan)
+                assert first.pid == self._pick(watcher, idx)
+                second, = _hogs(spawn_hog, group, 24)  # larger: the pick's answer, if it sees it
+                if group.version == 1:
+                    # The plan's own file lists its first read's tasks again.
+                    assert first.pid == self._pick(watcher, idx)
+                watcher.arm(attrs.evolve(plan, procs_reopen=not group.procs_pread_relists))
+                assert second.pid == self._pick(watcher, idx)
+        finally:
+            files.close()
+        assert (None, None) == (first.returncode, second.returncode)

@@ -669,6 +669,7 @@ class Handler:
             check_timeout=self.check_timeout,
             hold_processes=self.hold_processes,
             procs_fd=self._procs.for_plan(),
+            procs_reopen=not self.group.procs_pread_relists,
             protect=tuple(sorted(self._table.protect)) + tuple(sorted(self._table.dying - self._table.protect)),
         )
         if self.group.version == 2:

@@ -111,6 +111,8 @@ class PlanContext:
     #: protected ones and those already killed (-1, (): none).
     procs_fd: int = -1
     protect: tuple[int, ...] = ()
+    #: Whether the pick opens ``procs_fd`` anew to list the tasks of now (v1).
+    procs_reopen: bool = False
 
     @property
     def can_grant(self) -> bool:
@@ -316,6 +318,7 @@ class _Builder:
         plan = Plan(tuple(self.actions), check_fd=self.ctx.check_fd, resolved_needle=self.ctx.resolved_needle,
                     resolved_below=self.ctx.resolved_below, candidates=candidates,
                     procs_fd=self.ctx.procs_fd if find else -1, protect=self.ctx.protect if find else (),
+                    procs_reopen=self.ctx.procs_reopen,
                     limit_kb=self.ctx.limit_kb)
         return CompiledPlan(
             plan, tuple(self.why), tuple(self.phases), tuple(self.targets), tuple(self.victims),

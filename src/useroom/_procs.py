@@ -12,8 +12,11 @@ of one open file returns, held as data on the group class
   charged to the group), serves every plan.
 - cgroup v1 loads a pid list at the first read of each open file and keeps
   serving it to that file while it is read (the list is dropped a second
-  after its last read): each plan gets a new, unread file, and it lists the
-  tasks as of the plan's first pick.
+  after its last read). So the pick opens the file anew through
+  ``/proc/self/fd/N`` each time (``procs_reopen``), which loads the list of
+  now; should that open fail for want of memory, it reads the plan's own
+  file, which is new and unread for each plan: the tasks as of the plan's
+  first pick.
 
 A plan names its file by number, so a file is closed only once no plan
 that may still run names it: the watcher runs the armed plan or, for an

@@ -632,6 +632,9 @@ class Plan:
     #: The group's ``cgroup.procs``, through which :meth:`Action.signal_best`
     #: also finds tasks that are not candidates (-1: it does not look).
     procs_fd: int = attrs.field(default=-1, kw_only=True)
+    #: Read ``procs_fd`` through a new open file at each pick (cgroup v1,
+    #: where an open file lists what its first read listed).
+    procs_reopen: bool = attrs.field(default=False, kw_only=True)
     #: Pids never picked through ``procs_fd`` (at most 32).
     protect: tuple[int, ...] = attrs.field(default=(), kw_only=True, converter=_pids)
     #: What such a task's oom_score_adj is scaled by (kB, adj x limit / 1000).
@@ -857,6 +860,7 @@ class NativeWatcher:
             c.adj_kb = cand.adj_kb
         dst.ncands = len(plan.candidates)
         dst.procs_fd = plan.procs_fd
+        dst.procs_reopen = int(plan.procs_reopen)
         for i, pid in enumerate(plan.protect):
             dst.protect[i] = pid
         dst.nprotect = len(plan.protect)

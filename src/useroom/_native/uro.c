@@ -424,7 +424,30 @@ URO_CRIT static int crit_pick(const struct uro_plan *plan, struct crit_pick *out
     }
     if (plan->procs_fd >= 0) {
         char text[4096];
-        long m = uro_sys(SYS_pread64, plan->procs_fd, (long)text, sizeof text, 0, 0);
+        long m = -1;
+        if (plan->procs_reopen) {
+            /* A new open file of the same cgroup.procs loads the list of now;
+             * if the open fails for want of memory, the planned file serves. */
+            char path[32] = "/proc/self/fd/";
+            int n = 14;
+            char digits[12];
+            int d = 0;
+            uint32_t v = (uint32_t)plan->procs_fd;
+            do {
+                digits[d++] = (char)('0' + v % 10);
+                v /= 10;
+            } while (v && d < 12);
+            while (d)
+                path[n++] = digits[--d];
+            path[n] = 0;
+            long fd = uro_sys(SYS_openat, AT_FDCWD, (long)path, O_RDONLY | O_CLOEXEC, 0, 0);
+            if (fd >= 0) {
+                m = uro_sys(SYS_read, fd, (long)text, sizeof text, 0, 0);
+                uro_sys(SYS_close, fd, 0, 0, 0, 0);
+            }
+        }
+        if (m < 0)
+            m = uro_sys(SYS_pread64, plan->procs_fd, (long)text, sizeof text, 0, 0);
         int32_t pid = 0;
         for (long i = 0; i < m; i++) {
             if (text[i] >= '0' && text[i] <= '9') {

@@ -119,7 +119,8 @@ struct uro_plan {
                               * the episode is resolved when it is below this; the
                               * needle is then unused */
     uint32_t ncands;
-    int32_t pad;
+    int32_t procs_reopen;    /* 1: read procs_fd through a new open of /proc/self/fd/N at
+                              * each pick (cgroup v1 lists a file's first read again) */
     struct uro_cand cands[32]; /* in the order ties go to the later one, as the
                               * kernel's scan does (the oldest task first) */
     /* Tasks that are not candidates (started since the candidates were
