@@ -929,12 +929,21 @@ class Handler:
             helper_tids=[t for t in (self._manager_tid,) if t],
             limit=self._limit, kill_enabled=bool(self._restore_kill_setting),
             heartbeat_timeout=self.heartbeat_timeout, log=self.watchdog_log, saved=self._saved_v2,
+            spawned=self._spare,
         )
         link.start()
         self.watchdog = link
         self._protect_watchdog()
         assert self._poke is not None
         self._poke.write(1)  # the manager thread registers its fds
+
+    def _spare(self, pid: int) -> None:
+        """A watchdog just spawned is never a victim, from now on, before it
+        is ready (on v2 it may start in the handled group, at its wall); the
+        poke has the manager re-arm without it."""
+        self._table.protect = self._table.protect | {pid}
+        if self._poke is not None:
+            self._poke.write(1)
 
     def _protect_watchdog(self) -> None:
         """The watchdog is never a victim (on v2 it may share the group)."""

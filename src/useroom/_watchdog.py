@@ -71,8 +71,21 @@ SETTLE_NS: Final = 100_000_000
 CAUGHT_NS: Final = 20_000_000
 #: The wait channel of a task asleep in a v1 memcg OOM wait.
 OOM_WAIT_CHANNEL: Final = "mem_cgroup_oom_synchronize"
-#: How long a handler waits for its watchdog to report ready, in seconds.
-START_TIMEOUT: Final = 20.0
+#: How long a starting watchdog may go without progress (no CPU time used, no
+#: page faulted) before the handler gives up on it, in seconds: it is stuck,
+#: not slow.
+START_STALL: Final = 20.0
+#: The longest a handler waits for its watchdog to report ready, in seconds,
+#: however steadily it progresses. Ready takes about 0.3 s on the host, 3-4 s
+#: in the emulated (TCG) v2 guest and 8 s or more there while another process
+#: competes for its CPU: a fixed deadline near that fails on a loaded machine,
+#: the progress check above does not.
+START_TIMEOUT: Final = 120.0
+#: How long a watchdog that gave up before ready (closed its socket, sent an
+#: error) is given to write its error and exit before it is killed, in seconds.
+START_GRACE: Final = 10.0
+#: How much of a failed watchdog's standard error a start error quotes, in characters.
+START_STDERR_TAIL: Final = 2000
 
 #: Why the watchdog took an episode over.
 REASONS: Final = ("delay", "handler-exited", "handler-stopped", "handler-in-oom-wait", "heartbeat")
@@ -591,6 +604,313 @@ class Watchdog:
 # -- the handler's side ----------------------------------------------------
 
 
+def _progress(pid: int) -> tuple[str, str, int] | None:
+    """(state letter, wait channel, CPU ticks plus page faults) of a process, or None if it is gone.
+
+    A starting Python either runs (CPU time) or faults its imports in (page
+    faults, also while it waits for a slow disk or the guest's 9p): when
+    neither count grows, it is stuck, not slow. A zombie still has its stat.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    try:
+        with open(f"/proc/{pid}/wchan", "rb") as f:
+            wchan = f.read().decode("ascii", "replace")
+    except OSError:
+        wchan = "?"
+    # proc(5): after the name (which may contain ")") come state (3), minflt
+    # (10), majflt (12), utime (14) and stime (15): field n is fields[n - 3].
+    fields = stat[stat.rfind(b")") + 2:].split()
+    work = sum(int(fields[n - 3]) for n in (10, 12, 14, 15))
+    return fields[0].decode("ascii", "replace"), wchan, work
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+#: Why a SIGKILL ended a watchdog before it was ready, by what the kernel's
+#: OOM kill count of the group its memory is charged to ({charged}) says.
+_KERNEL_KILLED_ADVICE: Final = ("the kernel's OOM killer killed {kills} task(s) in {charged}, to which the watchdog's "
+                                "memory is charged, while it started: give the watchdog room: watchdog_group= a group "
+                                "of your own with memory to spare")
+_PLAN_KILLED_ADVICE: Final = ("the kernel's OOM killer killed nobody in {charged} meanwhile; the watchdog started in "
+                              "the handled group itself (this process is inside it), where the handler's plan may "
+                              "take it for a victim at the wall until it is ready: leave it room below the wall "
+                              "(about 30 MiB), or run the handler outside the group")
+_SENT_KILL_ADVICE: Final = ("the kernel's OOM killer killed nobody in {charged} meanwhile: another process sent the "
+                            "SIGKILL")
+_UNKNOWN_KILL_ADVICE: Final = ("a SIGKILL with no word is the kernel's OOM killer (the watchdog's memory is charged "
+                               "to {charged}: see oom_kill in its memory.events or memory.oom_control) or another "
+                               "process; give the watchdog room: watchdog_group= a group of your own with memory to "
+                               "spare")
+#: Why another signal ended it, and what to do.
+_SIGNAL_ADVICE: Final[dict[int, str]] = {
+    signal.SIGTERM: "another process stopped it: nothing of useroom sends SIGTERM to a watchdog that is starting",
+    signal.SIGINT: "another process interrupted it: nothing of useroom sends SIGINT to a watchdog",
+    signal.SIGHUP: "another process hung it up: nothing of useroom sends SIGHUP to a watchdog",
+}
+#: Signals of a crash: the Python traceback faulthandler wrote (in the standard error) says where.
+_CRASH_SIGNALS: Final = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT})
+_CRASH_ADVICE: Final = ("it crashed: the traceback faulthandler wrote on its standard error says where; a SIGBUS "
+                        "can also mean a file it had mapped (the native core) was rewritten under it, as a rebuild "
+                        "does; otherwise report it with that traceback")
+_OTHER_SIGNAL_ADVICE: Final = "another process sent it that signal; nothing of useroom does"
+#: The watchdog said why (its error, its standard error).
+_OWN_ERROR_ADVICE: Final = ("the watchdog's own error says why: fix what it names, or start the handler with "
+                            "watchdog=False (then nothing restores the group's settings if this process dies)")
+#: It ended with a status and said nothing.
+_SILENT_ADVICE: Final = ("it said nothing: run it by hand (python -X faulthandler -m useroom watchdog GROUP "
+                         "--delay 2s) to see it fail, and report that")
+#: Stuck, by what it was doing when the handler gave up.
+_STOPPED_ADVICE: Final = ("it was stopped (SIGSTOP or a debugger): something stops processes it did not start; "
+                          "let the watchdog run")
+_MEMORY_WAIT_ADVICE: Final = ("it was waiting for memory: {charged}, to which its memory is charged, is at its limit "
+                              "or memory.high; give the watchdog room: watchdog_group= a group of your own with "
+                              "memory to spare")
+_STUCK_ADVICE: Final = ("it made no progress in the kernel wait above: if the machine is not overloaded, report "
+                        "this message")
+_TIMEOUT_ADVICE: Final = ("it kept working without reaching ready: the machine is too slow or overloaded for a "
+                          "handler to start; retry when it is less busy")
+#: Wait channels of a task waiting for memory: the memcg throttle and reclaim (v1 and v2).
+_MEMORY_WAITS: Final = ("mem_cgroup", "memory_high", "throttle", "reclaim", "oom")
+
+
+@attrs.frozen
+class StartFailure:
+    """How a watchdog that never reported ready ended: what its start error explains."""
+
+    #: What the handler saw first: ``exited`` (the process ended), ``closed``
+    #: (its control socket closed), ``sent`` (a message other than ready,
+    #: its error record), ``stalled`` (no progress for :data:`START_STALL`)
+    #: or ``timeout`` (:data:`START_TIMEOUT` passed).
+    seen: str
+    #: As :mod:`subprocess` has it: the exit status, or minus the signal that ended it.
+    returncode: int
+    #: The end of its standard error.
+    stderr: str
+    #: What it sent instead of ready (its error, when it reported one).
+    message: str
+    #: Seconds from the spawn until the handler saw the failure.
+    waited: float
+    #: The handler killed it (after a stall, the timeout, or the grace to exit).
+    killed: bool
+    #: When the handler gave up on a stuck one: its state letter and wait channel.
+    state: tuple[str, str] | None = None
+
+    def describe(self) -> str:
+        """What happened."""
+        if self.killed and self.seen == "stalled":
+            assert self.state is not None
+            return (f"no ready and no progress for {START_STALL:g} s (state {self.state[0]}, waiting in "
+                    f"{self.state[1] or 'no kernel wait'}) after {self.waited:.1f} s; the handler killed it")
+        if self.killed and self.seen == "timeout":
+            return f"no ready after {self.waited:.1f} s although it kept working; the handler killed it"
+        if self.seen == "sent":
+            what = f"it reported {self.message!r} instead of ready"
+        elif self.seen == "closed" and self.killed:
+            what = "it closed its control socket before ready"
+        else:
+            what = "it ended before ready"
+        if self.killed:
+            return what + f" and did not exit within {START_GRACE:g} s; the handler killed it"
+        if self.returncode < 0:
+            return what + f": killed by {_signal_name(-self.returncode)} after {self.waited:.1f} s"
+        return what + f": exit status {self.returncode} after {self.waited:.1f} s"
+
+    def said(self) -> str:
+        """Its standard error, or that it wrote nothing there."""
+        if self.stderr:
+            return f"Its standard error:\n{self.stderr}"
+        return "It wrote nothing on its standard error."
+
+    def advice(self, charge: _Charge) -> str:
+        """What to do about it, given where its memory was charged."""
+        charged = charge.name
+        if self.killed and self.seen == "stalled":
+            assert self.state is not None
+            letter, wchan = self.state
+            if letter in ("T", "t"):
+                return _STOPPED_ADVICE
+            if any(word in wchan for word in _MEMORY_WAITS):
+                return _MEMORY_WAIT_ADVICE.format(charged=charged)
+            return _STUCK_ADVICE
+        if self.killed and self.seen == "timeout":
+            return _TIMEOUT_ADVICE
+        if not self.killed and self.returncode == -signal.SIGKILL:
+            kills = charge.kernel_kills()
+            if kills is None:
+                return _UNKNOWN_KILL_ADVICE.format(charged=charged)
+            if kills:
+                return _KERNEL_KILLED_ADVICE.format(kills=kills, charged=charged)
+            return (_PLAN_KILLED_ADVICE if charge.inside else _SENT_KILL_ADVICE).format(charged=charged)
+        if not self.killed and self.returncode < 0:
+            number = -self.returncode
+            if number in _CRASH_SIGNALS:
+                return _CRASH_ADVICE
+            return _SIGNAL_ADVICE.get(number, _OTHER_SIGNAL_ADVICE)
+        return _OWN_ERROR_ADVICE if self.stderr or self.message else _SILENT_ADVICE
+
+
+@attrs.frozen
+class _Charge:
+    """The group a starting watchdog's memory is charged to, and the kernel's
+    OOM kill count there before it started: a SIGKILL with that count
+    unchanged was not the kernel's OOM killer."""
+
+    #: For people: its path, or what it is.
+    name: str
+    group: Group | None
+    #: The handled group itself or below: the handler's own plan sees the watchdog there.
+    inside: bool
+    kills_before: int | None
+
+    @classmethod
+    def of(cls, place: Group | None, handled: Group) -> _Charge:
+        """Where a watchdog spawned into *place* (None: this process's group) is charged."""
+        group = place
+        try:
+            if group is None:
+                group = Group.current()
+            kills: int | None = group.oom_control().oom_kill
+        except (OSError, UseroomError):
+            kills = None
+        if group is None:
+            return cls("this process's group", None, False, None)
+        inside = (group.relpath.rstrip("/") + "/").startswith(handled.relpath.rstrip("/") + "/")
+        return cls(group.relpath if place is not None else f"this process's group {group.relpath}", group,
+                   inside, kills)
+
+    def kernel_kills(self) -> int | None:
+        """Tasks the kernel's OOM killer killed there since; None if unknown."""
+        if self.group is None or self.kills_before is None:
+            return None
+        try:
+            return self.group.oom_control().oom_kill - self.kills_before
+        except (OSError, UseroomError):
+            return None
+
+
+def _reported(message: bytes) -> str:
+    """The error a watchdog sent instead of ready (an ``error`` record), or the message itself."""
+    try:
+        record = json.loads(message)
+    except ValueError:
+        record = None
+    if isinstance(record, dict) and "error" in record:
+        return str(record["error"])
+    return message.decode(errors="replace")[:START_STDERR_TAIL]
+
+
+class _Launch:
+    """A watchdog between its spawn and its ready: its control socket, its
+    pidfd and its standard error, read together.
+
+    Whatever it says before it fails is kept (its stderr is read as it comes,
+    so a chatty one never blocks on a full pipe); its exit is seen on the
+    pidfd even if its socket's EOF never comes; a failure is seen only once
+    it is certain, and the process is given time to finish saying why.
+    """
+
+    def __init__(self, popen: subprocess.Popen[bytes], sock: socket.socket, pidfd: int) -> None:
+        assert popen.stderr is not None
+        self.popen = popen
+        self.sock = sock
+        self.pidfd = pidfd
+        self.started = time.monotonic()
+        self.message = b""
+        self.answered = False  # a message or EOF on the socket
+        self.exited = False
+        self._stderr = bytearray()
+        self._err_fd = popen.stderr.fileno()
+        # poll(), not select(): a handler in a process with many fds may get numbers above FD_SETSIZE.
+        self._poll = select.poll()
+        for fd in (sock.fileno(), pidfd, self._err_fd):
+            self._poll.register(fd, select.POLLIN)
+
+    @property
+    def stderr(self) -> str:
+        return self._stderr.decode(errors="replace").strip()[-START_STDERR_TAIL:]
+
+    def _pump(self, timeout: float) -> None:
+        """Wait up to *timeout* seconds for any of the three; take what is there."""
+        for fd, _ in self._poll.poll(max(0, int(timeout * 1000)) + 1):
+            if fd == self._err_fd:
+                chunk = os.read(fd, 65536)
+                if chunk:
+                    self._stderr += chunk
+                    del self._stderr[:-65536]
+                else:  # EOF: its last writer (the watchdog) has exited
+                    self._poll.unregister(fd)
+                    self._err_fd = -1
+            elif fd == self.pidfd:
+                self._poll.unregister(fd)  # level-triggered: stays readable
+                self.exited = True
+            elif not self.answered:
+                # SOCK_SEQPACKET: one message per recv; b"" at EOF.
+                try:
+                    self.message = self.sock.recv(4096)
+                except OSError:
+                    self.message = b""
+                self.answered = True
+                self._poll.unregister(fd)
+
+    def wait_ready(self) -> str | None:
+        """None once it reported ready; else what the handler saw instead (see :attr:`StartFailure.seen`)."""
+        mark, progressed = None, self.started
+        while True:
+            now = time.monotonic()
+            if now - self.started >= START_TIMEOUT:
+                return "timeout"
+            self._pump(min(1.0, START_TIMEOUT - (now - self.started)))
+            if self.answered:
+                if self.message == b"ready":
+                    return None
+                return "sent" if self.message else "closed"
+            if self.exited:
+                return "exited"
+            now = time.monotonic()
+            seen = _progress(self.popen.pid)
+            work = seen[2] if seen is not None else None
+            if work != mark:
+                mark, progressed = work, now
+            elif now - progressed >= START_STALL:
+                return "stalled"
+
+    def end(self, seen: str) -> StartFailure:
+        """After a failure: let it finish saying why and exit (a stuck one is
+        killed at once), read the rest of its standard error, reap it."""
+        waited = time.monotonic() - self.started
+        state = None
+        if seen in ("stalled", "timeout"):
+            progress = _progress(self.popen.pid)
+            state = (progress[0], progress[1]) if progress is not None else ("?", "?")
+        else:
+            # It closed its socket or sent its error on its way out: a
+            # traceback may still be on its way to the pipe.
+            deadline = time.monotonic() + START_GRACE
+            while not self.exited and time.monotonic() < deadline:
+                self._pump(deadline - time.monotonic())
+        killed = False
+        if not self.exited:
+            self.popen.kill()
+            killed = True
+        # Its standard error ends when it exits; nothing else holds the pipe.
+        deadline = time.monotonic() + START_GRACE
+        while self._err_fd >= 0 and time.monotonic() < deadline:
+            self._pump(deadline - time.monotonic())
+        returncode = self.popen.wait()
+        killed = killed and returncode == -signal.SIGKILL
+        return StartFailure(seen, returncode, self.stderr, _reported(self.message) if self.message else "",
+                            waited, killed, state)
+
+
 class WatchdogLink:
     """A handler's watchdog process: started, fed heartbeats and limits,
     read for takeovers, restarted if it dies, stopped with the handler.
@@ -604,7 +924,8 @@ class WatchdogLink:
 
     def __init__(self, group: Group, place: Group | None, *, delay: float, handler_tids: Sequence[int],
                  limit: int, kill_enabled: bool, heartbeat_timeout: float, log: str | None = None,
-                 helper_tids: Sequence[int] = (), saved: tuple[int, int] | None = None) -> None:
+                 helper_tids: Sequence[int] = (), saved: tuple[int, int] | None = None,
+                 spawned: Callable[[int], None] | None = None) -> None:
         self.group = group
         self.place = place
         self.delay = delay
@@ -616,6 +937,11 @@ class WatchdogLink:
         self.kill_enabled = kill_enabled
         self.heartbeat_timeout = heartbeat_timeout
         self.log = log
+        #: Called with each watchdog's pid as soon as it exists, before it is
+        #: ready: a handler inside the group must spare it from then on (on
+        #: v2 it starts in the handled group, where a plan armed meanwhile
+        #: would take it, a python3 of 20 MiB or more, for a victim).
+        self.spawned = spawned
         self.restarts = 0
         #: What happened to the watchdog itself (exits, restarts), one dict each.
         self.history: list[dict[str, Any]] = []
@@ -628,64 +954,86 @@ class WatchdogLink:
     def pid(self) -> int | None:
         return self.popen.pid if self.popen is not None else None
 
+    def command(self, control_fd: int) -> list[str]:
+        """The watchdog's command line, given the number of its end of the control socket.
+
+        ``-X faulthandler``: a crash before ready writes its Python traceback
+        on the standard error the start error quotes.
+        """
+        argv = [
+            sys.executable, "-X", "faulthandler", "-m", "useroom", "watchdog", self.group.path,
+            "--delay", repr(self.delay), "--control-fd", str(control_fd),
+            "--handler-pid", str(os.getpid()), "--limit", "max" if self.limit == UNLIMITED else str(self.limit),
+            "--kill-enabled", "1" if self.kill_enabled else "0",
+            "--heartbeat-timeout", repr(self.heartbeat_timeout),
+        ]
+        for tid in self.handler_tids:
+            argv += ["--tid", str(tid)]
+        for tid in self.helper_tids:
+            argv += ["--helper-tid", str(tid)]
+        if self.saved is not None:
+            argv += ["--saved-high", str(self.saved[0]), "--saved-max", str(self.saved[1])]
+        if self.log is not None:
+            argv += ["--log", self.log]
+        return argv
+
     def start(self) -> None:
-        """Start the process and wait until it watches the group."""
+        """Start the process and wait until it watches the group.
+
+        It has :data:`START_TIMEOUT` seconds, and may go :data:`START_STALL`
+        seconds without progress. Otherwise raises
+        :class:`~useroom.WatcherError` saying how it ended (exit status or
+        signal, its error and standard error) and what to do about it, once
+        the process is reaped; :class:`~useroom.CgroupPermissionError` if it
+        could not move into ``place``.
+        """
+        charge = _Charge.of(self.place, self.group)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             # /bin/sh moves itself into the place before it becomes Python;
             # with no place (v2, the handler inside the group) it stays here.
             enter = [] if self.place is None else [
                 "/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', os.path.join(self.place.path, self.place.procs_file)]
-            argv = [
-                *enter, sys.executable, "-m", "useroom", "watchdog", self.group.path,
-                "--delay", repr(self.delay), "--control-fd", str(theirs.fileno()),
-                "--handler-pid", str(os.getpid()), "--limit", "max" if self.limit == UNLIMITED else str(self.limit),
-                "--kill-enabled", "1" if self.kill_enabled else "0",
-                "--heartbeat-timeout", repr(self.heartbeat_timeout),
-            ]
-            for tid in self.handler_tids:
-                argv += ["--tid", str(tid)]
-            for tid in self.helper_tids:
-                argv += ["--helper-tid", str(tid)]
-            if self.saved is not None:
-                argv += ["--saved-high", str(self.saved[0]), "--saved-max", str(self.saved[1])]
-            if self.log is not None:
-                argv += ["--log", self.log]
-            popen = subprocess.Popen(argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, start_new_session=True)
+            popen = subprocess.Popen([*enter, *self.command(theirs.fileno())], pass_fds=(theirs.fileno(),),
+                                     stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         except BaseException:
             ours.close()
             theirs.close()
             raise
-        theirs.close()
+        theirs.close()  # the watchdog's copy is the only one: its exit is EOF here
+        assert popen.stderr is not None
+        pidfd = -1
         try:
             pidfd = os.pidfd_open(popen.pid)
-            ready, _, _ = select.select([ours], [], [], START_TIMEOUT)
-            message = ours.recv(256) if ready else b""
-            if message != b"ready":
-                popen.kill()
-                _, err = popen.communicate(timeout=10)
-                os.close(pidfd)
-                text = err.decode(errors="replace").strip()
-                if "Permission denied" in text and self.place is not None:
-                    raise CgroupPermissionError(
-                        errno.EACCES, f"cannot start the watchdog in {self.place.relpath}: {text}",
-                        rule="the watchdog moves itself into a group outside the handled one, which needs "
-                             "write access to that group's cgroup.procs",
-                        advice="pass watchdog_group= a group of your own outside the handled group, "
-                               "or have the administrator delegate the handled group's parent")
-                raise WatcherError(f"the watchdog did not start ({'no answer' if not ready else 'exited'}): "
-                                   f"{text[-500:]}")
+            if self.spawned is not None:
+                self.spawned(popen.pid)
+            launch = _Launch(popen, ours, pidfd)
+            seen = launch.wait_ready()
+            if seen is not None:
+                raise self._start_error(launch.end(seen), charge)
         except BaseException:
             if popen.poll() is None:
                 popen.kill()
-                popen.wait()
+            popen.wait()
+            if pidfd >= 0:
+                os.close(pidfd)
+            popen.stderr.close()
             ours.close()
             raise
-        assert popen.stderr is not None
         popen.stderr.close()  # from now on it logs to its own log
         ours.setblocking(False)
         self.popen, self.pidfd, self.sock = popen, pidfd, ours
+
+    def _start_error(self, failure: StartFailure, charge: _Charge) -> UseroomError:
+        if "Permission denied" in failure.stderr and self.place is not None:
+            return CgroupPermissionError(
+                errno.EACCES, f"cannot start the watchdog in {self.place.relpath}: {failure.stderr}",
+                rule="the watchdog moves itself into a group outside the handled one, which needs "
+                     "write access to that group's cgroup.procs",
+                advice="pass watchdog_group= a group of your own outside the handled group, "
+                       "or have the administrator delegate the handled group's parent")
+        return WatcherError(f"the watchdog of {self.group.relpath} did not start: {failure.describe()}. "
+                            f"What to do: {failure.advice(charge)}. {failure.said()}")
 
     def send(self, message: bytes) -> None:
         sock = self.sock
