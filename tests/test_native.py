@@ -311,6 +311,44 @@ class TestEpisodes:
             for f in fds:
                 f.close()
 
+    def test_signal_best_waits_for_its_last_victim(self) -> None:
+        """A pick does not kill again while its last victim is still exiting
+        (512 MiB take a while to tear down): it waits for the exit, returns
+        WAITED, and the next pick of a later episode goes ahead."""
+        from useroom._victims import Pidfd
+
+        code = "import sys, time\nb = bytearray(int(sys.argv[1]) << 20)\nb[::4096] = b'x' * len(b[::4096])\n" \
+               "print('ready', flush=True)\ntime.sleep(60)\n"
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(mib)], stdout=subprocess.PIPE) for mib in (512, 8)]
+        fds = []
+        try:
+            for p in procs:
+                assert b"ready\n" == p.stdout.readline()  # type: ignore[union-attr]
+            fds = [Pidfd(p.pid) for p in procs]
+            big, small = procs
+            plan = Plan([Action.signal_best(signal.SIGKILL, 5), Action.signal_best(signal.SIGKILL, 5)],
+                        candidates=[Candidate(f.fileno(), f.status.fileno(), p.pid)  # type: ignore[union-attr]
+                                    for f, p in zip(fds, procs)])
+            with NativeWatcher(lock=False) as w, EventFd() as src:
+                idx = w.add_source(src.fileno(), SourceKind.OOM)
+                w.arm(plan)
+                w.run_episode(idx)
+                killed, waited = w.records()[-1].steps
+                assert (big.pid, 0) == (killed.pid, killed.result)
+                assert (0, _native.WAITED) == (waited.pid, waited.result)
+                assert None is small.poll()
+                w.run_episode(idx)  # the victim is gone: the next pick kills
+                again = w.records()[-1].steps[0]
+                assert (small.pid, 0) == (again.pid, again.result)
+            assert -signal.SIGKILL == big.wait(5) == small.wait(5)
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait()
+                p.stdout.close()  # type: ignore[union-attr]
+            for f in fds:
+                f.close()
+
     def test_signal_best_with_nobody_left(self, sleeper: subprocess.Popen[bytes]) -> None:
         """No live candidate: ESRCH, no pick, and the pick's MRELEASE is skipped."""
         from useroom._victims import Pidfd

@@ -1274,6 +1274,8 @@ class Handler:
             phase = armed.compiled.phases[i] if armed else ""
             target = armed.compiled.targets[i] if armed else None
             badness = None
+            if step.kind == _native.ActionKind.SIGNAL_BEST and step.pid == 0 and step.result == _native.WAITED:
+                why = "waited for the last victim to exit before picking another"
             if armed and step.kind == _native.ActionKind.SIGNAL_BEST and step.pid > 0:
                 # A candidate, or a task started since the refresh that the
                 # pick found through cgroup.procs (no name known).

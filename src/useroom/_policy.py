@@ -205,7 +205,8 @@ class _Builder:
         :attr:`candidates`, which the caller has set): the same steps as
         :meth:`kill`, on the pidfd the pick chose."""
         signal_at = len(self.actions)
-        self.add(Action.signal_best(sig), f"{signal.Signals(sig).name} the task with the {reason}", "kill")
+        self.add(Action.signal_best(sig, self.ctx.check_timeout), f"{signal.Signals(sig).name} the task with the {reason}",
+                 "kill")
         if _native.can_use_mrelease and sig == signal.SIGKILL:
             self.add(Action.mrelease(0).on_pick(), "reap the memory of the pick now", "kill")
         if self.hooks_grant is not None:

@@ -57,6 +57,8 @@ RING_SIZE: int = _lib.URO_RING_SIZE
 DATA_MAX: int = _lib.URO_DATA_MAX
 NEEDLE_MAX: int = _lib.URO_NEEDLE_MAX
 CANDS_MAX: int = _lib.URO_CANDS_MAX
+#: SIGNAL_BEST's result when it waited for an earlier victim to exit.
+WAITED: int = _lib.URO_WAITED
 SOURCES_MAX: int = _lib.URO_SOURCES_MAX
 STACK_SIZE = 128 * 1024
 STATE_EPISODE: int = _lib.URO_STATE_EPISODE
@@ -523,11 +525,15 @@ class Action:
         return attrs.evolve(self, fd=-1, flags=self.flags | _lib.URO_F_PICKED)
 
     @classmethod
-    def signal_best(cls, sig: int) -> Action:
+    def signal_best(cls, sig: int, wait: float = 0.25) -> Action:
         """Pick the plan's candidate with the highest badness at this moment
         (see :class:`Candidate`) and signal it through its pidfd; fails with
-        ESRCH if no live candidate is left. The step records the pick."""
-        return cls(ActionKind.SIGNAL_BEST, sig=sig)
+        ESRCH if no live candidate is left. The step records the pick.
+
+        If a task an earlier pick killed has not exited yet, it waits up to
+        ``wait`` seconds for it instead, as the kernel waits for its own
+        victim, and once it is gone returns :data:`WAITED` without picking."""
+        return cls(ActionKind.SIGNAL_BEST, sig=sig, timeout_ns=_timeout_ns(wait))
 
     @classmethod
     def signal_pidfd(cls, pidfd: int, sig: int) -> Action:
@@ -930,6 +936,7 @@ class NativeWatcher:
         try:
             self.stop()
         finally:
+            _lib.uro_dying_close(self._shared)  # after episodes run on the calling thread
             for owner in self._fds:
                 owner.close()
             arena, self._arena = self._arena, None

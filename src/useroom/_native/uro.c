@@ -383,6 +383,51 @@ URO_CRIT static int crit_is_listed(const struct uro_plan *plan, int32_t pid)
     return 0;
 }
 
+/* Forgets (closes) the dying victims that have exited; returns how many
+ * are left. */
+URO_CRIT static int crit_dying_prune(struct uro_shared *sh)
+{
+    int32_t kept = 0;
+    for (int32_t i = 0; i < sh->ndying && i < 8; i++) {
+        int fd = sh->dying[i];
+        if (crit_wait_readable(fd, 0) != 0)
+            uro_sys(SYS_close, fd, 0, 0, 0, 0);
+        else
+            sh->dying[kept++] = fd;
+    }
+    sh->ndying = kept;
+    return kept;
+}
+
+/* Waits up to timeout_ns for every dying victim to exit; 1 if they all
+ * did, 0 if one is still there (stuck in the kernel: its memory was reaped
+ * by process_mrelease already, so the next pick goes ahead, as the
+ * kernel's does once its reaper has run). */
+URO_CRIT static int crit_dying_wait(struct uro_shared *sh, int64_t timeout_ns)
+{
+    int64_t deadline = crit_now() + timeout_ns;
+    while (crit_dying_prune(sh) > 0) {
+        int64_t left = deadline - crit_now();
+        if (left <= 0)
+            return 0;
+        crit_wait_readable(sh->dying[0], left);
+    }
+    return 1;
+}
+
+/* Remembers a killed task's pidfd (the watcher's own) until it has exited;
+ * the oldest is dropped when the list is full. */
+URO_CRIT static void crit_dying_add(struct uro_shared *sh, int fd)
+{
+    if (sh->ndying >= 8) {
+        uro_sys(SYS_close, sh->dying[0], 0, 0, 0, 0);
+        for (int i = 1; i < 8; i++)
+            sh->dying[i - 1] = sh->dying[i];
+        sh->ndying = 7;
+    }
+    sh->dying[sh->ndying++] = fd;
+}
+
 /* The pick of SIGNAL_BEST. */
 struct crit_pick {
     int index;               /* the candidate, or -1 */
@@ -603,11 +648,29 @@ URO_CRIT static void crit_episode(struct uro_shared *sh, int src, uint64_t count
             } else if (a->kind == URO_ACT_SIGNAL_BEST) {
                 if (pick.owned)
                     uro_sys(SYS_close, pick.pidfd, 0, 0, 0, 0);
-                r = crit_pick(plan, &pick);
-                if (r == 0) {
-                    r = (int)uro_sys(SYS_pidfd_send_signal, pick.pidfd, a->sig, 0, 0, 0);
-                    if (r == 0 && a->sig == SIGKILL && pick.index >= 0)
-                        __atomic_store_n((int32_t *)&plan->cands[pick.index].fired, 1, __ATOMIC_RELAXED);
+                pick.index = -1;
+                pick.pid = 0;
+                pick.points = 0;
+                pick.pidfd = -1;
+                pick.owned = 0;
+                /* The kernel does not pick while its last victim still
+                 * exits: its memory is on its way back. Neither do we. */
+                if (crit_dying_prune(sh) > 0 && crit_dying_wait(sh, a->timeout_ns)) {
+                    r = URO_WAITED;
+                } else {
+                    r = crit_pick(plan, &pick);
+                    if (r == 0) {
+                        r = (int)uro_sys(SYS_pidfd_send_signal, pick.pidfd, a->sig, 0, 0, 0);
+                        if (r == 0 && a->sig == SIGKILL) {
+                            if (pick.index >= 0)
+                                __atomic_store_n((int32_t *)&plan->cands[pick.index].fired, 1, __ATOMIC_RELAXED);
+                            /* The watcher's own reference, kept until it exits. */
+                            long own = pick.owned ? pick.pidfd : uro_sys(SYS_fcntl, pick.pidfd, F_DUPFD_CLOEXEC, 3, 0, 0);
+                            if (own >= 0)
+                                crit_dying_add(sh, (int)own);
+                            pick.owned = 0; /* the dying list closes it */
+                        }
+                    }
                 }
                 if (r >= 0) {
                     acted_since_check = 1;
@@ -1056,6 +1119,16 @@ int uro_watcher_start(struct uro_watcher *w)
     return 0;
 }
 
+int uro_dying_close(struct uro_shared *shared)
+{
+    if (!shared)
+        return -EINVAL;
+    for (int32_t i = 0; i < shared->ndying && i < 8; i++)
+        close(shared->dying[i]);
+    shared->ndying = 0;
+    return 0;
+}
+
 int uro_watcher_stop(struct uro_watcher *w)
 {
     if (!w || !w->running)
@@ -1067,7 +1140,7 @@ int uro_watcher_stop(struct uro_watcher *w)
     if (r)
         return -r;
     w->running = 0;
-    return 0;
+    return uro_dying_close(w->shared);
 }
 
 

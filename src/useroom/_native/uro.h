@@ -27,7 +27,12 @@
 #define URO_ACT_SIGNAL_BEST 8   /* pick the plan's candidate with the highest badness
                                  * now (see struct uro_cand) and signal it through its
                                  * pidfd; -ESRCH if no live candidate is left. The
-                                 * step records the pick and its points */
+                                 * step records the pick and its points. If a task an
+                                 * earlier pick killed has not exited yet, it first
+                                 * waits up to timeout_ns for it, and once it is gone
+                                 * returns URO_WAITED without picking (the check after
+                                 * says whether its exit ended the OOM) */
+#define URO_WAITED 1            /* SIGNAL_BEST's result when it waited for a victim */
 
 /* Action flags. */
 #define URO_F_READ 1            /* AWAIT: read the eventfd counter once ready */
@@ -183,6 +188,13 @@ struct uro_shared {
     struct uro_source sources[8];
     struct uro_plan plans[2];
     struct uro_event ring[64];
+    /* Pidfds (the watcher's own: dups, or opened by a pick) of the tasks
+     * SIGNAL_BEST killed that may not have exited yet. The next pick waits
+     * for them first, as the kernel waits for its own victim, and closes
+     * each once it has exited. uro_dying_close closes what is left. */
+    int32_t dying[8];
+    int32_t ndying;
+    int32_t dying_pad;
 };
 
 struct uro_ready {
@@ -280,6 +292,10 @@ int uro_state(struct uro_shared *shared);
 int uro_watcher_start(struct uro_watcher *w);
 /* Writes the stop eventfd and joins the thread. Blocks until it exits. */
 int uro_watcher_stop(struct uro_watcher *w);
+
+/* Closes the pidfds of victims the watcher was still waiting for; after
+ * the watcher stopped (or never ran). Non-blocking. */
+int uro_dying_close(struct uro_shared *shared);
 
 /* Runs one episode of the armed plan on the calling thread, exactly as the
  * watcher would for source index src; for tests and for the in-thread

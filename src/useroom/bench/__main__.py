@@ -1,10 +1,12 @@
-"""``python -m useroom.bench deadlock ...``, ``python -m useroom.bench hooks ...`` and
-``python -m useroom.bench watchdog ...``: see ``docs/benchmarks.md``.
+"""``python -m useroom.bench deadlock ...``, ``python -m useroom.bench hooks ...``,
+``python -m useroom.bench watchdog ...`` and ``python -m useroom.bench storm ...``:
+see ``docs/benchmarks.md``.
 
 ``python -m useroom.bench _service GROUP_DIR JSON_PATH`` is the in-process
-variant's service process, and ``python -m useroom.bench _hook_service SPEC``
-the hooks benchmark's, both started by the benchmark itself; they are
-dispatched before anything else is imported, so the service carries only
+variant's service process, ``python -m useroom.bench _hook_service SPEC``
+the hooks benchmark's and ``python -m useroom.bench _storm_handler SPEC`` the
+storm benchmark's handler process, all started by the benchmark itself; they
+are dispatched before anything else is imported, so the service carries only
 what it needs.
 """
 
@@ -29,6 +31,14 @@ def main(argv: list[str] | None = None, *, out: TextIO | None = None, err: TextI
         from useroom.bench._hook_service import main as hook_service_main
 
         return hook_service_main(argv[1:])
+    if argv[:1] == ["_storm_handler"]:
+        from useroom.bench._storm import handler_main as storm_handler_main
+
+        return storm_handler_main(argv[1:])
+    if argv[:1] == ["storm"]:
+        from useroom.bench._storm import main as storm_main
+
+        return storm_main(argv[1:])
     if argv[:1] == ["watchdog"]:
         from useroom.bench._watchdog import main as watchdog_main
 
