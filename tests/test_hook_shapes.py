@@ -46,6 +46,7 @@ class TestShapes:
         Shape("objects", 8 * MIB, 1),
         Shape("small", 0, 2),
         Shape("mixed", 4 * MIB, 2),
+        Shape("procs", 1 * MIB, 3),
     ], ids=lambda s: s.name.replace(" ", ""))
     def test_the_service_survives(self, lab: Lab, shape: Shape) -> None:
         # The guest is emulated, 5-10x slower: more time to reach the limit,
