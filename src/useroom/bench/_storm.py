@@ -792,7 +792,8 @@ def run_variant(lab: Lab, guard: SignalGuard, config: StormConfig, mode: str, wo
             probe.close()
             probe = BadnessProbe(group.path, group.limit() if version == 1 else config.limit + raw["usage_before_storm"],
                                  [handler.pid])
-        raw["room_limit"] = group.limit() if version == 1 else int(group._read("memory.high"))
+        # What the workload met: the limit (v1, and the kernel's memory.max) or the wall.
+        raw["room_limit"] = group.limit() if version == 1 or mode == "kernel" else int(group._read("memory.high"))
         started = time.monotonic_ns()
         driver = _start_driver(lab, group, config)
         if progress is not None:
