@@ -43,7 +43,7 @@ from useroom._hooks import (
     PressureContext,
     hooks_short_by,
 )
-from useroom._native import EventFd, EventRecord, NativeWatcher, SourceKind
+from useroom._native import EventFd, EventRecord, NativeWatcher, Plan, SourceKind
 from useroom._last_resort import LastResorts
 from useroom._settle import GrantCloser
 from useroom._policy import (
@@ -1329,12 +1329,31 @@ class Handler:
 
     # -- teardown ----------------------------------------------------------
 
+    def _quiesce_watcher(self) -> None:
+        """Before the group's settings are put back: arm a plan that does
+        nothing, and let an episode in progress end. Otherwise its later
+        steps (a grant, the kernel step's "disable the kernel OOM killer
+        again") could undo the restore that follows."""
+        watcher = getattr(self, "_watcher", None)
+        if watcher is None or watcher.closed or not watcher.running:
+            return
+        try:
+            watcher.arm(Plan(()))
+        except WatcherError as err:
+            self.errors.append(err)
+            return
+        longest = self.hook_timeout + self.grant_timeout + self.delay + 4 * self.check_timeout
+        deadline = time.monotonic() + longest
+        while watcher.state == _native.STATE_EPISODE and time.monotonic() < deadline:
+            time.sleep(0.001)
+
     def _teardown(self) -> None:
         self._running = False
         thread, self._thread = self._thread, None
         if thread is not None:
             self._stop_efd.write(1)
             thread.join()
+        self._quiesce_watcher()
         # Give the group its kernel OOM killer back before the watcher goes:
         # never leave a window with neither.
         if self._restore_kill_setting is not None:
