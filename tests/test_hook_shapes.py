@@ -58,7 +58,12 @@ class TestShapes:
         events = figures["events"]
         assert (0, [], 0) == (figures["service_kills"], figures["deaths"], figures["grants_left_open"])
         assert len(events) >= 1
-        assert all("hooks" == e["resolved_by"] and e["settled"] for e in events), events
+        assert all("hooks" == e["resolved_by"] for e in events), events
+        if shape.kind != "procs":
+            # Threads stay held until the hook thread has closed the grant;
+            # workers answer in their own time, and the plan's restore right
+            # after the hooks may be what closes it.
+            assert all(e["settled"] for e in events), events
         assert all(sum(e["released"]) > 0 for e in events)
 
 
