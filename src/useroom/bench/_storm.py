@@ -1068,6 +1068,7 @@ def summarize(raw: dict[str, Any], kernel: dict[str, Any] | None) -> dict[str, A
         "measured": len(measured),
         "matches": matches,
         "beaten_by_earlier_victim": sum(1 for v in measured if v.get("beaten_by_earlier_victim")),
+        "mismatched": [v for v in measured if not v["match"]][:5],
         "agreement_pct": 100.0 * matches / len(measured) if measured else None,
         "unmeasured": unmeasured,
         "age_p50_ms": _ms(percentile(ages, 0.5)),
@@ -1145,11 +1146,18 @@ def render(rows: list[dict[str, Any]], header: str, config: StormConfig, version
             out.append(f"mismatches ({r['variant']}): {r['beaten_by_earlier_victim']} of the "
                        f"{r['measured'] - r['matches']} killed a task while an earlier victim, still exiting, held "
                        f"more memory (the kernel would have chosen it and waited for it)")
+        for v in r.get("mismatched", ()):
+            out.append(f"mismatch ({r['variant']}): killed {v['pid']} ({v['name'] or '?'}, "
+                       f"{v['victim_pages'] * _PAGE_KIB} KiB) where oom_badness names {v['pick']} "
+                       f"({v['pick_pages'] * _PAGE_KIB} KiB) in a snapshot {v['age_ns'] / 1e6:.1f} ms old "
+                       f"(by {v['t_from']})")
         if r["unmeasured"]:
             reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(r["unmeasured"].items()))
             out.append(f"not measured ({r['variant']}): {reasons}")
     return "\n".join(out)
 
+
+_PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 def _seconds(rows: list[dict[str, Any]], variant: str) -> str:
     return next((f"{r['seconds']:.1f} s" for r in rows if r["variant"] == variant), "-")
