@@ -230,6 +230,18 @@ class TestPlanValidation:
             Action.check(-1)
 
 
+_SIZED = ("import sys, time\nb = bytearray(int(sys.argv[1]) << 20)\nb[::4096] = b'x' * len(b[::4096])\n"
+          "print('ready', flush=True)\ntime.sleep(60)\n")
+
+
+def _sized(*mibs: int) -> list[subprocess.Popen[bytes]]:
+    """Processes that each touch MiB of memory and wait (the caller kills them and closes stdout)."""
+    procs = [subprocess.Popen([sys.executable, "-c", _SIZED, str(mib)], stdout=subprocess.PIPE) for mib in mibs]
+    for p in procs:
+        assert b"ready\n" == p.stdout.readline()  # type: ignore[union-attr]
+    return procs
+
+
 class TestEpisodes:
     """Episodes run on the calling thread (run_episode) or by the watcher thread,
     with a plain file standing in for memory.oom_control."""
@@ -275,13 +287,9 @@ class TestEpisodes:
         on the pick, and a second SIGNAL_BEST picks among the rest."""
         from useroom._victims import Pidfd
 
-        code = "import sys, time\nb = bytearray(int(sys.argv[1]) << 20)\nb[::4096] = b'x' * len(b[::4096])\n" \
-               "print('ready', flush=True)\ntime.sleep(60)\n"
-        procs = [subprocess.Popen([sys.executable, "-c", code, str(mib)], stdout=subprocess.PIPE) for mib in (8, 40, 24)]
+        procs = _sized(8, 40, 24)
         fds = []
         try:
-            for p in procs:
-                assert b"ready\n" == p.stdout.readline()  # type: ignore[union-attr]
             fds = [Pidfd(p.pid) for p in procs]
             small, big, middle = procs
             candidates = [Candidate(f.fileno(), f.status.fileno(), p.pid) for f, p in zip(fds, procs)]  # type: ignore[union-attr]
@@ -317,13 +325,9 @@ class TestEpisodes:
         WAITED, and the next pick of a later episode goes ahead."""
         from useroom._victims import Pidfd
 
-        code = "import sys, time\nb = bytearray(int(sys.argv[1]) << 20)\nb[::4096] = b'x' * len(b[::4096])\n" \
-               "print('ready', flush=True)\ntime.sleep(60)\n"
-        procs = [subprocess.Popen([sys.executable, "-c", code, str(mib)], stdout=subprocess.PIPE) for mib in (512, 8)]
+        procs = _sized(512, 8)
         fds = []
         try:
-            for p in procs:
-                assert b"ready\n" == p.stdout.readline()  # type: ignore[union-attr]
             fds = [Pidfd(p.pid) for p in procs]
             big, small = procs
             plan = Plan([Action.signal_best(signal.SIGKILL, 5), Action.signal_best(signal.SIGKILL, 5)],

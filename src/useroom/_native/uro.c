@@ -313,29 +313,40 @@ URO_CRIT static int crit_badness(const struct uro_cand *c, int64_t *points)
     return 0;
 }
 
+/* Path building without libc: appends text (at most 47 bytes in all, NUL
+ * written after) or a number's decimal digits at n; returns the new length. */
+URO_CRIT static int crit_append(char *path, int n, const char *text)
+{
+    while (*text && n < 47)
+        path[n++] = *text++;
+    path[n] = 0;
+    return n;
+}
+
+URO_CRIT static int crit_append_uint(char *path, int n, uint32_t v)
+{
+    char digits[12];
+    int d = 0;
+    do {
+        digits[d++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v && d < 12);
+    while (d && n < 47)
+        path[n++] = digits[--d];
+    path[n] = 0;
+    return n;
+}
+
 /* Reads /proc/<pid>/<name> into buf (opened, read, closed now); the bytes
  * read or -errno. The open may fail under the OOM (ENOMEM: the file's
  * kernel memory is charged to the group); the caller then skips the task. */
 URO_CRIT static long crit_read_proc(int32_t pid, const char *name, char *buf, long size)
 {
     char path[48];
-    const char *head = "/proc/";
-    int n = 0;
-    while (*head)
-        path[n++] = *head++;
-    char digits[12];
-    int d = 0;
-    uint32_t v = (uint32_t)pid;
-    do {
-        digits[d++] = (char)('0' + v % 10);
-        v /= 10;
-    } while (v && d < 12);
-    while (d)
-        path[n++] = digits[--d];
-    path[n++] = '/';
-    while (*name && n < 47)
-        path[n++] = *name++;
-    path[n] = 0;
+    int n = crit_append(path, 0, "/proc/");
+    n = crit_append_uint(path, n, (uint32_t)pid);
+    n = crit_append(path, n, "/");
+    n = crit_append(path, n, name);
     long fd = uro_sys(SYS_openat, AT_FDCWD, (long)path, O_RDONLY | O_CLOEXEC, 0, 0);
     if (fd < 0)
         return fd;
@@ -473,18 +484,8 @@ URO_CRIT static int crit_pick(const struct uro_plan *plan, struct crit_pick *out
         if (plan->procs_reopen) {
             /* A new open file of the same cgroup.procs loads the list of now;
              * if the open fails for want of memory, the planned file serves. */
-            char path[32] = "/proc/self/fd/";
-            int n = 14;
-            char digits[12];
-            int d = 0;
-            uint32_t v = (uint32_t)plan->procs_fd;
-            do {
-                digits[d++] = (char)('0' + v % 10);
-                v /= 10;
-            } while (v && d < 12);
-            while (d)
-                path[n++] = digits[--d];
-            path[n] = 0;
+            char path[48];
+            crit_append_uint(path, crit_append(path, 0, "/proc/self/fd/"), (uint32_t)plan->procs_fd);
             long fd = uro_sys(SYS_openat, AT_FDCWD, (long)path, O_RDONLY | O_CLOEXEC, 0, 0);
             if (fd >= 0) {
                 m = uro_sys(SYS_read, fd, (long)text, sizeof text, 0, 0);

@@ -51,16 +51,11 @@ def main(argv: list[str] | None = None, *, out: TextIO | None = None, err: TextI
 
 
 def _parser() -> argparse.ArgumentParser:
-    from useroom._units import parse_size
     from useroom.bench._deadlock import DEFAULT_VARIANTS, VARIANTS, Config
 
     defaults = Config()
 
-    def size(text: str) -> int:
-        try:
-            return parse_size(text)
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(str(error)) from error
+    from useroom.bench._sandbox import size_arg as size
 
     def variants(text: str) -> list[str]:
         names = [name for name in text.split(",") if name]

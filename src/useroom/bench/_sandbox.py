@@ -499,3 +499,15 @@ class Lab:
             return group.procs()
         except OSError:
             return []
+
+
+def size_arg(text: str) -> int:
+    """An argparse type: a size such as ``64M`` in bytes."""
+    import argparse
+
+    from useroom._units import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error

@@ -1178,15 +1178,10 @@ def _shown(value: Any) -> str:
 def _parser() -> Any:
     import argparse
 
-    from useroom._units import parse_size
 
     defaults = StormConfig()
 
-    def size(text: str) -> int:
-        try:
-            return parse_size(text)
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(str(error)) from error
+    from useroom.bench._sandbox import size_arg as size
 
     parser = argparse.ArgumentParser(prog="python -m useroom.bench storm", description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=defaults.seconds,
