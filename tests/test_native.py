@@ -5,6 +5,7 @@ These need no cgroup; the real-kernel OOM tests are in test_watcher_kernel.py.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import os
@@ -16,6 +17,9 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Iterator
+from typing import Any
 
 import attrs
 import pytest
@@ -234,12 +238,26 @@ _SIZED = ("import sys, time\nb = bytearray(int(sys.argv[1]) << 20)\nb[::4096] = 
           "print('ready', flush=True)\ntime.sleep(60)\n")
 
 
-def _sized(*mibs: int) -> list[subprocess.Popen[bytes]]:
-    """Processes that each touch MiB of memory and wait (the caller kills them and closes stdout)."""
+@contextlib.contextmanager
+def _sized(*mibs: int) -> Iterator[tuple[list[subprocess.Popen[bytes]], list[Any]]]:
+    """Processes that each touch MiB of memory and wait, with their
+    ``Pidfd``s; killed, reaped and closed on the way out."""
+    from useroom._victims import Pidfd
+
     procs = [subprocess.Popen([sys.executable, "-c", _SIZED, str(mib)], stdout=subprocess.PIPE) for mib in mibs]
-    for p in procs:
-        assert b"ready\n" == p.stdout.readline()  # type: ignore[union-attr]
-    return procs
+    fds: list[Any] = []
+    try:
+        for p in procs:
+            assert b"ready\n" == p.stdout.readline()  # type: ignore[union-attr]
+        fds = [Pidfd(p.pid) for p in procs]
+        yield procs, fds
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+            p.stdout.close()  # type: ignore[union-attr]
+        for f in fds:
+            f.close()
 
 
 class TestEpisodes:
@@ -285,12 +303,7 @@ class TestEpisodes:
         the one with the most RSS + swap + page tables (plus adj_kb) is
         killed, the pick and its points are recorded, MRELEASE and AWAIT act
         on the pick, and a second SIGNAL_BEST picks among the rest."""
-        from useroom._victims import Pidfd
-
-        procs = _sized(8, 40, 24)
-        fds = []
-        try:
-            fds = [Pidfd(p.pid) for p in procs]
+        with _sized(8, 40, 24) as (procs, fds):
             small, big, middle = procs
             candidates = [Candidate(f.fileno(), f.status.fileno(), p.pid) for f, p in zip(fds, procs)]  # type: ignore[union-attr]
             # The middle one, pushed up by its adj, outranks the biggest.
@@ -311,24 +324,12 @@ class TestEpisodes:
             assert reaped.result in (0, -errno.ESRCH) and 1 == awaited.result  # ESRCH: it had exited already
             assert (1, 0) == (second.pick, second.result)
             assert 40 << 10 <= second.points < 60 << 10
-        finally:
-            for p in procs:
-                p.kill()
-                p.wait()
-                p.stdout.close()  # type: ignore[union-attr]
-            for f in fds:
-                f.close()
 
     def test_signal_best_waits_for_its_last_victim(self) -> None:
         """A pick does not kill again while its last victim is still exiting
         (512 MiB take a while to tear down): it waits for the exit, returns
         WAITED, and the next pick of a later episode goes ahead."""
-        from useroom._victims import Pidfd
-
-        procs = _sized(512, 8)
-        fds = []
-        try:
-            fds = [Pidfd(p.pid) for p in procs]
+        with _sized(512, 8) as (procs, fds):
             big, small = procs
             plan = Plan([Action.signal_best(signal.SIGKILL, 5), Action.signal_best(signal.SIGKILL, 5)],
                         candidates=[Candidate(f.fileno(), f.status.fileno(), p.pid)  # type: ignore[union-attr]
@@ -345,13 +346,6 @@ class TestEpisodes:
                 again = w.records()[-1].steps[0]
                 assert (small.pid, 0) == (again.pid, again.result)
             assert -signal.SIGKILL == big.wait(5) == small.wait(5)
-        finally:
-            for p in procs:
-                p.kill()
-                p.wait()
-                p.stdout.close()  # type: ignore[union-attr]
-            for f in fds:
-                f.close()
 
     def test_signal_best_with_nobody_left(self, sleeper: subprocess.Popen[bytes]) -> None:
         """No live candidate: ESRCH, no pick, and the pick's MRELEASE is skipped."""
@@ -371,6 +365,39 @@ class TestEpisodes:
             assert [(-errno.ESRCH, -1), (-errno.ESRCH, -1)] == [(s.result, s.pick) for s in rec.steps]
         finally:
             fd.close()
+
+    def test_check_until_exit_ends_when_the_victim_is_gone(self, check_file) -> None:
+        """A CHECK until_exit(), the check still failing, ends as soon as the
+        victim has exited (its memory is back: the group is out again), not
+        at its timeout; on the pick's pidfd too, and at once when the pick
+        waited for the last victim instead of picking."""
+        _, cfd = check_file  # says under_oom 1 throughout
+        with _sized(8, 512, 8) as (procs, fds):  # 512 MiB take a while to tear down: the second pick waits
+            first = fds[0].fileno()
+            plan = Plan([Action.signal_pidfd(first, signal.SIGKILL), Action.check(30).until_exit(first),
+                         Action.signal_best(signal.SIGKILL, 5), Action.signal_best(signal.SIGKILL, 5),
+                         Action.check(30).until_exit().on_pick()],
+                        check_fd=cfd, resolved_needle=b"under_oom 0",
+                        candidates=[Candidate(f.fileno(), f.status.fileno(), p.pid)  # type: ignore[union-attr]
+                                    for f, p in zip(fds[1:], procs[1:])])
+            with NativeWatcher(lock=False) as w, EventFd() as src:
+                idx = w.add_source(src.fileno(), SourceKind.OOM)
+                w.arm(plan)
+                started = time.monotonic()
+                w.run_episode(idx)
+                took = time.monotonic() - started
+                [rec] = w.records()
+            assert [0, 0, 0, _native.WAITED, 0] == [step.result for step in rec.steps]
+            assert procs[1].pid == rec.steps[2].pid
+            assert Outcome.UNRESOLVED == rec.outcome
+            assert took < 10  # not the 30 s of any check
+            assert all(-signal.SIGKILL == p.wait(5) for p in procs[:2])
+
+    def test_until_exit_is_for_checks(self) -> None:
+        with pytest.raises(ValueError, match="CHECK"):
+            Action.await_readable(3, 1).until_exit(3)
+        with pytest.raises(ValueError, match="until_exit"):
+            Action.check(1).on_pick()
 
     def test_exited_victim_is_skipped(self, sleeper: subprocess.Popen[bytes], check_file) -> None:
         """A victim that already exited gives ESRCH and the following check is

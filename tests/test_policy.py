@@ -106,6 +106,45 @@ class TestCompile:
             ("SIGNAL_PID", -1, "kill"), ("WRITE", 0, "kill"), ("CHECK", -1, "kill"),
         ] == kinds
 
+    def _v2(self, **overrides) -> PlanContext:
+        return _ctx(lift=b"max", restore_resolves=False, resolved_below=64 * MIB, resolved_needle=b"",
+                    kill_switch_on=b"max", kill_switch_off=str(64 * MIB).encode(), **overrides)
+
+    def test_v2_kills_open_the_wall(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """cgroup v2: the wall opens before the first kill and closes after
+        the last (always, guarded by the opening), before the kernel step."""
+        monkeypatch.setattr(_native, "can_use_mrelease", False)
+        compiled = KillLargest(max_victims=2).compile(self._v2(kill_switch_fd=7))
+        assert [
+            ("WRITE", 5, "kill"), ("SIGNAL_PID", 12, "kill"), ("CHECK", 0, "kill"),
+            ("SIGNAL_PID", 13, "kill"), ("CHECK", 0, "kill"), ("WRITE", 5, "kill"),
+            ("WRITE", 7, "kernel"), ("CHECK", 0, "kernel"), ("WRITE", 7, "kernel"),
+        ] == _shape(compiled)
+        opened, closed = compiled.plan.actions[0], compiled.plan.actions[5]
+        assert (b"max", -1) == (opened.data, opened.guard)
+        assert (str(64 * MIB).encode(), 0) == (closed.data, closed.guard)
+        assert _native._lib.URO_F_ALWAYS & closed.flags
+
+    def test_v2_pick_checks_end_at_the_exit(self) -> None:
+        """cgroup v2: the check after a pick ends once the pick has exited
+        (its memory is back: over the wall still, the next kill goes at
+        once); on v1 it waits for the sleepers as before."""
+        from useroom._policy import _Builder
+
+        for ctx, exits in ((self._v2(), True), (_ctx(), False)):
+            b = _Builder(ctx)
+            b.kill_best(signal.SIGKILL, "largest")
+            check = b.actions[-1]
+            assert "CHECK" == check.kind.name
+            assert exits == bool(check.flags & _native._lib.URO_F_EXIT)
+            assert exits == bool(check.flags & _native._lib.URO_F_PICKED)
+            assert exits == (b.actions[0].kind.name == "WRITE")
+
+    def test_v1_plans_have_no_wall(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(_native, "can_use_mrelease", False)
+        compiled = KillLargest(max_victims=1).compile(_ctx())
+        assert ["SIGNAL_PID", "CHECK"] == [a.kind.name for a in compiled.plan.actions]
+
     def test_term_grace(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """term_grace adds SIGTERM before SIGKILL (waiting on a pidfd needs one; pid-only victims
         get SIGTERM then SIGKILL without a wait)."""
@@ -122,6 +161,11 @@ class TestCompile:
             _ctx(victims=many, kill_switch_fd=7, reserve=MIB, grant_wake_fd=8, grant_reply_fd=9))
         assert len(compiled.plan.actions) <= _native.PLAN_MAX
         assert ["grant"] * 4 + ["kernel"] * 3 == list(compiled.phases[-7:])
+        v2 = KillLargest(max_victims=40).compile(_ctx(
+            victims=many, kill_switch_fd=7, reserve=MIB, grant_wake_fd=8, grant_reply_fd=9, hooks_wake_fd=10,
+            hooks_reply_fd=11, lift=b"max", restore_resolves=False, resolved_below=64 * MIB, resolved_needle=b""))
+        assert len(v2.plan.actions) <= _native.PLAN_MAX
+        assert ["kill"] + ["grant"] * 5 + ["kernel"] * 3 == list(v2.phases[-9:])  # the wall closed, then the tail
 
     def test_raise_limit(self) -> None:
         """RaiseLimit raises in steps to the ceiling, then kills; it grants nothing."""

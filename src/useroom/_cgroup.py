@@ -303,6 +303,13 @@ class Group(abc.ABC):
     #: its first read loaded (v1 keeps a pid list per open file while it is
     #: read; only a new file's first read loads a new one).
     procs_pread_relists: ClassVar[bool]
+    #: The longest the kernel may put a task that took the group over its
+    #: wall to sleep (seconds): 0 on v1, where the task waits in the OOM and
+    #: wakes as soon as the limit fits; 2 on v2, the cap of the throttle
+    #: penalty for going over ``memory.high`` (``MEMCG_MAX_HIGH_DELAY_JIFFIES``),
+    #: a sleep that only a fatal signal ends. A thread asleep there may hold
+    #: the GIL, so the plan waits this much longer for the ``on_oom`` hooks.
+    wall_sleep_max: ClassVar[float]
     #: Rules the kernel applies, by operation, for :class:`CgroupPermissionError`.
     permission_rules: ClassVar[Mapping[str, tuple[str, str]]] = {
         "remove": (

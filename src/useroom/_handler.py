@@ -665,7 +665,8 @@ class Handler:
             grant_timeout=self.grant_timeout,
             hooks_wake_fd=self._runner.wake.fileno() if self._runner else -1,
             hooks_reply_fd=self._runner.reply.fileno() if self._runner else -1,
-            hooks_timeout=self.hook_timeout,
+            # A thread asleep at the wall when the episode began may hold the GIL.
+            hooks_timeout=self.hook_timeout + self.group.wall_sleep_max,
             check_timeout=self.check_timeout,
             hold_processes=self.hold_processes,
             procs_fd=self._procs.for_plan(),
@@ -676,6 +677,7 @@ class Handler:
             wall = self._limit
             return PlanContext(
                 limit=wall, resolved_needle=b"", resolved_below=wall, restore_resolves=False,
+                lift=b"max",
                 kill_switch_on=b"max", kill_switch_off=str(wall).encode(), kernel_timeout=self.delay,
                 # Half the gap at most: the tasks a grant wakes must not reach
                 # memory.max (the kernel) while the manager refreshes.

@@ -113,6 +113,16 @@ class PlanContext:
     protect: tuple[int, ...] = ()
     #: Whether the pick opens ``procs_fd`` anew to list the tasks of now (v1).
     procs_reopen: bool = False
+    #: cgroup v2: what the kill phase writes to ``limit_fd`` before its
+    #: first kill (a higher wall), and ``limit`` after its last. A task over
+    #: ``memory.high`` is put to sleep on its way back to user space, for a
+    #: time that grows with the square of the overage and with its own last
+    #: charge (a 2 MiB huge page counts 512 pages): up to 2 s, and only a
+    #: fatal signal ends it. The task that crossed the wall computes that
+    #: sleep after it reclaimed, so a wall opened at once spares it, and
+    #: those that reach the old wall while the victim dies. Empty on v1 (no
+    #: wall: the tasks wait in the OOM and run as soon as the limit fits).
+    lift: bytes = b""
 
     @property
     def can_grant(self) -> bool:
@@ -164,6 +174,8 @@ class _Builder:
         self.candidates: list[Victim] = []
         #: SIGNAL_BEST also looks for tasks that are not candidates.
         self.finding = False
+        #: Index of the write that opened the wall (``PlanContext.lift``), until closed.
+        self.opened: int | None = None
 
     def room(self) -> int:
         return _native.PLAN_MAX - len(self.actions)
@@ -175,6 +187,7 @@ class _Builder:
         self.targets.append(target)
 
     def kill(self, victim: Victim, reason: str, sig: int, term_grace: float | None) -> None:
+        self.open_wall()
         who = victim.describe()
         pidfd = victim.pidfd
         if pidfd is not None:
@@ -197,13 +210,23 @@ class _Builder:
             self.add(Action.signal_pid(victim.pid, sig), f"{signal.Signals(sig).name} {who}: {reason}", "kill", victim)
         if self.hooks_grant is not None:
             self.restore(self.hooks_grant, "kill")
-        self.add(Action.check(self.ctx.check_timeout, supersede=True), "check whether the OOM is over", "kill")
+        check = Action.check(self.ctx.check_timeout, supersede=True)
+        if self.ctx.lift and pidfd is not None:
+            check = check.until_exit(pidfd.fileno())
+        self.add(check, self.check_why, "kill")
         self.victims.append(victim)
+
+    @property
+    def check_why(self) -> str:
+        if self.ctx.lift:
+            return "check whether the usage is back under the wall (until the victim has exited)"
+        return "check whether the OOM is over"
 
     def kill_best(self, sig: int, reason: str) -> None:
         """Kill the candidate with the highest badness at the OOM (one of
         :attr:`candidates`, which the caller has set): the same steps as
         :meth:`kill`, on the pidfd the pick chose."""
+        self.open_wall()
         signal_at = len(self.actions)
         self.add(Action.signal_best(sig, self.ctx.check_timeout), f"{signal.Signals(sig).name} the task with the {reason}",
                  "kill")
@@ -213,7 +236,23 @@ class _Builder:
             self.add(Action.await_readable(0, self.ctx.check_timeout).on_pick().after(signal_at),
                      f"wait up to {self.ctx.check_timeout} s for the pick to exit", "kill")
             self.restore(self.hooks_grant, "kill")
-        self.add(Action.check(self.ctx.check_timeout, supersede=True), "check whether the OOM is over", "kill")
+        check = Action.check(self.ctx.check_timeout, supersede=True)
+        self.add(check.until_exit().on_pick() if self.ctx.lift else check, self.check_why, "kill")
+
+    def open_wall(self) -> None:
+        """Before the first kill (v2): the wall steps up to ``ctx.lift``."""
+        if self.ctx.lift and self.opened is None:
+            self.opened = len(self.actions)
+            self.add(Action.write(self.ctx.limit_fd, self.ctx.lift),
+                     f"open the wall while the handler kills (memory.high {self.ctx.lift.decode()}): "
+                     "a task over it now would be put to sleep for up to 2 s", "kill")
+
+    def close_wall(self) -> None:
+        """After the kills: the wall back (whether they resolved the episode or not)."""
+        if self.opened is not None:
+            self.add(Action.write(self.ctx.limit_fd, str(self.ctx.limit).encode()).after(self.opened).always(),
+                     f"close the wall again: memory.high {format_size(self.ctx.limit)}", "kill")
+            self.opened = None
 
     def kill_cost(self, term_grace: float | None) -> int:
         return (2 + int(_native.can_use_mrelease) + (2 if term_grace is not None else 0)
@@ -285,7 +324,9 @@ class _Builder:
                                           "hooks", "the on_oom hooks", settles=True, then=tuple(resume))
 
     def tail(self) -> None:
-        """The grant and the kernel fallback, when the context allows them."""
+        """The wall closed after the kills, then the grant and the kernel
+        fallback, when the context allows them."""
+        self.close_wall()
         ctx = self.ctx
         if ctx.can_grant and ctx.grant_wake_fd >= 0 and ctx.grant_reply_fd >= 0:
             self.grant(ctx.grant_wake_fd, ctx.grant_reply_fd, ctx.grant_timeout, "grant",
@@ -304,7 +345,8 @@ class _Builder:
     def tail_cost(self) -> int:
         ctx = self.ctx
         grant = 3 + self.restore_cost if ctx.can_grant and ctx.grant_wake_fd >= 0 and ctx.grant_reply_fd >= 0 else 0
-        return grant + (3 if ctx.kill_switch_fd >= 0 else 0)
+        # The wall's opening and closing around the kills (v2).
+        return grant + (3 if ctx.kill_switch_fd >= 0 else 0) + 2 * int(bool(ctx.lift))
 
     def build(self) -> CompiledPlan:
         candidates = []

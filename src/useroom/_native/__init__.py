@@ -520,9 +520,20 @@ class Action:
         """This MRELEASE or AWAIT, on the pidfd of the episode's last
         :meth:`signal_best` pick instead of its own fd (-ESRCH if it picked
         nobody)."""
-        if self.kind not in (ActionKind.MRELEASE, ActionKind.AWAIT):
-            raise ValueError("only MRELEASE and AWAIT can act on the pick")
+        if self.kind not in (ActionKind.MRELEASE, ActionKind.AWAIT) and \
+                not (self.kind is ActionKind.CHECK and self.flags & _lib.URO_F_EXIT):
+            raise ValueError("only MRELEASE, AWAIT and a CHECK until_exit() can act on the pick")
         return attrs.evolve(self, fd=-1, flags=self.flags | _lib.URO_F_PICKED)
+
+    def until_exit(self, pidfd: int = -1) -> Action:
+        """This CHECK also ends once the process of ``pidfd`` has exited (or
+        the pick's, with :meth:`on_pick` after this), after one last check:
+        its memory is back, and if the check still fails, the group is out
+        of memory again and the next action follows at once (cgroup v2,
+        where no task waits for the check to wake it)."""
+        if self.kind is not ActionKind.CHECK:
+            raise ValueError("only a CHECK ends at an exit")
+        return attrs.evolve(self, fd=pidfd, flags=self.flags | _lib.URO_F_EXIT)
 
     @classmethod
     def signal_best(cls, sig: int, wait: float = 0.25) -> Action:

@@ -200,13 +200,18 @@ URO_CRIT static int crit_check(const struct uro_plan *plan)
 /* Waits until the check says resolved or timeout_ns passes. Returns 1
  * resolved, 2 superseded (the source fd became readable: a new OOM was
  * declared, so the previous OOM lock holder woke up and the group ran out
- * again), 0 not, -errno (group gone). *when gets the time it was seen. */
-URO_CRIT static int crit_await_resolved(const struct uro_plan *plan, int source_fd,
+ * again), 0 not, -errno (group gone). *when gets the time it was seen.
+ * With exit_fd (a victim's pidfd), it also stops once the victim has exited
+ * and its memory is back: a last check then says whether the group is out
+ * of memory again (0), as the kernel's killer, which kills the next task
+ * as soon as its victim is gone and the charge still fails. */
+URO_CRIT static int crit_await_resolved(const struct uro_plan *plan, int source_fd, int exit_fd,
                                         int64_t timeout_ns, int64_t *when)
 {
     int64_t deadline = crit_now() + timeout_ns;
     int64_t step = plan->poll_ns > 0 ? plan->poll_ns : 1000000;
     for (;;) {
+        int gone = exit_fd >= 0 && crit_wait_readable(exit_fd, 0) == 1;
         int r = crit_check(plan);
         if (r != 0) {
             if (r == 1)
@@ -214,7 +219,7 @@ URO_CRIT static int crit_await_resolved(const struct uro_plan *plan, int source_
             return r;
         }
         int64_t left = deadline - crit_now();
-        if (left <= 0)
+        if (left <= 0 || gone)
             return 0;
         if (source_fd >= 0) {
             if (crit_wait_readable(source_fd, left < step ? left : step) == 1) {
@@ -634,7 +639,12 @@ URO_CRIT static void crit_episode(struct uro_shared *sh, int src, uint64_t count
                      * an eventfd source can tell a new notification that way. */
                     int supersede_fd = (a->flags & URO_F_SUPERSEDE) && !(sh->sources[src].kind & URO_SRC_PRI)
                                            ? sh->sources[src].fd : -1;
-                    r = crit_await_resolved(plan, supersede_fd, a->timeout_ns, &when);
+                    int exit_fd = !(a->flags & URO_F_EXIT) ? -1 : (a->flags & URO_F_PICKED) ? pick.pidfd : a->fd;
+                    /* No pick to wait for: the pick waited for the last
+                     * victim to exit instead, so its memory is back. */
+                    int64_t timeout = (a->flags & URO_F_EXIT) && (a->flags & URO_F_PICKED) && pick.pidfd < 0
+                                          ? 0 : a->timeout_ns;
+                    r = crit_await_resolved(plan, supersede_fd, exit_fd, timeout, &when);
                     if (r == 1 && !grant_open) {
                         ev->resolved_ns = when;
                         outcome = URO_OUT_RESOLVED;

@@ -49,7 +49,10 @@
 #define URO_SETTLED 2           /* what a settling waker adds to the eventfd counter */
 #define URO_F_PICKED 128        /* MRELEASE, AWAIT: act on the pidfd of this episode's
                                  * last SIGNAL_BEST pick instead of fd (skipped with
-                                 * -ESRCH if it picked nobody) */
+                                 * -ESRCH if it picked nobody); CHECK with URO_F_EXIT:
+                                 * end at that pick's exit */
+#define URO_F_EXIT 256          /* CHECK: also ends, with one last check, once the
+                                 * victim's pidfd (fd) is readable: it has exited */
 #define URO_CANDS_MAX 32        /* candidates of one plan */
 
 /* Source kinds: what the watcher does when a source's eventfd fires. */
