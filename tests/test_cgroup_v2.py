@@ -650,6 +650,30 @@ class TestV2Handler:
         assert None is small.returncode
         assert 0 == v2group.events().oom_kill
 
+    def test_the_wall_opens_for_the_kills_and_comes_back(self, v2group: V2Group, spawn_hog: SpawnHog) -> None:
+        """The kill phase opens the wall (memory.high=max) before its first
+        kill and writes it back after its last: the episode's steps say so,
+        the wall is back once it ends, and the grower, never throttled for
+        the victim's overage, completes."""
+        v2group.set_limit("96M")  # wall 80M
+        big = _hog_in(spawn_hog, v2group, 40)
+        big.start()
+        assert big.wait_touched(EVENT_TIMEOUT)
+        with Handler(v2group, thresholds=()) as handler:
+            grower = _hog_in(spawn_hog, v2group, 50)
+            assert wait_until(lambda: {big.pid, grower.pid} <= {v.pid for v in handler.victims}, EVENT_TIMEOUT)
+            grower.start()
+            assert -signal.SIGKILL == big.wait(EVENT_TIMEOUT)
+            assert grower.wait_touched(EVENT_TIMEOUT)
+            events = _acted(handler)
+            assert wait_until(lambda: 80 * MIB == v2group.high(), EVENT_TIMEOUT)
+        killing = next(e for e in events if e.victims)
+        writes = [s for s in killing.steps if s.kind == "WRITE" and s.phase == "kill"]
+        kills = [i for i, s in enumerate(killing.steps) if s.kind == "SIGNAL_BEST"]
+        assert 2 == len(writes) and all(0 <= s.result for s in writes)
+        assert killing.steps.index(writes[0]) < kills[0] < killing.steps.index(writes[1])
+        assert 0 == v2group.events().oom_kill
+
     def test_grant_finds_a_task_not_in_the_table(self, v2group: V2Group, spawn_hog: SpawnHog) -> None:
         """A task started after the last refresh: the plan's grant wakes the manager, which
         refreshes and kills it; the wall is back afterwards."""
