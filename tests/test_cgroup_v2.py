@@ -656,11 +656,11 @@ class TestV2Handler:
         the wall is back once it ends, and the grower, never throttled for
         the victim's overage, completes."""
         v2group.set_limit("96M")  # wall 80M
-        big = _hog_in(spawn_hog, v2group, 40)
+        big = _hog_in(spawn_hog, v2group, 50)
         big.start()
         assert big.wait_touched(EVENT_TIMEOUT)
         with Handler(v2group, thresholds=()) as handler:
-            grower = _hog_in(spawn_hog, v2group, 50)
+            grower = _hog_in(spawn_hog, v2group, 40)  # at the wall it has 30 MiB: big is the largest
             assert wait_until(lambda: {big.pid, grower.pid} <= {v.pid for v in handler.victims}, EVENT_TIMEOUT)
             grower.start()
             assert -signal.SIGKILL == big.wait(EVENT_TIMEOUT)
