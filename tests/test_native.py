@@ -299,20 +299,23 @@ class TestEpisodes:
             os.close(pidfd)
 
     def test_signal_best_picks_by_badness_now(self) -> None:
-        """SIGNAL_BEST reads each candidate's /proc/<pid>/status at the episode:
-        the one with the most RSS + swap + page tables (plus adj_kb) is
-        killed, the pick and its points are recorded, MRELEASE and AWAIT act
-        on the pick, and a second SIGNAL_BEST picks among the rest."""
+        """SIGNAL_BEST reads each candidate's /proc/<pid>/status and
+        oom_score_adj at the episode: the one with the most RSS + swap + page
+        tables, plus the adj scaled to the limit, is killed, the pick and its
+        points are recorded, MRELEASE and AWAIT act on the pick, and a second
+        SIGNAL_BEST picks among the rest."""
         with _sized(8, 40, 24) as (procs, fds):
             small, big, middle = procs
+            # The plan was compiled with adj 0 (adj_kb); the middle one sets
+            # 500 after that (half the 64 MiB limit: 32 MiB) and outranks the biggest.
             candidates = [Candidate(f.fileno(), f.status.fileno(), p.pid) for f, p in zip(fds, procs)]  # type: ignore[union-attr]
-            # The middle one, pushed up by its adj, outranks the biggest.
-            boosted = [*candidates[:2], attrs.evolve(candidates[2], adj_kb=32 << 10)]
+            with open(f"/proc/{middle.pid}/oom_score_adj", "w") as file:
+                file.write("500")
             with NativeWatcher(lock=False) as w, EventFd() as src:
                 idx = w.add_source(src.fileno(), SourceKind.OOM)
                 w.arm(Plan([Action.signal_best(signal.SIGKILL), Action.mrelease(0).on_pick(),
                             Action.await_readable(0, 5).on_pick(), Action.signal_best(signal.SIGKILL)],
-                           candidates=boosted))
+                           candidates=candidates, limit_kb=64 << 10))
                 w.run_episode(idx)
                 [rec] = w.records()
             assert -signal.SIGKILL == middle.wait(5)
@@ -324,6 +327,42 @@ class TestEpisodes:
             assert reaped.result in (0, -errno.ESRCH) and 1 == awaited.result  # ESRCH: it had exited already
             assert (1, 0) == (second.pick, second.result)
             assert 40 << 10 <= second.points < 60 << 10
+
+    def test_signal_best_spares_a_candidate_that_set_adj_minus_1000(self) -> None:
+        """A candidate that set oom_score_adj -1000 after the plan was compiled is never picked."""
+        with _sized(40, 8) as (procs, fds):
+            big, small = procs
+            try:
+                with open(f"/proc/{big.pid}/oom_score_adj", "w") as file:
+                    file.write("-1000")
+            except PermissionError:
+                pytest.skip("lowering oom_score_adj needs CAP_SYS_RESOURCE")
+            with NativeWatcher(lock=False) as w, EventFd() as src:
+                idx = w.add_source(src.fileno(), SourceKind.OOM)
+                w.arm(Plan([Action.signal_best(signal.SIGKILL)], limit_kb=64 << 10,
+                           candidates=[Candidate(f.fileno(), f.status.fileno(), p.pid)  # type: ignore[union-attr]
+                                       for f, p in zip(fds, procs)]))
+                w.run_episode(idx)
+                [killed] = w.records()[-1].steps
+            assert (small.pid, 0) == (killed.pid, killed.result)
+            assert -signal.SIGKILL == small.wait(5)
+            assert None is big.poll()
+
+    def test_signal_best_reads_the_adj_of_now_not_the_plans(self) -> None:
+        """A candidate compiled with a high adj (adj_kb) that is back to 0 now loses to a bigger one."""
+        with _sized(40, 8) as (procs, fds):
+            big, small = procs
+            candidates = [Candidate(f.fileno(), f.status.fileno(), p.pid)  # type: ignore[union-attr]
+                          for f, p in zip(fds, procs)]
+            stale = [candidates[0], attrs.evolve(candidates[1], adj_kb=64 << 10)]
+            with NativeWatcher(lock=False) as w, EventFd() as src:
+                idx = w.add_source(src.fileno(), SourceKind.OOM)
+                w.arm(Plan([Action.signal_best(signal.SIGKILL)], limit_kb=64 << 10, candidates=stale))
+                w.run_episode(idx)
+                [killed] = w.records()[-1].steps
+            assert (big.pid, 0) == (killed.pid, killed.result)
+            assert 40 << 10 <= killed.points < 60 << 10
+            assert -signal.SIGKILL == big.wait(5)
 
     def test_signal_best_waits_for_its_last_victim(self) -> None:
         """A pick does not kill again while its last victim is still exiting

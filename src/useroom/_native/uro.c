@@ -306,18 +306,6 @@ URO_CRIT static int64_t crit_status_kb(const char *buf, long n, const char *key,
  * -errno if its status cannot be read (ESRCH: it exited). The buffer is on
  * the watcher's locked stack; the text's Vm lines end within its first
  * 2 KiB (Name, Umask, State ... VmPTE, VmSwap precede the signal masks). */
-URO_CRIT static int crit_badness(const struct uro_cand *c, int64_t *points)
-{
-    char buf[3072];
-    long n = uro_sys(SYS_pread64, c->status_fd, (long)buf, sizeof buf, 0, 0);
-    if (n < 0)
-        return (int)n;
-    int64_t kb = crit_status_kb(buf, n, "VmRSS:", 6) + crit_status_kb(buf, n, "VmSwap:", 7) +
-                 crit_status_kb(buf, n, "VmPTE:", 6);
-    *points = kb + c->adj_kb;
-    return 0;
-}
-
 /* Path building without libc: appends text (at most 47 bytes in all, NUL
  * written after) or a number's decimal digits at n; returns the new length. */
 URO_CRIT static int crit_append(char *path, int n, const char *text)
@@ -360,25 +348,60 @@ URO_CRIT static long crit_read_proc(int32_t pid, const char *name, char *buf, lo
     return r;
 }
 
+/* Reads /proc/<pid>/oom_score_adj now: 0 with *adj set, or -errno. */
+URO_CRIT static int crit_read_adj(int32_t pid, int64_t *adj)
+{
+    char buf[16];
+    long n = crit_read_proc(pid, "oom_score_adj", buf, sizeof buf);
+    if (n <= 0)
+        return n < 0 ? (int)n : -ESRCH;
+    int neg = buf[0] == '-';
+    int64_t v = 0;
+    for (long i = neg; i < n && buf[i] >= '0' && buf[i] <= '9'; i++)
+        v = v * 10 + (buf[i] - '0');
+    *adj = neg ? -v : v;
+    return 0;
+}
+
+/* The badness (kB) of a candidate now: its status through the fd opened at
+ * the refresh, and its oom_score_adj read now, since a task may set it
+ * after the refresh (stress-ng's workers set 1000 just after their fork:
+ * with the refresh's 0 they would lose to their newer siblings). If that
+ * open fails for want of memory, the adjustment of the refresh stands.
+ * The pid is the candidate's: the caller saw its pidfd not readable, so
+ * the pid is not reused. -EPERM: adj -1000 now (never picked). */
+URO_CRIT static int crit_badness(const struct uro_plan *plan, const struct uro_cand *c, int64_t *points)
+{
+    char buf[3072];
+    int64_t adj = 0;
+    int64_t adj_kb = c->adj_kb;
+    if (crit_read_adj(c->pid, &adj) == 0) {
+        if (adj <= -1000)
+            return -EPERM;
+        adj_kb = adj * plan->limit_kb / 1000;
+    }
+    long n = uro_sys(SYS_pread64, c->status_fd, (long)buf, sizeof buf, 0, 0);
+    if (n < 0)
+        return (int)n;
+    int64_t kb = crit_status_kb(buf, n, "VmRSS:", 6) + crit_status_kb(buf, n, "VmSwap:", 7) +
+                 crit_status_kb(buf, n, "VmPTE:", 6);
+    *points = kb + adj_kb;
+    return 0;
+}
+
 /* The badness (kB) of a task found through cgroup.procs: its status and
  * oom_score_adj read now. -ESRCH-like errors: skip it; -EPERM: adj -1000
  * (never picked). */
 URO_CRIT static int crit_badness_pid(const struct uro_plan *plan, int32_t pid, int64_t *points)
 {
     char buf[3072];
-    long n = crit_read_proc(pid, "oom_score_adj", buf, 16);
-    if (n <= 0)
-        return n < 0 ? (int)n : -ESRCH;
-    long i = 0;
-    int neg = buf[0] == '-';
     int64_t adj = 0;
-    for (i = neg; i < n && buf[i] >= '0' && buf[i] <= '9'; i++)
-        adj = adj * 10 + (buf[i] - '0');
-    if (neg)
-        adj = -adj;
+    int r = crit_read_adj(pid, &adj);
+    if (r < 0)
+        return r;
     if (adj <= -1000)
         return -EPERM;
-    n = crit_read_proc(pid, "status", buf, sizeof buf);
+    long n = crit_read_proc(pid, "status", buf, sizeof buf);
     if (n < 0)
         return (int)n;
     *points = crit_status_kb(buf, n, "VmRSS:", 6) + crit_status_kb(buf, n, "VmSwap:", 7) +
@@ -474,7 +497,7 @@ URO_CRIT static int crit_pick(const struct uro_plan *plan, struct crit_pick *out
         int64_t p = 0;
         if (__atomic_load_n(&c->fired, __ATOMIC_RELAXED) || crit_wait_readable(c->pidfd, 0) != 0)
             continue;
-        if (crit_badness(c, &p) < 0)
+        if (crit_badness(plan, c, &p) < 0)
             continue;
         if (!found || p >= out->points) {
             found = 1;
