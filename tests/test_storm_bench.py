@@ -15,9 +15,11 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import psutil
 import pytest
 
 from helpers import Hog
@@ -40,6 +42,47 @@ def snap(start_ms: float, *tasks: tuple[int, int | None], adj: dict[int, int] | 
 
 def kill_at(ms: float, pid: int) -> Kill:
     return Kill(int(ms * 1e6), pid, "worker", "signal step")
+
+
+class TestPages:
+    """The workers' pages are chosen, not left to chance."""
+
+    def test_stress_ng_is_told_its_advice(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from useroom.bench import _storm
+
+        monkeypatch.setattr(_storm.shutil, "which", lambda name: "/usr/bin/" + name)
+        argv = {pages: _storm._driver_argv(_storm.StormConfig(driver="stress-ng", pages=pages))
+                for pages in _storm.PAGES}
+        assert ["--vm-madvise", "nohugepage"] == argv["small"][argv["small"].index("--vm-madvise"):][:2]
+        assert ["--vm-madvise", "hugepage"] == argv["huge"][argv["huge"].index("--vm-madvise"):][:2]
+        assert "--vm-madvise" not in argv["any"]  # stress-ng's own random advice
+        assert "small" == _storm._driver_argv(_storm.StormConfig())[-1]
+
+    @pytest.mark.backends
+    @pytest.mark.parametrize("pages", ["small", "huge"])
+    def test_the_python_workers_get_the_pages_asked_for(self, pages: str) -> None:
+        """Huge: the worker's memory is in 2 MiB pages (AnonHugePages); small: none is."""
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as file:
+            if "[never]" in file.read():
+                pytest.skip("transparent huge pages are off on this machine")
+        from useroom.bench import _storm
+
+        driver = subprocess.Popen([sys.executable, "-I", "-S", _storm._SCRIPT, "supervise", "1", str(16 * MIB),
+                                   pages])
+        try:
+            huge = None
+            deadline = time.monotonic() + 30
+            while huge is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+                for child in psutil.Process(driver.pid).children():
+                    if child.memory_info().rss >= 16 * MIB:
+                        with open(f"/proc/{child.pid}/smaps_rollup") as file:
+                            huge = next(int(line.split()[1]) for line in file if line.startswith("AnonHugePages:"))
+            assert huge is not None, "the worker did not touch its memory"
+            assert (huge > 0) == (pages == "huge"), huge
+        finally:
+            driver.kill()
+            driver.wait()
 
 
 class TestJudge:

@@ -102,7 +102,16 @@ GOALS: Final[tuple[tuple[str, str, Callable[[Any], bool], str], ...]] = (
 
 # -- the python driver's supervisor (this file run as a script) --------------
 
-def supervise(workers: int, size: int) -> NoReturn:
+#: The workers' pages: small (4 KiB), huge (2 MiB transparent huge pages),
+#: or "any" (the system's setting; stress-ng then advises each worker's
+#: buffer at random, one choice per worker slot that its respawns repeat,
+#: and a worker on huge pages fills the group about twice as fast, so the
+#: kill rate of a run depended on that draw).
+PAGES: Final = ("small", "huge", "any")
+_ADVICE: Final = {"small": "MADV_NOHUGEPAGE", "huge": "MADV_HUGEPAGE"}
+_STRESS_NG_ADVICE: Final = {"small": "nohugepage", "huge": "hugepage"}
+
+def supervise(workers: int, size: int, pages: str = "any") -> NoReturn:
     """Start *workers* workers and start a new one whenever one dies, forever.
 
     Runs in its own small process in the group; ends by a signal. Its
@@ -113,16 +122,16 @@ def supervise(workers: int, size: int) -> NoReturn:
     prctl = ctypes.CDLL(None, use_errno=True).prctl
     me = os.getpid()
     for _ in range(workers):
-        _spawn(me, size, prctl)
+        _spawn(me, size, prctl, pages)
     while True:
         try:
             os.wait()
         except ChildProcessError:
             pass
-        _spawn(me, size, prctl)
+        _spawn(me, size, prctl, pages)
 
 
-def _spawn(parent: int, size: int, prctl: Any) -> None:
+def _spawn(parent: int, size: int, prctl: Any, pages: str) -> None:
     while True:
         try:
             pid = os.fork()
@@ -138,6 +147,8 @@ def _spawn(parent: int, size: int, prctl: Any) -> None:
         if os.getppid() != parent:
             os._exit(1)
         memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if pages in _ADVICE:
+            memory.madvise(getattr(mmap, _ADVICE[pages]))
         for offset in range(0, size, PAGE):
             memory[offset] = 1
         while True:  # kept: only a kill ends a worker (it never fits)
@@ -522,6 +533,8 @@ class StormConfig(NamedTuple):
     worker_size: int = 200 * MIB
     limit: int = 64 * MIB
     driver: str = "python"
+    #: One of PAGES: what the workers' memory is made of.
+    pages: str = "small"
     sample_ms: float = 2.0
     #: The periodic snapshots may take this share of one CPU: the interval
     #: grows to (cost of the last snapshot / budget) when that is longer than
@@ -557,9 +570,11 @@ def _driver_argv(config: StormConfig) -> list[str]:
     if config.driver == "stress-ng":
         stress_ng = shutil.which("stress-ng")
         assert stress_ng is not None
+        advice = ["--vm-madvise", _STRESS_NG_ADVICE[config.pages]] if config.pages in _STRESS_NG_ADVICE else []
         return [stress_ng, "--vm", str(config.workers), "--vm-bytes", str(config.worker_size), "--vm-keep",
-                "--timeout", str(math.ceil(config.seconds) + 120)]
-    return [sys.executable, "-I", "-S", _SCRIPT, "supervise", str(config.workers), str(config.worker_size)]
+                *advice, "--timeout", str(math.ceil(config.seconds) + 120)]
+    return [sys.executable, "-I", "-S", _SCRIPT, "supervise", str(config.workers), str(config.worker_size),
+            config.pages]
 
 
 class _Handler(NamedTuple):
@@ -1197,6 +1212,9 @@ def _parser() -> Any:
                              "(default 64M)")
     parser.add_argument("--driver", choices=DRIVERS, default=defaults.driver,
                         help="the storm: a small Python supervisor, or stress-ng --vm (default %(default)s)")
+    parser.add_argument("--pages", choices=PAGES, default=defaults.pages,
+                        help="the workers' pages: small, huge (transparent huge pages, through madvise), or any "
+                             "(the system's setting, and stress-ng's random advice) (default %(default)s)")
     parser.add_argument("--sample-ms", type=float, default=defaults.sample_ms,
                         help="badness snapshots this often, besides one at each OOM notification "
                              "(default %(default)s)")
@@ -1236,7 +1254,7 @@ def main(argv: list[str], out: IO[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = StormConfig(seconds=args.seconds, rounds=args.rounds, workers=args.workers,
                          worker_size=args.worker_size, limit=args.limit,
-                         driver=args.driver, sample_ms=args.sample_ms, sample_budget=args.sample_budget,
+                         driver=args.driver, pages=args.pages, sample_ms=args.sample_ms, sample_budget=args.sample_budget,
                          max_age_ms=args.max_age_ms, room=args.room)
     if config.rounds < 1 or config.seconds / config.rounds <= 0.5 or config.workers < 1 or config.sample_ms <= 0 \
             or not 0 < config.sample_budget <= 1:
@@ -1260,8 +1278,8 @@ def main(argv: list[str], out: IO[str] | None = None) -> int:
         emulated = " (EMULATED guest: times are not the host's)" if os.environ.get("VMRUN_GUEST") else ""
         header = (f"useroom storm benchmark: cgroup v{lab.version}, kernel {os.uname().release}, "
                   f"{os.cpu_count()} cores{emulated}\n"
-                  f"driver {config.driver}: {config.workers} workers x {format_size(config.worker_size)}, "
-                  f"respawned at once, in a group of {format_size(config.limit)}"
+                  f"driver {config.driver}: {config.workers} workers x {format_size(config.worker_size)} "
+                  f"on {config.pages} pages, respawned at once, in a group of {format_size(config.limit)}"
                   + (f" (useroom: memory.high {format_size(config.limit)}, memory.max "
                      f"{format_size(config.limit + config.gap)}; kernel: memory.max {format_size(config.limit)})"
                      if lab.version == 2 else "")
@@ -1318,9 +1336,9 @@ def main(argv: list[str], out: IO[str] | None = None) -> int:
 
 
 def _script_main(argv: list[str]) -> int:
-    if argv[:1] == ["supervise"]:
-        supervise(int(argv[1]), int(argv[2]))
-    print(f"usage: python -I -S {_SCRIPT} supervise WORKERS SIZE", file=sys.stderr)
+    if argv[:1] == ["supervise"] and len(argv) in (3, 4):
+        supervise(int(argv[1]), int(argv[2]), *argv[3:])
+    print(f"usage: python -I -S {_SCRIPT} supervise WORKERS SIZE [PAGES]", file=sys.stderr)
     return 2
 
 
