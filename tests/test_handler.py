@@ -225,6 +225,26 @@ class TestLifecycle:
         assert False is scratch_group.oom_control().kill_disabled
         handler.stop()
 
+    def test_a_refresh_that_changes_nothing_keeps_the_armed_plan(self, scratch_group: Group, spawn_hog) -> None:
+        """KillLargest's plan is compiled again only when what it reads changed: in an OOM
+        storm the table is refreshed several times per episode. A grown task is not such a
+        change (the pick reads the sizes at the OOM); a new task is."""
+        scratch_group.set_limit("256M")
+        first = spawn_hog(8, group=scratch_group)
+        with Handler(scratch_group, KillLargest(), thresholds=(), refresh_interval=3600) as handler:
+            handler._refresh(grant=False)
+            armed = handler._watcher.armed_id
+            first.start()
+            first.expect("touched", 10)
+            handler._refresh(grant=False)
+            handler._refresh(grant=False)
+            assert armed == handler._watcher.armed_id
+            assert [first.pid] == [v.pid for v in handler.victims]
+            spawn_hog(8, group=scratch_group)
+            handler._refresh(grant=False)
+            assert armed < handler._watcher.armed_id
+            assert 2 == len(handler.victims)
+
     def test_protects_its_own_process(self, scratch_group: Group) -> None:
         """The handler's process is never in its victim table, even inside the group."""
         scratch_group.set_limit("256M")

@@ -224,3 +224,64 @@ class TestDryRunAndFreeze:
         compiled = FreezeAndDecide(lambda ctx: []).compile(_ctx(reserve=MIB, grant_wake_fd=8, grant_reply_fd=9))
         assert "freeze" not in compiled.phases
         assert "kill" in compiled.phases
+
+
+class TestPlanKey:
+    """What a handler compares to skip compiling the plan it has armed."""
+
+    @pytest.fixture
+    def pinned(self):
+        """Victims with a real pidfd and status file (this process's), as the table gives them."""
+        import os
+
+        import attrs
+
+        from useroom._victims import Pidfd
+
+        pidfd = Pidfd(os.getpid())
+        try:
+            yield tuple(attrs.evolve(v, pidfd=pidfd) for v in VICTIMS)
+        finally:
+            pidfd.close()
+
+    def test_by_default_every_refresh_compiles(self) -> None:
+        """None: a policy's order may read more than the table (a priority callable)."""
+        assert None is KillByPriority({"w": 1}).plan_key(_ctx())
+        assert None is KillGroup().plan_key(_ctx())
+
+    def test_a_subclass_compiles_every_time(self) -> None:
+        class Mine(KillLargest):
+            pass
+
+        assert None is Mine().plan_key(_ctx())
+
+    def test_the_pick_at_the_oom_ignores_the_sizes_of_the_refresh(self, pinned) -> None:
+        import attrs
+
+        ctx = _ctx(victims=pinned, procs_fd=9)
+        grown = _ctx(victims=tuple(attrs.evolve(v, rss=v.rss * 3) for v in pinned), procs_fd=9)
+        policy = KillLargest()
+        assert policy.plan_key(ctx) == policy.plan_key(grown)
+        assert [a.kind.name for a in policy.compile(ctx).plan.actions] == \
+            [a.kind.name for a in policy.compile(grown).plan.actions]
+
+    def test_what_the_plan_reads_makes_a_new_key(self, pinned) -> None:
+        """A task gone or new, a new oom_score_adj, a pid killed meanwhile (protected), a new limit."""
+        import attrs
+
+        policy = KillLargest()
+        key = policy.plan_key(_ctx(victims=pinned, procs_fd=9))
+        for other in (_ctx(victims=pinned[:2], procs_fd=9),
+                      _ctx(victims=(*pinned[:2], attrs.evolve(pinned[2], oom_score_adj=500)), procs_fd=9),
+                      _ctx(victims=pinned, procs_fd=9, protect=(12,)),
+                      _ctx(victims=pinned, procs_fd=9, limit=128 * MIB)):
+            assert key != policy.plan_key(other)
+
+    def test_an_order_of_the_refresh_reads_the_sizes(self) -> None:
+        """Without status files (or with a SIGTERM grace) the plan kills in the refresh's order of
+        sizes: a size that changes makes a new key."""
+        import attrs
+
+        grown = _ctx(victims=(*VICTIMS[:2], attrs.evolve(VICTIMS[2], rss=99 * MIB)))
+        assert KillLargest().plan_key(_ctx()) != KillLargest().plan_key(grown)
+        assert KillNewest().plan_key(_ctx()) == KillNewest().plan_key(_ctx())

@@ -367,6 +367,47 @@ def test_faulty_hooks_end_within_the_delay(group: Group, spawn_hog, mode: str, t
     assert wait_until(lambda: _settled(group, kill_disabled=False), 5)
 
 
+def test_heartbeats_are_sent_a_sixth_of_the_timeout_apart(scratch_group: Group,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The manager beats after every wake-up (hundreds a second in a storm); each beat sent
+    wakes the watchdog, so one goes out per sixth of heartbeat_timeout at most."""
+    import socket
+
+    from useroom._units import UNLIMITED
+    from useroom._watchdog import WatchdogLink
+
+    link = WatchdogLink(scratch_group, None, delay=2.0, handler_tids=(), limit=UNLIMITED, kill_enabled=False,
+                        heartbeat_timeout=6.0)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    now = [10**12]
+    monkeypatch.setattr(time, "monotonic_ns", lambda: now[0])
+    try:
+        link.sock = ours
+        theirs.setblocking(False)
+
+        def received() -> list[bytes]:
+            got = []
+            while True:
+                try:
+                    got.append(theirs.recv(64))
+                except BlockingIOError:
+                    return got
+
+        for _ in range(100):
+            link.beat()
+        assert [b"beat"] == received()
+        now[0] += 999_000_000
+        link.beat()
+        assert [] == received()
+        now[0] += 1_000_000
+        link.beat()
+        link.set_limit(64 * MIB)  # not a beat: always sent
+        assert [b"beat", f"limit {64 * MIB}".encode()] == received()
+    finally:
+        ours.close()
+        theirs.close()
+
+
 class TestWatchdogFaults:
     def test_killed_while_the_handler_is_healthy(self, group: Group) -> None:
         """The handler notices (pidfd) and starts a new one."""

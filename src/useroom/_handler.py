@@ -65,6 +65,12 @@ __all__ = ["Handler", "OomEvent", "StepRecord", "VictimRecord"]
 
 #: The reserve used when on_oom hooks are registered and none was given.
 DEFAULT_HOOK_RESERVE = 16 << 20
+
+#: Wake-ups sooner than this after a refresh are answered by one refresh at
+#: its end: in an OOM storm the manager wakes four to seven times per kill
+#: (the episode's end, each usage threshold the refilling group crosses),
+#: and each refresh's CPU time is taken from the workload.
+REFRESH_GAP = 0.01
 #: cgroup v2: the least gap between the wall (memory.high) and the backstop (memory.max).
 V2_GAP = 16 << 20
 
@@ -97,6 +103,8 @@ class VictimRecord:
 
     pid: int
     name: str
+    #: As of the refresh the plan was compiled from (0 for a task the pick
+    #: found at the OOM); ``badness`` is the size at the OOM.
     rss: int
     signal: str
     result: int
@@ -216,6 +224,8 @@ class OomEvent:
 class _ArmedPlan:
     compiled: CompiledPlan
     plan_id: int
+    #: The policy and its ``plan_key`` of the context it was compiled from.
+    key: object = None
 
 
 class Handler:
@@ -364,6 +374,7 @@ class Handler:
         self._limit = UNLIMITED
         self._pending_restore: int | None = None
         self._next_refresh = 0.0  # time.monotonic() of the next timed refresh
+        self._last_refresh = 0.0  # and of the last refresh from a wake-up
         self._restore_kill_setting: bool | None = None
         self._thread: threading.Thread | None = None
         self._hooks = HookRegistry()
@@ -654,7 +665,7 @@ class Handler:
             return self.reserve
         return DEFAULT_HOOK_RESERVE
 
-    def _context(self) -> PlanContext:
+    def _context(self, procs_fd: int) -> PlanContext:
         shared = dict(
             victims=self._table.victims,
             limit_fd=self._limit_fd.fileno(),
@@ -669,7 +680,7 @@ class Handler:
             hooks_timeout=self.hook_timeout + self.group.wall_sleep_max,
             check_timeout=self.check_timeout,
             hold_processes=self.hold_processes,
-            procs_fd=self._procs.for_plan(),
+            procs_fd=procs_fd,
             procs_reopen=not self.group.procs_pread_relists,
             protect=tuple(sorted(self._table.protect)) + tuple(sorted(self._table.dying - self._table.protect)),
         )
@@ -749,9 +760,19 @@ class Handler:
         self._arm()
 
     def _arm(self) -> None:
-        compiled = self.policy.compile(self._context())
+        # A new plan gets a cgroup.procs file of its own (on v1 a new one
+        # each time: see useroom._procs); the plan armed keeps its file.
+        key = self.policy.plan_key(self._context(self._procs.last))
+        last = self._armed[-1] if self._armed else None
+        if key is not None and last is not None and last.plan_id == self._watcher.armed_id \
+                and last.key == (self.policy, key):
+            self._table.release(p for a in self._armed for p in a.compiled.pidfds)
+            return  # the plan armed is the one this context compiles to
+        ctx = self._context(self._procs.for_plan())
+        key = self.policy.plan_key(ctx)
+        compiled = self.policy.compile(ctx)
         plan_id = self._watcher.arm(compiled.plan)
-        armed = _ArmedPlan(compiled, plan_id)
+        armed = _ArmedPlan(compiled, plan_id, None if key is None else (self.policy, key))
         self._plans[plan_id] = armed
         self._armed = [*self._armed[-1:], armed]
         for old in [k for k in self._plans if k < plan_id - 16]:
@@ -794,11 +815,13 @@ class Handler:
 
     def _step(self, ep: _native.Epoll, registered: list[EventRegistration]) -> None:
         # The table is refreshed every refresh_interval and after any wake-up
-        # (an episode's end, a grant, a threshold); the watchdog's heartbeat
-        # may need more frequent rounds, which do not refresh.
+        # (an episode's end, a grant, a threshold), but at most once per
+        # REFRESH_GAP; the watchdog's heartbeat may need more frequent
+        # rounds, which do not refresh.
         now = time.monotonic()
         ready = ep.wait(max(0.0, min(self._next_refresh - now, self.heartbeat_timeout / 3)))
         crossed = []
+        poked = False
         for data, _ in ready:
             if data == 2:
                 return
@@ -807,6 +830,7 @@ class Handler:
             elif data == 3:
                 assert self._poke is not None
                 self._poke.read()
+                poked = True  # new hooks: a plan that wakes them now
             elif data == _LINK_SOCKET:
                 self._takeovers()
             elif data == _LINK_PIDFD:
@@ -819,9 +843,14 @@ class Handler:
             self._runner.update_hold()  # first: the step may be the last before an episode
         self._collect()
         self._check_runner()
-        if ready or self._pending_restore is not None or time.monotonic() >= self._next_refresh:
-            self._next_refresh = time.monotonic() + self.refresh_interval
+        now = time.monotonic()
+        due = bool(ready) or self._pending_restore is not None
+        if now >= self._next_refresh or poked or (due and now >= self._last_refresh + REFRESH_GAP):
+            self._last_refresh = now
+            self._next_refresh = now + self.refresh_interval
             self._refresh(grant=False)
+        elif due:
+            self._next_refresh = min(self._next_refresh, self._last_refresh + REFRESH_GAP)
         if self.watchdog is not None:
             self.watchdog.beat()
         for reg, size, hooks in self._pressure:

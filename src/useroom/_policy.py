@@ -417,6 +417,18 @@ class Policy(abc.ABC):
         b.tail()
         return b.build()
 
+    def plan_key(self, ctx: PlanContext) -> object | None:
+        """What :meth:`compile` reads of ``ctx``: a handler that refreshed
+        its table and finds the key of the plan it has armed skips the
+        compile. Equal keys must compile to the same plan.
+
+        None (the default) compiles after every refresh, as a policy whose
+        :meth:`order` may read more than the table (a priority callable, a
+        file) needs. In an OOM storm the table is refreshed several times
+        per episode, and the handler's CPU time comes out of the workload's.
+        """
+        return None
+
     def _compile_kills(self, b: _Builder, ctx: PlanContext) -> None:
         budget = b.room() - b.tail_cost()
         cost = b.kill_cost(self.term_grace)
@@ -445,13 +457,29 @@ class KillLargest(Policy):
         ranked = sorted((v for v in victims if v.oom_score_adj > -1000), key=lambda v: (-v.rss, -v.create_time))
         return [(v, "largest RSS at refresh") for v in ranked]
 
+    def plan_key(self, ctx: PlanContext) -> object | None:
+        if type(self) is not KillLargest:
+            return None  # a subclass may order by anything
+        if not self._picks_at_oom(ctx, [v for v, _ in self.order(ctx.victims)]):
+            return ctx
+        # The pick reads the sizes at the OOM: those of the refresh do not
+        # make a new plan (the candidates are ordered by start time).
+        return attrs.evolve(ctx, victims=tuple(attrs.evolve(v, rss=0) for v in ctx.victims))
+
+    def _picks_at_oom(self, ctx: PlanContext, picks: list[Victim]) -> bool:
+        """Whether the plan ranks the tasks at the OOM (rather than by the
+        order of the refresh): no SIGTERM grace, something to pick, and each
+        candidate's status file open."""
+        finds = ctx.procs_fd >= 0 and type(self).order is KillLargest.order
+        return self.term_grace is None and bool(picks or finds) and \
+            all(v.pidfd is not None and v.pidfd.status is not None for v in picks)
+
     def _compile_kills(self, b: _Builder, ctx: PlanContext) -> None:
         # order() says who may be killed (a subclass may narrow it); the
         # native pick ranks them at the OOM.
         picks = [v for v, _ in self.order(ctx.victims)]
         finds = ctx.procs_fd >= 0 and type(self).order is KillLargest.order
-        if self.term_grace is not None or not (picks or finds) or \
-                any(v.pidfd is None or v.pidfd.status is None for v in picks):
+        if not self._picks_at_oom(ctx, picks):
             super()._compile_kills(b, ctx)
             return
         # The kernel scans the oldest task first and a tie goes to the later one.
@@ -473,6 +501,9 @@ class KillNewest(Policy):
     def order(self, victims: tuple[Victim, ...]) -> list[tuple[Victim, str]]:
         ranked = sorted(victims, key=lambda v: (-v.create_time, -v.rss))
         return [(v, "newest task") for v in ranked]
+
+    def plan_key(self, ctx: PlanContext) -> object | None:
+        return ctx if type(self) is KillNewest else None
 
 
 @attrs.frozen

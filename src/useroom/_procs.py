@@ -48,10 +48,17 @@ class ProcsFiles:
     def __init__(self, group: Group) -> None:
         self.group = group
         self._files: list[_ProcsFile] = []
+        #: What :meth:`for_plan` returned last: the fd of the plan compiled
+        #: last, which a plan compiled from the same context may keep.
+        self.last = -1
 
     def for_plan(self) -> int:
         """The fd for the next plan; -1 if the file cannot be opened (the
         plan then looks at its candidates only)."""
+        self.last = self._for_plan()
+        return self.last
+
+    def _for_plan(self) -> int:
         if self.group.procs_pread_relists and self._files:
             return self._files[-1].fileno()
         try:

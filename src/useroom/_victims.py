@@ -26,6 +26,9 @@ __all__ = ["Pidfd", "ProcStatus", "Victim", "VictimTable"]
 #: Whether pidfds can be used; without them the plan signals pids.
 can_use_pidfd: bool = hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal")
 
+#: More than ``/proc/<pid>/status`` ever holds (about 1.5 KiB).
+_STATUS_MAX = 4096
+
 
 class ProcStatus(OwnedFd):
     """``/proc/<pid>/status`` of one process, opened and read once, so that
@@ -36,10 +39,18 @@ class ProcStatus(OwnedFd):
     def __init__(self, pid: int) -> None:
         self._fd = os.open(f"/proc/{pid}/status", os.O_RDONLY | os.O_CLOEXEC)
         try:
-            os.pread(self._fd, 4096, 0)
+            self.text = os.pread(self._fd, _STATUS_MAX, 0)
         except BaseException:
             self.close()
             raise
+
+    def read(self) -> bytes:
+        """The file's text now (one ``pread``); empty once the process has
+        exited, or on an error (the caller asks psutil instead)."""
+        try:
+            return os.pread(self.fileno(), _STATUS_MAX, 0)
+        except OSError:
+            return b""
 
 
 class Pidfd(OwnedFd):
@@ -89,13 +100,55 @@ class Victim:
         return f"{self.pid} ({self.name}, {self.rss / 2**20:.1f} MiB RSS)"
 
 
+@attrs.frozen
+class _StatusFields:
+    """What the table reads of ``/proc/<pid>/status`` for a task it knows."""
+
+    comm: bytes
+    rss: int
+    uid: int
+
+    @classmethod
+    def parse(cls, text: bytes) -> _StatusFields | None:
+        """The fields, or None if the text lacks one (a zombie has no
+        ``VmRSS``; an exited task's file reads empty)."""
+        values = []
+        for key in (b"Name:", b"\nUid:", b"\nVmRSS:"):
+            at = text.find(key)
+            if at < 0:
+                return None
+            at += len(key)
+            values.append(text[at:text.find(b"\n", at)])
+        try:
+            # A comm may hold spaces; a number ends at the first blank.
+            return cls(values[0].strip(), int(values[2].split()[0]) * 1024, int(values[1].split()[0]))
+        except (IndexError, ValueError):
+            return None
+
+
+@attrs.frozen
+class _Seen:
+    """A task as the table measured it, and the pidfd that pins it; the
+    name and start time stand while the pidfd and the comm are the same."""
+
+    pidfd: Pidfd | None = attrs.field(eq=False)
+    comm: bytes | None
+    name: str
+    rss: int
+    create_time: float
+    uid: int
+
+
 def _oom_score_adj(pid: int) -> int:
     """The process's oom_score_adj (-1000..1000); raises ProcessLookupError if it is gone."""
     try:
-        with open(f"/proc/{pid}/oom_score_adj", "rb") as f:
-            return int(f.read())
+        fd = os.open(f"/proc/{pid}/oom_score_adj", os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ProcessLookupError(pid) from None
+    try:
+        return int(os.read(fd, 32))
+    finally:
+        os.close(fd)
 
 
 class VictimTable:
@@ -113,11 +166,17 @@ class VictimTable:
         self.procs: tuple[int, ...] = ()
         self._pidfds: dict[int, Pidfd] = {}
         self._retired: list[Pidfd] = []
+        self._seen: dict[int, _Seen] = {}
         #: Pids already sent SIGKILL: dying, not victims again.
         self.dying: set[int] = set()
 
     def refresh(self) -> tuple[Victim, ...]:
         """Re-reads the group's tasks and their sizes; opens pidfds for new ones.
+
+        A task seen before is measured with one ``pread`` of its status
+        file (opened with its pidfd); psutil is asked only about new tasks
+        and renamed ones. In an OOM storm the table is refreshed after every
+        episode, and the handler's CPU time comes out of the workload's.
 
         Raises GroupGone if the group was removed; OSError(ENOMEM) if called
         while the group is under OOM.
@@ -125,6 +184,7 @@ class VictimTable:
         procs = tuple(sorted(self.group.procs()))
         self.dying &= set(procs)
         fresh: dict[int, Pidfd] = {}
+        seen: dict[int, _Seen] = {}
         victims = []
         for pid in procs:
             if pid in self.protect or pid in self.dying:
@@ -133,12 +193,7 @@ class VictimTable:
             try:
                 if pidfd is None or pidfd.closed:
                     pidfd = Pidfd(pid) if can_use_pidfd else None
-                proc = psutil.Process(pid)
-                with proc.oneshot():
-                    info = proc.memory_info()
-                    name = proc.name()
-                    created = proc.create_time()
-                    uid = proc.uids().real
+                known = self._measure(pid, pidfd)
                 adj = _oom_score_adj(pid)
             except (ProcessLookupError, psutil.NoSuchProcess, psutil.ZombieProcess):
                 if pidfd is not None and pid not in self._pidfds:
@@ -150,7 +205,8 @@ class VictimTable:
                         pidfd.close()
                     continue
                 fresh[pid] = pidfd
-            victims.append(Victim(pid, name, info.rss, created, uid, pidfd, adj))
+                seen[pid] = known
+            victims.append(Victim(pid, known.name, known.rss, known.create_time, known.uid, pidfd, adj))
         # A pid that was in cgroup.procs and whose pidfd is still not readable
         # is the same live process: a live process keeps its pid. Check that
         # it is still in the group (it may have been moved out meanwhile).
@@ -161,8 +217,29 @@ class VictimTable:
             if pid not in fresh:
                 self._retired.append(pidfd)
         self._pidfds = fresh
+        self._seen = seen
         self.victims = tuple(victims)
         return self.victims
+
+    def _measure(self, pid: int, pidfd: Pidfd | None) -> _Seen:
+        """The task's name, size, start time and uid; raises
+        ProcessLookupError (or psutil's errors) if it is gone."""
+        last = self._seen.get(pid)
+        status = pidfd.status if pidfd is not None else None
+        if last is not None and status is not None and last.pidfd is pidfd:
+            now = _StatusFields.parse(status.read())
+            # The same comm: the name psutil gave stands (it may be longer,
+            # from the command line); a new one (exec, PR_SET_NAME) is asked for.
+            if now is not None and now.comm == last.comm:
+                return attrs.evolve(last, rss=now.rss, uid=now.uid)
+        proc = psutil.Process(pid)
+        with proc.oneshot():
+            info = proc.memory_info()
+            name = proc.name()
+            created = proc.create_time()
+            uid = proc.uids().real
+        first = _StatusFields.parse(status.read()) if status is not None else None
+        return _Seen(pidfd, first.comm if first is not None else None, name, info.rss, created, uid)
 
     def release(self, in_use: Iterable[Pidfd]) -> None:
         """Closes retired pidfds that no armed plan uses any more."""

@@ -949,6 +949,7 @@ class WatchdogLink:
         self.pidfd = -1
         self.sock: socket.socket | None = None
         self._lock = threading.Lock()
+        self._beat_ns = 0  # time.monotonic_ns() of the last heartbeat sent
 
     @property
     def pid(self) -> int | None:
@@ -1045,6 +1046,14 @@ class WatchdogLink:
             pass  # gone or full: the pidfd tells the handler
 
     def beat(self) -> None:
+        """Sends a heartbeat, unless one went less than a sixth of
+        ``heartbeat_timeout`` ago: each one wakes the watchdog process, and
+        the manager calls this after every wake-up of its own, which in an
+        OOM storm means hundreds a second."""
+        now = time.monotonic_ns()
+        if now - self._beat_ns < self.heartbeat_timeout * 1e9 / 6:
+            return
+        self._beat_ns = now
         self.send(b"beat")
 
     def set_limit(self, limit: int) -> None:

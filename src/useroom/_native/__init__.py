@@ -833,6 +833,11 @@ class NativeWatcher:
         self._live_arena()
         return _check(_lib.uro_source_add(self._shared, _fd(fd), int(kind) | int(wake)), "epoll_ctl")
 
+    @property
+    def armed_id(self) -> int:
+        """The id of the plan armed last (0: none yet)."""
+        return self._plan_id
+
     def arm(self, plan: Plan, *, timeout: float = 5.0) -> int:
         """Makes ``plan`` the one the next episode runs; returns its id, which
         the records of the episodes it runs carry as ``plan_id``.
