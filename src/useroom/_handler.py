@@ -70,7 +70,7 @@ DEFAULT_HOOK_RESERVE = 16 << 20
 #: its end: in an OOM storm the manager wakes four to seven times per kill
 #: (the episode's end, each usage threshold the refilling group crosses),
 #: and each refresh's CPU time is taken from the workload.
-REFRESH_GAP = 0.01
+REFRESH_GAP = 0.025
 #: cgroup v2: the least gap between the wall (memory.high) and the backstop (memory.max).
 V2_GAP = 16 << 20
 

@@ -139,6 +139,35 @@ class _Seen:
     uid: int
 
 
+#: A comm this long may have been cut short (TASK_COMM_LEN is 16 with the NUL).
+_COMM_MAX = 15
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid: int) -> tuple[bytes, float]:
+    """The process's comm and start time (seconds since the epoch, as
+    psutil's ``create_time()``), from ``/proc/<pid>/stat``; raises
+    ProcessLookupError if it is gone."""
+    try:
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ProcessLookupError(pid) from None
+    try:
+        text = os.read(fd, 4096)
+    except OSError:
+        raise ProcessLookupError(pid) from None
+    finally:
+        os.close(fd)
+    # The comm is between the first "(" and the last ")" (it may hold both);
+    # starttime, in clock ticks since boot, is the 22nd field.
+    end = text.rfind(b")")
+    try:
+        starttime = int(text[end + 2:].split()[19])
+    except (IndexError, ValueError):
+        raise ProcessLookupError(pid) from None
+    return text[text.find(b"(") + 1:end], starttime / _CLOCK_TICKS + psutil.boot_time()
+
+
 def _oom_score_adj(pid: int) -> int:
     """The process's oom_score_adj (-1000..1000); raises ProcessLookupError if it is gone."""
     try:
@@ -232,14 +261,20 @@ class VictimTable:
             # from the command line); a new one (exec, PR_SET_NAME) is asked for.
             if now is not None and now.comm == last.comm:
                 return attrs.evolve(last, rss=now.rss, uid=now.uid)
-        proc = psutil.Process(pid)
-        with proc.oneshot():
-            info = proc.memory_info()
-            name = proc.name()
-            created = proc.create_time()
-            uid = proc.uids().real
-        first = _StatusFields.parse(status.read()) if status is not None else None
-        return _Seen(pidfd, first.comm if first is not None else None, name, info.rss, created, uid)
+        # First sight (or a new comm): the start time and comm from
+        # /proc/<pid>/stat, the size and uid from the status file.
+        comm, created = _stat(pid)
+        # A comm of 15 bytes may be cut short (TASK_COMM_LEN): psutil finds
+        # the whole name in the command line.
+        name = os.fsdecode(comm) if len(comm) < _COMM_MAX else psutil.Process(pid).name()
+        fields = _StatusFields.parse(status.read()) if status is not None else None
+        if fields is None:  # no status file (or a zombie's): psutil
+            proc = psutil.Process(pid)
+            with proc.oneshot():
+                rss, uid = proc.memory_info().rss, proc.uids().real
+        else:
+            rss, uid = fields.rss, fields.uid
+        return _Seen(pidfd, fields.comm if fields is not None else None, name, rss, created, uid)
 
     def release(self, in_use: Iterable[Pidfd]) -> None:
         """Closes retired pidfds that no armed plan uses any more."""
