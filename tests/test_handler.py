@@ -245,6 +245,32 @@ class TestLifecycle:
             assert armed < handler._watcher.armed_id
             assert 2 == len(handler.victims)
 
+    def test_wake_ups_in_a_burst_share_one_refresh(self, scratch_group: Group, spawn_hog) -> None:
+        """Wake-ups closer than REFRESH_GAP to the last refresh are answered by one refresh at
+        the gap's end: never two refreshes closer than that, and none skipped for good."""
+        from useroom import _handler
+
+        scratch_group.set_limit("256M")
+        spawn_hog(8, group=scratch_group)
+        with Handler(scratch_group, KillLargest(), thresholds=(), refresh_interval=3600) as handler:
+            times: list[float] = []
+            table = handler._table
+            real = table.refresh
+
+            def refresh():  # type: ignore[no-untyped-def]
+                times.append(time.monotonic())
+                return real()
+
+            table.refresh = refresh  # type: ignore[method-assign]
+            deadline = time.monotonic() + 0.5
+            while time.monotonic() < deadline:
+                os.eventfd_write(handler._watcher.wake_fd, 1)  # as at an episode's end
+                time.sleep(0.001)
+            assert wait_until(lambda: times and times[-1] > deadline - 0.001, 2)
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        assert 0.5 / _handler.REFRESH_GAP / 2 <= len(times) <= 0.5 / _handler.REFRESH_GAP + 2
+        assert min(gaps) >= _handler.REFRESH_GAP * 0.9
+
     def test_protects_its_own_process(self, scratch_group: Group) -> None:
         """The handler's process is never in its victim table, even inside the group."""
         scratch_group.set_limit("256M")
