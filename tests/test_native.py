@@ -308,7 +308,8 @@ class TestEpisodes:
             small, big, middle = procs
             # The plan was compiled with adj 0 (adj_kb); the middle one sets
             # 500 after that (half the 64 MiB limit: 32 MiB) and outranks the biggest.
-            candidates = [Candidate(f.fileno(), f.status.fileno(), p.pid) for f, p in zip(fds, procs)]  # type: ignore[union-attr]
+            candidates = [Candidate(f.fileno(), f.status.fileno(), p.pid, adj_fd=f.adj.fileno())  # type: ignore[union-attr]
+                          for f, p in zip(fds, procs)]
             with open(f"/proc/{middle.pid}/oom_score_adj", "w") as file:
                 file.write("500")
             with NativeWatcher(lock=False) as w, EventFd() as src:
@@ -340,8 +341,8 @@ class TestEpisodes:
             with NativeWatcher(lock=False) as w, EventFd() as src:
                 idx = w.add_source(src.fileno(), SourceKind.OOM)
                 w.arm(Plan([Action.signal_best(signal.SIGKILL)], limit_kb=64 << 10,
-                           candidates=[Candidate(f.fileno(), f.status.fileno(), p.pid)  # type: ignore[union-attr]
-                                       for f, p in zip(fds, procs)]))
+                           candidates=[Candidate(f.fileno(), f.status.fileno(), p.pid,  # type: ignore[union-attr]
+                                                 adj_fd=f.adj.fileno()) for f, p in zip(fds, procs)]))
                 w.run_episode(idx)
                 [killed] = w.records()[-1].steps
             assert (small.pid, 0) == (killed.pid, killed.result)
@@ -352,7 +353,7 @@ class TestEpisodes:
         """A candidate compiled with a high adj (adj_kb) that is back to 0 now loses to a bigger one."""
         with _sized(40, 8) as (procs, fds):
             big, small = procs
-            candidates = [Candidate(f.fileno(), f.status.fileno(), p.pid)  # type: ignore[union-attr]
+            candidates = [Candidate(f.fileno(), f.status.fileno(), p.pid, adj_fd=f.adj.fileno())  # type: ignore[union-attr]
                           for f, p in zip(fds, procs)]
             stale = [candidates[0], attrs.evolve(candidates[1], adj_kb=64 << 10)]
             with NativeWatcher(lock=False) as w, EventFd() as src:

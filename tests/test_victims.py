@@ -94,6 +94,20 @@ class TestRefresh:
         finally:
             table.close()
 
+    def test_an_adjustment_set_after_the_first_refresh_is_seen(self, scratch_group: Group,
+                                                               child: subprocess.Popen[str]) -> None:
+        """oom_score_adj is read through the file opened with the pidfd, at every refresh."""
+        table = VictimTable(scratch_group)
+        try:
+            first, = table.refresh()
+            with open(f"/proc/{child.pid}/oom_score_adj", "w") as file:
+                file.write("500")
+            second, = table.refresh()
+            assert (0, 500) == (first.oom_score_adj, second.oom_score_adj)
+            assert second.pidfd is not None and second.pidfd.adj is not None
+        finally:
+            table.close()
+
     def test_a_renamed_task_is_asked_again(self, scratch_group: Group, child: subprocess.Popen[str]) -> None:
         """A new comm (exec, PR_SET_NAME) means a new name: psutil is asked for it."""
         table = VictimTable(scratch_group)

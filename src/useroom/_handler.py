@@ -67,7 +67,7 @@ __all__ = ["Handler", "OomEvent", "StepRecord", "VictimRecord"]
 DEFAULT_HOOK_RESERVE = 16 << 20
 
 #: Wake-ups sooner than this after a refresh are answered by one refresh at
-#: its end: in an OOM storm the manager wakes four to seven times per kill
+#: its end: in an OOM storm the manager wakes four to nine times per kill
 #: (the episode's end, each usage threshold the refilling group crosses),
 #: and each refresh's CPU time is taken from the workload.
 REFRESH_GAP = 0.025

@@ -354,7 +354,8 @@ class _Builder:
             assert v.pidfd is not None and v.pidfd.status is not None
             self.pidfds.append(v.pidfd)
             candidates.append(Candidate(v.pidfd.fileno(), v.pidfd.status.fileno(), v.pid,
-                                        v.oom_score_adj * self.ctx.limit_kb // 1000))
+                                        v.oom_score_adj * self.ctx.limit_kb // 1000,
+                                        v.pidfd.adj.fileno() if v.pidfd.adj is not None else -1))
         # Tasks started since the refresh are found through cgroup.procs;
         # with more pids to protect than the plan holds, none are looked for.
         find = self.finding and len(self.ctx.protect) <= 32

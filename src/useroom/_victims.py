@@ -21,7 +21,7 @@ from useroom import _native
 from useroom._cgroup import Group
 from useroom._fd import OwnedFd
 
-__all__ = ["Pidfd", "ProcStatus", "Victim", "VictimTable"]
+__all__ = ["Pidfd", "ProcAdj", "ProcStatus", "Victim", "VictimTable"]
 
 #: Whether pidfds can be used; without them the plan signals pids.
 can_use_pidfd: bool = hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal")
@@ -39,7 +39,7 @@ class ProcStatus(OwnedFd):
     def __init__(self, pid: int) -> None:
         self._fd = os.open(f"/proc/{pid}/status", os.O_RDONLY | os.O_CLOEXEC)
         try:
-            self.text = os.pread(self._fd, _STATUS_MAX, 0)
+            os.pread(self._fd, _STATUS_MAX, 0)
         except BaseException:
             self.close()
             raise
@@ -53,27 +53,46 @@ class ProcStatus(OwnedFd):
             return b""
 
 
+class ProcAdj(OwnedFd):
+    """``/proc/<pid>/oom_score_adj`` of one process, opened once: a
+    ``pread`` at offset 0 formats the value of now into the caller's buffer
+    and allocates nothing, so the native pick reads it at the OOM."""
+
+    def __init__(self, pid: int) -> None:
+        self._fd = os.open(f"/proc/{pid}/oom_score_adj", os.O_RDONLY | os.O_CLOEXEC)
+
+    def read(self) -> int:
+        """The value now; raises ProcessLookupError once the process has exited."""
+        try:
+            return int(os.pread(self.fileno(), 32, 0))
+        except (OSError, ValueError):
+            raise ProcessLookupError from None
+
+
 class Pidfd(OwnedFd):
     """A pidfd (close-on-exec) for one process, and its :class:`ProcStatus`
-    (None if it could not be opened), closed with it."""
+    and :class:`ProcAdj` (None if they could not be opened), closed with it."""
 
-    __slots__ = ("pid", "status")
+    __slots__ = ("pid", "status", "adj")
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self._fd = os.pidfd_open(pid)
         self.status: ProcStatus | None = None
+        self.adj: ProcAdj | None = None
         try:
             # Opened after the pidfd: should the process exit first (and its
             # pid be reused), the pidfd is readable and the pick skips it,
-            # whatever process this file then names.
+            # whatever process these files then name.
             self.status = ProcStatus(pid)
+            self.adj = ProcAdj(pid)
         except OSError:
             pass  # exited already (the pidfd says so), or /proc is not there
 
     def close(self) -> None:
-        if self.status is not None:
-            self.status.close()
+        for file in (self.status, self.adj):
+            if file is not None:
+                file.close()
         super().close()
 
     @property
@@ -223,7 +242,7 @@ class VictimTable:
                 if pidfd is None or pidfd.closed:
                     pidfd = Pidfd(pid) if can_use_pidfd else None
                 known = self._measure(pid, pidfd)
-                adj = _oom_score_adj(pid)
+                adj = pidfd.adj.read() if pidfd is not None and pidfd.adj is not None else _oom_score_adj(pid)
             except (ProcessLookupError, psutil.NoSuchProcess, psutil.ZombieProcess):
                 if pidfd is not None and pid not in self._pidfds:
                     pidfd.close()

@@ -610,13 +610,16 @@ class Candidate:
     """A task :meth:`Action.signal_best` may pick, by the fds the caller
     keeps open while the plan is armed: its pidfd, and ``/proc/<pid>/status``
     opened and read once ahead. Its badness at the pick is VmRSS + VmSwap +
-    VmPTE (kB), as the kernel's ``oom_badness()`` counts, plus ``adj_kb``:
-    ``oom_score_adj`` scaled to the group's limit (adj x limit / 1000)."""
+    VmPTE (kB), as the kernel's ``oom_badness()`` counts, plus its
+    ``oom_score_adj`` scaled to the group's limit (adj x limit / 1000): read
+    at the pick through ``adj_fd`` (``/proc/<pid>/oom_score_adj`` opened
+    ahead), or ``adj_kb``, already scaled, without one or if it fails."""
 
     pidfd: int = attrs.field(converter=_fd)
     status_fd: int = attrs.field(converter=_fd)
     pid: int
     adj_kb: int = 0
+    adj_fd: int = -1
 
 
 def _candidates(value: Iterable[Candidate]) -> tuple[Candidate, ...]:
@@ -880,6 +883,7 @@ class NativeWatcher:
             c.pid = cand.pid
             c.fired = 0
             c.adj_kb = cand.adj_kb
+            c.adj_fd = cand.adj_fd
         dst.ncands = len(plan.candidates)
         dst.procs_fd = plan.procs_fd
         dst.procs_reopen = int(plan.procs_reopen)

@@ -348,37 +348,35 @@ URO_CRIT static long crit_read_proc(int32_t pid, const char *name, char *buf, lo
     return r;
 }
 
-/* Reads /proc/<pid>/oom_score_adj now: 0 with *adj set, or -errno. */
-URO_CRIT static int crit_read_adj(int32_t pid, int64_t *adj)
+/* Parses oom_score_adj's text (n bytes read: > 0) into *adj. */
+URO_CRIT static void crit_parse_adj(const char *buf, long n, int64_t *adj)
 {
-    char buf[16];
-    long n = crit_read_proc(pid, "oom_score_adj", buf, sizeof buf);
-    if (n <= 0)
-        return n < 0 ? (int)n : -ESRCH;
     int neg = buf[0] == '-';
     int64_t v = 0;
     for (long i = neg; i < n && buf[i] >= '0' && buf[i] <= '9'; i++)
         v = v * 10 + (buf[i] - '0');
     *adj = neg ? -v : v;
-    return 0;
 }
 
-/* The badness (kB) of a candidate now: its status through the fd opened at
- * the refresh, and its oom_score_adj read now, since a task may set it
- * after the refresh (stress-ng's workers set 1000 just after their fork:
- * with the refresh's 0 they would lose to their newer siblings). If that
- * open fails for want of memory, the adjustment of the refresh stands.
- * The pid is the candidate's: the caller saw its pidfd not readable, so
- * the pid is not reused. -EPERM: adj -1000 now (never picked). */
+/* The badness (kB) of a candidate now: its status and its oom_score_adj
+ * through the fds opened at the refresh. The adj is read now, since a task
+ * may set it after the refresh (stress-ng's workers set 1000 just after
+ * their fork: with the refresh's 0 they would lose to their newer siblings
+ * found with 1000); if it cannot be read, the refresh's (adj_kb) stands.
+ * -EPERM: adj -1000 now (never picked). */
 URO_CRIT static int crit_badness(const struct uro_plan *plan, const struct uro_cand *c, int64_t *points)
 {
     char buf[3072];
-    int64_t adj = 0;
     int64_t adj_kb = c->adj_kb;
-    if (crit_read_adj(c->pid, &adj) == 0) {
-        if (adj <= -1000)
-            return -EPERM;
-        adj_kb = adj * plan->limit_kb / 1000;
+    if (c->adj_fd >= 0) {
+        long m = uro_sys(SYS_pread64, c->adj_fd, (long)buf, 16, 0, 0);
+        if (m > 0) {
+            int64_t adj = 0;
+            crit_parse_adj(buf, m, &adj);
+            if (adj <= -1000)
+                return -EPERM;
+            adj_kb = adj * plan->limit_kb / 1000;
+        }
     }
     long n = uro_sys(SYS_pread64, c->status_fd, (long)buf, sizeof buf, 0, 0);
     if (n < 0)
@@ -396,12 +394,13 @@ URO_CRIT static int crit_badness_pid(const struct uro_plan *plan, int32_t pid, i
 {
     char buf[3072];
     int64_t adj = 0;
-    int r = crit_read_adj(pid, &adj);
-    if (r < 0)
-        return r;
+    long n = crit_read_proc(pid, "oom_score_adj", buf, 16);
+    if (n <= 0)
+        return n < 0 ? (int)n : -ESRCH;
+    crit_parse_adj(buf, n, &adj);
     if (adj <= -1000)
         return -EPERM;
-    long n = crit_read_proc(pid, "status", buf, sizeof buf);
+    n = crit_read_proc(pid, "status", buf, sizeof buf);
     if (n < 0)
         return (int)n;
     *points = crit_status_kb(buf, n, "VmRSS:", 6) + crit_status_kb(buf, n, "VmSwap:", 7) +

@@ -113,6 +113,10 @@ struct uro_cand {
     int32_t pid;
     int32_t fired;           /* set by the watcher once it sent SIGKILL: not picked again */
     int64_t adj_kb;
+    int32_t adj_fd;          /* /proc/<pid>/oom_score_adj opened ahead (a pread at 0
+                              * formats it anew, allocating nothing), read at the
+                              * pick; -1: none, adj_kb stands */
+    int32_t pad;
 };
 
 struct uro_plan {
