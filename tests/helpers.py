@@ -29,6 +29,8 @@ from typing import Any, Final
 
 import psutil
 
+from useroom._native import NativeWatcher, Plan, SourceKind, Wake
+
 from useroom._cgroup import Group
 
 MIB: Final = 1 << 20
@@ -376,3 +378,28 @@ def until_resolved(handler: Any, timeout: float = 60.0) -> list[Any]:
         if done or left <= 0:
             return acted[: done[0] + 1] if done else acted
         handler.wait_for_events(len(handler.events) + 1, left)
+
+
+class SoloWatcher(NativeWatcher):
+    """A native watcher of one group, for the tests of one group's plans:
+    the group's calls are made on the watcher."""
+
+    def __init__(self, *, lock: bool = True) -> None:
+        super().__init__(lock=lock)
+        self.group = self.add_group()
+
+    def add_source(self, fd: int, kind: SourceKind, wake: Wake = Wake.EVENTFD) -> int:
+        return self.group.add_source(fd, kind, wake)
+
+    def arm(self, plan: Plan, *, timeout: float = 5.0) -> int:
+        return self.group.arm(plan, timeout=timeout)
+
+    @property
+    def armed_id(self) -> int:
+        return self.group.armed_id
+
+    def current_episode(self) -> tuple[int, int] | None:
+        return self.group.current_episode()
+
+    def run_episode(self, source: int, count: int = 1) -> None:
+        self.group.run_episode(source, count)

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from helpers import MIB, Hog, run_as, wait_until
+from helpers import MIB, Hog, run_as, wait_until, SoloWatcher
 from useroom._cgroup import Group, backend_class
 from useroom._cgroup_v2 import (
     UNPRIVILEGED_PSI_WINDOW_US,
@@ -465,7 +465,7 @@ class TestV2NativeWake:
         """A FILE source on memory.events records an event when the hog hits the wall, once per
         change (the watcher re-reads the file, so it does not spin), and keeps waiting."""
         v2group.set_high("16M")
-        with v2group.events_notifier() as notifier, NativeWatcher() as watcher:
+        with v2group.events_notifier() as notifier, SoloWatcher() as watcher:
             source = watcher.add_source(notifier.fileno(), SourceKind.FORWARD, Wake.FILE)
             watcher.start()
             assert [] == watcher.wait(0.5)
@@ -484,7 +484,7 @@ class TestV2NativeWake:
     def test_trigger_forwards(self, v2group: V2Group, spawn_hog: SpawnHog) -> None:
         """A TRIGGER source (a PSI trigger on memory.pressure) records an event when the hog stalls."""
         v2group.set_high("16M")
-        with v2group.pressure_trigger(0.05, 2.0) as trigger, NativeWatcher() as watcher:
+        with v2group.pressure_trigger(0.05, 2.0) as trigger, SoloWatcher() as watcher:
             source = watcher.add_source(trigger.fileno(), SourceKind.FORWARD, Wake.TRIGGER)
             watcher.start()
             hog = _hog_in(spawn_hog, v2group, 64)
@@ -499,7 +499,7 @@ class TestV2NativeWake:
         waiting on it."""
         child = v2group.create_child("watched")
         assert isinstance(child, V2Group)
-        with child.pressure_trigger(0.1, 2.0) as trigger, NativeWatcher() as watcher:
+        with child.pressure_trigger(0.1, 2.0) as trigger, SoloWatcher() as watcher:
             source = watcher.add_source(trigger.fileno(), SourceKind.OOM, Wake.TRIGGER)
             watcher.start()
             child.remove()
@@ -513,7 +513,7 @@ class TestV2NativeWake:
         stays quiet, and the watcher does not spin on it."""
         child = v2group.create_child("watched")
         assert isinstance(child, V2Group)
-        with child.events_notifier() as notifier, NativeWatcher() as watcher:
+        with child.events_notifier() as notifier, SoloWatcher() as watcher:
             watcher.add_source(notifier.fileno(), SourceKind.OOM, Wake.FILE)
             watcher.start()
             loops = watcher.heartbeat
@@ -532,7 +532,7 @@ class TestV2NativeWake:
         check_fd = v2group.open_file(v2group.usage_file, os.O_RDONLY)
         try:
             os.pread(check_fd, 64, 0)  # allocates the seq_file buffer ahead
-            with v2group.events_notifier() as notifier, NativeWatcher() as watcher:
+            with v2group.events_notifier() as notifier, SoloWatcher() as watcher:
                 watcher.add_source(notifier.fileno(), SourceKind.OOM, Wake.FILE)
                 watcher.arm(Plan((Action.signal_pidfd(pidfd, signal.SIGKILL), Action.mrelease(pidfd),
                                   Action.check(EVENT_TIMEOUT)), check_fd=check_fd, resolved_below=wall))

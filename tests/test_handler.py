@@ -233,16 +233,16 @@ class TestLifecycle:
         first = spawn_hog(8, group=scratch_group)
         with Handler(scratch_group, KillLargest(), thresholds=(), refresh_interval=3600) as handler:
             handler._refresh(grant=False)
-            armed = handler._watcher.armed_id
+            armed = handler._slot.armed_id
             first.start()
             first.expect("touched", 10)
             handler._refresh(grant=False)
             handler._refresh(grant=False)
-            assert armed == handler._watcher.armed_id
+            assert armed == handler._slot.armed_id
             assert [first.pid] == [v.pid for v in handler.victims]
             spawn_hog(8, group=scratch_group)
             handler._refresh(grant=False)
-            assert armed < handler._watcher.armed_id
+            assert armed < handler._slot.armed_id
             assert 2 == len(handler.victims)
 
     def test_wake_ups_in_a_burst_share_one_refresh(self, scratch_group: Group, spawn_hog) -> None:

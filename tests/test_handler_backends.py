@@ -18,7 +18,7 @@ from collections.abc import Callable
 import attrs
 import pytest
 
-from helpers import MIB, Hog, until_resolved, wait_until
+from helpers import MIB, Hog, until_resolved, wait_until, SoloWatcher
 from useroom import Handler, KillByPriority, KillGroup, KillLargest, KillNewest, OomContext, OomEvent
 from useroom._cgroup import Group
 from useroom._handler import V2_GAP
@@ -259,7 +259,7 @@ class TestPickFindsNewTasks:
             fd = files.for_plan()
             os.pread(fd, 4096, 0)  # listed once before the plan runs: v1 keeps this list for the file
             plan = Plan([Action.signal_best(0)], procs_fd=fd, limit_kb=64 << 10)
-            with NativeWatcher(lock=False) as watcher, EventFd() as source:
+            with SoloWatcher(lock=False) as watcher, EventFd() as source:
                 idx = watcher.add_source(source.fileno(), SourceKind.OOM)
                 watcher.arm(plan)
                 assert first.pid == self._pick(watcher, idx)

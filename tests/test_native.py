@@ -36,6 +36,7 @@ from useroom._native import (
     Plan,
     SourceKind,
 )
+from helpers import SoloWatcher
 
 
 class TestEventFd:
@@ -131,7 +132,7 @@ class TestEpoll:
 class TestArenaAndCore:
     def test_watcher_memory_is_locked(self) -> None:
         """As root (CAP_IPC_LOCK) the watcher's state, ring and stack are all locked."""
-        with NativeWatcher() as w:
+        with SoloWatcher() as w:
             report = w.arena
             assert 0 == report.size % os.sysconf("SC_PAGESIZE")
             assert report.size == report.locked
@@ -139,7 +140,7 @@ class TestArenaAndCore:
 
     def test_unlocked_arena_when_not_asked(self) -> None:
         """lock=False maps and prefaults the arena but locks nothing."""
-        with NativeWatcher(lock=False) as w:
+        with SoloWatcher(lock=False) as w:
             assert 0 == w.arena.locked
 
     def test_core_image_locked(self) -> None:
@@ -274,7 +275,7 @@ class TestEpisodes:
 
     def test_no_plan(self) -> None:
         """An OOM source with nothing armed records NO_PLAN and acts on nothing."""
-        with NativeWatcher(lock=False) as w, EventFd() as src:
+        with SoloWatcher(lock=False) as w, EventFd() as src:
             idx = w.add_source(src.fileno(), SourceKind.OOM)
             w.run_episode(idx)
             [rec] = w.records()
@@ -285,7 +286,7 @@ class TestEpisodes:
         """A pidfd SIGKILL plan kills the victim; mrelease and the step times are recorded."""
         pidfd = os.pidfd_open(sleeper.pid)
         try:
-            with NativeWatcher(lock=False) as w, EventFd() as src:
+            with SoloWatcher(lock=False) as w, EventFd() as src:
                 idx = w.add_source(src.fileno(), SourceKind.OOM)
                 w.arm(Plan([Action.signal_pidfd(pidfd, signal.SIGKILL), Action.mrelease(pidfd)]))
                 w.run_episode(idx)
@@ -312,7 +313,7 @@ class TestEpisodes:
                           for f, p in zip(fds, procs)]
             with open(f"/proc/{middle.pid}/oom_score_adj", "w") as file:
                 file.write("500")
-            with NativeWatcher(lock=False) as w, EventFd() as src:
+            with SoloWatcher(lock=False) as w, EventFd() as src:
                 idx = w.add_source(src.fileno(), SourceKind.OOM)
                 w.arm(Plan([Action.signal_best(signal.SIGKILL), Action.mrelease(0).on_pick(),
                             Action.await_readable(0, 5).on_pick(), Action.signal_best(signal.SIGKILL)],
@@ -338,7 +339,7 @@ class TestEpisodes:
                     file.write("-1000")
             except PermissionError:
                 pytest.skip("lowering oom_score_adj needs CAP_SYS_RESOURCE")
-            with NativeWatcher(lock=False) as w, EventFd() as src:
+            with SoloWatcher(lock=False) as w, EventFd() as src:
                 idx = w.add_source(src.fileno(), SourceKind.OOM)
                 w.arm(Plan([Action.signal_best(signal.SIGKILL)], limit_kb=64 << 10,
                            candidates=[Candidate(f.fileno(), f.status.fileno(), p.pid,  # type: ignore[union-attr]
@@ -356,7 +357,7 @@ class TestEpisodes:
             candidates = [Candidate(f.fileno(), f.status.fileno(), p.pid, adj_fd=f.adj.fileno())  # type: ignore[union-attr]
                           for f, p in zip(fds, procs)]
             stale = [candidates[0], attrs.evolve(candidates[1], adj_kb=64 << 10)]
-            with NativeWatcher(lock=False) as w, EventFd() as src:
+            with SoloWatcher(lock=False) as w, EventFd() as src:
                 idx = w.add_source(src.fileno(), SourceKind.OOM)
                 w.arm(Plan([Action.signal_best(signal.SIGKILL)], limit_kb=64 << 10, candidates=stale))
                 w.run_episode(idx)
@@ -374,7 +375,7 @@ class TestEpisodes:
             plan = Plan([Action.signal_best(signal.SIGKILL, 5), Action.signal_best(signal.SIGKILL, 5)],
                         candidates=[Candidate(f.fileno(), f.status.fileno(), p.pid)  # type: ignore[union-attr]
                                     for f, p in zip(fds, procs)])
-            with NativeWatcher(lock=False) as w, EventFd() as src:
+            with SoloWatcher(lock=False) as w, EventFd() as src:
                 idx = w.add_source(src.fileno(), SourceKind.OOM)
                 w.arm(plan)
                 w.run_episode(idx)
@@ -396,7 +397,7 @@ class TestEpisodes:
             assert fd.status is not None
             sleeper.kill()
             sleeper.wait()
-            with NativeWatcher(lock=False) as w, EventFd() as src:
+            with SoloWatcher(lock=False) as w, EventFd() as src:
                 idx = w.add_source(src.fileno(), SourceKind.OOM)
                 w.arm(Plan([Action.signal_best(signal.SIGKILL), Action.mrelease(0).on_pick()],
                            candidates=[Candidate(fd.fileno(), fd.status.fileno(), sleeper.pid)]))
@@ -420,7 +421,7 @@ class TestEpisodes:
                         check_fd=cfd, resolved_needle=b"under_oom 0",
                         candidates=[Candidate(f.fileno(), f.status.fileno(), p.pid)  # type: ignore[union-attr]
                                     for f, p in zip(fds[1:], procs[1:])])
-            with NativeWatcher(lock=False) as w, EventFd() as src:
+            with SoloWatcher(lock=False) as w, EventFd() as src:
                 idx = w.add_source(src.fileno(), SourceKind.OOM)
                 w.arm(plan)
                 started = time.monotonic()
@@ -447,7 +448,7 @@ class TestEpisodes:
         try:
             sleeper.kill()
             sleeper.wait()
-            with NativeWatcher(lock=False) as w, EventFd() as src:
+            with SoloWatcher(lock=False) as w, EventFd() as src:
                 idx = w.add_source(src.fileno(), SourceKind.OOM)
                 w.arm(Plan([Action.signal_pidfd(pidfd, signal.SIGKILL), Action.check(30)],
                            check_fd=cfd, resolved_needle=b"under_oom 0"))
@@ -464,7 +465,7 @@ class TestEpisodes:
         path.write_bytes(b"oom_kill_disable 1\nunder_oom 0\n")
         pidfd = os.pidfd_open(sleeper.pid)
         try:
-            with NativeWatcher(lock=False) as w, EventFd() as src:
+            with SoloWatcher(lock=False) as w, EventFd() as src:
                 idx = w.add_source(src.fileno(), SourceKind.OOM)
                 w.arm(Plan([Action.signal_pidfd(pidfd, signal.SIGKILL)], check_fd=cfd,
                            resolved_needle=b"under_oom 0"))
@@ -481,7 +482,7 @@ class TestEpisodes:
         dfd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
         pidfd = os.pidfd_open(sleeper.pid)
         try:
-            with NativeWatcher(lock=False) as w, EventFd() as src:
+            with SoloWatcher(lock=False) as w, EventFd() as src:
                 idx = w.add_source(src.fileno(), SourceKind.OOM)
                 w.arm(Plan([Action.signal_pidfd(pidfd, signal.SIGKILL)], check_fd=dfd,
                            resolved_needle=b"under_oom 0"))
@@ -497,7 +498,7 @@ class TestEpisodes:
         """A check returns as soon as the file says resolved, with its time recorded;
         later actions do not run."""
         path, cfd = check_file
-        with NativeWatcher(lock=False) as w, EventFd() as src, EventFd() as poke, EventFd() as later:
+        with SoloWatcher(lock=False) as w, EventFd() as src, EventFd() as poke, EventFd() as later:
             idx = w.add_source(src.fileno(), SourceKind.OOM)
             w.arm(Plan([Action.wake(poke.fileno()), Action.check(30), Action.wake(later.fileno())],
                        check_fd=cfd, resolved_needle=b"under_oom 0"))
@@ -519,7 +520,7 @@ class TestEpisodes:
 
     def test_await_times_out_and_reads(self) -> None:
         """AWAIT gives -ETIMEDOUT when nothing comes, and the counter when read=True."""
-        with NativeWatcher(lock=False) as w, EventFd() as src, EventFd() as reply:
+        with SoloWatcher(lock=False) as w, EventFd() as src, EventFd() as reply:
             idx = w.add_source(src.fileno(), SourceKind.OOM)
             w.arm(Plan([Action.await_readable(reply.fileno(), 0.01, read=True)]))
             w.run_episode(idx)
@@ -536,7 +537,7 @@ class TestEpisodes:
         path.write_bytes(b"")
         fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
         try:
-            with NativeWatcher(lock=False) as w, EventFd() as src:
+            with SoloWatcher(lock=False) as w, EventFd() as src:
                 idx = w.add_source(src.fileno(), SourceKind.OOM)
                 w.arm(Plan([Action.write(fd, b"268435456")]))
                 w.run_episode(idx)
@@ -548,7 +549,7 @@ class TestEpisodes:
 
     def test_arming_replaces_plan(self) -> None:
         """The episode after arm() runs the new plan."""
-        with NativeWatcher(lock=False) as w, EventFd() as src, EventFd() as a, EventFd() as b:
+        with SoloWatcher(lock=False) as w, EventFd() as src, EventFd() as a, EventFd() as b:
             idx = w.add_source(src.fileno(), SourceKind.OOM)
             w.arm(Plan([Action.wake(a.fileno())]))
             w.run_episode(idx)
@@ -563,7 +564,7 @@ class TestEpisodes:
         path.write_bytes(b"")
         fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
         try:
-            with NativeWatcher(lock=False) as w, EventFd() as src, EventFd() as a, EventFd() as b:
+            with SoloWatcher(lock=False) as w, EventFd() as src, EventFd() as a, EventFd() as b:
                 idx = w.add_source(src.fileno(), SourceKind.OOM)
                 w.arm(Plan([
                     Action.signal_pid(2**22 + 1, 0),          # 0: fails (no such pid)
@@ -583,7 +584,7 @@ class TestEpisodes:
 
     def test_forward_source(self) -> None:
         """A forward source is recorded with its counter and wakes Python; no plan runs."""
-        with NativeWatcher(lock=False) as w, EventFd() as fwd, EventFd() as a:
+        with SoloWatcher(lock=False) as w, EventFd() as fwd, EventFd() as a:
             idx = w.add_source(fwd.fileno(), SourceKind.FORWARD)
             w.arm(Plan([Action.wake(a.fileno())]))
             w.start()
@@ -594,7 +595,7 @@ class TestEpisodes:
 
     def test_overwritten_records_are_counted_lost(self) -> None:
         """Records Python did not read before the ring wrapped are counted, not invented."""
-        with NativeWatcher(lock=False) as w, EventFd() as src:
+        with SoloWatcher(lock=False) as w, EventFd() as src:
             idx = w.add_source(src.fileno(), SourceKind.FORWARD)
             total = _native.RING_SIZE + 5
             for _ in range(total):
@@ -608,7 +609,7 @@ class TestEpisodes:
 class TestWatcherLifecycle:
     def test_start_stop_restart(self) -> None:
         """The watcher can be stopped and started again, and handles events each time."""
-        with NativeWatcher() as w, EventFd() as fwd:
+        with SoloWatcher() as w, EventFd() as fwd:
             w.add_source(fwd.fileno(), SourceKind.FORWARD)
             for _ in range(2):
                 w.start()
@@ -621,14 +622,14 @@ class TestWatcherLifecycle:
         """Starting a running watcher raises WatcherError."""
         from useroom.exceptions import WatcherError
 
-        with NativeWatcher() as w:
+        with SoloWatcher() as w:
             w.start()
             with pytest.raises(WatcherError, match="already running"):
                 w.start()
 
     def test_sources_are_bounded(self) -> None:
         """More sources than the native table holds fail with ENOSPC."""
-        with NativeWatcher(lock=False) as w:
+        with SoloWatcher(lock=False) as w:
             fds = [EventFd() for _ in range(_native.SOURCES_MAX + 1)]
             try:
                 for efd in fds[:-1]:
@@ -644,7 +645,7 @@ class TestWatcherLifecycle:
         """close() twice is fine; using a closed watcher raises WatcherError."""
         from useroom.exceptions import WatcherError
 
-        w = NativeWatcher()
+        w = SoloWatcher()
         w.start()
         w.close()
         w.close()

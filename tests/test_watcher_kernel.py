@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from helpers import MIB, Hog
+from helpers import MIB, Hog, SoloWatcher
 from useroom._cgroup import Group
 from useroom._native import Action, NativeWatcher, Outcome, Plan, SourceKind
 
@@ -33,7 +33,7 @@ class _Armed:
         self.check_fd = group.open_file("memory.oom_control", os.O_RDONLY)
         os.pread(self.check_fd, 256, 0)
         self.limit_fd = group.open_file("memory.limit_in_bytes", os.O_WRONLY)
-        self.watcher = NativeWatcher()
+        self.watcher = SoloWatcher()
         self.source = self.watcher.add_source(self.oom.fileno(), SourceKind.OOM)
 
     def arm(self, *actions: Action) -> None:
@@ -141,8 +141,9 @@ check = group.open_file("memory.oom_control", os.O_RDONLY)
 os.pread(check, 256, 0)
 limit = group.open_file("memory.limit_in_bytes", os.O_WRONLY)
 w = NativeWatcher()
-w.add_source(oom.fileno(), SourceKind.OOM)
-w.arm(Plan([Action.write(limit, sys.argv[2].encode()), Action.check(5)],
+g = w.add_group()
+g.add_source(oom.fileno(), SourceKind.OOM)
+g.arm(Plan([Action.write(limit, sys.argv[2].encode()), Action.check(5)],
            check_fd=check, resolved_needle=b"under_oom 0"))
 w.start()
 group.attach(os.getpid())

@@ -517,6 +517,7 @@ class Handler:
         self._table = self._own(VictimTable(group, self.protect))
         self._procs = self._own(ProcsFiles(group))
         self._watcher = self._own(NativeWatcher())
+        self._slot = self._watcher.add_group()
         self._spare_procs: int = -1
         self._own(_Closing(self._close_spare_procs))
         if group.version == 2:
@@ -557,7 +558,7 @@ class Handler:
             self._own(_Fd(group.open_file(oom_file, os.O_WRONLY))) if self.kernel_fallback else None
         )
         self._oom = self._own(group.oom_notifier())
-        self._watcher.add_source(self._oom.fileno(), SourceKind.OOM)
+        self._slot.add_source(self._oom.fileno(), SourceKind.OOM)
         # The kernel killer goes off only once the watcher runs (see
         # _start): a group at its limit meanwhile would leave this process
         # asleep in the OOM wait with nobody to act.
@@ -599,7 +600,7 @@ class Handler:
         self._limit_fd = self._own(_Fd(group.open_file(high_file, os.O_WRONLY)))
         self._switch_fd = self._own(_Fd(group.open_file(high_file, os.O_WRONLY))) if self.kernel_fallback else None
         self._oom = self._own(group.events_notifier())  # type: ignore[attr-defined]
-        self._watcher.add_source(self._oom.fileno(), SourceKind.OOM, _native.Wake.FILE)
+        self._slot.add_source(self._oom.fileno(), SourceKind.OOM, _native.Wake.FILE)
         self._freeze_fd = self._kill_fd = None
         if not self._inside():
             # Outside the group only: cgroup.freeze and cgroup.kill would reach this process too.
@@ -650,7 +651,7 @@ class Handler:
         if self._closer is None:
             self._closer = self._own(GrantCloser.open(self.group, lambda: self._limit))
         # The manager is held too: it would compete with the hooks for the GIL.
-        return HookRunner(self.group, self._hooks, self._watcher, self._closer, self.hook_timeout,
+        return HookRunner(self.group, self._hooks, self._slot, self._closer, self.hook_timeout,
                           hold_threads=self.hold_threads, hold_arm_at=self.hold_arm_at, held=self._held,
                           unsettled=self._hooks_unsettled)
 
@@ -701,7 +702,7 @@ class Handler:
 
     def _refresh(self, *, grant: bool) -> None:
         """Refreshes the table and re-arms; outside an episode unless ``grant``."""
-        if not grant and self._watcher.state == _native.STATE_EPISODE:
+        if not grant and self._slot.in_episode:
             return
         if self.group.version == 2:
             self._refresh_v2(grant)
@@ -722,9 +723,9 @@ class Handler:
                 self.group.set_oom_kill(False)
         if not grant and self._pending_restore is None:
             limit = self.group.limit()
-            if self._watcher.state != _native.STATE_EPISODE and limit != self._limit:
+            if not self._slot.in_episode and limit != self._limit:
                 self._collect()  # an episode that just ended may have raised it
-            if self._pending_restore is None and self._watcher.state != _native.STATE_EPISODE \
+            if self._pending_restore is None and not self._slot.in_episode \
                     and limit != self._limit:
                 if self._limit != UNLIMITED and limit == self._limit + self._reserve:
                     # A grant of ours is still open: restore, never adopt it.
@@ -764,14 +765,14 @@ class Handler:
         # each time: see useroom._procs); the plan armed keeps its file.
         key = self.policy.plan_key(self._context(self._procs.last))
         last = self._armed[-1] if self._armed else None
-        if key is not None and last is not None and last.plan_id == self._watcher.armed_id \
+        if key is not None and last is not None and last.plan_id == self._slot.armed_id \
                 and last.key == (self.policy, key):
             self._table.release(p for a in self._armed for p in a.compiled.pidfds)
             return  # the plan armed is the one this context compiles to
         ctx = self._context(self._procs.for_plan())
         key = self.policy.plan_key(ctx)
         compiled = self.policy.compile(ctx)
-        plan_id = self._watcher.arm(compiled.plan)
+        plan_id = self._slot.arm(compiled.plan)
         armed = _ArmedPlan(compiled, plan_id, None if key is None else (self.policy, key))
         self._plans[plan_id] = armed
         self._armed = [*self._armed[-1:], armed]
@@ -1115,7 +1116,7 @@ class Handler:
         (the only task left). Its events die with it, so the watchdog
         records what the hooks did in its log (``last-resort``)."""
         if seq is None:
-            current = self._watcher.current_episode()
+            current = self._slot.current_episode()
             seq = current[0] if current else 0
         if records is None:
             records = self._runner.records.get(seq, ()) if self._runner is not None else ()
@@ -1331,7 +1332,7 @@ class Handler:
         hooks: tuple[HookRecord, ...] = ()
         for runner in (self._runner,):
             if runner is not None:
-                hooks = runner.records.pop(record.seq, ())
+                hooks = runner.records.pop(record.episode, ())
         if any(s.phase in ("grant", "freeze") for s in steps) and self._grant_actions:
             victims.extend(self._grant_actions)
             self._grant_actions = []
@@ -1341,7 +1342,7 @@ class Handler:
         taken = [s.explanation for s in steps if s.ok and s.kind != "CHECK" and s.explanation]
         action = "; ".join(taken) if taken else "nothing"
         return OomEvent(
-            seq=record.seq,
+            seq=record.episode,
             notified_ns=record.notified_ns,
             acted_ns=record.acted_ns or None,
             resolved_ns=record.resolved_ns or None,
@@ -1369,13 +1370,13 @@ class Handler:
         if watcher is None or watcher.closed or not watcher.running:
             return
         try:
-            watcher.arm(Plan(()))
+            self._slot.arm(Plan(()))
         except WatcherError as err:
             self.errors.append(err)
             return
         longest = self.hook_timeout + self.grant_timeout + self.delay + 4 * self.check_timeout
         deadline = time.monotonic() + longest
-        while watcher.state == _native.STATE_EPISODE and time.monotonic() < deadline:
+        while self._slot.in_episode and time.monotonic() < deadline:
             time.sleep(0.001)
 
     def _teardown(self) -> None:

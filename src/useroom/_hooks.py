@@ -235,7 +235,7 @@ class HookRunner:
     to nobody and closes its eventfds.
     """
 
-    def __init__(self, group: Group, registry: HookRegistry, watcher: _native.NativeWatcher,
+    def __init__(self, group: Group, registry: HookRegistry, watcher: _native.WatchedGroup,
                  closer: GrantCloser, timeout: float, *, hold_threads: bool = True,
                  hold_arm_at: float = HOLD_ARM_AT, held: Callable[[], tuple[Any, ...]] = tuple,
                  unsettled: Callable[[int, tuple[HookRecord, ...]], None] = lambda seq, records: None) -> None:

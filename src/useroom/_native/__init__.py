@@ -33,6 +33,7 @@ __all__ = [
     "EventFd",
     "EventRecord",
     "NativeWatcher",
+    "WatchedGroup",
     "Outcome",
     "Plan",
     "SourceKind",
@@ -61,6 +62,7 @@ CANDS_MAX: int = _lib.URO_CANDS_MAX
 WAITED: int = _lib.URO_WAITED
 SOURCES_MAX: int = _lib.URO_SOURCES_MAX
 STACK_SIZE = 128 * 1024
+STATE_WAITING: int = _lib.URO_STATE_WAITING
 STATE_EPISODE: int = _lib.URO_STATE_EPISODE
 #: What a thread that settled an episode writes to the plan's reply eventfd.
 SETTLED: int = _lib.URO_SETTLED
@@ -711,6 +713,11 @@ class EventRecord:
     """One record of the watcher's ring, copied out of locked memory."""
 
     seq: int
+    #: The :attr:`WatchedGroup.index` of the group, and its episode number
+    #: (1, 2, ... per group; 0 for a record of no episode: a forward, a
+    #: source gone).
+    group: int
+    episode: int
     source: int
     outcome: Outcome
     count: int
@@ -738,7 +745,7 @@ def _record(ev: Any) -> EventRecord:
         for i in range(ev.nsteps)
     )
     return EventRecord(
-        seq=int(ev.seq), source=int(ev.source), outcome=Outcome(ev.outcome), count=int(ev.count),
+        seq=int(ev.seq), group=int(ev.group), episode=int(ev.episode), source=int(ev.source), outcome=Outcome(ev.outcome), count=int(ev.count),
         notified_ns=int(ev.notified_ns), acted_ns=int(ev.acted_ns),
         resolved_ns=int(ev.resolved_ns), plan_id=int(ev.plan_id), plan_slot=int(ev.plan_slot),
         steps=steps,
@@ -747,34 +754,55 @@ def _record(ev: Any) -> EventRecord:
 
 def watcher_arena_size() -> int:
     """Bytes each :class:`NativeWatcher` maps and locks: its state, ring and stack."""
-    return (int(_ffi.sizeof("struct uro_shared")) + 4095) // 4096 * 4096 + STACK_SIZE
+    return _pages(int(_ffi.sizeof("struct uro_shared"))) + STACK_SIZE
+
+
+def group_arena_size() -> int:
+    """Bytes each group of a :class:`NativeWatcher` maps and locks: its
+    plans, sources and the record of its episode in progress."""
+    return _pages(int(_ffi.sizeof("struct uro_group")))
+
+
+def _pages(size: int) -> int:
+    return (size + 4095) // 4096 * 4096
+
+
+#: Most groups one :class:`NativeWatcher` serves.
+GROUPS_MAX: int = _lib.URO_GROUPS_MAX
 
 
 class NativeWatcher:
-    """A native thread that waits on eventfds and runs the armed plan.
+    """A native thread that waits on the notifications of many groups and
+    runs their armed plans.
 
-    Its state, plans and event ring live in a locked, prefaulted arena, and
-    its stack too; once started it needs neither Python nor the GIL. Python
-    arms plans, adds sources, and reads records (waking on :attr:`wake_fd`).
+    Its state and event ring live in a locked, prefaulted arena, and its
+    stack too; each group (:meth:`add_group`) has a locked mapping of its
+    own. Once started it needs neither Python nor the GIL. An episode that
+    waits (for the OOM to end, a victim to exit, the hooks' reply) does not
+    hold the thread: the others' notifications are served meanwhile. Python
+    adds groups, arms their plans, and reads the records of all of them
+    (waking on :attr:`wake_fd`); a record's ``group`` is the
+    :attr:`WatchedGroup.index` of its group.
     """
 
     def __init__(self, *, lock: bool = True) -> None:
         self._arena: _Arena | None = None
         self._fds: list[_FdOwner] = []
+        self._groups: dict[int, WatchedGroup] = {}
+        self._lock = lock
         self._watcher = _ffi.new("struct uro_watcher *")
         self._next_seq = 1
-        self._plan_id = 0
         self.lost = 0
-        shared_size = (_ffi.sizeof("struct uro_shared") + 4095) // 4096 * 4096
+        shared_size = _pages(int(_ffi.sizeof("struct uro_shared")))
         self._arena = _Arena(shared_size + STACK_SIZE, lock=lock)
         try:
             self._epoll = Epoll()
-            self._stop = EventFd()
+            self._control = EventFd()
             self._wake = EventFd()
-            self._fds = [self._epoll, self._stop, self._wake]
+            self._fds = [self._epoll, self._control, self._wake]
             self._shared = _ffi.cast("struct uro_shared *", self._arena.base)
             _check(
-                _lib.uro_shared_init(self._shared, self._epoll.fileno(), self._stop.fileno(),
+                _lib.uro_shared_init(self._shared, self._epoll.fileno(), self._control.fileno(),
                                      self._wake.fileno()),
                 "epoll_ctl",
             )
@@ -788,7 +816,7 @@ class NativeWatcher:
 
     @property
     def arena(self) -> ArenaReport:
-        """How much of the watcher's memory (state, ring, stack) is locked."""
+        """How much of the watcher's own memory (state, ring, stack) is locked."""
         return self._live_arena().report()
 
     @property
@@ -802,6 +830,7 @@ class NativeWatcher:
 
     @property
     def state(self) -> int:
+        """STATE_EPISODE while an episode of any of its groups is in progress."""
         return int(_lib.uro_state(self._shared))
 
     @property
@@ -818,82 +847,24 @@ class NativeWatcher:
     def closed(self) -> bool:
         return self._arena is None
 
+    @property
+    def groups(self) -> tuple[WatchedGroup, ...]:
+        return tuple(self._groups.values())
+
     def _live_arena(self) -> _Arena:
         if self._arena is None:
             raise WatcherError("the watcher is closed")
         return self._arena
 
-    def add_source(self, fd: int, kind: SourceKind, wake: Wake = Wake.EVENTFD) -> int:
-        """Adds an fd to wait on; returns the source index used in records.
-
-        ``wake`` says how the fd signals (:class:`Wake`). A ``FILE`` source
-        must have been read once (which arms it and allocates its kernel
-        buffer). When a ``TRIGGER`` polls POLLERR, or a ``FILE`` source that
-        woke reads ENODEV, its group is gone: the watcher records a ``GONE``
-        event and stops waiting on it. (Removing a group does not signal its
-        ``memory.events``: watch the parent's ``cgroup.events`` for that.)
-        """
+    def add_group(self) -> WatchedGroup:
+        """A new group for the watcher to serve, also while it runs."""
         self._live_arena()
-        return _check(_lib.uro_source_add(self._shared, _fd(fd), int(kind) | int(wake)), "epoll_ctl")
+        group = WatchedGroup(self, self._shared, lock=self._lock)
+        self._groups[group.index] = group
+        return group
 
-    @property
-    def armed_id(self) -> int:
-        """The id of the plan armed last (0: none yet)."""
-        return self._plan_id
-
-    def arm(self, plan: Plan, *, timeout: float = 5.0) -> int:
-        """Makes ``plan`` the one the next episode runs; returns its id, which
-        the records of the episodes it runs carry as ``plan_id``.
-
-        Waits while the watcher is still reading the spare slot (an episode
-        in progress on the previous plan); raises WatcherError after ``timeout``.
-        """
-        self._live_arena()
-        deadline = time.monotonic() + timeout
-        while (slot := _lib.uro_plan_begin(self._shared)) == -_errno.EBUSY:
-            if time.monotonic() > deadline:
-                raise WatcherError("the watcher kept the plan busy; cannot arm a new one")
-            time.sleep(0.0005)
-        _check(slot, "plan_begin")
-        dst = self._shared.plans[slot]
-        dst.count = 0
-        self._plan_id += 1
-        dst.id = self._plan_id
-        for i, action in enumerate(plan.actions):
-            a = dst.actions[i]
-            a.kind = int(action.kind)
-            a.fd = action.fd
-            a.pid = action.pid
-            a.sig = action.sig
-            a.flags = action.flags
-            a.guard = action.guard
-            a.timeout_ns = action.timeout_ns
-            a.len = len(action.data)
-            a.fired = 0
-            _ffi.memmove(a.data, action.data.ljust(DATA_MAX, b"\0"), DATA_MAX)
-        dst.check_fd = plan.check_fd
-        dst.needle_len = len(plan.resolved_needle)
-        _ffi.memmove(dst.needle, plan.resolved_needle.ljust(NEEDLE_MAX, b"\0"), NEEDLE_MAX)
-        dst.poll_ns = int(plan.poll_interval * 1e9)
-        dst.below = plan.resolved_below
-        for i, cand in enumerate(plan.candidates):
-            c = dst.cands[i]
-            c.pidfd = cand.pidfd
-            c.status_fd = cand.status_fd
-            c.pid = cand.pid
-            c.fired = 0
-            c.adj_kb = cand.adj_kb
-            c.adj_fd = cand.adj_fd
-        dst.ncands = len(plan.candidates)
-        dst.procs_fd = plan.procs_fd
-        dst.procs_reopen = int(plan.procs_reopen)
-        for i, pid in enumerate(plan.protect):
-            dst.protect[i] = pid
-        dst.nprotect = len(plan.protect)
-        dst.limit_kb = plan.limit_kb
-        dst.count = len(plan.actions)
-        _check(_lib.uro_plan_commit(self._shared, slot), "plan_commit")
-        return self._plan_id
+    def _forget(self, group: WatchedGroup) -> None:
+        self._groups.pop(group.index, None)
 
     def start(self) -> CoreLock:
         """Locks the native core's pages and starts the thread."""
@@ -905,29 +876,13 @@ class NativeWatcher:
         return core
 
     def stop(self) -> None:
-        """Stops the thread (after the episode in progress) and joins it."""
+        """Stops the thread (once no episode is in progress) and joins it."""
         if self.running:
             _check(_lib.uro_watcher_stop(self._watcher), "pthread_join")
 
-    def current_episode(self) -> tuple[int, int] | None:
-        """``(seq, notified_ns)`` of the episode in progress, or None."""
-        self._live_arena()
-        if self.state != STATE_EPISODE:
-            return None
-        head = int(_lib.uro_ring_head(self._shared))
-        ev = self._shared.ring[head % RING_SIZE]
-        return head + 1, int(ev.notified_ns)
-
-    def run_episode(self, source: int, count: int = 1) -> None:
-        """Runs one episode on the calling thread, as the watcher would."""
-        if self.running:
-            raise WatcherError("the watcher thread is running; it runs the episodes")
-        self._live_arena()
-        _check(_lib.uro_run_episode(self._shared, source, count), "run_episode")
-
     def records(self) -> list[EventRecord]:
-        """The records written since the last call (those overwritten are
-        counted in :attr:`lost`)."""
+        """The records of every group written since the last call (those
+        overwritten are counted in :attr:`lost`)."""
         self._live_arena()
         out = _ffi.new("struct uro_event *")
         head = int(_lib.uro_ring_head(self._shared))
@@ -950,13 +905,15 @@ class NativeWatcher:
         return self.records()
 
     def close(self) -> None:
-        """Stops the thread, closes its fds, and unmaps its memory. Idempotent."""
+        """Takes its groups out (ending their episodes in progress), stops
+        the thread, closes its fds, and unmaps its memory. Idempotent."""
         if self._arena is None:
             return
         try:
-            self.stop()
+            for group in list(self._groups.values()):
+                group.close()
         finally:
-            _lib.uro_dying_close(self._shared)  # after episodes run on the calling thread
+            self.stop()
             for owner in self._fds:
                 owner.close()
             arena, self._arena = self._arena, None
@@ -973,3 +930,155 @@ class NativeWatcher:
             warnings.warn("unclosed NativeWatcher", ResourceWarning, stacklevel=2)
             self.close()
 
+
+class WatchedGroup:
+    """One group a :class:`NativeWatcher` serves: its sources, its armed
+    plan, its episode in progress. Made by :meth:`NativeWatcher.add_group`;
+    :meth:`close` takes it out of the watcher (ending an episode in progress,
+    recorded ``UNRESOLVED``) and unmaps its memory."""
+
+    def __init__(self, watcher: NativeWatcher, shared: Any, *, lock: bool) -> None:
+        self._watcher = watcher
+        self._shared = shared
+        self._plan_id = 0
+        self._arena: _Arena | None = _Arena(group_arena_size(), lock=lock)
+        try:
+            self._group = _ffi.cast("struct uro_group *", self._arena.base)
+            _check(_lib.uro_group_init(self._group), "group_init")
+            self.index: int = _check(_lib.uro_group_add(shared, self._group), "group_add")
+            _LIVE_ARENAS.add(self._arena)
+        except BaseException:
+            arena, self._arena = self._arena, None
+            arena.close()
+            raise
+
+    @property
+    def arena(self) -> ArenaReport:
+        """How much of the group's memory (plans, sources, record) is locked."""
+        return self._live_arena().report()
+
+    @property
+    def closed(self) -> bool:
+        return self._arena is None
+
+    def _live_arena(self) -> _Arena:
+        if self._arena is None:
+            raise WatcherError("the watched group is closed")
+        return self._arena
+
+    def add_source(self, fd: int, kind: SourceKind, wake: Wake = Wake.EVENTFD) -> int:
+        """Adds an fd to wait on; returns the source index used in records.
+
+        ``wake`` says how the fd signals (:class:`Wake`). A ``FILE`` source
+        must have been read once (which arms it and allocates its kernel
+        buffer). When a ``TRIGGER`` polls POLLERR, or a ``FILE`` source that
+        woke reads ENODEV, its group is gone: the watcher records a ``GONE``
+        event and stops waiting on it. (Removing a group does not signal its
+        ``memory.events``: watch the parent's ``cgroup.events`` for that.)
+        """
+        self._live_arena()
+        return _check(_lib.uro_source_add(self._shared, self._group, _fd(fd), int(kind) | int(wake)),
+                      "epoll_ctl")
+
+    @property
+    def armed_id(self) -> int:
+        """The id of the plan armed last (0: none yet)."""
+        return self._plan_id
+
+    @property
+    def in_episode(self) -> bool:
+        """Whether an episode of this group is in progress."""
+        return bool(self._arena is not None and self._group.ep.active)
+
+    def current_episode(self) -> tuple[int, int] | None:
+        """``(episode, notified_ns)`` of the episode in progress, or None;
+        ``episode`` is the number its record will carry."""
+        self._live_arena()
+        ep = self._group.ep
+        if not ep.active:
+            return None
+        return int(ep.rec.episode), int(ep.rec.notified_ns)
+
+    def arm(self, plan: Plan, *, timeout: float = 5.0) -> int:
+        """Makes ``plan`` the one the group's next episode runs; returns its
+        id, which the records of the episodes it runs carry as ``plan_id``.
+
+        Waits while the watcher is still reading the spare slot (an episode
+        in progress on the previous plan); raises WatcherError after ``timeout``.
+        """
+        self._live_arena()
+        deadline = time.monotonic() + timeout
+        while (slot := _lib.uro_plan_begin(self._group)) == -_errno.EBUSY:
+            if time.monotonic() > deadline:
+                raise WatcherError("the watcher kept the plan busy; cannot arm a new one")
+            time.sleep(0.0005)
+        _check(slot, "plan_begin")
+        self._plan_id += 1
+        _fill_plan(self._group.plans[slot], plan, self._plan_id)
+        _check(_lib.uro_plan_commit(self._group, slot), "plan_commit")
+        return self._plan_id
+
+    def run_episode(self, source: int, count: int = 1) -> None:
+        """Runs one episode on the calling thread, as the watcher would."""
+        if self._watcher.running:
+            raise WatcherError("the watcher thread is running; it runs the episodes")
+        self._live_arena()
+        _check(_lib.uro_run_episode(self._shared, self._group, source, count), "run_episode")
+
+    def close(self, *, timeout: float = 5.0) -> None:
+        """Takes the group out of the watcher and unmaps its memory. Idempotent."""
+        if self._arena is None:
+            return
+        ret = _check(_lib.uro_group_remove(self._shared, self._group), "group_remove")
+        deadline = time.monotonic() + timeout
+        while ret and _lib.uro_group_state(self._group) != _lib.URO_GROUP_FREE:
+            if not self._watcher.running:
+                _check(_lib.uro_group_remove(self._shared, self._group), "group_remove")
+                break
+            if time.monotonic() > deadline:
+                # The watcher may still read this memory: keep it mapped.
+                raise WatcherError("the watcher did not take the group out; its memory stays mapped")
+            time.sleep(0.0002)
+        _lib.uro_dying_close(self._group)
+        self._watcher._forget(self)
+        arena, self._arena = self._arena, None
+        arena.close()
+
+
+def _fill_plan(dst: Any, plan: Plan, plan_id: int) -> None:
+    """Writes ``plan`` into a plan slot of locked memory."""
+    dst.count = 0
+    dst.id = plan_id
+    for i, action in enumerate(plan.actions):
+        a = dst.actions[i]
+        a.kind = int(action.kind)
+        a.fd = action.fd
+        a.pid = action.pid
+        a.sig = action.sig
+        a.flags = action.flags
+        a.guard = action.guard
+        a.timeout_ns = action.timeout_ns
+        a.len = len(action.data)
+        a.fired = 0
+        _ffi.memmove(a.data, action.data.ljust(DATA_MAX, b"\0"), DATA_MAX)
+    dst.check_fd = plan.check_fd
+    dst.needle_len = len(plan.resolved_needle)
+    _ffi.memmove(dst.needle, plan.resolved_needle.ljust(NEEDLE_MAX, b"\0"), NEEDLE_MAX)
+    dst.poll_ns = int(plan.poll_interval * 1e9)
+    dst.below = plan.resolved_below
+    for i, cand in enumerate(plan.candidates):
+        c = dst.cands[i]
+        c.pidfd = cand.pidfd
+        c.status_fd = cand.status_fd
+        c.pid = cand.pid
+        c.fired = 0
+        c.adj_kb = cand.adj_kb
+        c.adj_fd = cand.adj_fd
+    dst.ncands = len(plan.candidates)
+    dst.procs_fd = plan.procs_fd
+    dst.procs_reopen = int(plan.procs_reopen)
+    for i, pid in enumerate(plan.protect):
+        dst.protect[i] = pid
+    dst.nprotect = len(plan.protect)
+    dst.limit_kb = plan.limit_kb
+    dst.count = len(plan.actions)

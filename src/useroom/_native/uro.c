@@ -62,10 +62,14 @@ _Static_assert(URO_PLAN_MAX == sizeof(((struct uro_event *)0)->steps) / sizeof(s
                "steps size");
 _Static_assert(URO_DATA_MAX == sizeof(((struct uro_action *)0)->data), "data size");
 _Static_assert(URO_NEEDLE_MAX == sizeof(((struct uro_plan *)0)->needle), "needle size");
-_Static_assert(URO_SOURCES_MAX == sizeof(((struct uro_shared *)0)->sources) / sizeof(struct uro_source),
+_Static_assert(URO_SOURCES_MAX == sizeof(((struct uro_group *)0)->sources) / sizeof(struct uro_source),
                "sources size");
 _Static_assert(URO_RING_SIZE == sizeof(((struct uro_shared *)0)->ring) / sizeof(struct uro_event),
                "ring size");
+_Static_assert(URO_GROUPS_MAX == sizeof(((struct uro_shared *)0)->groups) / sizeof(struct uro_group *),
+               "groups size");
+_Static_assert(offsetof(struct uro_event, steps) % 8 == 0 && sizeof(struct uro_step) % 8 == 0,
+               "records copy in words");
 _Static_assert(sizeof(pthread_t) <= sizeof(((struct uro_watcher *)0)->thread), "pthread_t fits");
 _Static_assert(URO_CANDS_MAX == sizeof(((struct uro_plan *)0)->cands) / sizeof(struct uro_cand), "cands size");
 
@@ -197,41 +201,6 @@ URO_CRIT static int crit_check(const struct uro_plan *plan)
     return 0;
 }
 
-/* Waits until the check says resolved or timeout_ns passes. Returns 1
- * resolved, 2 superseded (the source fd became readable: a new OOM was
- * declared, so the previous OOM lock holder woke up and the group ran out
- * again), 0 not, -errno (group gone). *when gets the time it was seen.
- * With exit_fd (a victim's pidfd), it also stops once the victim has exited
- * and its memory is back: a last check then says whether the group is out
- * of memory again (0), as the kernel's killer, which kills the next task
- * as soon as its victim is gone and the charge still fails. */
-URO_CRIT static int crit_await_resolved(const struct uro_plan *plan, int source_fd, int exit_fd,
-                                        int64_t timeout_ns, int64_t *when)
-{
-    int64_t deadline = crit_now() + timeout_ns;
-    int64_t step = plan->poll_ns > 0 ? plan->poll_ns : 1000000;
-    for (;;) {
-        int gone = exit_fd >= 0 && crit_wait_readable(exit_fd, 0) == 1;
-        int r = crit_check(plan);
-        if (r != 0) {
-            if (r == 1)
-                *when = crit_now();
-            return r;
-        }
-        int64_t left = deadline - crit_now();
-        if (left <= 0 || gone)
-            return 0;
-        if (source_fd >= 0) {
-            if (crit_wait_readable(source_fd, left < step ? left : step) == 1) {
-                *when = crit_now();
-                return 2;
-            }
-        } else {
-            crit_sleep(left < step ? left : step);
-        }
-    }
-}
-
 /* Runs action a on fd (fd, or the pidfd of the last pick). */
 URO_CRIT static int crit_action(const struct uro_action *a, int fd)
 {
@@ -260,18 +229,6 @@ URO_CRIT static int crit_action(const struct uro_action *a, int fd)
         uint64_t one = 1;
         long r = uro_sys(SYS_write, fd, (long)&one, sizeof one, 0, 0);
         return r < 0 ? (int)r : 0;
-    }
-    case URO_ACT_AWAIT: {
-        int r = crit_wait_readable(fd, a->timeout_ns);
-        if (r == 0)
-            return -ETIMEDOUT;
-        if (r < 0 || !(a->flags & URO_F_READ))
-            return r;
-        uint64_t v = 0;
-        long n = uro_sys(SYS_read, fd, (long)&v, sizeof v, 0, 0);
-        if (n < 0)
-            return (int)n;
-        return v > 0x7fffffff ? 0x7fffffff : (int)v;
     }
     default:
         return -EINVAL;
@@ -421,51 +378,6 @@ URO_CRIT static int crit_is_listed(const struct uro_plan *plan, int32_t pid)
     return 0;
 }
 
-/* Forgets (closes) the dying victims that have exited; returns how many
- * are left. */
-URO_CRIT static int crit_dying_prune(struct uro_shared *sh)
-{
-    int32_t kept = 0;
-    for (int32_t i = 0; i < sh->ndying && i < 8; i++) {
-        int fd = sh->dying[i];
-        if (crit_wait_readable(fd, 0) != 0)
-            uro_sys(SYS_close, fd, 0, 0, 0, 0);
-        else
-            sh->dying[kept++] = fd;
-    }
-    sh->ndying = kept;
-    return kept;
-}
-
-/* Waits up to timeout_ns for every dying victim to exit; 1 if they all
- * did, 0 if one is still there (stuck in the kernel: its memory was reaped
- * by process_mrelease already, so the next pick goes ahead, as the
- * kernel's does once its reaper has run). */
-URO_CRIT static int crit_dying_wait(struct uro_shared *sh, int64_t timeout_ns)
-{
-    int64_t deadline = crit_now() + timeout_ns;
-    while (crit_dying_prune(sh) > 0) {
-        int64_t left = deadline - crit_now();
-        if (left <= 0)
-            return 0;
-        crit_wait_readable(sh->dying[0], left);
-    }
-    return 1;
-}
-
-/* Remembers a killed task's pidfd (the watcher's own) until it has exited;
- * the oldest is dropped when the list is full. */
-URO_CRIT static void crit_dying_add(struct uro_shared *sh, int fd)
-{
-    if (sh->ndying >= 8) {
-        uro_sys(SYS_close, sh->dying[0], 0, 0, 0, 0);
-        for (int i = 1; i < 8; i++)
-            sh->dying[i - 1] = sh->dying[i];
-        sh->ndying = 7;
-    }
-    sh->dying[sh->ndying++] = fd;
-}
-
 /* The pick of SIGNAL_BEST. */
 struct crit_pick {
     int index;               /* the candidate, or -1 */
@@ -553,9 +465,26 @@ URO_CRIT static int crit_pick(const struct uro_plan *plan, struct crit_pick *out
     return 0;
 }
 
-/* Publishes ev as record seq: the fields first, the sequence number last. */
-URO_CRIT static void crit_publish(struct uro_shared *sh, struct uro_event *ev, uint64_t seq)
+/* Copies n bytes as 64-bit words (both 8-aligned, n a multiple of 8):
+ * a struct assignment may become a call to memcpy, outside the section. */
+URO_CRIT static void crit_copy(void *dst, const void *src, size_t n)
 {
+    uint64_t *d = dst;
+    const uint64_t *s = src;
+    for (size_t i = 0; i < n / 8; i++)
+        d[i] = s[i];
+}
+
+/* Publishes a record as the ring's next: the fields first, the sequence
+ * number last; then wakes Python. */
+URO_CRIT static void crit_publish(struct uro_shared *sh, const struct uro_event *rec)
+{
+    uint64_t seq = __atomic_load_n(&sh->head, __ATOMIC_ACQUIRE) + 1;
+    struct uro_event *ev = &sh->ring[(seq - 1) % URO_RING_SIZE];
+    __atomic_store_n(&ev->seq, 0, __ATOMIC_RELEASE);
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    int32_t nsteps = rec->nsteps < URO_PLAN_MAX ? rec->nsteps : URO_PLAN_MAX;
+    crit_copy(ev, rec, offsetof(struct uro_event, steps) + (size_t)nsteps * sizeof(struct uro_step));
     __atomic_store_n(&ev->seq, seq, __ATOMIC_RELEASE);
     __atomic_store_n(&sh->head, seq, __ATOMIC_RELEASE);
     if (sh->wake_fd >= 0) {
@@ -564,297 +493,691 @@ URO_CRIT static void crit_publish(struct uro_shared *sh, struct uro_event *ev, u
     }
 }
 
+/* Starts a record of group g in rec. */
+URO_CRIT static void crit_record_init(struct uro_event *rec, const struct uro_group *g, int src,
+                                      uint64_t count, int64_t t0, int outcome)
+{
+    rec->seq = 0;
+    rec->group = g->index;
+    rec->pad = 0;
+    rec->episode = 0;
+    rec->source = src;
+    rec->outcome = outcome;
+    rec->count = count;
+    rec->notified_ns = t0;
+    rec->acted_ns = 0;
+    rec->resolved_ns = 0;
+    rec->plan_id = 0;
+    rec->plan_slot = -1;
+    rec->nsteps = 0;
+}
+
+/* Records an event that runs no plan: a forward source fired, or a source
+ * is gone. Built on the stack; only its header is copied. */
+URO_CRIT static void crit_note(struct uro_shared *sh, const struct uro_group *g, int src, uint64_t count,
+                               int64_t t0, int outcome)
+{
+    struct uro_event rec;
+    crit_record_init(&rec, g, src, count, t0, outcome);
+    crit_publish(sh, &rec);
+}
+
+/* Forgets (closes) the dying victims that have exited; returns how many
+ * are left. */
+URO_CRIT static int crit_dying_prune(struct uro_group *g)
+{
+    int32_t kept = 0;
+    for (int32_t i = 0; i < g->ndying && i < 8; i++) {
+        int fd = g->dying[i];
+        if (crit_wait_readable(fd, 0) != 0)
+            uro_sys(SYS_close, fd, 0, 0, 0, 0);
+        else
+            g->dying[kept++] = fd;
+    }
+    g->ndying = kept;
+    return kept;
+}
+
+/* Remembers a killed task's pidfd (the watcher's own) until it has exited;
+ * the oldest is dropped when the list is full. */
+URO_CRIT static void crit_dying_add(struct uro_group *g, int fd)
+{
+    if (g->ndying >= 8) {
+        uro_sys(SYS_close, g->dying[0], 0, 0, 0, 0);
+        for (int i = 1; i < 8; i++)
+            g->dying[i - 1] = g->dying[i];
+        g->ndying = 7;
+    }
+    g->dying[g->ndying++] = fd;
+}
+
 /* Claims the armed plan for this episode. The loop closes the race with a
  * Python thread switching plans between our load and our store. */
-URO_CRIT static int crit_claim_plan(struct uro_shared *sh)
+URO_CRIT static int crit_claim_plan(struct uro_group *g)
 {
     for (;;) {
-        int32_t slot = crit_load32(&sh->active_plan);
-        crit_store32(&sh->busy_plan, slot + 1);
-        if (crit_load32(&sh->active_plan) == slot)
+        int32_t slot = crit_load32(&g->active_plan);
+        crit_store32(&g->busy_plan, slot + 1);
+        if (crit_load32(&g->active_plan) == slot)
             return slot;
     }
 }
 
-URO_CRIT static void crit_episode(struct uro_shared *sh, int src, uint64_t count, int64_t t0)
+URO_CRIT static void crit_drop_pick(struct uro_episode *ep)
 {
-    uint64_t seq = __atomic_load_n(&sh->head, __ATOMIC_ACQUIRE) + 1;
-    struct uro_event *ev = &sh->ring[(seq - 1) % URO_RING_SIZE];
-    __atomic_store_n(&ev->seq, 0, __ATOMIC_RELEASE);
-    ev->source = src;
-    ev->count = count;
-    ev->notified_ns = t0;
-    ev->acted_ns = 0;
-    ev->resolved_ns = 0;
-    ev->nsteps = 0;
-    ev->plan_slot = -1;
-    ev->plan_id = 0;
+    if (ep->pick_owned)
+        uro_sys(SYS_close, ep->pick_pidfd, 0, 0, 0, 0);
+    ep->pick_index = -1;
+    ep->pick_pid = 0;
+    ep->pick_points = 0;
+    ep->pick_pidfd = -1;
+    ep->pick_owned = 0;
+}
 
-    if (src < 0 || src >= sh->nsources || (sh->sources[src].kind & URO_SRC_KIND_MASK) != URO_SRC_OOM) {
-        ev->outcome = URO_OUT_FORWARDED;
-        crit_publish(sh, ev, seq);
-        return;
+/* Picks the best task and signals it (SIGNAL_BEST after any wait for the
+ * last victims); returns the step's result. */
+URO_CRIT static int crit_signal_best(struct uro_group *g, const struct uro_plan *plan,
+                                     const struct uro_action *a)
+{
+    struct uro_episode *ep = &g->ep;
+    struct crit_pick pick;
+    int r = crit_pick(plan, &pick);
+    if (r < 0)
+        return r;
+    ep->pick_index = pick.index;
+    ep->pick_pid = pick.pid;
+    ep->pick_points = pick.points;
+    ep->pick_pidfd = pick.pidfd;
+    ep->pick_owned = pick.owned;
+    r = (int)uro_sys(SYS_pidfd_send_signal, pick.pidfd, a->sig, 0, 0, 0);
+    if (r == 0 && a->sig == SIGKILL) {
+        if (pick.index >= 0)
+            __atomic_store_n((int32_t *)&plan->cands[pick.index].fired, 1, __ATOMIC_RELAXED);
+        /* The watcher's own reference, kept until it exits. */
+        long own = pick.owned ? pick.pidfd : uro_sys(SYS_fcntl, pick.pidfd, F_DUPFD_CLOEXEC, 3, 0, 0);
+        if (own >= 0)
+            crit_dying_add(g, (int)own);
+        ep->pick_owned = 0; /* the dying list closes it */
     }
+    if (r < 0 && ep->pick_owned) {
+        uro_sys(SYS_close, ep->pick_pidfd, 0, 0, 0, 0);
+        ep->pick_owned = 0;
+        ep->pick_pidfd = -1;
+    }
+    return r;
+}
 
-    int slot = crit_claim_plan(sh);
-    const struct uro_plan *plan = &sh->plans[slot];
-    ev->plan_slot = slot;
-    ev->plan_id = plan->id;
-    int has_check = plan->check_fd >= 0;
-    int outcome = 0;
+/* Whether a new notification of the episode's source came (the group ran
+ * out again: the OOM lock changed hands, so the action took effect): read
+ * by the watcher meanwhile (pending), or readable now. Only an eventfd
+ * source tells it: a kernfs file polls readable at all times, and
+ * memory.events changes at each memory.high event, not only at an OOM. */
+URO_CRIT static int crit_renotified(const struct uro_group *g, int src)
+{
+    if (src < 0 || src >= URO_SOURCES_MAX || (g->sources[src].kind & URO_SRC_PRI))
+        return 0;
+    return g->pending[src] || crit_wait_readable(g->sources[src].fd, 0) == 1;
+}
 
+/* One look at the wait of the action in progress. Returns 1 with *result
+ * set once the wait is over, else 0 with ep->wake_ns set to when to look
+ * again. A CHECK is over when the check says resolved (1), when a new
+ * notification supersedes the episode (2), when the group is gone (-errno),
+ * when its deadline passes (0), or once the victim it waits for has exited
+ * and its memory is back: one last check then says whether the group is
+ * out of memory again (0), as the kernel's killer, which kills the next
+ * task as soon as its victim is gone and the charge still fails. */
+URO_CRIT static int crit_wait_step(struct uro_group *g, const struct uro_plan *plan, int64_t now, int *result)
+{
+    struct uro_episode *ep = &g->ep;
+    const struct uro_action *a = &plan->actions[ep->next];
+    int64_t step = plan->poll_ns > 0 ? plan->poll_ns : 1000000;
+    int64_t left = ep->deadline_ns - now;
+    switch (ep->wait) {
+    case URO_WAIT_CHECK: {
+        int gone = ep->wait_fd >= 0 && crit_wait_readable(ep->wait_fd, 0) == 1;
+        int r = crit_check(plan);
+        if (r != 0) {
+            *result = r;
+            return 1;
+        }
+        if (left <= 0 || gone) {
+            *result = 0;
+            return 1;
+        }
+        if (ep->supersede && crit_renotified(g, ep->rec.source)) {
+            *result = 2;
+            return 1;
+        }
+        break;
+    }
+    case URO_WAIT_DYING:
+        /* The kernel does not pick while its last victim still exits: its
+         * memory is on its way back. Neither do we. Once they are gone the
+         * step ends without a pick (the check after it says whether their
+         * exit ended the OOM); one stuck in the kernel (its memory was
+         * reaped by process_mrelease already) lets the pick go ahead at the
+         * deadline, as the kernel's does once its reaper has run. */
+        if (crit_dying_prune(g) == 0) {
+            *result = URO_WAITED;
+            return 1;
+        }
+        if (left <= 0) {
+            *result = crit_signal_best(g, plan, a);
+            return 1;
+        }
+        break;
+    case URO_WAIT_FD: {
+        int r = crit_wait_readable(ep->wait_fd, 0);
+        if (r < 0 || (r == 0 && left <= 0)) {
+            *result = r < 0 ? r : -ETIMEDOUT;
+            return 1;
+        }
+        if (r == 1) {
+            if (!(a->flags & URO_F_READ)) {
+                *result = 1;
+                return 1;
+            }
+            uint64_t v = 0;
+            long n = uro_sys(SYS_read, ep->wait_fd, (long)&v, sizeof v, 0, 0);
+            *result = n < 0 ? (int)n : v > 0x7fffffff ? 0x7fffffff : (int)v;
+            return 1;
+        }
+        break;
+    }
+    default:
+        *result = -EINVAL;
+        return 1;
+    }
+    ep->wake_ns = now + (left < step ? left : step);
+    return 0;
+}
+
+/* The action in progress returned r: record its step and what it means. */
+URO_CRIT static void crit_step_done(struct uro_group *g, const struct uro_plan *plan, int r)
+{
+    struct uro_episode *ep = &g->ep;
+    uint32_t i = ep->next;
+    const struct uro_action *a = &plan->actions[i];
+    int64_t now = crit_now();
+    if (a->kind == URO_ACT_CHECK) {
+        if (r == 1 && !ep->grant_open) {
+            ep->rec.resolved_ns = now;
+            ep->outcome = URO_OUT_RESOLVED;
+        } else if (r == 2) {
+            ep->rec.resolved_ns = now;
+            ep->outcome = URO_OUT_SUPERSEDED;
+        } else if (r < 0) {
+            ep->outcome = URO_OUT_GONE;
+        }
+        ep->acted_since_check = 0;
+    } else if (a->kind == URO_ACT_SIGNAL_BEST) {
+        if (r >= 0) {
+            ep->acted_since_check = 1;
+            ep->ran |= (uint64_t)1 << (i & 63);
+        }
+    } else if (a->flags & URO_F_PICKED) {
+        if (r >= 0)
+            ep->ran |= (uint64_t)1 << (i & 63);
+    } else if (r >= 0) {
+        ep->acted_since_check = 1;
+        ep->ran |= (uint64_t)1 << (i & 63);
+        if (a->flags & URO_F_OPENS)
+            ep->grant_open = 1;
+        if ((a->flags & URO_F_RESOLVES) || ((a->flags & URO_F_SETTLES) && r == URO_SETTLED)) {
+            ep->grant_open = 0;
+            if (!ep->outcome) {
+                ep->rec.resolved_ns = now;
+                ep->outcome = URO_OUT_RESOLVED;
+            }
+        }
+    }
+    int32_t k = ep->rec.nsteps;
+    if (k < URO_PLAN_MAX) {
+        struct uro_step *s = &ep->rec.steps[k];
+        int best = a->kind == URO_ACT_SIGNAL_BEST;
+        s->index = (int32_t)i;
+        s->kind = a->kind;
+        s->result = r;
+        s->pick = best ? ep->pick_index : -1;
+        s->points = best ? ep->pick_points : 0;
+        s->pid = best ? ep->pick_pid : 0;
+        s->pad = 0;
+        s->t0_ns = ep->t0_ns;
+        s->t_ns = now;
+        ep->rec.nsteps = k + 1;
+    }
+    ep->wait = URO_WAIT_NONE;
+    ep->next = i + 1;
+}
+
+/* Begins the action at ep->next: 1 if it returned at once (*result set),
+ * 0 if it waits (ep->wait set), -1 if it is skipped. */
+URO_CRIT static int crit_step_begin(struct uro_group *g, const struct uro_plan *plan, int *result)
+{
+    struct uro_episode *ep = &g->ep;
+    const struct uro_action *a = &plan->actions[ep->next];
+    /* Once the episode is resolved, only restores still run; an action
+     * guarded by another runs only if that one took effect. */
+    if (ep->outcome && !(a->flags & URO_F_ALWAYS))
+        return -1;
+    if (a->guard >= 0 && !(ep->ran & ((uint64_t)1 << (a->guard & 63))))
+        return -1;
+    /* A restore with no grant open (it succeeded already) is moot. */
+    if ((a->flags & URO_F_RESOLVES) && (a->flags & URO_F_ALWAYS) && !ep->grant_open)
+        return -1;
+    if ((a->flags & URO_F_IF_CLEAR) && ep->has_check && crit_check(plan) != 1)
+        return -1;
+    int64_t t0 = crit_now();
+    ep->t0_ns = t0;
+    if (!ep->rec.acted_ns)
+        ep->rec.acted_ns = t0;
+    switch (a->kind) {
+    case URO_ACT_CHECK:
+        /* Nothing took effect since the last check (say, every victim had
+         * already exited): waiting would only lose time. With a grant open
+         * the check only waits for the sleepers to wake: the restore of
+         * the limit is what resolves the episode. */
+        if (ep->outcome || !ep->has_check || !ep->acted_since_check) {
+            *result = 0;
+            return 1;
+        }
+        ep->supersede = (a->flags & URO_F_SUPERSEDE) != 0;
+        ep->wait_fd = !(a->flags & URO_F_EXIT) ? -1 : (a->flags & URO_F_PICKED) ? ep->pick_pidfd : a->fd;
+        /* No pick to wait for: the pick waited for the last victim to
+         * exit instead, so its memory is back. */
+        ep->deadline_ns = t0 + ((a->flags & URO_F_EXIT) && (a->flags & URO_F_PICKED) && ep->pick_pidfd < 0
+                                    ? 0 : a->timeout_ns);
+        ep->wait = URO_WAIT_CHECK;
+        return 0;
+    case URO_ACT_SIGNAL_BEST:
+        crit_drop_pick(ep);
+        if (crit_dying_prune(g) > 0) {
+            ep->deadline_ns = t0 + a->timeout_ns;
+            ep->wait = URO_WAIT_DYING;
+            return 0;
+        }
+        *result = crit_signal_best(g, plan, a);
+        return 1;
+    case URO_ACT_AWAIT:
+        if ((a->flags & URO_F_PICKED) && ep->pick_pidfd < 0) {
+            *result = -ESRCH; /* acts on the last pick: it picked nobody */
+            return 1;
+        }
+        ep->wait_fd = (a->flags & URO_F_PICKED) ? ep->pick_pidfd : a->fd;
+        ep->deadline_ns = t0 + a->timeout_ns;
+        ep->wait = URO_WAIT_FD;
+        return 0;
+    default:
+        if (a->flags & URO_F_PICKED) /* acts on the last pick (and only if its signal went out) */
+            *result = ep->pick_pidfd < 0 ? -ESRCH : crit_action(a, ep->pick_pidfd);
+        else
+            *result = crit_action(a, a->fd);
+        return 1;
+    }
+}
+
+/* Ends the episode: its last check, its outcome, its record. */
+URO_CRIT static void crit_episode_end(struct uro_shared *sh, struct uro_group *g)
+{
+    struct uro_episode *ep = &g->ep;
+    const struct uro_plan *plan = &g->plans[ep->slot];
+    crit_drop_pick(ep); /* a found task's pidfd, opened by the pick */
+    if (!ep->outcome) {
+        if (ep->has_check) {
+            int r = crit_check(plan);
+            if (r == 1 && ep->grant_open) {
+                ep->outcome = URO_OUT_RELIEVED;
+            } else if (r == 1) {
+                ep->rec.resolved_ns = crit_now();
+                ep->outcome = URO_OUT_RESOLVED;
+            } else {
+                ep->outcome = r < 0 ? URO_OUT_GONE : URO_OUT_UNRESOLVED;
+            }
+        } else {
+            ep->outcome = URO_OUT_ACTED;
+        }
+    }
+    ep->rec.outcome = ep->outcome;
+    ep->wait = URO_WAIT_NONE;
+    crit_store32(&g->busy_plan, 0);
+    crit_store32(&ep->active, 0);
+    crit_publish(sh, &ep->rec);
+}
+
+/* Runs the episode's actions until one has to wait (returns 1: look again
+ * at ep->wake_ns) or the episode ends (returns 0: its record is out). */
+URO_CRIT static int crit_episode_run(struct uro_shared *sh, struct uro_group *g)
+{
+    struct uro_episode *ep = &g->ep;
+    const struct uro_plan *plan = &g->plans[ep->slot];
+    uint32_t n = plan->count < URO_PLAN_MAX ? plan->count : URO_PLAN_MAX;
+    int r = 0;
+    for (;;) {
+        if (ep->wait != URO_WAIT_NONE) {
+            if (!crit_wait_step(g, plan, crit_now(), &r))
+                return 1;
+            crit_step_done(g, plan, r);
+            continue;
+        }
+        if (ep->next >= n)
+            break;
+        int began = crit_step_begin(g, plan, &r);
+        if (began < 0)
+            ep->next++;
+        else if (began > 0)
+            crit_step_done(g, plan, r);
+        /* else: it waits; the loop takes a first look at once */
+    }
+    crit_episode_end(sh, g);
+    return 0;
+}
+
+/* Begins an episode of group g for its OOM source src: claims the armed
+ * plan and runs it as far as it goes without waiting. Returns 1 if it is
+ * still in progress, 0 if it ended. */
+URO_CRIT static int crit_episode_begin(struct uro_shared *sh, struct uro_group *g, int src, uint64_t count,
+                                       int64_t t0)
+{
+    struct uro_episode *ep = &g->ep;
+    crit_record_init(&ep->rec, g, src, count, t0, 0);
+    ep->rec.episode = __atomic_add_fetch(&g->episodes, 1, __ATOMIC_SEQ_CST);
+    ep->wait = URO_WAIT_NONE;
+    ep->next = 0;
+    ep->outcome = 0;
+    ep->acted_since_check = 0;
+    ep->grant_open = 0;
+    ep->ran = 0;
+    ep->wait_fd = -1;
+    ep->supersede = 0;
+    ep->wake_ns = 0;
+    ep->pick_owned = 0;
+    crit_drop_pick(ep);
+    int slot = crit_claim_plan(g);
+    const struct uro_plan *plan = &g->plans[slot];
+    ep->slot = slot;
+    ep->rec.plan_slot = slot;
+    ep->rec.plan_id = plan->id;
+    ep->has_check = plan->check_fd >= 0;
+    crit_store32(&ep->active, 1);
     if (plan->count == 0) {
-        outcome = URO_OUT_NO_PLAN;
-    } else if (has_check) {
+        ep->outcome = URO_OUT_NO_PLAN;
+    } else if (ep->has_check) {
         /* A notification with the group not under OOM: the episode was
          * resolved by someone else, or the group was removed (rmdir signals
          * the eventfd once). Act on neither. */
         int r = crit_check(plan);
         if (r == 1)
-            outcome = URO_OUT_NOT_NEEDED;
+            ep->outcome = URO_OUT_NOT_NEEDED;
         else if (r < 0)
-            outcome = URO_OUT_GONE;
+            ep->outcome = URO_OUT_GONE;
     }
-
-    if (!outcome) {
-        /* A settling AWAIT's eventfd may hold a late reply to an earlier
-         * episode (its wait timed out): this episode's answer starts clean. */
-        for (uint32_t i = 0; i < plan->count && i < URO_PLAN_MAX; i++) {
-            const struct uro_action *a = &plan->actions[i];
-            uint64_t stale;
-            if ((a->flags & URO_F_SETTLES) && crit_wait_readable(a->fd, 0) == 1)
-                (void)uro_sys(SYS_read, a->fd, (long)&stale, sizeof stale, 0, 0);
-        }
-        int acted_since_check = 0;
-        struct crit_pick pick = {.index = -1, .pid = 0, .points = 0, .pidfd = -1, .owned = 0};
-        int grant_open = 0; /* a raised limit waits for its restore */
-        uint64_t ran = 0;   /* bit i: action i ran and succeeded */
-        int32_t k = 0;
-        uint32_t n = plan->count < URO_PLAN_MAX ? plan->count : URO_PLAN_MAX;
-        for (uint32_t i = 0; i < n; i++) {
-            const struct uro_action *a = &plan->actions[i];
-            int r;
-            /* Once the episode is resolved, only restores still run; an
-             * action guarded by another runs only if that one took effect. */
-            if (outcome && !(a->flags & URO_F_ALWAYS))
-                continue;
-            if (a->guard >= 0 && !(ran & ((uint64_t)1 << (a->guard & 63))))
-                continue;
-            /* A restore with no grant open (it succeeded already) is moot. */
-            if ((a->flags & URO_F_RESOLVES) && (a->flags & URO_F_ALWAYS) && !grant_open)
-                continue;
-            if ((a->flags & URO_F_IF_CLEAR) && has_check && crit_check(plan) != 1)
-                continue;
-            int64_t t0 = crit_now();
-            if (!ev->acted_ns)
-                ev->acted_ns = t0;
-            if (a->kind == URO_ACT_CHECK) {
-                /* Nothing took effect since the last check (say, every victim
-                 * had already exited): waiting would only lose time. With a
-                 * grant open the check only waits for the sleepers to wake:
-                 * the restore of the limit is what resolves the episode. */
-                if (outcome || !has_check || !acted_since_check) {
-                    r = 0;
-                } else {
-                    int64_t when = 0;
-                    /* A kernfs file polls readable (POLLIN) at all times: only
-                     * an eventfd source can tell a new notification that way. */
-                    int supersede_fd = (a->flags & URO_F_SUPERSEDE) && !(sh->sources[src].kind & URO_SRC_PRI)
-                                           ? sh->sources[src].fd : -1;
-                    int exit_fd = !(a->flags & URO_F_EXIT) ? -1 : (a->flags & URO_F_PICKED) ? pick.pidfd : a->fd;
-                    /* No pick to wait for: the pick waited for the last
-                     * victim to exit instead, so its memory is back. */
-                    int64_t timeout = (a->flags & URO_F_EXIT) && (a->flags & URO_F_PICKED) && pick.pidfd < 0
-                                          ? 0 : a->timeout_ns;
-                    r = crit_await_resolved(plan, supersede_fd, exit_fd, timeout, &when);
-                    if (r == 1 && !grant_open) {
-                        ev->resolved_ns = when;
-                        outcome = URO_OUT_RESOLVED;
-                    } else if (r == 2) {
-                        ev->resolved_ns = when;
-                        outcome = URO_OUT_SUPERSEDED;
-                    } else if (r < 0) {
-                        outcome = URO_OUT_GONE;
-                    }
-                }
-                acted_since_check = 0;
-            } else if (a->kind == URO_ACT_SIGNAL_BEST) {
-                if (pick.owned)
-                    uro_sys(SYS_close, pick.pidfd, 0, 0, 0, 0);
-                pick.index = -1;
-                pick.pid = 0;
-                pick.points = 0;
-                pick.pidfd = -1;
-                pick.owned = 0;
-                /* The kernel does not pick while its last victim still
-                 * exits: its memory is on its way back. Neither do we. */
-                if (crit_dying_prune(sh) > 0 && crit_dying_wait(sh, a->timeout_ns)) {
-                    r = URO_WAITED;
-                } else {
-                    r = crit_pick(plan, &pick);
-                    if (r == 0) {
-                        r = (int)uro_sys(SYS_pidfd_send_signal, pick.pidfd, a->sig, 0, 0, 0);
-                        if (r == 0 && a->sig == SIGKILL) {
-                            if (pick.index >= 0)
-                                __atomic_store_n((int32_t *)&plan->cands[pick.index].fired, 1, __ATOMIC_RELAXED);
-                            /* The watcher's own reference, kept until it exits. */
-                            long own = pick.owned ? pick.pidfd : uro_sys(SYS_fcntl, pick.pidfd, F_DUPFD_CLOEXEC, 3, 0, 0);
-                            if (own >= 0)
-                                crit_dying_add(sh, (int)own);
-                            pick.owned = 0; /* the dying list closes it */
-                        }
-                    }
-                }
-                if (r >= 0) {
-                    acted_since_check = 1;
-                    ran |= (uint64_t)1 << (i & 63);
-                } else if (pick.owned) {
-                    uro_sys(SYS_close, pick.pidfd, 0, 0, 0, 0);
-                    pick.owned = 0;
-                    pick.pidfd = -1;
-                }
-            } else if (a->flags & URO_F_PICKED) {
-                /* Acts on the last pick (and only if its signal went out). */
-                r = pick.pidfd < 0 ? -ESRCH : crit_action(a, pick.pidfd);
-                if (r >= 0)
-                    ran |= (uint64_t)1 << (i & 63);
-            } else {
-                r = crit_action(a, a->fd);
-                if (r >= 0) {
-                    acted_since_check = 1;
-                    ran |= (uint64_t)1 << (i & 63);
-                    if (a->flags & URO_F_OPENS)
-                        grant_open = 1;
-                    if ((a->flags & URO_F_RESOLVES) ||
-                        ((a->flags & URO_F_SETTLES) && r == URO_SETTLED)) {
-                        grant_open = 0;
-                        if (!outcome) {
-                            ev->resolved_ns = crit_now();
-                            outcome = URO_OUT_RESOLVED;
-                        }
-                    }
-                }
-            }
-            ev->steps[k].index = (int32_t)i;
-            ev->steps[k].kind = a->kind;
-            ev->steps[k].result = r;
-            int best = a->kind == URO_ACT_SIGNAL_BEST;
-            ev->steps[k].pick = best ? pick.index : -1;
-            ev->steps[k].points = best ? pick.points : 0;
-            ev->steps[k].pid = best ? pick.pid : 0;
-            ev->steps[k].t0_ns = t0;
-            ev->steps[k].t_ns = crit_now();
-            ev->nsteps = ++k;
-        }
-        if (pick.owned)
-            uro_sys(SYS_close, pick.pidfd, 0, 0, 0, 0); /* a found task's, opened by the pick */
-        if (!outcome) {
-            if (has_check) {
-                int r = crit_check(plan);
-                if (r == 1 && grant_open) {
-                    outcome = URO_OUT_RELIEVED;
-                } else if (r == 1) {
-                    ev->resolved_ns = crit_now();
-                    outcome = URO_OUT_RESOLVED;
-                } else {
-                    outcome = r < 0 ? URO_OUT_GONE : URO_OUT_UNRESOLVED;
-                }
-            } else {
-                outcome = URO_OUT_ACTED;
-            }
-        }
+    if (ep->outcome) {
+        crit_episode_end(sh, g);
+        return 0;
     }
-    ev->outcome = outcome;
-    crit_store32(&sh->busy_plan, 0);
-    crit_publish(sh, ev, seq);
+    /* A settling AWAIT's eventfd may hold a late reply to an earlier
+     * episode (its wait timed out): this episode's answer starts clean. */
+    for (uint32_t i = 0; i < plan->count && i < URO_PLAN_MAX; i++) {
+        const struct uro_action *a = &plan->actions[i];
+        uint64_t stale;
+        if ((a->flags & URO_F_SETTLES) && crit_wait_readable(a->fd, 0) == 1)
+            (void)uro_sys(SYS_read, a->fd, (long)&stale, sizeof stale, 0, 0);
+    }
+    return crit_episode_run(sh, g);
 }
 
-/* Records that source src is gone (its group was removed) and drops it from
- * the epoll set, so that a file that polls ready forever does not spin us. */
-URO_CRIT static void crit_source_gone(struct uro_shared *sh, int src, int64_t t0)
+/* The epoll data of a group's source, and of the control fd. */
+#define CRIT_DATA(index, src) (((uint64_t)(uint32_t)(index) << 8) | (uint64_t)(src))
+#define CRIT_CONTROL (~(uint64_t)0)
+
+/* Takes group g out of the table (the watcher's side of uro_group_remove,
+ * or Python's while no watcher runs): its sources leave the epoll set, its
+ * dying victims' pidfds are closed. */
+URO_CRIT static void crit_group_detach(struct uro_shared *sh, struct uro_group *g)
 {
-    uro_sys(SYS_epoll_ctl, sh->epfd, EPOLL_CTL_DEL, sh->sources[src].fd, 0, 0);
-    uint64_t seq = __atomic_load_n(&sh->head, __ATOMIC_ACQUIRE) + 1;
-    struct uro_event *ev = &sh->ring[(seq - 1) % URO_RING_SIZE];
-    __atomic_store_n(&ev->seq, 0, __ATOMIC_RELEASE);
-    ev->source = src;
-    ev->count = 0;
-    ev->notified_ns = t0;
-    ev->acted_ns = 0;
-    ev->resolved_ns = 0;
-    ev->nsteps = 0;
-    ev->plan_slot = -1;
-    ev->plan_id = 0;
-    ev->outcome = URO_OUT_GONE;
-    crit_publish(sh, ev, seq);
+    for (int32_t s = 0; s < g->nsources && s < URO_SOURCES_MAX; s++)
+        uro_sys(SYS_epoll_ctl, sh->epfd, EPOLL_CTL_DEL, g->sources[s].fd, 0, 0);
+    for (int32_t i = 0; i < g->ndying && i < 8; i++)
+        uro_sys(SYS_close, g->dying[i], 0, 0, 0, 0);
+    g->ndying = 0;
+    if (g->index >= 0 && g->index < URO_GROUPS_MAX)
+        __atomic_store_n(&sh->groups[g->index], (struct uro_group *)0, __ATOMIC_SEQ_CST);
+    g->index = -1;
+    crit_store32(&g->state, URO_GROUP_FREE);
 }
 
-/* The watcher thread: waits on the epoll set, reads the eventfd that fired
- * and runs the episode. Critical: runs on the locked stack, all signals
- * blocked, no libc. */
+/* Unlinks g from the list of episodes in progress (prev: the group before
+ * it, or null for the head). */
+URO_CRIT static void crit_unlink(struct uro_shared *sh, struct uro_group *prev, struct uro_group *g)
+{
+    if (prev)
+        prev->ep.next_active = g->ep.next_active;
+    else
+        sh->active = g->ep.next_active;
+    g->ep.next_active = -1;
+    __atomic_sub_fetch(&sh->nactive, 1, __ATOMIC_SEQ_CST);
+}
+
+URO_CRIT static void crit_link(struct uro_shared *sh, struct uro_group *g)
+{
+    g->ep.next_active = sh->active;
+    sh->active = g->index;
+    __atomic_add_fetch(&sh->nactive, 1, __ATOMIC_SEQ_CST);
+}
+
+/* After an episode of g ended: what its sources said meanwhile. An OOM
+ * source's count begins the next episode at once (it may find the OOM
+ * over: not needed); a forward source's is recorded now. Returns 1 if an
+ * episode is in progress again. */
+URO_CRIT static int crit_pending(struct uro_shared *sh, struct uro_group *g, int64_t t0)
+{
+    for (int32_t s = 0; s < g->nsources && s < URO_SOURCES_MAX; s++) {
+        uint64_t count = g->pending[s];
+        if (!count)
+            continue;
+        g->pending[s] = 0;
+        if ((g->sources[s].kind & URO_SRC_KIND_MASK) != URO_SRC_OOM)
+            crit_note(sh, g, s, count, t0, URO_OUT_FORWARDED);
+        else if (!__atomic_load_n(&sh->stop, __ATOMIC_SEQ_CST) && crit_episode_begin(sh, g, s, count, t0))
+            return 1;
+    }
+    return 0;
+}
+
+/* Looks at every episode in progress whose time has come (or all, with
+ * force); returns the earliest time one wants a look again, -1 if none. */
+URO_CRIT static int64_t crit_tick(struct uro_shared *sh, int force)
+{
+    int64_t next = -1;
+    struct uro_group *prev = 0;
+    int32_t at = sh->active;
+    while (at >= 0) {
+        struct uro_group *g = sh->groups[at];
+        int32_t after = g->ep.next_active;
+        int64_t now = crit_now();
+        int going = 1;
+        if (force || g->ep.wake_ns <= now) {
+            going = crit_episode_run(sh, g);
+            if (!going)
+                going = crit_pending(sh, g, now);
+        }
+        if (going) {
+            if (next < 0 || g->ep.wake_ns < next)
+                next = g->ep.wake_ns;
+            prev = g;
+        } else {
+            crit_unlink(sh, prev, g);
+        }
+        at = after;
+    }
+    return next;
+}
+
+/* Ends an episode in progress now (its group is being removed), recorded
+ * as it stands: the restores that did not run yet never will. */
+URO_CRIT static void crit_abandon(struct uro_shared *sh, struct uro_group *g)
+{
+    struct uro_group *prev = 0;
+    for (int32_t at = sh->active; at >= 0; at = sh->groups[at]->ep.next_active) {
+        if (sh->groups[at] == g) {
+            crit_unlink(sh, prev, g);
+            break;
+        }
+        prev = sh->groups[at];
+    }
+    crit_drop_pick(&g->ep);
+    if (!g->ep.outcome)
+        g->ep.outcome = URO_OUT_UNRESOLVED;
+    g->ep.rec.outcome = g->ep.outcome;
+    g->ep.wait = URO_WAIT_NONE;
+    crit_store32(&g->busy_plan, 0);
+    crit_store32(&g->ep.active, 0);
+    crit_publish(sh, &g->ep.rec);
+}
+
+/* The control fd fired: take out the groups Python asked to remove. */
+URO_CRIT static void crit_control(struct uro_shared *sh)
+{
+    int32_t n = __atomic_load_n(&sh->ngroups, __ATOMIC_SEQ_CST);
+    for (int32_t i = 0; i < n && i < URO_GROUPS_MAX; i++) {
+        struct uro_group *g = __atomic_load_n(&sh->groups[i], __ATOMIC_SEQ_CST);
+        if (!g || crit_load32(&g->state) != URO_GROUP_REMOVING)
+            continue;
+        if (crit_load32(&g->ep.active))
+            crit_abandon(sh, g);
+        crit_group_detach(sh, g);
+    }
+}
+
+/* epoll_pwait2 (Linux 5.11) waits to the nanosecond; without it the wait
+ * rounds up to the next millisecond. */
+#ifndef SYS_epoll_pwait2
+#define SYS_epoll_pwait2 441
+#endif
+URO_CRIT static long crit_epoll_wait(struct uro_shared *sh, struct epoll_event *evs, int max, int64_t deadline)
+{
+    if (deadline < 0)
+        return uro_sys(SYS_epoll_pwait, sh->epfd, (long)evs, max, -1, 0);
+    int64_t left = deadline - crit_now();
+    if (left < 0)
+        left = 0;
+    if (!sh->no_pwait2) {
+        struct timespec ts = {.tv_sec = left / 1000000000LL, .tv_nsec = left % 1000000000LL};
+        long n = uro_sys(SYS_epoll_pwait2, sh->epfd, (long)evs, max, (long)&ts, 0);
+        if (n != -ENOSYS)
+            return n;
+        sh->no_pwait2 = 1;
+    }
+    return uro_sys(SYS_epoll_pwait, sh->epfd, (long)evs, max, (long)((left + 999999) / 1000000), 0);
+}
+
+/* A source of g fired: read it (an eventfd's counter; a kernfs file is
+ * read again, which re-arms its notification) and act: begin an episode,
+ * record a forward, or, during an episode, keep the count for after it. */
+URO_CRIT static void crit_source(struct uro_shared *sh, struct uro_group *g, int src, uint32_t events, int64_t t0)
+{
+    int fd = g->sources[src].fd;
+    int kind = g->sources[src].kind;
+    uint64_t count = 0;
+    long r;
+    if (kind & URO_SRC_PRI) {
+        /* The seq_file buffer was allocated by Python's first read. A PSI
+         * trigger: polling consumed the event; POLLERR: group removed. */
+        char buf[256];
+        count = 1;
+        r = 0;
+        if (kind & URO_SRC_REREAD)
+            r = uro_sys(SYS_pread64, fd, (long)buf, sizeof buf, 0, 0);
+        else if (events & (EPOLLERR | EPOLLHUP))
+            r = -ENODEV;
+        if (r == -ENODEV || r == -ENOENT) {
+            /* Gone: out of the epoll set, so that a file that polls ready
+             * forever does not spin us. */
+            uro_sys(SYS_epoll_ctl, sh->epfd, EPOLL_CTL_DEL, fd, 0, 0);
+            crit_note(sh, g, src, 0, t0, URO_OUT_GONE);
+            return;
+        }
+    } else {
+        r = uro_sys(SYS_read, fd, (long)&count, sizeof count, 0, 0);
+        if (r == -EAGAIN)
+            return;
+        if (r < 0)
+            count = 0; /* an eventfd read does not fail otherwise; never spin on one */
+    }
+    if (crit_load32(&g->ep.active)) {
+        g->pending[src] += count ? count : 1;
+        g->ep.wake_ns = 0; /* a CHECK it waits in may end: superseded */
+        return;
+    }
+    if ((kind & URO_SRC_KIND_MASK) != URO_SRC_OOM) {
+        crit_note(sh, g, src, count, t0, URO_OUT_FORWARDED);
+        return;
+    }
+    if (!__atomic_load_n(&sh->stop, __ATOMIC_SEQ_CST) && crit_episode_begin(sh, g, src, count, t0))
+        crit_link(sh, g);
+}
+
+/* The watcher thread: waits on the epoll set of every group's sources,
+ * begins their episodes, and advances those in progress when the time
+ * they wait for comes. New notifications are served first, so that one
+ * group's episode delays another's first action by no more than the
+ * actions of the batch's notifications ahead of it. Critical: runs on
+ * the locked stack, all signals blocked, no libc. */
 URO_CRIT static void *crit_watcher_main(void *arg)
 {
     struct uro_shared *sh = arg;
-    struct epoll_event evs[URO_SOURCES_MAX + 1];
+    struct epoll_event evs[64];
+    int64_t next = -1;
     crit_store32(&sh->tid, (int32_t)uro_sys(SYS_gettid, 0, 0, 0, 0, 0));
     crit_store32(&sh->state, URO_STATE_WAITING);
     for (;;) {
-        long n = uro_sys(SYS_epoll_pwait, sh->epfd, (long)evs, URO_SOURCES_MAX + 1, -1, 0);
-        __atomic_add_fetch(&sh->loops, 1, __ATOMIC_RELAXED);
-        if (n < 0) {
-            if (n == -EINTR || n == -ENOMEM)
-                continue;
+        if (__atomic_load_n(&sh->stop, __ATOMIC_SEQ_CST) && sh->active < 0)
             break;
-        }
+        long n = crit_epoll_wait(sh, evs, 64, next);
+        __atomic_add_fetch(&sh->loops, 1, __ATOMIC_RELAXED);
+        if (n < 0 && n != -EINTR && n != -ENOMEM)
+            break;
         for (long i = 0; i < n; i++) {
             int64_t t0 = crit_now();
-            int src = (int)evs[i].data.u64;
-            int fd = src < 0 ? sh->stop_fd : sh->sources[src].fd;
-            uint64_t count = 0;
-            long r;
-            if (src >= 0 && (sh->sources[src].kind & URO_SRC_PRI)) {
-                /* A kernfs file: read it again to re-arm its notification (the
-                 * seq_file buffer was allocated by Python's first read). A PSI
-                 * trigger: polling consumed the event; POLLERR: group removed. */
-                char buf[256];
-                count = 1;
-                r = 0;
-                if (sh->sources[src].kind & URO_SRC_REREAD)
-                    r = uro_sys(SYS_pread64, fd, (long)buf, sizeof buf, 0, 0);
-                else if (evs[i].events & (EPOLLERR | EPOLLHUP))
-                    r = -ENODEV;
-                if (r == -ENODEV || r == -ENOENT) {
-                    crit_source_gone(sh, src, t0);
-                    continue;
-                }
-            } else {
-                r = uro_sys(SYS_read, fd, (long)&count, sizeof count, 0, 0);
-            }
-            if (src < 0) {
-                crit_store32(&sh->state, URO_STATE_STOPPED);
-                return 0;
-            }
-            if (r == -EAGAIN)
+            uint64_t data = evs[i].data.u64;
+            if (data == CRIT_CONTROL) {
+                uint64_t v;
+                (void)uro_sys(SYS_read, sh->control_fd, (long)&v, sizeof v, 0, 0);
+                crit_control(sh);
                 continue;
-            if (r < 0) {
-                /* An eventfd read does not fail otherwise; never spin on one. */
-                count = 0;
             }
-            crit_store32(&sh->state, URO_STATE_EPISODE);
-            crit_episode(sh, src, count, t0);
-            crit_store32(&sh->state, URO_STATE_WAITING);
+            uint32_t index = (uint32_t)(data >> 8);
+            int src = (int)(data & 255);
+            struct uro_group *g = index < URO_GROUPS_MAX ? __atomic_load_n(&sh->groups[index], __ATOMIC_SEQ_CST) : 0;
+            if (!g || src >= g->nsources)
+                continue;
+            crit_source(sh, g, src, evs[i].events, t0);
         }
+        next = crit_tick(sh, 0);
+        crit_store32(&sh->state, sh->active >= 0 ? URO_STATE_EPISODE : URO_STATE_WAITING);
     }
     crit_store32(&sh->state, URO_STATE_STOPPED);
     return 0;
 }
 
 /* Critical: the public entry for running an episode on the calling thread. */
-URO_CRIT int uro_run_episode(struct uro_shared *shared, int src, uint64_t count)
+URO_CRIT int uro_run_episode(struct uro_shared *shared, struct uro_group *group, int src, uint64_t count)
 {
-    if (!shared)
+    if (!shared || !group || group->index < 0)
         return -EINVAL;
-    crit_episode(shared, src, count, crit_now());
+    int64_t t0 = crit_now();
+    if (src < 0 || src >= group->nsources || (group->sources[src].kind & URO_SRC_KIND_MASK) != URO_SRC_OOM) {
+        crit_note(shared, group, src, count, t0, URO_OUT_FORWARDED);
+        return 0;
+    }
+    int going = crit_episode_begin(shared, group, src, count, t0);
+    while (going) {
+        int64_t left = group->ep.wake_ns - crit_now();
+        if (left > 0)
+            crit_sleep(left);
+        going = crit_episode_run(shared, group);
+    }
     return 0;
 }
 
@@ -1033,7 +1356,7 @@ static int lock_segments(struct dl_phdr_info *info, size_t size, void *arg)
 
 int uro_lock_text(struct uro_text *out)
 {
-    struct lock_ctx ctx = {.self = (uintptr_t)&crit_episode, .out = out};
+    struct lock_ctx ctx = {.self = (uintptr_t)&crit_episode_run, .out = out};
     memset(out, 0, sizeof *out);
     out->crit_start = (uintptr_t)__start_uro_crit;
     out->crit_size = (uintptr_t)__stop_uro_crit - (uintptr_t)__start_uro_crit;
@@ -1042,57 +1365,116 @@ int uro_lock_text(struct uro_text *out)
     return 0;
 }
 
-int uro_shared_init(struct uro_shared *shared, int epfd, int stop_fd, int wake_fd)
+int uro_shared_init(struct uro_shared *shared, int epfd, int control_fd, int wake_fd)
 {
-    if (!shared || epfd < 0 || stop_fd < 0)
+    if (!shared || epfd < 0 || control_fd < 0)
         return -EINVAL;
     memset(shared, 0, sizeof *shared);
     shared->epfd = epfd;
-    shared->stop_fd = stop_fd;
+    shared->control_fd = control_fd;
     shared->wake_fd = wake_fd;
-    for (int i = 0; i < URO_SOURCES_MAX; i++)
-        shared->sources[i].fd = -1;
-    for (int i = 0; i < 2; i++)
-        shared->plans[i].check_fd = -1;
-    /* The stop fd is source -1; epoll data is the source index. */
-    return uro_epoll_add(epfd, stop_fd, EPOLLIN, (uint64_t)(int64_t)-1);
+    shared->active = -1;
+    return uro_epoll_add(epfd, control_fd, EPOLLIN, CRIT_CONTROL);
 }
 
-int uro_source_add(struct uro_shared *shared, int fd, int kind)
+int uro_group_init(struct uro_group *group)
+{
+    if (!group)
+        return -EINVAL;
+    memset(group, 0, sizeof *group);
+    group->index = -1;
+    for (int i = 0; i < URO_SOURCES_MAX; i++)
+        group->sources[i].fd = -1;
+    for (int i = 0; i < 2; i++) {
+        group->plans[i].check_fd = -1;
+        group->plans[i].procs_fd = -1;
+    }
+    group->ep.next_active = -1;
+    group->ep.pick_pidfd = -1;
+    group->ep.pick_index = -1;
+    group->ep.wait_fd = -1;
+    return 0;
+}
+
+int uro_group_add(struct uro_shared *shared, struct uro_group *group)
+{
+    if (!shared || !group || group->index >= 0)
+        return -EINVAL;
+    /* Python adds and removes groups from one thread at a time; the
+     * watcher only clears entries (uro_group_remove), so a free entry
+     * stays free while this looks for one. */
+    int32_t n = __atomic_load_n(&shared->ngroups, __ATOMIC_SEQ_CST);
+    int32_t i = 0;
+    while (i < n && __atomic_load_n(&shared->groups[i], __ATOMIC_SEQ_CST))
+        i++;
+    if (i >= URO_GROUPS_MAX)
+        return -ENOSPC;
+    group->index = i;
+    __atomic_store_n(&group->state, URO_GROUP_ACTIVE, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&shared->groups[i], group, __ATOMIC_SEQ_CST);
+    if (i == n)
+        __atomic_store_n(&shared->ngroups, n + 1, __ATOMIC_SEQ_CST);
+    return i;
+}
+
+int uro_source_add(struct uro_shared *shared, struct uro_group *group, int fd, int kind)
 {
     int what = kind & URO_SRC_KIND_MASK;
-    if (fd < 0 || (what != URO_SRC_OOM && what != URO_SRC_FORWARD) ||
+    if (!shared || !group || group->index < 0 || fd < 0 || (what != URO_SRC_OOM && what != URO_SRC_FORWARD) ||
         (kind & ~(URO_SRC_KIND_MASK | URO_SRC_PRI | URO_SRC_REREAD)) ||
         ((kind & URO_SRC_REREAD) && !(kind & URO_SRC_PRI)))
         return -EINVAL;
-    int idx = shared->nsources;
+    int idx = group->nsources;
     if (idx >= URO_SOURCES_MAX)
         return -ENOSPC;
-    shared->sources[idx].fd = fd;
-    shared->sources[idx].kind = kind;
-    __atomic_store_n(&shared->nsources, idx + 1, __ATOMIC_SEQ_CST);
-    int r = uro_epoll_add(shared->epfd, fd, (kind & URO_SRC_PRI) ? EPOLLPRI : EPOLLIN, (uint64_t)idx);
+    group->sources[idx].fd = fd;
+    group->sources[idx].kind = kind;
+    group->pending[idx] = 0;
+    __atomic_store_n(&group->nsources, idx + 1, __ATOMIC_SEQ_CST);
+    int r = uro_epoll_add(shared->epfd, fd, (kind & URO_SRC_PRI) ? EPOLLPRI : EPOLLIN,
+                          CRIT_DATA(group->index, idx));
     if (r < 0) {
-        __atomic_store_n(&shared->nsources, idx, __ATOMIC_SEQ_CST);
-        shared->sources[idx].fd = -1;
+        __atomic_store_n(&group->nsources, idx, __ATOMIC_SEQ_CST);
+        group->sources[idx].fd = -1;
     }
     return r < 0 ? r : idx;
 }
 
-int uro_plan_begin(struct uro_shared *shared)
+int uro_group_remove(struct uro_shared *shared, struct uro_group *group)
 {
-    int32_t active = __atomic_load_n(&shared->active_plan, __ATOMIC_SEQ_CST);
+    if (!shared || !group)
+        return -EINVAL;
+    if (group->index < 0)
+        return 0;
+    int32_t state = __atomic_load_n(&shared->state, __ATOMIC_SEQ_CST);
+    if (state == URO_STATE_WAITING || state == URO_STATE_EPISODE) {
+        __atomic_store_n(&group->state, URO_GROUP_REMOVING, __ATOMIC_SEQ_CST);
+        int r = uro_eventfd_write(shared->control_fd, 1);
+        return r < 0 ? r : 1;
+    }
+    crit_group_detach(shared, group);
+    return 0;
+}
+
+int uro_group_state(struct uro_group *group)
+{
+    return group ? __atomic_load_n(&group->state, __ATOMIC_SEQ_CST) : -EINVAL;
+}
+
+int uro_plan_begin(struct uro_group *group)
+{
+    int32_t active = __atomic_load_n(&group->active_plan, __ATOMIC_SEQ_CST);
     int32_t other = 1 - active;
-    if (__atomic_load_n(&shared->busy_plan, __ATOMIC_SEQ_CST) == other + 1)
+    if (__atomic_load_n(&group->busy_plan, __ATOMIC_SEQ_CST) == other + 1)
         return -EBUSY;
     return other;
 }
 
-int uro_plan_commit(struct uro_shared *shared, int slot)
+int uro_plan_commit(struct uro_group *group, int slot)
 {
     if (slot != 0 && slot != 1)
         return -EINVAL;
-    __atomic_store_n(&shared->active_plan, slot, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&group->active_plan, slot, __ATOMIC_SEQ_CST);
     return 0;
 }
 
@@ -1141,6 +1523,7 @@ int uro_watcher_start(struct uro_watcher *w)
          * async signal ever runs on the watcher. */
         sigfillset(&all);
         pthread_sigmask(SIG_SETMASK, &all, &old);
+        crit_store32(&w->shared->stop, 0);
         crit_store32(&w->shared->state, URO_STATE_IDLE);
         r = pthread_create((pthread_t *)w->thread, &attr, crit_watcher_main, w->shared);
         pthread_sigmask(SIG_SETMASK, &old, NULL);
@@ -1152,13 +1535,13 @@ int uro_watcher_start(struct uro_watcher *w)
     return 0;
 }
 
-int uro_dying_close(struct uro_shared *shared)
+int uro_dying_close(struct uro_group *group)
 {
-    if (!shared)
+    if (!group)
         return -EINVAL;
-    for (int32_t i = 0; i < shared->ndying && i < 8; i++)
-        close(shared->dying[i]);
-    shared->ndying = 0;
+    for (int32_t i = 0; i < group->ndying && i < 8; i++)
+        close(group->dying[i]);
+    group->ndying = 0;
     return 0;
 }
 
@@ -1166,14 +1549,22 @@ int uro_watcher_stop(struct uro_watcher *w)
 {
     if (!w || !w->running)
         return -EINVAL;
-    int r = uro_eventfd_write(w->shared->stop_fd, 1);
+    crit_store32(&w->shared->stop, 1);
+    int r = uro_eventfd_write(w->shared->control_fd, 1);
     if (r < 0)
         return r;
     r = pthread_join(*(pthread_t *)w->thread, NULL);
     if (r)
         return -r;
     w->running = 0;
-    return uro_dying_close(w->shared);
+    /* Removals asked for while it stopped are done here. */
+    int32_t n = __atomic_load_n(&w->shared->ngroups, __ATOMIC_SEQ_CST);
+    for (int32_t i = 0; i < n && i < URO_GROUPS_MAX; i++) {
+        struct uro_group *g = w->shared->groups[i];
+        if (g && __atomic_load_n(&g->state, __ATOMIC_SEQ_CST) == URO_GROUP_REMOVING)
+            crit_group_detach(w->shared, g);
+    }
+    return 0;
 }
 
 

@@ -10,10 +10,11 @@
  */
 
 #define URO_PLAN_MAX 32     /* actions in one plan */
-#define URO_RING_SIZE 64    /* event records kept */
+#define URO_RING_SIZE 256   /* event records kept (of all the groups of a watcher) */
 #define URO_DATA_MAX 40     /* payload bytes of a WRITE action */
 #define URO_NEEDLE_MAX 24   /* bytes of the resolution needle */
-#define URO_SOURCES_MAX 8   /* fds one watcher waits on (plus its stop fd) */
+#define URO_SOURCES_MAX 8   /* fds one group's sources (the watcher adds its control fd) */
+#define URO_GROUPS_MAX 4096 /* groups one watcher serves */
 
 /* Action kinds. */
 #define URO_ACT_SIGNAL_PIDFD 1  /* pidfd_send_signal(fd, sig); -ESRCH if it already exited
@@ -85,8 +86,19 @@
 /* Watcher states. */
 #define URO_STATE_IDLE 0
 #define URO_STATE_WAITING 1
-#define URO_STATE_EPISODE 2
+#define URO_STATE_EPISODE 2     /* an episode of one of its groups is in progress */
 #define URO_STATE_STOPPED 3
+
+/* Group slot states. */
+#define URO_GROUP_FREE 0        /* not in a watcher's table (the memory is Python's) */
+#define URO_GROUP_ACTIVE 1      /* in the table: its sources are waited on */
+#define URO_GROUP_REMOVING 2    /* Python asked the watcher to take it out */
+
+/* What the action of an episode in progress waits for (struct uro_episode). */
+#define URO_WAIT_NONE 0
+#define URO_WAIT_CHECK 1        /* CHECK: the resolution, an exit or a new notification */
+#define URO_WAIT_DYING 2        /* SIGNAL_BEST: the exit of the group's last victims */
+#define URO_WAIT_FD 3           /* AWAIT: its fd readable */
 
 struct uro_action {
     int32_t kind;
@@ -162,7 +174,10 @@ struct uro_step {
 
 struct uro_event {
     uint64_t seq;            /* 1, 2, ...; 0 while the record is being written */
-    int32_t source;          /* index of the source that fired */
+    int32_t group;           /* index of the group in the watcher's table */
+    int32_t pad;
+    uint64_t episode;        /* the group's episode number (1, 2, ...); 0: no episode */
+    int32_t source;          /* index of the group's source that fired */
     int32_t outcome;         /* URO_OUT_* */
     uint64_t count;          /* the eventfd counter that was read */
     int64_t notified_ns;     /* the watcher read the notification */
@@ -179,29 +194,80 @@ struct uro_source {
     int32_t kind;
 };
 
-/* Everything the watcher thread touches lives in this struct, inside the
- * locked arena. Python writes plans and sources; the watcher writes the ring. */
-struct uro_shared {
-    int32_t state;           /* URO_STATE_* (atomic) */
+/* An episode in progress. The watcher runs the actions of its plan one
+ * after the other until one has to wait (for the OOM to end, for a victim
+ * to exit, for the hooks' reply); it then records what it waits for and
+ * when it must look again, and serves the other groups meanwhile. All of
+ * it is the watcher's; Python reads active and rec.episode only. */
+struct uro_episode {
+    int32_t active;          /* 1 while the episode runs (atomic) */
+    int32_t wait;            /* URO_WAIT_*: what the action at next waits for */
+    uint32_t next;           /* the action in progress, or the next one */
+    int32_t slot;            /* the plan slot claimed */
+    int32_t has_check;
+    int32_t outcome;         /* URO_OUT_* once known, else 0 */
+    int32_t acted_since_check;
+    int32_t grant_open;      /* a raised limit waits for its restore */
+    uint64_t ran;            /* bit i: action i ran and succeeded */
+    int64_t t0_ns;           /* the action in progress began */
+    int64_t deadline_ns;     /* its wait ends */
+    int64_t wake_ns;         /* the watcher looks at the episode again then */
+    int32_t wait_fd;         /* URO_WAIT_FD: the fd; CHECK: the exit fd (-1: none) */
+    int32_t supersede;       /* CHECK: a new notification of the source ends it */
+    int32_t gone;            /* CHECK: the exit fd was seen readable */
+    int32_t next_active;     /* the next group with an episode in progress, -1: none */
+    int32_t pick_index;      /* the last SIGNAL_BEST pick: its candidate, or -1 */
+    int32_t pick_pid;
+    int32_t pick_pidfd;      /* -1: nobody picked */
+    int32_t pick_owned;      /* pick_pidfd was opened by the pick: the episode closes it */
+    int64_t pick_points;
+    struct uro_event rec;    /* the record being written, copied to the ring at the end */
+};
+
+/* One group a watcher serves: its sources, its two plan slots (one armed,
+ * one Python fills), the victims it killed that are still exiting, and its
+ * episode in progress. Each lives in a locked mapping of its own, so that
+ * a group can be added and removed while the watcher runs. */
+struct uro_group {
+    int32_t index;           /* in the watcher's table; -1 while not in one */
+    int32_t state;           /* URO_GROUP_* (atomic) */
     int32_t active_plan;     /* 0 or 1 (atomic) */
     int32_t busy_plan;       /* slot + 1 while an episode reads it, else 0 (atomic) */
     int32_t nsources;
-    int32_t epfd;
-    int32_t stop_fd;         /* eventfd: any write stops the watcher */
-    int32_t wake_fd;         /* eventfd the watcher writes after each record; -1: none */
-    int32_t tid;             /* the watcher thread's id once it runs, else 0 (atomic) */
-    uint64_t head;           /* seq of the newest complete record (atomic) */
-    uint64_t loops;          /* wake-ups of the watcher (atomic), a heartbeat */
+    int32_t ndying;
+    uint64_t episodes;       /* episodes begun (atomic) */
     struct uro_source sources[8];
-    struct uro_plan plans[2];
-    struct uro_event ring[64];
+    /* Notifications read while an episode ran: each OOM source's count
+     * starts the next episode once this one ends (or supersedes it at a
+     * CHECK); a forward source's is recorded then. */
+    uint64_t pending[8];
     /* Pidfds (the watcher's own: dups, or opened by a pick) of the tasks
      * SIGNAL_BEST killed that may not have exited yet. The next pick waits
      * for them first, as the kernel waits for its own victim, and closes
-     * each once it has exited. uro_dying_close closes what is left. */
+     * each once it has exited. */
     int32_t dying[8];
-    int32_t ndying;
-    int32_t dying_pad;
+    struct uro_plan plans[2];
+    struct uro_episode ep;
+};
+
+/* Everything the watcher thread touches lives in locked memory: this
+ * struct (its own arena) and the groups (theirs). Python adds groups and
+ * writes their plans and sources; the watcher writes the ring. */
+struct uro_shared {
+    int32_t state;           /* URO_STATE_* (atomic) */
+    int32_t stop;            /* 1: end once no episode is in progress (atomic) */
+    int32_t epfd;
+    int32_t control_fd;      /* eventfd: a write wakes the watcher to stop or remove groups */
+    int32_t wake_fd;         /* eventfd the watcher writes after each record; -1: none */
+    int32_t tid;             /* the watcher thread's id once it runs, else 0 (atomic) */
+    int32_t ngroups;         /* table entries in use (the highest index + 1) */
+    int32_t active;          /* the first group with an episode in progress, -1: none */
+    int32_t nactive;         /* episodes in progress (atomic) */
+    int32_t no_pwait2;       /* epoll_pwait2 is missing: waits round up to milliseconds */
+    uint64_t head;           /* seq of the newest complete record (atomic) */
+    uint64_t loops;          /* wake-ups of the watcher (atomic), a heartbeat */
+    struct uro_event ring[256];
+    struct uro_group *groups[4096];
 };
 
 struct uro_ready {
@@ -277,17 +343,28 @@ int uro_arena_touch(struct uro_arena *arena);
  * Non-blocking, allocation-free. */
 int uro_lock_text(struct uro_text *out);
 
-/* Prepares shared (zeroed, fds -1) for a watcher; takes ownership of no fd.
- * Non-blocking, allocation-free. */
-int uro_shared_init(struct uro_shared *shared, int epfd, int stop_fd, int wake_fd);
-/* Adds a source: its fd joins the epoll set. Safe while the watcher runs.
- * Returns the source index. Non-blocking, allocation-free. */
-int uro_source_add(struct uro_shared *shared, int fd, int kind);
-/* Returns the plan slot Python may fill now, or -EBUSY while the watcher
- * is reading it (retry shortly). Non-blocking, allocation-free. */
-int uro_plan_begin(struct uro_shared *shared);
+/* Prepares shared for a watcher: zeroed, no group; control_fd joins the
+ * epoll set. Takes ownership of no fd. Non-blocking, allocation-free. */
+int uro_shared_init(struct uro_shared *shared, int epfd, int control_fd, int wake_fd);
+/* Prepares a group's memory (zeroed, fds -1, no plan). Non-blocking. */
+int uro_group_init(struct uro_group *group);
+/* Puts group in the watcher's table; returns its index, -ENOSPC if the
+ * table is full. Safe while the watcher runs. Non-blocking. */
+int uro_group_add(struct uro_shared *shared, struct uro_group *group);
+/* Adds a source to group: its fd joins the epoll set. Safe while the
+ * watcher runs. Returns the source index (per group). Non-blocking. */
+int uro_source_add(struct uro_shared *shared, struct uro_group *group, int fd, int kind);
+/* Takes group out of the table. With the watcher running, asks it to
+ * (it ends an episode in progress first, recording it UNRESOLVED) and
+ * returns 1: the memory is free once uro_group_state() is URO_GROUP_FREE.
+ * Otherwise does it now and returns 0. Non-blocking. */
+int uro_group_remove(struct uro_shared *shared, struct uro_group *group);
+int uro_group_state(struct uro_group *group);
+/* Returns the plan slot of group Python may fill now, or -EBUSY while the
+ * watcher is reading it (retry shortly). Non-blocking, allocation-free. */
+int uro_plan_begin(struct uro_group *group);
 /* Makes slot the armed plan; the next episode uses it. Non-blocking. */
-int uro_plan_commit(struct uro_shared *shared, int slot);
+int uro_plan_commit(struct uro_group *group, int slot);
 /* Copies the record with sequence number seq into out. -EAGAIN if it is not
  * written yet, -ESTALE if it was overwritten. Non-blocking, allocation-free. */
 int uro_ring_read(struct uro_shared *shared, uint64_t seq, struct uro_event *out);
@@ -297,17 +374,20 @@ int uro_state(struct uro_shared *shared);
 /* Starts the watcher thread on the given (locked) stack with every signal
  * blocked. Allocates inside libc (thread setup); never on the OOM path. */
 int uro_watcher_start(struct uro_watcher *w);
-/* Writes the stop eventfd and joins the thread. Blocks until it exits. */
+/* Asks the watcher to stop once no episode is in progress, and joins it.
+ * Blocks until it exits. */
 int uro_watcher_stop(struct uro_watcher *w);
 
-/* Closes the pidfds of victims the watcher was still waiting for; after
- * the watcher stopped (or never ran). Non-blocking. */
-int uro_dying_close(struct uro_shared *shared);
+/* Closes the pidfds of group's victims the watcher was still waiting for;
+ * after the watcher stopped (or never ran), or once the group is out of
+ * its table. Non-blocking. */
+int uro_dying_close(struct uro_group *group);
 
-/* Runs one episode of the armed plan on the calling thread, exactly as the
- * watcher would for source index src; for tests and for the in-thread
- * fallback. Blocking (CHECK/AWAIT actions), allocation-free, critical. */
-int uro_run_episode(struct uro_shared *shared, int src, uint64_t count);
+/* Runs one episode of group's armed plan on the calling thread, exactly as
+ * the watcher would for source index src, to its end; for tests and for
+ * an in-thread fallback (never while the watcher runs). Blocking (it
+ * sleeps while an action waits), allocation-free, critical. */
+int uro_run_episode(struct uro_shared *shared, struct uro_group *group, int src, uint64_t count);
 
 /* 1 if the critical path uses raw syscall instructions, 0 if libc's syscall(). */
 int uro_raw_syscalls(void);
