@@ -1,13 +1,14 @@
 """``python -m useroom.bench deadlock ...``, ``python -m useroom.bench hooks ...``,
-``python -m useroom.bench watchdog ...`` and ``python -m useroom.bench storm ...``:
-see ``docs/benchmarks.md``.
+``python -m useroom.bench watchdog ...``, ``python -m useroom.bench storm ...`` and
+``python -m useroom.bench scale ...``: see ``docs/benchmarks.md``.
 
 ``python -m useroom.bench _service GROUP_DIR JSON_PATH`` is the in-process
 variant's service process, ``python -m useroom.bench _hook_service SPEC``
-the hooks benchmark's and ``python -m useroom.bench _storm_handler SPEC`` the
-storm benchmark's handler process, all started by the benchmark itself; they
-are dispatched before anything else is imported, so the service carries only
-what it needs.
+the hooks benchmark's, ``python -m useroom.bench _storm_handler SPEC`` the
+storm benchmark's handler process and ``python -m useroom.bench _scale_host
+SPEC`` the scale benchmark's host of the handlers, all started by the
+benchmark itself; they are dispatched before anything else is imported, so
+the service carries only what it needs.
 """
 
 from __future__ import annotations
@@ -35,6 +36,14 @@ def main(argv: list[str] | None = None, *, out: TextIO | None = None, err: TextI
         from useroom.bench._storm import handler_main as storm_handler_main
 
         return storm_handler_main(argv[1:])
+    if argv[:1] == ["_scale_host"]:
+        from useroom.bench._scale import host_main as scale_host_main
+
+        return scale_host_main(argv[1:])
+    if argv[:1] == ["scale"]:
+        from useroom.bench._scale import main as scale_main
+
+        return scale_main(argv[1:])
     if argv[:1] == ["storm"]:
         from useroom.bench._storm import main as storm_main
 
