@@ -295,31 +295,33 @@ def host_main(argv: list[str]) -> int:
 
     spec = json.loads(argv[0])
     groups = [Group.open(path) for path in spec["paths"]]
-    served: _Baseline | _Supervised = (_Supervised if spec["variant"] == "supervisor" else _Baseline)(spec["delay"])
+    kind = _Supervised if spec["variant"] == "supervisor" else _Baseline
+    served: _Baseline | _Supervised | None = None  # made by "start": what it costs is the start's
     _say({"ready": os.getpid(), "before": footprint([])})
     try:
         for line in sys.stdin.buffer:
             command, _, argument = line.decode().strip().partition(" ")
             if command == "start":
-                _say(_host_start(served, groups))
-            elif command == "listed":
-                _say(_host_listed(served, json.loads(argument)))
-            elif command == "events":
-                _say(_host_events(served, json.loads(argument)))
+                started = time.monotonic_ns()
+                served = kind(spec["delay"])
+                _say(_host_start(served, groups, started))
+            elif command in ("listed", "events") and served is not None:
+                _say((_host_listed if command == "listed" else _host_events)(served, json.loads(argument)))
             else:
                 break
     except Exception as err:
         _say({"error": repr(err)})
     finally:
         started = time.monotonic_ns()
-        served.stop()
+        if served is not None:
+            served.stop()
         stop_ns = time.monotonic_ns() - started
-        _say({"stopped": True, "stop_ns": stop_ns, "errors": served.errors()[-20:]})
+        _say({"stopped": True, "stop_ns": stop_ns, "errors": served.errors()[-20:] if served is not None else []})
     return 0
 
 
-def _host_start(served: _Baseline | _Supervised, groups: Sequence[Group]) -> dict[str, Any]:
-    started = time.monotonic_ns()
+def _host_start(served: _Baseline | _Supervised, groups: Sequence[Group], started: int) -> dict[str, Any]:
+    """Add and start every group, *served* made at *started* (monotonic ns); the figures."""
     served.add(groups[0])
     first_ns = time.monotonic_ns() - started
     time.sleep(SETTLE_S)
