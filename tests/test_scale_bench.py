@@ -151,6 +151,40 @@ class TestOptions:
         assert ([1, 1], [1, 50]) == (config.scenarios(1), config.scenarios(100))
 
 
+class _FakeSupervisor:
+    """Records how the host drives useroom.Supervisor's API."""
+
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+        self.calls: list[str] = []
+        self.watchdog = None
+
+    def add(self, group: str, policy: Any) -> Any:
+        self.calls.append(f"add {group}")
+        return type("FakeHandler", (), {"errors": [], "group": group})()
+
+    def start(self) -> None:
+        self.calls.append("start")
+        self.watchdog = type("FakeLink", (), {"pid": 4242})()
+
+    def stop(self) -> None:
+        self.calls.append("stop")
+
+
+class TestSupervisorWiring:
+    def test_the_first_group_starts_it_and_the_rest_join_it_running(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """One Supervisor with the delay and a watchdog; started after the first add; its one watchdog reported."""
+        monkeypatch.setattr(useroom, "Supervisor", _FakeSupervisor, raising=False)
+        served = _scale._Supervised(1.5)
+        for group in ("a", "b", "c"):
+            served.add(group)  # type: ignore[arg-type]
+        served.stop()
+        fake = served.supervisor
+        assert {"delay": 1.5, "watchdog": True} == fake.options
+        assert ["add a", "start", "add b", "add c", "stop"] == fake.calls
+        assert (["a", "b", "c"], [4242]) == ([h.group for h in served.handlers], served.watchdogs())
+
+
 class TestRender:
     def test_one_line_per_run(self) -> None:
         """A header line, a rule, then one line per run with its counts."""
