@@ -1,4 +1,4 @@
-"""The watchdog: a process outside the handled group that never lets it sleep forever.
+"""The watchdog: a process outside the handled groups that never lets one sleep forever.
 
 It stands in for kernel interfaces that were proposed and never merged (see
 :mod:`useroom._declare` and docs/design.md):
@@ -7,30 +7,40 @@ It stands in for kernel interfaces that were proposed and never merged (see
   under OOM longer than ``delay``, the watchdog enables the kernel OOM
   killer for it until ``under_oom`` reads 0, then puts the setting back.
   Like the proposal, the delay re-arms on each episode.
-- **declared handler** (Weiner): when the group's declared handler has
+- **declared handler** (Weiner): when the groups' declared handler has
   exited, is stopped, has its native watcher asleep in the memcg OOM wait
   (``mem_cgroup_oom_synchronize`` in its wait channel), has its manager
   thread asleep there while the headroom grant it was given is open (the
   grant is used up: the plan waits for a thread that waits for memory), or
-  has sent no heartbeat for ``heartbeat_timeout``, the watchdog hands the
-  episode to the kernel at once instead of waiting out the delay. The
-  manager asleep in the OOM wait with no grant open is the in-group design
-  at work (the native watcher acts for it), not a fault.
+  has sent no heartbeat for ``heartbeat_timeout`` since the later of its
+  last one and the start of the episode, the watchdog hands the episode to
+  the kernel at once instead of waiting out the delay. The manager asleep
+  in the OOM wait with no grant open is the in-group design at work (the
+  native watcher acts for it), not a fault.
 - **reserve** (Rientjes' ``memory.oom_reserve_in_bytes``): the handler's
   headroom grant raises the limit; if the handler dies with a grant open,
   the watchdog restores the limit as soon as usage fits under it.
 
-It gets the OOM notification through its own eventfd, like the handler, and
-runs in a group of the user's own tree outside the handled one, so the OOM
-it watches never makes it wait. A :class:`~useroom.Handler` starts one when
-it arms (``watchdog=True``, the default) and restarts it if it dies; it can
-also run on its own to guard several groups::
+It gets each group's OOM notification through an eventfd of its own, like
+the handler, and runs in a group of the user's own tree outside the handled
+ones, so the OOM it watches never makes it wait. One process guards every
+group of one handler process (a :class:`~useroom.Handler`, or a supervisor
+serving many groups): the handler's side, :class:`WatchdogLink`, starts it,
+adds and removes groups while it runs, and restarts it if it dies, with
+every group it guarded. It can also run on its own to guard several groups::
 
     useroom watchdog /sys/fs/cgroup/memory/.../app --delay 2s
     python -m useroom.watchdog GROUP [GROUP ...] --delay 500ms --log takeovers.jsonl
 
+With nothing happening it sleeps in the kernel: it waits on the groups'
+eventfds, the handler's pidfd (its death) and the control socket, with a
+timer only while an episode is under way or a limit restore is pending.
+That is also why the heartbeat is judged from the episode's start: an idle
+handler sends none, and owes one only ``heartbeat_timeout`` into an episode.
+
 Each takeover is one JSON line in the log (and, for a handler's watchdog,
 an :class:`~useroom.OomEvent` with ``takeover`` set in ``handler.events``).
+See docs/watchdog.md for the control protocol.
 """
 
 from __future__ import annotations
@@ -54,10 +64,11 @@ import attrs
 
 from useroom import _native
 from useroom._cgroup import EventRegistration, Group, OomControl
+from useroom._fd import OwnedFd
 from useroom._units import UNLIMITED, parse_duration
 from useroom.exceptions import CgroupPermissionError, GroupGone, UseroomError, WatcherError
 
-__all__ = ["DEFAULT_DELAY", "Takeover", "Watchdog", "WatchdogLink", "main"]
+__all__ = ["DEFAULT_DELAY", "GuardSpec", "Takeover", "Watchdog", "WatchdogLink", "main"]
 
 #: How long an OOM may last before the watchdog hands it to the kernel, in seconds.
 DEFAULT_DELAY: Final = 2.0
@@ -71,6 +82,9 @@ SETTLE_NS: Final = 100_000_000
 CAUGHT_NS: Final = 20_000_000
 #: The wait channel of a task asleep in a v1 memcg OOM wait.
 OOM_WAIT_CHANNEL: Final = "mem_cgroup_oom_synchronize"
+#: The largest control message or record, in bytes (SOCK_SEQPACKET: one recv
+#: takes one message, cut at the buffer's size).
+MESSAGE_MAX: Final = 65536
 #: How long a starting watchdog may go without progress (no CPU time used, no
 #: page faulted) before the handler gives up on it, in seconds: it is stuck,
 #: not slow.
@@ -98,9 +112,9 @@ class Takeover:
     Times are CLOCK_MONOTONIC nanoseconds, comparable with the handler's:
     ``notified_ns`` when the watchdog saw the OOM, ``acted_ns`` when it
     enabled the kernel OOM killer, ``resolved_ns`` when ``under_oom`` read 0
-    (None if the group went away first). ``reason`` is one of
-    :data:`REASONS`; ``restored`` is the ``oom_kill_disable`` value written
-    back afterwards.
+    (None if the group went away first). ``group`` is the group's path in
+    the hierarchy (its ``relpath``), ``reason`` one of :data:`REASONS`;
+    ``restored`` is the ``oom_kill_disable`` value written back afterwards.
     """
 
     group: str
@@ -124,6 +138,82 @@ class Takeover:
     def from_dict(cls, data: dict[str, Any]) -> Takeover:
         fields = {f.name for f in attrs.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in fields})
+
+
+def _pair(value: Sequence[int] | None) -> tuple[int, int] | None:
+    """Two integers (JSON has them as a list), or None."""
+    if value is None:
+        return None
+    if len(value) != 2 or not all(isinstance(v, int) for v in value):
+        raise ValueError(f"not two integers: {value!r}")
+    return value[0], value[1]
+
+
+@attrs.frozen
+class GuardSpec:
+    """What the watchdog needs to guard one group: one ``--guard`` on its
+    command line, or the body of an ``add`` message (both JSON)."""
+
+    #: The group's directory.
+    path: str = attrs.field(validator=attrs.validators.instance_of(str))
+    #: The link's number for this addition of the group: the watchdog's
+    #: records about the guard (``added``, ``add-failed``, ``done``,
+    #: ``removed``) carry it back.
+    key: int = attrs.field(validator=attrs.validators.instance_of(int))
+    #: The limit the handler set (restored if it dies with a grant open); None with no handler.
+    limit: int | None = attrs.field(default=None,
+                                    validator=attrs.validators.optional(attrs.validators.instance_of(int)))
+    #: The kernel OOM killer setting before the handler (put back if it dies); None with no handler.
+    kill_enabled: bool | None = attrs.field(default=None,
+                                            validator=attrs.validators.optional(attrs.validators.instance_of(bool)))
+    #: cgroup v2: the group's ``memory.high`` and ``memory.max`` before the handler.
+    saved: tuple[int, int] | None = attrs.field(default=None, converter=_pair)
+
+    def to_json(self) -> str:
+        return json.dumps(attrs.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> GuardSpec:
+        """Parse :meth:`to_json`'s output; raises ValueError if it is not that."""
+        try:
+            data = json.loads(text)
+            return cls(**data)
+        except (TypeError, ValueError) as err:  # bad JSON, a missing or stray field, a wrong type
+            raise ValueError(f"not a guard: {text!r}: {err}") from None
+
+
+class ProcessFd(OwnedFd):
+    """A pidfd of one process (close-on-exec): readable once it has exited."""
+
+    __slots__ = ("pid",)
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._fd = os.pidfd_open(pid)
+
+    @property
+    def exited(self) -> bool:
+        """True once the process has exited."""
+        # poll(), not select(): the number may be above FD_SETSIZE.
+        poller = select.poll()
+        poller.register(self.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
+
+    def __int__(self) -> int:
+        # Transitional: the current Handler passes link.pidfd to Epoll.add
+        # and Epoll.remove, which take an int (-1 once closed: the removal
+        # fails with EBADF, as it did with the raw number). The handler
+        # rewrite calls fileno(); then this goes.
+        return self._fd
+
+
+class ControlFile(OwnedFd):
+    """One control file of a group, opened ahead (close-on-exec)."""
+
+    __slots__ = ()
+
+    def __init__(self, group: Group, name: str, flags: int) -> None:
+        self._fd = group.open_file(name, flags)
 
 
 def _continue_group(group: Group, record: dict[str, Any]) -> None:
@@ -157,62 +247,61 @@ def _thread_state(pid: int, tid: int) -> tuple[str, str] | None:
     return stat[stat.rfind(b")") + 2:][:1].decode("ascii", "replace"), wchan
 
 
-@attrs.define
+@attrs.define(eq=False)
 class DeclaredHandler:
-    """The handler a group declared: its process, the threads it declared,
-    its pidfd, and its last heartbeat."""
+    """The handler the guarded groups declared: its process, the threads it
+    declared, its pidfd (owned), and its last heartbeat. One serves every
+    guard of a watchdog."""
 
     pid: int
     #: Threads that must never wait for memory (the native watcher).
     tids: tuple[int, ...]
-    pidfd: int
+    pidfd: ProcessFd
     heartbeat_timeout: float
     #: Threads that may wait for memory, but not while a grant made for them is open (the manager).
     helper_tids: tuple[int, ...] = ()
     beat_ns: int = attrs.field(factory=time.monotonic_ns)
     exited: bool = False
-    #: Since when a helper thread has been seen in the OOM wait with a grant open.
-    _caught_ns: int | None = None
 
     def check_exited(self) -> bool:
         if not self.exited:
-            ready, _, _ = select.select([self.pidfd], [], [], 0)
-            self.exited = bool(ready)
+            self.exited = self.pidfd.exited
         return self.exited
 
-    def unfit(self, now: int, grant_open: Callable[[], bool] = lambda: False) -> str | None:
-        """Why this handler cannot be trusted with the episode under way, or None.
-
-        ``grant_open`` tells whether the group's limit is raised above the one
-        the handler set (read only when a helper thread is in the OOM wait).
-        """
+    def look(self) -> tuple[str | None, bool]:
+        """One look at the process and its declared threads: why it cannot
+        act now (it exited, is stopped, or its watcher sleeps in the OOM
+        wait) or None; and whether a helper thread sleeps in the OOM wait
+        (a fault only while a grant made for it is open: the guard decides)."""
         if self.check_exited():
-            return "handler-exited"
-        caught = False
+            return "handler-exited", False
+        helper_waiting = False
         for tid, helper in [(t, False) for t in self.tids] + [(t, True) for t in self.helper_tids]:
             state = _thread_state(self.pid, tid)
             if state is None:
                 continue  # a declared thread that ended: the process check above decides
             letter, wchan = state
             if letter in ("T", "t"):
-                return "handler-stopped"
+                return "handler-stopped", False
             if wchan == OOM_WAIT_CHANNEL:
                 if not helper:
-                    return "handler-in-oom-wait"
-                caught = caught or grant_open()
-        if not caught:
-            self._caught_ns = None
-        elif self._caught_ns is None:
-            self._caught_ns = now
-        elif now - self._caught_ns >= CAUGHT_NS:
-            return "handler-in-oom-wait"
-        if now - self.beat_ns > self.heartbeat_timeout * 1e9:
-            return "heartbeat"
-        return None
+                    return "handler-in-oom-wait", False
+                helper_waiting = True
+        return None, helper_waiting
+
+    def silent(self, now: int, episode_ns: int) -> bool:
+        """No heartbeat for ``heartbeat_timeout`` since the later of the last
+        one and the episode's start: an idle handler sends none, so only
+        silence during the episode counts."""
+        return now - max(self.beat_ns, episode_ns) > self.heartbeat_timeout * 1e9
+
+    def close(self) -> None:
+        self.pidfd.close()
 
 
 class Guard:
-    """One group the watchdog keeps from sleeping forever."""
+    """One v1 group the watchdog keeps from sleeping forever. It owns its
+    fds (two of ``memory.oom_control``, the OOM eventfd), not the handler."""
 
     def __init__(self, group: Group, delay: float, *, handler: DeclaredHandler | None = None,
                  limit: int | None = None, kill_enabled: bool | None = None) -> None:
@@ -235,16 +324,20 @@ class Guard:
         self._taken: tuple[str, int, int] | None = None  # reason, acted_ns, the setting before
         self._kills_at_takeover = 0
         self._clear_ns: int | None = None  # when under_oom first read 0 after a takeover
-        self._fds: list[int] = []
-        self._fds.append(group.open_file(oom_file, os.O_RDONLY))
-        os.pread(self._fds[0], 256, 0)  # allocate the seq_file buffer now
-        self._switch = group.open_file(oom_file, os.O_WRONLY)
-        self._fds.append(self._switch)
-        self.notifier: EventRegistration = group.oom_notifier()
-        os.set_blocking(self.notifier.fileno(), False)
-
-    def fileno(self) -> int:
-        return self.notifier.fileno()
+        self._caught_ns: int | None = None  # since when a helper thread is in the OOM wait with a grant open
+        self._read = ControlFile(group, oom_file, os.O_RDONLY)
+        try:
+            os.pread(self._read.fileno(), 256, 0)  # allocate the seq_file buffer now
+            self._switch = ControlFile(group, oom_file, os.O_WRONLY)
+            try:
+                self.notifier: EventRegistration | None = group.oom_notifier()
+                os.set_blocking(self.notifier.fileno(), False)
+            except BaseException:
+                self._switch.close()
+                raise
+        except BaseException:
+            self._read.close()
+            raise
 
     @property
     def in_episode(self) -> bool:
@@ -252,7 +345,7 @@ class Guard:
 
     def control(self) -> OomControl | None:
         try:
-            return OomControl.from_text(os.pread(self._fds[0], 256, 0).decode("ascii"))
+            return OomControl.from_text(os.pread(self._read.fileno(), 256, 0).decode("ascii"))
         except OSError as err:
             if err.errno in (errno.ENODEV, errno.ENOENT):
                 self.gone = True
@@ -261,6 +354,7 @@ class Guard:
 
     def notified(self, now: int) -> None:
         """The OOM eventfd fired (or the guard just started)."""
+        assert self.notifier is not None
         try:
             os.read(self.notifier.fileno(), 8)
         except BlockingIOError:
@@ -280,7 +374,24 @@ class Guard:
             return False
 
     def _switch_to(self, disabled: bool) -> None:
-        os.pwrite(self._switch, b"1" if disabled else b"0", 0)
+        os.pwrite(self._switch.fileno(), b"1" if disabled else b"0", 0)
+
+    def unfit(self, now: int) -> str | None:
+        """Why the declared handler cannot be trusted with the episode under way, or None."""
+        assert self.handler is not None and self._episode_ns is not None
+        reason, helper_waiting = self.handler.look()
+        if reason is not None:
+            return reason
+        # The group's limit is read only when a helper thread is in the OOM wait.
+        if not (helper_waiting and self._grant_open()):
+            self._caught_ns = None
+        elif self._caught_ns is None:
+            self._caught_ns = now
+        elif now - self._caught_ns >= CAUGHT_NS:
+            return "handler-in-oom-wait"
+        if self.handler.silent(now, self._episode_ns):
+            return "heartbeat"
+        return None
 
     def tick(self, now: int) -> Takeover | None:
         """Look at the group: act if the episode needs it; return a finished takeover."""
@@ -309,9 +420,7 @@ class Guard:
             # takeover's own wakeup can look like. The episode is still ours.
             self._switch_to(False)
         if self._taken is None:
-            reason = None
-            if self.handler is not None:
-                reason = self.handler.unfit(now, self._grant_open)
+            reason = self.unfit(now) if self.handler is not None else None
             if reason is None and now - self._episode_ns >= self.delay * 1e9:
                 reason = "delay"
             if reason is not None:
@@ -322,6 +431,7 @@ class Guard:
 
     def _finish(self, resolved_ns: int | None) -> Takeover | None:
         self._clear_ns = None
+        self._caught_ns = None
         episode_ns, self._episode_ns = self._episode_ns, None
         taken, self._taken = self._taken, None
         if taken is None or episode_ns is None:
@@ -395,13 +505,11 @@ class Guard:
                 and not self.in_episode and bool(self.kill_enabled))
 
     def close(self) -> None:
-        self.notifier.close()
-        for fd in self._fds:
-            os.close(fd)
-        self._fds = []
-        if self.handler is not None:
-            os.close(self.handler.pidfd)
-            self.handler = None
+        """Close the guard's fds (the handler's pidfd is not the guard's); safe to call again."""
+        if self.notifier is not None:
+            self.notifier.close()
+        self._read.close()
+        self._switch.close()
 
 
 class WallGuard:
@@ -410,8 +518,12 @@ class WallGuard:
     Nobody waits in an OOM on v2: the kernel kills at ``memory.max``. What a
     dead handler leaves behind is its wall, ``memory.high``, throttling the
     group. When the handler exits without stopping, this puts back the
-    ``memory.high`` and ``memory.max`` the group had before it.
+    ``memory.high`` and ``memory.max`` the group had before it. It has no
+    fd of its own: the handler's pidfd is what wakes it.
     """
+
+    #: Nothing to watch in the group itself.
+    notifier: None = None
 
     def __init__(self, group: Group, handler: DeclaredHandler, saved_high: int, saved_max: int) -> None:
         self.group = group
@@ -422,10 +534,6 @@ class WallGuard:
         self.gone = False
         self.pending_limit = False
         self.in_episode = False
-        self._idle = _native.EventFd()  # never signalled: the handler's pidfd is what wakes this guard
-
-    def fileno(self) -> int:
-        return self._idle.fileno()
 
     def notified(self, now: int) -> None:
         pass
@@ -459,36 +567,98 @@ class WallGuard:
         return self.gone or self.mourned
 
     def close(self) -> None:
-        self._idle.close()
-        if self.handler is not None:
-            os.close(self.handler.pidfd)
-            self.handler = None
+        pass
 
 
-#: Epoll data: guards are 0.., their handlers' pidfds 1000.., then these.
-_STOP: Final = 1 << 30
-_CONTROL: Final = (1 << 30) + 1
+def open_guard(spec: GuardSpec, delay: float, handler: DeclaredHandler | None) -> Guard | WallGuard:
+    """The guard *spec* asks for; raises UseroomError or OSError if the group cannot be guarded."""
+    group = Group.open(spec.path)
+    if group.version == 2:
+        if handler is None or spec.saved is None:
+            raise UseroomError(f"{group.relpath} is on cgroup v2, where nobody waits in an OOM (the kernel "
+                               "kills at memory.max): there the watchdog only guards a handler's wall")
+        return WallGuard(group, handler, *spec.saved)
+    return Guard(group, delay, handler=handler, limit=spec.limit, kill_enabled=spec.kill_enabled)
+
+
+#: Epoll data of the stop eventfd, the control socket and the handler's
+#: pidfd; a guard's OOM eventfd has its own number as its data.
+_STOP: Final = 1 << 40
+_CONTROL: Final = (1 << 40) + 1
+_HANDLER: Final = (1 << 40) + 2
 
 
 class Watchdog:
     """The watchdog's loop over its guards; see the module's documentation.
 
-    ``control`` is the socket to a handler (None when run on its own):
-    the handler sends ``beat``, ``limit N`` and ``stop``; the watchdog
-    sends ``ready`` and each takeover as JSON.
+    ``handler`` (owned) is the declared handler of every guard, None when run
+    on its own. ``control`` (owned) is the socket to that handler: it sends
+    ``beat``, ``add``/``remove``/``limit`` (JSON), ``last-resort`` and
+    ``stop``; the watchdog sends ``ready`` and a JSON record for each thing
+    it did. With a control socket it runs until ``stop``, or until the
+    socket closes and every guard is done; without one, until every guard
+    is done.
     """
 
-    def __init__(self, guards: Sequence[Guard | WallGuard], *, control: socket.socket | None = None,
-                 log: IO[str] | None = None) -> None:
-        self.guards = list(guards)
+    def __init__(self, *, delay: float, handler: DeclaredHandler | None = None,
+                 control: socket.socket | None = None, log: IO[str] | None = None) -> None:
+        self.delay = delay
+        self.handler = handler
         self.control = control
         self.log = log
+        #: By group directory.
+        self.guards: dict[str, Guard | WallGuard] = {}
         self.takeovers: list[Takeover] = []
+        self._keys: dict[str, int] = {}  # the link's key of each guard, by group directory
+        self._by_fd: dict[int, Guard] = {}  # the guards with an OOM eventfd, by its number
         self._stop = _native.EventFd()
+        try:
+            self._ep = _native.Epoll()
+        except BaseException:
+            self._stop.close()
+            raise
+        self._ep.add(self._stop.fileno(), _STOP)
+        if control is not None:
+            self._ep.add(control.fileno(), _CONTROL)
+        if handler is not None:
+            self._ep.add(handler.pidfd.fileno(), _HANDLER)
 
     def stop(self) -> None:
         """Ask :meth:`run` to return (from another thread or a signal handler)."""
         self._stop.write(1)
+
+    def add(self, spec: GuardSpec) -> Guard | WallGuard:
+        """Guard one more group from now on; raises UseroomError or OSError if it cannot."""
+        if spec.path in self.guards:
+            raise UseroomError(f"{spec.path} is guarded already")
+        guard = open_guard(spec, self.delay, self.handler)
+        if guard.notifier is not None:
+            assert isinstance(guard, Guard)
+            fd = guard.notifier.fileno()
+            try:
+                self._ep.add(fd, fd)
+            except BaseException:
+                guard.close()
+                raise
+            self._by_fd[fd] = guard
+            guard.notified(time.monotonic_ns())  # an OOM that began before we looked
+        self.guards[spec.path] = guard
+        self._keys[spec.path] = spec.key
+        return guard
+
+    def remove(self, path: str) -> dict[str, Any] | None:
+        """Stop guarding the group at *path* and close its guard's fds; its
+        settings are left as they are. Returns the guard's identity for a
+        record (None if it was not guarded)."""
+        guard = self.guards.pop(path, None)
+        if guard is None:
+            return None
+        if guard.notifier is not None:
+            fd = guard.notifier.fileno()
+            self._ep.remove(fd)
+            del self._by_fd[fd]
+        guard.close()
+        return {"group": guard.group.relpath, "path": path, "key": self._keys.pop(path)}
 
     def _record(self, record: dict[str, Any]) -> None:
         line = json.dumps(record, sort_keys=True)
@@ -504,100 +674,109 @@ class Watchdog:
             except OSError:
                 pass
 
-    def _message(self, data: bytes) -> bool:
+    def _message(self, data: bytes, now: int) -> bool:
         """A message from the handler; False on ``stop``."""
         word, _, rest = data.partition(b" ")
-        if word == b"beat":
-            for guard in self.guards:
-                if guard.handler is not None:
-                    guard.handler.beat_ns = time.monotonic_ns()
-        elif word == b"limit":
-            for guard in self.guards:
-                guard.limit = UNLIMITED if rest == b"max" else int(rest)
-        elif word == b"last-resort":
-            # The handler found nothing left to kill: the kernel acts next and
-            # may take the handler's own process. Its record survives here.
-            try:
-                note = json.loads(rest)
-            except ValueError:
-                note = {"raw": rest.decode(errors="replace")}
-            self._record({"event": "last-resort", "at_ns": time.monotonic_ns(), **note})
-        elif word == b"stop":
-            return False
+        try:
+            if word == b"beat":
+                if self.handler is not None:
+                    self.handler.beat_ns = now
+            elif word == b"add":
+                self._add(GuardSpec.from_json(rest))
+            elif word == b"remove":
+                identity = self.remove(str(json.loads(rest)["path"]))
+                if identity is not None:
+                    self._record({"event": "removed", "at_ns": now, **identity})
+            elif word == b"limit":
+                change = json.loads(rest)
+                guard = self.guards.get(str(change["path"]))
+                if guard is not None:
+                    guard.limit = int(change["limit"])
+            elif word == b"last-resort":
+                # The handler found nothing left to kill: the kernel acts next and
+                # may take the handler's own process. Its record survives here.
+                self._record({"event": "last-resort", "at_ns": now, **json.loads(rest)})
+            elif word == b"stop":
+                return False
+            else:
+                raise ValueError("unknown message")
+        except (KeyError, TypeError, ValueError) as err:
+            self._record({"event": "bad-message", "message": data[:200].decode(errors="replace"),
+                          "error": repr(err), "at_ns": now})
         return True
 
-    def run(self) -> None:
-        ep = _native.Epoll()
+    def _add(self, spec: GuardSpec) -> None:
         try:
-            ep.add(self._stop.fileno(), _STOP)
-            if self.control is not None:
-                ep.add(self.control.fileno(), _CONTROL)
-            for i, guard in enumerate(self.guards):
-                ep.add(guard.fileno(), i)
-                if guard.handler is not None:
-                    ep.add(guard.handler.pidfd, 1000 + i)
-                guard.notified(time.monotonic_ns())  # an OOM that began before we looked
-            if self.control is not None:
-                self.control.send(b"ready")
-            self._loop(ep)
-        finally:
-            ep.close()
+            guard = self.add(spec)
+        except (UseroomError, OSError) as err:
+            self._record({"event": "add-failed", "path": spec.path, "key": spec.key, "error": str(err),
+                          "at_ns": time.monotonic_ns()})
+            return
+        self._record({"event": "added", "group": guard.group.relpath, "path": spec.path, "key": spec.key,
+                      "at_ns": time.monotonic_ns()})
 
-    def _loop(self, ep: _native.Epoll) -> None:
-        while self.guards:
-            busy = any(g.in_episode or g.pending_limit for g in self.guards)
-            ready = ep.wait(POLL_INTERVAL if busy else 1.0)
+    def _receive(self, now: int) -> bool:
+        """Every message waiting on the control socket; False on ``stop``."""
+        assert self.control is not None
+        while True:
+            try:
+                message = self.control.recv(MESSAGE_MAX, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return True
+            except OSError:
+                message = b""  # reset: the handler is gone
+            if not message:  # the handler closed its end: it is exiting
+                self._ep.remove(self.control.fileno())
+                self.control.close()
+                self.control = None
+                return True
+            if not self._message(message, now):
+                return False
+
+    def run(self) -> None:
+        """Guard until :meth:`stop` or a ``stop`` message, or until every
+        guard is done once no control socket is left."""
+        if self.control is not None:
+            self.control.send(b"ready")
+        while self.control is not None or self.guards:
+            # Idle, it sleeps in the kernel until an eventfd, the pidfd or
+            # the socket wakes it: a timer only while something is under way.
+            busy = any(g.in_episode or g.pending_limit for g in self.guards.values())
+            ready = self._ep.wait(POLL_INTERVAL if busy else None)
             now = time.monotonic_ns()
             for data, _ in ready:
                 if data == _STOP:
                     return
                 if data == _CONTROL:
-                    assert self.control is not None
-                    try:
-                        message = self.control.recv(256, socket.MSG_DONTWAIT)
-                    except BlockingIOError:
-                        continue
-                    except OSError:
-                        message = b""  # reset: the handler is gone
-                    if not message:  # the handler closed its end: it is exiting
-                        ep.remove(self.control.fileno())
-                        self.control = None
-                    elif not self._message(message):
+                    if self.control is not None and not self._receive(now):
                         return
-                elif data >= 1000:
-                    handler = self.guards[data - 1000].handler
-                    assert handler is not None
-                    ep.remove(handler.pidfd)  # level-triggered: once is enough
-                    handler.exited = True
-                else:
-                    self.guards[data].notified(now)
-            for guard in self.guards:
+                elif data == _HANDLER:
+                    assert self.handler is not None
+                    self._ep.remove(self.handler.pidfd.fileno())  # level-triggered: once is enough
+                    self.handler.exited = True
+                elif data in self._by_fd:  # not removed by a message just now
+                    self._by_fd[data].notified(now)
+            for path, guard in list(self.guards.items()):
                 if guard.handler is not None and not guard.mourned and guard.handler.check_exited():
                     self._record(guard.handler_exited())
                 takeover = guard.tick(now)
                 if takeover is not None:
                     self.takeovers.append(takeover)
                     self._record(takeover.to_dict())
-            for guard in [g for g in self.guards if g.done]:
-                ep.remove(guard.fileno())
-                self._record({"event": "done", "group": guard.group.relpath, "gone": guard.gone})
-                guard.close()
-                # Epoll data are indexes: re-register what is left.
-                self.guards.remove(guard)
-                self._reindex(ep)
-
-    def _reindex(self, ep: _native.Epoll) -> None:
-        for i, guard in enumerate(self.guards):
-            ep.remove(guard.fileno())
-            ep.add(guard.fileno(), i)
-            if guard.handler is not None and not guard.handler.exited:
-                ep.remove(guard.handler.pidfd)  # exited: removed already
-                ep.add(guard.handler.pidfd, 1000 + i)
+                if guard.done:
+                    identity = self.remove(path)
+                    self._record({"event": "done", "gone": guard.gone, "at_ns": now, **(identity or {})})
 
     def close(self) -> None:
-        for guard in self.guards:
-            guard.close()
-        self.guards = []
+        """Close every guard, the handler's pidfd, the control socket; safe to call again."""
+        for path in list(self.guards):
+            self.remove(path)
+        if self.handler is not None:
+            self.handler.close()
+        if self.control is not None:
+            self.control.close()
+            self.control = None
+        self._ep.close()
         self._stop.close()
 
 
@@ -767,12 +946,12 @@ class _Charge:
     #: For people: its path, or what it is.
     name: str
     group: Group | None
-    #: The handled group itself or below: the handler's own plan sees the watchdog there.
+    #: A handled group itself or below: the handler's own plan sees the watchdog there.
     inside: bool
     kills_before: int | None
 
     @classmethod
-    def of(cls, place: Group | None, handled: Group) -> _Charge:
+    def of(cls, place: Group | None, handled: Sequence[Group]) -> _Charge:
         """Where a watchdog spawned into *place* (None: this process's group) is charged."""
         group = place
         try:
@@ -783,7 +962,8 @@ class _Charge:
             kills = None
         if group is None:
             return cls("this process's group", None, False, None)
-        inside = (group.relpath.rstrip("/") + "/").startswith(handled.relpath.rstrip("/") + "/")
+        here = group.relpath.rstrip("/") + "/"
+        inside = any(here.startswith(h.relpath.rstrip("/") + "/") for h in handled)
         return cls(group.relpath if place is not None else f"this process's group {group.relpath}", group,
                    inside, kills)
 
@@ -818,11 +998,11 @@ class _Launch:
     it is certain, and the process is given time to finish saying why.
     """
 
-    def __init__(self, popen: subprocess.Popen[bytes], sock: socket.socket, pidfd: int) -> None:
+    def __init__(self, popen: subprocess.Popen[bytes], sock: socket.socket, pidfd: ProcessFd) -> None:
         assert popen.stderr is not None
         self.popen = popen
         self.sock = sock
-        self.pidfd = pidfd
+        self._pidfd = pidfd.fileno()
         self.started = time.monotonic()
         self.message = b""
         self.answered = False  # a message or EOF on the socket
@@ -831,7 +1011,7 @@ class _Launch:
         self._err_fd = popen.stderr.fileno()
         # poll(), not select(): a handler in a process with many fds may get numbers above FD_SETSIZE.
         self._poll = select.poll()
-        for fd in (sock.fileno(), pidfd, self._err_fd):
+        for fd in (sock.fileno(), self._pidfd, self._err_fd):
             self._poll.register(fd, select.POLLIN)
 
     @property
@@ -849,7 +1029,7 @@ class _Launch:
                 else:  # EOF: its last writer (the watchdog) has exited
                     self._poll.unregister(fd)
                     self._err_fd = -1
-            elif fd == self.pidfd:
+            elif fd == self._pidfd:
                 self._poll.unregister(fd)  # level-triggered: stays readable
                 self.exited = True
             elif not self.answered:
@@ -911,91 +1091,210 @@ class _Launch:
                             waited, killed, state)
 
 
+def _names(groups: Sequence[Group]) -> str:
+    """The groups, for an error message: the first three and how many more."""
+    if not groups:
+        return "(no group yet)"
+    names = ", ".join(g.relpath for g in groups[:3])
+    return names if len(groups) <= 3 else f"{names} and {len(groups) - 3} more"
+
+
 class WatchdogLink:
-    """A handler's watchdog process: started, fed heartbeats and limits,
-    read for takeovers, restarted if it dies, stopped with the handler.
+    """A handler process's watchdog process: started, told of the groups to
+    guard and their limits, fed heartbeats, read for takeovers, restarted
+    if it dies, stopped with the handler.
+
+    One process guards every group added and not removed. :meth:`add`,
+    :meth:`remove` and :meth:`set_limit` work before :meth:`start` (the
+    groups go on its command line) and while it runs (as messages); a
+    process (re)started by :meth:`start` guards every group the link holds
+    before it reports ready. It may be started with no group: it waits for
+    ``add`` messages. One pidfd of this process, and the declared threads,
+    serve all its guards. The methods may be called from several threads.
 
     The process is started through ``/bin/sh``, which moves itself into
-    ``place`` (a group outside the handled one) before it becomes Python,
-    so none of the watchdog's memory is charged to the handled group. With
+    ``place`` (a group outside the handled ones) before it becomes Python,
+    so none of the watchdog's memory is charged to a handled group. With
     ``place`` None (cgroup v2, where the parent of a group cannot hold
     processes) it stays in this process's group.
+
+    ``pidfd`` (a :class:`ProcessFd`, None when no process runs) and ``sock``
+    are for the caller's epoll set: the pidfd is readable once the process
+    has exited (then :meth:`reap`, and :meth:`start` again), the socket
+    when it reported something (then :meth:`receive`).
     """
 
-    def __init__(self, group: Group, place: Group | None, *, delay: float, handler_tids: Sequence[int],
-                 limit: int, kill_enabled: bool, heartbeat_timeout: float, log: str | None = None,
-                 helper_tids: Sequence[int] = (), saved: tuple[int, int] | None = None,
-                 spawned: Callable[[int], None] | None = None) -> None:
-        self.group = group
+    def __init__(self, *where: Group | None, delay: float, handler_tids: Sequence[int], heartbeat_timeout: float,
+                 helper_tids: Sequence[int] = (), log: str | None = None,
+                 spawned: Callable[[int], None] | None = None, limit: int | None = None,
+                 kill_enabled: bool | None = None, saved: tuple[int, int] | None = None) -> None:
+        # ``WatchdogLink(place, ...)``. Transitional: ``WatchdogLink(group,
+        # place, ..., limit=, kill_enabled=, saved=)``, the one-group form
+        # the current Handler uses, is that plus add(group, ...); the
+        # handler rewrite drops it, and limit=, kill_enabled=, saved= here.
+        if len(where) == 2:
+            first, place = where
+            if first is None or limit is None or kill_enabled is None:
+                raise TypeError("WatchdogLink(group, place, ...) needs a group, limit= and kill_enabled=")
+            group: Group | None = first
+        elif len(where) == 1 and (limit, kill_enabled, saved) == (None, None, None):
+            place, group = where[0], None
+        else:
+            raise TypeError("WatchdogLink(place, *, delay, handler_tids, heartbeat_timeout, ...), then add(group, ...)")
         self.place = place
         self.delay = delay
         self.handler_tids = tuple(handler_tids)
         self.helper_tids = tuple(helper_tids)
-        #: cgroup v2: the group's memory.high and memory.max before the handler.
-        self.saved = saved
-        self.limit = limit
-        self.kill_enabled = kill_enabled
         self.heartbeat_timeout = heartbeat_timeout
         self.log = log
         #: Called with each watchdog's pid as soon as it exists, before it is
-        #: ready: a handler inside the group must spare it from then on (on
-        #: v2 it starts in the handled group, where a plan armed meanwhile
-        #: would take it, a python3 of 20 MiB or more, for a victim).
+        #: ready: a handler inside a handled group must spare it from then on
+        #: (on v2 it starts in the handled group, where a plan armed
+        #: meanwhile would take it, a python3 of 20 MiB or more, for a victim).
         self.spawned = spawned
         self.restarts = 0
-        #: What happened to the watchdog itself (exits, restarts), one dict each.
+        #: What happened to the watchdog itself (exits, restarts, a kill for
+        #: not reading) and the groups it gave up (``add-failed``, ``done``
+        #: with ``gone``), one dict each.
         self.history: list[dict[str, Any]] = []
         self.popen: subprocess.Popen[bytes] | None = None
-        self.pidfd = -1
+        self.pidfd: ProcessFd | None = None
         self.sock: socket.socket | None = None
+        # Held while the groups, or what the running process was told of
+        # them, change: a start, add, remove, set_limit, receive or close.
         self._lock = threading.Lock()
+        self._specs: dict[str, GuardSpec] = {}  # by group directory
+        self._groups: dict[str, Group] = {}  # the same keys
+        self._next_key = 0
         self._beat_ns = 0  # time.monotonic_ns() of the last heartbeat sent
+        if group is not None:
+            assert limit is not None and kill_enabled is not None
+            self.add(group, limit=limit, kill_enabled=kill_enabled, saved=saved)
 
     @property
     def pid(self) -> int | None:
         return self.popen.pid if self.popen is not None else None
 
+    @property
+    def groups(self) -> tuple[Group, ...]:
+        """The groups the watchdog guards (or will, once started), in the order they were added."""
+        with self._lock:
+            return tuple(self._groups.values())
+
+    def add(self, group: Group, *, limit: int, kill_enabled: bool, saved: tuple[int, int] | None = None) -> None:
+        """Guard *group* from now on: the limit the handler set (restored if
+        it dies with a grant open), the kernel OOM killer setting before the
+        handler (put back if it dies), and on cgroup v2 ``saved``, the
+        group's (``memory.high``, ``memory.max``) before the handler.
+
+        Raises ValueError if the group is guarded already. A group the
+        running process cannot guard is reported (an ``add-failed`` record
+        in :attr:`history` and the log) and dropped.
+        """
+        with self._lock:
+            if group.path in self._specs:
+                raise ValueError(f"the watchdog guards {group.relpath} already")
+            spec = GuardSpec(group.path, self._next_key, limit, kill_enabled, saved)
+            self._next_key += 1
+            self._specs[group.path] = spec
+            self._groups[group.path] = group
+            self._tell(b"add " + spec.to_json().encode())
+
+    def remove(self, group: Group) -> None:
+        """Stop guarding *group*: the watchdog closes its fds for it and
+        leaves its settings alone (the caller restored them). A group not
+        guarded (never added, or dropped) is ignored."""
+        with self._lock:
+            if self._specs.pop(group.path, None) is None:
+                return
+            del self._groups[group.path]
+            self._tell(b"remove " + json.dumps({"path": group.path}).encode())
+
+    def set_limit(self, group: Group | int, limit: int | None = None) -> None:
+        """The limit the handler set for *group* now (restored if the handler
+        dies with a grant open). A group not guarded is ignored."""
+        if isinstance(group, int):
+            # Transitional: set_limit(limit), the one-group form's; the
+            # handler rewrite drops it.
+            groups = self.groups
+            if len(groups) > 1:
+                raise TypeError("set_limit(limit) is for a link of one group: set_limit(group, limit)")
+            if not groups:
+                return
+            limit = group
+            group = groups[0]
+        if limit is None:
+            raise TypeError("set_limit(group, limit) needs the limit")
+        with self._lock:
+            spec = self._specs.get(group.path)
+            if spec is None:
+                return
+            self._specs[group.path] = attrs.evolve(spec, limit=limit)
+            self._tell(b"limit " + json.dumps({"path": group.path, "limit": limit}).encode())
+
+    def _tell(self, message: bytes) -> None:
+        """Send a change of the groups to the running process (the lock held)."""
+        sock = self.sock
+        if sock is None:
+            return  # not running: the next start passes it on the command line
+        try:
+            sock.send(message, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            # Its socket is full: it has stopped reading, and its groups
+            # would fall behind the link's. Killed, it is restarted by the
+            # caller (the pidfd) with the link's groups on its command line.
+            assert self.popen is not None
+            self.history.append({"event": "watchdog-killed", "pid": self.popen.pid,
+                                 "why": "its control socket is full", "at_ns": time.monotonic_ns()})
+            self.popen.kill()
+        except OSError:
+            pass  # gone: the pidfd tells the caller, who restarts it with every group
+
     def command(self, control_fd: int) -> list[str]:
-        """The watchdog's command line, given the number of its end of the control socket.
+        """The watchdog's command line, given the number of its end of the
+        control socket; the groups are the link's now.
 
         ``-X faulthandler``: a crash before ready writes its Python traceback
         on the standard error the start error quotes.
         """
         argv = [
-            sys.executable, "-X", "faulthandler", "-m", "useroom", "watchdog", self.group.path,
+            sys.executable, "-X", "faulthandler", "-m", "useroom", "watchdog",
             "--delay", repr(self.delay), "--control-fd", str(control_fd),
-            "--handler-pid", str(os.getpid()), "--limit", "max" if self.limit == UNLIMITED else str(self.limit),
-            "--kill-enabled", "1" if self.kill_enabled else "0",
-            "--heartbeat-timeout", repr(self.heartbeat_timeout),
+            "--handler-pid", str(os.getpid()), "--heartbeat-timeout", repr(self.heartbeat_timeout),
         ]
         for tid in self.handler_tids:
             argv += ["--tid", str(tid)]
         for tid in self.helper_tids:
             argv += ["--helper-tid", str(tid)]
-        if self.saved is not None:
-            argv += ["--saved-high", str(self.saved[0]), "--saved-max", str(self.saved[1])]
+        for spec in self._specs.values():
+            argv += ["--guard", spec.to_json()]
         if self.log is not None:
             argv += ["--log", self.log]
         return argv
 
     def start(self) -> None:
-        """Start the process and wait until it watches the group.
+        """Start the process and wait until it guards the link's groups.
 
         It has :data:`START_TIMEOUT` seconds, and may go :data:`START_STALL`
         seconds without progress. Otherwise raises
         :class:`~useroom.WatcherError` saying how it ended (exit status or
         signal, its error and standard error) and what to do about it, once
         the process is reaped; :class:`~useroom.CgroupPermissionError` if it
-        could not move into ``place``.
+        could not move into ``place``. Groups added, removed or given a new
+        limit meanwhile are sent to it once it is ready.
         """
-        charge = _Charge.of(self.place, self.group)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
+            with self._lock:
+                told = dict(self._specs)  # what its command line says
+                groups = list(self._groups.values())
+                argv = self.command(theirs.fileno())
+            charge = _Charge.of(self.place, groups)
             # /bin/sh moves itself into the place before it becomes Python;
             # with no place (v2, the handler inside the group) it stays here.
             enter = [] if self.place is None else [
                 "/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', os.path.join(self.place.path, self.place.procs_file)]
-            popen = subprocess.Popen([*enter, *self.command(theirs.fileno())], pass_fds=(theirs.fileno(),),
+            popen = subprocess.Popen([*enter, *argv], pass_fds=(theirs.fileno(),),
                                      stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         except BaseException:
             ours.close()
@@ -1003,40 +1302,57 @@ class WatchdogLink:
             raise
         theirs.close()  # the watchdog's copy is the only one: its exit is EOF here
         assert popen.stderr is not None
-        pidfd = -1
+        pidfd: ProcessFd | None = None
         try:
-            pidfd = os.pidfd_open(popen.pid)
+            pidfd = ProcessFd(popen.pid)
             if self.spawned is not None:
                 self.spawned(popen.pid)
             launch = _Launch(popen, ours, pidfd)
             seen = launch.wait_ready()
             if seen is not None:
-                raise self._start_error(launch.end(seen), charge)
+                raise self._start_error(launch.end(seen), charge, groups)
         except BaseException:
             if popen.poll() is None:
                 popen.kill()
             popen.wait()
-            if pidfd >= 0:
-                os.close(pidfd)
+            if pidfd is not None:
+                pidfd.close()
             popen.stderr.close()
             ours.close()
             raise
         popen.stderr.close()  # from now on it logs to its own log
         ours.setblocking(False)
-        self.popen, self.pidfd, self.sock = popen, pidfd, ours
+        with self._lock:
+            self.popen, self.pidfd, self.sock = popen, pidfd, ours
+            self._catch_up(told)
 
-    def _start_error(self, failure: StartFailure, charge: _Charge) -> UseroomError:
+    def _catch_up(self, told: dict[str, GuardSpec]) -> None:
+        """Send what changed since the command line was made (the lock held)."""
+        for path, spec in told.items():
+            now = self._specs.get(path)
+            if now is None or now.key != spec.key:
+                self._tell(b"remove " + json.dumps({"path": path}).encode())
+        for path, spec in self._specs.items():
+            before = told.get(path)
+            if before is None or before.key != spec.key:
+                self._tell(b"add " + spec.to_json().encode())
+            elif before.limit != spec.limit:
+                self._tell(b"limit " + json.dumps({"path": path, "limit": spec.limit}).encode())
+
+    def _start_error(self, failure: StartFailure, charge: _Charge, groups: Sequence[Group]) -> UseroomError:
         if "Permission denied" in failure.stderr and self.place is not None:
             return CgroupPermissionError(
                 errno.EACCES, f"cannot start the watchdog in {self.place.relpath}: {failure.stderr}",
-                rule="the watchdog moves itself into a group outside the handled one, which needs "
+                rule="the watchdog moves itself into a group outside the handled ones, which needs "
                      "write access to that group's cgroup.procs",
-                advice="pass watchdog_group= a group of your own outside the handled group, "
+                advice="pass watchdog_group= a group of your own outside the handled groups, "
                        "or have the administrator delegate the handled group's parent")
-        return WatcherError(f"the watchdog of {self.group.relpath} did not start: {failure.describe()}. "
+        return WatcherError(f"the watchdog of {_names(groups)} did not start: {failure.describe()}. "
                             f"What to do: {failure.advice(charge)}. {failure.said()}")
 
     def send(self, message: bytes) -> None:
+        """Send *message* if the process runs; dropped if its socket is full (a
+        heartbeat, a last-resort note: nothing it must act on later)."""
         sock = self.sock
         if sock is None:
             return
@@ -1049,40 +1365,53 @@ class WatchdogLink:
         """Sends a heartbeat, unless one went less than a sixth of
         ``heartbeat_timeout`` ago: each one wakes the watchdog process, and
         the manager calls this after every wake-up of its own, which in an
-        OOM storm means hundreds a second."""
+        OOM storm means hundreds a second. An idle handler need not beat:
+        the watchdog counts silence from the start of an episode."""
         now = time.monotonic_ns()
         if now - self._beat_ns < self.heartbeat_timeout * 1e9 / 6:
             return
         self._beat_ns = now
         self.send(b"beat")
 
-    def set_limit(self, limit: int) -> None:
-        self.limit = limit
-        self.send(b"limit " + (b"max" if limit == UNLIMITED else str(limit).encode()))
-
     def receive(self) -> list[Takeover]:
-        """Takeovers the watchdog reported since the last call."""
+        """Takeovers the watchdog reported since the last call. A group it
+        could not guard (``add-failed``) or that was removed from the
+        hierarchy (``done``, ``gone``) is dropped from :attr:`groups` (a
+        restart would fail on it) and its record kept in :attr:`history`."""
         out = []
-        sock = self.sock
-        while sock is not None:
-            try:
-                data = sock.recv(4096)
-            except (BlockingIOError, InterruptedError):
+        while True:
+            sock = self.sock
+            if sock is None:
                 break
-            except OSError:
+            try:
+                data = sock.recv(MESSAGE_MAX)
+            except OSError:  # nothing more (BlockingIOError), or gone
                 break
             if not data:
                 break
-            record = json.loads(data)
-            if record.get("event") == "takeover":
+            try:
+                record = json.loads(data)
+            except ValueError:
+                continue  # cut at MESSAGE_MAX: an error record with a long traceback
+            event = record.get("event") if isinstance(record, dict) else None
+            if event == "takeover":
                 out.append(Takeover.from_dict(record))
+            elif event == "add-failed" or (event == "done" and record.get("gone")):
+                self._drop(record)
         return out
 
+    def _drop(self, record: dict[str, Any]) -> None:
+        with self._lock:
+            path = record.get("path")
+            spec = self._specs.get(path) if isinstance(path, str) else None
+            if spec is not None and spec.key == record.get("key"):  # not a later add of the same group
+                del self._specs[spec.path]
+                del self._groups[spec.path]
+            self.history.append(record)
+
     def exited(self) -> bool:
-        if self.pidfd < 0:
-            return True
-        ready, _, _ = select.select([self.pidfd], [], [], 0)
-        return bool(ready)
+        pidfd = self.pidfd
+        return pidfd is None or pidfd.exited
 
     def reap(self) -> dict[str, Any]:
         """After the process exited: close its fds and say how it ended."""
@@ -1095,13 +1424,14 @@ class WatchdogLink:
         return record
 
     def _close(self) -> None:
-        if self.pidfd >= 0:
-            os.close(self.pidfd)
-            self.pidfd = -1
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-        self.popen = None
+        with self._lock:
+            pidfd, self.pidfd = self.pidfd, None
+            sock, self.sock = self.sock, None
+            self.popen = None
+        if pidfd is not None:
+            pidfd.close()
+        if sock is not None:
+            sock.close()
 
     def stop(self, timeout: float = 5.0) -> None:
         popen = self.popen
@@ -1125,72 +1455,68 @@ def _parser() -> argparse.ArgumentParser:
         description="Guard memory cgroups from sleeping forever in an OOM: when an OOM outlasts the "
                     "delay (or the declared handler cannot act), enable the kernel OOM killer until it "
                     "ends, then restore the setting. One JSON line per takeover.")
-    parser.add_argument("groups", nargs="+", metavar="GROUP", help="a memory cgroup directory (v1)")
+    parser.add_argument("groups", nargs="*", metavar="GROUP", help="a memory cgroup directory (v1)")
     parser.add_argument("--delay", default=f"{DEFAULT_DELAY}s", help="how long an OOM may last (default %(default)s)")
     parser.add_argument("--log", help="append the JSON lines to this file (default: standard output)")
-    # Set by a Handler for its own watchdog.
+    # Set by a WatchdogLink for a handler's watchdog.
     parser.add_argument("--control-fd", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--handler-pid", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--tid", type=int, action="append", default=[], help=argparse.SUPPRESS)
     parser.add_argument("--helper-tid", type=int, action="append", default=[], help=argparse.SUPPRESS)
-    parser.add_argument("--saved-high", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--saved-max", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--limit", help=argparse.SUPPRESS)
-    parser.add_argument("--kill-enabled", type=int, choices=(0, 1), help=argparse.SUPPRESS)
     parser.add_argument("--heartbeat-timeout", type=float, default=5.0, help=argparse.SUPPRESS)
+    parser.add_argument("--guard", action="append", default=[], help=argparse.SUPPRESS)  # a GuardSpec's JSON
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not args.groups and args.control_fd is None:
+        parser.error("give at least one GROUP")
     try:
         delay = parse_duration(args.delay)
+        specs = [GuardSpec(path, key) for key, path in enumerate(args.groups)]
+        specs += [GuardSpec.from_json(text) for text in args.guard]
     except ValueError as err:
         print(f"useroom watchdog: {err}", file=sys.stderr)
         return 2
     from useroom._hardening import lock_memory
 
     lock_memory(heap="2M", stack="128K", pool="1M")
+    control = socket.socket(fileno=args.control_fd) if args.control_fd is not None else None
+    handler = None
+    if args.handler_pid is not None:
+        try:
+            pidfd = ProcessFd(args.handler_pid)
+        except OSError as err:
+            print(f"useroom watchdog: the handler {args.handler_pid}: {err}", file=sys.stderr)
+            if control is not None:
+                control.close()
+            return 1
+        handler = DeclaredHandler(args.handler_pid, tuple(args.tid), pidfd, args.heartbeat_timeout,
+                                  tuple(args.helper_tid))
     # On its own it logs to standard output; a handler's watchdog reports
     # to the handler, and to a file only if given one.
     log: IO[str] | None = open(args.log, "a", encoding="utf-8") if args.log else (  # noqa: SIM115
         sys.stdout if args.control_fd is None else None)
-    guards: list[Guard | WallGuard] = []
-    control = socket.socket(fileno=args.control_fd) if args.control_fd is not None else None
+    watchdog = Watchdog(delay=delay, handler=handler, control=control, log=log)  # owns the handler and socket
     try:
-        for path in args.groups:
-            handler = None
-            if args.handler_pid is not None:
-                handler = DeclaredHandler(args.handler_pid, tuple(args.tid), os.pidfd_open(args.handler_pid),
-                                          args.heartbeat_timeout, tuple(args.helper_tid))
-            limit = None
-            if args.limit is not None:
-                limit = UNLIMITED if args.limit == "max" else int(args.limit)
-            kill_enabled = None if args.kill_enabled is None else bool(args.kill_enabled)
-            group = Group.open(path)
-            if group.version == 2:
-                if handler is None or args.saved_high is None or args.saved_max is None:
-                    raise UseroomError(f"{group.relpath} is on cgroup v2, where nobody waits in an OOM (the kernel "
-                                       "kills at memory.max): there the watchdog only guards a handler's wall")
-                guards.append(WallGuard(group, handler, args.saved_high, args.saved_max))
-            else:
-                guards.append(Guard(group, delay, handler=handler, limit=limit, kill_enabled=kill_enabled))
-    except (UseroomError, OSError) as err:
-        print(f"useroom watchdog: {err}", file=sys.stderr)
-        for guard in guards:
-            guard.close()
-        return 1
-    watchdog = Watchdog(guards, control=control, log=log)
-    signal.signal(signal.SIGTERM, lambda *_: watchdog.stop())
-    signal.signal(signal.SIGINT, lambda *_: watchdog.stop())
-    if control is None and log is not None:
-        print(json.dumps({"event": "ready", "groups": [g.group.relpath for g in guards], "delay": delay}),
-              file=log, flush=True)
-    try:
-        watchdog.run()
-    except Exception as err:
-        watchdog._record({"event": "error", "error": repr(err), "traceback": traceback.format_exc()})
-        raise
+        try:
+            for spec in specs:
+                watchdog.add(spec)
+        except (UseroomError, OSError) as err:
+            print(f"useroom watchdog: {err}", file=sys.stderr)
+            return 1
+        signal.signal(signal.SIGTERM, lambda *_: watchdog.stop())
+        signal.signal(signal.SIGINT, lambda *_: watchdog.stop())
+        if control is None and log is not None:
+            print(json.dumps({"event": "ready", "groups": [g.group.relpath for g in watchdog.guards.values()],
+                              "delay": delay}), file=log, flush=True)
+        try:
+            watchdog.run()
+        except Exception as err:
+            watchdog._record({"event": "error", "error": repr(err), "traceback": traceback.format_exc()})
+            raise
     finally:
         watchdog.close()
         if log is not None and log is not sys.stdout:
