@@ -63,7 +63,7 @@ def main() -> int:
         raise SystemExit(f"unknown mode {mode}")
     with handler:
         assert handler.watchdog is not None
-        print("ready", handler.watchdog.pid, handler._manager_tid, flush=True)
+        print("ready", handler.watchdog.pid, handler.supervisor.manager_tid, flush=True)
         sys.stdin.readline()
         time.sleep(0.2)
     events = [e.to_dict() for e in handler.events]

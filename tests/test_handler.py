@@ -59,7 +59,7 @@ class TestPolicies:
         """The largest task at the last refresh is killed; the others live and
         the overrunning task completes."""
         big, small = _hogs(spawn_hog, group, 30, 10)
-        with Handler(group, KillLargest(), thresholds=()) as handler:
+        with Handler(group, KillLargest(), thresholds=(), refresh_interval=0.5) as handler:
             assert wait_until(lambda: _table_has(handler, {big.pid, small.pid}), 5)
             # Without big, small and the grown grower fit with room to spare
             # (each interpreter takes about 9M): one OOM, one kill.
@@ -103,7 +103,7 @@ class TestPolicies:
     def test_kill_newest(self, group: Group, spawn_hog) -> None:
         """The most recently started task is killed first."""
         old, = _hogs(spawn_hog, group, 30)
-        with Handler(group, KillNewest(), thresholds=()) as handler:
+        with Handler(group, KillNewest(), thresholds=(), refresh_interval=0.5) as handler:
             new = spawn_hog(60, group=group)
             assert wait_until(lambda: _table_has(handler, {old.pid, new.pid}), 5)
             new.start()
@@ -116,7 +116,7 @@ class TestPolicies:
         """A priority callable evaluated at refresh time picks the victim, even a small one."""
         big, small = _hogs(spawn_hog, group, 24, 16)
         policy = KillByPriority(lambda p: 10 if p.pid == small.pid else 0)
-        with Handler(group, policy, thresholds=()) as handler:
+        with Handler(group, policy, thresholds=(), refresh_interval=0.5) as handler:
             grower = spawn_hog(36, group=group)
             assert wait_until(lambda: _table_has(handler, {big.pid, small.pid, grower.pid}), 5)
             grower.start()
@@ -131,7 +131,7 @@ class TestPolicies:
         """Tasks below spare_below are never planned as victims."""
         keep, = _hogs(spawn_hog, group, 30)
         policy = KillByPriority(lambda p: -1 if p.pid == keep.pid else 0, spare_below=0)
-        with Handler(group, policy, thresholds=()) as handler:
+        with Handler(group, policy, thresholds=(), refresh_interval=0.5) as handler:
             other = spawn_hog(50, group=group)
             assert wait_until(lambda: _table_has(handler, {keep.pid, other.pid}), 5)
             other.start()
@@ -140,7 +140,7 @@ class TestPolicies:
 
     def test_raise_limit(self, group: Group, spawn_hog) -> None:
         """RaiseLimit raises in steps up to what resolves the OOM; nobody is killed."""
-        with Handler(group, RaiseLimit("32M", "256M"), thresholds=()) as handler:
+        with Handler(group, RaiseLimit("32M", "256M"), thresholds=(), refresh_interval=0.5) as handler:
             hog = spawn_hog(100, group=group)
             hog.start()
             assert hog.wait_touched(30)
@@ -152,7 +152,7 @@ class TestPolicies:
     def test_term_grace(self, group: Group, spawn_hog) -> None:
         """With term_grace, the victim gets SIGTERM first and dies of it."""
         victim, = _hogs(spawn_hog, group, 30)
-        with Handler(group, KillLargest(term_grace=2.0), thresholds=()) as handler:
+        with Handler(group, KillLargest(term_grace=2.0), thresholds=(), refresh_interval=0.5) as handler:
             grower = spawn_hog(50, group=group)
             assert wait_until(lambda: _table_has(handler, {victim.pid, grower.pid}), 5)
             grower.start()
@@ -252,7 +252,10 @@ class TestLifecycle:
 
         scratch_group.set_limit("256M")
         spawn_hog(8, group=scratch_group)
-        with Handler(scratch_group, KillLargest(), thresholds=(), refresh_interval=3600) as handler:
+        # A usage threshold far below the usage: its eventfd, written here,
+        # wakes the manager for this group as a crossing would.
+        with Handler(scratch_group, KillLargest(), thresholds=(0.001,), refresh_interval=3600) as handler:
+            [threshold] = handler._thresholds
             times: list[float] = []
             table = handler._table
             real = table.refresh
@@ -264,7 +267,7 @@ class TestLifecycle:
             table.refresh = refresh  # type: ignore[method-assign]
             deadline = time.monotonic() + 0.5
             while time.monotonic() < deadline:
-                os.eventfd_write(handler._watcher.wake_fd, 1)  # as at an episode's end
+                os.eventfd_write(threshold.fileno(), 1)
                 time.sleep(0.001)
             assert wait_until(lambda: times and times[-1] > deadline - 0.001, 2)
         gaps = [b - a for a, b in zip(times, times[1:])]
@@ -324,7 +327,7 @@ class TestMorePolicies:
         big, = _hogs(spawn_hog, group, 30)
         from useroom import DryRun
 
-        with Handler(group, DryRun(KillLargest(), step="32M", ceiling="256M"), thresholds=()) as handler:
+        with Handler(group, DryRun(KillLargest(), step="32M", ceiling="256M"), thresholds=(), refresh_interval=0.5) as handler:
             grower = spawn_hog(50, group=group)
             assert wait_until(lambda: _table_has(handler, {big.pid, grower.pid}), 5)
             grower.start()
@@ -353,7 +356,7 @@ class TestMorePolicies:
             seen.append(psutil.Process(big.pid).status())
             return [small.pid]
 
-        with Handler(group, FreezeAndDecide(decide), reserve="16M", thresholds=()) as handler:
+        with Handler(group, FreezeAndDecide(decide), reserve="16M", thresholds=(), refresh_interval=0.5) as handler:
             grower = spawn_hog(30, group=group)
             assert wait_until(lambda: _table_has(handler, {big.pid, small.pid, grower.pid}), 5)
             grower.start()

@@ -68,7 +68,7 @@ class TestPolicies:
         """The largest task is killed by the plan, the others live, the grower completes, and
         the kernel killed nobody."""
         big, small = _hogs(spawn_hog, group, 30, 10)
-        with Handler(group, KillLargest(), thresholds=()) as handler:
+        with Handler(group, KillLargest(), thresholds=(), refresh_interval=0.5) as handler:
             grower = spawn_hog(28, group)  # without big the rest fits with room to spare
             assert wait_until(lambda: _in_table(handler, big, small, grower), EVENT_TIMEOUT)
             grower.start()
@@ -86,7 +86,7 @@ class TestPolicies:
     def test_kill_newest(self, group: Group, spawn_hog: SpawnHog) -> None:
         """The most recently started task goes first."""
         old, = _hogs(spawn_hog, group, 30)
-        with Handler(group, KillNewest(), thresholds=()) as handler:
+        with Handler(group, KillNewest(), thresholds=(), refresh_interval=0.5) as handler:
             new = spawn_hog(60, group)
             assert wait_until(lambda: _in_table(handler, old, new), EVENT_TIMEOUT)
             new.start()
@@ -99,7 +99,7 @@ class TestPolicies:
         """A priority picks a small task over a big one; a protected pid is never a victim."""
         big, small = _hogs(spawn_hog, group, 24, 16)
         policy = KillByPriority(lambda p: 10 if p.pid == small.pid else 0)
-        with Handler(group, policy, thresholds=(), protect=(big.pid,)) as handler:
+        with Handler(group, policy, thresholds=(), refresh_interval=0.5, protect=(big.pid,)) as handler:
             grower = spawn_hog(36, group)
             assert wait_until(lambda: _in_table(handler, small, grower), EVENT_TIMEOUT)
             assert big.pid not in {v.pid for v in handler.victims}
@@ -114,7 +114,7 @@ class TestPolicies:
         """KillGroup: every task of the group dies in the episode (v2, handler outside:
         through cgroup.kill; else SIGKILL to each), and the kernel killed nobody."""
         a, b = _hogs(spawn_hog, group, 20, 10)
-        with Handler(group, KillGroup(), thresholds=()) as handler:
+        with Handler(group, KillGroup(), thresholds=(), refresh_interval=0.5) as handler:
             grower = spawn_hog(60, group)
             assert wait_until(lambda: _in_table(handler, a, b, grower), EVENT_TIMEOUT)
             grower.start()
@@ -175,7 +175,7 @@ class TestGrantsAndHooks:
         ends the hog itself, which the handler protects), and the plan kills nobody."""
         hog = spawn_hog(120, group)
         calls: list[OomContext] = []
-        handler = Handler(group, KillLargest(), reserve="16M", thresholds=(), protect=(hog.pid,))
+        handler = Handler(group, KillLargest(), reserve="16M", thresholds=(), refresh_interval=0.5, protect=(hog.pid,))
 
         @handler.on_oom
         def free(ctx: OomContext) -> bool:
@@ -197,7 +197,7 @@ class TestGrantsAndHooks:
         big, = _hogs(spawn_hog, group, 40)  # the largest at the OOM, not only at the refresh
         killed: list[int] = []
         resolved: list[str] = []
-        with Handler(group, KillLargest(), thresholds=()) as handler:
+        with Handler(group, KillLargest(), thresholds=(), refresh_interval=0.5) as handler:
             handler.on_kill(lambda victim, event: killed.append(victim.pid))
             handler.on_resolved(lambda event: resolved.append(event.outcome))
             grower = spawn_hog(50, group)
@@ -213,7 +213,7 @@ class TestLifecycle:
         """While it runs the handler holds the group (v1: killer off; v2: the wall); stop puts
         every setting back; a second stop does nothing."""
         before = _settings(group)
-        handler = Handler(group, thresholds=()).start()
+        handler = Handler(group, thresholds=(), refresh_interval=0.5).start()
         try:
             assert _settings(group) != before
         finally:
@@ -227,7 +227,7 @@ class TestLifecycle:
         (v1: the killer on; v2: the wall lifted), and the handler's setting comes back."""
         _limit(group, 32)
         hog = spawn_hog(100, group)
-        with Handler(group, KillLargest(), thresholds=(), protect=(hog.pid,), delay=5.0) as handler:
+        with Handler(group, KillLargest(), thresholds=(), refresh_interval=0.5, protect=(hog.pid,), delay=5.0) as handler:
             during = _settings(group)
             hog.start()
             assert -signal.SIGKILL == hog.wait(EVENT_TIMEOUT)

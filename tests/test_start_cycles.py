@@ -104,8 +104,9 @@ def _link(handled: Any = None, place: Group | None = None) -> WatchdogLink:
     if handled is None:
         handled = types.SimpleNamespace(path="/sys/fs/cgroup/memory/useroom-test-no-such-group",
                                         relpath="/useroom-test-no-such-group")
-    return WatchdogLink(handled, place, delay=2.0, handler_tids=(), limit=UNLIMITED, kill_enabled=False,
-                        heartbeat_timeout=5.0)
+    link = WatchdogLink(place, delay=2.0, handler_tids=(), heartbeat_timeout=5.0)
+    link.add(handled, limit=UNLIMITED, kill_enabled=False)
+    return link
 
 
 def _fake(link: WatchdogLink, monkeypatch: pytest.MonkeyPatch, code: str) -> None:
@@ -116,7 +117,7 @@ def _fake(link: WatchdogLink, monkeypatch: pytest.MonkeyPatch, code: str) -> Non
 def _start_error(link: WatchdogLink) -> str:
     with pytest.raises(WatcherError) as caught:
         link.start()
-    assert (None, -1, None) == (link.popen, link.pidfd, link.sock)
+    assert (None, None, None) == (link.popen, link.pidfd, link.sock)
     assert [] == _watchdogs_left()  # killed if need be, and reaped
     message = str(caught.value)
     assert "What to do: " in message
@@ -241,7 +242,7 @@ class TestStartErrors:
             assert link.pid is not None and not link.exited()
         finally:
             link.stop()
-        assert (None, -1) == (link.popen, link.pidfd)
+        assert (None, None) == (link.popen, link.pidfd)
         assert [] == _watchdogs_left()
 
     def test_spawned_is_told_the_pid_before_ready(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:

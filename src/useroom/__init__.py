@@ -9,6 +9,7 @@ from useroom._cgroup import EventRegistration, Group, OomControl, Stats
 from useroom._cgroup_v2 import FileNotifier, MemoryEvents, PressureTrigger, V2Group
 from useroom._declare import Declaration
 from useroom._handler import Handler, OomEvent, StepRecord, VictimRecord
+from useroom._supervisor import Supervisor
 from useroom._hardening import HardeningReport, lock_memory, release_memory
 from useroom._hooks import HookRecord, OomContext, PressureContext
 from useroom._policy import (
@@ -92,6 +93,7 @@ __all__ = [
     "RootGroupError",
     "Stats",
     "StepRecord",
+    "Supervisor",
     "Takeover",
     "UnsupportedKernel",
     "UseroomError",

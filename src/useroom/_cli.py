@@ -21,6 +21,7 @@ from useroom._cgroup import Group
 from useroom._cgroup_v2 import V2Group
 from useroom._handler import Handler, OomEvent
 from useroom._policy import KillGroup, KillLargest, KillNewest, Policy, RaiseLimit
+from useroom._supervisor import Supervisor
 from useroom._units import format_size, parse_size
 from useroom._watchdog import Takeover
 from useroom._watchdog import main as watchdog_main
@@ -44,28 +45,38 @@ def _policy(args: argparse.Namespace) -> Policy:
 def _handler_report(handler: Handler) -> dict[str, Any]:
     return {
         "group": handler.group.relpath,
-        "locked_bytes": handler.locked_bytes,
-        "hardening": attrs.asdict(handler.hardening) if handler.hardening else None,
         "events": [e.to_dict() for e in handler.events],
         "errors": [repr(e) for e in handler.errors],
     }
 
 
+def _report(sup: Supervisor, handlers: list[Handler]) -> dict[str, Any]:
+    """One group: its report with the process's figures; several: theirs in ``groups``."""
+    process = {
+        "locked_bytes": sup.locked_bytes,
+        "hardening": attrs.asdict(sup.hardening) if sup.hardening else None,
+    }
+    if len(handlers) == 1:
+        return {**_handler_report(handlers[0]), **process}
+    return {**process, "groups": [_handler_report(h) for h in handlers],
+            "errors": [repr(e) for e in sup.errors]}
+
+
 def cmd_handle(args: argparse.Namespace) -> int:
-    """Runs a handler for GROUP in this process until SIGTERM or SIGINT."""
-    group = Group.open(args.group)
+    """Runs one supervisor for the GROUPs in this process until SIGTERM or SIGINT."""
+    groups = [Group.open(path) for path in args.groups]
     if args.join:
-        group.attach(os.getpid())
+        groups[0].attach(os.getpid())
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    handler = Handler(group, _policy(args), reserve=args.reserve, delay=args.delay,
-                      watchdog=not args.no_watchdog, watchdog_log=args.watchdog_log)
-    with handler:
+    sup = Supervisor(delay=args.delay, watchdog=not args.no_watchdog, watchdog_log=args.watchdog_log)
+    handlers = [sup.add(group, _policy(args), reserve=args.reserve) for group in groups]
+    with sup:
         print("ready", flush=True)
         while not stop.wait(0.5):
             pass
-    report = _handler_report(handler)
+    report = _report(sup, handlers)
     if args.events_out:
         tmp = args.events_out + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
@@ -234,9 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="useroom", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    handle = sub.add_parser("handle", help="run an OOM handler for a group in this process")
-    handle.add_argument("group", help="the group: a cgroupfs path or a path in the memory hierarchy")
-    handle.add_argument("--join", action="store_true", help="move this process into the group first")
+    handle = sub.add_parser("handle", help="run an OOM handler for one or more groups in this process")
+    handle.add_argument("groups", nargs="+", metavar="GROUP",
+                        help="a group: a cgroupfs path or a path in the memory hierarchy; one supervisor "
+                             "(one watcher thread, one watchdog) serves them all")
+    handle.add_argument("--join", action="store_true", help="move this process into the (first) group first")
     handle.add_argument("--policy", choices=[*POLICIES, "raise-limit"], default="kill-largest")
     handle.add_argument("--reserve", default=None, help="headroom grant size, e.g. 8M")
     handle.add_argument("--step", default=None, help="raise-limit: step, e.g. 16M")

@@ -1,22 +1,28 @@
-"""The handler: arms a native plan for a group and keeps it fresh.
+"""The handler of one group: arms a native plan for it and keeps it fresh.
 
-Two threads share the work:
+Two threads of its :class:`~useroom.Supervisor` (shared by every group it
+serves) do the work:
 
 - the native watcher (C, locked memory, no GIL) waits on the group's OOM
-  eventfd and runs the armed plan: kill from the victim table, grant
+  notification and runs the armed plan: kill from the victim table, grant
   headroom, let the kernel act as a last resort. It needs nothing from
   Python, so it works while every Python thread of the process, the one
   holding the GIL included, sleeps in the OOM wait;
 - the manager (a Python thread) keeps the plan fresh between episodes:
   it refreshes the victim table (on usage thresholds, after each episode,
-  and every ``refresh_interval``), recompiles the policy, re-arms, turns the
-  watcher's records into :class:`OomEvent` values, and answers headroom
-  grants: with the OOM lifted by the grant, it refreshes the table (a task
-  forked since the last refresh is not in the plan) and kills by policy.
+  and every ``refresh_interval`` if one is given), recompiles the policy,
+  re-arms, turns the watcher's records into :class:`OomEvent` values, and
+  answers headroom grants: with the OOM lifted by the grant, it refreshes
+  the table (a task forked since the last refresh is not in the plan) and
+  kills by policy.
+
+A handler made on its own (``Handler(group, ...)``) is a supervisor of one
+group: its :meth:`Handler.start` makes a private supervisor.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import json
@@ -33,7 +39,7 @@ import attrs
 from useroom import _native
 from useroom._cgroup import EventRegistration, Group
 from useroom._declare import Declaration, probe
-from useroom._hardening import HardeningReport, _vm_locked, lock_memory
+from useroom._hardening import HardeningReport
 from useroom._hooks import (
     THREAD_STACK_PREFAULT,
     Hook,
@@ -43,7 +49,7 @@ from useroom._hooks import (
     PressureContext,
     hooks_short_by,
 )
-from useroom._native import EventFd, EventRecord, NativeWatcher, Plan, SourceKind
+from useroom._native import EventFd, EventRecord, Plan, SourceKind, WatchedGroup
 from useroom._last_resort import LastResorts
 from useroom._settle import GrantCloser
 from useroom._policy import (
@@ -58,7 +64,7 @@ from useroom._policy import (
 from useroom._procs import ProcsFiles
 from useroom._units import UNLIMITED, format_size, parse_duration, parse_size
 from useroom._victims import Victim, VictimTable
-from useroom.exceptions import GroupGone, RootGroupError, UnsupportedKernel, UseroomError, WatcherError
+from useroom.exceptions import GroupGone, RootGroupError, UnsupportedKernel, WatcherError
 from useroom._watchdog import DEFAULT_DELAY, Takeover, WatchdogLink
 
 __all__ = ["Handler", "OomEvent", "StepRecord", "VictimRecord"]
@@ -71,6 +77,9 @@ DEFAULT_HOOK_RESERVE = 16 << 20
 #: (the episode's end, each usage threshold the refilling group crosses),
 #: and each refresh's CPU time is taken from the workload.
 REFRESH_GAP = 0.025
+#: How often a limit that must be put back is tried while the usage does
+#: not fit yet (seconds), when no ``refresh_interval`` is given.
+PENDING_POLL = 0.1
 #: cgroup v2: the least gap between the wall (memory.high) and the backstop (memory.max).
 V2_GAP = 16 << 20
 
@@ -280,7 +289,16 @@ class Handler:
     (SIGCONT) after the hooks (``hold_processes``, at most six, the table's
     first); a hook that needs them to act calls ``ctx.resume_others()``.
 
-    Use it as a context manager or with :meth:`start` / :meth:`stop`.
+    Use it as a context manager or with :meth:`start` / :meth:`stop`; or
+    get it from :meth:`Supervisor.add`, which serves many groups from one
+    watcher thread, one manager thread and one watchdog (the process-wide
+    options ``delay``, ``harden``, ``mlockall``, ``watchdog*`` and
+    ``heartbeat_timeout`` are then the supervisor's).
+
+    ``refresh_interval`` (seconds) adds a timed refresh of the victim
+    table; by default (None) it is refreshed from events only: usage
+    thresholds (cgroup v1), each episode's end, grants, hook changes. With
+    nothing happening, the handler's threads sleep.
     """
 
     def __init__(
@@ -290,7 +308,7 @@ class Handler:
         *,
         reserve: int | str | None = None,
         thresholds: Iterable[float] = (0.25, 0.5, 0.75, 0.9),
-        refresh_interval: float = 0.5,
+        refresh_interval: float | None = None,
         check_timeout: float = 0.25,
         grant_timeout: float = 1.0,
         hook_timeout: float = 1.0,
@@ -318,8 +336,9 @@ class Handler:
         for fraction in self.thresholds:
             if not 0 < fraction < 1:
                 raise ValueError(f"thresholds are fractions of the limit in (0, 1), not {fraction!r}")
-        for name, value in (("refresh_interval", refresh_interval), ("check_timeout", check_timeout),
-                            ("grant_timeout", grant_timeout), ("hook_timeout", hook_timeout)):
+        for name, value in (("refresh_interval", 1.0 if refresh_interval is None else refresh_interval),
+                            ("check_timeout", check_timeout), ("grant_timeout", grant_timeout),
+                            ("hook_timeout", hook_timeout)):
             if not value > 0:
                 raise ValueError(f"{name} must be > 0 seconds, not {value!r}")
         self.refresh_interval = refresh_interval
@@ -344,19 +363,10 @@ class Handler:
         self.watchdog_log = watchdog_log
         #: What :meth:`declare` found: ``kernel`` or ``shim`` per feature.
         self.declaration: Declaration | None = None
-        #: The watchdog process while it runs (None without one).
-        self.watchdog: WatchdogLink | None = None
         #: Where the handler's own threads' kernel allocations are charged
         #: while it runs inside the group (cgroup v1), or None.
         self.kernel_memory_group: Group | None = None
-        self._placement: tuple[Group, Group] | None = None
         self._degraded = False
-        self._manager_tid = 0
-        self._manager_ready = threading.Event()
-        #: What :func:`lock_memory` did; None before start or with harden=False.
-        self.hardening: HardeningReport | None = None
-        #: This process's locked bytes (VmLck) once started.
-        self.locked_bytes = 0
         #: Errors the manager thread met and survived (ENOMEM during an OOM, ...).
         self.errors: list[BaseException] = []
         #: Episodes that found nothing left to kill with the usage above the
@@ -366,6 +376,18 @@ class Handler:
         self._events_lock = threading.Lock()
         self._event_cond = threading.Condition(self._events_lock)
         self._running = False
+        #: The supervisor serving this group (a private one for a handler
+        #: started on its own), its key there, and the watcher's group.
+        self._supervisor: Any = None
+        self._private: Any = None
+        self._key = 0
+        self._slot: WatchedGroup | None = None
+        #: The watcher's records of this group, routed by the manager.
+        self._inbox: collections.deque[EventRecord] = collections.deque()
+        #: The manager steps this group with it held; removal takes it.
+        self._step_lock = threading.RLock()
+        self._registered: dict[int, int] = {}  # fd -> its epoll data in the manager's set
+        self._guarded = False  # the supervisor's watchdog guards it
         self._owned: list[Any] = []
         self._thresholds: list[EventRegistration] = []
         self._plans: dict[int, _ArmedPlan] = {}
@@ -373,10 +395,10 @@ class Handler:
         self._grant_actions: list[VictimRecord] = []
         self._limit = UNLIMITED
         self._pending_restore: int | None = None
-        self._next_refresh = 0.0  # time.monotonic() of the next timed refresh
+        self._next_refresh = float("inf")  # time.monotonic() of the next timed refresh
         self._last_refresh = 0.0  # and of the last refresh from a wake-up
+        self._deferred = False  # a wake-up's refresh waits for the end of REFRESH_GAP
         self._restore_kill_setting: bool | None = None
-        self._thread: threading.Thread | None = None
         self._hooks = HookRegistry()
         self._runner: HookRunner | None = None
         self._closer: GrantCloser | None = None
@@ -388,6 +410,7 @@ class Handler:
         self._kill_fd: _Fd | None = None
         self._backstop = UNLIMITED
         self._poke: EventFd | None = None
+        self._spare_procs: _Fd | None = None
 
     # -- hooks -------------------------------------------------------------
 
@@ -461,8 +484,30 @@ class Handler:
     @property
     def lost(self) -> int:
         """Watcher records overwritten before they were read (0 normally)."""
-        watcher = getattr(self, "_watcher", None)
-        return watcher.lost if watcher is not None else 0
+        return self._supervisor.lost if self._supervisor is not None else 0
+
+    @property
+    def supervisor(self) -> Any:
+        """The :class:`~useroom.Supervisor` serving this group (a private
+        one for a handler started on its own), or None."""
+        return self._supervisor
+
+    @property
+    def watchdog(self) -> WatchdogLink | None:
+        """The watchdog process guarding this group while it runs (shared by
+        the supervisor's groups), or None without one."""
+        sup = self._supervisor
+        return sup.watchdog if sup is not None and self._guarded else None
+
+    @property
+    def hardening(self) -> HardeningReport | None:
+        """What :func:`lock_memory` did for the process; None before start or with harden=False."""
+        return self._supervisor.hardening if self._supervisor is not None else None
+
+    @property
+    def locked_bytes(self) -> int:
+        """This process's locked bytes (VmLck) once started."""
+        return self._supervisor.locked_bytes if self._supervisor is not None else 0
 
     @property
     def victims(self) -> tuple[Victim, ...]:
@@ -476,23 +521,31 @@ class Handler:
             return list(self._events)
 
     def start(self) -> Handler:
-        """Hardens the process, prepares every fd, arms the plan, starts the threads."""
+        """Hardens the process, prepares every fd, arms the plan, starts the
+        threads: a private supervisor of this one group. (A handler got from
+        :meth:`Supervisor.add` starts with its supervisor.)"""
         if self._running:
             raise WatcherError("the handler is already running")
-        try:
-            self._start()
-        except BaseException:
-            self._teardown()
-            raise
+        if self._supervisor is not None and self._private is None:
+            raise WatcherError("this handler belongs to a supervisor: start the supervisor")
+        if self._private is None:
+            from useroom._supervisor import Supervisor
+
+            self._private = Supervisor(delay=self.delay, harden=self.harden, mlockall=self.mlockall,
+                                       watchdog=self.use_watchdog, watchdog_group=self.watchdog_group,
+                                       watchdog_log=self.watchdog_log, heartbeat_timeout=self.heartbeat_timeout)
+            self._private._adopt(self)
+        self._private.start()
         return self
 
     def stop(self) -> None:
         """Stops the threads, restores the group's kernel OOM killer setting,
-        closes every fd. Idempotent."""
-        if not self._running and not self._owned:
-            return
-        self._running = False
-        self._teardown()
+        closes every fd. Idempotent. (A handler got from
+        :meth:`Supervisor.add` is stopped by :meth:`Supervisor.remove`.)"""
+        if self._private is not None:
+            self._private.stop()
+        elif self._supervisor is not None:
+            self._supervisor.remove(self)
 
     def __enter__(self) -> Handler:
         return self.start()
@@ -506,44 +559,48 @@ class Handler:
         self._owned.append(obj)
         return obj
 
-    def _start(self) -> None:
+    def _open(self, slot: WatchedGroup) -> None:
+        """Prepares every fd and arms the first plan in the watcher's
+        ``slot`` for this group (the supervisor's watcher)."""
         group = self.group
-        if self.harden:
-            self.hardening = lock_memory(mlockall=self.mlockall)
-        self._grant_wake = self._own(EventFd())
-        self._grant_reply = self._own(EventFd())
-        self._stop_efd = self._own(EventFd())
-        self._poke = self._own(EventFd())
-        self._table = self._own(VictimTable(group, self.protect))
-        self._procs = self._own(ProcsFiles(group))
-        self._watcher = self._own(NativeWatcher())
-        self._slot = self._watcher.add_group()
-        self._spare_procs: int = -1
-        self._own(_Closing(self._close_spare_procs))
-        if group.version == 2:
-            self._open_v2()
-        else:
-            self._open_v1()
-        self._update_hooks()
-        self.policy.arm(group)
-        self._owned.append(_Closing(self.policy.disarm))
-        self._refresh(grant=False)
-        self._next_refresh = time.monotonic() + self.refresh_interval
-        self._watcher.start()
+        self._slot = slot
+        try:
+            self._grant_wake = self._own(EventFd())
+            self._grant_reply = self._own(EventFd())
+            self._poke = self._own(EventFd())
+            self._table = self._own(VictimTable(group, self.protect))
+            self._procs = self._own(ProcsFiles(group))
+            if group.version == 2:
+                self._open_v2()
+            else:
+                self._open_v1()
+            self._update_hooks()
+            self.policy.arm(group)
+            self._owned.append(_Closing(self.policy.disarm))
+            self._refresh(grant=False)
+            if self.refresh_interval is not None:
+                self._next_refresh = time.monotonic() + self.refresh_interval
+        except BaseException:
+            self._close()
+            self._drop_slot()
+            self._closed()
+            raise
+
+    def _activate(self) -> None:
+        """The watcher runs: from now on it acts for the group."""
         if self._restore_kill_setting is not None:
-            group.set_oom_kill(False)  # v1: the watcher acts from now on
-        self.locked_bytes = _vm_locked()
+            self.group.set_oom_kill(False)  # v1: the watcher acts from now on
         self._running = True
-        self._thread = threading.Thread(target=self._manage, name=f"useroom-handler {group.relpath}", daemon=True)
-        self._thread.start()
-        self._manager_ready.wait(10)
-        self._place_threads()
-        declaration = self.declare()
-        # On v2 the kernel never waits: the plan's kernel step (the wall
-        # lifted for ``delay``) is the delay shim, and the watchdog only puts
-        # the group's memory.high and memory.max back if this process dies.
-        if self.use_watchdog and declaration.needs_watchdog:
-            self._start_watchdog()
+
+    @property
+    def _watched(self) -> WatchedGroup:
+        """The group's slot in the watcher, while it has one."""
+        if self._slot is None:
+            raise WatcherError(f"{self.group.relpath} is not served by a running watcher")
+        return self._slot
+
+    def _declare_and_needs_watchdog(self) -> bool:
+        return self.declare().needs_watchdog
 
     def _open_v1(self) -> None:
         """v1: the OOM eventfd wakes the watcher; the kernel killer is switched off."""
@@ -558,7 +615,7 @@ class Handler:
             self._own(_Fd(group.open_file(oom_file, os.O_WRONLY))) if self.kernel_fallback else None
         )
         self._oom = self._own(group.oom_notifier())
-        self._slot.add_source(self._oom.fileno(), SourceKind.OOM)
+        self._watched.add_source(self._oom.fileno(), SourceKind.OOM)
         # The kernel killer goes off only once the watcher runs (see
         # _start): a group at its limit meanwhile would leave this process
         # asleep in the OOM wait with nobody to act.
@@ -600,7 +657,7 @@ class Handler:
         self._limit_fd = self._own(_Fd(group.open_file(high_file, os.O_WRONLY)))
         self._switch_fd = self._own(_Fd(group.open_file(high_file, os.O_WRONLY))) if self.kernel_fallback else None
         self._oom = self._own(group.events_notifier())  # type: ignore[attr-defined]
-        self._slot.add_source(self._oom.fileno(), SourceKind.OOM, _native.Wake.FILE)
+        self._watched.add_source(self._oom.fileno(), SourceKind.OOM, _native.Wake.FILE)
         self._freeze_fd = self._kill_fd = None
         if not self._inside():
             # Outside the group only: cgroup.freeze and cgroup.kill would reach this process too.
@@ -651,7 +708,7 @@ class Handler:
         if self._closer is None:
             self._closer = self._own(GrantCloser.open(self.group, lambda: self._limit))
         # The manager is held too: it would compete with the hooks for the GIL.
-        return HookRunner(self.group, self._hooks, self._slot, self._closer, self.hook_timeout,
+        return HookRunner(self.group, self._hooks, self._watched, self._closer, self.hook_timeout,
                           hold_threads=self.hold_threads, hold_arm_at=self.hold_arm_at, held=self._held,
                           unsettled=self._hooks_unsettled)
 
@@ -702,7 +759,7 @@ class Handler:
 
     def _refresh(self, *, grant: bool) -> None:
         """Refreshes the table and re-arms; outside an episode unless ``grant``."""
-        if not grant and self._slot.in_episode:
+        if not grant and self._watched.in_episode:
             return
         if self.group.version == 2:
             self._refresh_v2(grant)
@@ -723,9 +780,9 @@ class Handler:
                 self.group.set_oom_kill(False)
         if not grant and self._pending_restore is None:
             limit = self.group.limit()
-            if not self._slot.in_episode and limit != self._limit:
+            if not self._watched.in_episode and limit != self._limit:
                 self._collect()  # an episode that just ended may have raised it
-            if self._pending_restore is None and not self._slot.in_episode \
+            if self._pending_restore is None and not self._watched.in_episode \
                     and limit != self._limit:
                 if self._limit != UNLIMITED and limit == self._limit + self._reserve:
                     # A grant of ours is still open: restore, never adopt it.
@@ -733,8 +790,9 @@ class Handler:
                 else:
                     self._limit = limit  # the user (or a raising policy) changed it
                     self._register_thresholds()
-                    if self.watchdog is not None:
-                        self.watchdog.set_limit(limit)
+                    guardian = self._supervisor._guardian if self._supervisor is not None else None
+                    if guardian is not None:
+                        guardian.set_limit(self, limit)
         self._arm()
 
     def _refresh_v2(self, grant: bool) -> None:
@@ -765,14 +823,14 @@ class Handler:
         # each time: see useroom._procs); the plan armed keeps its file.
         key = self.policy.plan_key(self._context(self._procs.last))
         last = self._armed[-1] if self._armed else None
-        if key is not None and last is not None and last.plan_id == self._slot.armed_id \
+        if key is not None and last is not None and last.plan_id == self._watched.armed_id \
                 and last.key == (self.policy, key):
             self._table.release(p for a in self._armed for p in a.compiled.pidfds)
             return  # the plan armed is the one this context compiles to
         ctx = self._context(self._procs.for_plan())
         key = self.policy.plan_key(ctx)
         compiled = self.policy.compile(ctx)
-        plan_id = self._slot.arm(compiled.plan)
+        plan_id = self._watched.arm(compiled.plan)
         armed = _ArmedPlan(compiled, plan_id, None if key is None else (self.policy, key))
         self._plans[plan_id] = armed
         self._armed = [*self._armed[-1:], armed]
@@ -780,80 +838,87 @@ class Handler:
             del self._plans[old]
         self._table.release(p for a in self._armed for p in a.compiled.pidfds)
 
-    # -- the manager thread ------------------------------------------------
+    # -- the manager's step (called by the supervisor's manager thread) ------
 
-    def _manage(self) -> None:
-        _native.stack_prefault(THREAD_STACK_PREFAULT)
-        self._manager_tid = threading.get_native_id()
-        self._manager_ready.set()
-        ep = _native.Epoll()
-        linked: WatchdogLink | None = None
-        try:
-            ep.add(self._watcher.wake_fd, 0)
-            ep.add(self._grant_wake.fileno(), 1)
-            ep.add(self._stop_efd.fileno(), 2)
-            assert self._poke is not None
-            ep.add(self._poke.fileno(), 3)
-            registered: list[EventRegistration] = []
-            while self._running:
-                try:
-                    if self.watchdog is not linked or (linked is not None and linked.sock is None):
-                        linked = self._link(ep, linked)
-                    if self._hooks_dirty:
-                        self._update_hooks()
-                    if registered != self._thresholds:
-                        for reg in registered:
-                            if not reg.closed:
-                                ep.remove(reg.fileno())
-                        registered = list(self._thresholds)
-                        for i, reg in enumerate(registered):
-                            ep.add(reg.fileno(), 4 + i)
-                    self._step(ep, registered)
-                except Exception as err:  # survive, record, retry on the next round
-                    self._note(err)
-        finally:
-            ep.close()
+    def _register(self, ep: _native.Epoll, base: int) -> None:
+        """Puts this group's fds in the manager's epoll set (data ``base |
+        kind``: 1 a grant, 3 a hook change, 4 + i usage threshold i), and
+        takes out those it no longer has."""
+        want: dict[int, int] = {}
+        if self._slot is None:
+            return
+        want[self._grant_wake.fileno()] = base | 1
+        if self._poke is not None:
+            want[self._poke.fileno()] = base | 3
+        for i, reg in enumerate(self._thresholds):
+            want[reg.fileno()] = base | (4 + i)
+        for fd, data in list(self._registered.items()):
+            if want.get(fd) != data:
+                with contextlib.suppress(OSError):  # closed already: the kernel dropped it
+                    ep.remove(fd)
+                del self._registered[fd]
+        for fd, data in want.items():
+            if fd not in self._registered:
+                ep.add(fd, data)
+                self._registered[fd] = data
 
-    def _step(self, ep: _native.Epoll, registered: list[EventRegistration]) -> None:
-        # The table is refreshed every refresh_interval and after any wake-up
-        # (an episode's end, a grant, a threshold), but at most once per
-        # REFRESH_GAP; the watchdog's heartbeat may need more frequent
-        # rounds, which do not refresh.
-        now = time.monotonic()
-        ready = ep.wait(max(0.0, min(self._next_refresh - now, self.heartbeat_timeout / 3)))
+    def _unregister(self, ep: _native.Epoll) -> None:
+        for fd in self._registered:
+            with contextlib.suppress(OSError):
+                ep.remove(fd)
+        self._registered = {}
+
+    def _due(self) -> float:
+        """When (time.monotonic()) the manager must step this group even if
+        nothing wakes it: a deferred or timed refresh, a limit to restore,
+        a hook that may never return; inf if never."""
+        due = self._next_refresh
+        if self._deferred:
+            due = min(due, self._last_refresh + REFRESH_GAP)
+        if self._pending_restore is not None:
+            due = min(due, self._last_refresh + (self.refresh_interval or PENDING_POLL))
+        runner = self._runner
+        if runner is not None and runner.busy_since_ns:
+            due = min(due, (runner.busy_since_ns + 2 * self.hook_timeout * 1e9) / 1e9)
+        return due
+
+    def _step(self, kinds: list[int], woke: bool) -> None:
+        """One step of the manager for this group: ``kinds`` are the epoll
+        data kinds of its fds that were ready; ``woke`` whether anything
+        (an fd or a record) woke it."""
         crossed = []
         poked = False
-        for data, _ in ready:
-            if data == 2:
-                return
-            if data == 1:
+        for kind in kinds:
+            if kind == 1:
                 self._grant()
-            elif data == 3:
+            elif kind == 3:
                 assert self._poke is not None
                 self._poke.read()
                 poked = True  # new hooks: a plan that wakes them now
-            elif data == _LINK_SOCKET:
-                self._takeovers()
-            elif data == _LINK_PIDFD:
-                self._watchdog_exited(ep)
-            elif data >= 4:
-                reg = registered[data - 4]
-                os.read(reg.fileno(), 8)
+            elif kind >= 4 and kind - 4 < len(self._thresholds):
+                reg = self._thresholds[kind - 4]
+                with contextlib.suppress(BlockingIOError):
+                    os.read(reg.fileno(), 8)
                 crossed.append(reg)
+        if self._hooks_dirty:
+            self._update_hooks()
         if self._runner is not None:
             self._runner.update_hold()  # first: the step may be the last before an episode
         self._collect()
         self._check_runner()
+        # The table is refreshed after any wake-up (an episode's end, a
+        # grant, a threshold) and every refresh_interval if one is given,
+        # but at most once per REFRESH_GAP.
         now = time.monotonic()
-        due = bool(ready) or self._pending_restore is not None
+        due = woke or self._pending_restore is not None or self._deferred
         if now >= self._next_refresh or poked or (due and now >= self._last_refresh + REFRESH_GAP):
             self._last_refresh = now
-            self._next_refresh = now + self.refresh_interval
+            self._deferred = False
+            if self.refresh_interval is not None:
+                self._next_refresh = now + self.refresh_interval
             self._refresh(grant=False)
         elif due:
-            self._next_refresh = min(self._next_refresh, self._last_refresh + REFRESH_GAP)
-        if self.watchdog is not None:
-            self.watchdog.beat()
+            self._deferred = True
         for reg, size, hooks in self._pressure:
             if reg in crossed:
                 self._run_pressure(size, hooks)
@@ -883,156 +948,42 @@ class Handler:
         if "reserve" in files and self._reserve:
             self.group._write(files["reserve"], str(self._reserve))
         if "handler" in files:
-            self.group._write(files["handler"], str(self._watcher.tid))
+            self.group._write(files["handler"], str(self._supervisor.watcher_tid))
         self.declaration = declaration
         return declaration
-
-    def _watchdog_place(self) -> Group:
-        if self.watchdog_group is not None:
-            return self.watchdog_group
-        if not self._inside():
-            return Group.current()
-        parent = self.group.parent
-        if parent is None:
-            raise UseroomError(f"this process is inside {self.group.relpath}, which has no parent group for "
-                               "the watchdog: pass watchdog_group=")
-        return parent
-
-    def _place_threads(self) -> None:
-        """Inside the group, charge the watcher's and the manager's kernel
-        allocations to the watchdog's group instead.
-
-        Their pages stay charged to the handled group (the process's), but
-        the files they open during an episode (``/proc``, ``cgroup.procs``,
-        pidfds) no longer fail with ENOMEM when the group is at its limit.
-        Threads the manager starts later inherit the placement; :meth:`stop`
-        moves them all back. cgroup v1 only (v2 keeps a process's threads
-        together); skipped, with the reason in ``errors``, if the ``tasks``
-        file refuses it.
-        """
-        self.kernel_memory_group = None
-        if not hasattr(self.group, "attach_thread") or not self._inside():
-            return
-        home = Group.current()
-        try:
-            place = self._watchdog_place()
-            self._placement = (place, home)
-            # The hook thread of hooks registered before start was started
-            # here, not by the manager: it is moved too.
-            for tid in (self._watcher.tid, self._manager_tid, self._runner.tid if self._runner else 0):
-                if tid:
-                    place.attach_thread(tid)  # type: ignore[attr-defined]
-        except (OSError, UseroomError) as err:
-            self.errors.append(err)
-            self._unplace_threads()
-            return
-        self.kernel_memory_group = place
-
-    def _unplace_threads(self) -> None:
-        """Moves this process's threads that :meth:`_place_threads` placed back home."""
-        placement, self._placement = self._placement, None
-        self.kernel_memory_group = None
-        if placement is None:
-            return
-        place, home = placement
-        for name in os.listdir("/proc/self/task"):
-            try:
-                if Group._of_process(f"self/task/{name}").relpath == place.relpath:
-                    home.attach_thread(int(name))  # type: ignore[attr-defined]
-            except (OSError, UseroomError):
-                pass  # the thread ended
 
     def _inside(self) -> bool:
         """Whether this process (its main thread) is in the handled group or below it."""
         mine = Group.current()
         return (mine.relpath.rstrip("/") + "/").startswith(self.group.relpath.rstrip("/") + "/")
 
-    def _start_watchdog(self) -> None:
-        self._manager_ready.wait(10)
-        if self.group.version == 2:
-            # A v2 parent with memory enabled for its children cannot hold
-            # processes: inside the group, the watchdog stays with us.
-            place = self.watchdog_group or (None if self._inside() else Group.current())
-        else:
-            place = self._watchdog_place()
-        link = WatchdogLink(
-            self.group, place, delay=self.delay,
-            handler_tids=[t for t in (self._watcher.tid,) if t],
-            helper_tids=[t for t in (self._manager_tid,) if t],
-            limit=self._limit, kill_enabled=bool(self._restore_kill_setting),
-            heartbeat_timeout=self.heartbeat_timeout, log=self.watchdog_log, saved=self._saved_v2,
-            spawned=self._spare,
-        )
-        link.start()
-        self.watchdog = link
-        self._protect_watchdog()
-        assert self._poke is not None
-        self._poke.write(1)  # the manager thread registers its fds
-
-    def _spare(self, pid: int) -> None:
+    def _protect_pid(self, pid: int) -> None:
         """A watchdog just spawned is never a victim, from now on, before it
         is ready (on v2 it may start in the handled group, at its wall); the
         poke has the manager re-arm without it."""
         self._table.protect = self._table.protect | {pid}
-        if self._poke is not None:
+        if self._poke is not None and not self._poke.closed:
             self._poke.write(1)
 
-    def _protect_watchdog(self) -> None:
-        """The watchdog is never a victim (on v2 it may share the group)."""
-        if self.watchdog is not None and self.watchdog.pid is not None:
-            self._table.protect = self._table.protect | {self.watchdog.pid}
+    def _takeover(self, takeover: Takeover) -> None:
+        """The watchdog handed an episode of this group to the kernel."""
+        with self._event_cond:
+            self._events.append(OomEvent.from_takeover(takeover))
+            self._event_cond.notify_all()
 
-    def _link(self, ep: _native.Epoll, old: WatchdogLink | None) -> WatchdogLink | None:
-        """Registers the current watchdog's fds in the manager's epoll set."""
-        for fd in getattr(self, "_linked_fds", ()):
-            try:
-                ep.remove(fd)
-            except OSError:
-                pass
-        self._linked_fds: tuple[int, ...] = ()
-        link = self.watchdog
-        if link is None or link.sock is None:
-            return link
-        ep.add(link.sock.fileno(), _LINK_SOCKET)
-        ep.add(link.pidfd, _LINK_PIDFD)
-        self._linked_fds = (link.sock.fileno(), link.pidfd)
-        return link
-
-    def _takeovers(self, link: WatchdogLink | None = None) -> None:
-        link = link or self.watchdog
-        if link is None:
-            return
-        for takeover in link.receive():
-            with self._event_cond:
-                self._events.append(OomEvent.from_takeover(takeover))
-                self._event_cond.notify_all()
-
-    def _watchdog_exited(self, ep: _native.Epoll) -> None:
-        """The watchdog died: restart it, or give the group its kernel killer back."""
-        link = self.watchdog
-        if link is None:
-            return
-        self._takeovers()
-        for fd in self._linked_fds:
-            ep.remove(fd)
-        self._linked_fds = ()
-        link.reap()
+    def _watchdog_lost(self, err: BaseException) -> None:
+        """The watchdog died and could not be restarted: the kernel OOM
+        killer guards the group instead (v1)."""
+        self._guarded = False
+        self._degraded = True
+        what = ("the kernel OOM killer is enabled for it instead" if self.group.version == 1 else
+                "nothing will restore its memory.high and memory.max if this process dies")
+        self.errors.append(WatcherError(f"the watchdog of {self.group.relpath} could not be restarted ({err}); "
+                                        f"{what}"))
         try:
-            link.start()
-            link.restarts += 1
-            link.history.append({"event": "watchdog-restarted", "pid": link.pid, "at_ns": time.monotonic_ns()})
-            self._protect_watchdog()
-        except Exception as err:
-            self._note(err)
-            self.watchdog = None
-            self._degraded = True
-            what = ("the kernel OOM killer is enabled for it instead" if self.group.version == 1 else
-                    "nothing will restore its memory.high and memory.max if this process dies")
-            self.errors.append(WatcherError(f"the watchdog of {self.group.relpath} could not be restarted ({err}); "
-                                            f"{what}"))
             self.group.set_oom_kill(True)  # v2: nothing to switch
-            return
-        self._link(ep, link)
+        except OSError as error:
+            self.errors.append(error)
 
     def _run_pressure(self, size: int, hooks: list[Hook]) -> None:
         usage = self.group.usage()
@@ -1116,7 +1067,7 @@ class Handler:
         (the only task left). Its events die with it, so the watchdog
         records what the hooks did in its log (``last-resort``)."""
         if seq is None:
-            current = self._slot.current_episode()
+            current = self._watched.current_episode()
             seq = current[0] if current else 0
         if records is None:
             records = self._runner.records.get(seq, ()) if self._runner is not None else ()
@@ -1136,13 +1087,11 @@ class Handler:
         open limit fd. A pid is killed only if it was in the group's task
         list read just before.
         """
-        if self._spare_procs < 0:
+        spare, self._spare_procs = self._spare_procs, None
+        if spare is None:
             return
-        fd, self._spare_procs = self._spare_procs, -1
-        try:
-            pids = [int(p) for p in os.pread(fd, 1 << 20, 0).split()]
-        finally:
-            os.close(fd)
+        with spare:
+            pids = [int(p) for p in os.pread(spare.fileno(), 1 << 20, 0).split()]
         table = self._table
         known = {v.pid: v for v in table.victims}
         skip = table.protect | table.dying
@@ -1215,17 +1164,12 @@ class Handler:
 
     def _renew_spare_procs(self) -> None:
         """Keeps one unread ``cgroup.procs`` fd for :meth:`_kill_unseen`."""
-        if self._spare_procs >= 0:
+        if self._spare_procs is not None and not self._spare_procs.closed:
             return
         try:
-            self._spare_procs = self.group.open_file(self.group.procs_file, os.O_RDONLY)
+            self._spare_procs = self._own(_Fd(self.group.open_file(self.group.procs_file, os.O_RDONLY)))
         except OSError:
-            self._spare_procs = -1
-
-    def _close_spare_procs(self) -> None:
-        fd, self._spare_procs = self._spare_procs, -1
-        if fd >= 0:
-            os.close(fd)
+            self._spare_procs = None
 
     def _exited(self, victim: Victim) -> bool:
         """Waits up to ``check_timeout`` for a signalled victim to exit;
@@ -1257,8 +1201,15 @@ class Handler:
         return True
 
     def _collect(self) -> None:
-        """Turns new watcher records into events."""
-        for record in self._watcher.wait(0):
+        """Turns the watcher's new records of this group into events."""
+        manager = self._supervisor._manager if self._supervisor is not None else None
+        if manager is not None:
+            manager.collect()
+        self._drain()
+
+    def _drain(self) -> None:
+        while self._inbox:
+            record = self._inbox.popleft()
             event = self._event(record)
             if self._grant_left_open(event):
                 self._pending_restore = self._limit
@@ -1359,35 +1310,32 @@ class Handler:
             limit=0 if self._limit == UNLIMITED else self._limit,
         )
 
-    # -- teardown ----------------------------------------------------------
+    # -- teardown (called by the supervisor) ---------------------------------
 
     def _quiesce_watcher(self) -> None:
         """Before the group's settings are put back: arm a plan that does
         nothing, and let an episode in progress end. Otherwise its later
         steps (a grant, the kernel step's "disable the kernel OOM killer
         again") could undo the restore that follows."""
-        watcher = getattr(self, "_watcher", None)
-        if watcher is None or watcher.closed or not watcher.running:
+        slot = self._slot
+        sup = self._supervisor
+        if slot is None or slot.closed or sup is None or sup._watcher is None or not sup._watcher.running:
             return
         try:
-            self._slot.arm(Plan(()))
+            slot.arm(Plan(()))
         except WatcherError as err:
             self.errors.append(err)
             return
         longest = self.hook_timeout + self.grant_timeout + self.delay + 4 * self.check_timeout
         deadline = time.monotonic() + longest
-        while self._slot.in_episode and time.monotonic() < deadline:
+        while slot.in_episode and time.monotonic() < deadline:
             time.sleep(0.001)
 
-    def _teardown(self) -> None:
+    def _close(self) -> None:
+        """Puts the group's settings back (the manager steps it no more):
+        its kernel OOM killer first, never leaving a window with neither."""
         self._running = False
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            self._stop_efd.write(1)
-            thread.join()
         self._quiesce_watcher()
-        # Give the group its kernel OOM killer back before the watcher goes:
-        # never leave a window with neither.
         if self._restore_kill_setting is not None:
             try:
                 if self._restore_kill_setting:
@@ -1396,10 +1344,8 @@ class Handler:
                 pass
             self._restore_kill_setting = None
         if self._pending_restore is not None and self.group.version == 1:
-            try:
+            with contextlib.suppress(OSError):
                 self.group.set_limit(self._pending_restore)
-            except OSError:
-                pass
         self._pending_restore = None
         freeze, self._freeze_fd = self._freeze_fd, None
         if freeze is not None and not freeze.closed:
@@ -1414,21 +1360,28 @@ class Handler:
                 self.group.set_high(saved[0])  # type: ignore[attr-defined]
             except OSError as err:
                 self.errors.append(err)
-        link, self.watchdog = self.watchdog, None
-        if link is not None:
-            self._takeovers(link)
-            link.stop()
-        self._manager_ready.clear()
         self._degraded = False
-        watcher = getattr(self, "_watcher", None)
-        if watcher is not None and not watcher.closed:
-            watcher.stop()
-            self._collect()
+
+    def _drop_slot(self) -> None:
+        """Takes the group out of the watcher (ending an episode still in
+        progress): from now on nothing runs its plans."""
+        slot, self._slot = self._slot, None
+        if slot is not None:
+            try:
+                slot.close()
+            except WatcherError as err:
+                # The watcher may still read the plan: its fds stay open.
+                self.errors.append(err)
+                self._owned = []
+
+    def _closed(self) -> None:
+        """Once out of the watcher: its last records (routed after its slot
+        closed) become events, then what its plans used is closed."""
+        self._drain()
+        self._inbox.clear()
         runner, self._runner = self._runner, None
         if runner is not None:
             runner.stop()
-        self._unplace_threads()
-
         for reg in self._thresholds:
             reg.close()
         self._thresholds = []
@@ -1440,11 +1393,6 @@ class Handler:
             obj.close()
         self._closer = None
         self._armed = []
-
-
-#: Epoll data of the watchdog's socket and pidfd in the manager's set.
-_LINK_SOCKET = 1 << 20
-_LINK_PIDFD = (1 << 20) + 1
 
 
 class _Closing:

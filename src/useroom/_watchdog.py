@@ -199,13 +199,6 @@ class ProcessFd(OwnedFd):
         poller.register(self.fileno(), select.POLLIN)
         return bool(poller.poll(0))
 
-    def __int__(self) -> int:
-        # Transitional: the current Handler passes link.pidfd to Epoll.add
-        # and Epoll.remove, which take an int (-1 once closed: the removal
-        # fails with EBADF, as it did with the raw number). The handler
-        # rewrite calls fileno(); then this goes.
-        return self._fd
-
 
 class ControlFile(OwnedFd):
     """One control file of a group, opened ahead (close-on-exec)."""
@@ -1124,23 +1117,9 @@ class WatchdogLink:
     when it reported something (then :meth:`receive`).
     """
 
-    def __init__(self, *where: Group | None, delay: float, handler_tids: Sequence[int], heartbeat_timeout: float,
+    def __init__(self, place: Group | None, *, delay: float, handler_tids: Sequence[int], heartbeat_timeout: float,
                  helper_tids: Sequence[int] = (), log: str | None = None,
-                 spawned: Callable[[int], None] | None = None, limit: int | None = None,
-                 kill_enabled: bool | None = None, saved: tuple[int, int] | None = None) -> None:
-        # ``WatchdogLink(place, ...)``. Transitional: ``WatchdogLink(group,
-        # place, ..., limit=, kill_enabled=, saved=)``, the one-group form
-        # the current Handler uses, is that plus add(group, ...); the
-        # handler rewrite drops it, and limit=, kill_enabled=, saved= here.
-        if len(where) == 2:
-            first, place = where
-            if first is None or limit is None or kill_enabled is None:
-                raise TypeError("WatchdogLink(group, place, ...) needs a group, limit= and kill_enabled=")
-            group: Group | None = first
-        elif len(where) == 1 and (limit, kill_enabled, saved) == (None, None, None):
-            place, group = where[0], None
-        else:
-            raise TypeError("WatchdogLink(place, *, delay, handler_tids, heartbeat_timeout, ...), then add(group, ...)")
+                 spawned: Callable[[int], None] | None = None) -> None:
         self.place = place
         self.delay = delay
         self.handler_tids = tuple(handler_tids)
@@ -1167,9 +1146,6 @@ class WatchdogLink:
         self._groups: dict[str, Group] = {}  # the same keys
         self._next_key = 0
         self._beat_ns = 0  # time.monotonic_ns() of the last heartbeat sent
-        if group is not None:
-            assert limit is not None and kill_enabled is not None
-            self.add(group, limit=limit, kill_enabled=kill_enabled, saved=saved)
 
     @property
     def pid(self) -> int | None:
@@ -1210,21 +1186,9 @@ class WatchdogLink:
             del self._groups[group.path]
             self._tell(b"remove " + json.dumps({"path": group.path}).encode())
 
-    def set_limit(self, group: Group | int, limit: int | None = None) -> None:
+    def set_limit(self, group: Group, limit: int) -> None:
         """The limit the handler set for *group* now (restored if the handler
         dies with a grant open). A group not guarded is ignored."""
-        if isinstance(group, int):
-            # Transitional: set_limit(limit), the one-group form's; the
-            # handler rewrite drops it.
-            groups = self.groups
-            if len(groups) > 1:
-                raise TypeError("set_limit(limit) is for a link of one group: set_limit(group, limit)")
-            if not groups:
-                return
-            limit = group
-            group = groups[0]
-        if limit is None:
-            raise TypeError("set_limit(group, limit) needs the limit")
         with self._lock:
             spec = self._specs.get(group.path)
             if spec is None:
