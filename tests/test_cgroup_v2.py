@@ -614,12 +614,12 @@ class TestV2Handler:
         """With only memory.max set, the wall is memory.max minus the gap and the hard limit stays;
         with memory.high set below memory.max, that is the wall; stop restores both files."""
         v2group.set_limit("64M")
-        with Handler(v2group, reserve="8M", thresholds=()) as handler:
+        with Handler(v2group, reserve="8M", thresholds=(), refresh_interval=0.5) as handler:
             assert (48 * MIB, 64 * MIB) == (v2group.high(), v2group.limit())
             assert handler.watchdog is not None  # for a death: the plan's kernel step is v2's delay shim
         assert (UNLIMITED, 64 * MIB) == (v2group.high(), v2group.limit())
         v2group.set_high("32M")
-        with Handler(v2group, reserve="8M", thresholds=()):
+        with Handler(v2group, reserve="8M", thresholds=(), refresh_interval=0.5):
             assert (32 * MIB, 64 * MIB) == (v2group.high(), v2group.limit())
         assert (32 * MIB, 64 * MIB) == (v2group.high(), v2group.limit())
 
@@ -637,7 +637,7 @@ class TestV2Handler:
         for hog in (big, small):
             hog.start()
             assert hog.wait_touched(EVENT_TIMEOUT)
-        with Handler(v2group, thresholds=()) as handler:
+        with Handler(v2group, thresholds=(), refresh_interval=0.5) as handler:
             grower = _hog_in(spawn_hog, v2group, 40)
             assert wait_until(lambda: {big.pid, small.pid, grower.pid} <= {v.pid for v in handler.victims},
                               EVENT_TIMEOUT)
@@ -659,7 +659,7 @@ class TestV2Handler:
         big = _hog_in(spawn_hog, v2group, 50)
         big.start()
         assert big.wait_touched(EVENT_TIMEOUT)
-        with Handler(v2group, thresholds=()) as handler:
+        with Handler(v2group, thresholds=(), refresh_interval=0.5) as handler:
             grower = _hog_in(spawn_hog, v2group, 40)  # at the wall it has 30 MiB: big is the largest
             assert wait_until(lambda: {big.pid, grower.pid} <= {v.pid for v in handler.victims}, EVENT_TIMEOUT)
             grower.start()
@@ -696,7 +696,7 @@ class TestV2Handler:
         v2group.set_limit("64M")
         hog = _hog_in(spawn_hog, v2group, 120)
         # Registered before start: the first plan already has the hooks' phase.
-        handler = Handler(v2group, reserve="16M", thresholds=(), protect=(hog.pid,))
+        handler = Handler(v2group, reserve="16M", thresholds=(), refresh_interval=0.5, protect=(hog.pid,))
 
         @handler.on_oom
         def free(ctx: OomContext) -> bool:
@@ -729,7 +729,7 @@ class TestV2Handler:
                 seen.append((sorted(v.pid for v in ctx.victims), f.read().strip()))
             return [small.pid]
 
-        with Handler(v2group, FreezeAndDecide(decide), reserve="16M", thresholds=()) as handler:
+        with Handler(v2group, FreezeAndDecide(decide), reserve="16M", thresholds=(), refresh_interval=0.5) as handler:
             grower = _hog_in(spawn_hog, v2group, 50)
             assert wait_until(lambda: grower.pid in {v.pid for v in handler.victims}, EVENT_TIMEOUT)
             grower.start()
@@ -809,7 +809,7 @@ class TestV2Handler:
         lifts the wall: the hog runs into memory.max and the kernel kills it; the wall comes back."""
         v2group.set_limit("48M")  # wall 32M
         hog = _hog_in(spawn_hog, v2group, 96)
-        with Handler(v2group, thresholds=(), delay=5.0, protect=(hog.pid,)) as handler:
+        with Handler(v2group, thresholds=(), refresh_interval=0.5, delay=5.0, protect=(hog.pid,)) as handler:
             hog.start()
             assert -9 == hog.wait(EVENT_TIMEOUT)
             events = _acted(handler)

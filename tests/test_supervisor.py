@@ -16,6 +16,7 @@ import pytest
 
 from helpers import GROUP_PREFIX, Hog, destroy_group, until_resolved, wait_until
 from useroom import Group, Handler, KillLargest, KillNewest, Supervisor
+from useroom._handler import V2_GAP
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(120)]
 
@@ -28,14 +29,15 @@ def make_groups(own_group: Group) -> Iterator[Callable[..., list[Group]]]:
     after the test (tasks killed, kernel killer back, rmdir) whatever happens."""
     made: list[str] = []
 
-    def make(n: int, limit: str = "32M") -> list[Group]:
+    def make(n: int, limit: int = 32 << 20) -> list[Group]:
         out = []
         for _ in range(n):
             path = os.path.join(own_group.path, f"{GROUP_PREFIX}{os.getpid()}-sup{next(_names)}")
             os.mkdir(path)
             made.append(path)
             group = Group.open(path)
-            group.set_limit(limit)
+            # On v2 the handler's wall is memory.max less the gap.
+            group.set_limit(limit + (V2_GAP if group.version == 2 else 0))
             out.append(group)
         return out
 
@@ -243,3 +245,39 @@ class TestManyGroups:
             assert "resolved" == until_resolved(handler)[-1].outcome
         assert False is handler.running
         assert False is group.oom_control().kill_disabled
+
+
+@pytest.mark.backends
+class TestEitherBackend:
+    """What holds on cgroup v1 and v2 alike (the v2 half runs in the guest)."""
+
+    def _settings(self, group: Group) -> tuple[object, ...]:
+        if group.version == 2:
+            return group.high(), group.limit()  # type: ignore[attr-defined]
+        return group.limit(), group.oom_control().kill_disabled
+
+    def test_many_groups_added_and_removed(self, make_groups, hogs) -> None:
+        """Three groups under one supervisor, one added while it runs: each
+        OOM is resolved by a kill recorded in its own group's events; a
+        removed group has its settings back; two threads for all."""
+        groups = make_groups(3)
+        before = {g.path: self._settings(g) for g in groups}
+        threads = _threads()
+        sup = Supervisor(delay="2s")
+        handlers = [sup.add(g) for g in groups[:2]]
+        with sup:
+            handlers.append(sup.add(groups[2]))
+            assert {sup.watcher_tid, sup.manager_tid} == _threads() - threads
+            victims = [_overrun(hogs, g) for g in groups]
+            for hog in victims:
+                assert -signal.SIGKILL == hog.popen.wait(60)
+            for handler, hog in zip(handlers, victims):
+                events = until_resolved(handler)
+                assert "resolved" == events[-1].outcome
+                assert hog.pid in {v.pid for e in events for v in e.victims if v.result == 0}
+            sup.remove(groups[0])
+            assert before[groups[0].path] == self._settings(groups[0])
+            assert tuple(handlers[1:]) == sup.handlers
+        for group in groups:
+            assert before[group.path] == self._settings(group)
+
