@@ -704,7 +704,7 @@ class TestRemove:
 
     def test_force_without_pidfd(self, scratch_group: Group, spawn_hog: SpawnHog, monkeypatch: pytest.MonkeyPatch) -> None:
         """Without pidfds, force=True falls back to kill() and polling."""
-        monkeypatch.setattr("useroom._cgroup.can_use_pidfd", False)
+        monkeypatch.setattr("useroom._fd.can_use_pidfd", False)
         child = scratch_group.create_child("a")
         hog = spawn_hog(0, child)
         child.remove(force=True)

@@ -116,7 +116,7 @@ class TestGoals:
         bad = summarize(made_up_run())
         assert ["RSS per added group", "locked per added group", "threads added", "processes started",
                 "idle wake-ups"] == [line.split(":")[0] for line in below_goal(bad)]
-        edge = bad | {"rss_per_group": 64 * KIB, "locked_per_group": 16 * KIB, "threads_added": 2,
+        edge = bad | {"marginal_rss_per_group": 64 * KIB, "marginal_locked_per_group": 16 * KIB, "threads_added": 2,
                       "processes_started": 1, "idle_wakeups": 0}
         assert [] == below_goal(edge)
         assert ["deadlocks", "OOMs resolved"] == [line.split(":")[0] for line in

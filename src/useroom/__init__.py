@@ -8,8 +8,8 @@ from useroom._check import HookReport, check_hook
 from useroom._cgroup import EventRegistration, Group, OomControl, Stats
 from useroom._cgroup_v2 import FileNotifier, MemoryEvents, PressureTrigger, V2Group
 from useroom._declare import Declaration
-from useroom._handler import Handler, OomEvent, StepRecord, VictimRecord
-from useroom._supervisor import Supervisor
+from useroom._handler import EventOutcome, OomEvent, StepRecord, VictimRecord
+from useroom._supervisor import Handler, Supervisor
 from useroom._hardening import HardeningReport, lock_memory, release_memory
 from useroom._hooks import HookRecord, OomContext, PressureContext
 from useroom._policy import (
@@ -21,8 +21,10 @@ from useroom._policy import (
     KillGroup,
     KillNewest,
     MoveToOverflow,
+    Phase,
     Policy,
     RaiseLimit,
+    StepTag,
 )
 from useroom._units import UNLIMITED, format_size, parse_size
 from useroom._watchdog import DEFAULT_DELAY, Takeover
@@ -56,6 +58,7 @@ __all__ = [
     "CgroupPermissionError",
     "Declaration",
     "DryRun",
+    "EventOutcome",
     "EventRegistration",
     "FileNotifier",
     "FreezeAndDecide",
@@ -84,6 +87,7 @@ __all__ = [
     "OomContext",
     "OomControl",
     "OomEvent",
+    "Phase",
     "Policy",
     "PressureContext",
     "PressureTrigger",
@@ -93,6 +97,7 @@ __all__ = [
     "RootGroupError",
     "Stats",
     "StepRecord",
+    "StepTag",
     "Supervisor",
     "Takeover",
     "UnsupportedKernel",

@@ -35,6 +35,7 @@ from typing import ClassVar, Final
 
 import attrs
 
+from useroom import _fd
 from useroom._mounts import (
     CGROUP_FSTYPES,
     MemoryHierarchy,
@@ -62,9 +63,6 @@ from useroom.exceptions import (
 
 __all__ = ["EventRegistration", "Group", "OomControl", "Stats", "backend_class"]
 
-#: Whether pidfds (Linux 5.3) can be used to signal tasks without racing pid
-#: reuse. Tests set it to False to exercise the fallback.
-can_use_pidfd: bool = hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal")
 
 #: How long :meth:`Group.remove` with ``force=True`` waits by default for the
 #: group's tasks to die.
@@ -749,7 +747,7 @@ class Group(abc.ABC):
     def _kill(self, pid: int) -> int | None:
         """SIGKILL *pid* if it is still in this group; return its pidfd (the caller closes it)."""
         try:
-            if not can_use_pidfd:
+            if not _fd.can_use_pidfd:
                 os.kill(pid, signal.SIGKILL)
                 return None
             pidfd = os.pidfd_open(pid)

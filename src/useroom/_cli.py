@@ -19,9 +19,9 @@ import attrs
 
 from useroom._cgroup import Group
 from useroom._cgroup_v2 import V2Group
-from useroom._handler import Handler, OomEvent
+from useroom._handler import OomEvent
 from useroom._policy import KillGroup, KillLargest, KillNewest, Policy, RaiseLimit
-from useroom._supervisor import Supervisor
+from useroom._supervisor import Handler, Supervisor
 from useroom._units import format_size, parse_size
 from useroom._watchdog import Takeover
 from useroom._watchdog import main as watchdog_main

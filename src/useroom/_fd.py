@@ -6,10 +6,15 @@ Pure Python, so the cgroup layer can use it without loading the native core.
 from __future__ import annotations
 
 import os
+import signal
 import warnings
 from typing import Any
 
-__all__ = ["OwnedFd"]
+__all__ = ["OwnedFd", "can_use_pidfd"]
+
+#: Whether this Python has pidfds (Linux 5.3, Python 3.9): os.pidfd_open
+#: and signal.pidfd_send_signal. Tests patch it to exercise the fallback.
+can_use_pidfd: bool = hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal")
 
 
 class OwnedFd:

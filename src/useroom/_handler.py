@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import enum
 import errno
 import json
 import os
@@ -55,6 +56,8 @@ from useroom._settle import GrantCloser
 from useroom._policy import (
     PICK_REASON,
     CompiledPlan,
+    Phase,
+    StepTag,
     FreezeAndDecide,
     FrozenContext,
     KillLargest,
@@ -67,7 +70,7 @@ from useroom._victims import Victim, VictimTable
 from useroom.exceptions import GroupGone, RootGroupError, UnsupportedKernel, WatcherError
 from useroom._watchdog import DEFAULT_DELAY, Takeover, WatchdogLink
 
-__all__ = ["Handler", "OomEvent", "StepRecord", "VictimRecord"]
+__all__ = ["EventOutcome", "GroupHandler", "OomEvent", "ProcessOptions", "StepRecord", "VictimRecord"]
 
 #: The reserve used when on_oom hooks are registered and none was given.
 DEFAULT_HOOK_RESERVE = 16 << 20
@@ -84,6 +87,38 @@ PENDING_POLL = 0.1
 V2_GAP = 16 << 20
 
 
+class EventOutcome(str, enum.Enum):
+    """How an episode ended (a ``str``: compares equal to its value); see
+    :class:`OomEvent`."""
+
+    RESOLVED = "resolved"
+    SUPERSEDED = "superseded"
+    RELIEVED = "relieved"
+    UNRESOLVED = "unresolved"
+    NOT_NEEDED = "not_needed"
+    GONE = "gone"
+    NO_PLAN = "no_plan"
+    ACTED = "acted"
+    FORWARDED = "forwarded"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: The watcher's outcome of a record, as an event's.
+_OUTCOMES: dict[_native.Outcome, EventOutcome] = {
+    _native.Outcome.RESOLVED: EventOutcome.RESOLVED,
+    _native.Outcome.SUPERSEDED: EventOutcome.SUPERSEDED,
+    _native.Outcome.RELIEVED: EventOutcome.RELIEVED,
+    _native.Outcome.UNRESOLVED: EventOutcome.UNRESOLVED,
+    _native.Outcome.NOT_NEEDED: EventOutcome.NOT_NEEDED,
+    _native.Outcome.GONE: EventOutcome.GONE,
+    _native.Outcome.NO_PLAN: EventOutcome.NO_PLAN,
+    _native.Outcome.ACTED: EventOutcome.ACTED,
+    _native.Outcome.FORWARDED: EventOutcome.FORWARDED,
+}
+
+
 @attrs.frozen
 class StepRecord:
     """One action the native plan ran during an episode: when it began
@@ -91,10 +126,16 @@ class StepRecord:
 
     kind: str
     explanation: str
-    phase: str
+    #: None for a step of a plan no longer known (armed long before).
+    phase: Phase | None
     result: int
     started_ns: int
     t_ns: int
+    #: Whether the action opened a grant (raised the limit by the reserve)
+    #: or restored the limit; ``StepTag.NONE`` for every other.
+    tag: StepTag = StepTag.NONE
+    #: The pid a signal step signalled (its target, or the pick); 0 if none.
+    pid: int = 0
 
     @property
     def ok(self) -> bool:
@@ -103,7 +144,7 @@ class StepRecord:
     @property
     def settled(self) -> bool:
         """The hooks' wait, answered by a hook thread that closed the grant itself."""
-        return self.kind == "AWAIT" and self.phase == "hooks" and self.result == _native.SETTLED
+        return self.kind == "AWAIT" and self.phase is Phase.HOOKS and self.result == _native.SETTLED
 
 
 @attrs.frozen
@@ -154,13 +195,13 @@ class OomEvent:
     notified_ns: int
     acted_ns: int | None
     resolved_ns: int | None
-    outcome: str
+    outcome: EventOutcome
     action: str
     victims: tuple[VictimRecord, ...]
     steps: tuple[StepRecord, ...]
     fallback: bool
     plan_id: int
-    resolved_by: str | None = None
+    resolved_by: Phase | None = None
     hooks: tuple[HookRecord, ...] = ()
     would: tuple[str, ...] = ()
     moved: tuple[int, ...] = ()
@@ -188,13 +229,13 @@ class OomEvent:
             notified_ns=takeover.notified_ns,
             acted_ns=takeover.acted_ns,
             resolved_ns=takeover.resolved_ns,
-            outcome="resolved" if takeover.resolved_ns is not None else "gone",
+            outcome=EventOutcome.RESOLVED if takeover.resolved_ns is not None else EventOutcome.GONE,
             action=f"watchdog ({takeover.reason}): kernel OOM killer enabled {ms:.1f} ms after the notification",
             victims=(),
             steps=(),
             fallback=True,
             plan_id=-1,
-            resolved_by="watchdog",
+            resolved_by=Phase.WATCHDOG,
             takeover=takeover,
         )
 
@@ -237,69 +278,30 @@ class _ArmedPlan:
     key: object = None
 
 
-class Handler:
-    """The OOM handler of one memory cgroup; it may live inside that group.
+@attrs.frozen
+class ProcessOptions:
+    """What a process that handles OOMs sets once, for every group it
+    serves: the watchdog's ``delay`` and its other settings, and the
+    hardening (see :class:`~useroom.Handler`)."""
 
-    ``policy`` decides victims (KillLargest by default). ``reserve`` (bytes
-    or a size like ``"16M"``) enables the headroom grant: when the planned
-    victims are not enough, the watcher raises the limit by the reserve,
-    wakes this handler to refresh and act, then restores the limit. The
-    parent group must allow the raised limit. ``thresholds`` are fractions
-    of the limit at which the victim table is refreshed. The kernel OOM
-    killer is disabled for the group while the handler runs (its previous
-    setting is restored on stop) and re-enabled for one episode as the last
-    resort when ``kernel_fallback`` is true. ``protect`` lists pids never to
-    kill; this process is always protected.
+    delay: float = attrs.field(default=DEFAULT_DELAY, converter=parse_duration)
+    harden: bool = True
+    mlockall: bool = False
+    watchdog: bool = True
+    watchdog_group: Group | None = None
+    watchdog_log: str | None = None
+    heartbeat_timeout: float = attrs.field(default=5.0)
 
-    Hooks: :meth:`on_oom` (free memory before anything is killed; needs a
-    reserve, ``DEFAULT_HOOK_RESERVE`` if none is given, and runs within
-    ``hook_timeout``), :meth:`on_pressure`, :meth:`on_resolved`,
-    :meth:`on_kill`. They may be registered and removed while it runs.
+    @heartbeat_timeout.validator
+    def _check_heartbeat(self, _: object, value: float) -> None:
+        if not value > 0:
+            raise ValueError(f"heartbeat_timeout must be > 0 seconds, not {value!r}")
 
-    Declared handler: on start the handler calls :meth:`declare`. Where
-    the kernel lacks the proposed interfaces (every kernel today), a
-    watchdog process outside the group (``watchdog=True``) hands an episode
-    to the kernel OOM killer when it outlasts ``delay`` (seconds, or
-    ``"2s"``/``"500ms"``), at once when this handler is stopped, exited,
-    has a declared thread asleep in the OOM wait or sent no heartbeat for
-    ``heartbeat_timeout``, and restores the limit if
-    this process dies with a grant open. ``watchdog_group`` is where it
-    runs (default: the handled group's parent when this process is inside
-    the handled group, else this process's group); ``watchdog_log`` a file
-    for its JSON log. If the watchdog dies it is restarted; if it cannot be,
-    the kernel OOM killer is re-enabled for the group.
 
-    Inside the group (cgroup v1), the handler's own threads are moved to
-    the watchdog's group (``kernel_memory_group``) so that the files they
-    open during an episode are not charged to the group at its limit; the
-    process and its pages stay in the group, and :meth:`stop` moves the
-    threads back.
-
-    While the ``on_oom`` hooks run, the process's other Python threads are
-    held at their next call or return (``hold_threads``, where the
-    interpreter allows it): they would take the headroom back. The hold
-    works through each thread's profile function (``sys.setprofile``): it is
-    installed ahead of an episode once the usage reaches ``hold_arm_at`` of
-    the limit (0: always), so that it stops the threads the moment the hooks
-    are woken, and removed below half of that. While it is installed, Python
-    code runs slower (about 1.2-4x, most for call-heavy code, on CPython
-    3.11); a profiler the process runs on its threads is replaced and then
-    cleared. Pass ``hold_threads=False`` to do without. The group's other
-    processes are stopped (SIGSTOP) before the hooks' grant and continued
-    (SIGCONT) after the hooks (``hold_processes``, at most six, the table's
-    first); a hook that needs them to act calls ``ctx.resume_others()``.
-
-    Use it as a context manager or with :meth:`start` / :meth:`stop`; or
-    get it from :meth:`Supervisor.add`, which serves many groups from one
-    watcher thread, one manager thread and one watchdog (the process-wide
-    options ``delay``, ``harden``, ``mlockall``, ``watchdog*`` and
-    ``heartbeat_timeout`` are then the supervisor's).
-
-    ``refresh_interval`` (seconds) adds a timed refresh of the victim
-    table; by default (None) it is refreshed from events only: usage
-    thresholds (cgroup v1), each episode's end, grants, hook changes. With
-    nothing happening, the handler's threads sleep.
-    """
+class GroupHandler:
+    """The handler of one group, as a supervisor serves it: its fds, its
+    victim table, its plans, its hooks and its events. The public
+    :class:`~useroom.Handler` adds a life of its own (``start``/``stop``)."""
 
     def __init__(
         self,
@@ -347,20 +349,14 @@ class Handler:
         self.hook_timeout = hook_timeout
         self.kernel_fallback = kernel_fallback
         self.protect = frozenset(protect)
-        self.harden = harden
-        self.mlockall = mlockall
-        self.delay = parse_duration(delay)
-        if not heartbeat_timeout > 0:
-            raise ValueError(f"heartbeat_timeout must be > 0 seconds, not {heartbeat_timeout!r}")
-        self.heartbeat_timeout = heartbeat_timeout
+        #: The process-wide options (the supervisor's, when it has one).
+        self.options = ProcessOptions(delay, harden, mlockall, watchdog, watchdog_group, watchdog_log,
+                                      heartbeat_timeout)
         if not 0 <= hold_arm_at < 1:
             raise ValueError(f"hold_arm_at is a fraction of the limit in [0, 1), not {hold_arm_at!r}")
         self.hold_threads = hold_threads
         self.hold_arm_at = hold_arm_at
         self.hold_processes = hold_processes
-        self.use_watchdog = watchdog
-        self.watchdog_group = watchdog_group
-        self.watchdog_log = watchdog_log
         #: What :meth:`declare` found: ``kernel`` or ``shim`` per feature.
         self.declaration: Declaration | None = None
         #: Where the handler's own threads' kernel allocations are charged
@@ -520,38 +516,10 @@ class Handler:
             self._event_cond.wait_for(lambda: len(self._events) >= count, timeout)
             return list(self._events)
 
-    def start(self) -> Handler:
-        """Hardens the process, prepares every fd, arms the plan, starts the
-        threads: a private supervisor of this one group. (A handler got from
-        :meth:`Supervisor.add` starts with its supervisor.)"""
-        if self._running:
-            raise WatcherError("the handler is already running")
-        if self._supervisor is not None and self._private is None:
-            raise WatcherError("this handler belongs to a supervisor: start the supervisor")
-        if self._private is None:
-            from useroom._supervisor import Supervisor
-
-            self._private = Supervisor(delay=self.delay, harden=self.harden, mlockall=self.mlockall,
-                                       watchdog=self.use_watchdog, watchdog_group=self.watchdog_group,
-                                       watchdog_log=self.watchdog_log, heartbeat_timeout=self.heartbeat_timeout)
-            self._private._adopt(self)
-        self._private.start()
-        return self
-
-    def stop(self) -> None:
-        """Stops the threads, restores the group's kernel OOM killer setting,
-        closes every fd. Idempotent. (A handler got from
-        :meth:`Supervisor.add` is stopped by :meth:`Supervisor.remove`.)"""
-        if self._private is not None:
-            self._private.stop()
-        elif self._supervisor is not None:
-            self._supervisor.remove(self)
-
-    def __enter__(self) -> Handler:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    @property
+    def delay(self) -> float:
+        """How long an episode may last before the watchdog hands it to the kernel (seconds)."""
+        return self.options.delay
 
     # -- arming ------------------------------------------------------------
 
@@ -1225,11 +1193,10 @@ class Handler:
         """True if the episode raised the limit and no restore succeeded after it."""
         open_ = False
         for step in event.steps:
-            if step.kind == "WRITE" and step.ok:
-                if step.explanation.startswith("grant headroom"):
-                    open_ = True
-                elif step.explanation.startswith(("restore the limit", "restore the wall")):
-                    open_ = False
+            if step.ok and step.tag is StepTag.GRANT:
+                open_ = True
+            elif step.ok and step.tag is StepTag.RESTORE:
+                open_ = False
             elif step.settled:
                 open_ = False  # the hook thread restored it
         return open_
@@ -1254,7 +1221,8 @@ class Handler:
         for step in record.steps:
             i = step.index
             why = armed.compiled.explanations[i] if armed else ""
-            phase = armed.compiled.phases[i] if armed else ""
+            phase = armed.compiled.phases[i] if armed else None
+            tag = armed.compiled.tags[i] if armed else StepTag.NONE
             target = armed.compiled.targets[i] if armed else None
             badness = None
             if step.kind == _native.ActionKind.SIGNAL_BEST and step.pid == 0 and step.result == _native.WAITED:
@@ -1268,13 +1236,14 @@ class Handler:
                 sig_name = signal.Signals(armed.compiled.plan.actions[i].sig).name
                 who = f"{target.name}, " if target.name else "new since the refresh, "
                 why = f"{sig_name} {target.pid} ({who}{format_size(badness)}): {PICK_REASON}"
-            steps.append(StepRecord(step.kind.name, why, phase, step.result, step.t0_ns, step.t_ns))
+            signalled = target.pid if target is not None and step.kind.name.startswith("SIGNAL") else 0
+            steps.append(StepRecord(step.kind.name, why, phase, step.result, step.t0_ns, step.t_ns, tag, signalled))
             if armed and target is not None and step.kind.name.startswith("SIGNAL"):
                 sig = signal.Signals(armed.compiled.plan.actions[i].sig).name
                 victims.append(VictimRecord(target.pid, target.name, target.rss, sig, step.result, "plan", badness))
-        fallback = any(s.phase in ("grant", "kernel") for s in steps)
+        fallback = any(s.phase in (Phase.GRANT, Phase.KERNEL) for s in steps)
         resolved_by = None
-        if record.outcome.name in ("RESOLVED", "SUPERSEDED") and steps:
+        if record.outcome in (_native.Outcome.RESOLVED, _native.Outcome.SUPERSEDED) and steps:
             resolved_by = steps[-1].phase
             for s_ in steps:
                 if s_.t_ns >= record.resolved_ns:
@@ -1284,11 +1253,11 @@ class Handler:
         for runner in (self._runner,):
             if runner is not None:
                 hooks = runner.records.pop(record.episode, ())
-        if any(s.phase in ("grant", "freeze") for s in steps) and self._grant_actions:
+        if any(s.phase in (Phase.GRANT, Phase.FREEZE) for s in steps) and self._grant_actions:
             victims.extend(self._grant_actions)
             self._grant_actions = []
         moved = tuple(armed.compiled.targets[st.index].pid for st in record.steps  # type: ignore[union-attr]
-                      if armed and st.result >= 0 and armed.compiled.phases[st.index] == "move"
+                      if armed and st.result >= 0 and armed.compiled.phases[st.index] is Phase.MOVE
                       and armed.compiled.targets[st.index] is not None)
         taken = [s.explanation for s in steps if s.ok and s.kind != "CHECK" and s.explanation]
         action = "; ".join(taken) if taken else "nothing"
@@ -1297,7 +1266,7 @@ class Handler:
             notified_ns=record.notified_ns,
             acted_ns=record.acted_ns or None,
             resolved_ns=record.resolved_ns or None,
-            outcome=record.outcome.name.lower(),
+            outcome=_OUTCOMES[record.outcome],
             action=action,
             victims=tuple(victims),
             steps=tuple(steps),

@@ -33,6 +33,7 @@ usage allows.
 from __future__ import annotations
 
 import abc
+import enum
 import os
 import signal
 from collections.abc import Callable, Iterable, Mapping
@@ -43,6 +44,7 @@ import psutil
 
 from useroom import _native
 from useroom._cgroup import Group
+from useroom._fd import OwnedFd
 from useroom._native import Action, Candidate, Plan
 from useroom._units import format_size, parse_size
 from useroom._victims import Pidfd, Victim
@@ -54,6 +56,8 @@ PICK_REASON = "largest RSS + swap + page tables at the OOM"
 HOLD_PROCESSES_MAX = 6
 
 __all__ = [
+    "Phase",
+    "StepTag",
     "CompiledPlan",
     "DryRun",
     "FreezeAndDecide",
@@ -67,6 +71,37 @@ __all__ = [
     "Policy",
     "RaiseLimit",
 ]
+
+
+class Phase(str, enum.Enum):
+    """Which part of a plan an action belongs to (a ``str``: compares equal
+    to its value, ``"hooks"``, ``"kill"`` ...)."""
+
+    HOOKS = "hooks"     # the on_oom hooks, with headroom granted
+    KILL = "kill"       # the policy's victims
+    RAISE = "raise"     # a raised limit
+    MOVE = "move"       # tasks moved to the overflow group
+    FREEZE = "freeze"   # the group frozen while the handler decides
+    GRANT = "grant"     # the tail grant: the handler refreshes and acts
+    KERNEL = "kernel"   # the last resort, the kernel OOM killer
+    WATCHDOG = "watchdog"  # an episode the watchdog handed to the kernel (no plan step)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class StepTag(str, enum.Enum):
+    """What an action does that code reads back from the records: it opens
+    a grant (raises the limit by the reserve) or restores the limit it
+    raised. Every other action is ``NONE``. (A ``str``, as in JSON.)"""
+
+    NONE = "none"
+    GRANT = "grant"
+    RESTORE = "restore"
+
+    def __str__(self) -> str:
+        return self.value
+
 
 
 @attrs.frozen
@@ -144,8 +179,8 @@ class CompiledPlan:
     plan: Plan
     #: One line per action: why it is there.
     explanations: tuple[str, ...]
-    #: One per action: "hooks", "kill", "raise", "grant" or "kernel".
-    phases: tuple[str, ...]
+    #: One per action: the part of the plan it belongs to.
+    phases: tuple[Phase, ...]
     #: One per action: the victim it signals, if any.
     targets: tuple[Victim | None, ...]
     victims: tuple[Victim, ...]
@@ -157,6 +192,8 @@ class CompiledPlan:
     #: What the plan's SIGNAL_BEST actions pick from, by the index a step
     #: records (:attr:`useroom._native.Step.pick`).
     candidates: tuple[Victim, ...] = ()
+    #: One per action: whether it opens a grant or restores the limit.
+    tags: tuple[StepTag, ...] = ()
 
 
 class _Builder:
@@ -164,7 +201,8 @@ class _Builder:
         self.ctx = ctx
         self.actions: list[Action] = []
         self.why: list[str] = []
-        self.phases: list[str] = []
+        self.phases: list[Phase] = []
+        self.tags: list[StepTag] = []
         self.targets: list[Victim | None] = []
         self.victims: list[Victim] = []
         self.pidfds: list[Pidfd] = []
@@ -180,11 +218,13 @@ class _Builder:
     def room(self) -> int:
         return _native.PLAN_MAX - len(self.actions)
 
-    def add(self, action: Action, why: str, phase: str, target: Victim | None = None) -> None:
+    def add(self, action: Action, why: str, phase: Phase, target: Victim | None = None, *,
+            tag: StepTag = StepTag.NONE) -> None:
         self.actions.append(action)
         self.why.append(why)
         self.phases.append(phase)
         self.targets.append(target)
+        self.tags.append(tag)
 
     def kill(self, victim: Victim, reason: str, sig: int, term_grace: float | None) -> None:
         self.open_wall()
@@ -194,26 +234,26 @@ class _Builder:
             self.pidfds.append(pidfd)
             fd = pidfd.fileno()
             if term_grace is not None:
-                self.add(Action.signal_pidfd(fd, signal.SIGTERM), f"SIGTERM {who}: {reason}", "kill", victim)
-                self.add(Action.await_readable(fd, term_grace), f"wait up to {term_grace} s for {victim.pid} to exit", "kill")
+                self.add(Action.signal_pidfd(fd, signal.SIGTERM), f"SIGTERM {who}: {reason}", Phase.KILL, victim)
+                self.add(Action.await_readable(fd, term_grace), f"wait up to {term_grace} s for {victim.pid} to exit", Phase.KILL)
             signal_at = len(self.actions)
-            self.add(Action.signal_pidfd(fd, sig), f"{signal.Signals(sig).name} {who}: {reason}", "kill", victim)
+            self.add(Action.signal_pidfd(fd, sig), f"{signal.Signals(sig).name} {who}: {reason}", Phase.KILL, victim)
             if _native.can_use_mrelease and sig == signal.SIGKILL:
-                self.add(Action.mrelease(fd), f"reap the memory of {victim.pid} now", "kill")
+                self.add(Action.mrelease(fd), f"reap the memory of {victim.pid} now", Phase.KILL)
             if self.hooks_grant is not None:
                 # The restore that follows needs the memory back: wait for the exit.
                 self.add(Action.await_readable(fd, self.ctx.check_timeout).after(signal_at),
-                         f"wait up to {self.ctx.check_timeout} s for {victim.pid} to exit", "kill")
+                         f"wait up to {self.ctx.check_timeout} s for {victim.pid} to exit", Phase.KILL)
         else:
             if term_grace is not None:
-                self.add(Action.signal_pid(victim.pid, signal.SIGTERM), f"SIGTERM {who}: {reason}", "kill", victim)
-            self.add(Action.signal_pid(victim.pid, sig), f"{signal.Signals(sig).name} {who}: {reason}", "kill", victim)
+                self.add(Action.signal_pid(victim.pid, signal.SIGTERM), f"SIGTERM {who}: {reason}", Phase.KILL, victim)
+            self.add(Action.signal_pid(victim.pid, sig), f"{signal.Signals(sig).name} {who}: {reason}", Phase.KILL, victim)
         if self.hooks_grant is not None:
-            self.restore(self.hooks_grant, "kill")
+            self.restore(self.hooks_grant, Phase.KILL)
         check = Action.check(self.ctx.check_timeout, supersede=True)
         if self.ctx.lift and pidfd is not None:
             check = check.until_exit(pidfd.fileno())
-        self.add(check, self.check_why, "kill")
+        self.add(check, self.check_why, Phase.KILL)
         self.victims.append(victim)
 
     @property
@@ -229,15 +269,15 @@ class _Builder:
         self.open_wall()
         signal_at = len(self.actions)
         self.add(Action.signal_best(sig, self.ctx.check_timeout), f"{signal.Signals(sig).name} the task with the {reason}",
-                 "kill")
+                 Phase.KILL)
         if _native.can_use_mrelease and sig == signal.SIGKILL:
-            self.add(Action.mrelease(0).on_pick(), "reap the memory of the pick now", "kill")
+            self.add(Action.mrelease(0).on_pick(), "reap the memory of the pick now", Phase.KILL)
         if self.hooks_grant is not None:
             self.add(Action.await_readable(0, self.ctx.check_timeout).on_pick().after(signal_at),
-                     f"wait up to {self.ctx.check_timeout} s for the pick to exit", "kill")
-            self.restore(self.hooks_grant, "kill")
+                     f"wait up to {self.ctx.check_timeout} s for the pick to exit", Phase.KILL)
+            self.restore(self.hooks_grant, Phase.KILL)
         check = Action.check(self.ctx.check_timeout, supersede=True)
-        self.add(check.until_exit().on_pick() if self.ctx.lift else check, self.check_why, "kill")
+        self.add(check.until_exit().on_pick() if self.ctx.lift else check, self.check_why, Phase.KILL)
 
     def open_wall(self) -> None:
         """Before the first kill (v2): the wall steps up to ``ctx.lift``."""
@@ -245,13 +285,13 @@ class _Builder:
             self.opened = len(self.actions)
             self.add(Action.write(self.ctx.limit_fd, self.ctx.lift),
                      f"open the wall while the handler kills (memory.high {self.ctx.lift.decode()}): "
-                     "a task over it now would be put to sleep for up to 2 s", "kill")
+                     "a task over it now would be put to sleep for up to 2 s", Phase.KILL)
 
     def close_wall(self) -> None:
         """After the kills: the wall back (whether they resolved the episode or not)."""
         if self.opened is not None:
             self.add(Action.write(self.ctx.limit_fd, str(self.ctx.limit).encode()).after(self.opened).always(),
-                     f"close the wall again: memory.high {format_size(self.ctx.limit)}", "kill")
+                     f"close the wall again: memory.high {format_size(self.ctx.limit)}", Phase.KILL)
             self.opened = None
 
     def kill_cost(self, term_grace: float | None) -> int:
@@ -263,13 +303,13 @@ class _Builder:
         """Actions of one restore: the write, and on v2 the check after it."""
         return 1 if self.ctx.restore_resolves else 2
 
-    def restore(self, grant_at: int, phase: str) -> None:
+    def restore(self, grant_at: int, phase: Phase) -> None:
         """Restore the limit if the grant at ``grant_at`` was made; success
         ends the episode (usage fits the limit again)."""
         limit = self.ctx.limit
         if not self.ctx.restore_resolves:
             self.add(Action.write(self.ctx.limit_fd, str(limit).encode()).after(grant_at).always(),
-                     f"restore the wall to {format_size(limit)}", phase)
+                     f"restore the wall to {format_size(limit)}", phase, tag=StepTag.RESTORE)
             self.add(Action.check(self.ctx.check_timeout).after(grant_at),
                      "check whether the usage is back under the wall", phase)
             return
@@ -277,9 +317,10 @@ class _Builder:
             Action.write(self.ctx.limit_fd, str(limit).encode()).after(grant_at).always().resolving(),
             f"restore the limit to {format_size(limit)}",
             phase,
+            tag=StepTag.RESTORE,
         )
 
-    def grant(self, wake_fd: int, reply_fd: int, timeout: float, phase: str, who: str, *,
+    def grant(self, wake_fd: int, reply_fd: int, timeout: float, phase: Phase, who: str, *,
               settles: bool = False, then: tuple[tuple[int, Action, str], ...] = ()) -> int:
         """Raise the limit by the reserve, wake ``who``, await its reply,
         restore. With ``settles``, ``who`` may restore the limit itself and
@@ -294,6 +335,7 @@ class _Builder:
             raise_.opening() if ctx.restore_resolves else raise_,
             f"grant headroom: limit {format_size(ctx.limit)} -> {format_size(granted)}",
             phase,
+            tag=StepTag.GRANT,
         )
         self.add(Action.wake(wake_fd).after(grant_at), f"wake {who}", phase)
         awaited = Action.await_readable(reply_fd, timeout, read=True).after(grant_at)
@@ -319,9 +361,9 @@ class _Builder:
                     fd = v.pidfd.fileno()
                     resume.append((len(self.actions), Action.signal_pidfd(fd, signal.SIGCONT), f"SIGCONT {v.pid}"))
                     self.add(Action.signal_pidfd(fd, signal.SIGSTOP),
-                             f"SIGSTOP {v.describe()}: hold it while the hooks run", "hooks")
+                             f"SIGSTOP {v.describe()}: hold it while the hooks run", Phase.HOOKS)
             self.hooks_grant = self.grant(ctx.hooks_wake_fd, ctx.hooks_reply_fd, ctx.hooks_timeout,
-                                          "hooks", "the on_oom hooks", settles=True, then=tuple(resume))
+                                          Phase.HOOKS, "the on_oom hooks", settles=True, then=tuple(resume))
 
     def tail(self) -> None:
         """The wall closed after the kills, then the grant and the kernel
@@ -329,17 +371,17 @@ class _Builder:
         self.close_wall()
         ctx = self.ctx
         if ctx.can_grant and ctx.grant_wake_fd >= 0 and ctx.grant_reply_fd >= 0:
-            self.grant(ctx.grant_wake_fd, ctx.grant_reply_fd, ctx.grant_timeout, "grant",
+            self.grant(ctx.grant_wake_fd, ctx.grant_reply_fd, ctx.grant_timeout, Phase.GRANT,
                        "the handler to refresh and act")
         if ctx.kill_switch_fd >= 0:
             enable_at = len(self.actions)
-            self.add(Action.write(ctx.kill_switch_fd, ctx.kill_switch_on), "last resort: let the kernel OOM killer act", "kernel")
-            self.add(Action.check(ctx.kernel_timeout), "check whether the kernel resolved it", "kernel")
+            self.add(Action.write(ctx.kill_switch_fd, ctx.kill_switch_on), "last resort: let the kernel OOM killer act", Phase.KERNEL)
+            self.add(Action.check(ctx.kernel_timeout), "check whether the kernel resolved it", Phase.KERNEL)
             # Disabled again only once no task waits: if the kernel has not
             # acted yet, it stays enabled and the handler disables it later.
             self.add(
                 Action.write(ctx.kill_switch_fd, ctx.kill_switch_off).after(enable_at).always().if_clear(),
-                "disable the kernel OOM killer again", "kernel",
+                "disable the kernel OOM killer again", Phase.KERNEL,
             )
 
     def tail_cost(self) -> int:
@@ -366,7 +408,7 @@ class _Builder:
                     limit_kb=self.ctx.limit_kb)
         return CompiledPlan(
             plan, tuple(self.why), tuple(self.phases), tuple(self.targets), tuple(self.victims),
-            tuple(self.pidfds), held=tuple(self.held), candidates=tuple(self.candidates),
+            tuple(self.pidfds), held=tuple(self.held), candidates=tuple(self.candidates), tags=tuple(self.tags),
         )
 
 
@@ -528,7 +570,7 @@ class KillGroup(Policy):
         b = _Builder(ctx)
         b.head()
         if ctx.kill_fd >= 0:
-            b.add(Action.write(ctx.kill_fd, b"1"), "kill the whole group (cgroup.kill)", "kill")
+            b.add(Action.write(ctx.kill_fd, b"1"), "kill the whole group (cgroup.kill)", Phase.KILL)
         else:
             budget = b.room() - b.tail_cost() - 1 - (b.restore_cost if b.hooks_grant is not None else 0)
             each = 1 + int(_native.can_use_mrelease)
@@ -537,17 +579,17 @@ class KillGroup(Policy):
                 b.victims.append(v)
                 why = f"SIGKILL {v.describe()}: the whole group"
                 if v.pidfd is None:
-                    b.add(Action.signal_pid(v.pid, signal.SIGKILL), why, "kill", v)
+                    b.add(Action.signal_pid(v.pid, signal.SIGKILL), why, Phase.KILL, v)
                     continue
                 b.pidfds.append(v.pidfd)
-                b.add(Action.signal_pidfd(v.pidfd.fileno(), signal.SIGKILL), why, "kill", v)
+                b.add(Action.signal_pidfd(v.pidfd.fileno(), signal.SIGKILL), why, Phase.KILL, v)
             if _native.can_use_mrelease:
                 for v in chosen:
                     if v.pidfd is not None:
-                        b.add(Action.mrelease(v.pidfd.fileno()), f"reap the memory of {v.pid} now", "kill")
+                        b.add(Action.mrelease(v.pidfd.fileno()), f"reap the memory of {v.pid} now", Phase.KILL)
         if b.hooks_grant is not None:
-            b.restore(b.hooks_grant, "kill")
-        b.add(Action.check(ctx.check_timeout, supersede=True), "check whether the OOM is over", "kill")
+            b.restore(b.hooks_grant, Phase.KILL)
+        b.add(Action.check(ctx.check_timeout, supersede=True), "check whether the OOM is over", Phase.KILL)
         b.tail()
         return b.build()
 
@@ -614,9 +656,9 @@ class RaiseLimit(Policy):
                 b.add(
                     Action.write(ctx.limit_fd, str(limit).encode()),
                     f"raise the limit to {format_size(limit)} (ceiling {format_size(self.ceiling)})",
-                    "raise",
+                    Phase.RAISE,
                 )
-                b.add(Action.check(ctx.check_timeout, supersede=True), "check whether the OOM is over", "raise")
+                b.add(Action.check(ctx.check_timeout, supersede=True), "check whether the OOM is over", Phase.RAISE)
         self.then._compile_kills(b, ctx)
         b.tail()
         return b.build()
@@ -652,7 +694,7 @@ class MoveToOverflow(Policy):
     then: Policy = attrs.field(factory=KillLargest)
     max_moved: int = attrs.field(default=1)
     max_raise: int | None = attrs.field(default=None, converter=attrs.converters.optional(parse_size))
-    _procs_fd: list[int] = attrs.field(factory=list, init=False, eq=False, repr=False)
+    _procs: list[OwnedFd] = attrs.field(factory=list, init=False, eq=False, repr=False)
 
     @max_moved.validator
     def _check_moved(self, _: object, value: int) -> None:
@@ -678,17 +720,17 @@ class MoveToOverflow(Policy):
             raise ValueError(f"the overflow group {overflow.relpath} is {relation} ({group.relpath}): "
                              "what moves there is still charged to the handled group")
         self.disarm()
-        self._procs_fd.append(overflow.open_file(overflow.procs_file, os.O_WRONLY))
+        self._procs.append(_File(overflow.open_file(overflow.procs_file, os.O_WRONLY)))
 
     def disarm(self) -> None:
-        while self._procs_fd:
-            os.close(self._procs_fd.pop())
+        while self._procs:
+            self._procs.pop().close()
 
     def compile(self, ctx: PlanContext) -> CompiledPlan:
         ctx = attrs.evolve(ctx, reserve=0)  # a grant's restore would undo the raise
         b = _Builder(ctx)
         then_cost = b.kill_cost(self.then.term_grace)
-        if self._procs_fd and ctx.limit >= 0:
+        if self._procs and ctx.limit >= 0:
             where = self.overflow.relpath
             left_behind = 0
             for victim, reason in self.order(ctx.victims)[: self.max_moved]:
@@ -696,14 +738,14 @@ class MoveToOverflow(Policy):
                     break
                 who = victim.describe()
                 move_at = len(b.actions)
-                b.add(Action.write(self._procs_fd[0], str(victim.pid).encode()),
-                      f"move {who} to {where}: {reason}", "move", victim)
+                b.add(Action.write(self._procs[0].fileno(), str(victim.pid).encode()),
+                      f"move {who} to {where}: {reason}", Phase.MOVE, victim)
                 left_behind += victim.rss
                 raised = ctx.limit + (left_behind if self.max_raise is None else min(left_behind, self.max_raise))
                 b.add(Action.write(ctx.limit_fd, str(raised).encode()).after(move_at),
                       f"grant headroom: limit {format_size(ctx.limit)} -> {format_size(raised)}, "
-                      f"for what {victim.pid} leaves charged here", "move")
-                b.add(Action.check(ctx.check_timeout, supersede=True), "check whether the OOM is over", "move")
+                      f"for what {victim.pid} leaves charged here", Phase.MOVE, tag=StepTag.GRANT)
+                b.add(Action.check(ctx.check_timeout, supersede=True), "check whether the OOM is over", Phase.MOVE)
         self.then._compile_kills(b, ctx)
         b.tail()
         return b.build()
@@ -755,13 +797,14 @@ class FreezeAndDecide(Policy):
             granted = ctx.limit + ctx.reserve
             raise_ = Action.write(ctx.limit_fd, str(granted).encode())
             b.add(raise_.opening() if ctx.restore_resolves else raise_,
-                  f"grant headroom: limit {format_size(ctx.limit)} -> {format_size(granted)}", "freeze")
+                  f"grant headroom: limit {format_size(ctx.limit)} -> {format_size(granted)}", Phase.FREEZE,
+                  tag=StepTag.GRANT)
             thaws = []
             if ctx.freeze_fd >= 0:
                 # cgroup v2: the whole group at once, newcomers included.
                 thaws.append((len(b.actions), Action.write(ctx.freeze_fd, b"0"), "thaw the group"))
                 b.add(Action.write(ctx.freeze_fd, b"1").after(grant_at),
-                      "freeze the group (cgroup.freeze) before deciding", "freeze")
+                      "freeze the group (cgroup.freeze) before deciding", Phase.FREEZE)
             else:
                 for v in stoppable:
                     assert v.pidfd is not None
@@ -769,13 +812,13 @@ class FreezeAndDecide(Policy):
                     thaws.append((len(b.actions), Action.signal_pidfd(v.pidfd.fileno(), signal.SIGCONT),
                                   f"SIGCONT {v.pid}: thaw"))
                     b.add(Action.signal_pidfd(v.pidfd.fileno(), signal.SIGSTOP).after(grant_at),
-                          f"SIGSTOP {v.describe()}: freeze before deciding", "freeze", v)
-            b.add(Action.wake(ctx.grant_wake_fd).after(grant_at), "wake the handler to decide", "freeze")
+                          f"SIGSTOP {v.describe()}: freeze before deciding", Phase.FREEZE, v)
+            b.add(Action.wake(ctx.grant_wake_fd).after(grant_at), "wake the handler to decide", Phase.FREEZE)
             b.add(Action.await_readable(ctx.grant_reply_fd, ctx.grant_timeout, read=True).after(grant_at),
-                  f"wait up to {ctx.grant_timeout} s for the decision", "freeze")
+                  f"wait up to {ctx.grant_timeout} s for the decision", Phase.FREEZE)
             for at, thaw, why in thaws:
-                b.add(thaw.after(at).always(), why, "freeze")
-            b.restore(grant_at, "freeze")
+                b.add(thaw.after(at).always(), why, Phase.FREEZE)
+            b.restore(grant_at, Phase.FREEZE)
             b.hooks_grant = grant_at
         self.then._compile_kills(b, ctx)
         b.ctx = attrs.evolve(b.ctx, grant_wake_fd=-1, grant_reply_fd=-1)  # the grant was the decision's
@@ -813,8 +856,16 @@ class DryRun(Policy):
             while limit + self.step <= self.ceiling and b.room() - b.tail_cost() > 2:
                 limit += self.step
                 b.add(Action.write(ctx.limit_fd, str(limit).encode()),
-                      f"dry run: raise the limit to {format_size(limit)}", "raise")
-                b.add(Action.check(ctx.check_timeout, supersede=True), "check whether the OOM is over", "raise")
+                      f"dry run: raise the limit to {format_size(limit)}", Phase.RAISE)
+                b.add(Action.check(ctx.check_timeout, supersede=True), "check whether the OOM is over", Phase.RAISE)
         b.tail()
         compiled = b.build()
         return attrs.evolve(compiled, would=self.would(ctx.victims))
+
+
+class _File(OwnedFd):
+    """A control file a policy opened ahead (the overflow group's ``cgroup.procs``)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+

@@ -28,20 +28,21 @@ import collections
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import attrs
 
 from useroom import _native
 from useroom._cgroup import Group
+from useroom._handler import GroupHandler, ProcessOptions
+from useroom._policy import Policy
 from useroom._hardening import HardeningReport, _vm_locked, lock_memory
 from useroom._hooks import THREAD_STACK_PREFAULT
 from useroom._units import parse_duration
 from useroom._watchdog import DEFAULT_DELAY, Takeover, WatchdogLink
 from useroom.exceptions import UseroomError, WatcherError
 
-if TYPE_CHECKING:
-    from useroom._handler import Handler
-
-__all__ = ["Supervisor"]
+__all__ = ["Handler", "Supervisor"]
 
 #: Epoll data of the manager's own fds; a group's fds use its key << 8 | kind.
 _WAKE = 1
@@ -76,22 +77,15 @@ class Supervisor:
         watchdog_log: str | None = None,
         heartbeat_timeout: float = 5.0,
     ) -> None:
-        self.delay = parse_duration(delay)
-        if not heartbeat_timeout > 0:
-            raise ValueError(f"heartbeat_timeout must be > 0 seconds, not {heartbeat_timeout!r}")
-        self.harden = harden
-        self.mlockall = mlockall
-        self.use_watchdog = watchdog
-        self.watchdog_group = watchdog_group
-        self.watchdog_log = watchdog_log
-        self.heartbeat_timeout = heartbeat_timeout
+        self.options = ProcessOptions(delay, harden, mlockall, watchdog, watchdog_group, watchdog_log,
+                                      heartbeat_timeout)
         #: What :func:`lock_memory` did; None before start or with harden=False.
         self.hardening: HardeningReport | None = None
         #: This process's locked bytes (VmLck) once started.
         self.locked_bytes = 0
         #: Errors the manager thread met and survived, and the watchdog's.
         self.errors: list[BaseException] = []
-        self._handlers: dict[int, Any] = {}  # key -> Handler
+        self._handlers: dict[int, GroupHandler] = {}  # key -> its handler
         self._next_key = 1
         self._admin = threading.RLock()  # add, remove, start, stop: one at a time
         self._watcher: _native.NativeWatcher | None = None
@@ -107,7 +101,7 @@ class Supervisor:
         return self._running
 
     @property
-    def handlers(self) -> tuple[Any, ...]:
+    def handlers(self) -> tuple[GroupHandler, ...]:
         """The handlers of the groups served, in the order they were added."""
         return tuple(self._handlers.values())
 
@@ -137,27 +131,22 @@ class Supervisor:
         """Watcher records overwritten before they were read (0 normally)."""
         return self._watcher.lost if self._watcher is not None else 0
 
-    def add(self, group: Group, policy: Any = None, **options: Any) -> Any:
+    def add(self, group: Group, policy: Policy | None = None, **options: Any) -> Handler:
         """Serves ``group`` with ``policy`` (KillLargest by default); returns
         its :class:`~useroom.Handler`. ``options`` are the handler's
         per-group options (``reserve``, ``thresholds``, hooks' timeouts,
         ``protect`` ...); the process-wide ones are the supervisor's."""
-        from useroom._handler import Handler
-
         for name in _PROCESS_OPTIONS:
             if name in options:
                 raise TypeError(f"{name} is the supervisor's, for every group: pass it to Supervisor()")
         with self._admin:
             if any(h.group.path == group.path for h in self._handlers.values()):
                 raise ValueError(f"{group.relpath} is served already")
-            handler = Handler(group, policy, delay=self.delay, harden=self.harden, mlockall=self.mlockall,
-                              watchdog=self.use_watchdog, watchdog_group=self.watchdog_group,
-                              watchdog_log=self.watchdog_log, heartbeat_timeout=self.heartbeat_timeout,
-                              **options)
+            handler = Handler(group, policy, **attrs.asdict(self.options, recurse=False), **options)
             self._adopt(handler)
             return handler
 
-    def _adopt(self, handler: Any) -> None:
+    def _adopt(self, handler: GroupHandler) -> None:
         with self._admin:
             key = self._next_key
             self._next_key += 1
@@ -172,7 +161,7 @@ class Supervisor:
                     handler._supervisor = None
                     raise
 
-    def remove(self, group: Group | Any) -> None:
+    def remove(self, group: Group | GroupHandler) -> None:
         """Stops serving a group (or a handler): its settings are put back,
         its fds closed. An episode in progress ends first (or is ended)."""
         with self._admin:
@@ -186,7 +175,7 @@ class Supervisor:
                 self._handlers.pop(handler._key, None)
                 handler._supervisor = None
 
-    def _find(self, group: Group | Any) -> Any:
+    def _find(self, group: Group | GroupHandler) -> GroupHandler | None:
         for handler in self._handlers.values():
             if handler is group or handler.group.path == getattr(group, "path", None):
                 return handler
@@ -220,8 +209,8 @@ class Supervisor:
     # -- running -------------------------------------------------------------
 
     def _start(self) -> None:
-        if self.harden:
-            self.hardening = lock_memory(mlockall=self.mlockall)
+        if self.options.harden:
+            self.hardening = lock_memory(mlockall=self.options.mlockall)
         self._watcher = _native.NativeWatcher()
         self._manager = _Manager(self, self._watcher)
         started = []
@@ -235,14 +224,14 @@ class Supervisor:
         self._manager.start()
         self._placement.place_for(self, [self.watcher_tid, self.manager_tid])
         needing = [h for h in started if h._declare_and_needs_watchdog()]
-        if self.use_watchdog and needing:
+        if self.options.watchdog and needing:
             self._guardian = _Guardian(self, self._watchdog_place(needing))
             for handler in needing:
                 self._guardian.add(handler)
             self._guardian.start()
         self.locked_bytes = _vm_locked()
 
-    def _begin(self, handler: Any) -> None:
+    def _begin(self, handler: GroupHandler) -> None:
         """A group added while running: open, arm, activate, guard."""
         assert self._watcher is not None and self._manager is not None
         handler._open(self._watcher.add_group())
@@ -250,7 +239,7 @@ class Supervisor:
             handler._activate()
             self._placement.place_handler(handler)
             self._manager.enlist(handler)
-            if handler._declare_and_needs_watchdog() and self.use_watchdog:
+            if handler._declare_and_needs_watchdog() and self.options.watchdog:
                 if self._guardian is None:
                     self._guardian = _Guardian(self, self._watchdog_place([handler]))
                     self._guardian.add(handler)
@@ -261,7 +250,7 @@ class Supervisor:
             self._end(handler)
             raise
 
-    def _end(self, handler: Any) -> None:
+    def _end(self, handler: GroupHandler) -> None:
         """Stops one group: out of the manager, settings back, out of the watchdog."""
         if self._manager is not None:
             self._manager.discharge(handler)
@@ -314,16 +303,16 @@ class Supervisor:
         for handler in list(self._handlers.values()):
             handler._protect_pid(pid)
 
-    def _watchdog_place(self, handlers: list[Any]) -> Group | None:
+    def _watchdog_place(self, handlers: list[GroupHandler]) -> Group | None:
         if any(h.group.version == 2 for h in handlers):
             # A v2 parent with memory enabled for its children cannot hold
             # processes: inside the group, the watchdog stays with us.
-            return self.watchdog_group or (None if any(h._inside() for h in handlers) else Group.current())
+            return self.options.watchdog_group or (None if any(h._inside() for h in handlers) else Group.current())
         return self._placement_for(handlers)
 
-    def _placement_for(self, handlers: list[Handler]) -> Group:
-        if self.watchdog_group is not None:
-            return self.watchdog_group
+    def _placement_for(self, handlers: list[GroupHandler]) -> Group:
+        if self.options.watchdog_group is not None:
+            return self.options.watchdog_group
         for handler in handlers:
             if handler._inside():
                 parent = handler.group.parent
@@ -355,9 +344,9 @@ class _Manager:
         self._stop = _native.EventFd()
         self._control = _native.EventFd()
         self._ring_lock = threading.Lock()
-        self._by_index: dict[int, Any] = {}  # watcher group index -> Handler
-        self._enlisted: dict[int, Any] = {}  # key -> Handler
-        self._timed: dict[int, Any] = {}  # key -> Handler with a time to be stepped at
+        self._by_index: dict[int, GroupHandler] = {}  # watcher group index -> its handler
+        self._enlisted: dict[int, GroupHandler] = {}  # key -> its handler
+        self._timed: dict[int, GroupHandler] = {}  # key -> a handler with a time to be stepped at
         self._inboxed: set[int] = set()  # keys of the handlers records were routed to
         self._linked: tuple[int, ...] = ()
         self._link: WatchdogLink | None = None
@@ -376,16 +365,16 @@ class _Manager:
         self._thread.start()
         self._ready.wait(10)
 
-    def enlist(self, handler: Any) -> None:
+    def enlist(self, handler: GroupHandler) -> None:
         """Routes the group's records to it and steps it from now on."""
         with handler._step_lock:
-            self._by_index[handler._slot.index] = handler
+            self._by_index[handler._watched.index] = handler
             handler._register(self._ep, handler._key << _GROUP_SHIFT)
             self._enlisted[handler._key] = handler
             self._retime(handler)
         self.wake()
 
-    def discharge(self, handler: Any) -> None:
+    def discharge(self, handler: GroupHandler) -> None:
         """Steps the group no more (its step in progress ends first); its
         fds leave the epoll set."""
         with handler._step_lock:
@@ -485,7 +474,7 @@ class _Manager:
             guardian.beat()
         return True
 
-    def _retime(self, handler: Any) -> None:
+    def _retime(self, handler: GroupHandler) -> None:
         if handler._due() < _NEVER:
             self._timed[handler._key] = handler
         else:
@@ -497,12 +486,7 @@ class _Manager:
         link = guardian.link if guardian is not None else None
         if link is self._link and (link is None or link.sock is None or self._linked):
             return  # registered already, or not ready yet (a round after its start registers it)
-        for fd in self._linked:
-            try:
-                self._ep.remove(fd)
-            except OSError:
-                pass
-        self._linked = ()
+        self._unlink()
         self._link = link
         if link is None or link.sock is None:
             return
@@ -516,14 +500,17 @@ class _Manager:
             for takeover in guardian.receive():
                 self._sup._route_takeover(takeover)
 
-    def _watchdog_exited(self) -> None:
-        guardian = self._sup._guardian
+    def _unlink(self) -> None:
         for fd in self._linked:
             try:
                 self._ep.remove(fd)
             except OSError:
-                pass
+                pass  # closed already: the kernel dropped it
         self._linked = ()
+
+    def _watchdog_exited(self) -> None:
+        guardian = self._sup._guardian
+        self._unlink()
         self._link = None
         if guardian is not None:
             self._takeovers()
@@ -542,25 +529,25 @@ class _Guardian:
     def __init__(self, supervisor: Supervisor, place: Group | None) -> None:
         self._sup = supervisor
         self.link: WatchdogLink | None = WatchdogLink(
-            place, delay=supervisor.delay,
+            place, delay=supervisor.options.delay,
             handler_tids=[t for t in (supervisor.watcher_tid,) if t],
             helper_tids=[t for t in (supervisor.manager_tid,) if t],
-            heartbeat_timeout=supervisor.heartbeat_timeout, log=supervisor.watchdog_log,
+            heartbeat_timeout=supervisor.options.heartbeat_timeout, log=supervisor.options.watchdog_log,
             spawned=supervisor._protect,
         )
 
-    def add(self, handler: Any) -> None:
+    def add(self, handler: GroupHandler) -> None:
         if self.link is not None:
             self.link.add(handler.group, limit=handler._limit, kill_enabled=bool(handler._restore_kill_setting),
                           saved=handler._saved_v2)
             handler._guarded = True
 
-    def remove(self, handler: Any) -> None:
+    def remove(self, handler: GroupHandler) -> None:
         if self.link is not None and handler._guarded:
             self.link.remove(handler.group)
             handler._guarded = False
 
-    def set_limit(self, handler: Any, limit: int) -> None:
+    def set_limit(self, handler: GroupHandler, limit: int) -> None:
         if self.link is not None and handler._guarded:
             self.link.set_limit(handler.group, limit)
 
@@ -648,7 +635,7 @@ class _Placement:
         for handler in supervisor._handlers.values():
             handler.kernel_memory_group = place
 
-    def place_handler(self, handler: Any) -> None:
+    def place_handler(self, handler: GroupHandler) -> None:
         handler.kernel_memory_group = self.place
 
     def unplace(self) -> None:
@@ -662,3 +649,98 @@ class _Placement:
                     home.attach_thread(int(name))  # type: ignore[attr-defined]
             except (OSError, UseroomError):
                 pass  # the thread ended
+
+
+class Handler(GroupHandler):
+    """The OOM handler of one memory cgroup; it may live inside that group.
+
+    ``policy`` decides victims (KillLargest by default). ``reserve`` (bytes
+    or a size like ``"16M"``) enables the headroom grant: when the planned
+    victims are not enough, the watcher raises the limit by the reserve,
+    wakes this handler to refresh and act, then restores the limit. The
+    parent group must allow the raised limit. ``thresholds`` are fractions
+    of the limit at which the victim table is refreshed. The kernel OOM
+    killer is disabled for the group while the handler runs (its previous
+    setting is restored on stop) and re-enabled for one episode as the last
+    resort when ``kernel_fallback`` is true. ``protect`` lists pids never to
+    kill; this process is always protected.
+
+    Hooks: :meth:`on_oom` (free memory before anything is killed; needs a
+    reserve, ``DEFAULT_HOOK_RESERVE`` if none is given, and runs within
+    ``hook_timeout``), :meth:`on_pressure`, :meth:`on_resolved`,
+    :meth:`on_kill`. They may be registered and removed while it runs.
+
+    Declared handler: on start the handler calls :meth:`declare`. Where
+    the kernel lacks the proposed interfaces (every kernel today), a
+    watchdog process outside the group (``watchdog=True``) hands an episode
+    to the kernel OOM killer when it outlasts ``delay`` (seconds, or
+    ``"2s"``/``"500ms"``), at once when this handler is stopped, exited,
+    has a declared thread asleep in the OOM wait or sent no heartbeat for
+    ``heartbeat_timeout``, and restores the limit if
+    this process dies with a grant open. ``watchdog_group`` is where it
+    runs (default: the handled group's parent when this process is inside
+    the handled group, else this process's group); ``watchdog_log`` a file
+    for its JSON log. If the watchdog dies it is restarted; if it cannot be,
+    the kernel OOM killer is re-enabled for the group.
+
+    Inside the group (cgroup v1), the handler's own threads are moved to
+    the watchdog's group (``kernel_memory_group``) so that the files they
+    open during an episode are not charged to the group at its limit; the
+    process and its pages stay in the group, and :meth:`stop` moves the
+    threads back.
+
+    While the ``on_oom`` hooks run, the process's other Python threads are
+    held at their next call or return (``hold_threads``, where the
+    interpreter allows it): they would take the headroom back. The hold
+    works through each thread's profile function (``sys.setprofile``): it is
+    installed ahead of an episode once the usage reaches ``hold_arm_at`` of
+    the limit (0: always), so that it stops the threads the moment the hooks
+    are woken, and removed below half of that. While it is installed, Python
+    code runs slower (about 1.2-4x, most for call-heavy code, on CPython
+    3.11); a profiler the process runs on its threads is replaced and then
+    cleared. Pass ``hold_threads=False`` to do without. The group's other
+    processes are stopped (SIGSTOP) before the hooks' grant and continued
+    (SIGCONT) after the hooks (``hold_processes``, at most six, the table's
+    first); a hook that needs them to act calls ``ctx.resume_others()``.
+
+    Use it as a context manager or with :meth:`start` / :meth:`stop`; or
+    get it from :meth:`Supervisor.add`, which serves many groups from one
+    watcher thread, one manager thread and one watchdog (the process-wide
+    options ``delay``, ``harden``, ``mlockall``, ``watchdog*`` and
+    ``heartbeat_timeout`` are then the supervisor's).
+
+    ``refresh_interval`` (seconds) adds a timed refresh of the victim
+    table; by default (None) it is refreshed from events only: usage
+    thresholds (cgroup v1), each episode's end, grants, hook changes. With
+    nothing happening, the handler's threads sleep.
+    """
+
+    def start(self) -> Handler:
+        """Hardens the process, prepares every fd, arms the plan, starts the
+        threads: a private supervisor of this one group. (A handler got from
+        :meth:`Supervisor.add` starts with its supervisor.)"""
+        if self._running:
+            raise WatcherError("the handler is already running")
+        if self._supervisor is not None and self._private is None:
+            raise WatcherError("this handler belongs to a supervisor: start the supervisor")
+        if self._private is None:
+            self._private = Supervisor(**attrs.asdict(self.options, recurse=False))
+            self._private._adopt(self)
+        self._private.start()
+        return self
+
+    def stop(self) -> None:
+        """Stops the threads, restores the group's kernel OOM killer setting,
+        closes every fd. Idempotent. (A handler got from
+        :meth:`Supervisor.add` is stopped by :meth:`Supervisor.remove`.)"""
+        if self._private is not None:
+            self._private.stop()
+        elif self._supervisor is not None:
+            self._supervisor.remove(self)
+
+    def __enter__(self) -> Handler:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+

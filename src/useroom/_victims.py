@@ -11,20 +11,18 @@ that exits makes its pidfd readable, and the plan skips it.
 from __future__ import annotations
 
 import os
-import signal
 from collections.abc import Iterable
 
 import attrs
 import psutil
 
+from useroom import _fd
 from useroom import _native
 from useroom._cgroup import Group
 from useroom._fd import OwnedFd
 
 __all__ = ["Pidfd", "ProcAdj", "ProcStatus", "Victim", "VictimTable"]
 
-#: Whether pidfds can be used; without them the plan signals pids.
-can_use_pidfd: bool = hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal")
 
 #: More than ``/proc/<pid>/status`` ever holds (about 1.5 KiB).
 _STATUS_MAX = 4096
@@ -240,7 +238,7 @@ class VictimTable:
             pidfd = self._pidfds.get(pid)
             try:
                 if pidfd is None or pidfd.closed:
-                    pidfd = Pidfd(pid) if can_use_pidfd else None
+                    pidfd = Pidfd(pid) if _fd.can_use_pidfd else None
                 known = self._measure(pid, pidfd)
                 adj = pidfd.adj.read() if pidfd is not None and pidfd.adj is not None else _oom_score_adj(pid)
             except (ProcessLookupError, psutil.NoSuchProcess, psutil.ZombieProcess):

@@ -508,14 +508,16 @@ def _signal_time(event: OomEvent, victim: Any, used: set[int]) -> dict[str, Any]
     that names it; for a kill by the handler's Python code during a grant, the
     end of the step that raised the limit for it (its signal came later);
     else when the plan began to act."""
+    from useroom import StepTag
+
     if victim.by == "plan":
         for index, step in enumerate(event.steps):
-            if index not in used and step.kind.startswith("SIGNAL") and f" {victim.pid} (" in step.explanation:
+            if index not in used and step.kind.startswith("SIGNAL") and step.pid == victim.pid:
                 used.add(index)
                 return {"t_ns": step.started_ns, "t_from": "signal step"}
     else:
         for step in event.steps:
-            if step.phase in ("grant", "freeze") and step.kind == "WRITE" and step.ok:
+            if step.tag is StepTag.GRANT and step.ok:
                 return {"t_ns": step.t_ns, "t_from": "grant step"}
     return {"t_ns": event.acted_ns or event.notified_ns, "t_from": "episode"}
 
