@@ -18,7 +18,7 @@ from helpers import GROUP_PREFIX, Hog, destroy_group, until_resolved, wait_until
 from useroom import Group, Handler, KillLargest, KillNewest, Supervisor
 from useroom._handler import V2_GAP
 
-pytestmark = [pytest.mark.kernel, pytest.mark.timeout(120)]
+pytestmark = pytest.mark.timeout(120)
 
 _names = itertools.count()
 
@@ -70,6 +70,7 @@ def _overrun(hogs, group: Group, mib: int = 64) -> Hog:
     return hog
 
 
+@pytest.mark.kernel
 class TestManyGroups:
     def test_one_watcher_one_manager_one_watchdog_for_all(self, make_groups, hogs) -> None:
         """Six groups cost two threads and one watchdog process; each group's
