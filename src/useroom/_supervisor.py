@@ -293,7 +293,7 @@ class Supervisor:
             handler._closed()
 
     def _route_takeover(self, takeover: Takeover) -> None:
-        for handler in self._handlers.values():
+        for handler in list(self._handlers.values()):  # the manager's thread: add() may run meanwhile
             if handler.group.relpath == takeover.group:
                 handler._takeover(takeover)
                 return
@@ -393,12 +393,18 @@ class _Manager:
 
     def collect_from(self, watcher: _native.NativeWatcher) -> None:
         """Reads the watcher's new records and gives each to its group."""
+        routed = False
         with self._ring_lock:
             for record in watcher.wait(0):
                 handler = self._by_index.get(record.group)
                 if handler is not None:
                     handler._inbox.append(record)
                     self._inboxed.add(handler._key)
+                    routed = True
+        thread = self._thread
+        if routed and thread is not None and threading.current_thread() is not thread:
+            # The wake eventfd was read here, not by the manager: wake it.
+            self.wake()
 
     def stop(self) -> None:
         thread, self._thread = self._thread, None
@@ -429,11 +435,11 @@ class _Manager:
         that something happened to are stepped: a round costs the same with
         one group or a thousand."""
         self._relink()
-        timed = [h for h in self._timed.values()]
+        timed = list(self._timed.values())  # one call: other threads enlist meanwhile
         due = min((h._due() for h in timed), default=_NEVER)
         timeout = None if due == _NEVER else max(0.0, due - time.monotonic())
         if self._inboxed:
-            timeout = 0.0  # records routed during the last round's steps
+            timeout = 0.0  # records routed meanwhile (a step's collect, another thread's)
         ready = self._ep.wait(timeout, max_events=64)
         woken: dict[int, list[int]] = collections.defaultdict(list)
         records = False
@@ -453,8 +459,9 @@ class _Manager:
         if records:
             self.collect()
         now = time.monotonic()
-        keys = set(woken) | set(self._inboxed) | {h._key for h in timed if h._due() <= now}
-        self._inboxed.clear()
+        with self._ring_lock:  # collect() runs on other threads too (a group's start)
+            inboxed, self._inboxed = self._inboxed, set()
+        keys = set(woken) | inboxed | {h._key for h in timed if h._due() <= now}
         for key in sorted(keys):
             handler = self._enlisted.get(key)
             if handler is None:
