@@ -29,6 +29,18 @@ class TestExamples:
 
         assert 3 == len(re.findall(r": (resolved|superseded): SIGKILL", out.stdout))
 
+    def test_job_runner(self) -> None:
+        """One supervisor for eight jobs' groups: the greedy jobs are killed by
+        their groups' handlers, the others finish, the runner lives."""
+        out = subprocess.run(
+            [sys.executable, str(EXAMPLES / "job_runner.py"), "--jobs", "8", "--greedy", "3"],
+            capture_output=True, text=True, timeout=100,
+        )
+        assert 0 == out.returncode, out.stderr
+        assert "8 jobs in 8 groups: 8 handlers, 1 watcher thread, 1 manager thread" in out.stdout
+        assert 3 == out.stdout.count("killed by its handler")
+        assert "3 of 8 jobs killed, 5 finished; the runner is alive" in out.stdout
+
     def test_standalone_handler(self, scratch_group: Group, spawn_hog) -> None:
         """The standalone handler, inside the group, kills the task that overran and reports it."""
         scratch_group.set_limit("64M")

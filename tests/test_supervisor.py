@@ -6,8 +6,11 @@ watchdog taking one group over while the others carry on."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -235,6 +238,33 @@ class TestManyGroups:
                 assert "resolved" == until_resolved(h)[-1].outcome
                 assert all(e.takeover is None for e in h.events)
             assert sup.watchdog is not None and 0 == sup.watchdog.restarts
+
+    def test_useroom_handle_serves_several_groups(self, make_groups, hogs, tmp_path) -> None:
+        """``useroom handle G1 G2`` runs one supervisor for both: each group's
+        OOM is resolved by a kill, and the report has each group's events."""
+        groups = make_groups(2)
+        out = tmp_path / "events.json"
+        with subprocess.Popen([sys.executable, "-m", "useroom", "handle", *(g.path for g in groups),
+                               "--events-out", str(out)], stdout=subprocess.PIPE, text=True) as proc:
+            try:
+                assert proc.stdout is not None
+                assert "ready\n" == proc.stdout.readline()
+                victims = [_overrun(hogs, g) for g in groups]
+                for hog in victims:
+                    assert -signal.SIGKILL == hog.popen.wait(20)
+                proc.send_signal(signal.SIGTERM)
+                assert 0 == proc.wait(30)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        report = json.loads(out.read_text())
+        assert [g.relpath for g in groups] == [entry["group"] for entry in report["groups"]]
+        for entry, hog in zip(report["groups"], victims):
+            killed = [v["pid"] for e in entry["events"] for v in e["victims"] if v["result"] == 0]
+            assert hog.pid in killed
+            assert "resolved" in {e["outcome"] for e in entry["events"]}
+        assert report["locked_bytes"] > 0
 
     def test_a_handler_on_its_own_is_a_supervisor_of_one(self, make_groups, hogs) -> None:
         """Handler(group).start() makes a private supervisor; stop() ends it."""
