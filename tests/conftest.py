@@ -43,7 +43,7 @@ from unpriv import (
     remove_user_env,
     stale_delegations,
 )
-from useroom._cgroup import Group
+from useroom.cgroup import Group
 from useroom._mounts import memory_hierarchy
 from useroom.exceptions import UnsupportedKernel
 

@@ -31,7 +31,7 @@ import psutil
 
 from useroom._native import NativeWatcher, Plan, SourceKind, Wake
 
-from useroom._cgroup import Group
+from useroom.cgroup import Group
 
 MIB: Final = 1 << 20
 #: Names of the groups the fixtures create start with this, plus the pid of

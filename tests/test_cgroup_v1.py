@@ -17,8 +17,8 @@ from collections.abc import Callable
 import pytest
 
 from helpers import MIB, Hog, oom_trap, run_as, wait_until
-from useroom._cgroup import EventRegistration, Group, OomControl, Stats, backend_class
-from useroom._cgroup_v1 import V1Group
+from useroom.cgroup import EventRegistration, Group, OomControl, Stats, backend_class
+from useroom.cgroup.v1 import V1Group
 from useroom._mounts import Mount, memory_hierarchy, read_memberships, read_mounts
 from useroom._units import UNLIMITED
 from useroom.exceptions import (

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from helpers import MIB, Hog, run_as, wait_until, SoloWatcher
-from useroom._cgroup import Group, backend_class
-from useroom._cgroup_v2 import (
+from useroom.cgroup import Group, backend_class
+from useroom.cgroup.v2 import (
     UNPRIVILEGED_PSI_WINDOW_US,
     FileNotifier,
     MemoryEvents,

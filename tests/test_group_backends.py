@@ -14,7 +14,7 @@ from collections.abc import Callable
 import pytest
 
 from helpers import MIB, Hog, run_as, wait_until
-from useroom._cgroup import Group, backend_class
+from useroom.cgroup import Group, backend_class
 from useroom._units import UNLIMITED
 from useroom.exceptions import CgroupPermissionError, GroupBusy, GroupExists, GroupGone, ProcessGone
 

@@ -27,7 +27,7 @@ import psutil
 import pytest
 
 from useroom import Handler
-from useroom._cgroup import Group
+from useroom.cgroup import Group
 from useroom._handler import V2_GAP
 from useroom._units import UNLIMITED
 from useroom._watchdog import WatchdogLink

@@ -23,7 +23,7 @@ import psutil
 import pytest
 
 from helpers import Hog
-from useroom._cgroup import Group
+from useroom.cgroup import Group
 from useroom.bench._sandbox import Lab, own_memcg
 from useroom.bench._storm import PAGE, BadnessProbe, Kill, Snapshot, growth_rate, judge, merge, schedule, vanished
 

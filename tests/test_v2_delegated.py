@@ -18,8 +18,8 @@ import pytest
 
 from helpers import MIB, Hog
 from test_cgroup_v2 import EVENT_TIMEOUT, run_demo_in, run_in_group_handler
-from useroom._cgroup import Group
-from useroom._cgroup_v2 import MemoryEvents, PressureTrigger, V2Group
+from useroom.cgroup import Group
+from useroom.cgroup.v2 import MemoryEvents, PressureTrigger, V2Group
 from useroom import Handler
 from useroom._units import UNLIMITED
 

@@ -23,7 +23,7 @@ import pytest
 from helpers import MIB, oom_trap, run_hook_service, wait_until
 from useroom import FreezeAndDecide, Group, Handler, KillLargest, Takeover
 from useroom._declare import KERNEL_FILES, probe
-from useroom._cgroup import OomControl
+from useroom.cgroup import OomControl
 from useroom._watchdog import (
     CAUGHT_NS,
     DeclaredHandler,
@@ -728,7 +728,7 @@ class TestManyGroups:
         log = tmp_path / "watchdog.jsonl"
         code = (
             "import sys\n"
-            "from useroom._cgroup import Group\n"
+            "from useroom.cgroup import Group\n"
             "from useroom._watchdog import WatchdogLink\n"
             "one, two, log = Group.open(sys.argv[1]), Group.open(sys.argv[2]), sys.argv[3]\n"
             "link = WatchdogLink(None, delay=30.0, handler_tids=(), heartbeat_timeout=60.0, log=log)\n"

@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from helpers import MIB, Hog, SoloWatcher
-from useroom._cgroup import Group
+from useroom.cgroup import Group
 from useroom._native import Action, NativeWatcher, Outcome, Plan, SourceKind
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(60)]
@@ -133,7 +133,7 @@ class TestRealOom:
 
 _IN_GROUP = r"""
 import json, mmap, os, sys
-from useroom._cgroup import Group
+from useroom.cgroup import Group
 from useroom._native import Action, NativeWatcher, Plan, SourceKind
 group = Group.open(sys.argv[1])
 oom = group.oom_notifier()

@@ -5,8 +5,8 @@ is out of memory. See the documentation for the design and the rules.
 """
 
 from useroom._check import HookReport, check_hook
-from useroom._cgroup import EventRegistration, Group, OomControl, Stats
-from useroom._cgroup_v2 import FileNotifier, MemoryEvents, PressureTrigger, V2Group
+from useroom.cgroup import EventRegistration, Group, OomControl, Stats
+from useroom.cgroup.v2 import FileNotifier, MemoryEvents, PressureTrigger, V2Group
 from useroom._declare import Declaration
 from useroom._handler import EventOutcome, OomEvent, StepRecord, VictimRecord
 from useroom._supervisor import Handler, Supervisor

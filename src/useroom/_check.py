@@ -27,7 +27,7 @@ from typing import Any
 import attrs
 
 from useroom import _native
-from useroom._cgroup import Group
+from useroom.cgroup import Group
 from useroom._hardening import lock_memory
 from useroom._hooks import THREAD_STACK_PREFAULT, OomContext
 from useroom._units import format_size, parse_size

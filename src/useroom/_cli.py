@@ -17,8 +17,8 @@ from typing import Any
 
 import attrs
 
-from useroom._cgroup import Group
-from useroom._cgroup_v2 import V2Group
+from useroom.cgroup import Group
+from useroom.cgroup.v2 import V2Group
 from useroom._handler import OomEvent
 from useroom._policy import KillGroup, KillLargest, KillNewest, Policy, RaiseLimit
 from useroom._supervisor import Handler, Supervisor

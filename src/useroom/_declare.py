@@ -26,7 +26,7 @@ from typing import Final, Literal
 
 import attrs
 
-from useroom._cgroup import Group
+from useroom.cgroup import Group
 
 __all__ = ["KERNEL_FILES", "Declaration", "probe"]
 

@@ -38,7 +38,7 @@ from typing import Any
 import attrs
 
 from useroom import _native
-from useroom._cgroup import EventRegistration, Group
+from useroom.cgroup import EventRegistration, Group
 from useroom._declare import Declaration, probe
 from useroom._hardening import HardeningReport
 from useroom._hooks import (

@@ -40,7 +40,7 @@ from typing import Any
 import attrs
 
 from useroom import _native
-from useroom._cgroup import Group
+from useroom.cgroup import Group
 from useroom._settle import SETTLED, GrantCloser
 
 __all__ = ["HookRecord", "HookRegistry", "HookRunner", "OomContext", "PressureContext"]

@@ -43,7 +43,7 @@ import attrs
 import psutil
 
 from useroom import _native
-from useroom._cgroup import Group
+from useroom.cgroup import Group
 from useroom._fd import OwnedFd
 from useroom._native import Action, Candidate, Plan
 from useroom._units import format_size, parse_size

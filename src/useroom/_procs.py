@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 
-from useroom._cgroup import Group
+from useroom.cgroup import Group
 from useroom._fd import OwnedFd
 
 __all__ = ["ProcsFiles"]

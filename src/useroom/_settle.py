@@ -26,7 +26,7 @@ from collections.abc import Callable
 import attrs
 
 from useroom import _native
-from useroom._cgroup import Group
+from useroom.cgroup import Group
 from useroom._fd import OwnedFd
 
 __all__ = ["GrantCloser", "SETTLED"]

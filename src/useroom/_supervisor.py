@@ -33,7 +33,7 @@ from typing import Any
 import attrs
 
 from useroom import _native
-from useroom._cgroup import Group
+from useroom.cgroup import Group
 from useroom._handler import GroupHandler, ProcessOptions
 from useroom._policy import Policy
 from useroom._hardening import HardeningReport, _vm_locked, lock_memory

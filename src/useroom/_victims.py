@@ -18,7 +18,7 @@ import psutil
 
 from useroom import _fd
 from useroom import _native
-from useroom._cgroup import Group
+from useroom.cgroup import Group
 from useroom._fd import OwnedFd
 
 __all__ = ["Pidfd", "ProcAdj", "ProcStatus", "Victim", "VictimTable"]

@@ -63,7 +63,7 @@ from typing import IO, Any, Final
 import attrs
 
 from useroom import _native
-from useroom._cgroup import EventRegistration, Group, OomControl
+from useroom.cgroup import EventRegistration, Group, OomControl
 from useroom._fd import OwnedFd
 from useroom._units import UNLIMITED, parse_duration
 from useroom.exceptions import CgroupPermissionError, GroupGone, UseroomError, WatcherError

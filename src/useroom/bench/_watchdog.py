@@ -121,7 +121,7 @@ def _rescue(group: str, pids: list[int]) -> None:
 
 
 def _own_memcg() -> str:
-    from useroom._cgroup import Group
+    from useroom.cgroup import Group
 
     return Group.current().path
 

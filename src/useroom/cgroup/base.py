@@ -1,7 +1,7 @@
 """The memory cgroup interface shared by the cgroup v1 and v2 backends.
 
 :class:`Group` is an abstract base class; each backend is a subclass
-(:class:`useroom._cgroup_v1.V1Group`) and :meth:`Group.open` /
+(:class:`useroom.cgroup.v1.V1Group`, :class:`useroom.cgroup.v2.V2Group`) and :meth:`Group.open` /
 :meth:`Group.current` return an instance of the one the kernel needs (see
 :func:`backend_class`). A subclass rather than a delegate object because what
 differs between versions is a handful of file names, value formats and
@@ -61,7 +61,7 @@ from useroom.exceptions import (
     UnsupportedKernel,
 )
 
-__all__ = ["EventRegistration", "Group", "OomControl", "Stats", "backend_class"]
+__all__ = ["EventRegistration", "Group", "OomControl", "Stats", "backend_class", "parse_key_values"]
 
 
 #: How long :meth:`Group.remove` with ``force=True`` waits by default for the
@@ -92,7 +92,7 @@ class OomControl:
     @classmethod
     def from_text(cls, text: str) -> OomControl:
         """Parse the text of v1 ``memory.oom_control`` (``oom_kill_disable 0`` lines)."""
-        values = _parse_key_values(text, "memory.oom_control")
+        values = parse_key_values(text, "memory.oom_control")
         try:
             return cls(
                 kill_disabled=bool(values["oom_kill_disable"]),
@@ -117,7 +117,7 @@ class Stats(Mapping[str, int]):
     @classmethod
     def from_text(cls, text: str) -> Stats:
         """Parse the text of ``memory.stat`` (``key value`` lines)."""
-        return cls(tuple(_parse_key_values(text, "memory.stat").items()))
+        return cls(tuple(parse_key_values(text, "memory.stat").items()))
 
     @property
     def rss(self) -> int:
@@ -281,6 +281,10 @@ class Group(abc.ABC):
     :meth:`create_child`; the constructor is for backends. Two handles on the
     same directory are equal.
     """
+
+    #: The backend of each cgroup version, filled in by :mod:`useroom.cgroup`
+    #: (which imports them): this module never names a backend.
+    backends: ClassVar[dict[int, type[Group]]] = {}
 
     #: The cgroup version of the backend (1 or 2).
     version: ClassVar[int]
@@ -781,16 +785,12 @@ class Group(abc.ABC):
 
 
 def backend_class(version: int) -> type[Group]:
-    """Return the :class:`Group` subclass for cgroup *version*."""
-    if version == 1:
-        from useroom._cgroup_v1 import V1Group  # the backend imports this module
-
-        return V1Group
-    if version == 2:
-        from useroom._cgroup_v2 import V2Group
-
-        return V2Group
-    raise UnsupportedKernel(f"the memory controller is on cgroup v{version}, which this version of useroom lacks")
+    """Return the :class:`Group` subclass for cgroup *version* (the backends
+    are registered by :mod:`useroom.cgroup`, which imports them)."""
+    backend = Group.backends.get(version)
+    if backend is None:
+        raise UnsupportedKernel(f"the memory controller is on cgroup v{version}, which this version of useroom lacks")
+    return backend
 
 
 def _containing_cgroup_mount(mounts: tuple[Mount, ...], path: str) -> Mount | None:
@@ -830,7 +830,7 @@ def _checked_pid(pid: int) -> int:
     return pid
 
 
-def _parse_key_values(text: str, name: str) -> dict[str, int]:
+def parse_key_values(text: str, name: str) -> dict[str, int]:
     values = {}
     for line in text.split("\n"):
         if not line:

@@ -46,7 +46,7 @@ from typing import Any, ClassVar, Final, Literal
 
 import attrs
 
-from useroom._cgroup import EventRegistration, Group, OomControl, _parse_key_values
+from useroom.cgroup.base import EventRegistration, Group, OomControl, parse_key_values
 from useroom._fd import OwnedFd
 from useroom._units import UNLIMITED, format_size, parse_size
 from useroom.exceptions import (
@@ -96,7 +96,7 @@ class MemoryEvents:
     @classmethod
     def from_text(cls, text: str) -> MemoryEvents:
         """Parse the text of ``memory.events`` (``key value`` lines); unknown keys are ignored."""
-        values = _parse_key_values(text, "memory.events")
+        values = parse_key_values(text, "memory.events")
         known = {field.name for field in attrs.fields(cls)}
         return cls(**{key: value for key, value in values.items() if key in known})
 
@@ -616,7 +616,7 @@ class V2Group(Group):
             raise self._error(err, action, self._file(name), rule="write", detail=f" to {format_size(value)}") from err
 
     def _cgroup_events(self) -> dict[str, int]:
-        return _parse_key_values(self._read(self.cgroup_events_file, "read cgroup.events of"), "cgroup.events")
+        return parse_key_values(self._read(self.cgroup_events_file, "read cgroup.events of"), "cgroup.events")
 
     def _set_frozen(self, frozen: bool, timeout: float | None) -> None:
         action = "freeze" if frozen else "thaw"
@@ -634,7 +634,7 @@ class V2Group(Group):
             except OSError as err:
                 raise self._error(err, action, self._file(name), rule="write") from err
             while True:
-                state = _parse_key_values(notifier._reread(), "cgroup.events").get("frozen", 0)
+                state = parse_key_values(notifier._reread(), "cgroup.events").get("frozen", 0)
                 if bool(state) == frozen:
                     return
                 left = None if deadline is None else deadline - time.monotonic()

@@ -1,0 +1,29 @@
+"""The cgroup layer: one version-neutral :class:`Group` interface and its
+backends, :class:`V1Group` (cgroup v1) and :class:`V2Group` (cgroup v2).
+
+:mod:`useroom.cgroup.base` holds the interface, the errno translation and
+the notifier types; :mod:`useroom.cgroup.v1` and :mod:`useroom.cgroup.v2`
+the backends. The registry of backends by version lives here, so that the
+base never imports a backend and a backend only imports the base.
+"""
+
+from __future__ import annotations
+
+from useroom.cgroup.base import EventRegistration, Group, OomControl, Stats, backend_class
+from useroom.cgroup.v1 import V1Group
+from useroom.cgroup.v2 import FileNotifier, MemoryEvents, PressureTrigger, V2Group
+
+__all__ = [
+    "EventRegistration",
+    "FileNotifier",
+    "Group",
+    "MemoryEvents",
+    "OomControl",
+    "PressureTrigger",
+    "Stats",
+    "V1Group",
+    "V2Group",
+    "backend_class",
+]
+
+Group.backends.update({1: V1Group, 2: V2Group})
