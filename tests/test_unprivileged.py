@@ -187,9 +187,9 @@ class TestRefusals:
         strict, the pool is only prefaulted and the report says why; mlockall is refused likewise."""
         code = _REFUSAL + """
 import resource
-from useroom._hardening import _vm_locked
+from useroom._hardening import vm_locked
 refusal(lambda: useroom.lock_memory(pool="16M", strict=True))
-locked_after_refusal = _vm_locked()
+locked_after_refusal = vm_locked()
 report = useroom.lock_memory(pool="16M", mlockall=True)
 print(json.dumps({"limit": resource.getrlimit(resource.RLIMIT_MEMLOCK)[0], "after_refusal": locked_after_refusal,
                   "pool": [report.pool.size, report.pool.locked], "mlockall": report.mlockall,

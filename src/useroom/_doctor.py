@@ -646,7 +646,7 @@ def _delegation_advice(user: str, group: GroupAccess) -> list[str]:
 def _measure_main() -> int:
     """The child of :func:`measure_locked_set`: harden, start a watcher, print JSON."""
     from useroom import _native
-    from useroom._hardening import _vm_locked, lock_memory
+    from useroom._hardening import vm_locked, lock_memory
 
     report = lock_memory()
     watcher = _native.NativeWatcher()
@@ -658,7 +658,7 @@ def _measure_main() -> int:
                      "watcher arena": (arena.size, arena.locked)}
             if report.pool is not None:
                 parts["arena pool"] = (report.pool.size, report.pool.locked)
-            json.dump({"locked": _vm_locked(), "parts": parts, "notes": list(report.notes)}, sys.stdout)
+            json.dump({"locked": vm_locked(), "parts": parts, "notes": list(report.notes)}, sys.stdout)
         finally:
             watcher.stop()
     finally:

@@ -42,7 +42,6 @@ from useroom.cgroup import EventRegistration, Group
 from useroom._declare import Declaration, probe
 from useroom._hardening import HardeningReport
 from useroom._hooks import (
-    THREAD_STACK_PREFAULT,
     Hook,
     HookRecord,
     HookRegistry,

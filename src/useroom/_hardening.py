@@ -42,7 +42,7 @@ from useroom import _native
 from useroom._units import format_size, parse_size
 from useroom.exceptions import MemoryLockError
 
-__all__ = ["HardeningReport", "lock_memory", "release_memory"]
+__all__ = ["HardeningReport", "lock_memory", "release_memory", "vm_locked"]
 
 DEFAULT_HEAP = 8 << 20
 DEFAULT_STACK = 256 << 10
@@ -68,7 +68,7 @@ MEMLOCK_RULE = (
 
 def memlock_refusal(what: str, requested: int, *, err: int = errno.ENOMEM) -> MemoryLockError:
     """The error for locking *requested* more bytes of *what* than RLIMIT_MEMLOCK leaves (0: the whole process)."""
-    limit, hard, locked = _memlock_limit(), _memlock_hard_limit(), _vm_locked()
+    limit, hard, locked = _memlock_limit(), _memlock_hard_limit(), vm_locked()
     shown = "unlimited" if limit < 0 else format_size(limit)
     size = f"{format_size(requested)} of " if requested else ""
     message = f"cannot lock {size}{what}: RLIMIT_MEMLOCK is {shown} and {format_size(locked)} is locked already"
@@ -100,7 +100,7 @@ def _has_swap() -> bool:
         return True  # unknown: assume the worse case
 
 
-def _vm_locked() -> int:
+def vm_locked() -> int:
     """VmLck of this process in bytes (what the kernel counts against the rlimit)."""
     try:
         with open("/proc/self/status", encoding="ascii") as f:
@@ -242,7 +242,7 @@ def lock_memory(
         if swap and not ok:
             notes.append("swap is on: unlocked prefaulted pages can be swapped out")
         _done = HardeningReport(
-            mlockall=ok, mlockall_errno=err, memlock_limit=limit, locked_bytes=_vm_locked(),
+            mlockall=ok, mlockall_errno=err, memlock_limit=limit, locked_bytes=vm_locked(),
             core=core, heap_reserved=heap_bytes, stack_prefaulted=stack_bytes,
             pool=pool_report, gc_frozen=freeze_gc, swap=swap, raw_syscalls=raw, notes=tuple(notes),
         )
@@ -251,7 +251,7 @@ def lock_memory(
 
 def _fits(nbytes: int, limit: int) -> bool:
     """Whether *nbytes* more can be locked now, on top of what is locked already."""
-    return limit < 0 or _vm_locked() + nbytes <= limit or _can_lock_beyond_limit()
+    return limit < 0 or vm_locked() + nbytes <= limit or _can_lock_beyond_limit()
 
 
 def _can_lock_beyond_limit() -> bool:

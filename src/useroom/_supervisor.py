@@ -36,9 +36,8 @@ from useroom import _native
 from useroom.cgroup import Group
 from useroom._handler import GroupHandler, ProcessOptions
 from useroom._policy import Policy
-from useroom._hardening import HardeningReport, _vm_locked, lock_memory
+from useroom._hardening import HardeningReport, vm_locked, lock_memory
 from useroom._hooks import THREAD_STACK_PREFAULT
-from useroom._units import parse_duration
 from useroom._watchdog import DEFAULT_DELAY, Takeover, WatchdogLink
 from useroom.exceptions import UseroomError, WatcherError
 
@@ -229,7 +228,7 @@ class Supervisor:
             for handler in needing:
                 self._guardian.add(handler)
             self._guardian.start()
-        self.locked_bytes = _vm_locked()
+        self.locked_bytes = vm_locked()
 
     def _begin(self, handler: GroupHandler) -> None:
         """A group added while running: open, arm, activate, guard."""
