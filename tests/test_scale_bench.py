@@ -311,3 +311,39 @@ def test_an_interrupted_run_leaves_nothing(no_leftovers: None, tmp_path: Path) -
     assert "interrupted by SIGINT" in out
     assert [] == _leftovers(bench.pid, str(figures))
     assert signal.SIGINT == json.loads(figures.read_text())["interrupted"]
+
+
+class TestV2Limit:
+    def test_the_wall_is_the_limit_on_either_version(self) -> None:
+        """v1 groups get the limit itself; v2 groups get V2_GAP more in memory.max, so the handler's
+        memory.high (memory.max - V2_GAP) is the limit."""
+        from useroom._handler import V2_GAP
+
+        assert (16 * MIB, 16 * MIB + V2_GAP) == (_scale.group_limit(1, 16 * MIB), _scale.group_limit(2, 16 * MIB))
+
+
+@pytest.mark.cgroup2
+@pytest.mark.timeout(900)
+def test_a_short_run_on_cgroup_v2(no_leftovers: None, tmp_path: Path) -> None:
+    """On cgroup v2 (the guest): each handler holds memory.high as its wall, every OOM is resolved by its
+    kill with no deadlock and no kernel kill, and nothing is left behind."""
+    figures = tmp_path / "scale.json"
+    variants = "supervisor,baseline" if hasattr(useroom, "Supervisor") else "baseline"
+    bench = subprocess.Popen(BENCH + ["--groups", "1,2", "--baseline-max", "2", "--idle-seconds", "1", "--ooming",
+                                      "2", "--oom-rounds", "1", "--variants", variants, "--json", str(figures)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = bench.communicate(timeout=800)
+    assert 0 == bench.returncode, f"{out}\n{err}"
+    assert [] == _leftovers(bench.pid, str(figures))
+    data: dict[str, Any] = json.loads(figures.read_text())
+    assert ([], None) == (data["problems"], data["interrupted"])
+    assert "cgroup v2" in out
+    rows = data["rows"]
+    assert {(n, v) for n in (1, 2) for v in variants.split(",")} == {(row["groups"], row["variant"]) for row in rows}
+    for row in rows:
+        n = row["groups"]
+        assert n == row["kill_disabled"], "every group's memory.high set by its handler"
+        expected = 1 + n
+        assert (expected, expected, 0, 0) == (row["ooms"], row["resolved"], row["deadlocks"], row["unresolved"])
+        assert (expected, 0, 0) == (row["by_handler"], row["kernel_kills"], row["not_listed"])
+        assert row["all_resolved"] is True

@@ -260,6 +260,11 @@ class ScratchGroup:
         """cgroup v2: set ``memory.high`` (the wall a handler holds)."""
         self._write("memory.high", "max" if high == NO_LIMIT else str(high))
 
+    def high(self) -> int:
+        """cgroup v2: ``memory.high`` (:data:`NO_LIMIT` for max)."""
+        text = self._read("memory.high").strip()
+        return NO_LIMIT if text == "max" else int(text)
+
     def limit(self) -> int:
         if self.version == 1:
             return int(self._read("memory.limit_in_bytes"))

@@ -47,8 +47,14 @@ with outcome ``resolved``, or after ``--oom-timeout`` seconds: a group still
 the kernel killer and lifts the limit. Kernel kills are counted from
 ``memory.oom_control``'s ``oom_kill``.
 
-cgroup v1 only: the kernel OOM killer switched off (``oom_kill_disable``)
-is the case where a missed OOM never ends.
+On cgroup v1 the handlers switch the kernel OOM killer off
+(``oom_kill_disable``): a missed OOM never ends. On cgroup v2 there is no
+such switch: each group gets ``memory.max = --limit + V2_GAP`` and the
+handlers hold ``memory.high`` (= ``--limit``) as their wall, where the
+kernel throttles the hog instead of killing it. A deadlock there is a hog
+still alive with ``memory.current`` at or above the wall after
+``--oom-timeout``; kernel kills are ``memory.events``' ``oom_kill``; the
+safety net kills the hog and sets ``memory.high`` and ``memory.max`` to max.
 """
 
 from __future__ import annotations
@@ -556,15 +562,32 @@ def _wait_exited(hogs: Sequence[Child], deadline: float) -> None:
 
 # -- a variant at one N ---------------------------------------------------------------
 
+def group_limit(version: int, limit: int) -> int:
+    """The hard limit a group gets so that its handler's wall is *limit*.
+
+    v1: the wall is the limit. v2: the handler holds ``memory.high`` at
+    ``memory.max - V2_GAP`` when only ``memory.max`` is set.
+    """
+    if version == 1:
+        return limit
+    from useroom._handler import V2_GAP
+
+    return limit + V2_GAP
+
+
 def run_variant(lab: Lab, guard: SignalGuard, config: ScaleConfig, variant: str, n: int,
                 progress: IO[str] | None = None) -> dict[str, Any]:
     """*variant* serving *n* fresh groups: its start, memory, idle and OOM figures (raw)."""
-    raw: dict[str, Any] = {"variant": variant, "groups": n, "rounds": [], "problems": []}
+    from useroom.bench._sandbox import NO_LIMIT
+
+    raw: dict[str, Any] = {"variant": variant, "groups": n, "rounds": [], "problems": [],
+                           "cgroup_version": lab.version}
     groups: list[ScratchGroup] = []
     host: _Host | None = None
     try:
         for _ in range(n):
-            groups.append(lab.create_group(f"scale-{variant}", limit=config.limit, kill_disable=False))
+            groups.append(lab.create_group(f"scale-{variant}", limit=group_limit(lab.version, config.limit),
+                                           kill_disable=False))
         host = _start_host(lab, variant, groups, config)
         ready = host.read(_HOST_READY_TIMEOUT_S)
         raw["before"] = ready["before"]
@@ -572,7 +595,9 @@ def run_variant(lab: Lab, guard: SignalGuard, config: ScaleConfig, variant: str,
         host.adopt_watchdogs(started["watchdogs"])
         raw.update(first_ns=started["first_ns"], rest_ns=started["rest_ns"], after_first=started["after_first"],
                    after=started["after"], watchdogs=started["watchdogs"])
-        raw["kill_disabled"] = sum(group.oom_control().kill_disabled for group in groups)
+        # The groups whose handler holds the kernel killer off: v1's switch, v2's wall (memory.high).
+        raw["kill_disabled"] = sum(group.oom_control().kill_disabled if group.version == 1
+                                   else group.high() != NO_LIMIT for group in groups)
         if progress is not None:
             print(f"  {variant}, {_groups(n)}: started in {(started['first_ns'] + started['rest_ns']) / 1e6:.0f} ms; "
                   f"idle for {config.idle_seconds:g} s", file=progress, flush=True)
@@ -656,7 +681,9 @@ def _oom_round(lab: Lab, guard: SignalGuard, host: _Host, groups: Sequence[Scrat
             latency = next((event["notify_to_signal_ns"] for event in new
                             if event["notify_to_signal_ns"] is not None), None)
             resolved = any(event["outcome"] == "resolved" for event in new)
-            if control.under_oom:
+            # v2's "under OOM" is the usage held at the wall: a deadlock only
+            # while the hog is alive there (a dead hog's pages may linger).
+            if control.under_oom and (groups[index].version == 1 or not hog.reaped):
                 verdict = "deadlock"
             elif resolved and hog.reaped and hog.killed_by == signal.SIGKILL:
                 verdict = "resolved"
@@ -915,11 +942,7 @@ def main(argv: list[str], out: IO[str] | None = None) -> int:
         except BenchError as error:
             print(f"useroom.bench scale: {error}", file=sys.stderr)
             return 2
-        if lab.version != 1:
-            print("useroom.bench scale: needs the cgroup v1 memory controller (oom_kill_disable); "
-                  f"this machine has it on v{lab.version}", file=sys.stderr)
-            return 2
-        header = _header(config, available, format_size)
+        header = _header(config, available, format_size, lab.version)
         print(header.replace("\n", "; "), file=sys.stderr, flush=True)
         try:
             lab.sweep_stale()
@@ -973,13 +996,14 @@ def main(argv: list[str], out: IO[str] | None = None) -> int:
     return 1 if problems else 0
 
 
-def _header(config: ScaleConfig, available: bool, format_size: Callable[[int], str]) -> str:
+def _header(config: ScaleConfig, available: bool, format_size: Callable[[int], str], version: int) -> str:
     machine = _machine()
     supervisor = "" if available else " (useroom.Supervisor not in this useroom: baseline only)"
-    return (f"useroom scale benchmark: cgroup v1, kernel {machine['kernel']}, {machine['cores']} cores, "
+    wall = "" if version == 1 else " (memory.high; memory.max = limit + V2_GAP)"
+    return (f"useroom scale benchmark: cgroup v{version}, kernel {machine['kernel']}, {machine['cores']} cores, "
             f"Python {machine['python']}\n"
             f"variants {', '.join(config.variants)}{supervisor}; groups {','.join(map(str, config.groups))} "
-            f"(baseline up to {config.baseline_max}); limit {format_size(config.limit)}, hogs touch "
+            f"(baseline up to {config.baseline_max}); limit {format_size(config.limit)}{wall}, hogs touch "
             f"{format_size(config.hog_size)}; idle {config.idle_seconds:g} s; OOMs: 1 and min({config.ooming}, N) "
             f"at once, {config.oom_rounds} rounds each; watchdog delay {config.delay:g} s")
 
