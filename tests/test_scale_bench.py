@@ -345,5 +345,7 @@ def test_a_short_run_on_cgroup_v2(no_leftovers: None, tmp_path: Path) -> None:
         assert n == row["kill_disabled"], "every group's memory.high set by its handler"
         expected = 1 + n
         assert (expected, expected, 0, 0) == (row["ooms"], row["resolved"], row["deadlocks"], row["unresolved"])
-        assert (expected, 0, 0) == (row["by_handler"], row["kernel_kills"], row["not_listed"])
+        # Not "not_listed": v2 has no usage thresholds to refresh the victim table as a hog
+        # warms up; the handler finds it at the OOM, as a task new since the last refresh.
+        assert (expected, 0) == (row["by_handler"], row["kernel_kills"])
         assert row["all_resolved"] is True
