@@ -393,6 +393,7 @@ class GroupHandler:
         self._next_refresh = float("inf")  # time.monotonic() of the next timed refresh
         self._last_refresh = 0.0  # and of the last refresh from a wake-up
         self._deferred = False  # a wake-up's refresh waits for the end of REFRESH_GAP
+        self._backoff_until = 0.0  # after an error, no timed step before this
         self._restore_kill_setting: bool | None = None
         self._hooks = HookRegistry()
         self._runner: HookRunner | None = None
@@ -847,7 +848,7 @@ class GroupHandler:
         runner = self._runner
         if runner is not None and runner.busy_since_ns:
             due = min(due, (runner.busy_since_ns + 2 * self.hook_timeout * 1e9) / 1e9)
-        return due
+        return max(due, self._backoff_until)
 
     def _step(self, kinds: list[int], woke: bool) -> None:
         """One step of the manager for this group: ``kinds`` are the epoll
@@ -980,11 +981,13 @@ class GroupHandler:
         self.errors.append(err)
         del self.errors[:-100]
         if isinstance(err, GroupGone):
-            self._running = False
-        elif isinstance(err, OSError) and err.errno == errno.ENOMEM:
-            time.sleep(0.005)  # under the OOM: let the watcher resolve it
-        else:
-            time.sleep(0.05)  # never spin on a repeating error
+            self._running = False  # the manager steps it no more
+            return
+        # Never spin on a repeating error, but never sleep either: the
+        # manager thread serves every group. The group's timed step waits.
+        # Under the OOM (ENOMEM) the watcher resolves it meanwhile.
+        enomem = isinstance(err, OSError) and err.errno == errno.ENOMEM
+        self._backoff_until = time.monotonic() + (0.005 if enomem else 0.05)
 
     def _grant(self) -> None:
         """With headroom granted: refresh, kill by policy from Python until

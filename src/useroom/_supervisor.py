@@ -473,6 +473,11 @@ class _Manager:
                     handler._step(kinds, bool(kinds) or bool(handler._inbox))
                 except Exception as err:
                     handler._note(err)
+                if not handler._running:  # its group is gone: its fds would wake us for nothing
+                    self._enlisted.pop(key, None)
+                    self._timed.pop(key, None)
+                    handler._unregister(self._ep)
+                    continue
                 handler._register(self._ep, key << _GROUP_SHIFT)  # its thresholds may have changed
                 self._retime(handler)
         guardian = self._sup._guardian

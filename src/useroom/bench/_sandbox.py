@@ -144,6 +144,29 @@ def die_with_parent() -> None:
     _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
+def settle_child(parent: int, keep: tuple[int, int], signals: tuple[signal.Signals, ...]) -> bool:
+    """In a process just forked from the benchmark: the signals the benchmark
+    handles back to their defaults and unblocked, SIGKILL when the parent
+    dies, and every fd closed but the two in *keep* (a copy of a pipe's
+    write end kept here would hold its EOF away from the reader). False if
+    the parent is gone already (the child must exit)."""
+    for signum in signals:
+        signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+    die_with_parent()
+    if os.getppid() != parent:
+        return False
+    low, high = sorted(keep)
+    os.closerange(3, low)
+    os.closerange(low + 1, high)
+    os.closerange(high + 1, _MAX_FD)
+    return True
+
+
+#: Above any fd number: the end of ``os.closerange``.
+_MAX_FD: Final = 2**31 - 1
+
+
 def own_memcg() -> str:
     """Return the filesystem path of this process's memory cgroup.
 

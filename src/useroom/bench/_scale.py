@@ -102,7 +102,6 @@ _HOG_READY_TIMEOUT_S: Final = 10.0
 #: How long the host waits for a round's hogs to appear in their handlers' victim tables.
 _LISTED_TIMEOUT_S: Final = 5.0
 _WATCHDOG_EXIT_TIMEOUT_S: Final = 10.0
-_MAX_FD: Final = 2**31 - 1
 
 #: The product goals of the supervisor, as data: (figure, key of the row, test, shown).
 GOALS: Final[tuple[tuple[str, str, Callable[[Any], bool], str], ...]] = (
@@ -516,20 +515,11 @@ def _spawn_hog(lab: Lab, guard: SignalGuard, group: ScratchGroup, go_r: int, war
 def _hog_main(parent: int, procs: str, ready_w: int, go_r: int, warm: int, size: int,
               signals: tuple[signal.Signals, ...]) -> NoReturn:
     """The forked hog: never returns into the benchmark's code."""
-    from useroom.bench._sandbox import die_with_parent
+    from useroom.bench._sandbox import settle_child
 
     try:
-        for signum in signals:
-            signal.signal(signum, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
-        die_with_parent()
-        if os.getppid() != parent:
+        if not settle_child(parent, (ready_w, go_r), signals):
             os._exit(HOG_ERROR)
-        # Only the two pipe ends: a copy of the go pipe's write end would keep EOF away.
-        low, high = sorted((ready_w, go_r))
-        os.closerange(3, low)
-        os.closerange(low + 1, high)
-        os.closerange(high + 1, _MAX_FD)
         fd = os.open(procs, os.O_WRONLY | os.O_CLOEXEC)
         os.write(fd, b"0")  # "0": the writer; what it touches from now on is charged to the group
         os.close(fd)

@@ -21,12 +21,11 @@ from typing import Final, NoReturn
 
 import attrs
 
-from useroom.bench._sandbox import BenchError, Child, Lab, ScratchGroup, SignalGuard, die_with_parent
+from useroom.bench._sandbox import BenchError, Child, Lab, ScratchGroup, SignalGuard, settle_child
 
 __all__ = ["Crew", "spawn_crew"]
 
 PAGE: Final = mmap.PAGESIZE
-_MAX_FD: Final = 2**31 - 1
 #: A worker's exit code when something other than the allocation failed.
 WORKER_ERROR: Final = 70
 
@@ -138,18 +137,8 @@ def _worker_main(parent: int, ready_w: int, go_r: int, size: int,
                  signals: tuple[signal.Signals, ...]) -> NoReturn:
     """The forked worker: never returns into the benchmark's code."""
     try:
-        for signum in signals:
-            signal.signal(signum, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
-        die_with_parent()
-        if os.getppid() != parent:
+        if not settle_child(parent, (ready_w, go_r), signals):
             os._exit(WORKER_ERROR)
-        # Keep only the two pipe ends this worker needs: in particular no copy
-        # of the go pipe's write end, or the parent's close would not be EOF.
-        low, high = sorted((ready_w, go_r))
-        os.closerange(3, low)
-        os.closerange(low + 1, high)
-        os.closerange(high + 1, _MAX_FD)
         os.write(ready_w, b"r")
         os.read(go_r, 1)  # blocks until EOF: the parent closed the write end
         memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
