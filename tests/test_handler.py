@@ -61,8 +61,8 @@ class TestPolicies:
         big, small = _hogs(spawn_hog, group, 30, 10)
         with Handler(group, KillLargest(), thresholds=(), refresh_interval=0.5) as handler:
             assert wait_until(lambda: _table_has(handler, {big.pid, small.pid}), 5)
-            # Without big, small and the grown grower fit with room to spare
-            # (each interpreter takes about 9M): one OOM, one kill.
+            # 30 + 10 + 28 overruns 64M; without big, 10 + 28 fits with room
+            # to spare (the interpreters were charged before they joined).
             grower = spawn_hog(28, group=group)
             assert wait_until(lambda: _table_has(handler, {grower.pid}), 5)
             grower.start()
@@ -114,10 +114,13 @@ class TestPolicies:
 
     def test_kill_by_priority(self, group: Group, spawn_hog) -> None:
         """A priority callable evaluated at refresh time picks the victim, even a small one."""
+        # The hogs' interpreters are charged before they join the group, so
+        # the group holds about what they touch: 24 + 16 + 30 overruns 64M,
+        # and without small, 24 + 30 fits with room to spare (one kill).
         big, small = _hogs(spawn_hog, group, 24, 16)
         policy = KillByPriority(lambda p: 10 if p.pid == small.pid else 0)
         with Handler(group, policy, thresholds=(), refresh_interval=0.5) as handler:
-            grower = spawn_hog(36, group=group)
+            grower = spawn_hog(30, group=group)
             assert wait_until(lambda: _table_has(handler, {big.pid, small.pid, grower.pid}), 5)
             grower.start()
             assert grower.wait_touched(20)
