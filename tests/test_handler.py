@@ -440,7 +440,7 @@ class TestMoveToOverflow:
         policy = MoveToOverflow(overflow, max_raise="8M")
         policy.arm(group)
         try:
-            victims = (Victim(11, "a", 30 * MIB, 1.0, 1000, None), Victim(12, "b", 10 * MIB, 2.0, 1000, None))
+            victims = (Victim(11, "a", 30 * MIB, 1.0, 1000), Victim(12, "b", 10 * MIB, 2.0, 1000))
             compiled = policy.compile(PlanContext(victims=victims, limit=64 * MIB, limit_fd=5, check_fd=6,
                                                   resolved_needle=b"under_oom 0", reserve=MIB))
         finally:

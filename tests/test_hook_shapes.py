@@ -173,8 +173,8 @@ class TestOtherProcesses:
         try:
             for p in procs:
                 os.kill(p.pid, signal.SIGSTOP)  # as the plan does before the grant
-            held = tuple(Victim(p.pid, "python", 0, 0.0, 0, fd) for p, fd in zip(procs, pidfds))
-            ctx = OomContext(group=None, held=held)  # type: ignore[arg-type]
+            held = tuple(Victim(p.pid, "python", 0, 0.0, 0) for p in procs)
+            ctx = OomContext(group=None, held=held, pidfds={fd.pid: fd for fd in pidfds})  # type: ignore[arg-type]
             first, second = procs[0].pid, procs[1].pid
 
             def states() -> list[str]:

@@ -14,7 +14,7 @@ MIB = 1 << 20
 
 
 def _victim(pid: int, rss_mib: int, created: float, name: str = "w") -> Victim:
-    return Victim(pid, name, rss_mib * MIB, created, 1000, None)
+    return Victim(pid, name, rss_mib * MIB, created, 1000)
 
 
 VICTIMS = (_victim(11, 10, 1.0, "small"), _victim(12, 30, 2.0, "big"), _victim(13, 20, 3.0, "new"))
@@ -231,16 +231,14 @@ class TestPlanKey:
 
     @pytest.fixture
     def pinned(self):
-        """Victims with a real pidfd and status file (this process's), as the table gives them."""
+        """Pidfds for VICTIMS with a real status file (this process's), as the table gives them."""
         import os
-
-        import attrs
 
         from useroom._victims import Pidfd
 
         pidfd = Pidfd(os.getpid())
         try:
-            yield tuple(attrs.evolve(v, pidfd=pidfd) for v in VICTIMS)
+            yield {v.pid: pidfd for v in VICTIMS}
         finally:
             pidfd.close()
 
@@ -258,8 +256,8 @@ class TestPlanKey:
     def test_the_pick_at_the_oom_ignores_the_sizes_of_the_refresh(self, pinned) -> None:
         import attrs
 
-        ctx = _ctx(victims=pinned, procs_fd=9)
-        grown = _ctx(victims=tuple(attrs.evolve(v, rss=v.rss * 3) for v in pinned), procs_fd=9)
+        ctx = _ctx(pidfds=pinned, procs_fd=9)
+        grown = _ctx(victims=tuple(attrs.evolve(v, rss=v.rss * 3) for v in VICTIMS), pidfds=pinned, procs_fd=9)
         policy = KillLargest()
         assert policy.plan_key(ctx) == policy.plan_key(grown)
         assert [a.kind.name for a in policy.compile(ctx).plan.actions] == \
@@ -270,11 +268,12 @@ class TestPlanKey:
         import attrs
 
         policy = KillLargest()
-        key = policy.plan_key(_ctx(victims=pinned, procs_fd=9))
-        for other in (_ctx(victims=pinned[:2], procs_fd=9),
-                      _ctx(victims=(*pinned[:2], attrs.evolve(pinned[2], oom_score_adj=500)), procs_fd=9),
-                      _ctx(victims=pinned, procs_fd=9, protect=(12,)),
-                      _ctx(victims=pinned, procs_fd=9, limit=128 * MIB)):
+        key = policy.plan_key(_ctx(pidfds=pinned, procs_fd=9))
+        for other in (_ctx(victims=VICTIMS[:2], pidfds=pinned, procs_fd=9),
+                      _ctx(victims=(*VICTIMS[:2], attrs.evolve(VICTIMS[2], oom_score_adj=500)), pidfds=pinned,
+                           procs_fd=9),
+                      _ctx(pidfds=pinned, procs_fd=9, protect=(12,)),
+                      _ctx(pidfds=pinned, procs_fd=9, limit=128 * MIB)):
             assert key != policy.plan_key(other)
 
     def test_an_order_of_the_refresh_reads_the_sizes(self) -> None:

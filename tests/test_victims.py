@@ -82,6 +82,7 @@ class TestRefresh:
         table = VictimTable(scratch_group)
         try:
             first, = table.refresh()
+            pidfd = table.pidfd(first.pid)
             asked: list[int] = []
             real = psutil.Process
             monkeypatch.setattr(psutil, "Process", lambda pid: asked.append(pid) or real(pid))
@@ -90,7 +91,7 @@ class TestRefresh:
             assert [] == asked
             assert (first.pid, first.name, first.create_time) == (second.pid, second.name, second.create_time)
             assert second.rss >= first.rss + (30 << 20)
-            assert second.pidfd is first.pidfd
+            assert pidfd is not None and table.pidfd(second.pid) is pidfd
         finally:
             table.close()
 
@@ -104,7 +105,8 @@ class TestRefresh:
                 file.write("500")
             second, = table.refresh()
             assert (0, 500) == (first.oom_score_adj, second.oom_score_adj)
-            assert second.pidfd is not None and second.pidfd.adj is not None
+            pidfd = table.pidfd(second.pid)
+            assert pidfd is not None and pidfd.adj is not None
         finally:
             table.close()
 

@@ -32,7 +32,7 @@ import select
 import signal
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -65,7 +65,7 @@ from useroom._policy import (
 )
 from useroom._procs import ProcsFiles
 from useroom._units import UNLIMITED, format_size, parse_duration, parse_size
-from useroom._victims import Victim, VictimTable
+from useroom._victims import Pidfd, Victim, VictimTable
 from useroom.exceptions import GroupGone, RootGroupError, UnsupportedKernel, WatcherError
 from useroom._watchdog import DEFAULT_DELAY, Takeover, WatchdogLink
 
@@ -680,10 +680,12 @@ class GroupHandler:
                           hold_threads=self.hold_threads, hold_arm_at=self.hold_arm_at, held=self._held,
                           unsettled=self._hooks_unsettled)
 
-    def _held(self) -> tuple[Victim, ...]:
-        """The processes the armed plan stops while the hooks run."""
-        armed = self._armed
-        return armed[-1].compiled.held if armed else ()
+    def _held(self) -> tuple[tuple[Victim, ...], Mapping[int, Pidfd]]:
+        """The processes the armed plan stops while the hooks run, and their pidfds by pid."""
+        if not self._armed:
+            return (), {}
+        compiled = self._armed[-1].compiled
+        return compiled.held, {p.pid: p for p in compiled.pidfds}
 
     @property
     def _reserve(self) -> int:
@@ -707,6 +709,7 @@ class GroupHandler:
             check_timeout=self.check_timeout,
             hold_processes=self.hold_processes,
             procs_fd=procs_fd,
+            pidfds=self._table.pidfds,
             procs_reopen=not self.group.procs_pread_relists,
             protect=tuple(sorted(self._table.protect)) + tuple(sorted(self._table.dying - self._table.protect)),
         )
@@ -1009,7 +1012,8 @@ class GroupHandler:
                 return
             killed = False
             for victim, _ in self.policy.order(self._table.victims):
-                if victim.pidfd is not None and victim.pidfd.exited:
+                pidfd = self._table.pidfd(victim.pid)
+                if pidfd is not None and pidfd.exited:
                     continue
                 if self._kill_now(victim, self.policy.signal) != 0:
                     continue
@@ -1028,7 +1032,8 @@ class GroupHandler:
         task to kill, the last resort comes next. Called by the hook thread,
         with the service's threads still held (the manager, at the tail
         grant, may not get the GIL before the kernel acts)."""
-        if not any(v.pidfd is None or not v.pidfd.exited for v in self._table.victims):
+        pidfds = [self._table.pidfd(v.pid) for v in self._table.victims]
+        if not any(p is None or not p.exited for p in pidfds):
             self._last_resort(seq, records)
 
     def _last_resort(self, seq: int | None = None, records: tuple[HookRecord, ...] | None = None) -> None:
@@ -1100,11 +1105,12 @@ class GroupHandler:
         killed = []
         for pid in chosen:
             victim = victims.get(pid)
-            if victim is None or victim.pidfd is None:
+            pidfd = self._table.pidfd(pid)
+            if victim is None or pidfd is None:
                 self.errors.append(ValueError(f"decide() chose {pid}, which is not a task of the group"))
                 continue
             if self._kill_now(victim, signal.SIGKILL) == 0:
-                killed.append(victim.pidfd)
+                killed.append(pidfd)
         # The plan restores the limit once this returns: let the memory come back first.
         deadline = time.monotonic() + self.check_timeout
         for pidfd in killed:
@@ -1114,14 +1120,15 @@ class GroupHandler:
         """Signals a victim from Python (headroom granted), reaps its memory
         after SIGKILL, and records it; returns 0 or -errno."""
         result = 0
+        pidfd = self._table.pidfd(victim.pid)
         try:
-            if victim.pidfd is None:
+            if pidfd is None:
                 os.kill(victim.pid, sig)  # no pidfds: the table was refreshed just now
             else:
-                signal.pidfd_send_signal(victim.pidfd.fileno(), sig)
+                signal.pidfd_send_signal(pidfd.fileno(), sig)
                 if _native.can_use_mrelease and sig == signal.SIGKILL:
                     try:
-                        _native.mrelease(victim.pidfd.fileno())
+                        _native.mrelease(pidfd.fileno())
                     except OSError:
                         pass  # it exited already: its memory is back
         except OSError as err:
@@ -1144,9 +1151,10 @@ class GroupHandler:
     def _exited(self, victim: Victim) -> bool:
         """Waits up to ``check_timeout`` for a signalled victim to exit;
         True if it did (false at once without a pidfd to wait on)."""
-        if victim.pidfd is None:
+        pidfd = self._table.pidfd(victim.pid)
+        if pidfd is None:
             return False
-        ready, _, _ = select.select([victim.pidfd], [], [], self.check_timeout)
+        ready, _, _ = select.select([pidfd], [], [], self.check_timeout)
         return bool(ready)
 
     def _limit_fits(self) -> bool:
@@ -1234,7 +1242,7 @@ class GroupHandler:
                 # pick found through cgroup.procs (no name known).
                 badness = step.points * 1024
                 target = armed.compiled.candidates[step.pick] if step.pick >= 0 else \
-                    Victim(step.pid, "", 0, 0.0, -1, None)
+                    Victim(step.pid, "", 0, 0.0, -1)
                 sig_name = signal.Signals(armed.compiled.plan.actions[i].sig).name
                 who = f"{target.name}, " if target.name else "new since the refresh, "
                 why = f"{sig_name} {target.pid} ({who}{format_size(badness)}): {PICK_REASON}"

@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -64,9 +64,11 @@ class OomContext:
     #: 1 for the first round of hooks of an episode; a hook may shed more
     #: in later rounds (the earlier ones did not free enough).
     round: int = 1
-    #: The group's other processes (victim-table entries, with their
-    #: pidfds), stopped (SIGSTOP) while the hooks run; see :meth:`resume_others`.
+    #: The group's other processes (victim-table entries), stopped
+    #: (SIGSTOP) while the hooks run; see :meth:`resume_others`.
     held: tuple[Any, ...] = ()
+    #: Their pidfds by pid (the plan's, borrowed), which signal them.
+    pidfds: Mapping[int, Any] = attrs.field(factory=dict, repr=False)
     #: Pids of the processes in :attr:`held` continued by
     #: :meth:`resume_others` and running now.
     resumed: set[int] = attrs.field(factory=set)
@@ -110,9 +112,10 @@ class OomContext:
         for victim in self.held:
             if wanted is not None and victim.pid not in wanted:
                 continue
+            pidfd = self.pidfds.get(victim.pid)
             try:
-                if victim.pidfd is not None:
-                    signal.pidfd_send_signal(victim.pidfd.fileno(), sig)
+                if pidfd is not None:
+                    signal.pidfd_send_signal(pidfd.fileno(), sig)
                     done.append(victim.pid)
             except (OSError, ValueError):
                 pass  # gone, or its pidfd closed: nothing to signal
@@ -237,7 +240,8 @@ class HookRunner:
 
     def __init__(self, group: Group, registry: HookRegistry, watcher: _native.WatchedGroup,
                  closer: GrantCloser, timeout: float, *, hold_threads: bool = True,
-                 hold_arm_at: float = HOLD_ARM_AT, held: Callable[[], tuple[Any, ...]] = tuple,
+                 hold_arm_at: float = HOLD_ARM_AT,
+                 held: Callable[[], tuple[tuple[Any, ...], Mapping[int, Any]]] = lambda: ((), {}),
                  unsettled: Callable[[int, tuple[HookRecord, ...]], None] = lambda seq, records: None) -> None:
         self.wake = _native.EventFd()
         self.reply = _native.EventFd()
@@ -398,7 +402,7 @@ class HookRunner:
         ctx.seq, ctx.notified_ns = current if current else (0, woke)
         ctx.deadline_ns = woke + self._timeout_ns
         ctx.limit = self._closer.limit()
-        ctx.held = self._held()
+        ctx.held, ctx.pidfds = self._held()
         ctx.resumed.clear()
         ctx.restopped.clear()
         if self._hold:

@@ -148,6 +148,10 @@ class PlanContext:
     protect: tuple[int, ...] = ()
     #: Whether the pick opens ``procs_fd`` anew to list the tasks of now (v1).
     procs_reopen: bool = False
+    #: The victims' pidfds by pid (the table's, borrowed: it closes them
+    #: once no armed plan uses them). Without pidfds, empty: the plan
+    #: signals by pid.
+    pidfds: Mapping[int, Pidfd] = attrs.field(factory=dict, eq=False, repr=False)
     #: cgroup v2: what the kill phase writes to ``limit_fd`` before its
     #: first kill (a higher wall), and ``limit`` after its last. A task over
     #: ``memory.high`` is put to sleep on its way back to user space, for a
@@ -158,6 +162,10 @@ class PlanContext:
     #: those that reach the old wall while the victim dies. Empty on v1 (no
     #: wall: the tasks wait in the OOM and run as soon as the limit fits).
     lift: bytes = b""
+
+    def pidfd(self, victim: Victim) -> Pidfd | None:
+        """The victim's pidfd, or None (no pidfds, or it exited before the refresh opened one)."""
+        return self.pidfds.get(victim.pid)
 
     @property
     def can_grant(self) -> bool:
@@ -196,6 +204,16 @@ class CompiledPlan:
     tags: tuple[StepTag, ...] = ()
 
 
+def _with_pidfds(ctx: PlanContext) -> list[tuple[Victim, Pidfd]]:
+    """The victims that have a pidfd, with it, in table order."""
+    return [(v, p) for v in ctx.victims if (p := ctx.pidfd(v)) is not None]
+
+
+def _status_open(pidfd: Pidfd | None) -> bool:
+    """Whether the native pick can read the task's status at the OOM."""
+    return pidfd is not None and pidfd.status is not None
+
+
 class _Builder:
     def __init__(self, ctx: PlanContext) -> None:
         self.ctx = ctx
@@ -229,7 +247,7 @@ class _Builder:
     def kill(self, victim: Victim, reason: str, sig: int, term_grace: float | None) -> None:
         self.open_wall()
         who = victim.describe()
-        pidfd = victim.pidfd
+        pidfd = self.ctx.pidfd(victim)
         if pidfd is not None:
             self.pidfds.append(pidfd)
             fd = pidfd.fileno()
@@ -354,11 +372,10 @@ class _Builder:
             # instead of the headroom.
             resume = []
             if ctx.hold_processes:
-                for v in [v for v in ctx.victims if v.pidfd is not None][:HOLD_PROCESSES_MAX]:
-                    assert v.pidfd is not None
-                    self.pidfds.append(v.pidfd)
+                for v, pidfd in _with_pidfds(ctx)[:HOLD_PROCESSES_MAX]:
+                    self.pidfds.append(pidfd)
                     self.held.append(v)
-                    fd = v.pidfd.fileno()
+                    fd = pidfd.fileno()
                     resume.append((len(self.actions), Action.signal_pidfd(fd, signal.SIGCONT), f"SIGCONT {v.pid}"))
                     self.add(Action.signal_pidfd(fd, signal.SIGSTOP),
                              f"SIGSTOP {v.describe()}: hold it while the hooks run", Phase.HOOKS)
@@ -393,11 +410,12 @@ class _Builder:
     def build(self) -> CompiledPlan:
         candidates = []
         for v in self.candidates:
-            assert v.pidfd is not None and v.pidfd.status is not None
-            self.pidfds.append(v.pidfd)
-            candidates.append(Candidate(v.pidfd.fileno(), v.pidfd.status.fileno(), v.pid,
+            pidfd = self.ctx.pidfd(v)
+            assert pidfd is not None and pidfd.status is not None
+            self.pidfds.append(pidfd)
+            candidates.append(Candidate(pidfd.fileno(), pidfd.status.fileno(), v.pid,
                                         v.oom_score_adj * self.ctx.limit_kb // 1000,
-                                        v.pidfd.adj.fileno() if v.pidfd.adj is not None else -1))
+                                        pidfd.adj.fileno() if pidfd.adj is not None else -1))
         # Tasks started since the refresh are found through cgroup.procs;
         # with more pids to protect than the plan holds, none are looked for.
         find = self.finding and len(self.ctx.protect) <= 32
@@ -515,7 +533,7 @@ class KillLargest(Policy):
         candidate's status file open."""
         finds = ctx.procs_fd >= 0 and type(self).order is KillLargest.order
         return self.term_grace is None and bool(picks or finds) and \
-            all(v.pidfd is not None and v.pidfd.status is not None for v in picks)
+            all(_status_open(ctx.pidfd(v)) for v in picks)
 
     def _compile_kills(self, b: _Builder, ctx: PlanContext) -> None:
         # order() says who may be killed (a subclass may narrow it); the
@@ -578,15 +596,17 @@ class KillGroup(Policy):
             for v in chosen:
                 b.victims.append(v)
                 why = f"SIGKILL {v.describe()}: the whole group"
-                if v.pidfd is None:
+                pidfd = ctx.pidfd(v)
+                if pidfd is None:
                     b.add(Action.signal_pid(v.pid, signal.SIGKILL), why, Phase.KILL, v)
                     continue
-                b.pidfds.append(v.pidfd)
-                b.add(Action.signal_pidfd(v.pidfd.fileno(), signal.SIGKILL), why, Phase.KILL, v)
+                b.pidfds.append(pidfd)
+                b.add(Action.signal_pidfd(pidfd.fileno(), signal.SIGKILL), why, Phase.KILL, v)
             if _native.can_use_mrelease:
                 for v in chosen:
-                    if v.pidfd is not None:
-                        b.add(Action.mrelease(v.pidfd.fileno()), f"reap the memory of {v.pid} now", Phase.KILL)
+                    pidfd = ctx.pidfd(v)
+                    if pidfd is not None:
+                        b.add(Action.mrelease(pidfd.fileno()), f"reap the memory of {v.pid} now", Phase.KILL)
         if b.hooks_grant is not None:
             b.restore(b.hooks_grant, Phase.KILL)
         b.add(Action.check(ctx.check_timeout, supersede=True), "check whether the OOM is over", Phase.KILL)
@@ -791,7 +811,7 @@ class FreezeAndDecide(Policy):
 
     def compile(self, ctx: PlanContext) -> CompiledPlan:
         b = _Builder(attrs.evolve(ctx, hooks_wake_fd=-1, hooks_reply_fd=-1))
-        stoppable = [v for v in ctx.victims if v.pidfd is not None][: self.max_frozen]
+        stoppable = _with_pidfds(ctx)[: self.max_frozen]
         if ctx.can_grant and ctx.grant_wake_fd >= 0 and ctx.grant_reply_fd >= 0 and (stoppable or ctx.freeze_fd >= 0):
             grant_at = len(b.actions)
             granted = ctx.limit + ctx.reserve
@@ -806,12 +826,11 @@ class FreezeAndDecide(Policy):
                 b.add(Action.write(ctx.freeze_fd, b"1").after(grant_at),
                       "freeze the group (cgroup.freeze) before deciding", Phase.FREEZE)
             else:
-                for v in stoppable:
-                    assert v.pidfd is not None
-                    b.pidfds.append(v.pidfd)
-                    thaws.append((len(b.actions), Action.signal_pidfd(v.pidfd.fileno(), signal.SIGCONT),
+                for v, pidfd in stoppable:
+                    b.pidfds.append(pidfd)
+                    thaws.append((len(b.actions), Action.signal_pidfd(pidfd.fileno(), signal.SIGCONT),
                                   f"SIGCONT {v.pid}: thaw"))
-                    b.add(Action.signal_pidfd(v.pidfd.fileno(), signal.SIGSTOP).after(grant_at),
+                    b.add(Action.signal_pidfd(pidfd.fileno(), signal.SIGSTOP).after(grant_at),
                           f"SIGSTOP {v.describe()}: freeze before deciding", Phase.FREEZE, v)
             b.add(Action.wake(ctx.grant_wake_fd).after(grant_at), "wake the handler to decide", Phase.FREEZE)
             b.add(Action.await_readable(ctx.grant_reply_fd, ctx.grant_timeout, read=True).after(grant_at),

@@ -6,12 +6,16 @@ each episode), never during one: reading
 which fails under the OOM. Each victim carries a pidfd opened at refresh
 time, so the native plan can signal it without racing pid reuse: a process
 that exits makes its pidfd readable, and the plan skips it.
+
+The table owns the pidfds (:meth:`VictimTable.pidfd`); a :class:`Victim`
+is a plain value, which a policy or a hook may keep.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+import types
+from collections.abc import Iterable, Mapping
 
 import attrs
 import psutil
@@ -108,7 +112,6 @@ class Victim:
     rss: int
     create_time: float
     uid: int
-    pidfd: Pidfd | None = attrs.field(eq=False, repr=False)
     #: /proc/<pid>/oom_score_adj at the refresh (-1000: the kernel never
     #: picks it, and neither does a badness pick).
     oom_score_adj: int = 0
@@ -252,7 +255,7 @@ class VictimTable:
                     continue
                 fresh[pid] = pidfd
                 seen[pid] = known
-            victims.append(Victim(pid, known.name, known.rss, known.create_time, known.uid, pidfd, adj))
+            victims.append(Victim(pid, known.name, known.rss, known.create_time, known.uid, adj))
         # A pid that was in cgroup.procs and whose pidfd is still not readable
         # is the same live process: a live process keeps its pid. Check that
         # it is still in the group (it may have been moved out meanwhile).
@@ -266,6 +269,17 @@ class VictimTable:
         self._seen = seen
         self.victims = tuple(victims)
         return self.victims
+
+    @property
+    def pidfds(self) -> Mapping[int, Pidfd]:
+        """The pidfds of the victims of the last refresh, by pid (a read-only
+        view: the table owns them)."""
+        return types.MappingProxyType(self._pidfds)
+
+    def pidfd(self, pid: int) -> Pidfd | None:
+        """The pidfd of a victim of the last refresh; None without pidfds or
+        for a pid the refresh did not list."""
+        return self._pidfds.get(pid)
 
     def _measure(self, pid: int, pidfd: Pidfd | None) -> _Seen:
         """The task's name, size, start time and uid; raises
