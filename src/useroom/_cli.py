@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import signal
@@ -12,20 +11,19 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
 
 from useroom.cgroup import Group
-from useroom.cgroup.v2 import V2Group
 from useroom._handler import OomEvent
 from useroom._policy import KillGroup, KillLargest, KillNewest, Policy, RaiseLimit
 from useroom._supervisor import Handler, Supervisor
 from useroom._units import format_size, parse_size
 from useroom._watchdog import Takeover
 from useroom._watchdog import main as watchdog_main
-from useroom.exceptions import GroupBusy, UseroomError
+from useroom.exceptions import UseroomError
 
 __all__ = ["main"]
 
@@ -117,39 +115,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     real OOMs there, and prints what the native watcher did and how fast."""
     parent = Group.current()
     name = f"useroom-demo-{os.getpid()}"
-    with _room_for_children(parent, name):
+    with parent.room_for_children(f"{name}-self"):
         return _demo(args, parent.create_child(name, memory_max=args.limit))
-
-
-@contextlib.contextmanager
-def _room_for_children(parent: Group, name: str) -> Iterator[None]:
-    """cgroup v2: a group that holds processes cannot give its children the
-    memory controller (the root excepted). Then this process steps into a
-    leaf of its own for the demo, and everything is put back afterwards:
-    the controller, this process, the leaf."""
-    if not isinstance(parent, V2Group) or parent.is_root or "memory" in parent.subtree_control():
-        yield
-        return
-    leaf = os.path.join(parent.path, f"{name}-self")
-    os.mkdir(leaf)
-    try:
-        Group.open(leaf).attach(os.getpid())
-        try:
-            parent.enable_memory_for_children()
-        except GroupBusy as err:
-            raise UseroomError(f"{err}; other processes share this process's group {parent.relpath}: run the "
-                               "demo in a group of its own (systemd-run --user --scope -p Delegate=yes useroom "
-                               "demo)") from err
-        try:
-            yield
-        finally:
-            with contextlib.suppress(OSError):
-                parent.disable_memory_for_children()
-    finally:
-        with contextlib.suppress(OSError, UseroomError):
-            parent.attach(os.getpid())
-        with contextlib.suppress(OSError):
-            os.rmdir(leaf)
 
 
 def _demo(args: argparse.Namespace, group: Group) -> int:
@@ -158,12 +125,7 @@ def _demo(args: argparse.Namespace, group: Group) -> int:
     out = tempfile.NamedTemporaryFile(prefix="useroom-demo-", suffix=".json", delete=False)
     out.close()
     try:
-        if group.version == 2:
-            print(f"group {group.relpath}: memory.max {format_size(group.limit())}; the handler holds memory.high "
-                  "as its wall below it (cgroup v2: the kernel kills only at memory.max)")
-        else:
-            print(f"group {group.relpath}: limit {format_size(group.limit())}, kernel OOM killer disabled by "
-                  "the handler")
+        print(f"group {group.relpath}: {group.limit_file} {format_size(group.limit())}; {group.handling}")
         handler_proc = subprocess.Popen(
             [sys.executable, "-m", "useroom", "handle", group.path, "--join", "--events-out", out.name],
             stdout=subprocess.PIPE, text=True,
@@ -174,17 +136,15 @@ def _demo(args: argparse.Namespace, group: Group) -> int:
         print(f"handler {handler_proc.pid} runs inside the group")
         size = parse_size(args.size)
         for _ in range(args.workers):
-            r, w = os.pipe()
-            proc = subprocess.Popen([sys.executable, "-c", _WORKER, str(size)], stdin=r)
-            os.close(r)
+            proc = subprocess.Popen([sys.executable, "-c", _WORKER, str(size)], stdin=subprocess.PIPE)
             group.attach(proc.pid)
             workers.append(proc)
-            proc._go = w  # type: ignore[attr-defined]
         print(f"{args.workers} workers in the group will each touch {format_size(size)}")
         start = time.monotonic()
         for proc in workers:
-            os.write(proc._go, b"g")  # type: ignore[attr-defined]
-            os.close(proc._go)  # type: ignore[attr-defined]
+            assert proc.stdin is not None
+            proc.stdin.write(b"g")
+            proc.stdin.close()
         for proc in workers:
             proc.wait(timeout=args.timeout)
         elapsed = time.monotonic() - start
@@ -193,9 +153,7 @@ def _demo(args: argparse.Namespace, group: Group) -> int:
         with open(out.name, encoding="utf-8") as f:
             report = json.load(f)
         events = [OomEvent(**_event_fields(e)) for e in report["events"]]
-        state = (f"under_oom={int(group.oom_control().under_oom)}" if group.version == 1 else
-                 f"kernel OOM kills={group.oom_control().oom_kill}")
-        print(f"all workers gone after {elapsed * 1000:.1f} ms; {state}; "
+        print(f"all workers gone after {elapsed * 1000:.1f} ms; kernel OOM kills={group.oom_control().oom_kill}; "
               f"handler locked {format_size(report['locked_bytes'])}")
         for event in events:
             if event.outcome != "not_needed":
@@ -205,8 +163,7 @@ def _demo(args: argparse.Namespace, group: Group) -> int:
             print(f"({ignored} notification(s) arrived with the OOM already over and needed nothing)")
         return 0
     finally:
-        if group.version == 1:
-            group.set_oom_kill(True)
+        group.set_oom_kill(True)  # in case the handler died before it put it back (v1)
         for proc in workers:
             proc.kill()
             proc.wait()

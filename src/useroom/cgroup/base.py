@@ -21,6 +21,7 @@ then (fds of control files, the eventfd) is prepared ahead with
 from __future__ import annotations
 
 import abc
+import contextlib
 import errno
 import os
 import posixpath
@@ -293,6 +294,8 @@ class Group(abc.ABC):
     procs_file: ClassVar[str] = "cgroup.procs"
     stat_file: ClassVar[str] = "memory.stat"
     limit_file: ClassVar[str]
+    #: How a handler meets an OOM on this backend, in a sentence for people.
+    handling: ClassVar[str]
     usage_file: ClassVar[str]
     #: The file a handler's wall lives in: what its grants raise and restore
     #: (v1 the hard limit; v2 ``memory.high``, below ``memory.max``).
@@ -465,6 +468,14 @@ class Group(abc.ABC):
         except OSError as err:
             raise self._error(err, "list the child groups of", self._path) from err
         return [self._child(name) for name in names]
+
+    @contextlib.contextmanager
+    def room_for_children(self, leaf: str) -> Iterator[None]:
+        """Within the block, child groups of this group may have memory
+        limits. Nothing to do on cgroup v1, where any group may; see the
+        v2 backend for when this process must step into a leaf (*leaf*, a
+        child name) for the time of the block."""
+        yield
 
     def create_child(self, name: str, memory_max: str | int | None = None) -> Group:
         """Create the child group *name* and return it.

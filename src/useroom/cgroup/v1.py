@@ -51,6 +51,7 @@ class V1Group(Group):
 
     version: ClassVar[int] = 1
     limit_file: ClassVar[str] = "memory.limit_in_bytes"
+    handling: ClassVar[str] = "the handler disables the kernel OOM killer and acts at the limit"
     usage_file: ClassVar[str] = "memory.usage_in_bytes"
     wall_file: ClassVar[str] = "memory.limit_in_bytes"
     wall_write_checks_fit: ClassVar[bool] = True  # EBUSY below the usage

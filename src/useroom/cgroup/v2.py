@@ -37,11 +37,12 @@ files only if its parent enabled ``+memory`` in its ``cgroup.subtree_control``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import select
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar, Final, Literal
 
 import attrs
@@ -56,6 +57,7 @@ from useroom.exceptions import (
     KernelFormatError,
     PressureTriggerRefused,
     UnsupportedKernel,
+    UseroomError,
 )
 
 __all__ = ["FileNotifier", "MemoryEvents", "PressureTrigger", "V2Group"]
@@ -285,6 +287,8 @@ class V2Group(Group):
 
     version: ClassVar[int] = 2
     limit_file: ClassVar[str] = "memory.max"
+    handling: ClassVar[str] = ("the handler holds memory.high as its wall below memory.max "
+                               "(cgroup v2: the kernel kills only at memory.max)")
     usage_file: ClassVar[str] = "memory.current"
     high_file: ClassVar[str] = "memory.high"
     wall_file: ClassVar[str] = "memory.high"
@@ -426,6 +430,39 @@ class V2Group(Group):
             self._write(self.subtree_control_file, "-memory")
         except OSError as err:
             raise self._subtree_error(err) from err
+
+    @contextlib.contextmanager
+    def room_for_children(self, leaf: str) -> Iterator[None]:
+        """A group that holds processes cannot give its children the memory
+        controller (the "no internal processes" rule; the root excepted).
+        Then this process steps into the leaf child *leaf* for the block,
+        and everything is put back afterwards: the controller, this
+        process, the leaf. Raises :class:`GroupBusy` if other processes
+        share the group (they would have to move too)."""
+        if self.is_root or "memory" in self.subtree_control():
+            yield
+            return
+        path = os.path.join(self._path, leaf)
+        os.mkdir(path)
+        try:
+            self._child(leaf).attach(os.getpid())
+            try:
+                self.enable_memory_for_children()
+            except GroupBusy as err:
+                raise GroupBusy(err.errno or errno.EBUSY,
+                                f"{err.strerror}; other processes share this process's group {self.relpath}: run "
+                                "in a group of its own (systemd-run --user --scope -p Delegate=yes ...)",
+                                self._path) from err
+            try:
+                yield
+            finally:
+                with contextlib.suppress(OSError):
+                    self.disable_memory_for_children()
+        finally:
+            with contextlib.suppress(OSError, UseroomError):
+                self.attach(os.getpid())
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
 
     def _subtree_error(self, err: OSError) -> CgroupError | UnsupportedKernel:
         path = self._file(self.subtree_control_file)
