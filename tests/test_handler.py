@@ -433,7 +433,7 @@ class TestMoveToOverflow:
 
     def test_plan_shape(self, groups) -> None:
         """Each move is followed by the raise it guards and a check, then the kill plan."""
-        from useroom._policy import PlanContext
+        from useroom.policy import PlanContext
         from useroom._victims import Victim
 
         group, overflow = groups

@@ -7,7 +7,7 @@ import signal
 import pytest
 
 from useroom import KillByPriority, KillGroup, KillLargest, KillNewest, RaiseLimit, _native
-from useroom._policy import PlanContext
+from useroom.policy import PlanContext
 from useroom._victims import Victim
 
 MIB = 1 << 20
@@ -129,7 +129,7 @@ class TestCompile:
         """cgroup v2: the check after a pick ends once the pick has exited
         (its memory is back: over the wall still, the next kill goes at
         once); on v1 it waits for the sleepers as before."""
-        from useroom._policy import _Builder
+        from useroom.policy import PlanBuilder as _Builder
 
         for ctx, exits in ((self._v2(), True), (_ctx(), False)):
             b = _Builder(ctx)

@@ -12,7 +12,7 @@ from useroom._handler import EventOutcome, OomEvent, StepRecord, VictimRecord
 from useroom._supervisor import Handler, Supervisor
 from useroom._hardening import HardeningReport, lock_memory, release_memory
 from useroom._hooks import HookRecord, OomContext, PressureContext
-from useroom._policy import (
+from useroom.policy import (
     DryRun,
     FreezeAndDecide,
     FrozenContext,

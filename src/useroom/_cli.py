@@ -18,7 +18,7 @@ import attrs
 
 from useroom.cgroup import Group
 from useroom._handler import OomEvent
-from useroom._policy import KillGroup, KillLargest, KillNewest, Policy, RaiseLimit
+from useroom.policy import KillGroup, KillLargest, KillNewest, Policy, RaiseLimit
 from useroom._supervisor import Handler, Supervisor
 from useroom._units import format_size, parse_size
 from useroom._watchdog import Takeover

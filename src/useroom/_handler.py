@@ -52,7 +52,7 @@ from useroom._hooks import (
 from useroom._native import EventFd, EventRecord, Plan, SourceKind, WatchedGroup
 from useroom._last_resort import LastResorts
 from useroom._settle import GrantCloser
-from useroom._policy import (
+from useroom.policy import (
     PICK_REASON,
     CompiledPlan,
     Phase,

@@ -35,7 +35,7 @@ import attrs
 from useroom import _native
 from useroom.cgroup import Group
 from useroom._handler import GroupHandler, ProcessOptions
-from useroom._policy import Policy
+from useroom.policy import Policy
 from useroom._hardening import HardeningReport, vm_locked, lock_memory
 from useroom._hooks import THREAD_STACK_PREFAULT
 from useroom._watchdog import DEFAULT_DELAY, Takeover, WatchdogLink

@@ -43,7 +43,7 @@ import os
 import select
 import time
 from collections.abc import Iterator, Mapping
-from typing import Any, ClassVar, Final, Literal
+from typing import ClassVar, Final, Literal
 
 import attrs
 
