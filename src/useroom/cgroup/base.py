@@ -25,16 +25,12 @@ import contextlib
 import errno
 import os
 import posixpath
-import re
 import select
 import signal
-import sys
 import time
-import warnings
 from collections.abc import Iterator, Mapping
 from typing import ClassVar, Final
 
-import attrs
 
 from useroom import _fd
 from useroom._mounts import (
@@ -47,6 +43,8 @@ from useroom._mounts import (
     read_text,
 )
 from useroom._units import parse_size
+from useroom.cgroup.notify import EventRegistration
+from useroom.cgroup.values import OomControl, Stats
 from useroom.exceptions import (
     CgroupError,
     CgroupPermissionError,
@@ -62,217 +60,17 @@ from useroom.exceptions import (
     UnsupportedKernel,
 )
 
-__all__ = ["EventRegistration", "Group", "OomControl", "Stats", "backend_class", "parse_key_values"]
+__all__ = ["Group", "backend_class"]
 
 
 #: How long :meth:`Group.remove` with ``force=True`` waits by default for the
 #: group's tasks to die.
 DEFAULT_REMOVE_TIMEOUT: Final = 10.0
 
-_KEY_VALUE: Final = re.compile(r"([^ ]+) (-?[0-9]{1,20})", re.ASCII)
 _KILL_RULE: Final = (
     "kill(2): the sender's real or effective uid must match the target's real or saved uid, or have CAP_KILL"
 )
 _KILL_ADVICE: Final = "remove the group as the user who owns its tasks, or as root"
-
-
-@attrs.frozen
-class OomControl:
-    """The OOM state of a group (v1 ``memory.oom_control``).
-
-    ``kill_disabled``: the kernel OOM killer is off, so tasks that hit the
-    limit sleep until user space resolves the OOM. ``under_oom``: they are
-    asleep now. ``oom_kill``: how many tasks the kernel OOM killer has killed
-    in the group (0 on kernels older than 4.13, which do not report it).
-    """
-
-    kill_disabled: bool
-    under_oom: bool
-    oom_kill: int
-
-    @classmethod
-    def from_text(cls, text: str) -> OomControl:
-        """Parse the text of v1 ``memory.oom_control`` (``oom_kill_disable 0`` lines)."""
-        values = parse_key_values(text, "memory.oom_control")
-        try:
-            return cls(
-                kill_disabled=bool(values["oom_kill_disable"]),
-                under_oom=bool(values["under_oom"]),
-                oom_kill=values.get("oom_kill", 0),
-            )
-        except KeyError as err:
-            raise KernelFormatError(f"memory.oom_control has no {err.args[0]!r} line: {text[:200]!r}") from err
-
-
-@attrs.frozen(eq=False)
-class Stats(Mapping[str, int]):
-    """A snapshot of ``memory.stat``: a read-only mapping of its keys to ints.
-
-    Keys are the kernel's, which differ between versions (v1 ``rss``,
-    ``cache``, ``total_*``; v2 ``anon``, ``file``); the properties give the
-    common ones under one name, 0 when the kernel does not report them.
-    """
-
-    _items: tuple[tuple[str, int], ...]
-
-    @classmethod
-    def from_text(cls, text: str) -> Stats:
-        """Parse the text of ``memory.stat`` (``key value`` lines)."""
-        return cls(tuple(parse_key_values(text, "memory.stat").items()))
-
-    @property
-    def rss(self) -> int:
-        """Anonymous memory (v1 ``rss``, v2 ``anon``), in bytes."""
-        return self._first("rss", "anon")
-
-    @property
-    def cache(self) -> int:
-        """Page cache (v1 ``cache``, v2 ``file``), in bytes."""
-        return self._first("cache", "file")
-
-    @property
-    def shmem(self) -> int:
-        """Shared memory and tmpfs, in bytes."""
-        return self._first("shmem")
-
-    @property
-    def mapped_file(self) -> int:
-        """Mapped file pages (v1 ``mapped_file``, v2 ``file_mapped``), in bytes."""
-        return self._first("mapped_file", "file_mapped")
-
-    @property
-    def swap(self) -> int:
-        """Swap used (v1 only; v2 reports it in ``memory.swap.current``), in bytes."""
-        return self._first("swap")
-
-    @property
-    def unevictable(self) -> int:
-        """Unevictable memory, such as mlocked pages, in bytes."""
-        return self._first("unevictable")
-
-    def _first(self, *keys: str) -> int:
-        values = self._dict()
-        for key in keys:
-            if key in values:
-                return values[key]
-        return 0
-
-    def _dict(self) -> dict[str, int]:
-        return dict(self._items)
-
-    def __getitem__(self, key: str) -> int:
-        return self._dict()[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return (key for key, _ in self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, Stats):
-            return self._dict() == other._dict()
-        return NotImplemented
-
-    def __hash__(self) -> int:
-        return hash(frozenset(self._items))
-
-
-class EventRegistration:
-    """An eventfd the kernel signals on a cgroup event, and the control file it watches.
-
-    It owns two fds (both close-on-exec): the eventfd (:meth:`fileno`, for
-    ``select``/``epoll`` or the native watcher) and the control file the
-    event was registered on. Close it with :meth:`close` or a ``with`` block;
-    dropping it open warns with ``ResourceWarning``.
-
-    Kernel behaviour a reader must know (cgroup v1, measured on Linux 6.18):
-
-    - each event adds 1 to the eventfd counter; :meth:`read` returns and
-      resets it;
-    - the event is unregistered when the eventfd is released, that is when
-      its last fd is closed: an fd duplicated into native code keeps it alive;
-    - removing the group signals the eventfd once (asynchronously, a few ms
-      after ``rmdir``), so a wakeup does not prove an OOM: check
-      :meth:`Group.oom_control`, which raises :class:`GroupGone` then.
-
-    The eventfd is blocking; :meth:`read` and :meth:`wait` poll it first, so
-    use one reader at a time.
-    """
-
-    __slots__ = ("_eventfd", "_control_fd", "description", "__weakref__")
-
-    def __init__(self, eventfd: int, control_fd: int, description: str) -> None:
-        self._eventfd = eventfd
-        self._control_fd = control_fd
-        #: What is watched, e.g. ``"OOM of /a/b"``.
-        self.description = description
-
-    def __repr__(self) -> str:
-        state = "closed" if self.closed else f"fd={self._eventfd}"
-        return f"<EventRegistration {self.description} {state}>"
-
-    @property
-    def closed(self) -> bool:
-        """True once :meth:`close` has run."""
-        return self._eventfd < 0
-
-    def fileno(self) -> int:
-        """The eventfd; raises ValueError once closed."""
-        if self._eventfd < 0:
-            raise ValueError(f"{self!r} is closed")
-        return self._eventfd
-
-    @property
-    def control_fd(self) -> int:
-        """The fd of the watched control file (owned by the registration); raises ValueError once closed."""
-        if self._control_fd < 0:
-            raise ValueError(f"{self!r} is closed")
-        return self._control_fd
-
-    def close(self) -> None:
-        """Close both fds (unregistering the event); safe to call again."""
-        # Forget the numbers first: a number reused by another thread's open()
-        # must never be closed twice.
-        eventfd, control_fd = self._eventfd, self._control_fd
-        self._eventfd = self._control_fd = -1
-        if eventfd >= 0:
-            os.close(eventfd)
-        if control_fd >= 0:
-            os.close(control_fd)
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Wait until the event has fired (the counter is non-zero), without consuming it.
-
-        Returns False if *timeout* seconds (None: forever) pass first.
-        """
-        poller = select.poll()
-        poller.register(self.fileno(), select.POLLIN)
-        # poll() retries EINTR itself, with the timeout recomputed (PEP 475).
-        return bool(poller.poll(None if timeout is None else max(0, round(timeout * 1000))))
-
-    def read(self, timeout: float | None = None) -> int:
-        """Return how many times the event fired since the last read, and reset the count.
-
-        Blocks until it fires at least once; raises TimeoutError if *timeout*
-        seconds pass first.
-        """
-        if not self.wait(timeout):
-            raise TimeoutError(f"{self.description}: no event within {timeout} s")
-        return int.from_bytes(os.read(self.fileno(), 8), sys.byteorder)
-
-    def __enter__(self) -> EventRegistration:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if getattr(self, "_eventfd", -1) >= 0:
-            try:
-                warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self, stacklevel=1)
-            finally:
-                self.close()
 
 
 class Group(abc.ABC):
@@ -839,18 +637,6 @@ def _checked_pid(pid: int) -> int:
         # To the kernel, 0 in cgroup.procs means the writer itself.
         raise ValueError(f"a pid is a positive int, not {pid}")
     return pid
-
-
-def parse_key_values(text: str, name: str) -> dict[str, int]:
-    values = {}
-    for line in text.split("\n"):
-        if not line:
-            continue
-        match = _KEY_VALUE.fullmatch(line)
-        if match is None:
-            raise KernelFormatError(f"{name}: line {line[:200]!r} is not 'key number'")
-        values[match[1]] = int(match[2])
-    return values
 
 
 def _wait_for_exit(pidfds: list[int], deadline: float) -> None:

@@ -34,7 +34,9 @@ import pwd
 from collections.abc import Mapping
 from typing import ClassVar, Final
 
-from useroom.cgroup.base import EventRegistration, Group, OomControl
+from useroom.cgroup.base import Group
+from useroom.cgroup.notify import EventRegistration
+from useroom.cgroup.values import OomControl
 from useroom._units import UNLIMITED, format_size, parse_size
 from useroom.exceptions import CgroupError, CgroupPermissionError, InvalidSize, LimitBelowUsage, ProcessGone
 

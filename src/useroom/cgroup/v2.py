@@ -47,7 +47,9 @@ from typing import ClassVar, Final, Literal
 
 import attrs
 
-from useroom.cgroup.base import EventRegistration, Group, OomControl, parse_key_values
+from useroom.cgroup.base import Group
+from useroom.cgroup.notify import EventRegistration
+from useroom.cgroup.values import OomControl, parse_key_values
 from useroom._fd import OwnedFd
 from useroom._units import UNLIMITED, format_size, parse_size
 from useroom.exceptions import (
