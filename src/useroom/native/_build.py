@@ -25,7 +25,7 @@ def _relative(path: pathlib.Path) -> str:
 ffibuilder = FFI()
 ffibuilder.cdef((HERE / "uro.h").read_text())
 ffibuilder.set_source(
-    "useroom._native._core",
+    "useroom.native._core",
     "#include <stddef.h>\n#include <stdint.h>\n#include \"uro.h\"\n",
     sources=[_relative(HERE / "uro.c")],
     include_dirs=[_relative(HERE)],
