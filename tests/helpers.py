@@ -29,7 +29,7 @@ from typing import Any, Final
 
 import psutil
 
-from useroom._native import NativeWatcher, Plan, SourceKind, Wake
+from useroom.native import NativeWatcher, Plan, SourceKind, Wake
 
 from useroom.cgroup import Group
 

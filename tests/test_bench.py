@@ -110,7 +110,7 @@ class TestFigures:
 
     def test_numeric_step_kinds(self) -> None:
         """A step kind written as the native enum's number is recognised too."""
-        from useroom._native import ActionKind
+        from useroom.native import ActionKind
 
         event = {"notified_ns": 10, "steps": [{"kind": int(ActionKind.SIGNAL_PID), "result": 0, "t_ns": 35}]}
         assert 25 == notify_to_signal_ns(event)

@@ -250,7 +250,7 @@ class TestPickFindsNewTasks:
         """A task started after the plan was armed, and after a first pick read
         cgroup.procs, is found by the next pick of the same plan (cgroup v1
         lists an open file's first read again: the pick opens it anew)."""
-        from useroom._native import Action, EventFd, NativeWatcher, Plan, SourceKind
+        from useroom.native import Action, EventFd, NativeWatcher, Plan, SourceKind
         from useroom._procs import ProcsFiles
 
         first, = _hogs(spawn_hog, group, 8)

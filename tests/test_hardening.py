@@ -88,10 +88,10 @@ class TestLockMemory:
     def test_pymalloc_arenas_come_from_the_pool(self) -> None:
         """After hardening, new small objects live in arenas served by the prefaulted pool."""
         r = _run(
-            "import json, useroom\nfrom useroom import _native\n"
+            "import json, useroom\nfrom useroom import native\n"
             "useroom.lock_memory(pool='4M')\n"
             "keep = [str(i) * 2 for i in range(200000)]\n"
-            "p = _native.pool_report()\n"
+            "p = native.pool_report()\n"
             "print(json.dumps([p.served, p.chunk, p.in_use]))"
         )
         served, chunk, in_use = r

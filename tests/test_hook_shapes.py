@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from useroom import _native
+from useroom import native
 from useroom._hooks import HookRecord
 from useroom.bench._hooks import Shape, run_shape
 from useroom.bench._sandbox import Lab
@@ -82,22 +82,22 @@ class TestHold:
         count, stop = [0], threading.Event()
         t = threading.Thread(target=self._spinner, args=(count, stop))
         t.start()
-        release = _native.EventFd()
+        release = native.EventFd()
         try:
             time.sleep(0.05)
-            assert _native.hold_begin(release, time.monotonic_ns() + 5_000_000_000, 2_000_000,
+            assert native.hold_begin(release, time.monotonic_ns() + 5_000_000_000, 2_000_000,
                                       [threading.get_ident()]) >= 1
             before = count[0]
             deadline = time.monotonic() + 0.2
             while time.monotonic() < deadline:
                 pass  # holds the GIL but for the switch interval: the spinner would run
             during = count[0] - before
-            _native.hold_end(release)
+            native.hold_end(release)
             time.sleep(0.05)
             after = count[0] - before - during
         finally:
             stop.set()
-            _native.hold_end(release)
+            native.hold_end(release)
             t.join()
             release.close()
         assert during < 50 < after
@@ -115,10 +115,10 @@ class TestHold:
 
         t = threading.Thread(target=holder)
         t.start()
-        release = _native.EventFd()
+        release = native.EventFd()
         try:
             inside.wait(5)
-            _native.hold_begin(release, time.monotonic_ns() + 5_000_000_000, 2_000_000, [threading.get_ident()])
+            native.hold_begin(release, time.monotonic_ns() + 5_000_000_000, 2_000_000, [threading.get_ident()])
             started = time.monotonic()
             for _ in range(20):
                 with lock:
@@ -126,15 +126,15 @@ class TestHold:
             waited = time.monotonic() - started
         finally:
             stop.set()
-            _native.hold_end(release)
+            native.hold_end(release)
             t.join()
             release.close()
         assert waited < 2.0  # not the 5 s deadline
 
     def test_a_forked_child_keeps_no_hold(self) -> None:
         """A child forked while the hold is armed runs without it."""
-        release = _native.EventFd()
-        _native.hold_arm(release, 2_000_000, [])
+        release = native.EventFd()
+        native.hold_arm(release, 2_000_000, [])
         try:
             pid = os.fork()
             if pid == 0:
@@ -143,7 +143,7 @@ class TestHold:
                 os._exit(code)
             _, status = os.waitpid(pid, 0)
         finally:
-            _native.hold_disarm()
+            native.hold_disarm()
             release.close()
         assert 0 == os.waitstatus_to_exitcode(status)
 
@@ -215,8 +215,8 @@ class TestReleaseMemory:
         program frees stays in the process until release_memory()."""
         code = (
             "import os, sys\n"
-            "from useroom import _native, release_memory\n"
-            "_native.heap_reserve(0)\n"
+            "from useroom import native, release_memory\n"
+            "native.heap_reserve(0)\n"
             "def rss():\n"
             "    return int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')\n"
             "cache = [bytearray(1 << 20) for _ in range(64)]\n"

@@ -24,8 +24,8 @@ from typing import Any
 import attrs
 import pytest
 
-from useroom import _native
-from useroom._native import (
+from useroom import native
+from useroom.native import (
     Action,
     Candidate,
     ActionKind,
@@ -88,7 +88,7 @@ class TestEpoll:
             ep.add(a.fileno(), 1)
             ep.add(b.fileno(), 2)
             b.write(1)
-            assert [(2, _native.EPOLLIN)] == ep.wait(1.0)
+            assert [(2, native.EPOLLIN)] == ep.wait(1.0)
 
     def test_removed_fd_not_reported(self) -> None:
         """After remove(), a ready fd is no longer reported."""
@@ -120,7 +120,7 @@ class TestEpoll:
                 timer.start()
                 writer.start()
                 try:
-                    assert [(9, _native.EPOLLIN)] == ep.wait(10.0)
+                    assert [(9, native.EPOLLIN)] == ep.wait(10.0)
                 finally:
                     timer.join()
                     writer.join()
@@ -145,7 +145,7 @@ class TestArenaAndCore:
 
     def test_core_image_locked(self) -> None:
         """lock_core() locks every page of the native module, critical code included."""
-        core = _native.lock_core()
+        core = native.lock_core()
         assert core.image_size == core.locked
         assert 0 < core.critical_code_size < core.image_size
 
@@ -155,7 +155,7 @@ class TestArenaAndCore:
         script = (
             "import resource\n"
             "resource.setrlimit(resource.RLIMIT_MEMLOCK, (4096, 4096))\n"
-            "from useroom._native import NativeWatcher\n"
+            "from useroom.native import NativeWatcher\n"
             "w = NativeWatcher(); r = w.arena; w.close()\n"
             "print(r.size, r.locked, r.lock_errno)\n"
         )
@@ -176,7 +176,7 @@ class TestArenaAndCore:
         no PLT, no memcpy inserted by the compiler."""
         objdump = shutil.which("objdump")
         assert objdump, "objdump (binutils) is needed for this test"
-        so = _native._core.__file__
+        so = native.core_path()
         text = subprocess.run(
             [objdump, "-d", "--no-show-raw-insn", "-j", "uro_crit", so],
             capture_output=True, text=True, check=True,
@@ -191,8 +191,8 @@ class TestArenaAndCore:
         assert [] == re.findall(r"call\s+\*", text)
 
 
-def _records_until(w: NativeWatcher, n: int, timeout: float = 5.0) -> list[_native.EventRecord]:
-    got: list[_native.EventRecord] = []
+def _records_until(w: NativeWatcher, n: int, timeout: float = 5.0) -> list[native.EventRecord]:
+    got: list[native.EventRecord] = []
     while len(got) < n:
         new = w.wait(timeout)
         assert new, f"no record within {timeout}s (have {len(got)} of {n})"
@@ -212,12 +212,12 @@ class TestPlanValidation:
     def test_too_many_actions(self) -> None:
         """A plan longer than the native table is refused."""
         with pytest.raises(ValueError, match="at most"):
-            Plan([Action.check(0)] * (_native.PLAN_MAX + 1))
+            Plan([Action.check(0)] * (native.PLAN_MAX + 1))
 
     def test_payload_too_long(self) -> None:
         """A write payload must fit the preallocated action."""
         with pytest.raises(ValueError, match="payload"):
-            Action.write(1, b"x" * (_native.DATA_MAX + 1))
+            Action.write(1, b"x" * (native.DATA_MAX + 1))
 
     def test_bad_fd(self) -> None:
         """Negative fds are refused."""
@@ -381,7 +381,7 @@ class TestEpisodes:
                 w.run_episode(idx)
                 killed, waited = w.records()[-1].steps
                 assert (big.pid, 0) == (killed.pid, killed.result)
-                assert (0, _native.WAITED) == (waited.pid, waited.result)
+                assert (0, native.WAITED) == (waited.pid, waited.result)
                 assert None is small.poll()
                 w.run_episode(idx)  # the victim is gone: the next pick kills
                 again = w.records()[-1].steps[0]
@@ -428,7 +428,7 @@ class TestEpisodes:
                 w.run_episode(idx)
                 took = time.monotonic() - started
                 [rec] = w.records()
-            assert [0, 0, 0, _native.WAITED, 0] == [step.result for step in rec.steps]
+            assert [0, 0, 0, native.WAITED, 0] == [step.result for step in rec.steps]
             assert procs[1].pid == rec.steps[2].pid
             assert Outcome.UNRESOLVED == rec.outcome
             assert took < 10  # not the 30 s of any check
@@ -597,11 +597,11 @@ class TestEpisodes:
         """Records Python did not read before the ring wrapped are counted, not invented."""
         with SoloWatcher(lock=False) as w, EventFd() as src:
             idx = w.add_source(src.fileno(), SourceKind.FORWARD)
-            total = _native.RING_SIZE + 5
+            total = native.RING_SIZE + 5
             for _ in range(total):
                 w.run_episode(idx)
             recs = w.records()
-            assert _native.RING_SIZE == len(recs)
+            assert native.RING_SIZE == len(recs)
             assert 5 == w.lost
             assert list(range(6, total + 1)) == [r.seq for r in recs]
 
@@ -630,7 +630,7 @@ class TestWatcherLifecycle:
     def test_sources_are_bounded(self) -> None:
         """More sources than the native table holds fail with ENOSPC."""
         with SoloWatcher(lock=False) as w:
-            fds = [EventFd() for _ in range(_native.SOURCES_MAX + 1)]
+            fds = [EventFd() for _ in range(native.SOURCES_MAX + 1)]
             try:
                 for efd in fds[:-1]:
                     w.add_source(efd.fileno(), SourceKind.FORWARD)

@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from useroom import KillByPriority, KillGroup, KillLargest, KillNewest, RaiseLimit, _native
+from useroom import KillByPriority, KillGroup, KillLargest, KillNewest, RaiseLimit, native
 from useroom.policy import PlanContext
 from useroom._victims import Victim
 
@@ -53,7 +53,7 @@ class TestOrder:
 class TestCompile:
     def test_kill_group_signals_every_task_then_checks_once(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """KillGroup: SIGKILL to every task of the table, then one check; then the tail."""
-        monkeypatch.setattr(_native, "can_use_mrelease", False)
+        monkeypatch.setattr(native, "can_use_mrelease", lambda: False)
         compiled = KillGroup().compile(_ctx(kill_switch_fd=7))
         assert [("SIGNAL_PID", 11, "kill"), ("SIGNAL_PID", 12, "kill"), ("SIGNAL_PID", 13, "kill"),
                 ("CHECK", 0, "kill")] == _shape(compiled)[:4]
@@ -69,7 +69,7 @@ class TestCompile:
 
     def test_kill_plan_shape(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """Each victim: signal, then a check; then the kernel fallback with its guarded restore."""
-        monkeypatch.setattr(_native, "can_use_mrelease", False)
+        monkeypatch.setattr(native, "can_use_mrelease", lambda: False)
         compiled = KillLargest().compile(_ctx(kill_switch_fd=7))
         assert [
             ("SIGNAL_PID", 12, "kill"), ("CHECK", 0, "kill"),
@@ -90,14 +90,14 @@ class TestCompile:
         at = len(compiled.plan.actions) - 4
         assert [("WRITE", -1), ("WAKE", at), ("AWAIT", at), ("WRITE", at)] == [(a.kind.name, a.guard) for a in tail]
         assert str(80 * MIB).encode() == tail[0].data
-        assert _native._lib.URO_F_OPENS & tail[0].flags
+        assert native.ActionFlag.OPENS & tail[0].flags
         assert str(64 * MIB).encode() == tail[3].data
-        assert _native._lib.URO_F_RESOLVES & tail[3].flags
+        assert native.ActionFlag.RESOLVES & tail[3].flags
 
     def test_hooks_head(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """With hooks: a grant for the hooks first, and after each kill a restore
         guarded by that grant."""
-        monkeypatch.setattr(_native, "can_use_mrelease", False)
+        monkeypatch.setattr(native, "can_use_mrelease", lambda: False)
         compiled = KillLargest(max_victims=1).compile(
             _ctx(reserve=16 * MIB, hooks_wake_fd=8, hooks_reply_fd=9))
         kinds = [(a.kind.name, a.guard, p) for a, p in zip(compiled.plan.actions, compiled.phases)]
@@ -113,7 +113,7 @@ class TestCompile:
     def test_v2_kills_open_the_wall(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """cgroup v2: the wall opens before the first kill and closes after
         the last (always, guarded by the opening), before the kernel step."""
-        monkeypatch.setattr(_native, "can_use_mrelease", False)
+        monkeypatch.setattr(native, "can_use_mrelease", lambda: False)
         compiled = KillLargest(max_victims=2).compile(self._v2(kill_switch_fd=7))
         assert [
             ("WRITE", 5, "kill"), ("SIGNAL_PID", 12, "kill"), ("CHECK", 0, "kill"),
@@ -123,7 +123,7 @@ class TestCompile:
         opened, closed = compiled.plan.actions[0], compiled.plan.actions[5]
         assert (b"max", -1) == (opened.data, opened.guard)
         assert (str(64 * MIB).encode(), 0) == (closed.data, closed.guard)
-        assert _native._lib.URO_F_ALWAYS & closed.flags
+        assert native.ActionFlag.ALWAYS & closed.flags
 
     def test_v2_pick_checks_end_at_the_exit(self) -> None:
         """cgroup v2: the check after a pick ends once the pick has exited
@@ -136,19 +136,19 @@ class TestCompile:
             b.kill_best(signal.SIGKILL, "largest")
             check = b.actions[-1]
             assert "CHECK" == check.kind.name
-            assert exits == bool(check.flags & _native._lib.URO_F_EXIT)
-            assert exits == bool(check.flags & _native._lib.URO_F_PICKED)
+            assert exits == bool(check.flags & native.ActionFlag.EXIT)
+            assert exits == bool(check.flags & native.ActionFlag.PICKED)
             assert exits == (b.actions[0].kind.name == "WRITE")
 
     def test_v1_plans_have_no_wall(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        monkeypatch.setattr(_native, "can_use_mrelease", False)
+        monkeypatch.setattr(native, "can_use_mrelease", lambda: False)
         compiled = KillLargest(max_victims=1).compile(_ctx())
         assert ["SIGNAL_PID", "CHECK"] == [a.kind.name for a in compiled.plan.actions]
 
     def test_term_grace(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """term_grace adds SIGTERM before SIGKILL (waiting on a pidfd needs one; pid-only victims
         get SIGTERM then SIGKILL without a wait)."""
-        monkeypatch.setattr(_native, "can_use_mrelease", False)
+        monkeypatch.setattr(native, "can_use_mrelease", lambda: False)
         compiled = KillLargest(term_grace=1.0, max_victims=1).compile(_ctx())
         assert [(a.kind.name, a.sig) for a in compiled.plan.actions] == [
             ("SIGNAL_PID", signal.SIGTERM), ("SIGNAL_PID", signal.SIGKILL), ("CHECK", 0),
@@ -159,12 +159,12 @@ class TestCompile:
         many = tuple(_victim(100 + i, i + 1, float(i)) for i in range(40))
         compiled = KillLargest(max_victims=40).compile(
             _ctx(victims=many, kill_switch_fd=7, reserve=MIB, grant_wake_fd=8, grant_reply_fd=9))
-        assert len(compiled.plan.actions) <= _native.PLAN_MAX
+        assert len(compiled.plan.actions) <= native.PLAN_MAX
         assert ["grant"] * 4 + ["kernel"] * 3 == list(compiled.phases[-7:])
         v2 = KillLargest(max_victims=40).compile(_ctx(
             victims=many, kill_switch_fd=7, reserve=MIB, grant_wake_fd=8, grant_reply_fd=9, hooks_wake_fd=10,
             hooks_reply_fd=11, lift=b"max", restore_resolves=False, resolved_below=64 * MIB, resolved_needle=b""))
-        assert len(v2.plan.actions) <= _native.PLAN_MAX
+        assert len(v2.plan.actions) <= native.PLAN_MAX
         assert ["kill"] + ["grant"] * 5 + ["kernel"] * 3 == list(v2.phases[-9:])  # the wall closed, then the tail
 
     def test_raise_limit(self) -> None:

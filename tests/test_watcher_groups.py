@@ -17,8 +17,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from useroom import _native
-from useroom._native import Action, EventFd, EventRecord, NativeWatcher, Outcome, Plan, SourceKind, WatchedGroup
+from useroom import native
+from useroom.native import Action, EventFd, EventRecord, NativeWatcher, Outcome, Plan, SourceKind, WatchedGroup
 
 UNDER = b"oom_kill_disable 1\nunder_oom 1\n"
 CLEAR = b"oom_kill_disable 1\nunder_oom 0\n"
@@ -162,8 +162,8 @@ class TestManyGroups:
             g0.close()
             [rec] = _until(w, lambda got: len(got) >= 1)
             assert (index, i0, Outcome.UNRESOLVED) == (rec.group, rec.source, rec.outcome)
-            assert [_native.ActionKind.WAKE] == [s.kind for s in rec.steps]
-            assert _native.STATE_WAITING == w.state
+            assert [native.ActionKind.WAKE] == [s.kind for s in rec.steps]
+            assert native.STATE_WAITING == w.state
             s1.write(1)
             assert [g1.index] == [r.group for r in _until(w, lambda got: len(got) >= 1)]
 
@@ -199,7 +199,7 @@ class TestManyGroups:
             w.stop()
             [rec] = w.records()
             assert Outcome.UNRESOLVED == rec.outcome
-            assert [_native.ActionKind.WAKE, _native.ActionKind.CHECK] == [s.kind for s in rec.steps]
+            assert [native.ActionKind.WAKE, native.ActionKind.CHECK] == [s.kind for s in rec.steps]
 
     def test_a_hundred_groups_at_once(self, tmp_path: pathlib.Path) -> None:
         """A hundred groups notified together: every episode runs, each
@@ -233,11 +233,11 @@ class TestManyGroups:
 
     def test_a_group_costs_at_most_16_kib_of_locked_memory(self) -> None:
         """What each added group maps (and locks): its plans, sources and record."""
-        assert _native.group_arena_size() <= 16 << 10
+        assert native.group_arena_size() <= 16 << 10
         with NativeWatcher() as w:
             g = w.add_group()
             report = g.arena
-            assert report.size == _native.group_arena_size()
+            assert report.size == native.group_arena_size()
             assert report.fully_locked or report.lock_errno
 
     def test_closed_group_refuses_use(self) -> None:

@@ -17,7 +17,7 @@ import pytest
 
 from helpers import MIB, Hog, SoloWatcher
 from useroom.cgroup import Group
-from useroom._native import Action, NativeWatcher, Outcome, Plan, SourceKind
+from useroom.native import Action, NativeWatcher, Outcome, Plan, SourceKind
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(60)]
 
@@ -134,7 +134,7 @@ class TestRealOom:
 _IN_GROUP = r"""
 import json, mmap, os, sys
 from useroom.cgroup import Group
-from useroom._native import Action, NativeWatcher, Plan, SourceKind
+from useroom.native import Action, NativeWatcher, Plan, SourceKind
 group = Group.open(sys.argv[1])
 oom = group.oom_notifier()
 check = group.open_file("memory.oom_control", os.O_RDONLY)

@@ -26,7 +26,7 @@ from typing import Any
 
 import attrs
 
-from useroom import _native
+from useroom import native
 from useroom.cgroup import Group
 from useroom._hardening import lock_memory
 from useroom._hooks import THREAD_STACK_PREFAULT, OomContext
@@ -169,7 +169,7 @@ def _run(fn: Callable[[OomContext], Any], group: Group, home: Group, headroom: i
     go = threading.Event()
 
     def run() -> None:
-        _native.stack_prefault(THREAD_STACK_PREFAULT)
+        native.stack_prefault(THREAD_STACK_PREFAULT)
         ident = threading.get_ident()
         ready.set()
         go.wait()

@@ -444,10 +444,10 @@ def _probe_pidfd() -> Probe:
 
 def _probe_mrelease() -> Probe:
     try:
-        from useroom import _native
+        from useroom import native
     except ImportError as err:
         return Probe("process_mrelease", False, f"the native core does not load: {err}")
-    if _native.can_use_mrelease:
+    if native.can_use_mrelease():
         return Probe("process_mrelease", True, "a killed victim's memory is reaped at once (Linux 5.15+)")
     return Probe("process_mrelease", False, "ENOSYS (Linux 5.15+): the kernel's reaper frees victims' memory")
 
@@ -645,11 +645,11 @@ def _delegation_advice(user: str, group: GroupAccess) -> list[str]:
 
 def _measure_main() -> int:
     """The child of :func:`measure_locked_set`: harden, start a watcher, print JSON."""
-    from useroom import _native
+    from useroom import native
     from useroom._hardening import vm_locked, lock_memory
 
     report = lock_memory()
-    watcher = _native.NativeWatcher()
+    watcher = native.NativeWatcher()
     try:
         watcher.start()
         try:

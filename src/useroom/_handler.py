@@ -37,7 +37,8 @@ from typing import Any
 
 import attrs
 
-from useroom import _native
+from useroom import native
+from useroom._fd import OwnedFd
 from useroom.cgroup import EventRegistration, Group
 from useroom._declare import Declaration, probe
 from useroom._hardening import HardeningReport
@@ -49,7 +50,7 @@ from useroom._hooks import (
     PressureContext,
     hooks_short_by,
 )
-from useroom._native import EventFd, EventRecord, Plan, SourceKind, WatchedGroup
+from useroom.native import EventFd, EventRecord, Plan, SourceKind, WatchedGroup
 from useroom._last_resort import LastResorts
 from useroom._settle import GrantCloser
 from useroom.policy import (
@@ -105,16 +106,16 @@ class EventOutcome(str, enum.Enum):
 
 
 #: The watcher's outcome of a record, as an event's.
-_OUTCOMES: dict[_native.Outcome, EventOutcome] = {
-    _native.Outcome.RESOLVED: EventOutcome.RESOLVED,
-    _native.Outcome.SUPERSEDED: EventOutcome.SUPERSEDED,
-    _native.Outcome.RELIEVED: EventOutcome.RELIEVED,
-    _native.Outcome.UNRESOLVED: EventOutcome.UNRESOLVED,
-    _native.Outcome.NOT_NEEDED: EventOutcome.NOT_NEEDED,
-    _native.Outcome.GONE: EventOutcome.GONE,
-    _native.Outcome.NO_PLAN: EventOutcome.NO_PLAN,
-    _native.Outcome.ACTED: EventOutcome.ACTED,
-    _native.Outcome.FORWARDED: EventOutcome.FORWARDED,
+_OUTCOMES: dict[native.Outcome, EventOutcome] = {
+    native.Outcome.RESOLVED: EventOutcome.RESOLVED,
+    native.Outcome.SUPERSEDED: EventOutcome.SUPERSEDED,
+    native.Outcome.RELIEVED: EventOutcome.RELIEVED,
+    native.Outcome.UNRESOLVED: EventOutcome.UNRESOLVED,
+    native.Outcome.NOT_NEEDED: EventOutcome.NOT_NEEDED,
+    native.Outcome.GONE: EventOutcome.GONE,
+    native.Outcome.NO_PLAN: EventOutcome.NO_PLAN,
+    native.Outcome.ACTED: EventOutcome.ACTED,
+    native.Outcome.FORWARDED: EventOutcome.FORWARDED,
 }
 
 
@@ -143,7 +144,7 @@ class StepRecord:
     @property
     def settled(self) -> bool:
         """The hooks' wait, answered by a hook thread that closed the grant itself."""
-        return self.kind == "AWAIT" and self.phase is Phase.HOOKS and self.result == _native.SETTLED
+        return self.kind == "AWAIT" and self.phase is Phase.HOOKS and self.result == native.SETTLED
 
 
 @attrs.frozen
@@ -625,7 +626,7 @@ class GroupHandler:
         self._limit_fd = self._own(_Fd(group.open_file(high_file, os.O_WRONLY)))
         self._switch_fd = self._own(_Fd(group.open_file(high_file, os.O_WRONLY))) if self.kernel_fallback else None
         self._oom = self._own(group.events_notifier())  # type: ignore[attr-defined]
-        self._watched.add_source(self._oom.fileno(), SourceKind.OOM, _native.Wake.FILE)
+        self._watched.add_source(self._oom.fileno(), SourceKind.OOM, native.Wake.FILE)
         self._freeze_fd = self._kill_fd = None
         if not self._inside():
             # Outside the group only: cgroup.freeze and cgroup.kill would reach this process too.
@@ -811,7 +812,7 @@ class GroupHandler:
 
     # -- the manager's step (called by the supervisor's manager thread) ------
 
-    def _register(self, ep: _native.Epoll, base: int) -> None:
+    def _register(self, ep: native.Epoll, base: int) -> None:
         """Puts this group's fds in the manager's epoll set (data ``base |
         kind``: 1 a grant, 3 a hook change, 4 + i usage threshold i), and
         takes out those it no longer has."""
@@ -833,7 +834,7 @@ class GroupHandler:
                 ep.add(fd, data)
                 self._registered[fd] = data
 
-    def _unregister(self, ep: _native.Epoll) -> None:
+    def _unregister(self, ep: native.Epoll) -> None:
         for fd in self._registered:
             with contextlib.suppress(OSError):
                 ep.remove(fd)
@@ -1126,9 +1127,9 @@ class GroupHandler:
                 os.kill(victim.pid, sig)  # no pidfds: the table was refreshed just now
             else:
                 signal.pidfd_send_signal(pidfd.fileno(), sig)
-                if _native.can_use_mrelease and sig == signal.SIGKILL:
+                if native.can_use_mrelease() and sig == signal.SIGKILL:
                     try:
-                        _native.mrelease(pidfd.fileno())
+                        native.mrelease(pidfd.fileno())
                     except OSError:
                         pass  # it exited already: its memory is back
         except OSError as err:
@@ -1235,9 +1236,9 @@ class GroupHandler:
             tag = armed.compiled.tags[i] if armed else StepTag.NONE
             target = armed.compiled.targets[i] if armed else None
             badness = None
-            if step.kind == _native.ActionKind.SIGNAL_BEST and step.pid == 0 and step.result == _native.WAITED:
+            if step.kind == native.ActionKind.SIGNAL_BEST and step.pid == 0 and step.result == native.WAITED:
                 why = "waited for the last victim to exit before picking another"
-            if armed and step.kind == _native.ActionKind.SIGNAL_BEST and step.pid > 0:
+            if armed and step.kind == native.ActionKind.SIGNAL_BEST and step.pid > 0:
                 # A candidate, or a task started since the refresh that the
                 # pick found through cgroup.procs (no name known).
                 badness = step.points * 1024
@@ -1253,7 +1254,7 @@ class GroupHandler:
                 victims.append(VictimRecord(target.pid, target.name, target.rss, sig, step.result, "plan", badness))
         fallback = any(s.phase in (Phase.GRANT, Phase.KERNEL) for s in steps)
         resolved_by = None
-        if record.outcome in (_native.Outcome.RESOLVED, _native.Outcome.SUPERSEDED) and steps:
+        if record.outcome in (native.Outcome.RESOLVED, native.Outcome.SUPERSEDED) and steps:
             resolved_by = steps[-1].phase
             for s_ in steps:
                 if s_.t_ns >= record.resolved_ns:
@@ -1384,7 +1385,7 @@ class _Closing:
         self._fn()
 
 
-class _Fd(_native._FdOwner):
+class _Fd(OwnedFd):
     """A plain fd with one owner."""
 
     def __init__(self, fd: int) -> None:

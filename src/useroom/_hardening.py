@@ -22,7 +22,7 @@ once the process's locked pages (``VmLck``) would pass the soft limit. The
 native core and the watchers' arenas are what the first response runs on;
 the arena pool only keeps pymalloc's arenas resident. So the pool is locked
 only if it fits with room left for one watcher arena
-(:func:`useroom._native.watcher_arena_size`), and is otherwise prefaulted
+(:func:`useroom.native.watcher_arena_size`), and is otherwise prefaulted
 without a lock. With the defaults the whole set is about 2.3 MiB (measured
 by ``useroom doctor``).
 """
@@ -38,7 +38,7 @@ import threading
 
 import attrs
 
-from useroom import _native
+from useroom import native
 from useroom._units import format_size, parse_size
 from useroom.exceptions import MemoryLockError
 
@@ -130,10 +130,10 @@ class HardeningReport:
     mlockall_errno: int
     memlock_limit: int
     locked_bytes: int
-    core: _native.CoreLock
+    core: native.CoreLock
     heap_reserved: int
     stack_prefaulted: int
-    pool: _native.PoolReport | None
+    pool: native.PoolReport | None
     gc_frozen: bool
     swap: bool
     #: False where the critical path goes through libc's syscall() (not x86-64 or arm64).
@@ -192,13 +192,13 @@ def lock_memory(
         heap_bytes = parse_size(heap)
         stack_bytes = parse_size(stack)
         pool_bytes = parse_size(pool)
-        wanted = pool_bytes + _native.watcher_arena_size()
-        if strict and pool_bytes and not _free_threaded() and _native.pool_report() is None and not _fits(wanted, limit):
+        wanted = pool_bytes + native.watcher_arena_size()
+        if strict and pool_bytes and not _free_threaded() and native.pool_report() is None and not _fits(wanted, limit):
             raise memlock_refusal("the pymalloc arena pool and a watcher's arena", wanted)
 
         ok, err = False, 0
         if mlockall:
-            err = _native.mlockall(future=True)
+            err = native.mlockall(future=True)
             ok = err == 0
             if not ok:
                 refusal = memlock_refusal("the whole process (mlockall)", 0, err=err)
@@ -208,12 +208,12 @@ def lock_memory(
                     f"mlockall refused ({errno.errorcode.get(err, err)}): {refusal.strerror}; locked the "
                     f"critical set instead. Rule: {refusal.rule}. To allow it: {refusal.advice}"
                 )
-        core = _native.lock_core()
+        core = native.lock_core()
         if core.lock_errno:
             notes.append(f"native core not fully locked: {os.strerror(core.lock_errno)}")
 
-        _native.heap_reserve(heap_bytes)
-        _native.stack_prefault(stack_bytes)
+        native.heap_reserve(heap_bytes)
+        native.stack_prefault(stack_bytes)
 
         pool_report = None
         if pool_bytes and _free_threaded():
@@ -221,9 +221,9 @@ def lock_memory(
         elif pool_bytes:
             # Checked again: locking the core used some of the limit.
             fits = _fits(wanted, limit)
-            if strict and not fits and _native.pool_report() is None:
+            if strict and not fits and native.pool_report() is None:
                 raise memlock_refusal("the pymalloc arena pool and a watcher's arena", wanted)
-            pool_report = _native.install_arena_pool(pool_bytes, lock=fits)
+            pool_report = native.install_arena_pool(pool_bytes, lock=fits)
             if pool_report.lock_errno or not fits:
                 refusal = memlock_refusal("the pymalloc arena pool and a watcher's arena", wanted)
                 notes.append(
@@ -235,7 +235,7 @@ def lock_memory(
             gc.collect()
             gc.freeze()
 
-        raw = _native.raw_syscalls()
+        raw = native.raw_syscalls()
         if not raw:
             notes.append("this architecture's critical path calls libc's syscall(), whose page is not locked")
         swap = _has_swap()
@@ -278,4 +278,4 @@ def release_memory() -> bool:
     if memory was released. With another allocator (jemalloc, tcmalloc
     preloaded) it releases nothing: use that allocator's own purge.
     """
-    return _native.heap_trim()
+    return native.heap_trim()

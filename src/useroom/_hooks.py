@@ -8,7 +8,7 @@ main thread (through a pending call) to release the GIL and pause, and
 lowers CPython's switch interval, so that it gets the GIL within one
 bytecode of the threads ahead of it. Holding the GIL, it then holds every
 other Python thread of the process at its next call or return (see
-:func:`useroom._native.hold_begin`): a service whose threads keep
+:func:`useroom.native.hold_begin`): a service whose threads keep
 allocating would otherwise take the headroom back, or fault at the limit
 with the GIL held, while the hooks run.
 
@@ -39,7 +39,7 @@ from typing import Any
 
 import attrs
 
-from useroom import _native
+from useroom import native
 from useroom.cgroup import Group
 from useroom._settle import SETTLED, GrantCloser
 
@@ -238,15 +238,15 @@ class HookRunner:
     to nobody and closes its eventfds.
     """
 
-    def __init__(self, group: Group, registry: HookRegistry, watcher: _native.WatchedGroup,
+    def __init__(self, group: Group, registry: HookRegistry, watcher: native.WatchedGroup,
                  closer: GrantCloser, timeout: float, *, hold_threads: bool = True,
                  hold_arm_at: float = HOLD_ARM_AT,
                  held: Callable[[], tuple[tuple[Any, ...], Mapping[int, Any]]] = lambda: ((), {}),
                  unsettled: Callable[[int, tuple[HookRecord, ...]], None] = lambda seq, records: None) -> None:
-        self.wake = _native.EventFd()
-        self.reply = _native.EventFd()
-        self.resume = _native.EventFd()
-        self.release = _native.EventFd()
+        self.wake = native.EventFd()
+        self.reply = native.EventFd()
+        self.resume = native.EventFd()
+        self.release = native.EventFd()
         self.context = OomContext(group)
         self.records: dict[int, tuple[HookRecord, ...]] = {}
         self.busy_since_ns = 0
@@ -255,7 +255,7 @@ class HookRunner:
         self._watcher = watcher
         self._closer = closer
         self._timeout_ns = int(timeout * 1e9)
-        self._hold = hold_threads and _native.can_hold_threads
+        self._hold = hold_threads and native.can_hold_threads()
         self._arm_at = hold_arm_at
         self.hold_armed = False
         self._held = held
@@ -296,7 +296,7 @@ class HookRunner:
             self.disarm_hold()
 
     def _arm(self) -> None:
-        _native.hold_arm(self.release, HOLD_STALL_NS, self._exempt())
+        native.hold_arm(self.release, HOLD_STALL_NS, self._exempt())
         self.hold_armed = True
         # A thread started from now on is armed at its first event (through
         # threading's profile hook, when the process sets none of its own).
@@ -306,13 +306,13 @@ class HookRunner:
     def _arm_new_thread(self, frame: Any, event: str, arg: Any) -> None:
         sys.setprofile(None)
         if self.hold_armed and not self.abandoned and not self._stopping:
-            _native.hold_arm(self.release, HOLD_STALL_NS, self._exempt())
+            native.hold_arm(self.release, HOLD_STALL_NS, self._exempt())
 
     def disarm_hold(self) -> None:
         if threading.getprofile() == self._arm_new_thread:
             threading.setprofile(None)
         if self.hold_armed:
-            _native.hold_disarm()
+            native.hold_disarm()
             self.hold_armed = False
 
     @property
@@ -350,10 +350,10 @@ class HookRunner:
             self.abandoned = True
             if self._hold:
                 self.disarm_hold()
-                _native.hold_end(self.release)  # the stuck hook's threads run on
+                native.hold_end(self.release)  # the stuck hook's threads run on
             if self.busy_since_ns and not self.resume.closed:
                 # End the main thread's pause on the stuck hook's behalf.
-                _native.hooks_done(self.resume)
+                native.hooks_done(self.resume)
             if not self._thread.is_alive():
                 self._close()
 
@@ -365,7 +365,7 @@ class HookRunner:
 
     def _run(self) -> None:
         # The hooks' stack must not need new pages during an episode.
-        _native.stack_prefault(THREAD_STACK_PREFAULT)
+        native.stack_prefault(THREAD_STACK_PREFAULT)
         reply = 0
         while True:
             # From the reply to the next wake-up this thread needs no GIL: a
@@ -374,19 +374,19 @@ class HookRunner:
             # successor's eventfds.
             if self.abandoned:
                 break
-            _native.hooks_next(self.reply, reply, self.release, self.wake, self.resume, self._timeout_ns / 1e9)
+            native.hooks_next(self.reply, reply, self.release, self.wake, self.resume, self._timeout_ns / 1e9)
             if self._stopping or self.abandoned:
                 if self._hold:
-                    _native.hold_end(self.release)
-                _native.hooks_done(self.resume)
+                    native.hold_end(self.release)
+                native.hooks_done(self.resume)
                 break
             self.busy_since_ns = time.monotonic_ns()
             try:
                 reply = SETTLED if self._episode() else 1
             except BaseException:
                 if self._hold:
-                    _native.hold_end(self.release)
-                _native.hooks_done(self.resume)
+                    native.hold_end(self.release)
+                native.hooks_done(self.resume)
                 raise
             finally:
                 self.busy_since_ns = 0
@@ -408,7 +408,7 @@ class HookRunner:
         if self._hold:
             # Armed, the hold started when this thread was woken; this
             # reaches the threads started since, or starts an unarmed one.
-            _native.hold_begin(self.release, ctx.deadline_ns, HOLD_STALL_NS, self._exempt())
+            native.hold_begin(self.release, ctx.deadline_ns, HOLD_STALL_NS, self._exempt())
         records: list[HookRecord] = []
         collecting = gc.isenabled()
         gc.disable()
@@ -454,7 +454,7 @@ class HookRunner:
             # What the hook freed is in the allocator, which useroom keeps
             # from trimming itself: hand it back (the GIL held, the other
             # threads held), or the group's usage stays put.
-            _native.heap_trim()
+            native.heap_trim()
             ctx.usage = self._usage(ctx.usage)
             record = HookRecord(hook_name(fn), started, ended - started, freed, error, ended > ctx.deadline_ns,
                                 before, ctx.usage, ctx.round)

@@ -25,14 +25,14 @@ from collections.abc import Callable
 
 import attrs
 
-from useroom import _native
+from useroom import native
 from useroom.cgroup import Group
 from useroom._fd import OwnedFd
 
 __all__ = ["GrantCloser", "SETTLED"]
 
 #: What the hook thread adds to the reply eventfd when it closed the grant.
-SETTLED: int = _native.SETTLED
+SETTLED: int = native.SETTLED
 
 
 class _File(OwnedFd):
@@ -78,7 +78,7 @@ class GrantCloser:
     def close_grant(self) -> bool:
         """Trims the allocator, then restores the limit if the usage fits;
         True if it did (the grant is closed)."""
-        _native.heap_trim()
+        native.heap_trim()
         limit = self.limit()
         if not self.write_checks_fit and not self.fits(self.usage()):
             return False

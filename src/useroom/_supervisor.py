@@ -3,7 +3,7 @@
 Whatever a handler needs once per process lives here, shared by every
 group it serves:
 
-- one native watcher thread (:class:`~useroom._native.NativeWatcher`)
+- one native watcher thread (:class:`~useroom.native.NativeWatcher`)
   waits on every group's notifications in one epoll set and runs their
   plans; an episode that waits (for the OOM to end, a victim to exit, the
   hooks' reply) does not hold it, so one group's episode never delays
@@ -32,7 +32,7 @@ from typing import Any
 
 import attrs
 
-from useroom import _native
+from useroom import native
 from useroom.cgroup import Group
 from useroom._handler import GroupHandler, ProcessOptions
 from useroom.policy import Policy
@@ -87,7 +87,7 @@ class Supervisor:
         self._handlers: dict[int, GroupHandler] = {}  # key -> its handler
         self._next_key = 1
         self._admin = threading.RLock()  # add, remove, start, stop: one at a time
-        self._watcher: _native.NativeWatcher | None = None
+        self._watcher: native.NativeWatcher | None = None
         self._manager: _Manager | None = None
         self._guardian: _Guardian | None = None
         self._placement = _Placement()
@@ -210,7 +210,7 @@ class Supervisor:
     def _start(self) -> None:
         if self.options.harden:
             self.hardening = lock_memory(mlockall=self.options.mlockall)
-        self._watcher = _native.NativeWatcher()
+        self._watcher = native.NativeWatcher()
         self._manager = _Manager(self, self._watcher)
         started = []
         for handler in list(self._handlers.values()):
@@ -336,12 +336,12 @@ class _Manager:
     watchdog's socket and pidfd, and every group's fds; it steps the groups
     that something happened to, and sleeps otherwise."""
 
-    def __init__(self, supervisor: Supervisor, watcher: _native.NativeWatcher) -> None:
+    def __init__(self, supervisor: Supervisor, watcher: native.NativeWatcher) -> None:
         self._sup = supervisor
         self._watcher = watcher
-        self._ep = _native.Epoll()
-        self._stop = _native.EventFd()
-        self._control = _native.EventFd()
+        self._ep = native.Epoll()
+        self._stop = native.EventFd()
+        self._control = native.EventFd()
         self._ring_lock = threading.Lock()
         self._by_index: dict[int, GroupHandler] = {}  # watcher group index -> its handler
         self._enlisted: dict[int, GroupHandler] = {}  # key -> its handler
@@ -390,7 +390,7 @@ class _Manager:
     def collect(self) -> None:
         self.collect_from(self._watcher)
 
-    def collect_from(self, watcher: _native.NativeWatcher) -> None:
+    def collect_from(self, watcher: native.NativeWatcher) -> None:
         """Reads the watcher's new records and gives each to its group."""
         routed = False
         with self._ring_lock:
@@ -417,7 +417,7 @@ class _Manager:
         self._control.close()
 
     def _run(self) -> None:
-        _native.stack_prefault(THREAD_STACK_PREFAULT)
+        native.stack_prefault(THREAD_STACK_PREFAULT)
         self.tid = threading.get_native_id()
         self._ready.set()
         while True:

@@ -21,7 +21,7 @@ import attrs
 import psutil
 
 from useroom import _fd
-from useroom import _native
+from useroom import native
 from useroom.cgroup import Group
 from useroom._fd import OwnedFd
 
@@ -100,7 +100,7 @@ class Pidfd(OwnedFd):
     @property
     def exited(self) -> bool:
         """True once the process has exited (the pidfd is readable)."""
-        return _native.wait_readable(self.fileno(), 0)
+        return native.wait_readable(self.fileno(), 0)
 
 
 @attrs.frozen

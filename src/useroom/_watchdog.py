@@ -62,7 +62,7 @@ from typing import IO, Any, Final
 
 import attrs
 
-from useroom import _native
+from useroom import native
 from useroom.cgroup import EventRegistration, Group, OomControl
 from useroom._fd import OwnedFd
 from useroom._units import UNLIMITED, parse_duration
@@ -604,9 +604,9 @@ class Watchdog:
         self.takeovers: list[Takeover] = []
         self._keys: dict[str, int] = {}  # the link's key of each guard, by group directory
         self._by_fd: dict[int, Guard] = {}  # the guards with an OOM eventfd, by its number
-        self._stop = _native.EventFd()
+        self._stop = native.EventFd()
         try:
-            self._ep = _native.Epoll()
+            self._ep = native.Epoll()
         except BaseException:
             self._stop.close()
             raise

@@ -506,7 +506,7 @@ def _is_signal_kind(kind: Any) -> bool:
         return outcome_name(kind).startswith("signal")
     if isinstance(kind, int) and not isinstance(kind, bool):
         try:
-            from useroom._native import ActionKind
+            from useroom.native import ActionKind
         except ImportError:
             return False
         return kind in (ActionKind.SIGNAL_PIDFD, ActionKind.SIGNAL_PID, ActionKind.SIGNAL_BEST)

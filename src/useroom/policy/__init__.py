@@ -1,7 +1,7 @@
 """Policies: who to kill or what to raise, decided ahead and compiled to a native plan.
 
 A policy orders the victim table (at refresh time, when reading ``/proc``
-is allowed) and compiles that order into a :class:`useroom._native.Plan`:
+is allowed) and compiles that order into a :class:`useroom.native.Plan`:
 a fixed list of actions the native watcher runs on the next OOM without
 Python. Each action carries a one-line explanation that ends up in the
 episode's event record.

@@ -12,7 +12,7 @@ import attrs
 
 from useroom.cgroup import Group
 from useroom._fd import OwnedFd
-from useroom._native import Action
+from useroom.native import Action
 from useroom._units import format_size, parse_size
 from useroom._victims import Victim
 from useroom.policy.kills import KillLargest, Policy

@@ -10,9 +10,9 @@ from typing import Any, Union
 import attrs
 import psutil
 
-from useroom import _native
+from useroom import native
 from useroom.cgroup import Group
-from useroom._native import Action
+from useroom.native import Action
 from useroom._victims import Victim
 from useroom.policy.plan import PICK_REASON, CompiledPlan, Phase, PlanBuilder, PlanContext, status_open
 
@@ -135,7 +135,7 @@ class KillLargest(Policy):
             super().compile_kills(b, ctx)
             return
         # The kernel scans the oldest task first and a tie goes to the later one.
-        b.candidates = sorted(picks, key=lambda v: (v.create_time, v.pid))[:_native.CANDS_MAX]
+        b.candidates = sorted(picks, key=lambda v: (v.create_time, v.pid))[:native.CANDS_MAX]
         b.finding = finds
         budget = b.room() - b.tail_cost()
         cost = b.kill_cost(None)
@@ -182,7 +182,7 @@ class KillGroup(Policy):
             b.add(Action.write(ctx.kill_fd, b"1"), "kill the whole group (cgroup.kill)", Phase.KILL)
         else:
             budget = b.room() - b.tail_cost() - 1 - (b.restore_cost if b.hooks_grant is not None else 0)
-            each = 1 + int(_native.can_use_mrelease)
+            each = 1 + int(native.can_use_mrelease())
             chosen = [v for v, _ in self.order(ctx.victims)][: max(0, budget // each)]
             for v in chosen:
                 b.victims.append(v)
@@ -193,7 +193,7 @@ class KillGroup(Policy):
                     continue
                 b.pidfds.append(pidfd)
                 b.add(Action.signal_pidfd(pidfd.fileno(), signal.SIGKILL), why, Phase.KILL, v)
-            if _native.can_use_mrelease:
+            if native.can_use_mrelease():
                 for v in chosen:
                     pidfd = ctx.pidfd(v)
                     if pidfd is not None:

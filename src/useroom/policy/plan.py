@@ -12,8 +12,8 @@ from collections.abc import Mapping
 import attrs
 import psutil
 
-from useroom import _native
-from useroom._native import Action, Candidate, Plan
+from useroom import native
+from useroom.native import Action, Candidate, Plan
 from useroom._units import format_size
 from useroom._victims import Pidfd, Victim
 
@@ -167,7 +167,7 @@ class CompiledPlan:
     #: The processes the hooks' phase stops while the hooks run.
     held: tuple[Victim, ...] = ()
     #: What the plan's SIGNAL_BEST actions pick from, by the index a step
-    #: records (:attr:`useroom._native.Step.pick`).
+    #: records (:attr:`useroom.native.Step.pick`).
     candidates: tuple[Victim, ...] = ()
     #: One per action: whether it opens a grant or restores the limit.
     tags: tuple[StepTag, ...] = ()
@@ -203,7 +203,7 @@ class PlanBuilder:
         self.opened: int | None = None
 
     def room(self) -> int:
-        return _native.PLAN_MAX - len(self.actions)
+        return native.PLAN_MAX - len(self.actions)
 
     def add(self, action: Action, why: str, phase: Phase, target: Victim | None = None, *,
             tag: StepTag = StepTag.NONE) -> None:
@@ -225,7 +225,7 @@ class PlanBuilder:
                 self.add(Action.await_readable(fd, term_grace), f"wait up to {term_grace} s for {victim.pid} to exit", Phase.KILL)
             signal_at = len(self.actions)
             self.add(Action.signal_pidfd(fd, sig), f"{signal.Signals(sig).name} {who}: {reason}", Phase.KILL, victim)
-            if _native.can_use_mrelease and sig == signal.SIGKILL:
+            if native.can_use_mrelease() and sig == signal.SIGKILL:
                 self.add(Action.mrelease(fd), f"reap the memory of {victim.pid} now", Phase.KILL)
             if self.hooks_grant is not None:
                 # The restore that follows needs the memory back: wait for the exit.
@@ -257,7 +257,7 @@ class PlanBuilder:
         signal_at = len(self.actions)
         self.add(Action.signal_best(sig, self.ctx.check_timeout), f"{signal.Signals(sig).name} the task with the {reason}",
                  Phase.KILL)
-        if _native.can_use_mrelease and sig == signal.SIGKILL:
+        if native.can_use_mrelease() and sig == signal.SIGKILL:
             self.add(Action.mrelease(0).on_pick(), "reap the memory of the pick now", Phase.KILL)
         if self.hooks_grant is not None:
             self.add(Action.await_readable(0, self.ctx.check_timeout).on_pick().after(signal_at),
@@ -282,7 +282,7 @@ class PlanBuilder:
             self.opened = None
 
     def kill_cost(self, term_grace: float | None) -> int:
-        return (2 + int(_native.can_use_mrelease) + (2 if term_grace is not None else 0)
+        return (2 + int(native.can_use_mrelease()) + (2 if term_grace is not None else 0)
                 + (1 + self.restore_cost) * int(self.hooks_grant is not None))
 
     @property
@@ -311,7 +311,7 @@ class PlanBuilder:
               settles: bool = False, then: tuple[tuple[int, Action, str], ...] = ()) -> int:
         """Raise the limit by the reserve, wake ``who``, await its reply,
         restore. With ``settles``, ``who`` may restore the limit itself and
-        reply :data:`useroom._native.SETTLED`, which resolves the episode.
+        reply :data:`useroom.native.SETTLED`, which resolves the episode.
         ``then`` are (guard, action, why): run after the reply, always, if
         their guard ran."""
         ctx = self.ctx
