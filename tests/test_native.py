@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import gc
+import json
 import os
 import pathlib
 import platform
@@ -37,6 +38,39 @@ from useroom.native import (
     SourceKind,
 )
 from helpers import SoloWatcher
+
+
+_IMPORT_PROBE = """
+import json, sys
+calls = []
+def profile(frame, event, arg):
+    if event == "c_call" and getattr(arg, "__name__", "").startswith("uro_"):
+        calls.append(arg.__name__)
+sys.setprofile(profile)
+import useroom
+from useroom.native import features, fds, hold, locking, plan, watcher
+sys.setprofile(None)
+at_import, cached = list(calls), features.can_use_mrelease.cache_info().currsize
+sys.setprofile(profile)
+features.can_use_mrelease(); features.can_use_mrelease(); hold.can_hold_threads()
+sys.setprofile(None)
+print(json.dumps([at_import, cached, calls[len(at_import):],
+                  features.can_use_mrelease.cache_info().currsize]))
+"""
+
+
+class TestImport:
+    def test_import_runs_no_probe_and_no_setup(self) -> None:
+        """Importing useroom and every module of the native package calls
+        nothing in the core: the probes and the hold's one-time lookups run
+        at their first use, once (a fresh interpreter, every call into the
+        core traced)."""
+        out = subprocess.run([sys.executable, "-c", _IMPORT_PROBE], capture_output=True, text=True,
+                             check=True, timeout=60)
+        at_import, cached, first_use, cached_after = json.loads(out.stdout)
+        assert ([], 0) == (at_import, cached)
+        assert ["uro_mrelease", "uro_hooks_init", "uro_hold_init"] == first_use
+        assert 1 == cached_after
 
 
 class TestEventFd:
