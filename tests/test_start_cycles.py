@@ -30,7 +30,7 @@ from useroom import Handler
 from useroom.cgroup import Group
 from useroom._handler import V2_GAP
 from useroom._units import UNLIMITED
-from useroom._watchdog import WatchdogLink
+from useroom.handler.link import WatchdogLink
 from useroom.exceptions import WatcherError
 
 CYCLES = 50
@@ -205,7 +205,7 @@ class TestStartErrors:
 
     def test_closed_its_socket_and_lingers(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """A watchdog that closes its socket but does not exit is given START_GRACE, then killed."""
-        monkeypatch.setattr("useroom._watchdog.START_GRACE", 0.5)
+        monkeypatch.setattr("useroom.handler.link.START_GRACE", 0.5)
         link = _link()
         _fake(link, monkeypatch, "import os, sys, time; os.close(int(sys.argv[1])); time.sleep(600)")
         message = _start_error(link)
@@ -215,7 +215,7 @@ class TestStartErrors:
     def test_stuck_without_progress(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """A watchdog asleep without progress for START_STALL is killed; the error gives its state
         and wait channel."""
-        monkeypatch.setattr("useroom._watchdog.START_STALL", 1.0)
+        monkeypatch.setattr("useroom.handler.link.START_STALL", 1.0)
         link = _link()
         _fake(link, monkeypatch, "import time; time.sleep(600)")
         started = time.monotonic()
@@ -227,7 +227,7 @@ class TestStartErrors:
     def test_a_slow_start_that_progresses_is_waited_for(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """A watchdog that works for several times START_STALL before ready (as in the emulated guest)
         starts; stop then ends it."""
-        monkeypatch.setattr("useroom._watchdog.START_STALL", 0.5)
+        monkeypatch.setattr("useroom.handler.link.START_STALL", 0.5)
         link = _link()
         _fake(link, monkeypatch, (
             "import socket, sys, time\n"

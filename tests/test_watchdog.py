@@ -24,15 +24,9 @@ from helpers import MIB, oom_trap, run_hook_service, wait_until
 from useroom import FreezeAndDecide, Group, Handler, KillLargest, Takeover
 from useroom._declare import KERNEL_FILES, probe
 from useroom.cgroup import OomControl
-from useroom._watchdog import (
-    CAUGHT_NS,
-    DeclaredHandler,
-    Guard,
-    GuardSpec,
-    ProcessFd,
-    WatchdogLink,
-    _thread_state,
-)
+from useroom.handler.link import WatchdogLink
+from useroom.watchdog.guards import CAUGHT_NS, DeclaredHandler, Guard, ProcessFd, thread_state
+from useroom.watchdog.protocol import GuardSpec
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(120)]
 
@@ -625,7 +619,7 @@ def _switches(pid: int) -> int:
 def _asleep_in_epoll(pid: int) -> bool:
     """Every thread of *pid* asleep in epoll_wait."""
     for tid in os.listdir(f"/proc/{pid}/task"):
-        state = _thread_state(pid, int(tid))
+        state = thread_state(pid, int(tid))
         if state is None or state[0] != "S" or "epoll" not in state[1]:
             return False
     return True
@@ -729,7 +723,7 @@ class TestManyGroups:
         code = (
             "import sys\n"
             "from useroom.cgroup import Group\n"
-            "from useroom._watchdog import WatchdogLink\n"
+            "from useroom.handler.link import WatchdogLink\n"
             "one, two, log = Group.open(sys.argv[1]), Group.open(sys.argv[2]), sys.argv[3]\n"
             "link = WatchdogLink(None, delay=30.0, handler_tids=(), heartbeat_timeout=60.0, log=log)\n"
             "link.add(one, limit=64 << 20, kill_enabled=True)\n"

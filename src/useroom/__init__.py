@@ -27,7 +27,7 @@ from useroom.policy import (
     StepTag,
 )
 from useroom._units import UNLIMITED, format_size, parse_size
-from useroom._watchdog import DEFAULT_DELAY, Takeover
+from useroom.watchdog import DEFAULT_DELAY, Takeover
 from useroom.exceptions import (
     CgroupError,
     CgroupPermissionError,

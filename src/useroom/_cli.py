@@ -21,8 +21,8 @@ from useroom._handler import OomEvent
 from useroom.policy import KillGroup, KillLargest, KillNewest, Policy, RaiseLimit
 from useroom._supervisor import Handler, Supervisor
 from useroom._units import format_size, parse_size
-from useroom._watchdog import Takeover
-from useroom._watchdog import main as watchdog_main
+from useroom.watchdog import Takeover
+from useroom.watchdog import main as watchdog_main
 from useroom.exceptions import UseroomError
 
 __all__ = ["main"]

@@ -68,7 +68,8 @@ from useroom._procs import ProcsFiles
 from useroom._units import UNLIMITED, format_size, parse_duration, parse_size
 from useroom._victims import Pidfd, Victim, VictimTable
 from useroom.exceptions import GroupGone, RootGroupError, UnsupportedKernel, WatcherError
-from useroom._watchdog import DEFAULT_DELAY, Takeover, WatchdogLink
+from useroom.handler.link import WatchdogLink
+from useroom.watchdog import DEFAULT_DELAY, Takeover
 
 __all__ = ["EventOutcome", "GroupHandler", "OomEvent", "ProcessOptions", "StepRecord", "VictimRecord"]
 

@@ -38,7 +38,8 @@ from useroom._handler import GroupHandler, ProcessOptions
 from useroom.policy import Policy
 from useroom._hardening import HardeningReport, vm_locked, lock_memory
 from useroom._hooks import THREAD_STACK_PREFAULT
-from useroom._watchdog import DEFAULT_DELAY, Takeover, WatchdogLink
+from useroom.handler.link import WatchdogLink
+from useroom.watchdog import DEFAULT_DELAY, Takeover
 from useroom.exceptions import UseroomError, WatcherError
 
 __all__ = ["Handler", "Supervisor"]

@@ -1,0 +1,438 @@
+"""The watchdog's guards: what it keeps, per group, from sleeping forever.
+
+A :class:`Guard` watches one cgroup v1 group's OOM episodes and hands one
+to the kernel when it outlasts the delay or the :class:`DeclaredHandler`
+cannot act; a :class:`WallGuard` puts a cgroup v2 group's settings back
+when its handler dies. :func:`open_guard` picks the one a group needs.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import signal
+import time
+from typing import Any, Final
+
+import attrs
+
+from useroom.cgroup import EventRegistration, Group, OomControl
+from useroom._fd import OwnedFd
+from useroom._units import UNLIMITED
+from useroom.exceptions import GroupGone, UseroomError
+from useroom.watchdog.protocol import GuardSpec, Takeover
+
+__all__ = [
+    "CAUGHT_NS",
+    "OOM_WAIT_CHANNEL",
+    "SETTLE_NS",
+    "ControlFile",
+    "DeclaredHandler",
+    "Guard",
+    "ProcessFd",
+    "WallGuard",
+    "open_guard",
+    "thread_state",
+]
+
+#: After a takeover, ``under_oom`` at 0 this long (with no kill) ends the episode, in ns.
+SETTLE_NS: Final = 100_000_000
+#: How long the manager thread must be seen asleep in the OOM wait with a grant
+#: open before it counts as caught there (the grant's raise wakes it; it may
+#: not have run yet when the watchdog looks).
+CAUGHT_NS: Final = 20_000_000
+#: The wait channel of a task asleep in a v1 memcg OOM wait.
+OOM_WAIT_CHANNEL: Final = "mem_cgroup_oom_synchronize"
+
+
+class ProcessFd(OwnedFd):
+    """A pidfd of one process (close-on-exec): readable once it has exited."""
+
+    __slots__ = ("pid",)
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._fd = os.pidfd_open(pid)
+
+    @property
+    def exited(self) -> bool:
+        """True once the process has exited."""
+        # poll(), not select(): the number may be above FD_SETSIZE.
+        poller = select.poll()
+        poller.register(self.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
+
+
+class ControlFile(OwnedFd):
+    """One control file of a group, opened ahead (close-on-exec)."""
+
+    __slots__ = ()
+
+    def __init__(self, group: Group, name: str, flags: int) -> None:
+        self._fd = group.open_file(name, flags)
+
+
+def _continue_group(group: Group, record: dict[str, Any]) -> None:
+    """A handler that died while its hooks ran left the group's other
+    processes stopped (SIGSTOP): continue every task of the group."""
+    try:
+        pids = group.procs()
+    except (OSError, UseroomError):
+        return
+    continued = 0
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGCONT)
+            continued += 1
+        except OSError:
+            pass
+    record["continued"] = continued
+
+
+def thread_state(pid: int, tid: int) -> tuple[str, str] | None:
+    """(state letter, wait channel) of a thread, or None if it is gone."""
+    base = f"/proc/{pid}/task/{tid}"
+    try:
+        with open(f"{base}/stat", "rb") as f:
+            stat = f.read()
+        with open(f"{base}/wchan", "rb") as f:
+            wchan = f.read().decode("ascii", "replace")
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # The state follows the last ")" (the name may contain one).
+    return stat[stat.rfind(b")") + 2:][:1].decode("ascii", "replace"), wchan
+
+
+@attrs.define(eq=False)
+class DeclaredHandler:
+    """The handler the guarded groups declared: its process, the threads it
+    declared, its pidfd (owned), and its last heartbeat. One serves every
+    guard of a watchdog."""
+
+    pid: int
+    #: Threads that must never wait for memory (the native watcher).
+    tids: tuple[int, ...]
+    pidfd: ProcessFd
+    heartbeat_timeout: float
+    #: Threads that may wait for memory, but not while a grant made for them is open (the manager).
+    helper_tids: tuple[int, ...] = ()
+    beat_ns: int = attrs.field(factory=time.monotonic_ns)
+    exited: bool = False
+
+    def check_exited(self) -> bool:
+        if not self.exited:
+            self.exited = self.pidfd.exited
+        return self.exited
+
+    def look(self) -> tuple[str | None, bool]:
+        """One look at the process and its declared threads: why it cannot
+        act now (it exited, is stopped, or its watcher sleeps in the OOM
+        wait) or None; and whether a helper thread sleeps in the OOM wait
+        (a fault only while a grant made for it is open: the guard decides)."""
+        if self.check_exited():
+            return "handler-exited", False
+        helper_waiting = False
+        for tid, helper in [(t, False) for t in self.tids] + [(t, True) for t in self.helper_tids]:
+            state = thread_state(self.pid, tid)
+            if state is None:
+                continue  # a declared thread that ended: the process check above decides
+            letter, wchan = state
+            if letter in ("T", "t"):
+                return "handler-stopped", False
+            if wchan == OOM_WAIT_CHANNEL:
+                if not helper:
+                    return "handler-in-oom-wait", False
+                helper_waiting = True
+        return None, helper_waiting
+
+    def silent(self, now: int, episode_ns: int) -> bool:
+        """No heartbeat for ``heartbeat_timeout`` since the later of the last
+        one and the episode's start: an idle handler sends none, so only
+        silence during the episode counts."""
+        return now - max(self.beat_ns, episode_ns) > self.heartbeat_timeout * 1e9
+
+    def close(self) -> None:
+        self.pidfd.close()
+
+
+class Guard:
+    """One v1 group the watchdog keeps from sleeping forever. It owns its
+    fds (two of ``memory.oom_control``, the OOM eventfd), not the handler."""
+
+    def __init__(self, group: Group, delay: float, *, handler: DeclaredHandler | None = None,
+                 limit: int | None = None, kill_enabled: bool | None = None) -> None:
+        oom_file = getattr(group, "oom_control_file", None)
+        if oom_file is None:
+            raise UseroomError(f"the watchdog needs cgroup v1's memory.oom_control; {group.relpath} "
+                               f"is on cgroup v{group.version}")
+        self.group = group
+        self.delay = delay
+        self.handler = handler
+        #: The limit the handler set; restored if the handler dies with a grant open.
+        self.limit = limit
+        #: The user's kernel OOM killer setting before the handler (restored if it dies).
+        self.kill_enabled = kill_enabled
+        self.pending_limit = False
+        self.gone = False
+        #: The handler's exit has been dealt with (limit, setting).
+        self.mourned = False
+        self._episode_ns: int | None = None
+        self._taken: tuple[str, int, int] | None = None  # reason, acted_ns, the setting before
+        self._kills_at_takeover = 0
+        self._clear_ns: int | None = None  # when under_oom first read 0 after a takeover
+        self._caught_ns: int | None = None  # since when a helper thread is in the OOM wait with a grant open
+        self._read = ControlFile(group, oom_file, os.O_RDONLY)
+        try:
+            os.pread(self._read.fileno(), 256, 0)  # allocate the seq_file buffer now
+            self._switch = ControlFile(group, oom_file, os.O_WRONLY)
+            try:
+                self.notifier: EventRegistration | None = group.oom_notifier()
+                os.set_blocking(self.notifier.fileno(), False)
+            except BaseException:
+                self._switch.close()
+                raise
+        except BaseException:
+            self._read.close()
+            raise
+
+    @property
+    def in_episode(self) -> bool:
+        return self._episode_ns is not None
+
+    def control(self) -> OomControl | None:
+        try:
+            return OomControl.from_text(os.pread(self._read.fileno(), 256, 0).decode("ascii"))
+        except OSError as err:
+            if err.errno in (errno.ENODEV, errno.ENOENT):
+                self.gone = True
+                return None
+            raise
+
+    def notified(self, now: int) -> None:
+        """The OOM eventfd fired (or the guard just started)."""
+        assert self.notifier is not None
+        try:
+            os.read(self.notifier.fileno(), 8)
+        except BlockingIOError:
+            pass
+        if self._episode_ns is None:
+            control = self.control()
+            if control is not None and control.under_oom:
+                self._episode_ns = now
+
+    def _grant_open(self) -> bool:
+        """Whether the handled group's limit is above the one the handler set."""
+        if self.limit is None:
+            return False
+        try:
+            return self.group.limit() > self.limit
+        except OSError:
+            return False
+
+    def _switch_to(self, disabled: bool) -> None:
+        os.pwrite(self._switch.fileno(), b"1" if disabled else b"0", 0)
+
+    def unfit(self, now: int) -> str | None:
+        """Why the declared handler cannot be trusted with the episode under way, or None."""
+        assert self.handler is not None and self._episode_ns is not None
+        reason, helper_waiting = self.handler.look()
+        if reason is not None:
+            return reason
+        # The group's limit is read only when a helper thread is in the OOM wait.
+        if not (helper_waiting and self._grant_open()):
+            self._caught_ns = None
+        elif self._caught_ns is None:
+            self._caught_ns = now
+        elif now - self._caught_ns >= CAUGHT_NS:
+            return "handler-in-oom-wait"
+        if self.handler.silent(now, self._episode_ns):
+            return "heartbeat"
+        return None
+
+    def tick(self, now: int) -> Takeover | None:
+        """Look at the group: act if the episode needs it; return a finished takeover."""
+        if self.pending_limit:
+            self._restore_limit()
+        if self._episode_ns is None:
+            return None
+        control = self.control()
+        if control is None:
+            return self._finish(None)
+        if not control.under_oom:
+            if self._taken is None:
+                return self._finish(now)
+            # Enabling the killer wakes the sleepers, which clears under_oom
+            # before the kernel has killed anyone: the episode is over once the
+            # kernel has killed, or once it stays clear for SETTLE_NS.
+            if self._clear_ns is None:
+                self._clear_ns = now
+            if control.oom_kill > self._kills_at_takeover or now - self._clear_ns >= SETTLE_NS:
+                return self._finish(self._clear_ns)
+            return None
+        self._clear_ns = None
+        if self._taken is not None and control.kill_disabled:
+            # Taken over, yet the killer is off again: the handler's manager
+            # turns it off when it sees it on with nobody waiting, which the
+            # takeover's own wakeup can look like. The episode is still ours.
+            self._switch_to(False)
+        if self._taken is None:
+            reason = self.unfit(now) if self.handler is not None else None
+            if reason is None and now - self._episode_ns >= self.delay * 1e9:
+                reason = "delay"
+            if reason is not None:
+                self._kills_at_takeover = control.oom_kill
+                self._switch_to(False)
+                self._taken = (reason, time.monotonic_ns(), int(control.kill_disabled))
+        return None
+
+    def _finish(self, resolved_ns: int | None) -> Takeover | None:
+        self._clear_ns = None
+        self._caught_ns = None
+        episode_ns, self._episode_ns = self._episode_ns, None
+        taken, self._taken = self._taken, None
+        if taken is None or episode_ns is None:
+            return None
+        reason, acted_ns, before = taken
+        restored: int | None = None
+        if not self.gone:
+            handler_alive = self.handler is not None and not self.handler.check_exited()
+            if handler_alive or self.kill_enabled is None:
+                restored = before
+            else:
+                restored = 0 if self.kill_enabled else 1
+            try:
+                self._switch_to(bool(restored))
+            except OSError:
+                restored = None
+        return Takeover(self.group.relpath, reason, episode_ns, acted_ns, resolved_ns, self.delay,
+                        self.handler.pid if self.handler else None, restored)
+
+    def handler_exited(self) -> dict[str, Any]:
+        """The declared handler is gone: put back what it would have put back on stop."""
+        assert self.handler is not None
+        self.handler.exited = True
+        self.mourned = True
+        record: dict[str, Any] = {"event": "handler-exited", "group": self.group.relpath,
+                                  "handler_pid": self.handler.pid, "at_ns": time.monotonic_ns()}
+        if not self.gone:
+            _continue_group(self.group, record)
+        if self.limit is not None and not self.gone:
+            try:
+                self.pending_limit = self.group.limit() != self.limit
+            except (OSError, UseroomError):
+                self.pending_limit = False
+            record["limit_raised"] = self.pending_limit
+            self._restore_limit()
+        if self._episode_ns is not None and self._taken is None and not self.gone:
+            # It died during an episode: hand that to the kernel now (the
+            # user's setting goes back once the episode ends).
+            control = self.control()
+            if control is not None and control.under_oom:
+                self._kills_at_takeover = control.oom_kill
+                self._switch_to(False)
+                self._taken = ("handler-exited", time.monotonic_ns(), int(control.kill_disabled))
+        if self.kill_enabled is not None and self._taken is None and not self.gone:
+            try:
+                self._switch_to(not self.kill_enabled)
+                record["restored"] = 0 if self.kill_enabled else 1
+            except OSError as err:
+                record["error"] = str(err)
+        return record
+
+    def _restore_limit(self) -> None:
+        assert self.limit is not None
+        try:
+            if self.group.usage() <= self.limit:
+                self.group.set_limit(self.limit)
+                self.pending_limit = False
+        except GroupGone:
+            self.pending_limit = False
+            self.gone = True
+        except (OSError, UseroomError):
+            pass  # usage does not fit yet: retried on the next tick
+
+    @property
+    def done(self) -> bool:
+        """Nothing left to guard: the group is gone, or its handler exited and
+        the kernel killer (the user's setting) guards it again."""
+        if self.gone:
+            return True
+        return (self.handler is not None and self.handler.exited and not self.pending_limit
+                and not self.in_episode and bool(self.kill_enabled))
+
+    def close(self) -> None:
+        """Close the guard's fds (the handler's pidfd is not the guard's); safe to call again."""
+        if self.notifier is not None:
+            self.notifier.close()
+        self._read.close()
+        self._switch.close()
+
+
+class WallGuard:
+    """A cgroup v2 group's handler, guarded for its death only.
+
+    Nobody waits in an OOM on v2: the kernel kills at ``memory.max``. What a
+    dead handler leaves behind is its wall, ``memory.high``, throttling the
+    group. When the handler exits without stopping, this puts back the
+    ``memory.high`` and ``memory.max`` the group had before it. It has no
+    fd of its own: the handler's pidfd is what wakes it.
+    """
+
+    #: Nothing to watch in the group itself.
+    notifier: None = None
+
+    def __init__(self, group: Group, handler: DeclaredHandler, saved_high: int, saved_max: int) -> None:
+        self.group = group
+        self.handler: DeclaredHandler | None = handler
+        self.saved = (saved_high, saved_max)
+        self.limit: int | None = None  # a handler's "limit" message: not used on v2
+        self.mourned = False
+        self.gone = False
+        self.pending_limit = False
+        self.in_episode = False
+
+    def notified(self, now: int) -> None:
+        pass
+
+    def tick(self, now: int) -> Takeover | None:
+        return None
+
+    def handler_exited(self) -> dict[str, Any]:
+        """Restore the group's memory.high and memory.max from before the handler."""
+        assert self.handler is not None
+        self.handler.exited = True
+        self.mourned = True
+        high, limit = self.saved
+        record: dict[str, Any] = {"event": "handler-exited", "group": self.group.relpath,
+                                  "handler_pid": self.handler.pid, "at_ns": time.monotonic_ns()}
+        _continue_group(self.group, record)
+        try:
+            # memory.high first to max, so it never sits above memory.max.
+            self.group.set_high(UNLIMITED)  # type: ignore[attr-defined]
+            self.group.set_limit(limit)
+            self.group.set_high(high)  # type: ignore[attr-defined]
+            record["restored"] = {"memory.high": high, "memory.max": limit}
+        except GroupGone:
+            self.gone = True
+        except (OSError, UseroomError) as err:
+            record["error"] = str(err)
+        return record
+
+    @property
+    def done(self) -> bool:
+        return self.gone or self.mourned
+
+    def close(self) -> None:
+        pass
+
+
+def open_guard(spec: GuardSpec, delay: float, handler: DeclaredHandler | None) -> Guard | WallGuard:
+    """The guard *spec* asks for; raises UseroomError or OSError if the group cannot be guarded."""
+    group = Group.open(spec.path)
+    if group.version == 2:
+        if handler is None or spec.saved is None:
+            raise UseroomError(f"{group.relpath} is on cgroup v2, where nobody waits in an OOM (the kernel "
+                               "kills at memory.max): there the watchdog only guards a handler's wall")
+        return WallGuard(group, handler, *spec.saved)
+    return Guard(group, delay, handler=handler, limit=spec.limit, kill_enabled=spec.kill_enabled)
