@@ -3,7 +3,8 @@
 A :class:`Guard` watches one cgroup v1 group's OOM episodes and hands one
 to the kernel when it outlasts the delay or the :class:`DeclaredHandler`
 cannot act; a :class:`WallGuard` puts a cgroup v2 group's settings back
-when its handler dies. :func:`open_guard` picks the one a group needs.
+when its handler dies. :func:`open_guard` picks the one the group's
+backend needs: each guard class accepts the backend it knows, or refuses.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Any, Final
 import attrs
 
 from useroom.cgroup import EventRegistration, Group, OomControl
+from useroom.cgroup.v1 import V1Group
+from useroom.cgroup.v2 import V2Group
 from useroom._fd import OwnedFd
 from useroom._units import UNLIMITED
 from useroom.exceptions import GroupGone, UseroomError
@@ -25,6 +28,7 @@ from useroom.watchdog.protocol import GuardSpec, Takeover
 
 __all__ = [
     "CAUGHT_NS",
+    "GUARDS",
     "OOM_WAIT_CHANNEL",
     "SETTLE_NS",
     "ControlFile",
@@ -160,12 +164,17 @@ class Guard:
     """One v1 group the watchdog keeps from sleeping forever. It owns its
     fds (two of ``memory.oom_control``, the OOM eventfd), not the handler."""
 
-    def __init__(self, group: Group, delay: float, *, handler: DeclaredHandler | None = None,
+    @classmethod
+    def accept(cls, group: Group, spec: GuardSpec, delay: float, handler: DeclaredHandler | None) -> Guard | None:
+        """The guard of *group* as *spec* asks, if it is a v1 group (which has
+        ``memory.oom_control``); None for another backend."""
+        if not isinstance(group, V1Group):
+            return None
+        return cls(group, delay, handler=handler, limit=spec.limit, kill_enabled=spec.kill_enabled)
+
+    def __init__(self, group: V1Group, delay: float, *, handler: DeclaredHandler | None = None,
                  limit: int | None = None, kill_enabled: bool | None = None) -> None:
-        oom_file = getattr(group, "oom_control_file", None)
-        if oom_file is None:
-            raise UseroomError(f"the watchdog needs cgroup v1's memory.oom_control; {group.relpath} "
-                               f"is on cgroup v{group.version}")
+        oom_file = group.oom_control_file
         self.group = group
         self.delay = delay
         self.handler = handler
@@ -382,7 +391,20 @@ class WallGuard:
     #: Nothing to watch in the group itself.
     notifier: None = None
 
-    def __init__(self, group: Group, handler: DeclaredHandler, saved_high: int, saved_max: int) -> None:
+    @classmethod
+    def accept(cls, group: Group, spec: GuardSpec, delay: float,
+               handler: DeclaredHandler | None) -> WallGuard | None:
+        """The guard of *group* if it is a v2 group (None for another
+        backend); raises UseroomError if *spec* is not a handler's wall
+        (no handler, no saved settings): that is all there is to guard on v2."""
+        if not isinstance(group, V2Group):
+            return None
+        if handler is None or spec.saved is None:
+            raise UseroomError(f"{group.relpath} is on cgroup v2, where nobody waits in an OOM (the kernel "
+                               "kills at memory.max): there the watchdog only guards a handler's wall")
+        return cls(group, handler, *spec.saved)
+
+    def __init__(self, group: V2Group, handler: DeclaredHandler, saved_high: int, saved_max: int) -> None:
         self.group = group
         self.handler: DeclaredHandler | None = handler
         self.saved = (saved_high, saved_max)
@@ -409,9 +431,9 @@ class WallGuard:
         _continue_group(self.group, record)
         try:
             # memory.high first to max, so it never sits above memory.max.
-            self.group.set_high(UNLIMITED)  # type: ignore[attr-defined]
+            self.group.set_high(UNLIMITED)
             self.group.set_limit(limit)
-            self.group.set_high(high)  # type: ignore[attr-defined]
+            self.group.set_high(high)
             record["restored"] = {"memory.high": high, "memory.max": limit}
         except GroupGone:
             self.gone = True
@@ -427,12 +449,16 @@ class WallGuard:
         pass
 
 
+#: The guard classes, each asked in turn whether it guards a group.
+GUARDS: Final = (Guard, WallGuard)
+
+
 def open_guard(spec: GuardSpec, delay: float, handler: DeclaredHandler | None) -> Guard | WallGuard:
     """The guard *spec* asks for; raises UseroomError or OSError if the group cannot be guarded."""
     group = Group.open(spec.path)
-    if group.version == 2:
-        if handler is None or spec.saved is None:
-            raise UseroomError(f"{group.relpath} is on cgroup v2, where nobody waits in an OOM (the kernel "
-                               "kills at memory.max): there the watchdog only guards a handler's wall")
-        return WallGuard(group, handler, *spec.saved)
-    return Guard(group, delay, handler=handler, limit=spec.limit, kill_enabled=spec.kill_enabled)
+    for kind in GUARDS:
+        guard = kind.accept(group, spec, delay, handler)
+        if guard is not None:
+            return guard
+    raise UseroomError(f"the watchdog has no guard for {group.relpath}, a group of {type(group).__name__}")
+
