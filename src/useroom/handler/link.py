@@ -8,7 +8,6 @@ what the two say to each other, :mod:`useroom.watchdog.protocol`.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import select
 import signal
@@ -17,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 import attrs
@@ -25,7 +24,21 @@ import attrs
 from useroom.cgroup import Group
 from useroom.exceptions import CgroupPermissionError, UseroomError, WatcherError
 from useroom.watchdog.guards import ProcessFd
-from useroom.watchdog.protocol import MESSAGE_MAX, GuardSpec, Takeover
+from useroom.watchdog.protocol import (
+    MESSAGE_MAX,
+    READY,
+    Add,
+    Beat,
+    GuardSpec,
+    LastResort,
+    Message,
+    Remove,
+    SetLimit,
+    Stop,
+    Takeover,
+    decode_record,
+    guard_argv,
+)
 
 __all__ = ["START_GRACE", "START_STALL", "START_STDERR_TAIL", "START_TIMEOUT", "StartFailure", "WatchdogLink"]
 
@@ -242,11 +255,8 @@ class _Charge:
 
 def _reported(message: bytes) -> str:
     """The error a watchdog sent instead of ready (an ``error`` record), or the message itself."""
-    try:
-        record = json.loads(message)
-    except ValueError:
-        record = None
-    if isinstance(record, dict) and "error" in record:
+    record = decode_record(message)
+    if record is not None and "error" in record:
         return str(record["error"])
     return message.decode(errors="replace")[:START_STDERR_TAIL]
 
@@ -313,7 +323,7 @@ class _Launch:
                 return "timeout"
             self._pump(min(1.0, START_TIMEOUT - (now - self.started)))
             if self.answered:
-                if self.message == b"ready":
+                if self.message == READY:
                     return None
                 return "sent" if self.message else "closed"
             if self.exited:
@@ -444,7 +454,7 @@ class WatchdogLink:
             self._next_key += 1
             self._specs[group.path] = spec
             self._groups[group.path] = group
-            self._tell(b"add " + spec.to_json().encode())
+            self._tell(Add(spec))
 
     def remove(self, group: Group) -> None:
         """Stop guarding *group*: the watchdog closes its fds for it and
@@ -454,7 +464,7 @@ class WatchdogLink:
             if self._specs.pop(group.path, None) is None:
                 return
             del self._groups[group.path]
-            self._tell(b"remove " + json.dumps({"path": group.path}).encode())
+            self._tell(Remove(group.path))
 
     def set_limit(self, group: Group, limit: int) -> None:
         """The limit the handler set for *group* now (restored if the handler
@@ -464,15 +474,15 @@ class WatchdogLink:
             if spec is None:
                 return
             self._specs[group.path] = attrs.evolve(spec, limit=limit)
-            self._tell(b"limit " + json.dumps({"path": group.path, "limit": limit}).encode())
+            self._tell(SetLimit(group.path, limit))
 
-    def _tell(self, message: bytes) -> None:
+    def _tell(self, message: Message) -> None:
         """Send a change of the groups to the running process (the lock held)."""
         sock = self.sock
         if sock is None:
             return  # not running: the next start passes it on the command line
         try:
-            sock.send(message, socket.MSG_DONTWAIT)
+            sock.send(message.encode(), socket.MSG_DONTWAIT)
         except BlockingIOError:
             # Its socket is full: it has stopped reading, and its groups
             # would fall behind the link's. Killed, it is restarted by the
@@ -500,8 +510,7 @@ class WatchdogLink:
             argv += ["--tid", str(tid)]
         for tid in self.helper_tids:
             argv += ["--helper-tid", str(tid)]
-        for spec in self._specs.values():
-            argv += ["--guard", spec.to_json()]
+        argv += guard_argv(self._specs.values())
         if self.log is not None:
             argv += ["--log", self.log]
         return argv
@@ -565,13 +574,14 @@ class WatchdogLink:
         for path, spec in told.items():
             now = self._specs.get(path)
             if now is None or now.key != spec.key:
-                self._tell(b"remove " + json.dumps({"path": path}).encode())
+                self._tell(Remove(path))
         for path, spec in self._specs.items():
             before = told.get(path)
             if before is None or before.key != spec.key:
-                self._tell(b"add " + spec.to_json().encode())
+                self._tell(Add(spec))
             elif before.limit != spec.limit:
-                self._tell(b"limit " + json.dumps({"path": path, "limit": spec.limit}).encode())
+                assert spec.limit is not None  # the link gives every group one
+                self._tell(SetLimit(path, spec.limit))
 
     def _start_error(self, failure: StartFailure, charge: _Charge, groups: Sequence[Group]) -> UseroomError:
         if "Permission denied" in failure.stderr and self.place is not None:
@@ -585,7 +595,8 @@ class WatchdogLink:
                             f"What to do: {failure.advice(charge)}. {failure.said()}")
 
     def send(self, message: bytes) -> None:
-        """Send *message* if the process runs; dropped if its socket is full (a
+        """Send *message* (an encoded :mod:`~useroom.watchdog.protocol`
+        message) if the process runs; dropped if its socket is full (a
         heartbeat, a last-resort note: nothing it must act on later)."""
         sock = self.sock
         if sock is None:
@@ -605,7 +616,12 @@ class WatchdogLink:
         if now - self._beat_ns < self.heartbeat_timeout * 1e9 / 6:
             return
         self._beat_ns = now
-        self.send(b"beat")
+        self.send(Beat().encode())
+
+    def last_resort(self, note: Mapping[str, Any]) -> None:
+        """The handler found nothing left to kill: the watchdog logs *note*
+        (``last-resort``), which outlives the handler's process."""
+        self.send(LastResort(note).encode())
 
     def receive(self) -> list[Takeover]:
         """Takeovers the watchdog reported since the last call. A group it
@@ -623,11 +639,10 @@ class WatchdogLink:
                 break
             if not data:
                 break
-            try:
-                record = json.loads(data)
-            except ValueError:
+            record = decode_record(data)
+            if record is None:
                 continue  # cut at MESSAGE_MAX: an error record with a long traceback
-            event = record.get("event") if isinstance(record, dict) else None
+            event = record.get("event")
             if event == "takeover":
                 out.append(Takeover.from_dict(record))
             elif event == "add-failed" or (event == "done" and record.get("gone")):
@@ -671,7 +686,7 @@ class WatchdogLink:
         popen = self.popen
         if popen is None:
             return
-        self.send(b"stop")
+        self.send(Stop().encode())
         try:
             popen.wait(timeout)
         except subprocess.TimeoutExpired:

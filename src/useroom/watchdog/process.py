@@ -23,7 +23,21 @@ from useroom import native
 from useroom._units import parse_duration
 from useroom.exceptions import UseroomError
 from useroom.watchdog.guards import DeclaredHandler, Guard, ProcessFd, WallGuard, open_guard
-from useroom.watchdog.protocol import MESSAGE_MAX, GuardSpec, Takeover
+from useroom.watchdog.protocol import (
+    GUARD_OPTION,
+    MESSAGE_MAX,
+    READY,
+    Add,
+    Beat,
+    GuardSpec,
+    LastResort,
+    Remove,
+    SetLimit,
+    Stop,
+    Takeover,
+    decode,
+    encode_record,
+)
 
 __all__ = ["DEFAULT_DELAY", "POLL_INTERVAL", "Watchdog", "main"]
 
@@ -46,9 +60,9 @@ class Watchdog:
     on its own. ``control`` (owned) is the socket to that handler: it sends
     ``beat``, ``add``/``remove``/``limit`` (JSON), ``last-resort`` and
     ``stop``; the watchdog sends ``ready`` and a JSON record for each thing
-    it did. With a control socket it runs until ``stop``, or until the
-    socket closes and every guard is done; without one, until every guard
-    is done.
+    it did (see :mod:`useroom.watchdog.protocol`). With a control socket it
+    runs until ``stop``, or until the socket closes and every guard is done;
+    without one, until every guard is done.
     """
 
     def __init__(self, *, delay: float, handler: DeclaredHandler | None = None,
@@ -111,8 +125,9 @@ class Watchdog:
         guard.close()
         return {"group": guard.group.relpath, "path": path, "key": self._keys.pop(path)}
 
-    def _record(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record, sort_keys=True)
+    def record(self, record: dict[str, Any]) -> None:
+        """Write *record* to the log and send it to the handler (dropped if its socket is full)."""
+        line = encode_record(record)
         if self.log is not None:
             try:
                 self.log.write(line + "\n")
@@ -127,43 +142,41 @@ class Watchdog:
 
     def _message(self, data: bytes, now: int) -> bool:
         """A message from the handler; False on ``stop``."""
-        word, _, rest = data.partition(b" ")
         try:
-            if word == b"beat":
+            message = decode(data)
+            if isinstance(message, Beat):
                 if self.handler is not None:
                     self.handler.beat_ns = now
-            elif word == b"add":
-                self._add(GuardSpec.from_json(rest))
-            elif word == b"remove":
-                identity = self.remove(str(json.loads(rest)["path"]))
+            elif isinstance(message, Add):
+                self._add(message.spec)
+            elif isinstance(message, Remove):
+                identity = self.remove(message.path)
                 if identity is not None:
-                    self._record({"event": "removed", "at_ns": now, **identity})
-            elif word == b"limit":
-                change = json.loads(rest)
-                guard = self.guards.get(str(change["path"]))
+                    self.record({"event": "removed", "at_ns": now, **identity})
+            elif isinstance(message, SetLimit):
+                guard = self.guards.get(message.path)
                 if guard is not None:
-                    guard.limit = int(change["limit"])
-            elif word == b"last-resort":
+                    guard.limit = message.limit
+            elif isinstance(message, LastResort):
                 # The handler found nothing left to kill: the kernel acts next and
                 # may take the handler's own process. Its record survives here.
-                self._record({"event": "last-resort", "at_ns": now, **json.loads(rest)})
-            elif word == b"stop":
-                return False
+                self.record({"event": "last-resort", "at_ns": now, **message.note})
             else:
-                raise ValueError("unknown message")
+                assert isinstance(message, Stop)
+                return False
         except (KeyError, TypeError, ValueError) as err:
-            self._record({"event": "bad-message", "message": data[:200].decode(errors="replace"),
-                          "error": repr(err), "at_ns": now})
+            self.record({"event": "bad-message", "message": data[:200].decode(errors="replace"),
+                         "error": repr(err), "at_ns": now})
         return True
 
     def _add(self, spec: GuardSpec) -> None:
         try:
             guard = self.add(spec)
         except (UseroomError, OSError) as err:
-            self._record({"event": "add-failed", "path": spec.path, "key": spec.key, "error": str(err),
+            self.record({"event": "add-failed", "path": spec.path, "key": spec.key, "error": str(err),
                           "at_ns": time.monotonic_ns()})
             return
-        self._record({"event": "added", "group": guard.group.relpath, "path": spec.path, "key": spec.key,
+        self.record({"event": "added", "group": guard.group.relpath, "path": spec.path, "key": spec.key,
                       "at_ns": time.monotonic_ns()})
 
     def _receive(self, now: int) -> bool:
@@ -188,7 +201,7 @@ class Watchdog:
         """Guard until :meth:`stop` or a ``stop`` message, or until every
         guard is done once no control socket is left."""
         if self.control is not None:
-            self.control.send(b"ready")
+            self.control.send(READY)
         while self.control is not None or self.guards:
             # Idle, it sleeps in the kernel until an eventfd, the pidfd or
             # the socket wakes it: a timer only while something is under way.
@@ -209,14 +222,14 @@ class Watchdog:
                     self._by_fd[data].notified(now)
             for path, guard in list(self.guards.items()):
                 if guard.handler is not None and not guard.mourned and guard.handler.check_exited():
-                    self._record(guard.handler_exited())
+                    self.record(guard.handler_exited())
                 takeover = guard.tick(now)
                 if takeover is not None:
                     self.takeovers.append(takeover)
-                    self._record(takeover.to_dict())
+                    self.record(takeover.to_dict())
                 if guard.done:
                     identity = self.remove(path)
-                    self._record({"event": "done", "gone": guard.gone, "at_ns": now, **(identity or {})})
+                    self.record({"event": "done", "gone": guard.gone, "at_ns": now, **(identity or {})})
 
     def close(self) -> None:
         """Close every guard, the handler's pidfd, the control socket; safe to call again."""
@@ -249,7 +262,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tid", type=int, action="append", default=[], help=argparse.SUPPRESS)
     parser.add_argument("--helper-tid", type=int, action="append", default=[], help=argparse.SUPPRESS)
     parser.add_argument("--heartbeat-timeout", type=float, default=5.0, help=argparse.SUPPRESS)
-    parser.add_argument("--guard", action="append", default=[], help=argparse.SUPPRESS)  # a GuardSpec's JSON
+    parser.add_argument(GUARD_OPTION, dest="guard", action="append", default=[],
+                        help=argparse.SUPPRESS)  # a GuardSpec's JSON
     return parser
 
 
@@ -300,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             watchdog.run()
         except Exception as err:
-            watchdog._record({"event": "error", "error": repr(err), "traceback": traceback.format_exc()})
+            watchdog.record({"event": "error", "error": repr(err), "traceback": traceback.format_exc()})
             raise
     finally:
         watchdog.close()

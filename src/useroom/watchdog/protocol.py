@@ -1,22 +1,51 @@
-"""What a handler's :class:`~useroom.watchdog.WatchdogLink` and its watchdog
-process exchange: the takeovers it reports, the guards it is given.
+"""The control protocol between a handler's :class:`~useroom.watchdog.WatchdogLink`
+and its watchdog process: one place for both sides.
 
-See docs/watchdog.md for the control protocol.
+They talk over a ``SOCK_SEQPACKET`` socket pair, one message per packet.
+The handler sends the messages below, each a word and, when it carries
+data, one JSON value; the watchdog answers :data:`READY`, then one JSON
+record per thing it did (:func:`encode_record`, :func:`decode_record`),
+``{"event": "takeover", ...}`` being a :class:`Takeover`. The groups a
+watchdog guards from its start are on its command line, one
+:data:`GUARD_OPTION` each, with the JSON of an ``add``. Decisions are made
+on this data: neither side parses text written for people.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from typing import Any, Final
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, ClassVar, Final
 
 import attrs
 
-__all__ = ["MESSAGE_MAX", "REASONS", "GuardSpec", "Takeover"]
+__all__ = [
+    "GUARD_OPTION",
+    "MESSAGE_MAX",
+    "READY",
+    "REASONS",
+    "Add",
+    "Beat",
+    "GuardSpec",
+    "LastResort",
+    "Message",
+    "Remove",
+    "SetLimit",
+    "Stop",
+    "Takeover",
+    "decode",
+    "decode_record",
+    "encode_record",
+    "guard_argv",
+]
 
 #: The largest control message or record, in bytes (SOCK_SEQPACKET: one recv
 #: takes one message, cut at the buffer's size).
 MESSAGE_MAX: Final = 65536
+#: What the watchdog sends once it guards the groups of its command line.
+READY: Final = b"ready"
+#: The option of the watchdog's command line that carries one :class:`GuardSpec`'s JSON.
+GUARD_OPTION: Final = "--guard"
 
 #: Why the watchdog took an episode over.
 REASONS: Final = ("delay", "handler-exited", "handler-stopped", "handler-in-oom-wait", "heartbeat")
@@ -97,3 +126,148 @@ class GuardSpec:
             return cls(**data)
         except (TypeError, ValueError) as err:  # bad JSON, a missing or stray field, a wrong type
             raise ValueError(f"not a guard: {text!r}: {err}") from None
+
+
+def guard_argv(specs: Iterable[GuardSpec]) -> list[str]:
+    """The watchdog's command line for *specs*: :data:`GUARD_OPTION` and
+    the spec's JSON (read back with :meth:`GuardSpec.from_json`) for each."""
+    argv: list[str] = []
+    for spec in specs:
+        argv += [GUARD_OPTION, spec.to_json()]
+    return argv
+
+
+# -- the handler's messages --------------------------------------------------
+
+
+@attrs.frozen
+class Beat:
+    """A heartbeat: the watchdog counts the handler's silence from the last one."""
+
+    word: ClassVar[bytes] = b"beat"
+
+    def encode(self) -> bytes:
+        return self.word
+
+    @classmethod
+    def parse(cls, body: bytes) -> Beat:
+        return cls()
+
+
+@attrs.frozen
+class Add:
+    """Guard one more group (answered ``added`` or ``add-failed``)."""
+
+    word: ClassVar[bytes] = b"add"
+    spec: GuardSpec
+
+    def encode(self) -> bytes:
+        return self.word + b" " + self.spec.to_json().encode()
+
+    @classmethod
+    def parse(cls, body: bytes) -> Add:
+        return cls(GuardSpec.from_json(body))
+
+
+@attrs.frozen
+class Remove:
+    """Stop guarding the group at ``path``, its settings untouched (answered ``removed``)."""
+
+    word: ClassVar[bytes] = b"remove"
+    path: str
+
+    def encode(self) -> bytes:
+        return self.word + b" " + json.dumps({"path": self.path}).encode()
+
+    @classmethod
+    def parse(cls, body: bytes) -> Remove:
+        return cls(str(json.loads(body)["path"]))
+
+
+@attrs.frozen
+class SetLimit:
+    """The limit the handler set for the group at ``path`` now (restored
+    if the handler dies with a grant open)."""
+
+    word: ClassVar[bytes] = b"limit"
+    path: str
+    limit: int
+
+    def encode(self) -> bytes:
+        return self.word + b" " + json.dumps({"path": self.path, "limit": self.limit}).encode()
+
+    @classmethod
+    def parse(cls, body: bytes) -> SetLimit:
+        change = json.loads(body)
+        return cls(str(change["path"]), int(change["limit"]))
+
+
+@attrs.frozen
+class LastResort:
+    """The handler found nothing left to kill: the kernel acts next and may
+    take the handler's own process. The watchdog logs ``note`` (a JSON
+    object), which survives there."""
+
+    word: ClassVar[bytes] = b"last-resort"
+    note: Mapping[str, Any]
+
+    def encode(self) -> bytes:
+        return self.word + b" " + json.dumps(self.note).encode()
+
+    @classmethod
+    def parse(cls, body: bytes) -> LastResort:
+        note = json.loads(body)
+        if not isinstance(note, dict):
+            raise TypeError(f"not a JSON object: {note!r}")
+        return cls(note)
+
+
+@attrs.frozen
+class Stop:
+    """Exit."""
+
+    word: ClassVar[bytes] = b"stop"
+
+    def encode(self) -> bytes:
+        return self.word
+
+    @classmethod
+    def parse(cls, body: bytes) -> Stop:
+        return cls()
+
+
+#: A message from the handler to its watchdog.
+Message = Beat | Add | Remove | SetLimit | LastResort | Stop
+
+_BY_WORD: Final[dict[bytes, type[Message]]] = {
+    kind.word: kind for kind in (Beat, Add, Remove, SetLimit, LastResort, Stop)
+}
+
+
+def decode(data: bytes) -> Message:
+    """One packet from the handler; raises ValueError, KeyError or
+    TypeError if it is not a message (an unknown word, bad JSON, a missing
+    or wrong field)."""
+    word, _, body = data.partition(b" ")
+    kind = _BY_WORD.get(word)
+    if kind is None:
+        raise ValueError("unknown message")
+    return kind.parse(body)
+
+
+# -- the watchdog's records ----------------------------------------------------
+
+
+def encode_record(record: Mapping[str, Any]) -> str:
+    """One record of the watchdog: a line of its log and, encoded, a packet to the handler."""
+    return json.dumps(record, sort_keys=True)
+
+
+def decode_record(data: bytes) -> dict[str, Any] | None:
+    """A record the watchdog sent, or None if *data* is not one (a record
+    cut at :data:`MESSAGE_MAX`, such as an error with a long traceback)."""
+    try:
+        record = json.loads(data)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
