@@ -67,7 +67,7 @@ def main() -> int:
         sys.stdin.readline()
         time.sleep(0.2)
     events = [e.to_dict() for e in handler.events]
-    threads = {tid: useroom.Group._of_process(f"self/task/{tid}").relpath for tid in os.listdir("/proc/self/task")}
+    threads = {tid: useroom.Group.of_thread(int(tid)).relpath for tid in os.listdir("/proc/self/task")}
     print(json.dumps({"events": events, "errors": [repr(e) for e in handler.errors], "threads": threads},
                      default=str), flush=True)
     return 0

@@ -12,6 +12,7 @@ import pathlib
 import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 
 import pytest
@@ -424,14 +425,15 @@ class TestTasks:
             assert proc.stdout is not None
             tid = int(proc.stdout.readline())
             home.attach(proc.pid)
-            away.attach_thread(tid)  # type: ignore[attr-defined]
+            away.attach_thread(tid)
             assert [proc.pid] == home.procs()
-            assert away.relpath == Group._of_process(f"{proc.pid}/task/{tid}").relpath
+            assert away.relpath == Group.of_thread(tid, proc.pid).relpath
             assert home.relpath == Group.of_pid(proc.pid).relpath
             with open(os.path.join(away.path, "tasks")) as f:
                 assert [tid] == [int(line) for line in f]
             with pytest.raises(ProcessLookupError):
-                away.attach_thread(gone_pid())  # type: ignore[attr-defined]
+                away.attach_thread(gone_pid())
+            assert Group.current().relpath == Group.of_thread(threading.get_native_id()).relpath
         finally:
             proc.kill()
             proc.communicate(timeout=10)
@@ -630,6 +632,17 @@ class TestOpenFile:
         child.remove()
         with pytest.raises(GroupGone):
             child.open_file(child.limit_file, os.O_RDONLY)
+
+    def test_write_file(self, scratch_group: Group) -> None:
+        """write_file writes one control file in one write(); a plain file name only, and a
+        file the group lacks raises CgroupError with ENOENT."""
+        scratch_group.write_file(scratch_group.limit_file, str(96 * MIB))
+        assert 96 * MIB == scratch_group.limit()
+        with pytest.raises(InvalidName):
+            scratch_group.write_file("../memory.limit_in_bytes", "1")
+        with pytest.raises(CgroupError) as info:
+            scratch_group.write_file("memory.no_such_file", "1")
+        assert 2 == info.value.errno
 
 
 @pytest.mark.kernel

@@ -117,6 +117,13 @@ class TestFakeTree:
         with pytest.raises(UnsupportedKernel, match="memory.high"):
             group.set_oom_kill(False)
 
+    def test_no_thread_moves(self, tmp_path: pathlib.Path) -> None:
+        """v2's memory controller moves whole processes: attach_thread raises UnsupportedKernel."""
+        group = _fake_group(tmp_path, {})
+        assert False is group.moves_threads
+        with pytest.raises(UnsupportedKernel, match="whole processes"):
+            group.attach_thread(1)
+
     def test_no_usage_thresholds(self, tmp_path: pathlib.Path) -> None:
         """v2 has no usage thresholds: UnsupportedKernel names the alternatives."""
         with pytest.raises(UnsupportedKernel, match="PSI"):

@@ -171,7 +171,7 @@ class TestDeclaration:
         on stop every thread is back in the handled group."""
         svc = service("plain", join=True)
         assert group.parent is not None
-        assert group.parent.relpath == Group._of_process(f"{svc.pid}/task/{svc.manager_tid}").relpath
+        assert group.parent.relpath == Group.of_thread(svc.manager_tid, svc.pid).relpath
         assert group.relpath == Group.of_pid(svc.pid).relpath
         assert svc.pid in group.procs()
         assert {svc.manager_tid} <= set(_tasks(group.parent))

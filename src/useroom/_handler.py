@@ -917,11 +917,11 @@ class GroupHandler:
         declaration = probe(self.group)
         files = declaration.found
         if "delay" in files:
-            self.group._write(files["delay"], str(int(self.delay * 1000)))
+            self.group.write_file(files["delay"], str(int(self.delay * 1000)))
         if "reserve" in files and self._reserve:
-            self.group._write(files["reserve"], str(self._reserve))
+            self.group.write_file(files["reserve"], str(self._reserve))
         if "handler" in files:
-            self.group._write(files["handler"], str(self._supervisor.watcher_tid))
+            self.group.write_file(files["handler"], str(self._supervisor.watcher_tid))
         self.declaration = declaration
         return declaration
 

@@ -628,7 +628,7 @@ class _Placement:
         self._home: Group | None = None
 
     def place_for(self, supervisor: Supervisor, tids: list[int]) -> None:
-        inside = [h for h in supervisor._handlers.values() if hasattr(h.group, "attach_thread") and h._inside()]
+        inside = [h for h in supervisor._handlers.values() if h.group.moves_threads and h._inside()]
         if not inside:
             return
         home = Group.current()
@@ -639,7 +639,7 @@ class _Placement:
             # by the handler, not the manager: they are moved too.
             for tid in [*tids, *(h._runner.tid for h in supervisor._handlers.values() if h._runner)]:
                 if tid:
-                    place.attach_thread(tid)  # type: ignore[attr-defined]
+                    place.attach_thread(tid)
         except (OSError, UseroomError) as err:
             supervisor.errors.append(err)
             self.unplace()
@@ -657,8 +657,8 @@ class _Placement:
             return
         for name in os.listdir("/proc/self/task"):
             try:
-                if Group._of_process(f"self/task/{name}").relpath == place.relpath:
-                    home.attach_thread(int(name))  # type: ignore[attr-defined]
+                if Group.of_thread(int(name)).relpath == place.relpath:
+                    home.attach_thread(int(name))
             except (OSError, UseroomError):
                 pass  # the thread ended
 

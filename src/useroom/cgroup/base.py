@@ -113,6 +113,17 @@ class Group(abc.ABC):
     #: a sleep that only a fatal signal ends. A thread asleep there may hold
     #: the GIL, so the plan waits this much longer for the ``on_oom`` hooks.
     wall_sleep_max: ClassVar[float]
+    #: Whether one thread can be moved apart from its process
+    #: (:meth:`attach_thread`): v1 charges a thread's kernel allocations (open
+    #: files, pidfds, read buffers) to the thread's own group, and its
+    #: ``tasks`` file moves one thread; v2's memory controller moves whole
+    #: processes only.
+    moves_threads: ClassVar[bool]
+    #: Whether a process may join the parent of a group that has the memory
+    #: controller (where a handler inside the group places its watchdog):
+    #: any v1 group holds processes; v2's no-internal-process rule keeps
+    #: them out of a non-root parent that enables memory for its children.
+    parent_holds_processes: ClassVar[bool]
     #: Rules the kernel applies, by operation, for :class:`CgroupPermissionError`.
     permission_rules: ClassVar[Mapping[str, tuple[str, str]]] = {
         "remove": (
@@ -191,6 +202,15 @@ class Group(abc.ABC):
                 )
             raise GroupNotFound(errno.ENOENT, f"no group {relpath} in the memory hierarchy", fs_path)
         return backend_class(hierarchy.version)(fs_path, relpath, hierarchy)
+
+    @classmethod
+    def of_thread(cls, tid: int, pid: int | None = None) -> Group:
+        """The memory cgroup of thread *tid* of process *pid* (default: this
+        process), from ``/proc/<pid>/task/<tid>/cgroup``. On cgroup v1 a
+        thread can be in another group than its process (see
+        :meth:`attach_thread`). Raises :class:`ProcessGone` if there is no such thread."""
+        owner = "self" if pid is None else str(_checked_pid(pid))
+        return cls._of_process(f"{owner}/task/{_checked_pid(tid)}")
 
     @classmethod
     def _of_process(cls, pid: int | str) -> Group:
@@ -379,6 +399,15 @@ class Group(abc.ABC):
                 raise ProcessGone(f"cannot attach pid {pid} to {self._relpath}: no such process") from err
             raise self._error(err, f"attach pid {pid} to", self._file(self.procs_file), rule="attach") from err
 
+    def attach_thread(self, tid: int) -> None:
+        """Move one thread *tid* into the group, apart from its process
+        (where :attr:`moves_threads`; see the v1 backend). Raises
+        :class:`UnsupportedKernel` where a thread cannot be moved alone."""
+        raise UnsupportedKernel(
+            errno.ENOTSUP,
+            f"cannot move thread {tid} alone to {self._relpath}: this memory controller moves whole processes",
+        )
+
     # -- memory -------------------------------------------------------------
 
     def usage(self) -> int:
@@ -437,6 +466,20 @@ class Group(abc.ABC):
         except OSError as err:
             writing = flags & (os.O_WRONLY | os.O_RDWR)
             raise self._error(err, f"open {name} of", path, rule="write" if writing else "read") from err
+
+    def write_file(self, name: str, value: str) -> None:
+        """Write *value* to the control file *name* of the group in one ``write()``.
+
+        *name* must be a plain file name (:class:`InvalidName` otherwise);
+        the errno is translated as for every other operation (a
+        :class:`CgroupError`). For files this layer has no method for, such
+        as the proposed kernel interfaces a declared handler writes.
+        """
+        _check_name(name, "file name")
+        try:
+            self._write(name, value)
+        except OSError as err:
+            raise self._error(err, f"write {name} of", self._file(name), rule="write") from err
 
     # -- for backends ---------------------------------------------------------
 

@@ -59,6 +59,8 @@ class V1Group(Group):
     wall_write_checks_fit: ClassVar[bool] = True  # EBUSY below the usage
     procs_pread_relists: ClassVar[bool] = False  # the first read of each open file loads the list
     wall_sleep_max: ClassVar[float] = 0.0  # the OOM wait ends when the limit fits
+    moves_threads: ClassVar[bool] = True  # the tasks file
+    parent_holds_processes: ClassVar[bool] = True
     #: Writing "0" enables the kernel OOM killer, "1" disables it.
     oom_control_file: ClassVar[str] = "memory.oom_control"
     event_control_file: ClassVar[str] = "cgroup.event_control"

@@ -297,6 +297,8 @@ class V2Group(Group):
     wall_write_checks_fit: ClassVar[bool] = False  # memory.high takes any value
     procs_pread_relists: ClassVar[bool] = True  # cgroup_procs_start restarts at position 0
     wall_sleep_max: ClassVar[float] = 2.0  # the throttle penalty's cap
+    moves_threads: ClassVar[bool] = False  # the memory controller is a domain controller
+    parent_holds_processes: ClassVar[bool] = False  # the no-internal-process rule
     peak_file: ClassVar[str] = "memory.peak"
     events_file: ClassVar[str] = "memory.events"
     events_local_file: ClassVar[str] = "memory.events.local"
