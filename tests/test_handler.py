@@ -192,12 +192,12 @@ class TestFallbacks:
             older, newer = _hogs(spawn_hog, scratch_group, 8, 8)
             assert not _table_has(handler, {older.pid}) and not _table_has(handler, {newer.pid})
             scratch_group.set_limit("72M")  # as a grant would; the fallback restores 64M
-            handler._kill_unseen()
+            handler._grants.kill_unseen()
             assert -signal.SIGKILL == newer.wait(5)
             assert None is older.returncode
             assert 64 * MIB == scratch_group.limit()
             assert [(newer.pid, "?", "SIGKILL", 0)] == [(v.pid, v.name, v.signal, v.result)
-                                                      for v in handler._grant_actions]
+                                                      for v in handler._grants.actions]
 
     def test_kernel_is_the_last_resort(self, scratch_group: Group, spawn_hog) -> None:
         """With no victim and no reserve the plan lets the kernel OOM killer act once,
@@ -236,29 +236,29 @@ class TestLifecycle:
         first = spawn_hog(8, group=scratch_group)
         with Handler(scratch_group, KillLargest(), thresholds=(), refresh_interval=3600) as handler:
             handler._refresh(grant=False)
-            armed = handler._slot.armed_id
+            armed = handler.watched.armed_id
             first.start()
             first.expect("touched", 10)
             handler._refresh(grant=False)
             handler._refresh(grant=False)
-            assert armed == handler._slot.armed_id
+            assert armed == handler.watched.armed_id
             assert [first.pid] == [v.pid for v in handler.victims]
             spawn_hog(8, group=scratch_group)
             handler._refresh(grant=False)
-            assert armed < handler._slot.armed_id
+            assert armed < handler.watched.armed_id
             assert 2 == len(handler.victims)
 
     def test_wake_ups_in_a_burst_share_one_refresh(self, scratch_group: Group, spawn_hog) -> None:
         """Wake-ups closer than REFRESH_GAP to the last refresh are answered by one refresh at
         the gap's end: never two refreshes closer than that, and none skipped for good."""
-        from useroom import _handler
+        from useroom.handler.group import REFRESH_GAP
 
         scratch_group.set_limit("256M")
         spawn_hog(8, group=scratch_group)
         # A usage threshold far below the usage: its eventfd, written here,
         # wakes the manager for this group as a crossing would.
         with Handler(scratch_group, KillLargest(), thresholds=(0.001,), refresh_interval=3600) as handler:
-            [threshold] = handler._thresholds
+            [threshold] = handler.arming.thresholds
             times: list[float] = []
             table = handler._table
             real = table.refresh
@@ -274,8 +274,8 @@ class TestLifecycle:
                 time.sleep(0.001)
             assert wait_until(lambda: times and times[-1] > deadline - 0.001, 2)
         gaps = [b - a for a, b in zip(times, times[1:])]
-        assert 0.5 / _handler.REFRESH_GAP / 2 <= len(times) <= 0.5 / _handler.REFRESH_GAP + 2
-        assert min(gaps) >= _handler.REFRESH_GAP * 0.9
+        assert 0.5 / REFRESH_GAP / 2 <= len(times) <= 0.5 / REFRESH_GAP + 2
+        assert min(gaps) >= REFRESH_GAP * 0.9
 
     def test_protects_its_own_process(self, scratch_group: Group) -> None:
         """The handler's process is never in its victim table, even inside the group."""

@@ -21,7 +21,7 @@ import pytest
 from helpers import MIB, Hog, until_resolved, wait_until, SoloWatcher
 from useroom import Handler, KillByPriority, KillGroup, KillLargest, KillNewest, OomContext, OomEvent
 from useroom.cgroup import Group
-from useroom._handler import V2_GAP
+from useroom.handler import V2_GAP
 
 SpawnHog = Callable[..., Hog]
 EVENT_TIMEOUT = 60.0

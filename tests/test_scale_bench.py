@@ -317,7 +317,7 @@ class TestV2Limit:
     def test_the_wall_is_the_limit_on_either_version(self) -> None:
         """v1 groups get the limit itself; v2 groups get V2_GAP more in memory.max, so the handler's
         memory.high (memory.max - V2_GAP) is the limit."""
-        from useroom._handler import V2_GAP
+        from useroom.handler import V2_GAP
 
         assert (16 * MIB, 16 * MIB + V2_GAP) == (_scale.group_limit(1, 16 * MIB), _scale.group_limit(2, 16 * MIB))
 

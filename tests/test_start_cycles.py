@@ -28,7 +28,7 @@ import pytest
 
 from useroom import Handler
 from useroom.cgroup import Group
-from useroom._handler import V2_GAP
+from useroom.handler import V2_GAP
 from useroom._units import UNLIMITED
 from useroom.handler.link import WatchdogLink
 from useroom.exceptions import WatcherError

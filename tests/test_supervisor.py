@@ -19,7 +19,7 @@ import pytest
 
 from helpers import GROUP_PREFIX, Hog, destroy_group, until_resolved, wait_until
 from useroom import Group, Handler, KillLargest, KillNewest, Supervisor
-from useroom._handler import V2_GAP
+from useroom.handler import V2_GAP
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -8,8 +8,7 @@ from useroom._check import HookReport, check_hook
 from useroom.cgroup import EventRegistration, Group, OomControl, Stats
 from useroom.cgroup.v2 import FileNotifier, MemoryEvents, PressureTrigger, V2Group
 from useroom._declare import Declaration
-from useroom._handler import EventOutcome, OomEvent, StepRecord, VictimRecord
-from useroom._supervisor import Handler, Supervisor
+from useroom.handler import EventOutcome, Handler, OomEvent, StepRecord, Supervisor, VictimRecord
 from useroom._hardening import HardeningReport, lock_memory, release_memory
 from useroom._hooks import HookRecord, OomContext, PressureContext
 from useroom.policy import (

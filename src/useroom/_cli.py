@@ -17,9 +17,8 @@ from typing import Any
 import attrs
 
 from useroom.cgroup import Group
-from useroom._handler import OomEvent
+from useroom.handler import Handler, OomEvent, Supervisor
 from useroom.policy import KillGroup, KillLargest, KillNewest, Policy, RaiseLimit
-from useroom._supervisor import Handler, Supervisor
 from useroom._units import format_size, parse_size
 from useroom.watchdog import Takeover
 from useroom.watchdog import main as watchdog_main
@@ -175,7 +174,7 @@ def _demo(args: argparse.Namespace, group: Group) -> int:
 
 
 def _event_fields(data: dict[str, Any]) -> dict[str, Any]:
-    from useroom._handler import StepRecord, VictimRecord
+    from useroom.handler import StepRecord, VictimRecord
 
     fields = {k: v for k, v in data.items() if k in attrs.fields_dict(OomEvent)}
     fields["victims"] = tuple(VictimRecord(**v) for v in data["victims"])

@@ -560,7 +560,7 @@ def group_limit(version: int, limit: int) -> int:
     """
     if version == 1:
         return limit
-    from useroom._handler import V2_GAP
+    from useroom.handler import V2_GAP
 
     return limit + V2_GAP
 

@@ -1,0 +1,243 @@
+"""The headroom grant: what a group's handler does from Python while the
+plan holds the limit raised by the reserve.
+
+When the planned victims were not enough, the watcher raises the limit by
+the reserve (the tasks asleep in the OOM wake and the handler's threads can
+allocate again), writes the grant's eventfd and waits for the reply. The
+manager answers with :meth:`Grants.grant`: it refreshes the victim table (a
+task forked since the last refresh is not in the plan), kills by policy
+until the limit can be restored (other tasks may take what one victim
+freed), and replies; the plan then restores the limit. What it did becomes
+part of the episode's event (:meth:`Grants.take_actions`).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+from useroom import native
+from useroom._victims import Victim, VictimTable
+from useroom.cgroup import Group
+from useroom.handler.arming import Arming, Fd
+from useroom.handler.events import VictimRecord
+from useroom.native import EventFd
+from useroom.policy import FreezeAndDecide, FrozenContext, Policy
+
+__all__ = ["Grants"]
+
+
+class Grants:
+    """The grants of one group's handler: their eventfds (the plan's wake
+    and the handler's reply), the spare ``cgroup.procs`` fd for a refresh
+    that fails for want of memory, and what the handler did during the
+    grants of the episode in progress.
+
+    ``arming`` judges the fit; ``check_timeout`` bounds each wait for a
+    victim's exit; ``note`` and ``errors`` are the handler's (an error a
+    ``decide()`` callback raised, a choice it made that is no task of the
+    group); ``last_resort`` is called when nothing is left to kill and the
+    usage does not fit.
+    """
+
+    _table: VictimTable
+
+    def __init__(
+        self,
+        group: Group,
+        policy: Policy,
+        arming: Arming[Any],
+        *,
+        check_timeout: float,
+        note: Callable[[BaseException], None],
+        errors: list[BaseException],
+        last_resort: Callable[[], None],
+    ) -> None:
+        self.group = group
+        self.policy = policy
+        self._arming = arming
+        self._check_timeout = check_timeout
+        self._note = note
+        self._errors = errors
+        self._last_resort = last_resort
+        #: What the handler signalled from Python since the last event took them.
+        self.actions: list[VictimRecord] = []
+        self._wake: EventFd | None = None
+        self._reply: EventFd | None = None
+        self._spare_procs: Fd | None = None
+
+    def open(self, table: VictimTable) -> None:
+        """Opens the grant's eventfds; ``table`` is the handler's victim table."""
+        self._table = table
+        self._wake = EventFd()
+        self._reply = EventFd()
+
+    def close(self) -> None:
+        for fd in (self._spare_procs, self._reply, self._wake):
+            if fd is not None:
+                fd.close()
+        self._spare_procs = None
+
+    @property
+    def wake(self) -> EventFd:
+        """The eventfd the plan writes when it grants headroom."""
+        assert self._wake is not None, "opened"
+        return self._wake
+
+    @property
+    def reply(self) -> EventFd:
+        """The eventfd the handler writes when it is done."""
+        assert self._reply is not None, "opened"
+        return self._reply
+
+    def take_actions(self) -> list[VictimRecord]:
+        """What the handler signalled during grants since the last call."""
+        actions, self.actions = self.actions, []
+        return actions
+
+    def grant(self) -> None:
+        """With headroom granted: refresh, kill by policy from Python until
+        the limit can be restored (other tasks may take what one victim
+        freed), then reply."""
+        self.wake.read()
+        try:
+            try:
+                self._table.refresh()
+            except OSError as err:
+                if err.errno != errno.ENOMEM:
+                    raise
+                # The woken tasks took the headroom before this thread could
+                # open /proc: act with what needs no new file.
+                self.kill_unseen()
+                return
+            if isinstance(self.policy, FreezeAndDecide):
+                self._decide(self.policy)
+                return
+            killed = False
+            for victim, _ in self.policy.order(self._table.victims):
+                pidfd = self._table.pidfd(victim.pid)
+                if pidfd is not None and pidfd.exited:
+                    continue
+                if self._kill_now(victim, self.policy.signal) != 0:
+                    continue
+                killed = True
+                # Its memory comes back when it has exited: judge the fit
+                # then, or the next victim dies for memory already freed.
+                if self._arming.limit_fits() or (self._exited(victim) and self._arming.limit_fits()):
+                    break
+            if not killed and not self._arming.limit_fits():
+                self._last_resort()
+        finally:
+            self.reply.write(1)
+
+    def kill_unseen(self) -> None:
+        """Kill, by pid, the tasks no refresh has seen (the newest first),
+        then the table's live ones in policy order, until the limit fits.
+
+        Runs when the refresh failed with ENOMEM: it opens no file. The
+        tasks come from the spare ``cgroup.procs`` fd opened at the last
+        refresh and never read (cgroup v1 loads the task list on an fd's
+        first read; a read fd would list its first read's tasks again for a
+        second), the kill is ``kill(2)``, and the fit is tried through the
+        open limit fd. A pid is killed only if it was in the group's task
+        list read just before.
+        """
+        spare, self._spare_procs = self._spare_procs, None
+        if spare is None:
+            return
+        with spare:
+            pids = [int(p) for p in os.pread(spare.fileno(), 1 << 20, 0).split()]
+        table = self._table
+        known = {v.pid: v for v in table.victims}
+        skip = table.protect | table.dying
+        unseen = sorted((p for p in pids if p not in known and p not in skip), reverse=True)
+        ranked = [v.pid for v, _ in self.policy.order(table.victims) if v.pid in pids and v.pid not in skip]
+        deadline_step = self._check_timeout
+        for pid in [*unseen, *ranked]:
+            victim = known.get(pid)
+            try:
+                os.kill(pid, signal.SIGKILL)
+                result = 0
+            except OSError as err:
+                result = -(err.errno or errno.EIO)
+            self.actions.append(VictimRecord(pid, victim.name if victim else "?", victim.rss if victim else 0,
+                                             "SIGKILL", result, "handler"))
+            if result != 0:
+                continue
+            table.dying.add(pid)
+            deadline = time.monotonic() + deadline_step
+            while True:
+                if self._arming.limit_fits():
+                    return
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.001)  # the victim is exiting: its memory comes back
+
+    def _decide(self, policy: FreezeAndDecide) -> None:
+        """The group is stopped: ask the user's callback whom to kill."""
+        victims = {v.pid: v for v in self._table.victims}
+        ctx = FrozenContext(tuple(victims.values()), self.group.usage(), self._arming.limit)
+        try:
+            chosen = list(policy.decide(ctx))
+        except Exception as err:
+            self._note(err)
+            return
+        killed = []
+        for pid in chosen:
+            victim = victims.get(pid)
+            pidfd = self._table.pidfd(pid)
+            if victim is None or pidfd is None:
+                self._errors.append(ValueError(f"decide() chose {pid}, which is not a task of the group"))
+                continue
+            if self._kill_now(victim, signal.SIGKILL) == 0:
+                killed.append(pidfd)
+        # The plan restores the limit once this returns: let the memory come back first.
+        deadline = time.monotonic() + self._check_timeout
+        for pidfd in killed:
+            select.select([pidfd], [], [], max(0.0, deadline - time.monotonic()))
+
+    def _kill_now(self, victim: Victim, sig: int) -> int:
+        """Signals a victim from Python (headroom granted), reaps its memory
+        after SIGKILL, and records it; returns 0 or -errno."""
+        result = 0
+        pidfd = self._table.pidfd(victim.pid)
+        try:
+            if pidfd is None:
+                os.kill(victim.pid, sig)  # no pidfds: the table was refreshed just now
+            else:
+                signal.pidfd_send_signal(pidfd.fileno(), sig)
+                if native.can_use_mrelease() and sig == signal.SIGKILL:
+                    try:
+                        native.mrelease(pidfd.fileno())
+                    except OSError:
+                        pass  # it exited already: its memory is back
+        except OSError as err:
+            result = -(err.errno or errno.EIO)
+        self.actions.append(VictimRecord(victim.pid, victim.name, victim.rss, signal.Signals(sig).name,
+                                         result, "handler"))
+        if result == 0 and sig == signal.SIGKILL:
+            self._table.dying.add(victim.pid)
+        return result
+
+    def renew_spare_procs(self) -> None:
+        """Keeps one unread ``cgroup.procs`` fd for :meth:`kill_unseen`."""
+        if self._spare_procs is not None and not self._spare_procs.closed:
+            return
+        try:
+            self._spare_procs = Fd(self.group.open_file(self.group.procs_file, os.O_RDONLY))
+        except OSError:
+            self._spare_procs = None
+
+    def _exited(self, victim: Victim) -> bool:
+        """Waits up to ``check_timeout`` for a signalled victim to exit;
+        True if it did (false at once without a pidfd to wait on)."""
+        pidfd = self._table.pidfd(victim.pid)
+        if pidfd is None:
+            return False
+        ready, _, _ = select.select([pidfd], [], [], self._check_timeout)
+        return bool(ready)

@@ -1,0 +1,118 @@
+"""The one watchdog process of a supervisor, and the groups it guards."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from useroom.cgroup import Group
+from useroom.handler.group import GroupHandler
+from useroom.handler.host import ProcessOptions
+from useroom.handler.link import WatchdogLink
+from useroom.watchdog.protocol import Takeover
+
+__all__ = ["Guardian"]
+
+
+class Guardian:
+    """The one watchdog process of a supervisor: started with the groups
+    that need it, told of groups added and removed, restarted if it dies;
+    if it cannot be, each group it guarded is guarded without it
+    (:meth:`GroupHandler.watchdog_lost`).
+
+    ``place`` is where the watchdog runs (None: this process's group);
+    ``watcher_tid`` and ``manager_tid`` are the supervisor's threads it
+    watches; ``protect`` is called with the pid of each watchdog spawned
+    (never a victim), ``note`` with an error survived, ``changed`` once the
+    watchdog runs (its socket and pidfd are new).
+    """
+
+    def __init__(
+        self,
+        place: Group | None,
+        options: ProcessOptions,
+        *,
+        watcher_tid: int,
+        manager_tid: int,
+        protect: Callable[[int], None],
+        note: Callable[[BaseException], None],
+        changed: Callable[[], None],
+    ) -> None:
+        self._protect_pid = protect
+        self._note = note
+        self._changed = changed
+        self._guarded: dict[GroupHandler, None] = {}  # in the order they were added
+        self.link: WatchdogLink | None = WatchdogLink(
+            place, delay=options.delay,
+            handler_tids=[t for t in (watcher_tid,) if t],
+            helper_tids=[t for t in (manager_tid,) if t],
+            heartbeat_timeout=options.heartbeat_timeout, log=options.watchdog_log,
+            spawned=protect,
+        )
+
+    def add(self, handler: GroupHandler) -> None:
+        if self.link is not None:
+            arming = handler.arming
+            self.link.add(handler.group, limit=arming.limit, kill_enabled=arming.kill_enabled, saved=arming.saved)
+            self._guarded[handler] = None
+
+    def remove(self, handler: GroupHandler) -> None:
+        if self.link is not None and handler in self._guarded:
+            self.link.remove(handler.group)
+            del self._guarded[handler]
+
+    def guards(self, handler: GroupHandler) -> bool:
+        """Whether the watchdog guards the group of ``handler``."""
+        return handler in self._guarded
+
+    def set_limit(self, handler: GroupHandler, limit: int) -> None:
+        if self.link is not None and handler in self._guarded:
+            self.link.set_limit(handler.group, limit)
+
+    def start(self) -> None:
+        assert self.link is not None
+        self.link.start()
+        self._protect()
+        self._changed()
+
+    def _protect(self) -> None:
+        link = self.link
+        if link is not None and link.pid is not None:
+            self._protect_pid(link.pid)
+
+    def beat(self) -> None:
+        if self.link is not None:
+            self.link.beat()
+
+    def send(self, message: bytes) -> None:
+        if self.link is not None:
+            self.link.send(message)
+
+    def receive(self) -> list[Takeover]:
+        return self.link.receive() if self.link is not None else []
+
+    def restart(self) -> None:
+        """The watchdog died: start it again, or guard each group without it."""
+        link = self.link
+        if link is None:
+            return
+        link.reap()
+        try:
+            link.start()
+            link.restarts += 1
+            link.history.append({"event": "watchdog-restarted", "pid": link.pid, "at_ns": time.monotonic_ns()})
+            self._protect()
+        except Exception as err:
+            self._note(err)
+            self.link = None
+            lost, self._guarded = list(self._guarded), {}
+            for handler in lost:
+                handler.watchdog_lost(err)
+
+    def stop(self) -> list[Takeover]:
+        link, self.link = self.link, None
+        if link is None:
+            return []
+        takeovers = link.receive()
+        link.stop()
+        return takeovers

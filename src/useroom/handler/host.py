@@ -1,0 +1,69 @@
+"""What a supervisor gives each group it serves: the process-wide options
+(:class:`ProcessOptions`) and a :class:`Host`, the supervisor's side of the
+boundary between them. The group's side is the section "served by a
+supervisor" of :class:`~useroom.handler.group.GroupHandler`."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import attrs
+
+from useroom._units import parse_duration
+from useroom.cgroup import Group
+from useroom.handler.link import WatchdogLink
+from useroom.watchdog.process import DEFAULT_DELAY
+
+__all__ = ["Host", "ProcessOptions"]
+
+
+@attrs.frozen
+class ProcessOptions:
+    """What a process that handles OOMs sets once, for every group it
+    serves: the watchdog's ``delay`` and its other settings, and the
+    hardening (see :class:`~useroom.Handler`)."""
+
+    delay: float = attrs.field(default=DEFAULT_DELAY, converter=parse_duration)
+    harden: bool = True
+    mlockall: bool = False
+    watchdog: bool = True
+    watchdog_group: Group | None = None
+    watchdog_log: str | None = None
+    heartbeat_timeout: float = attrs.field(default=5.0)
+
+    @heartbeat_timeout.validator
+    def _check_heartbeat(self, _: object, value: float) -> None:
+        if not value > 0:
+            raise ValueError(f"heartbeat_timeout must be > 0 seconds, not {value!r}")
+
+
+class Host(Protocol):
+    """What a supervisor gives each group it serves: the supervisor's side
+    of the boundary between them. (The group's side is the section "served
+    by a supervisor" of :class:`~useroom.handler.group.GroupHandler`.)"""
+
+    @property
+    def key(self) -> int:
+        """The group's key in the supervisor (its fds' epoll data in the manager's set)."""
+
+    @property
+    def supervisor(self) -> Any:
+        """The :class:`~useroom.Supervisor` (typed loosely: its module imports this one)."""
+
+    @property
+    def watcher_tid(self) -> int:
+        """The native watcher thread's id while it runs, else 0."""
+
+    @property
+    def watcher_running(self) -> bool:
+        """Whether the native watcher thread runs."""
+
+    @property
+    def watchdog(self) -> WatchdogLink | None:
+        """The watchdog process guarding this group, or None."""
+
+    def collect(self) -> None:
+        """Reads the watcher's new records and routes each to its group (this one's to ``GroupHandler.deliver``)."""
+
+    def guard_limit(self, limit: int) -> None:
+        """Tells the watchdog the limit this group holds now (restored if the process dies with a grant open)."""
