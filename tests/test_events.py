@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from useroom import KillNewest, _native
-from useroom._policy import CompiledPlan, Phase, PlanContext, StepTag
+from useroom import KillNewest, native
+from useroom.policy import CompiledPlan, Phase, PlanContext, StepTag
 from useroom._units import UNLIMITED
 from useroom._victims import Victim
 from useroom.cgroup import Group, V1Group, V2Group
@@ -18,7 +18,7 @@ from useroom.handler.events import episode_event, grant_acted, grant_left_open
 from useroom.handler.group import GroupHandler
 
 MIB = 1 << 20
-VICTIMS = (Victim(11, "small", 10 * MIB, 1.0, 1000, None), Victim(13, "new", 20 * MIB, 3.0, 1000, None))
+VICTIMS = (Victim(11, "small", 10 * MIB, 1.0, 1000), Victim(13, "new", 20 * MIB, 3.0, 1000))
 NOTIFIED = 1_000_000
 
 
@@ -29,12 +29,12 @@ def _plan() -> CompiledPlan:
     return KillNewest().compile(ctx)
 
 
-def _record(plan: CompiledPlan, results: dict[int, int], outcome: _native.Outcome, resolved_at: int = 0,
-            **fields: Any) -> _native.EventRecord:
+def _record(plan: CompiledPlan, results: dict[int, int], outcome: native.Outcome, resolved_at: int = 0,
+            **fields: Any) -> native.EventRecord:
     """The watcher's record of an episode that ran the actions ``results`` (index -> result), 1 µs apart
     from 1 µs after the notification."""
     steps = tuple(
-        _native.Step(i, plan.plan.actions[i].kind, result, NOTIFIED + 1000 * n, NOTIFIED + 1000 * n + 500)
+        native.Step(i, plan.plan.actions[i].kind, result, NOTIFIED + 1000 * n, NOTIFIED + 1000 * n + 500)
         for n, (i, result) in enumerate(sorted(results.items()), start=1)
     )
     base: dict[str, Any] = dict(seq=1, group=0, episode=7, source=0, outcome=outcome, count=1,
@@ -42,7 +42,7 @@ def _record(plan: CompiledPlan, results: dict[int, int], outcome: _native.Outcom
                                 resolved_ns=NOTIFIED + resolved_at if resolved_at else 0,
                                 plan_id=3, plan_slot=0, steps=steps)
     base.update(fields)
-    return _native.EventRecord(**base)
+    return native.EventRecord(**base)
 
 
 class TestEpisodeEvent:
@@ -50,7 +50,7 @@ class TestEpisodeEvent:
         """A victim of the plan resolves the episode: its step names it, the event's victim is
         the plan's, and the kill phase resolved it; the limit is the one given."""
         plan = _plan()
-        record = _record(plan, {0: 0, 1: 1}, _native.Outcome.RESOLVED, resolved_at=1600)
+        record = _record(plan, {0: 0, 1: 1}, native.Outcome.RESOLVED, resolved_at=1600)
         event = episode_event(record, plan, (), (), 64 * MIB)
         assert (7, EventOutcome.RESOLVED, Phase.KILL, False) == (event.seq, event.outcome, event.resolved_by,
                                                                  event.fallback)
@@ -63,7 +63,7 @@ class TestEpisodeEvent:
         """An episode that reached the grant takes what the handler did meanwhile, after the
         plan's victims; the grant restored the limit, so none is left open."""
         plan = _plan()
-        record = _record(plan, {0: 0, 1: 0, 2: 0, 3: 0, 4: 0, 5: 0, 6: 0, 7: 0}, _native.Outcome.RESOLVED,
+        record = _record(plan, {0: 0, 1: 0, 2: 0, 3: 0, 4: 0, 5: 0, 6: 0, 7: 0}, native.Outcome.RESOLVED,
                          resolved_at=7600)
         assert grant_acted(record, plan)
         handler_kill = VictimRecord(21, "?", 0, "SIGKILL", 0, "handler")
@@ -76,20 +76,20 @@ class TestEpisodeEvent:
     def test_a_grant_left_open(self) -> None:
         """A grant whose restore failed is left open (the handler restores it later)."""
         plan = _plan()
-        record = _record(plan, {4: 0, 5: 0, 6: 0, 7: -16}, _native.Outcome.RELIEVED)
+        record = _record(plan, {4: 0, 5: 0, 6: 0, 7: -16}, native.Outcome.RELIEVED)
         event = episode_event(record, plan, (), (), 64 * MIB)
         assert (EventOutcome.RELIEVED, None, True) == (event.outcome, event.resolved_by, grant_left_open(event))
 
     def test_a_kill_only_episode_takes_no_grant_actions(self) -> None:
         """Without a grant phase the handler's actions wait for the episode that has one."""
         plan = _plan()
-        assert False is grant_acted(_record(plan, {0: 0, 1: 1}, _native.Outcome.RESOLVED), plan)
+        assert False is grant_acted(_record(plan, {0: 0, 1: 1}, native.Outcome.RESOLVED), plan)
 
     def test_a_plan_no_longer_known(self) -> None:
         """A record of a plan armed long before: the steps stand without explanations or
         phases, and no victim is named."""
         plan = _plan()
-        record = _record(plan, {0: 0, 1: 1}, _native.Outcome.RESOLVED, resolved_at=1600)
+        record = _record(plan, {0: 0, 1: 1}, native.Outcome.RESOLVED, resolved_at=1600)
         event = episode_event(record, None, (), (), 64 * MIB)
         assert [("SIGNAL_PID", "", None)] == [(s.kind, s.explanation, s.phase) for s in event.steps][:1]
         assert ((), None, "nothing", False) == (event.victims, event.resolved_by, event.action,
