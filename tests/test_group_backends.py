@@ -14,7 +14,7 @@ from collections.abc import Callable
 import pytest
 
 from helpers import MIB, Hog, run_as, wait_until
-from useroom.cgroup import Group, backend_class
+from useroom.cgroup import Group, Notifier, backend_class
 from useroom._units import UNLIMITED
 from useroom.exceptions import CgroupPermissionError, GroupBusy, GroupExists, GroupGone, ProcessGone
 
@@ -76,6 +76,18 @@ class TestBothBackends:
         hog.start()
         assert -9 == hog.wait(EVENT_TIMEOUT)
         assert wait_until(lambda: scratch_group.oom_control().oom_kill == 1, EVENT_TIMEOUT)
+
+    def test_oom_notifier_fires_at_the_oom(self, scratch_group: Group, spawn_hog: SpawnHog) -> None:
+        """Either backend's OOM notifier is a Notifier: quiet until the group hits its limit, then ready."""
+        scratch_group.set_limit("32M")
+        with scratch_group.oom_notifier() as notifier:
+            assert isinstance(notifier, Notifier)
+            assert not notifier.wait(0)
+            hog = spawn_hog(64, scratch_group, False)
+            hog.start()
+            assert notifier.wait(EVENT_TIMEOUT)
+            assert -9 == hog.wait(EVENT_TIMEOUT)
+        assert notifier.closed
 
     def test_create_without_permission(self, scratch_group: Group) -> None:
         """Creating a child without write permission on the directory raises CgroupPermissionError."""

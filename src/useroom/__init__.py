@@ -5,7 +5,7 @@ is out of memory. See the documentation for the design and the rules.
 """
 
 from useroom._check import HookReport, check_hook
-from useroom.cgroup import EventRegistration, Group, OomControl, Stats
+from useroom.cgroup import EventRegistration, Group, Notifier, OomControl, Stats
 from useroom.cgroup.v2 import FileNotifier, MemoryEvents, PressureTrigger, V2Group
 from useroom._declare import Declaration
 from useroom.handler import EventOutcome, Handler, OomEvent, StepRecord, Supervisor, VictimRecord
@@ -83,6 +83,7 @@ __all__ = [
     "MemoryLockError",
     "MoveToOverflow",
     "NotAMemoryCgroup",
+    "Notifier",
     "OomContext",
     "OomControl",
     "OomEvent",

@@ -43,7 +43,7 @@ from useroom._mounts import (
     read_text,
 )
 from useroom._units import parse_size
-from useroom.cgroup.notify import EventRegistration
+from useroom.cgroup.notify import EventRegistration, Notifier
 from useroom.cgroup.values import OomControl, Stats
 from useroom.exceptions import (
     CgroupError,
@@ -443,8 +443,10 @@ class Group(abc.ABC):
         """
 
     @abc.abstractmethod
-    def oom_notifier(self) -> EventRegistration:
-        """An eventfd signalled each time the group hits an OOM."""
+    def oom_notifier(self) -> Notifier:
+        """A notifier that fires each time the group hits an OOM (v1 an
+        eventfd on ``memory.oom_control``; v2 ``memory.events``, whose
+        ``oom`` and ``oom_kill`` counters say what happened)."""
 
     @abc.abstractmethod
     def usage_threshold(self, size: str | int) -> EventRegistration:

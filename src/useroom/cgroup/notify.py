@@ -1,4 +1,5 @@
-"""The v1 event notifier: an eventfd registered on a control file."""
+"""Notifiers: what every backend's notifications offer (:class:`Notifier`),
+and the v1 one, an eventfd registered on a control file."""
 
 from __future__ import annotations
 
@@ -6,10 +7,31 @@ import os
 import select
 import sys
 import warnings
+from typing import Protocol, runtime_checkable
 
 from useroom._fd import OwnedFd
 
-__all__ = ["EventRegistration"]
+__all__ = ["EventRegistration", "Notifier"]
+
+
+@runtime_checkable
+class Notifier(Protocol):
+    """A group's notification, as every backend gives it: an fd that
+    becomes readable (v1: an eventfd, ``POLLIN``) or signals a change (v2:
+    a control file, ``POLLPRI``), for ``select``/``epoll`` or the native
+    watcher; what a notification carries is the backend's own (a count on
+    v1, the file's new text on v2)."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    def fileno(self) -> int: ...
+
+    def close(self) -> None: ...
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until it has fired, without consuming it; False if *timeout* passes first."""
+        ...
 
 
 class _Fd(OwnedFd):

@@ -592,7 +592,7 @@ class V2Group(Group):
             "hold memory.high below memory.max instead (set_high), where tasks are throttled, never killed",
         )
 
-    def oom_notifier(self) -> FileNotifier:  # type: ignore[override]
+    def oom_notifier(self) -> FileNotifier:
         """A :class:`FileNotifier` on ``memory.events``: its ``oom``/``oom_kill`` counters say what happened."""
         return self.events_notifier()
 
