@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import os
 import pathlib
+import select
 import stat
 import subprocess
 import sys
@@ -561,6 +562,21 @@ class TestOomNotifier:
         child.remove()
         with pytest.raises(GroupGone):
             child.oom_notifier()
+
+    @pytest.mark.timeout(60)
+    def test_counter_adds_the_notifications(self, scratch_group: Group, spawn_hog: SpawnHog) -> None:
+        """The OOM counter is the eventfd, polled for POLLIN: with the killer off, a hog asleep in
+        the OOM counts, and the next update adds to the count."""
+        oom_trap(scratch_group)
+        with scratch_group.oom_counter() as counter:
+            assert select.POLLIN == counter.poll_events
+            hog = spawn_hog(200, scratch_group)
+            hog.start()
+            assert select.select([counter], [], [], EVENT_TIMEOUT)[0]
+            first = counter.update()
+            assert 1 <= first and scratch_group.oom_control().under_oom
+            os.eventfd_write(counter.fileno(), 2)  # as if the kernel notified twice more
+            assert first + 2 <= counter.update()
 
 
 @pytest.mark.kernel

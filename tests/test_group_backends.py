@@ -9,6 +9,7 @@ test_cgroup_v1.py and test_cgroup_v2.py.
 from __future__ import annotations
 
 import os
+import select
 from collections.abc import Callable
 
 import pytest
@@ -95,3 +96,30 @@ class TestBothBackends:
             run_as(NOBODY, lambda: Group.open(scratch_group.path).create_child("a"))
         assert info.value.rule and info.value.advice
         assert [] == scratch_group.children()
+
+    def test_oom_counter_starts_quiet(self, scratch_group: Group) -> None:
+        """A fresh OOM counter is 0 and not ready; an update without a change raises TimeoutError; closed,
+        it has no fd."""
+        counter = scratch_group.oom_counter()
+        with counter:
+            poller = select.poll()
+            poller.register(counter, counter.poll_events)
+            assert (0, []) == (counter.count, poller.poll(0))
+            with pytest.raises(TimeoutError):
+                counter.update()
+            assert 0 == counter.count
+        counter.close()  # again: nothing happens
+        with pytest.raises(ValueError):
+            counter.fileno()
+
+    def test_oom_counter_counts_a_kernel_kill(self, scratch_group: Group, spawn_hog: SpawnHog) -> None:
+        """A hog over the limit (the kernel killer on) makes the counter ready, and the update counts it."""
+        scratch_group.set_limit("32M")
+        with scratch_group.oom_counter() as counter:
+            hog = spawn_hog(64, scratch_group, False)
+            hog.start()
+            assert -9 == hog.wait(EVENT_TIMEOUT)
+            poller = select.poll()
+            poller.register(counter, counter.poll_events)
+            assert poller.poll(round(EVENT_TIMEOUT * 1000))
+            assert 1 <= counter.update() == counter.count

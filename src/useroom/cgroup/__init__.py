@@ -11,7 +11,7 @@ base never imports a backend and a backend only imports the base.
 from __future__ import annotations
 
 from useroom.cgroup.base import Group, backend_class
-from useroom.cgroup.notify import EventRegistration, Notifier
+from useroom.cgroup.notify import EventRegistration, Notifier, OomCounter
 from useroom.cgroup.values import OomControl, Stats, parse_key_values
 from useroom.cgroup.v1 import V1Group
 from useroom.cgroup.v2 import FileNotifier, MemoryEvents, PressureTrigger, V2Group
@@ -23,6 +23,7 @@ __all__ = [
     "MemoryEvents",
     "Notifier",
     "OomControl",
+    "OomCounter",
     "PressureTrigger",
     "Stats",
     "V1Group",

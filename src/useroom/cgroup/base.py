@@ -43,7 +43,7 @@ from useroom._mounts import (
     read_text,
 )
 from useroom._units import parse_size
-from useroom.cgroup.notify import EventRegistration, Notifier
+from useroom.cgroup.notify import EventRegistration, Notifier, OomCounter
 from useroom.cgroup.values import OomControl, Stats
 from useroom.exceptions import (
     CgroupError,
@@ -636,6 +636,13 @@ class Group(abc.ABC):
         return CgroupPermissionError(
             err.errno or 0, f"cannot kill pid {pid} of {self._relpath}", self._path, rule=_KILL_RULE, advice=_KILL_ADVICE
         )
+
+    # -- version-neutral views ------------------------------------------------
+
+    @abc.abstractmethod
+    def oom_counter(self) -> OomCounter:
+        """Count the group's OOMs from now on, with the backend's own
+        notification (see :class:`OomCounter`)."""
 
 
 def backend_class(version: int) -> type[Group]:

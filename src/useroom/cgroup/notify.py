@@ -3,15 +3,16 @@ and the v1 one, an eventfd registered on a control file."""
 
 from __future__ import annotations
 
+import abc
 import os
 import select
 import sys
 import warnings
-from typing import Protocol, runtime_checkable
+from typing import ClassVar, Protocol, runtime_checkable
 
 from useroom._fd import OwnedFd
 
-__all__ = ["EventRegistration", "Notifier"]
+__all__ = ["EventRegistration", "Notifier", "OomCounter"]
 
 
 @runtime_checkable
@@ -133,3 +134,43 @@ class EventRegistration:
                 warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self, stacklevel=1)
             finally:
                 self.close()
+
+
+class OomCounter(abc.ABC):
+    """How many OOMs a group has had since the counter was made (:meth:`Group.oom_counter`).
+
+    Poll :meth:`fileno` for :attr:`poll_events`; once it is ready,
+    :meth:`update` reads what changed and returns :attr:`count`. What
+    counts as one OOM is the kernel's notion: a notification on v1, the
+    ``oom`` field of ``memory.events`` on v2 (see the backends). It owns its
+    notifier: close it with :meth:`close` or a ``with`` block.
+    """
+
+    #: The poll(2) events of :meth:`fileno` that say the count may have changed.
+    poll_events: ClassVar[int]
+
+    def __init__(self) -> None:
+        #: The group's OOMs since the counter was made, as of the last :meth:`update`.
+        self.count = 0
+
+    @abc.abstractmethod
+    def fileno(self) -> int:
+        """The fd to poll for :attr:`poll_events`; raises ValueError once closed."""
+
+    @abc.abstractmethod
+    def update(self) -> int:
+        """Read what changed since the last update and return :attr:`count`.
+
+        Call it once :meth:`fileno` polled ready: it does not wait, and
+        raises TimeoutError if nothing changed.
+        """
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Close the notifier; safe to call again."""
+
+    def __enter__(self) -> OomCounter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -31,11 +31,12 @@ from __future__ import annotations
 import errno
 import os
 import pwd
+import select
 from collections.abc import Mapping
 from typing import ClassVar, Final
 
 from useroom.cgroup.base import Group
-from useroom.cgroup.notify import EventRegistration
+from useroom.cgroup.notify import EventRegistration, OomCounter
 from useroom.cgroup.values import OomControl
 from useroom._units import UNLIMITED, format_size, parse_size
 from useroom.exceptions import CgroupError, CgroupPermissionError, InvalidSize, LimitBelowUsage, ProcessGone
@@ -223,6 +224,10 @@ class V1Group(Group):
         except Exception:  # only decorates a message; the EBUSY is what matters
             return "unknown"
 
+    def oom_counter(self) -> OomCounter:
+        """The notifications of :meth:`oom_notifier`, counted (see :class:`_EventfdOomCounter`)."""
+        return _EventfdOomCounter(self.oom_notifier())
+
 
 def _user_text(uid: int) -> str:
     try:
@@ -245,3 +250,26 @@ def _owner_text(pid: int) -> str:
     except (OSError, ValueError):
         pass
     return "owner unknown"
+
+
+class _EventfdOomCounter(OomCounter):
+    """v1: an eventfd registered on ``memory.oom_control``, which the kernel
+    signals at every OOM of the group, its killer on or off (each task's
+    failed charge: tasks that fail together count each); the count is the
+    sum of the eventfd's counters."""
+
+    poll_events: ClassVar[int] = select.POLLIN
+
+    def __init__(self, registration: EventRegistration) -> None:
+        super().__init__()
+        self._registration = registration
+
+    def fileno(self) -> int:
+        return self._registration.fileno()
+
+    def update(self) -> int:
+        self.count += self._registration.read(0)
+        return self.count
+
+    def close(self) -> None:
+        self._registration.close()

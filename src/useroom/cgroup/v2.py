@@ -48,7 +48,7 @@ from typing import ClassVar, Final, Literal
 import attrs
 
 from useroom.cgroup.base import Group
-from useroom.cgroup.notify import EventRegistration
+from useroom.cgroup.notify import EventRegistration, OomCounter
 from useroom.cgroup.values import OomControl, parse_key_values
 from useroom._fd import OwnedFd
 from useroom._units import UNLIMITED, format_size, parse_size
@@ -683,3 +683,35 @@ class V2Group(Group):
                     state_name = "frozen" if frozen else "thawed"
                     raise TimeoutError(f"{self.relpath} was not reported {state_name} within {timeout} s")
                 notifier.wait(left)
+
+    def oom_counter(self) -> OomCounter:
+        """``memory.events``' ``oom`` from now on (see :class:`_EventsOomCounter`)."""
+        return _EventsOomCounter(self.events_notifier())
+
+
+class _EventsOomCounter(OomCounter):
+    """v2: ``memory.events``, polled for ``POLLPRI`` (a change of any of its
+    counters, ``high`` among them) and read again; the count is its ``oom``
+    field (``memory.max`` reached and reclaim failed) less what it was when
+    the counter was made."""
+
+    poll_events: ClassVar[int] = select.POLLPRI
+
+    def __init__(self, notifier: FileNotifier) -> None:
+        super().__init__()
+        self._notifier = notifier
+        try:
+            self._base = MemoryEvents.from_text(notifier.text).oom
+        except BaseException:
+            notifier.close()
+            raise
+
+    def fileno(self) -> int:
+        return self._notifier.fileno()
+
+    def update(self) -> int:
+        self.count = MemoryEvents.from_text(self._notifier.read(0)).oom - self._base
+        return self.count
+
+    def close(self) -> None:
+        self._notifier.close()
