@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from helpers import destroy_group
+from helpers import MIB, destroy_group
+from useroom._mounts import memory_hierarchy
 from useroom.bench.__main__ import main
 from useroom.bench._deadlock import (
     Block,
@@ -28,7 +29,15 @@ from useroom.bench._deadlock import (
 )
 from useroom.bench._handlers import HandlerReport
 from useroom.bench._report import percentile
-from useroom.bench._sandbox import BenchError, OomControl, own_memcg
+from useroom.bench._sandbox import (
+    BenchError,
+    Child,
+    OomControl,
+    V1ScratchGroup,
+    V2ScratchGroup,
+    own_memcg,
+    scratch_kind,
+)
 
 BENCH = [sys.executable, "-m", "useroom.bench", "deadlock"]
 GROUP_PREFIX = "useroom-bench."
@@ -158,6 +167,37 @@ class TestFigures:
     def test_oom_control_parse(self) -> None:
         """The three lines of memory.oom_control."""
         assert OomControl(True, False, 3) == OomControl.parse("oom_kill_disable 1\nunder_oom 0\noom_kill 3\n")
+
+
+class TestSandbox:
+    def test_each_version_has_its_scratch_group(self) -> None:
+        """Each cgroup version has its scratch group, and the machine's is its hierarchy's."""
+        assert (V1ScratchGroup, V2ScratchGroup) == (scratch_kind(1), scratch_kind(2))
+        assert memory_hierarchy().version == scratch_kind().version
+
+    def test_the_hard_limit_that_puts_the_wall(self) -> None:
+        """v1: the wall is the hard limit; v2: memory.max is the gap above the wall (memory.high)."""
+        assert (64 * MIB, 80 * MIB) == (V1ScratchGroup.backstop(64 * MIB, 16 * MIB),
+                                        V2ScratchGroup.backstop(64 * MIB, 16 * MIB))
+
+    def test_a_child_owns_its_pidfd_until_reaped(self) -> None:
+        """A child polls readable through its pidfd once it has exited; reaping closes the pidfd."""
+        popen = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+        child = Child.adopt(popen.pid, popen)
+        try:
+            assert (False, []) == (child.exited(), select.select([child], [], [], 0)[0])
+            assert popen.stdin is not None
+            popen.stdin.close()
+            assert child.pidfd.exited(30)
+            assert [child] == select.select([child], [], [], 0)[0]
+            assert child.wait(30) and 0 == child.exit_code
+            assert child.pidfd.closed
+            with pytest.raises(ValueError):
+                child.fileno()
+            child.kill()  # reaped: nothing to signal
+        finally:
+            child.kill()
+            child.wait(30)
 
 
 @pytest.fixture

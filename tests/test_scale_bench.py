@@ -22,7 +22,7 @@ import pytest
 
 import useroom
 from useroom.bench import _scale
-from useroom.bench._sandbox import own_memcg
+from useroom.bench._sandbox import V1ScratchGroup, V2ScratchGroup, own_memcg
 from useroom.bench._scale import KIB, MIB, ScaleConfig, below_goal, render, summarize
 
 BENCH = [sys.executable, "-m", "useroom.bench", "scale"]
@@ -319,7 +319,8 @@ class TestV2Limit:
         memory.high (memory.max - V2_GAP) is the limit."""
         from useroom.handler import V2_GAP
 
-        assert (16 * MIB, 16 * MIB + V2_GAP) == (_scale.group_limit(1, 16 * MIB), _scale.group_limit(2, 16 * MIB))
+        assert (16 * MIB, 16 * MIB + V2_GAP) == (V1ScratchGroup.backstop(16 * MIB, V2_GAP),
+                                                 V2ScratchGroup.backstop(16 * MIB, V2_GAP))
 
 
 @pytest.mark.cgroup2

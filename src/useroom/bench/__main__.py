@@ -114,11 +114,11 @@ def _parser() -> argparse.ArgumentParser:
 def _deadlock_main(argv: list[str], out: TextIO, err: TextIO) -> int:
     from useroom.bench._deadlock import Config, check_available, default_variants, run
     from useroom.bench._report import machine_facts, render, summarize, to_json
-    from useroom.bench._sandbox import BenchError, cgroup_version, own_memcg
+    from useroom.bench._sandbox import BenchError, own_memcg, scratch_kind
 
     args = _parser().parse_args(argv)
-    version = cgroup_version()
-    chosen = tuple(dict.fromkeys(name for group in (args.variants or [list(default_variants(version))])
+    killer_switch = scratch_kind().killer_switch
+    chosen = tuple(dict.fromkeys(name for group in (args.variants or [list(default_variants(killer_switch))])
                                  for name in group))
     try:
         config = Config(
@@ -127,7 +127,7 @@ def _deadlock_main(argv: list[str], out: TextIO, err: TextIO) -> int:
             limit=args.limit, workers=args.workers, worker_size=args.worker_size, reserve=args.reserve,
             deadlock_after=args.deadlock_after, block=args.block, naive_pick=args.naive_pick,
         )
-        missing = check_available(config.variants, version)
+        missing = check_available(config.variants, killer_switch)
         if missing:
             print("cannot run the requested variants:", file=err)
             for reason in missing:

@@ -207,15 +207,16 @@ class Run:
 V1_ONLY: Final = ("naive", "no-handler")
 
 
-def default_variants(version: int) -> tuple[str, ...]:
-    """The default variants on this cgroup version."""
-    return tuple(name for name in DEFAULT_VARIANTS if version == 1 or name not in V1_ONLY)
+def default_variants(killer_switch: bool) -> tuple[str, ...]:
+    """The default variants where the kernel killer has a switch (v1), or has none (v2)."""
+    return tuple(name for name in DEFAULT_VARIANTS if killer_switch or name not in V1_ONLY)
 
 
-def check_available(variants: tuple[str, ...], version: int = 1) -> list[str]:
-    """Return, for each requested variant that cannot run here, why not."""
+def check_available(variants: tuple[str, ...], killer_switch: bool = True) -> list[str]:
+    """Return, for each requested variant that cannot run here, why not (*killer_switch*: see
+    :attr:`ScratchGroup.killer_switch`)."""
     reasons = []
-    if version == 2:
+    if not killer_switch:
         reasons += [f"{name}: needs cgroup v1's oom_kill_disable (on v2 nobody waits in an OOM)"
                     for name in variants if name in V1_ONLY]
     if "useroom-inprocess" in variants:
@@ -522,7 +523,7 @@ def _status_text(handler: HandlerProcess) -> str:
     if status.killed_by is not None:
         return f" (killed by signal {status.killed_by})"
     if status.exit_code is not None:
-        return f" (exit code {status.exit_code}){handler._tail_text()}"
+        return f" (exit code {status.exit_code}){handler.tail_text()}"
     return ""
 
 

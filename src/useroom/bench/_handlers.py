@@ -114,12 +114,12 @@ class HandlerProcess:
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([fd], [], [], left)[0]:
                 raise BenchError(f"handler {self.argv[1:4]} printed no 'ready' within {timeout:g} s"
-                                 f"{self._tail_text()}")
+                                 f"{self.tail_text()}")
             chunk = os.read(fd, 65536)
             if not chunk:
                 self.child.wait(5.0)
                 raise BenchError(f"handler {self.argv[1:4]} exited before 'ready' "
-                                 f"(status {self.child.status}){self._tail_text()}")
+                                 f"(status {self.child.status}){self.tail_text()}")
             self.output += chunk
         self.ready_ns = time.monotonic_ns()
         os.set_blocking(fd, False)
@@ -166,7 +166,7 @@ class HandlerProcess:
                     return HandlerReport(summary=json.loads(line))
                 except ValueError:
                     break
-        return HandlerReport(problem=f"no summary line on stdout{self._tail_text()}")
+        return HandlerReport(problem=f"no summary line on stdout{self.tail_text()}")
 
     def report_from_file(self) -> HandlerReport:
         """The useroom handlers' JSON events file."""
@@ -175,7 +175,7 @@ class HandlerProcess:
             with open(self.events_path, "rb") as file:
                 data = json.load(file)
         except (OSError, ValueError) as err:
-            return HandlerReport(problem=f"could not read {self.events_path}: {err}{self._tail_text()}")
+            return HandlerReport(problem=f"could not read {self.events_path}: {err}{self.tail_text()}")
         return HandlerReport.from_json(data)
 
     def stderr_tail(self) -> str:
@@ -187,7 +187,8 @@ class HandlerProcess:
         except OSError:
             return ""
 
-    def _tail_text(self) -> str:
+    def tail_text(self) -> str:
+        """The end of the handler's stderr, to quote in a problem ("" if it wrote none)."""
         lines = self.stderr_tail().strip().splitlines()[-_TAIL_LINES:]
         return "; its stderr ends:\n" + "\n".join(f"    {line}" for line in lines) if lines else ""
 

@@ -15,7 +15,7 @@ import attrs
 
 from useroom._units import format_size
 from useroom.bench._deadlock import VARIANTS, Config, Run
-from useroom.bench._sandbox import cgroup_version
+from useroom.bench._sandbox import cgroup_version, scratch_kind
 
 __all__ = ["Summary", "machine_facts", "percentile", "render", "summarize", "to_json"]
 
@@ -150,9 +150,9 @@ def render(result: Run, rows: list[Summary]) -> str:
         f"deadlock: a worker alive and the group under OOM {config.deadlock_after:g} s after the workers start; "
         f"blocks of {config.block} episodes per group and handler",
     ]
-    if machine.get("cgroup_version") == 2:
-        lines.append("cgroup v2: nobody waits in an OOM; the handlers hold memory.high as a wall below memory.max, "
-                     "'under OOM' is the usage held at the wall, kernel kills are memory.events oom_kill")
+    note = scratch_kind(machine.get("cgroup_version", 1)).figures_note
+    if note:
+        lines.append(note)
     if machine.get("emulated"):
         lines.append("EMULATED: run in a QEMU guest under software emulation (tools/vm-run); "
                      "times are the guest's, several times the host's")

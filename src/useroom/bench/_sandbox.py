@@ -22,6 +22,7 @@ rescue lifts the wall and the limit.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import ctypes
 import errno
@@ -33,10 +34,11 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from types import FrameType
-from typing import Any, Final
+from typing import Any, ClassVar, Final, TypeAlias
 
 import attrs
 
+from useroom._fd import OwnedFd
 from useroom._mounts import memory_hierarchy, read_memberships, read_text
 
 __all__ = [
@@ -45,11 +47,15 @@ __all__ = [
     "Interrupted",
     "Lab",
     "OomControl",
+    "Pidfd",
     "ScratchGroup",
     "SignalGuard",
+    "V1ScratchGroup",
+    "V2ScratchGroup",
     "cgroup_version",
     "die_with_parent",
     "own_memcg",
+    "scratch_kind",
 ]
 
 #: What ``memory.limit_in_bytes`` takes for "no limit".
@@ -80,6 +86,10 @@ class Interrupted(BaseException):
         return f"interrupted by {signal.Signals(self.signum).name}"
 
 
+#: What ``signal.signal`` takes and returns.
+_SignalHandler: TypeAlias = "Callable[[int, FrameType | None], Any] | int | signal.Handlers | None"
+
+
 class SignalGuard:
     """Turn SIGINT, SIGTERM and SIGHUP into :class:`Interrupted`, except while shielded.
 
@@ -93,7 +103,7 @@ class SignalGuard:
     def __init__(self) -> None:
         self._depth = 0
         self._pending: int | None = None
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, _SignalHandler] = {}
 
     def __enter__(self) -> SignalGuard:
         for signum in self.SIGNALS:
@@ -102,7 +112,7 @@ class SignalGuard:
 
     def __exit__(self, *exc: object) -> None:
         for signum, previous in self._previous.items():
-            signal.signal(signum, previous)  # type: ignore[arg-type]
+            signal.signal(signum, previous)
         self._previous.clear()
 
     @property
@@ -182,14 +192,18 @@ def own_memcg() -> str:
     path = hierarchy.fs_path(membership.path)
     if path is None:
         raise BenchError(f"no mount of the memory hierarchy shows this process's group {membership.path}")
-    if hierarchy.version == 2:
-        _enable_memory_below(path, membership.path == "/")
+    _KINDS[hierarchy.version].make_room_below(path, membership.path == "/")
     return path
 
 
 def cgroup_version() -> int:
     """1 or 2: where the memory controller is."""
     return memory_hierarchy().version
+
+
+def scratch_kind(version: int | None = None) -> type[ScratchGroup]:
+    """The :class:`ScratchGroup` of cgroup *version*, by default this machine's memory hierarchy's."""
+    return _KINDS[memory_hierarchy().version if version is None else version]
 
 
 def _enable_memory_below(path: str, is_root: bool) -> None:
@@ -233,11 +247,54 @@ class OomControl:
 
 
 @attrs.define(eq=False)
-class ScratchGroup:
-    """A memory cgroup the benchmark created, by its directory (v1 or v2)."""
+class ScratchGroup(abc.ABC):
+    """A memory cgroup the benchmark created, by its directory.
+
+    The interface the benchmark uses on either cgroup version: the subclass
+    of the machine's version (:func:`scratch_kind`) does that version's file
+    I/O, and its class attributes are that version's facts. A handler's
+    *wall* is the limit it holds: on v1 the hard limit itself, with the
+    kernel killer off; on v2 ``memory.high``, below ``memory.max`` (the
+    kernel's backstop).
+    """
 
     path: str
-    version: int = 1
+
+    #: The cgroup version (1 or 2).
+    version: ClassVar[int]
+    #: The hard limit's file, the wall's (v1: the same file) and the usage's.
+    limit_file: ClassVar[str]
+    wall_file: ClassVar[str]
+    usage_file: ClassVar[str]
+    #: Whether the wall is a file of its own below the hard limit (v2)
+    #: rather than the limit itself (v1).
+    wall_apart: ClassVar[bool]
+    #: Whether the kernel refuses a wall below the usage (v1), so that a
+    #: handler may fail to put its wall back after a grant: a grant can be
+    #: left open. v2 takes any value.
+    wall_write_checks_fit: ClassVar[bool]
+    #: Whether "under OOM" is inferred from the usage held at the wall (v2),
+    #: which pages of a task that has exited may hold up a while, rather
+    #: than read from the kernel, where it means tasks asleep in the OOM wait (v1).
+    under_oom_from_usage: ClassVar[bool]
+    #: Whether the kernel OOM killer can be switched off, so that tasks wait
+    #: in an OOM for user space (v1); on v2 nobody waits in an OOM.
+    killer_switch: ClassVar[bool]
+    #: What the storm benchmark counts as the group's OOMs, in words for its table.
+    ooms_counted: ClassVar[str]
+    #: How the figures read on this version where they differ from v1's, for a report ("": they do not).
+    figures_note: ClassVar[str]
+
+    @classmethod
+    def make_room_below(cls, parent: str, is_root: bool) -> None:
+        """Let the groups made below *parent* have memory limits: nothing to
+        do on v1, where any group may."""
+
+    @classmethod
+    @abc.abstractmethod
+    def backstop(cls, wall: int, gap: int) -> int:
+        """The hard limit that puts a handler's wall at *wall*, *gap* being
+        the room the handler keeps between the two where they are apart."""
 
     @property
     def name(self) -> str:
@@ -249,53 +306,41 @@ class ScratchGroup:
     def _read(self, filename: str) -> str:
         return read_text(posixpath.join(self.path, filename))
 
+    @abc.abstractmethod
     def oom_control(self) -> OomControl:
-        """v1's ``memory.oom_control``; on v2 its meaning there: the killer is
-        never off, "under OOM" is the usage held at the wall, and the kill
-        count is ``memory.events``' ``oom_kill``."""
-        if self.version == 1:
-            return OomControl.parse(self._read("memory.oom_control"))
-        events = dict(line.split() for line in self._read("memory.events").splitlines() if line.strip())
-        high = self._read("memory.high").strip()
-        held = high != "max" and self.usage() >= int(high)
-        return OomControl(False, held, int(events.get("oom_kill", "0")))
+        """v1's ``memory.oom_control``, or its meaning on v2."""
 
     def under_oom(self) -> bool:
         return self.oom_control().under_oom
 
+    @abc.abstractmethod
     def set_kill_disable(self, disabled: bool) -> None:
-        """v1: the kernel OOM killer off or on. v2 has no switch: enabling
-        lifts any wall (``memory.high`` = max), disabling is the handler's
-        wall, which it sets itself."""
-        if self.version == 1:
-            self._write("memory.oom_control", "1" if disabled else "0")
-        elif not disabled:
-            self._write("memory.high", "max")
+        """The kernel OOM killer off or on (the safety net turns it on)."""
 
+    @abc.abstractmethod
+    def killer_held_off(self) -> bool:
+        """Whether a handler holds the kernel killer off (v1: its switch; v2: a wall is set)."""
+
+    @abc.abstractmethod
     def set_limit(self, limit: int) -> None:
-        """Set ``memory.limit_in_bytes`` (v2: ``memory.max``); :data:`NO_LIMIT` lifts it."""
-        if self.version == 1:
-            self._write("memory.limit_in_bytes", str(limit))
-        else:
-            self._write("memory.max", "max" if limit == NO_LIMIT else str(limit))
+        """Set the hard limit; :data:`NO_LIMIT` lifts it."""
 
-    def set_high(self, high: int) -> None:
-        """cgroup v2: set ``memory.high`` (the wall a handler holds)."""
-        self._write("memory.high", "max" if high == NO_LIMIT else str(high))
-
-    def high(self) -> int:
-        """cgroup v2: ``memory.high`` (:data:`NO_LIMIT` for max)."""
-        text = self._read("memory.high").strip()
-        return NO_LIMIT if text == "max" else int(text)
-
+    @abc.abstractmethod
     def limit(self) -> int:
-        if self.version == 1:
-            return int(self._read("memory.limit_in_bytes"))
-        text = self._read("memory.max").strip()
-        return NO_LIMIT if text == "max" else int(text)
+        """The hard limit."""
+
+    @abc.abstractmethod
+    def wall(self) -> int:
+        """The wall a handler holds (:data:`NO_LIMIT`: none)."""
+
+    @abc.abstractmethod
+    def hold_wall(self, wall: int, gap: int) -> None:
+        """Make *wall* the limit a handler of the group holds, the hard
+        limit at :meth:`backstop` (a handler adopts a moved wall at its
+        next refresh)."""
 
     def usage(self) -> int:
-        return int(self._read("memory.usage_in_bytes" if self.version == 1 else "memory.current"))
+        return int(self._read(self.usage_file))
 
     def attach(self, pid: int) -> None:
         self._write("cgroup.procs", str(pid))
@@ -305,38 +350,180 @@ class ScratchGroup:
 
 
 @attrs.define(eq=False)
+class V1ScratchGroup(ScratchGroup):
+    """cgroup v1: the kernel killer has a switch in ``memory.oom_control``,
+    and the wall is the hard limit, ``memory.limit_in_bytes``."""
+
+    version: ClassVar[int] = 1
+    limit_file: ClassVar[str] = "memory.limit_in_bytes"
+    wall_file: ClassVar[str] = "memory.limit_in_bytes"
+    usage_file: ClassVar[str] = "memory.usage_in_bytes"
+    wall_apart: ClassVar[bool] = False
+    wall_write_checks_fit: ClassVar[bool] = True
+    under_oom_from_usage: ClassVar[bool] = False
+    killer_switch: ClassVar[bool] = True
+    ooms_counted: ClassVar[str] = ("OOM notifications this process received (an eventfd on memory.oom_control: "
+                                   "the kernel notifies each task's attempt)")
+    figures_note: ClassVar[str] = ""
+
+    @classmethod
+    def backstop(cls, wall: int, gap: int) -> int:
+        """The wall itself: with the killer off, nothing else is needed."""
+        return wall
+
+    def oom_control(self) -> OomControl:
+        return OomControl.parse(self._read("memory.oom_control"))
+
+    def set_kill_disable(self, disabled: bool) -> None:
+        self._write("memory.oom_control", "1" if disabled else "0")
+
+    def killer_held_off(self) -> bool:
+        return self.oom_control().kill_disabled
+
+    def set_limit(self, limit: int) -> None:
+        self._write(self.limit_file, str(limit))
+
+    def limit(self) -> int:
+        return int(self._read(self.limit_file))
+
+    def wall(self) -> int:
+        return self.limit()
+
+    def hold_wall(self, wall: int, gap: int) -> None:
+        self.set_limit(wall)
+
+
+@attrs.define(eq=False)
+class V2ScratchGroup(ScratchGroup):
+    """cgroup v2: the kernel kills at ``memory.max`` and has no switch; a
+    handler's wall is ``memory.high``, where the kernel throttles instead.
+    Here the killer is never off, "under OOM" is the usage held at the wall,
+    and the kill count is ``memory.events``' ``oom_kill``."""
+
+    version: ClassVar[int] = 2
+    limit_file: ClassVar[str] = "memory.max"
+    wall_file: ClassVar[str] = "memory.high"
+    usage_file: ClassVar[str] = "memory.current"
+    wall_apart: ClassVar[bool] = True
+    wall_write_checks_fit: ClassVar[bool] = False
+    under_oom_from_usage: ClassVar[bool] = True
+    killer_switch: ClassVar[bool] = False
+    ooms_counted: ClassVar[str] = "memory.events 'oom' (memory.max reached and reclaim failed)"
+    figures_note: ClassVar[str] = ("cgroup v2: nobody waits in an OOM; the handlers hold memory.high as a wall below "
+                                   "memory.max, 'under OOM' is the usage held at the wall, kernel kills are "
+                                   "memory.events oom_kill")
+
+    @classmethod
+    def make_room_below(cls, parent: str, is_root: bool) -> None:
+        """A group that holds processes cannot give its children the memory
+        controller (the root excepted): its processes (this process's own
+        run: a delegated scope) move to a leaf child, and ``+memory`` is
+        enabled for the children."""
+        _enable_memory_below(parent, is_root)
+
+    @classmethod
+    def backstop(cls, wall: int, gap: int) -> int:
+        """``memory.max``, *gap* above the wall."""
+        return wall + gap
+
+    def oom_control(self) -> OomControl:
+        events = dict(line.split() for line in self._read("memory.events").splitlines() if line.strip())
+        high = self.wall()
+        held = high != NO_LIMIT and self.usage() >= high
+        return OomControl(False, held, int(events.get("oom_kill", "0")))
+
+    def set_kill_disable(self, disabled: bool) -> None:
+        """No switch: enabling lifts any wall (``memory.high`` = max);
+        disabling is the handler's wall, which it sets itself."""
+        if not disabled:
+            self._write(self.wall_file, "max")
+
+    def killer_held_off(self) -> bool:
+        return self.wall() != NO_LIMIT
+
+    def set_limit(self, limit: int) -> None:
+        self._write(self.limit_file, self._max_text(limit))
+
+    def limit(self) -> int:
+        return self._read_max(self.limit_file)
+
+    def wall(self) -> int:
+        return self._read_max(self.wall_file)
+
+    def hold_wall(self, wall: int, gap: int) -> None:
+        self.set_limit(self.backstop(wall, gap))
+        self._write(self.wall_file, self._max_text(wall))
+
+    def _read_max(self, filename: str) -> int:
+        text = self._read(filename).strip()
+        return NO_LIMIT if text == "max" else int(text)
+
+    @staticmethod
+    def _max_text(limit: int) -> str:
+        return "max" if limit == NO_LIMIT else str(limit)
+
+
+#: The scratch group of each cgroup version.
+_KINDS: Final[dict[int, type[ScratchGroup]]] = {1: V1ScratchGroup, 2: V2ScratchGroup}
+
+
+class Pidfd(OwnedFd):
+    """A pidfd (close-on-exec): it names one process until it is closed,
+    never a later one with its pid, and polls readable once that process
+    has exited."""
+
+    __slots__ = ()
+
+    def __init__(self, pid: int) -> None:
+        self._fd = os.pidfd_open(pid)
+
+    def send_signal(self, signum: int) -> None:
+        """Signal the process; ProcessLookupError once it has exited."""
+        signal.pidfd_send_signal(self.fileno(), signum)
+
+    def exited(self, timeout: float = 0.0) -> bool:
+        """Whether the process has exited, waiting up to *timeout* seconds (it is not reaped)."""
+        return bool(select.select([self.fileno()], [], [], max(timeout, 0.0))[0])
+
+
+@attrs.define(eq=False)
 class Child:
     """A process the benchmark started: a forked worker or a handler subprocess.
 
     The pid stays ours until it is reaped, so signalling it cannot hit another
-    process; the pidfd lets the benchmark wait for its exit with poll().
+    process; the pidfd (closed once it is reaped) lets the benchmark wait for
+    its exit with poll(): poll the child itself, or its :meth:`fileno`.
     """
 
     pid: int
-    pidfd: int
-    popen: subprocess.Popen[bytes] | None = None
+    pidfd: Pidfd
+    popen: subprocess.Popen[Any] | None = None
     status: int | None = None  # the wait status once reaped
     exited_ns: int | None = None
 
     @classmethod
-    def adopt(cls, pid: int, popen: subprocess.Popen[bytes] | None = None) -> Child:
-        return cls(pid, os.pidfd_open(pid), popen)
+    def adopt(cls, pid: int, popen: subprocess.Popen[Any] | None = None) -> Child:
+        return cls(pid, Pidfd(pid), popen)
 
     @property
     def reaped(self) -> bool:
         return self.status is not None
 
+    def fileno(self) -> int:
+        """The pidfd, readable once the process has exited; ValueError once it is reaped."""
+        return self.pidfd.fileno()
+
     def kill(self, signum: int = signal.SIGKILL) -> None:
-        if self.reaped or self.pidfd < 0:
+        if self.reaped or self.pidfd.closed:
             return
         with contextlib.suppress(ProcessLookupError):
-            signal.pidfd_send_signal(self.pidfd, signum)
+            self.pidfd.send_signal(signum)
 
     def exited(self) -> bool:
         """Whether the process has exited (its pidfd is readable), without reaping it."""
         if self.reaped:
             return True
-        return bool(select.select([self.pidfd], [], [], 0)[0])
+        return self.pidfd.exited()
 
     def reap(self, now_ns: int | None = None) -> int:
         """Wait for the process (it should have exited) and return its wait status."""
@@ -348,22 +535,17 @@ class Child:
             else:
                 _, self.status = os.waitpid(self.pid, 0)
             self.exited_ns = now_ns if now_ns is not None else time.monotonic_ns()
-            self._close_pidfd()
+            self.pidfd.close()
         return self.status
 
     def wait(self, timeout: float) -> bool:
         """Wait up to *timeout* seconds for the process to exit; reap it if it did."""
         if self.reaped:
             return True
-        if select.select([self.pidfd], [], [], max(timeout, 0.0))[0]:
+        if self.pidfd.exited(timeout):
             self.reap()
             return True
         return False
-
-    def _close_pidfd(self) -> None:
-        fd, self.pidfd = self.pidfd, -1
-        if fd >= 0:
-            os.close(fd)
 
     @property
     def killed_by(self) -> int | None:
@@ -389,7 +571,8 @@ class Lab:
     """
 
     parent: str
-    version: int = 1
+    #: The scratch group of the machine's cgroup version: what every group of the lab is.
+    kind: type[ScratchGroup] = V1ScratchGroup
     prefix: str = attrs.field(factory=lambda: f"{_PREFIX}{os.getpid()}")
     groups: list[ScratchGroup] = attrs.field(factory=list)
     children: dict[int, Child] = attrs.field(factory=dict)
@@ -399,7 +582,12 @@ class Lab:
 
     @classmethod
     def below_own_memcg(cls) -> Lab:
-        return cls(own_memcg(), cgroup_version())
+        return cls(own_memcg(), scratch_kind())
+
+    @property
+    def version(self) -> int:
+        """The cgroup version of the lab's groups."""
+        return self.kind.version
 
     def sweep_stale(self) -> list[str]:
         """Remove groups an earlier run left here (its process is gone: it was SIGKILLed); return them.
@@ -416,7 +604,7 @@ class Lab:
                 continue
             if int(parts[1]) == os.getpid() or os.path.exists(f"/proc/{parts[1]}"):
                 continue
-            group = ScratchGroup(posixpath.join(self.parent, name), self.version)
+            group = self.kind(posixpath.join(self.parent, name))
             self._try(group, "re-enable the kernel OOM killer", group.set_kill_disable, False)
             self._try(group, "lift the limit", group.set_limit, NO_LIMIT)
             try:
@@ -438,13 +626,13 @@ class Lab:
         self._serial += 1
         path = posixpath.join(self.parent, f"{self.prefix}.{self._serial}.{tag}")
         os.mkdir(path)
-        group = ScratchGroup(path, self.version)
+        group = self.kind(path)
         self.groups.append(group)
         group.set_limit(limit)
         group.set_kill_disable(kill_disable)
         return group
 
-    def adopt(self, pid: int, popen: subprocess.Popen[bytes] | None = None) -> Child:
+    def adopt(self, pid: int, popen: subprocess.Popen[Any] | None = None) -> Child:
         """Register a process this benchmark just started, so the safety net covers it."""
         child = Child.adopt(pid, popen)
         self.children[pid] = child

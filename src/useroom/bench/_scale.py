@@ -77,7 +77,7 @@ import attrs
 
 if TYPE_CHECKING:
     from useroom import Group, Handler, OomEvent
-    from useroom.bench._sandbox import Child, Lab, ScratchGroup, SignalGuard
+    from useroom.bench._sandbox import Child, Lab, Pidfd, ScratchGroup, SignalGuard
 
 __all__ = ["GOALS", "ScaleConfig", "below_goal", "host_main", "main", "render", "summarize"]
 
@@ -368,12 +368,12 @@ def _host_events(served: _Baseline | _Supervised, request: dict[str, Any]) -> di
 
 @attrs.define(eq=False)
 class _Host:
-    """A host process and the pidfds of its watchdogs (its children, not ours)."""
+    """A host process and the pidfds of its watchdogs (its children, not ours), by pid."""
 
     child: Child
     popen: subprocess.Popen[bytes]
     stderr: IO[bytes]
-    watchdogs: dict[int, int] = attrs.field(factory=dict)
+    watchdogs: dict[int, Pidfd] = attrs.field(factory=dict)
     _buffer: bytes = b""
 
     @property
@@ -410,15 +410,17 @@ class _Host:
 
     def adopt_watchdogs(self, pids: Iterable[int]) -> None:
         """Pin each watchdog with a pidfd, if it is still the host's child once pinned."""
+        from useroom.bench._sandbox import Pidfd
+
         for pid in pids:
             try:
-                pidfd = os.pidfd_open(pid)
+                pidfd = Pidfd(pid)
             except ProcessLookupError:
                 continue
             if pid in _children(self.pid):
                 self.watchdogs[pid] = pidfd
             else:
-                os.close(pidfd)
+                pidfd.close()
 
     def close(self, timeout: float) -> tuple[dict[str, Any] | None, list[str]]:
         """Stop the host (SIGKILL after *timeout*), then wait for its watchdogs (SIGKILL after a while).
@@ -444,16 +446,16 @@ class _Host:
                     pass  # a broken pipe's flush
         for pid, pidfd in list(self.watchdogs.items()):
             try:
-                if not select.select([pidfd], [], [], _WATCHDOG_EXIT_TIMEOUT_S)[0]:
+                if not pidfd.exited(_WATCHDOG_EXIT_TIMEOUT_S):
                     problems.append(f"watchdog {pid} was alive {_WATCHDOG_EXIT_TIMEOUT_S:g} s after its host "
                                     "stopped: killed")
-                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-                    select.select([pidfd], [], [], _WATCHDOG_EXIT_TIMEOUT_S)
+                    pidfd.send_signal(signal.SIGKILL)
+                    pidfd.exited(_WATCHDOG_EXIT_TIMEOUT_S)
             except ProcessLookupError:
                 pass
             finally:
                 del self.watchdogs[pid]
-                os.close(pidfd)
+                pidfd.close()
         return stopped, problems
 
     def _what(self) -> str:
@@ -538,7 +540,7 @@ def _hog_main(parent: int, procs: str, ready_w: int, go_r: int, warm: int, size:
 def _wait_exited(hogs: Sequence[Child], deadline: float) -> None:
     """Reap the hogs as they exit until all have or *deadline* (monotonic s) passes."""
     poller = select.poll()
-    pending = {hog.pidfd: hog for hog in hogs if not hog.reaped}
+    pending = {hog.fileno(): hog for hog in hogs if not hog.reaped}
     for fd in pending:
         poller.register(fd, select.POLLIN)
     while pending:
@@ -552,32 +554,22 @@ def _wait_exited(hogs: Sequence[Child], deadline: float) -> None:
 
 # -- a variant at one N ---------------------------------------------------------------
 
-def group_limit(version: int, limit: int) -> int:
-    """The hard limit a group gets so that its handler's wall is *limit*.
-
-    v1: the wall is the limit. v2: the handler holds ``memory.high`` at
-    ``memory.max - V2_GAP`` when only ``memory.max`` is set.
-    """
-    if version == 1:
-        return limit
-    from useroom.handler import V2_GAP
-
-    return limit + V2_GAP
-
-
 def run_variant(lab: Lab, guard: SignalGuard, config: ScaleConfig, variant: str, n: int,
                 progress: IO[str] | None = None) -> dict[str, Any]:
     """*variant* serving *n* fresh groups: its start, memory, idle and OOM figures (raw)."""
-    from useroom.bench._sandbox import NO_LIMIT
+    from useroom._handler import V2_GAP
 
     raw: dict[str, Any] = {"variant": variant, "groups": n, "rounds": [], "problems": [],
                            "cgroup_version": lab.version}
     groups: list[ScratchGroup] = []
     host: _Host | None = None
     try:
+        # The hard limit that puts each handler's wall at the limit: v1 the
+        # limit itself; v2 memory.max, as the handler holds memory.high at
+        # memory.max - V2_GAP when only memory.max is set.
+        backstop = lab.kind.backstop(config.limit, V2_GAP)
         for _ in range(n):
-            groups.append(lab.create_group(f"scale-{variant}", limit=group_limit(lab.version, config.limit),
-                                           kill_disable=False))
+            groups.append(lab.create_group(f"scale-{variant}", limit=backstop, kill_disable=False))
         host = _start_host(lab, variant, groups, config)
         ready = host.read(_HOST_READY_TIMEOUT_S)
         raw["before"] = ready["before"]
@@ -586,8 +578,7 @@ def run_variant(lab: Lab, guard: SignalGuard, config: ScaleConfig, variant: str,
         raw.update(first_ns=started["first_ns"], rest_ns=started["rest_ns"], after_first=started["after_first"],
                    after=started["after"], watchdogs=started["watchdogs"])
         # The groups whose handler holds the kernel killer off: v1's switch, v2's wall (memory.high).
-        raw["kill_disabled"] = sum(group.oom_control().kill_disabled if group.version == 1
-                                   else group.high() != NO_LIMIT for group in groups)
+        raw["kill_disabled"] = sum(group.killer_held_off() for group in groups)
         if progress is not None:
             print(f"  {variant}, {_groups(n)}: started in {(started['first_ns'] + started['rest_ns']) / 1e6:.0f} ms; "
                   f"idle for {config.idle_seconds:g} s", file=progress, flush=True)
@@ -673,7 +664,7 @@ def _oom_round(lab: Lab, guard: SignalGuard, host: _Host, groups: Sequence[Scrat
             resolved = any(event["outcome"] == "resolved" for event in new)
             # v2's "under OOM" is the usage held at the wall: a deadlock only
             # while the hog is alive there (a dead hog's pages may linger).
-            if control.under_oom and (groups[index].version == 1 or not hog.reaped):
+            if control.under_oom and (not group.under_oom_from_usage or not hog.reaped):
                 verdict = "deadlock"
             elif resolved and hog.reaped and hog.killed_by == signal.SIGKILL:
                 verdict = "resolved"
@@ -932,7 +923,7 @@ def main(argv: list[str], out: IO[str] | None = None) -> int:
         except BenchError as error:
             print(f"useroom.bench scale: {error}", file=sys.stderr)
             return 2
-        header = _header(config, available, format_size, lab.version)
+        header = _header(config, available, format_size, lab.kind)
         print(header.replace("\n", "; "), file=sys.stderr, flush=True)
         try:
             lab.sweep_stale()
@@ -986,11 +977,12 @@ def main(argv: list[str], out: IO[str] | None = None) -> int:
     return 1 if problems else 0
 
 
-def _header(config: ScaleConfig, available: bool, format_size: Callable[[int], str], version: int) -> str:
+def _header(config: ScaleConfig, available: bool, format_size: Callable[[int], str],
+            kind: type[ScratchGroup]) -> str:
     machine = _machine()
     supervisor = "" if available else " (useroom.Supervisor not in this useroom: baseline only)"
-    wall = "" if version == 1 else " (memory.high; memory.max = limit + V2_GAP)"
-    return (f"useroom scale benchmark: cgroup v{version}, kernel {machine['kernel']}, {machine['cores']} cores, "
+    wall = f" ({kind.wall_file}; {kind.limit_file} = limit + V2_GAP)" if kind.wall_apart else ""
+    return (f"useroom scale benchmark: cgroup v{kind.version}, kernel {machine['kernel']}, {machine['cores']} cores, "
             f"Python {machine['python']}\n"
             f"variants {', '.join(config.variants)}{supervisor}; groups {','.join(map(str, config.groups))} "
             f"(baseline up to {config.baseline_max}); limit {format_size(config.limit)}{wall}, hogs touch "

@@ -70,8 +70,9 @@ from collections.abc import Callable, Iterable
 from typing import IO, TYPE_CHECKING, Any, Final, NamedTuple, NoReturn
 
 if TYPE_CHECKING:
-    from useroom import EventRegistration, FileNotifier, OomEvent
-    from useroom.bench._sandbox import Child, Lab, ScratchGroup, SignalGuard
+    from useroom import OomEvent
+    from useroom.cgroup.base import OomCounter
+    from useroom.bench._sandbox import Child, Lab, Pidfd, ScratchGroup, SignalGuard
 
 __all__ = ["BadnessProbe", "Kill", "Snapshot", "StormConfig", "growth_rate", "handler_main", "judge", "main",
            "vanished"]
@@ -584,10 +585,10 @@ class _Handler(NamedTuple):
     popen: subprocess.Popen[bytes]
     pid: int
     out: str
-    #: A pidfd of the handler's watchdog (-1: none): a child of the handler,
-    #: not of this process, which ends by itself once the handler is gone
-    #: (on v1 outside the group, where no emptying of the group reaches it).
-    watchdog_fd: int
+    #: A pidfd of the handler's watchdog, if it has one: a child of the
+    #: handler, not of this process, which ends by itself once the handler is
+    #: gone (on v1 outside the group, where no emptying of the group reaches it).
+    watchdog: Pidfd | None
 
 
 def _start_handler(lab: Lab, group: ScratchGroup, workdir: str) -> _Handler:
@@ -608,35 +609,38 @@ def _start_handler(lab: Lab, group: ScratchGroup, workdir: str) -> _Handler:
                 why = f": {json.load(file).get('start_error')}"
         raise BenchError(f"the handler process did not start (said {line!r}){why}")
     watchdog = int(line.split()[2])
-    return _Handler(child, popen, popen.pid, out, _pidfd_of_child(watchdog, popen.pid) if watchdog else -1)
+    return _Handler(child, popen, popen.pid, out, _pidfd_of_child(watchdog, popen.pid) if watchdog else None)
 
 
-def _pidfd_of_child(pid: int, parent: int) -> int:
-    """A pidfd of *pid* if it is (still) a child of *parent*, else -1."""
+def _pidfd_of_child(pid: int, parent: int) -> Pidfd | None:
+    """A pidfd of *pid* if it is (still) a child of *parent*, else None."""
+    from useroom.bench._sandbox import Pidfd
+
     try:
-        pidfd = os.pidfd_open(pid)
+        pidfd = Pidfd(pid)
     except ProcessLookupError:
-        return -1
+        return None
     if _parent(pid) != parent:  # checked after the pidfd pinned it
-        os.close(pidfd)
-        return -1
+        pidfd.close()
+        return None
     return pidfd
 
 
 def _end_watchdog(handler: _Handler, timeout: float = _EMPTY_TIMEOUT_S) -> bool:
     """Wait for the handler's watchdog to exit, SIGKILL it after *timeout*; whether it exited by itself."""
-    if handler.watchdog_fd < 0:
+    watchdog = handler.watchdog
+    if watchdog is None:
         return True
     try:
-        if select.select([handler.watchdog_fd], [], [], timeout)[0]:
+        if watchdog.exited(timeout):
             return True
-        signal.pidfd_send_signal(handler.watchdog_fd, signal.SIGKILL)
-        select.select([handler.watchdog_fd], [], [], timeout)
+        watchdog.send_signal(signal.SIGKILL)
+        watchdog.exited(timeout)
         return False
     except ProcessLookupError:
         return True
     finally:
-        os.close(handler.watchdog_fd)
+        watchdog.close()
 
 
 def _read_line(pipe: IO[bytes], timeout: float) -> bytes:
@@ -682,6 +686,8 @@ def _kill_tasks(group: ScratchGroup, spare: int | None = None, timeout: float = 
     that (by its ``/proc/PID/cgroup``), so a pid reused meanwhile by another
     process is never signalled.
     """
+    from useroom.bench._sandbox import Pidfd
+
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -692,18 +698,17 @@ def _kill_tasks(group: ScratchGroup, spare: int | None = None, timeout: float = 
             return left
         for pid in left:
             try:
-                pidfd = os.pidfd_open(pid)
+                pidfd = Pidfd(pid)
             except ProcessLookupError:
                 continue
-            try:
-                with open(f"/proc/{pid}/cgroup") as file:
-                    ours = f"/{group.name}\n" in file.read()
-                if ours:
-                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-            except (FileNotFoundError, ProcessLookupError):
-                pass
-            finally:
-                os.close(pidfd)
+            with pidfd:
+                try:
+                    with open(f"/proc/{pid}/cgroup") as file:
+                        ours = f"/{group.name}\n" in file.read()
+                    if ours:
+                        pidfd.send_signal(signal.SIGKILL)
+                except (FileNotFoundError, ProcessLookupError):
+                    pass
         time.sleep(0.005)
 
 
@@ -715,66 +720,11 @@ def _parent(pid: int) -> int | None:
         return None
 
 
-class _Oom:
-    """This process's own watch of the group's OOM notification, and its count.
-
-    v1: an eventfd registered on ``memory.oom_control``; it counts every OOM
-    of the group (the kernel notifies with its killer on or off). v2:
-    ``memory.events`` polled for POLLPRI (a change of any counter, ``high``
-    ones included) and read again; the count is its ``oom`` field.
-    """
-
-    def __init__(self, path: str, version: int) -> None:
-        from useroom import Group
-
-        group = Group.open(path)
-        self.version = version
-        self.count = 0
-        self.v1: EventRegistration | None = None
-        self.v2: FileNotifier | None = None
-        if version == 1:
-            self.v1 = group.oom_notifier()
-            self.events = select.POLLIN
-        else:
-            self.v2 = group.events_notifier()  # type: ignore[attr-defined]
-            self.events = select.POLLPRI
-            self._base = self._oom_field(self.v2.text)
-
-    def fileno(self) -> int:
-        source = self.v1 if self.v1 is not None else self.v2
-        assert source is not None
-        return source.fileno()
-
-    def consume(self) -> None:
-        if self.v1 is not None:
-            self.count += self.v1.read()
-        elif self.v2 is not None:
-            self.count = self._oom_field(self.v2.read(0)) - self._base
-
-    @staticmethod
-    def _oom_field(text: str) -> int:
-        for line in text.splitlines():
-            key, _, value = line.partition(" ")
-            if key == "oom":
-                return int(value)
-        return 0
-
-    def close(self) -> None:
-        for source in (self.v1, self.v2):
-            if source is not None:
-                source.close()
-
-
-def _make_room(group: Any, version: int, config: StormConfig, charge: int) -> None:
+def _make_room(group: ScratchGroup, config: StormConfig, charge: int) -> None:
     """Raises the useroom group's limit (v2: memory.max, then the wall) by
     the handler's own charge, and waits until the handler has adopted it
     (it reads a moved limit or wall at its next refresh, every 0.5 s)."""
-    target = config.limit + charge
-    if version == 1:
-        group.set_limit(target)
-    else:
-        group.set_limit(target + config.gap)
-        group.set_high(target)
+    group.hold_wall(config.limit + charge, config.gap)
     time.sleep(1.5)  # two refreshes of the handler: it now holds the new limit
 
 
@@ -784,17 +734,16 @@ def run_variant(lab: Lab, guard: SignalGuard, config: StormConfig, mode: str, wo
 
     Says ``  MODE: storm running in PATH`` on *progress* once the storm has started.
     """
-    version = lab.version
-    if version == 1 or mode == "kernel":
-        group = lab.create_group(f"storm-{mode}", limit=config.limit, kill_disable=False)
-    else:
-        group = lab.create_group(f"storm-{mode}", limit=config.limit + config.gap, kill_disable=False)
-        group.set_high(config.limit)
+    from useroom import Group
+
+    group = lab.create_group(f"storm-{mode}", limit=config.limit, kill_disable=False)
+    if mode == "useroom":
+        group.hold_wall(config.limit, config.gap)  # v2: memory.high, memory.max a gap above it
     raw: dict[str, Any] = {"mode": mode, "group": group.path, "limit": config.limit, "kernel_max": group.limit(),
                            "supervisor_deaths": [], "restarts": [], "handler_died_ns": None, "handler": None,
                            "handler_alive": None, "handler_rss_kb": None, "first_notified_ns": None}
     handler: _Handler | None = None
-    oom: _Oom | None = None
+    oom: OomCounter | None = None
     probe: BadnessProbe | None = None
     driver: Child | None = None
     try:
@@ -802,15 +751,14 @@ def run_variant(lab: Lab, guard: SignalGuard, config: StormConfig, mode: str, wo
             handler = _start_handler(lab, group, workdir)
         spare = handler.pid if handler is not None else None
         probe = BadnessProbe(group.path, group.limit(), [handler.pid] if handler is not None else [])
-        oom = _Oom(group.path, version)
+        oom = Group.open(group.path).oom_counter()
         raw["usage_before_storm"] = group.usage()  # the handler process's charge (kernel: none)
         if handler is not None and config.room == "equal":
-            _make_room(group, version, config, raw["usage_before_storm"])
+            _make_room(group, config, raw["usage_before_storm"])
             probe.close()
-            probe = BadnessProbe(group.path, group.limit() if version == 1 else config.limit + raw["usage_before_storm"],
-                                 [handler.pid])
-        # What the workload met: the limit (v1, and the kernel's memory.max) or the wall.
-        raw["room_limit"] = group.limit() if version == 1 or mode == "kernel" else int(group._read("memory.high"))
+            probe = BadnessProbe(group.path, group.wall(), [handler.pid])
+        # What the workload met: the kernel's limit, or the handler's wall (v1: the limit).
+        raw["room_limit"] = group.limit() if mode == "kernel" else group.wall()
         started = time.monotonic_ns()
         driver = _start_driver(lab, group, config)
         if progress is not None:
@@ -827,8 +775,8 @@ def run_variant(lab: Lab, guard: SignalGuard, config: StormConfig, mode: str, wo
         raw["startup_s"] = ((raw["first_notified_ns"] or ended) - started) / 1e9
         raw["sampled_s"] = (ended - started) / 1e9
         raw["kernel_kills"] = group.oom_control().oom_kill
-        if _readable(oom.fileno(), oom.events):
-            oom.consume()
+        if _readable(oom.fileno(), oom.poll_events):
+            oom.update()
         raw["ooms"] = oom.count
         if handler is not None:
             raw["handler_alive"] = not handler.child.exited()
@@ -889,72 +837,84 @@ def _role(pid: int, parents: dict[int, int], drivers: list[int], driver: str) ->
     return "worker"
 
 
-def _storm(config: StormConfig, group: ScratchGroup, oom: _Oom, probe: BadnessProbe, driver: Child,
+def _storm(config: StormConfig, group: ScratchGroup, oom: OomCounter, probe: BadnessProbe, driver: Child,
            handler: _Handler | None, raw: dict[str, Any], lab: Lab) -> Child:
     """Sample the group until the time is up; restart the driver if its supervisor is killed.
     Returns the driver's process as it is at the end."""
     interval_ns = int(config.sample_ms * 1e6)
     poller = select.poll()
-    poller.register(oom.fileno(), oom.events)
-    if handler is not None:
-        poller.register(handler.child.pidfd, select.POLLIN)
-    supervisors: dict[int, int] = {}  # pidfd -> pid, besides the driver's own process
+    oom_fd = oom.fileno()
+    poller.register(oom_fd, oom.poll_events)
+    handler_fd = handler.child.fileno() if handler is not None else None
+    if handler_fd is not None:
+        poller.register(handler_fd, select.POLLIN)
+    # By the number of the pidfd: the pid and the pidfd, besides the driver's own process.
+    supervisors: dict[int, tuple[int, Pidfd]] = {}
     raw["drivers"] = [driver.pid]
-    poller.register(driver.pidfd, select.POLLIN)
+    driver_fd = driver.fileno()
+    poller.register(driver_fd, select.POLLIN)
     # The round's storm time runs from its first OOM: the driver's start
     # (seconds in the emulated guest) is not storm. Without an OOM the round
     # ends once that time and the allowance for the start have passed.
     storm_ns = int(config.seconds / config.rounds * 1e9)
     ends = time.monotonic_ns() + storm_ns + int(_START_ALLOWANCE_S * 1e9)
     next_ns = 0
-    while (now := time.monotonic_ns()) < ends:
-        ready = poller.poll(max(0, math.ceil((next_ns - now) / 1e6)))
-        notified = False
-        for fd, _ in ready:
-            if fd == oom.fileno():
-                oom.consume()
-                notified = True
-                if raw["first_notified_ns"] is None:
-                    first = time.monotonic_ns()
-                    raw["first_notified_ns"] = first
-                    ends = first + storm_ns
-            elif handler is not None and fd == handler.child.pidfd:
-                poller.unregister(fd)
-                raw["handler_died_ns"] = time.monotonic_ns()
-            elif fd == driver.pidfd or fd in supervisors:
-                pid = driver.pid if fd == driver.pidfd else supervisors[fd]
-                raw["supervisor_deaths"].append({"pid": pid, "t_ns": time.monotonic_ns()})
-                for other in [driver.pidfd, *supervisors]:
-                    poller.unregister(other)
-                for other in supervisors:
-                    os.close(other)
-                supervisors.clear()
-                driver = _restart(lab, group, config, driver, handler, raw)
-                poller.register(driver.pidfd, select.POLLIN)
-                break
-        if notified or time.monotonic_ns() >= next_ns:
-            snapshot = probe.take(notified)
-            cost_ns = snapshot.end_ns - snapshot.start_ns
-            next_ns = snapshot.start_ns + max(interval_ns, int(cost_ns / config.sample_budget))
-            if config.driver == "stress-ng":
-                _watch_supervisors(snapshot, probe, driver.pid, supervisors, poller)
-    for fd in supervisors:
-        os.close(fd)
+    try:
+        while (now := time.monotonic_ns()) < ends:
+            ready = poller.poll(max(0, math.ceil((next_ns - now) / 1e6)))
+            notified = False
+            for fd, _ in ready:
+                if fd == oom_fd:
+                    oom.update()
+                    notified = True
+                    if raw["first_notified_ns"] is None:
+                        first = time.monotonic_ns()
+                        raw["first_notified_ns"] = first
+                        ends = first + storm_ns
+                elif fd == handler_fd:
+                    poller.unregister(fd)
+                    raw["handler_died_ns"] = time.monotonic_ns()
+                elif fd == driver_fd or fd in supervisors:
+                    pid = driver.pid if fd == driver_fd else supervisors[fd][0]
+                    raw["supervisor_deaths"].append({"pid": pid, "t_ns": time.monotonic_ns()})
+                    for other in [driver_fd, *supervisors]:
+                        poller.unregister(other)
+                    _close_all(supervisors)
+                    driver = _restart(lab, group, config, driver, handler, raw)
+                    driver_fd = driver.fileno()
+                    poller.register(driver_fd, select.POLLIN)
+                    break
+            if notified or time.monotonic_ns() >= next_ns:
+                snapshot = probe.take(notified)
+                cost_ns = snapshot.end_ns - snapshot.start_ns
+                next_ns = snapshot.start_ns + max(interval_ns, int(cost_ns / config.sample_budget))
+                if config.driver == "stress-ng":
+                    _watch_supervisors(snapshot, probe, driver.pid, supervisors, poller)
+    finally:
+        _close_all(supervisors)
     return driver
 
 
-def _watch_supervisors(snapshot: Snapshot, probe: BadnessProbe, top: int, supervisors: dict[int, int],
-                       poller: select.poll) -> None:
+def _watch_supervisors(snapshot: Snapshot, probe: BadnessProbe, top: int,
+                       supervisors: dict[int, tuple[int, Pidfd]], poller: select.poll) -> None:
     """stress-ng: its per-worker parents are supervisors too: watch each by a pidfd."""
-    watched = set(supervisors.values())
+    from useroom.bench._sandbox import Pidfd
+
+    watched = {pid for pid, _ in supervisors.values()}
     for pid, _, _ in snapshot.tasks:
         if probe.parents.get(pid) == top and pid not in watched:
             try:
-                pidfd = os.pidfd_open(pid)
+                pidfd = Pidfd(pid)
             except ProcessLookupError:
                 continue
-            supervisors[pidfd] = pid
+            supervisors[pidfd.fileno()] = (pid, pidfd)
             poller.register(pidfd, select.POLLIN)
+
+
+def _close_all(supervisors: dict[int, tuple[int, Pidfd]]) -> None:
+    for _, pidfd in supervisors.values():
+        pidfd.close()
+    supervisors.clear()
 
 
 def _restart(lab: Lab, group: ScratchGroup, config: StormConfig, driver: Child, handler: _Handler | None,
@@ -1106,7 +1066,8 @@ def _fmt(value: Any, spec: str = "", suffix: str = "") -> str:
     return "-" if value is None else format(value, spec) + suffix
 
 
-def render(rows: list[dict[str, Any]], header: str, config: StormConfig, version: int) -> str:
+def render(rows: list[dict[str, Any]], header: str, config: StormConfig, ooms_counted: str) -> str:
+    """The table, and what its figures are; *ooms_counted*: what the OOM count is (the cgroup version's)."""
     from useroom._units import format_size
 
     columns = ("variant", "OOMs", "handler episodes", "handler kills", "kernel kills", "supervisor killed",
@@ -1127,10 +1088,7 @@ def render(rows: list[dict[str, Any]], header: str, config: StormConfig, version
     out = [header, ""]
     out += ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines]
     out.append("")
-    ooms = ("OOM notifications this process received (an eventfd on memory.oom_control: the kernel notifies "
-            "each task's attempt)" if version == 1 else "memory.events 'oom' (memory.max reached and "
-            "reclaim failed)")
-    out.append(f"OOMs: {ooms}; handler episodes: the handler's own record of the OOMs it handled. Each run's "
+    out.append(f"OOMs: {ooms_counted}; handler episodes: the handler's own record of the OOMs it handled. Each run's "
                f"storm time starts at its first OOM notification (the driver's start before it is not storm): "
                f"kernel {_seconds(rows, 'kernel')}, useroom {_seconds(rows, 'useroom')} in all.")
     for r in rows:
@@ -1278,13 +1236,14 @@ def main(argv: list[str], out: IO[str] | None = None) -> int:
             print(f"useroom.bench storm: {error}", file=sys.stderr)
             return 2
         emulated = " (EMULATED guest: times are not the host's)" if os.environ.get("VMRUN_GUEST") else ""
+        kind = lab.kind
         header = (f"useroom storm benchmark: cgroup v{lab.version}, kernel {os.uname().release}, "
                   f"{os.cpu_count()} cores{emulated}\n"
                   f"driver {config.driver}: {config.workers} workers x {format_size(config.worker_size)} "
                   f"on {config.pages} pages, respawned at once, in a group of {format_size(config.limit)}"
-                  + (f" (useroom: memory.high {format_size(config.limit)}, memory.max "
-                     f"{format_size(config.limit + config.gap)}; kernel: memory.max {format_size(config.limit)})"
-                     if lab.version == 2 else "")
+                  + (f" (useroom: {kind.wall_file} {format_size(config.limit)}, {kind.limit_file} "
+                     f"{format_size(kind.backstop(config.limit, config.gap))}; kernel: {kind.limit_file} "
+                     f"{format_size(config.limit)})" if kind.wall_apart else "")
                   + f"; {config.seconds:g} s per variant, in {config.rounds} rounds (ABBA order)")
         print(header.replace("\n", "; ", 1), file=sys.stderr, flush=True)
         try:
@@ -1314,7 +1273,7 @@ def main(argv: list[str], out: IO[str] | None = None) -> int:
         if figures["left_after_kill"]:
             problems.append(f"{mode}: tasks left in the group after the kill: {figures['left_after_kill']}")
     if rows:
-        print(render(rows, header, config, lab.version), file=out)
+        print(render(rows, header, config, lab.kind.ooms_counted), file=out)
         runs = [(mode, summarize(merge([r]), None)["kills_per_s"]) for mode, r in _in_order(raw, config.rounds)]
         print("kills/s by run, in the order run: "
               + " -> ".join(f"{mode} {_fmt(rate, '.1f')}" for mode, rate in runs), file=out)

@@ -60,7 +60,7 @@ class Crew:
         Each worker's exit time is the moment poll() reported its pidfd readable.
         """
         poller = select.poll()
-        pending = {child.pidfd: child for child in self.children if not child.reaped}
+        pending = {child.fileno(): child for child in self.children if not child.reaped}
         for fd in pending:
             poller.register(fd, select.POLLIN)
         while pending:
