@@ -25,7 +25,9 @@ import pytest
 from helpers import Hog
 from useroom.cgroup import Group
 from useroom.bench._sandbox import Lab, own_memcg
-from useroom.bench._storm import PAGE, BadnessProbe, Kill, Snapshot, growth_rate, judge, merge, schedule, vanished
+from useroom.bench import _storm_driver
+from useroom.bench._badness import PAGE, BadnessProbe, Kill, Snapshot, growth_rate, judge, vanished
+from useroom.bench._storm_report import StormConfig, merge, schedule
 
 MIB = 1 << 20
 BENCH = [sys.executable, "-m", "useroom.bench", "storm"]
@@ -48,15 +50,13 @@ class TestPages:
     """The workers' pages are chosen, not left to chance."""
 
     def test_stress_ng_is_told_its_advice(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        from useroom.bench import _storm
-
-        monkeypatch.setattr(_storm.shutil, "which", lambda name: "/usr/bin/" + name)
-        argv = {pages: _storm._driver_argv(_storm.StormConfig(driver="stress-ng", pages=pages))
-                for pages in _storm.PAGES}
+        monkeypatch.setattr(_storm_driver.shutil, "which", lambda name: "/usr/bin/" + name)
+        argv = {pages: _storm_driver.driver_argv(StormConfig(driver="stress-ng", pages=pages))
+                for pages in _storm_driver.PAGES}
         assert ["--vm-madvise", "nohugepage"] == argv["small"][argv["small"].index("--vm-madvise"):][:2]
         assert ["--vm-madvise", "hugepage"] == argv["huge"][argv["huge"].index("--vm-madvise"):][:2]
         assert "--vm-madvise" not in argv["any"]  # stress-ng's own random advice
-        assert "small" == _storm._driver_argv(_storm.StormConfig())[-1]
+        assert "small" == _storm_driver.driver_argv(StormConfig())[-1]
 
     @pytest.mark.backends
     @pytest.mark.parametrize("pages", ["small", "huge"])
@@ -65,9 +65,7 @@ class TestPages:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as file:
             if "[never]" in file.read():
                 pytest.skip("transparent huge pages are off on this machine")
-        from useroom.bench import _storm
-
-        driver = subprocess.Popen([sys.executable, "-I", "-S", _storm._SCRIPT, "supervise", "1", str(16 * MIB),
+        driver = subprocess.Popen([sys.executable, "-I", "-S", _storm_driver.SCRIPT, "supervise", "1", str(16 * MIB),
                                    pages])
         try:
             huge = None
@@ -293,7 +291,7 @@ def _bench_groups() -> list[str]:
 
 def _storm_processes(bench_pid: int) -> list[str]:
     """Live processes of a storm run: its handler, its supervisor, a watchdog of its groups."""
-    marks = (b"_storm_handler", b"bench/_storm.py", f"{GROUP_PREFIX}{bench_pid}.".encode())
+    marks = (b"_storm_handler", b"bench/_storm_driver.py", f"{GROUP_PREFIX}{bench_pid}.".encode())
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdecimal():

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None, *, out: TextIO | None = None, err: TextI
 
         return hook_service_main(argv[1:])
     if argv[:1] == ["_storm_handler"]:
-        from useroom.bench._storm import handler_main as storm_handler_main
+        from useroom.bench._storm_handler import handler_main as storm_handler_main
 
         return storm_handler_main(argv[1:])
     if argv[:1] == ["_scale_host"]:

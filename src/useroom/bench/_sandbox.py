@@ -54,6 +54,7 @@ __all__ = [
     "V2ScratchGroup",
     "cgroup_version",
     "die_with_parent",
+    "enter_group",
     "own_memcg",
     "scratch_kind",
 ]
@@ -152,6 +153,20 @@ def die_with_parent() -> None:
     nothing from Python's point of view but a ctypes call.
     """
     _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def enter_group(procs_path: str) -> Callable[[], None]:
+    """A ``preexec_fn``: die with the benchmark, then move into the group
+    before exec, so that everything the program touches is charged there."""
+
+    def enter() -> None:
+        die_with_parent()
+        fd = os.open(procs_path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, b"0")  # "0": the writer itself
+        finally:
+            os.close(fd)
+    return enter
 
 
 def settle_child(parent: int, keep: tuple[int, int], signals: tuple[signal.Signals, ...]) -> bool:
