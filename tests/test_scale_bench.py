@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 
 import useroom
-from useroom.bench import _scale
+from useroom.bench import _scale, _scale_host
 from useroom.bench._sandbox import V1ScratchGroup, V2ScratchGroup, own_memcg
-from useroom.bench._scale import KIB, MIB, ScaleConfig, below_goal, render, summarize
+from useroom.bench._scale_report import KIB, MIB, ScaleConfig, below_goal, render, summarize
 
 BENCH = [sys.executable, "-m", "useroom.bench", "scale"]
 GROUP_PREFIX = "useroom-bench."
@@ -175,7 +175,7 @@ class TestSupervisorWiring:
     def test_the_first_group_starts_it_and_the_rest_join_it_running(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """One Supervisor with the delay and a watchdog; started after the first add; its one watchdog reported."""
         monkeypatch.setattr(useroom, "Supervisor", _FakeSupervisor, raising=False)
-        served = _scale._Supervised(1.5)
+        served = _scale_host._Supervised(1.5)
         for group in ("a", "b", "c"):
             served.add(group)  # type: ignore[arg-type]
         served.stop()

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None, *, out: TextIO | None = None, err: TextI
 
         return storm_handler_main(argv[1:])
     if argv[:1] == ["_scale_host"]:
-        from useroom.bench._scale import host_main as scale_host_main
+        from useroom.bench._scale_host import host_main as scale_host_main
 
         return scale_host_main(argv[1:])
     if argv[:1] == ["scale"]:

@@ -55,6 +55,11 @@ kernel throttles the hog instead of killing it. A deadlock there is a hog
 still alive with ``memory.current`` at or above the wall after
 ``--oom-timeout``; kernel kills are ``memory.events``' ``oom_kill``; the
 safety net kills the hog and sets ``memory.high`` and ``memory.max`` to max.
+
+The parts: :mod:`~useroom.bench._scale_host` (the host process),
+:mod:`~useroom.bench._scale_report` (the configuration and the figures);
+here, this process's side of a host, the hogs, the run of a variant and
+the command.
 """
 
 from __future__ import annotations
@@ -70,31 +75,44 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import IO, TYPE_CHECKING, Any, Final, NoReturn
+from collections.abc import Iterable, Sequence
+from typing import IO, Any, Final, NoReturn
 
 import attrs
 
-if TYPE_CHECKING:
-    from useroom import Group, Handler, OomEvent
-    from useroom.bench._sandbox import Child, Lab, Pidfd, ScratchGroup, SignalGuard
+from useroom._units import parse_duration
+from useroom.bench._sandbox import (
+    BenchError,
+    Child,
+    Interrupted,
+    Lab,
+    Pidfd,
+    ScratchGroup,
+    SignalGuard,
+    die_with_parent,
+    settle_child,
+    size_arg,
+)
+from useroom.bench._scale_host import children_of, supervisor_available, task_switches
+from useroom.bench._scale_report import (
+    VARIANTS,
+    ScaleConfig,
+    below_goal,
+    header_text,
+    machine,
+    n_groups,
+    render,
+    summarize,
+)
 
-__all__ = ["GOALS", "ScaleConfig", "below_goal", "host_main", "main", "render", "summarize"]
+__all__ = ["main", "run_variant"]
 
-KIB: Final = 1 << 10
-MIB: Final = 1 << 20
 PAGE: Final = mmap.PAGESIZE
-#: The order of the rows of each N.
-VARIANTS: Final = ("supervisor", "baseline")
 #: How far a hog fills its group before it says it is ready (the handlers
 #: refresh their victim table at 25% of the limit by default).
 WARM_FRACTION: Final = 0.4
 #: A hog's exit code when something other than the allocation failed.
 HOG_ERROR: Final = 70
-#: The host measures itself this long after the last start returned: the
-#: start calls return once the threads run; what they allocate just after
-#: belongs to the start too.
-SETTLE_S: Final = 0.5
 _HOST_READY_TIMEOUT_S: Final = 60.0
 #: Per group, on top of the above, to add and start (baseline: a watchdog process each).
 _PER_GROUP_TIMEOUT_S: Final = 2.0
@@ -102,266 +120,6 @@ _HOG_READY_TIMEOUT_S: Final = 10.0
 #: How long the host waits for a round's hogs to appear in their handlers' victim tables.
 _LISTED_TIMEOUT_S: Final = 5.0
 _WATCHDOG_EXIT_TIMEOUT_S: Final = 10.0
-
-#: The product goals of the supervisor, as data: (figure, key of the row, test, shown).
-GOALS: Final[tuple[tuple[str, str, Callable[[Any], bool], str], ...]] = (
-    # What one more group costs: the marginal figures (from after the first
-    # start, whose hardening and watchdog are paid once); none with one group.
-    ("RSS per added group", "marginal_rss_per_group", lambda v: v is None or v <= 64 * KIB, "<= 64 KiB"),
-    ("locked per added group", "marginal_locked_per_group", lambda v: v is None or v <= 16 * KIB, "<= 16 KiB"),
-    ("threads added", "threads_added", lambda v: v is not None and v <= 2, "<= 2"),
-    ("processes started", "processes_started", lambda v: v is not None and v <= 1, "<= 1"),
-    ("idle wake-ups", "idle_wakeups", lambda v: v == 0, "0"),
-    ("deadlocks", "deadlocks", lambda v: v == 0, "0"),
-    ("OOMs resolved", "all_resolved", lambda v: v is True, "all"),
-)
-
-
-@attrs.frozen
-class ScaleConfig:
-    groups: tuple[int, ...] = (1, 10, 100, 1000)
-    baseline_max: int = 10
-    variants: tuple[str, ...] = VARIANTS
-    idle_seconds: float = 60.0
-    limit: int = 16 * MIB
-    hog_size: int = 32 * MIB
-    #: At most this many groups OOM at once (the second scenario: min(ooming, N)).
-    ooming: int = 100
-    oom_rounds: int = 3
-    oom_timeout: float = 30.0
-    delay: float = 2.0
-
-    def variants_for(self, n: int) -> list[str]:
-        return [variant for variant in self.variants if variant != "baseline" or n <= self.baseline_max]
-
-    def scenarios(self, n: int) -> list[int]:
-        """How many groups OOM at once in each scenario: 1, then min(ooming, N)."""
-        return [1, min(self.ooming, n)]
-
-
-def supervisor_available() -> bool:
-    import useroom
-
-    return hasattr(useroom, "Supervisor")
-
-
-# -- /proc figures ------------------------------------------------------------------
-
-_STATUS_FIELDS: Final = ("VmRSS", "VmLck", "Threads", "voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")
-
-
-def read_status(path: str) -> dict[str, int]:
-    """The numbers of ``PATH/status`` this benchmark uses (kB for the Vm* fields); {} if it is gone."""
-    fields: dict[str, int] = {}
-    try:
-        with open(os.path.join(path, "status")) as file:
-            for line in file:
-                key, _, rest = line.partition(":")
-                if key in _STATUS_FIELDS:
-                    fields[key] = int(rest.split()[0])
-    except (FileNotFoundError, ProcessLookupError):
-        return {}
-    return fields
-
-
-def _children(pid: int | str) -> list[int]:
-    """The children of process *pid*, over all its threads (each thread lists those it forked)."""
-    found: list[int] = []
-    task_dir = f"/proc/{pid}/task"
-    for tid in os.listdir(task_dir):
-        try:
-            with open(f"{task_dir}/{tid}/children") as file:
-                found.extend(int(child) for child in file.read().split())
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return sorted(found)
-
-
-def task_switches(pid: int, *, skip_main: bool) -> dict[str, int]:
-    """Context switches (voluntary + involuntary) of each task of *pid*, by ``PID/TID``."""
-    switches: dict[str, int] = {}
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except (FileNotFoundError, ProcessLookupError):
-        return switches
-    for tid in tids:
-        if skip_main and int(tid) == pid:
-            continue
-        fields = read_status(f"/proc/{pid}/task/{tid}")
-        if fields:
-            switches[f"{pid}/{tid}"] = fields["voluntary_ctxt_switches"] + fields["nonvoluntary_ctxt_switches"]
-    return switches
-
-
-def footprint(watchdogs: Iterable[int]) -> dict[str, Any]:
-    """This process's memory, threads and children, and its watchdogs' memory (kB)."""
-    own = read_status("/proc/self")
-    dogs = [read_status(f"/proc/{pid}") for pid in watchdogs]
-    return {
-        "rss_kb": own["VmRSS"],
-        "locked_kb": own["VmLck"],
-        "threads": own["Threads"],
-        "children": _children("self"),
-        "watchdog_rss_kb": sum(dog.get("VmRSS", 0) for dog in dogs),
-        "watchdog_locked_kb": sum(dog.get("VmLck", 0) for dog in dogs),
-        "watchdogs_gone": sum(not dog for dog in dogs),
-    }
-
-
-# -- the host: the variant under test, in a process of its own --------------------------
-
-class _Baseline:
-    """One ``useroom.Handler`` per group, each with its own threads and watchdog."""
-
-    def __init__(self, delay: float) -> None:
-        self.delay = delay
-        self.handlers: list[Handler] = []
-
-    def add(self, group: Group) -> None:
-        import useroom
-
-        handler = useroom.Handler(group, policy=useroom.KillLargest(), delay=self.delay)
-        handler.start()
-        self.handlers.append(handler)
-
-    def watchdogs(self) -> list[int]:
-        return [pid for handler in self.handlers if handler.watchdog is not None
-                and (pid := handler.watchdog.pid) is not None]
-
-    def errors(self) -> list[str]:
-        return [repr(err) for handler in self.handlers for err in handler.errors]
-
-    def stop(self) -> None:
-        for handler in self.handlers:
-            handler.stop()
-
-
-class _Supervised:
-    """One ``useroom.Supervisor`` for every group: started with the first, the rest added while it runs."""
-
-    def __init__(self, delay: float) -> None:
-        import useroom
-
-        supervisor: Any = getattr(useroom, "Supervisor")  # not in every useroom yet: see supervisor_available()
-        self.supervisor = supervisor(delay=delay, watchdog=True)
-        self.handlers: list[Handler] = []
-        self._started = False
-
-    def add(self, group: Group) -> None:
-        import useroom
-
-        self.handlers.append(self.supervisor.add(group, policy=useroom.KillLargest()))
-        if not self._started:
-            self.supervisor.start()
-            self._started = True
-
-    def watchdogs(self) -> list[int]:
-        watchdog = self.supervisor.watchdog
-        return [watchdog.pid] if watchdog is not None and watchdog.pid is not None else []
-
-    def errors(self) -> list[str]:
-        return [repr(err) for handler in self.handlers for err in handler.errors]
-
-    def stop(self) -> None:
-        self.supervisor.stop()
-
-
-def _event_record(event: OomEvent) -> dict[str, Any]:
-    return {
-        "seq": event.seq,
-        "outcome": event.outcome,
-        "resolved_by": event.resolved_by,
-        "notify_to_signal_ns": event.notify_to_signal_ns,
-        "duration_ns": event.duration_ns,
-        "victims": [victim.pid for victim in event.victims],
-        "takeover": event.takeover.reason if event.takeover is not None else None,
-    }
-
-
-def _say(message: dict[str, Any]) -> None:
-    sys.stdout.buffer.write(json.dumps(message).encode() + b"\n")
-    sys.stdout.buffer.flush()
-
-
-def host_main(argv: list[str]) -> int:
-    """``python -m useroom.bench _scale_host SPEC_JSON``: serve the spec's groups with one variant, on command.
-
-    The spec: ``{"variant": "baseline"|"supervisor", "paths": [...], "delay": SECONDS}``. One JSON
-    line on stdout for each step: ``{"ready", "before"}`` at once; then for each line on stdin:
-
-    - ``start``: add and start every group; ``{"first_ns", "rest_ns", "after_first", "after", "watchdogs"}``;
-    - ``listed {"pids": {INDEX: PID}, "timeout": S}``: wait until each pid is in the victim table
-      of group INDEX's handler; ``{"listed": {INDEX: bool}}``;
-    - ``events {"seen": {INDEX: COUNT}, "timeout": S}``: wait until group INDEX has an event with
-      outcome ``resolved`` past its first COUNT; ``{"events": {INDEX: [every event past COUNT]}}``;
-    - ``stop`` or EOF: stop; ``{"stopped", "stop_ns", "errors"}``, then exit.
-
-    A failure is ``{"error": ...}``, then the stop.
-    """
-    from useroom import Group
-
-    spec = json.loads(argv[0])
-    groups = [Group.open(path) for path in spec["paths"]]
-    kind = _Supervised if spec["variant"] == "supervisor" else _Baseline
-    served: _Baseline | _Supervised | None = None  # made by "start": what it costs is the start's
-    _say({"ready": os.getpid(), "before": footprint([])})
-    try:
-        for line in sys.stdin.buffer:
-            command, _, argument = line.decode().strip().partition(" ")
-            if command == "start":
-                started = time.monotonic_ns()
-                served = kind(spec["delay"])
-                _say(_host_start(served, groups, started))
-            elif command in ("listed", "events") and served is not None:
-                _say((_host_listed if command == "listed" else _host_events)(served, json.loads(argument)))
-            else:
-                break
-    except Exception as err:
-        _say({"error": repr(err)})
-    finally:
-        started = time.monotonic_ns()
-        if served is not None:
-            served.stop()
-        stop_ns = time.monotonic_ns() - started
-        _say({"stopped": True, "stop_ns": stop_ns, "errors": served.errors()[-20:] if served is not None else []})
-    return 0
-
-
-def _host_start(served: _Baseline | _Supervised, groups: Sequence[Group], started: int) -> dict[str, Any]:
-    """Add and start every group, *served* made at *started* (monotonic ns); the figures."""
-    served.add(groups[0])
-    first_ns = time.monotonic_ns() - started
-    time.sleep(SETTLE_S)
-    after_first = footprint(served.watchdogs())
-    started = time.monotonic_ns()
-    for group in groups[1:]:
-        served.add(group)
-    rest_ns = time.monotonic_ns() - started
-    time.sleep(SETTLE_S)
-    return {"first_ns": first_ns, "rest_ns": rest_ns, "after_first": after_first,
-            "after": footprint(served.watchdogs()), "watchdogs": served.watchdogs()}
-
-
-def _host_listed(served: _Baseline | _Supervised, request: dict[str, Any]) -> dict[str, Any]:
-    pids = {int(index): pid for index, pid in request["pids"].items()}
-    deadline = time.monotonic() + request["timeout"]
-    while True:
-        listed = {index: any(victim.pid == pid for victim in served.handlers[index].victims)
-                  for index, pid in pids.items()}
-        if all(listed.values()) or time.monotonic() > deadline:
-            return {"listed": listed}
-        time.sleep(0.005)
-
-
-def _host_events(served: _Baseline | _Supervised, request: dict[str, Any]) -> dict[str, Any]:
-    seen = {int(index): count for index, count in request["seen"].items()}
-    deadline = time.monotonic() + request["timeout"]
-    while True:
-        new = {index: served.handlers[index].events[count:] for index, count in seen.items()}
-        if all(any(event.outcome == "resolved" for event in events) for events in new.values()) \
-                or time.monotonic() > deadline:
-            return {"events": {index: [_event_record(event) for event in events] for index, events in new.items()}}
-        time.sleep(0.01)
 
 
 # -- this process's side of a host ------------------------------------------------------
@@ -382,8 +140,6 @@ class _Host:
 
     def read(self, timeout: float) -> dict[str, Any]:
         """The host's next message; BenchError if none comes in time, or an error does."""
-        from useroom.bench._sandbox import BenchError
-
         assert self.popen.stdout is not None
         fd = self.popen.stdout.fileno()
         deadline = time.monotonic() + timeout
@@ -410,14 +166,12 @@ class _Host:
 
     def adopt_watchdogs(self, pids: Iterable[int]) -> None:
         """Pin each watchdog with a pidfd, if it is still the host's child once pinned."""
-        from useroom.bench._sandbox import Pidfd
-
         for pid in pids:
             try:
                 pidfd = Pidfd(pid)
             except ProcessLookupError:
                 continue
-            if pid in _children(self.pid):
+            if pid in children_of(self.pid):
                 self.watchdogs[pid] = pidfd
             else:
                 pidfd.close()
@@ -471,8 +225,6 @@ class _Host:
 
 
 def _start_host(lab: Lab, variant: str, groups: Sequence[ScratchGroup], config: ScaleConfig) -> _Host:
-    from useroom.bench._sandbox import die_with_parent
-
     spec = {"variant": variant, "paths": [group.path for group in groups], "delay": config.delay}
     stderr = tempfile.TemporaryFile(prefix="useroom-scale-host-")
     # Its own session: a Ctrl-C at the terminal is this process's to handle,
@@ -487,8 +239,6 @@ def _start_host(lab: Lab, variant: str, groups: Sequence[ScratchGroup], config: 
 
 def _spawn_hog(lab: Lab, guard: SignalGuard, group: ScratchGroup, go_r: int, warm: int, size: int) -> Child:
     """Fork a hog that joins *group*, touches *warm* bytes, and waits for EOF on *go_r*; it is ready then."""
-    from useroom.bench._sandbox import BenchError
-
     ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
     procs = os.path.join(group.path, "cgroup.procs")
     parent = os.getpid()
@@ -517,8 +267,6 @@ def _spawn_hog(lab: Lab, guard: SignalGuard, group: ScratchGroup, go_r: int, war
 def _hog_main(parent: int, procs: str, ready_w: int, go_r: int, warm: int, size: int,
               signals: tuple[signal.Signals, ...]) -> NoReturn:
     """The forked hog: never returns into the benchmark's code."""
-    from useroom.bench._sandbox import settle_child
-
     try:
         if not settle_child(parent, (ready_w, go_r), signals):
             os._exit(HOG_ERROR)
@@ -580,7 +328,7 @@ def run_variant(lab: Lab, guard: SignalGuard, config: ScaleConfig, variant: str,
         # The groups whose handler holds the kernel killer off: v1's switch, v2's wall (memory.high).
         raw["kill_disabled"] = sum(group.killer_held_off() for group in groups)
         if progress is not None:
-            print(f"  {variant}, {_groups(n)}: started in {(started['first_ns'] + started['rest_ns']) / 1e6:.0f} ms; "
+            print(f"  {variant}, {n_groups(n)}: started in {(started['first_ns'] + started['rest_ns']) / 1e6:.0f} ms; "
                   f"idle for {config.idle_seconds:g} s", file=progress, flush=True)
         raw["idle"] = _idle(host, config.idle_seconds)
         seen = [0] * n
@@ -591,7 +339,7 @@ def run_variant(lab: Lab, guard: SignalGuard, config: ScaleConfig, variant: str,
                                      | _oom_round(lab, guard, host, groups, indices, seen, config))
         if progress is not None:
             summary = summarize(raw)
-            print(f"  {variant}, {_groups(n)}: {summary['resolved']}/{summary['ooms']} OOMs resolved, "
+            print(f"  {variant}, {n_groups(n)}: {summary['resolved']}/{summary['ooms']} OOMs resolved, "
                   f"{summary['deadlocks']} deadlocks", file=progress, flush=True)
     finally:
         with guard.shielded():
@@ -690,152 +438,6 @@ def _oom_round(lab: Lab, guard: SignalGuard, host: _Host, groups: Sequence[Scrat
     return {"at_once": len(indices), "groups": [outcome[index] for index in indices if index in outcome]}
 
 
-# -- figures ------------------------------------------------------------------------
-
-def percentile(values: Sequence[int], fraction: float) -> int | None:
-    """Nearest rank: the smallest value with at least *fraction* of the values at or below it."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[max(math.ceil(fraction * len(ordered)) - 1, 0)]
-
-
-def summarize(raw: dict[str, Any]) -> dict[str, Any]:
-    """One row of the table from a variant's raw figures (None where a figure is missing)."""
-    n = raw["groups"]
-    row: dict[str, Any] = {"variant": raw["variant"], "groups": n}
-    if "after" in raw:
-        before, first, after = raw["before"], raw["after_first"], raw["after"]
-
-        def total(sample: dict[str, Any], key: str) -> int:
-            return int((sample[f"{key}_kb"] + sample[f"watchdog_{key}_kb"]) * KIB)
-
-        start_ns = raw["first_ns"] + raw["rest_ns"]
-        row.update(
-            start_ns=start_ns,
-            start_per_group_ns=start_ns / n,
-            rss_per_group=(total(after, "rss") - total(before, "rss")) / n,
-            locked_per_group=(total(after, "locked") - total(before, "locked")) / n,
-            host_rss_per_group=(after["rss_kb"] - before["rss_kb"]) * KIB / n,
-            watchdog_rss_per_group=after["watchdog_rss_kb"] * KIB / n,
-            marginal_rss_per_group=(total(after, "rss") - total(first, "rss")) / (n - 1) if n > 1 else None,
-            marginal_locked_per_group=(total(after, "locked") - total(first, "locked")) / (n - 1) if n > 1 else None,
-            host_rss_before=before["rss_kb"] * KIB,
-            threads_added=after["threads"] - before["threads"],
-            processes_started=len(set(after["children"]) - set(before["children"])),
-            watchdogs=len(raw["watchdogs"]),
-            kill_disabled=raw["kill_disabled"],
-        )
-    else:
-        row.update(start_ns=None, start_per_group_ns=None, rss_per_group=None, locked_per_group=None,
-                   host_rss_per_group=None, watchdog_rss_per_group=None, marginal_rss_per_group=None, marginal_locked_per_group=None, host_rss_before=None,
-                   threads_added=None, processes_started=None, watchdogs=None, kill_disabled=None)
-    idle = raw.get("idle")
-    row["idle_seconds"] = idle["seconds"] if idle else None
-    row["idle_wakeups"] = idle["wakeups"] if idle else None
-    row["idle_wakeups_per_s"] = idle["wakeups"] / idle["seconds"] if idle else None
-    groups = [group for r in raw["rounds"] for group in r["groups"]]
-    for name in ("one", "many"):
-        rounds = [r for r in raw["rounds"] if r["scenario"] == name]
-        latencies = [g["latency_ns"] for r in rounds for g in r["groups"] if g["latency_ns"] is not None]
-        row[f"{name}_at_once"] = max((r["at_once"] for r in rounds), default=None)
-        row[f"{name}_samples"] = len(latencies)
-        row[f"{name}_p50_ns"] = percentile(latencies, 0.5)
-        row[f"{name}_p99_ns"] = percentile(latencies, 0.99)
-    row.update(
-        ooms=len(groups),
-        resolved=sum(g["verdict"] == "resolved" for g in groups),
-        deadlocks=sum(g["verdict"] == "deadlock" for g in groups),
-        unresolved=sum(g["verdict"] == "unresolved" for g in groups),
-        kernel_kills=sum(g["kernel_kills"] for g in groups),
-        by_handler=sum(g["by_handler"] for g in groups),
-        not_listed=sum(not g["listed"] for g in groups),
-        stop_ns=raw.get("stop_ns"),
-        handler_errors=len(raw.get("handler_errors", [])),
-        problems=list(raw["problems"]),
-    )
-    row["all_resolved"] = row["ooms"] > 0 and row["resolved"] == row["ooms"]
-    return row
-
-
-def below_goal(row: dict[str, Any]) -> list[str]:
-    """The supervisor goals a row misses, as text."""
-    return [f"{name}: {_shown(row[key])} (goal {goal})" for name, key, test, goal in GOALS if not test(row[key])]
-
-
-def _shown(value: Any) -> str:
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return _size(value)
-    return "-" if value is None else str(value)
-
-
-def _size(value: float | None) -> str:
-    if value is None:
-        return "-"
-    if abs(value) >= MIB:
-        return f"{value / MIB:.1f} MiB"
-    return f"{value / KIB:.1f} KiB"
-
-
-def _ms(value: float | None, decimals: int = 0) -> str:
-    return "-" if value is None else f"{value / 1e6:.{decimals}f}"
-
-
-def _groups(n: int) -> str:
-    return f"{n} group" if n == 1 else f"{n} groups"
-
-
-def _us_pair(p50: int | None, p99: int | None) -> str:
-    return "-" if p50 is None or p99 is None else f"{p50 / 1e3:.0f} / {p99 / 1e3:.0f}"
-
-
-def render(rows: Sequence[dict[str, Any]], header: str) -> str:
-    """The table: one line per N and variant, then what the columns mean."""
-    titles = ("groups", "variant", "start ms", "ms/group", "RSS/group", "locked/group", "+threads", "+procs",
-              "idle wake-ups", "1 OOM us p50/p99", "at once", "us p50/p99", "resolved", "deadlocks",
-              "kernel kills")
-    table = [titles]
-    for row in rows:
-        table.append((
-            str(row["groups"]), row["variant"], _ms(row["start_ns"]), _ms(row["start_per_group_ns"], 1),
-            _size(row["rss_per_group"]), _size(row["locked_per_group"]), _shown(row["threads_added"]),
-            _shown(row["processes_started"]),
-            "-" if row["idle_wakeups"] is None else f"{row['idle_wakeups']} ({row['idle_wakeups_per_s']:.1f}/s)",
-            _us_pair(row["one_p50_ns"], row["one_p99_ns"]), _shown(row["many_at_once"]),
-            _us_pair(row["many_p50_ns"], row["many_p99_ns"]), f"{row['resolved']}/{row['ooms']}",
-            str(row["deadlocks"]), str(row["kernel_kills"]),
-        ))
-    widths = [max(len(line[i]) for line in table) for i in range(len(titles))]
-    lines = [header, ""]
-    for number, cells in enumerate(table):
-        lines.append("  ".join(cell.ljust(widths[i]) if i < 2 else cell.rjust(widths[i])
-                               for i, cell in enumerate(cells)).rstrip())
-        if number == 0:
-            lines.append("  ".join("-" * width for width in widths))
-    lines.append("")
-    lines.append("start: add+start of every group (ms/group: over N); RSS and locked per group: (host + its "
-                 "watchdogs) after the N starts minus before, over N; +threads, +procs: what the host gained; "
-                 "idle wake-ups: context switches of the handler threads and watchdogs over the idle window; "
-                 "latency: notify -> first signal (OomEvent.notify_to_signal_ns), nearest rank")
-    for row in rows:
-        if row["rss_per_group"] is None:
-            continue
-        marginal = "" if row["marginal_rss_per_group"] is None else (
-            f"; marginal (from after the first start) {_size(row['marginal_rss_per_group'])} RSS, "
-            f"{_size(row['marginal_locked_per_group'])} locked")
-        lines.append(f"{row['variant']}, {_groups(row['groups'])}: RSS per group {_size(row['host_rss_per_group'])} "
-                     f"host + {_size(row['watchdog_rss_per_group'])} watchdogs{marginal}; stop "
-                     f"{_ms(row['stop_ns'])} ms")
-    for row in rows:
-        if row["unresolved"] or row["not_listed"] or row["handler_errors"]:
-            lines.append(f"{row['variant']}, {_groups(row['groups'])}: {row['unresolved']} OOMs unresolved, "
-                         f"{row['not_listed']} hogs not in the victim table when let go, "
-                         f"{row['handler_errors']} handler errors")
-    return "\n".join(lines)
-
-
 # -- the command ----------------------------------------------------------------------
 
 def _counts(text: str) -> tuple[int, ...]:
@@ -856,9 +458,6 @@ def _variants(text: str) -> tuple[str, ...]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from useroom._units import parse_duration
-    from useroom.bench._sandbox import size_arg as size
-
     def duration(text: str) -> float:
         try:
             return parse_duration(text)
@@ -876,8 +475,8 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"which of {', '.join(VARIANTS)} (default: both; the supervisor where useroom has it)")
     parser.add_argument("--idle-seconds", type=float, default=defaults.idle_seconds, metavar="S",
                         help="the idle window wake-ups are counted over (default %(default)s)")
-    parser.add_argument("--limit", type=size, default=defaults.limit, help="each group's limit (default 16M)")
-    parser.add_argument("--hog-size", type=size, default=defaults.hog_size,
+    parser.add_argument("--limit", type=size_arg, default=defaults.limit, help="each group's limit (default 16M)")
+    parser.add_argument("--hog-size", type=size_arg, default=defaults.hog_size,
                         help="what each hog touches, more than the limit (default 32M)")
     parser.add_argument("--ooming", type=int, default=defaults.ooming, metavar="K",
                         help="the second scenario OOMs min(K, N) groups at once (default %(default)s)")
@@ -894,9 +493,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str], out: IO[str] | None = None) -> int:
     """``python -m useroom.bench scale``."""
-    from useroom._units import format_size
-    from useroom.bench._sandbox import BenchError, Interrupted, Lab, SignalGuard
-
     out = out or sys.stdout
     parser = _parser()
     args = parser.parse_args(argv)
@@ -923,7 +519,7 @@ def main(argv: list[str], out: IO[str] | None = None) -> int:
         except BenchError as error:
             print(f"useroom.bench scale: {error}", file=sys.stderr)
             return 2
-        header = _header(config, available, format_size, lab.kind)
+        header = header_text(config, available, lab.kind)
         print(header.replace("\n", "; "), file=sys.stderr, flush=True)
         try:
             lab.sweep_stale()
@@ -932,10 +528,10 @@ def main(argv: list[str], out: IO[str] | None = None) -> int:
                     try:
                         figures = run_variant(lab, guard, config, variant, n, sys.stderr)
                     except BenchError as error:  # this run's groups and processes are gone: go on
-                        problems.append(f"{variant}, {_groups(n)}: {error}")
+                        problems.append(f"{variant}, {n_groups(n)}: {error}")
                         continue
                     raw.append(figures)
-                    problems.extend(f"{variant}, {_groups(n)}: {problem}" for problem in figures["problems"])
+                    problems.extend(f"{variant}, {n_groups(n)}: {problem}" for problem in figures["problems"])
         except Interrupted as err:
             interrupted = err.signum
         except BenchError as error:
@@ -954,11 +550,11 @@ def main(argv: list[str], out: IO[str] | None = None) -> int:
     if skipped:
         print(f"baseline not run at {', '.join(map(str, skipped))} groups (--baseline-max {config.baseline_max}: "
               "a watchdog process of about 23 MiB per group)", file=out)
-    failing = {_groups(row["groups"]): below_goal(row) for row in rows if row["variant"] == "supervisor"}
+    failing = {n_groups(row["groups"]): below_goal(row) for row in rows if row["variant"] == "supervisor"}
     for where, misses in failing.items():
         if misses:
             print(f"below the goal (supervisor, {where}): {'; '.join(misses)}", file=out)
-    failed = [f"{row['variant']}, {_groups(row['groups'])}: {row['deadlocks']} deadlocks, {row['unresolved']} "
+    failed = [f"{row['variant']}, {n_groups(row['groups'])}: {row['deadlocks']} deadlocks, {row['unresolved']} "
               f"unresolved of {row['ooms']} OOMs" for row in rows if not row["all_resolved"]]
     problems.extend(failed)
     if interrupted is not None:
@@ -968,33 +564,10 @@ def main(argv: list[str], out: IO[str] | None = None) -> int:
         print("problems:", *problems, sep="\n  ", file=sys.stderr)
     if args.json:
         with open(args.json, "w") as file:
-            json.dump({"config": attrs.asdict(config), "machine": _machine(), "supervisor_available": available,
+            json.dump({"config": attrs.asdict(config), "machine": machine(), "supervisor_available": available,
                        "rows": rows, "below_goal": failing, "problems": problems, "raw": raw,
                        "interrupted": interrupted}, file, indent=1)
     out.flush()
     if interrupted is not None:
         return 128 + interrupted
     return 1 if problems else 0
-
-
-def _header(config: ScaleConfig, available: bool, format_size: Callable[[int], str],
-            kind: type[ScratchGroup]) -> str:
-    machine = _machine()
-    supervisor = "" if available else " (useroom.Supervisor not in this useroom: baseline only)"
-    wall = f" ({kind.wall_file}; {kind.limit_file} = limit + V2_GAP)" if kind.wall_apart else ""
-    return (f"useroom scale benchmark: cgroup v{kind.version}, kernel {machine['kernel']}, {machine['cores']} cores, "
-            f"Python {machine['python']}\n"
-            f"variants {', '.join(config.variants)}{supervisor}; groups {','.join(map(str, config.groups))} "
-            f"(baseline up to {config.baseline_max}); limit {format_size(config.limit)}{wall}, hogs touch "
-            f"{format_size(config.hog_size)}; idle {config.idle_seconds:g} s; OOMs: 1 and min({config.ooming}, N) "
-            f"at once, {config.oom_rounds} rounds each; watchdog delay {config.delay:g} s")
-
-
-def _machine() -> dict[str, Any]:
-    import platform
-    import resource
-
-    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-    return {"kernel": platform.release(), "cores": os.cpu_count(), "python": platform.python_version(),
-            "memlock_limit": -1 if soft == resource.RLIM_INFINITY else soft, "uid": os.geteuid(),
-            "emulated": os.environ.get("VMRUN_GUEST") == "1"}
