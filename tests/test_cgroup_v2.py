@@ -28,7 +28,7 @@ from useroom.cgroup.v2 import (
     V2Group,
     _psi_reason,
 )
-from useroom.native import Action, NativeWatcher, Outcome, Plan, SourceKind, Wake
+from useroom.native import Action, Outcome, Plan, SourceKind, Wake
 from useroom._mounts import MemoryHierarchy, Mount, read_memberships, read_mounts
 from useroom._units import UNLIMITED
 from useroom import FreezeAndDecide, FrozenContext, Handler, KillNewest, OomContext, OomEvent

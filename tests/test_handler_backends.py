@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from collections.abc import Callable
 
 import attrs
@@ -250,7 +249,7 @@ class TestPickFindsNewTasks:
         """A task started after the plan was armed, and after a first pick read
         cgroup.procs, is found by the next pick of the same plan (cgroup v1
         lists an open file's first read again: the pick opens it anew)."""
-        from useroom.native import Action, EventFd, NativeWatcher, Plan, SourceKind
+        from useroom.native import Action, EventFd, Plan, SourceKind
         from useroom._procs import ProcsFiles
 
         first, = _hogs(spawn_hog, group, 8)

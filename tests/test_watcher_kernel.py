@@ -17,7 +17,7 @@ import pytest
 
 from helpers import MIB, Hog, SoloWatcher
 from useroom.cgroup import Group
-from useroom.native import Action, NativeWatcher, Outcome, Plan, SourceKind
+from useroom.native import Action, Outcome, Plan, SourceKind
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(60)]
 

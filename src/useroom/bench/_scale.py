@@ -305,7 +305,7 @@ def _wait_exited(hogs: Sequence[Child], deadline: float) -> None:
 def run_variant(lab: Lab, guard: SignalGuard, config: ScaleConfig, variant: str, n: int,
                 progress: IO[str] | None = None) -> dict[str, Any]:
     """*variant* serving *n* fresh groups: its start, memory, idle and OOM figures (raw)."""
-    from useroom._handler import V2_GAP
+    from useroom.handler.arming import V2_GAP
 
     raw: dict[str, Any] = {"variant": variant, "groups": n, "rounds": [], "problems": [],
                            "cgroup_version": lab.version}

@@ -96,7 +96,7 @@ from useroom.bench._storm_report import (
     summarize,
 )
 from useroom.cgroup import Group
-from useroom.cgroup.base import OomCounter
+from useroom.cgroup import OomCounter
 
 __all__ = ["main", "run_variant"]
 
