@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from useroom import KillByPriority, KillGroup, KillLargest, KillNewest, RaiseLimit, native
+from useroom import FreezeAndDecide, KillByPriority, KillGroup, KillLargest, KillNewest, RaiseLimit, native
 from useroom.policy import PlanContext
 from useroom._victims import Victim
 
@@ -238,7 +238,7 @@ class TestPlanKey:
 
         pidfd = Pidfd(os.getpid())
         try:
-            yield {v.pid: pidfd for v in VICTIMS}
+            yield {v.pid: pidfd.numbers() for v in VICTIMS}
         finally:
             pidfd.close()
 
@@ -284,3 +284,43 @@ class TestPlanKey:
         grown = _ctx(victims=(*VICTIMS[:2], attrs.evolve(VICTIMS[2], rss=99 * MIB)))
         assert KillLargest().plan_key(_ctx()) != KillLargest().plan_key(grown)
         assert KillNewest().plan_key(_ctx()) == KillNewest().plan_key(_ctx())
+
+
+class TestNoResourceInValues:
+    """Plans and their contexts are values: they name fds by number, and own none."""
+
+    @staticmethod
+    def _owners(value, seen=None) -> list:
+        import attrs
+
+        from useroom._fd import OwnedFd
+
+        seen = set() if seen is None else seen
+        if id(value) in seen:
+            return []
+        seen.add(id(value))
+        if isinstance(value, OwnedFd):
+            return [value]
+        owners = TestNoResourceInValues._owners
+        if attrs.has(type(value)):
+            return [o for f in attrs.fields(type(value)) for o in owners(getattr(value, f.name), seen)]
+        if hasattr(value, "items"):
+            return [o for k, v in value.items() for o in owners(k, seen) + owners(v, seen)]
+        if isinstance(value, (tuple, list, frozenset, set)):
+            return [o for v in value for o in owners(v, seen)]
+        return []
+
+    @pytest.mark.parametrize("policy", [KillLargest(), KillNewest(), KillGroup(), KillByPriority({"w": 1}),
+                                        FreezeAndDecide(lambda ctx: ())], ids=lambda p: type(p).__name__)
+    def test_a_compiled_plan_owns_no_fd(self, policy) -> None:
+        import os
+
+        from useroom._victims import Pidfd
+
+        with Pidfd(os.getpid()) as pidfd:
+            ctx = _ctx(pidfds={v.pid: pidfd.numbers() for v in VICTIMS}, procs_fd=9, reserve=16 * MIB,
+                       grant_wake_fd=7, grant_reply_fd=8, hooks_wake_fd=10, hooks_reply_fd=11, hold_processes=True)
+            compiled = policy.compile(ctx)
+            assert [] == self._owners(ctx) == self._owners(compiled)
+            assert pidfd.fileno() in compiled.pidfds  # named by number
+

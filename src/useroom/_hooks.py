@@ -67,7 +67,8 @@ class OomContext:
     #: The group's other processes (victim-table entries), stopped
     #: (SIGSTOP) while the hooks run; see :meth:`resume_others`.
     held: tuple[Any, ...] = ()
-    #: Their pidfds by pid (the plan's, borrowed), which signal them.
+    #: Their pidfds by pid (the victim table's, lent for the episode),
+    #: which signal them.
     pidfds: Mapping[int, Any] = attrs.field(factory=dict, repr=False)
     #: Pids of the processes in :attr:`held` continued by
     #: :meth:`resume_others` and running now.

@@ -8,7 +8,8 @@ time, so the native plan can signal it without racing pid reuse: a process
 that exits makes its pidfd readable, and the plan skips it.
 
 The table owns the pidfds (:meth:`VictimTable.pidfd`); a :class:`Victim`
-is a plain value, which a policy or a hook may keep.
+is a plain value, which a policy or a hook may keep, and so is
+:class:`TaskFds`, the fd numbers a plan names for a task.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from useroom import native
 from useroom.cgroup import Group
 from useroom._fd import OwnedFd
 
-__all__ = ["Pidfd", "ProcAdj", "ProcStatus", "Victim", "VictimTable"]
+__all__ = ["Pidfd", "ProcAdj", "ProcStatus", "TaskFds", "Victim", "VictimTable"]
 
 
 #: More than ``/proc/<pid>/status`` ever holds (about 1.5 KiB).
@@ -71,6 +72,18 @@ class ProcAdj(OwnedFd):
             raise ProcessLookupError from None
 
 
+@attrs.frozen
+class TaskFds:
+    """The fd numbers a plan names for one task: its pidfd, its status file
+    and its ``oom_score_adj`` file (-1: not open). Numbers, not owners: the
+    :class:`VictimTable` owns the fds, and keeps open those an armed plan
+    names (:meth:`VictimTable.release`)."""
+
+    pidfd: int
+    status: int = -1
+    adj: int = -1
+
+
 class Pidfd(OwnedFd):
     """A pidfd (close-on-exec) for one process, and its :class:`ProcStatus`
     and :class:`ProcAdj` (None if they could not be opened), closed with it."""
@@ -96,6 +109,11 @@ class Pidfd(OwnedFd):
             if file is not None:
                 file.close()
         super().close()
+
+    def numbers(self) -> TaskFds:
+        """The fd numbers of now (a value a plan may name)."""
+        return TaskFds(self.fileno(), -1 if self.status is None else self.status.fileno(),
+                       -1 if self.adj is None else self.adj.fileno())
 
     @property
     def exited(self) -> bool:
@@ -214,6 +232,7 @@ class VictimTable:
         self.victims: tuple[Victim, ...] = ()
         self.procs: tuple[int, ...] = ()
         self._pidfds: dict[int, Pidfd] = {}
+        self._numbers: dict[int, TaskFds] = {}
         self._retired: list[Pidfd] = []
         self._seen: dict[int, _Seen] = {}
         #: Pids already sent SIGKILL: dying, not victims again.
@@ -266,20 +285,29 @@ class VictimTable:
             if pid not in fresh:
                 self._retired.append(pidfd)
         self._pidfds = fresh
+        self._numbers = {pid: pidfd.numbers() for pid, pidfd in fresh.items()}
         self._seen = seen
         self.victims = tuple(victims)
         return self.victims
 
     @property
-    def pidfds(self) -> Mapping[int, Pidfd]:
-        """The pidfds of the victims of the last refresh, by pid (a read-only
-        view: the table owns them)."""
-        return types.MappingProxyType(self._pidfds)
+    def pidfds(self) -> Mapping[int, TaskFds]:
+        """The fd numbers of the victims of the last refresh, by pid (the
+        table owns the fds: see :meth:`release`)."""
+        return types.MappingProxyType(self._numbers)
 
     def pidfd(self, pid: int) -> Pidfd | None:
         """The pidfd of a victim of the last refresh; None without pidfds or
         for a pid the refresh did not list."""
         return self._pidfds.get(pid)
+
+    def named(self, fd: int) -> Pidfd | None:
+        """The open pidfd whose number a plan names (a victim's of the last
+        refresh, or a retired one still kept for an armed plan), or None."""
+        for pidfd in [*self._pidfds.values(), *self._retired]:
+            if not pidfd.closed and pidfd.fileno() == fd:
+                return pidfd
+        return None
 
     def _measure(self, pid: int, pidfd: Pidfd | None) -> _Seen:
         """The task's name, size, start time and uid; raises
@@ -307,12 +335,13 @@ class VictimTable:
             rss, uid = fields.rss, fields.uid
         return _Seen(pidfd, fields.comm if fields is not None else None, name, rss, created, uid)
 
-    def release(self, in_use: Iterable[Pidfd]) -> None:
-        """Closes retired pidfds that no armed plan uses any more."""
-        keep = {id(p) for p in in_use}
+    def release(self, in_use: Iterable[int]) -> None:
+        """Closes retired pidfds whose numbers no armed plan names any more
+        (``in_use``: the pidfd numbers the armed plans name)."""
+        keep = set(in_use)
         still = []
         for pidfd in self._retired:
-            if id(pidfd) in keep:
+            if not pidfd.closed and pidfd.fileno() in keep:
                 still.append(pidfd)
             else:
                 pidfd.close()
@@ -322,6 +351,7 @@ class VictimTable:
         for pidfd in [*self._pidfds.values(), *self._retired]:
             pidfd.close()
         self._pidfds = {}
+        self._numbers = {}
         self._retired = []
         self.victims = ()
 

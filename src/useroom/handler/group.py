@@ -590,11 +590,14 @@ class GroupHandler:
                           unsettled=self._hooks_unsettled)
 
     def _held(self) -> tuple[tuple[Victim, ...], Mapping[int, Pidfd]]:
-        """The processes the armed plan stops while the hooks run, and their pidfds by pid."""
+        """The processes the armed plan stops while the hooks run, and their
+        pidfds by pid (the table's, lent to the hook thread: one closed
+        since is skipped, never a number reused)."""
         if not self._armed:
             return (), {}
         compiled = self._armed[-1].compiled
-        return compiled.held, {p.pid: p for p in compiled.pidfds}
+        lent = {v.pid: self._table.named(fd) for v, fd in zip(compiled.held, compiled.held_pidfds)}
+        return compiled.held, {pid: pidfd for pid, pidfd in lent.items() if pidfd is not None}
 
     @property
     def _reserve(self) -> int:

@@ -199,11 +199,11 @@ class FreezeAndDecide(Policy):
                 b.add(Action.write(ctx.freeze_fd, b"1").after(grant_at),
                       "freeze the group (cgroup.freeze) before deciding", Phase.FREEZE)
             else:
-                for v, pidfd in stoppable:
-                    b.pidfds.append(pidfd)
-                    thaws.append((len(b.actions), Action.signal_pidfd(pidfd.fileno(), signal.SIGCONT),
+                for v, fd in stoppable:
+                    b.pidfds.append(fd)
+                    thaws.append((len(b.actions), Action.signal_pidfd(fd, signal.SIGCONT),
                                   f"SIGCONT {v.pid}: thaw"))
-                    b.add(Action.signal_pidfd(pidfd.fileno(), signal.SIGSTOP).after(grant_at),
+                    b.add(Action.signal_pidfd(fd, signal.SIGSTOP).after(grant_at),
                           f"SIGSTOP {v.describe()}: freeze before deciding", Phase.FREEZE, v)
             b.add(Action.wake(ctx.grant_wake_fd).after(grant_at), "wake the handler to decide", Phase.FREEZE)
             b.add(Action.await_readable(ctx.grant_reply_fd, ctx.grant_timeout, read=True).after(grant_at),

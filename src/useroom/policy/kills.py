@@ -187,17 +187,17 @@ class KillGroup(Policy):
             for v in chosen:
                 b.victims.append(v)
                 why = f"SIGKILL {v.describe()}: the whole group"
-                pidfd = ctx.pidfd(v)
-                if pidfd is None:
+                fds = ctx.pidfd(v)
+                if fds is None:
                     b.add(Action.signal_pid(v.pid, signal.SIGKILL), why, Phase.KILL, v)
                     continue
-                b.pidfds.append(pidfd)
-                b.add(Action.signal_pidfd(pidfd.fileno(), signal.SIGKILL), why, Phase.KILL, v)
+                b.pidfds.append(fds.pidfd)
+                b.add(Action.signal_pidfd(fds.pidfd, signal.SIGKILL), why, Phase.KILL, v)
             if native.can_use_mrelease():
                 for v in chosen:
-                    pidfd = ctx.pidfd(v)
-                    if pidfd is not None:
-                        b.add(Action.mrelease(pidfd.fileno()), f"reap the memory of {v.pid} now", Phase.KILL)
+                    fds = ctx.pidfd(v)
+                    if fds is not None:
+                        b.add(Action.mrelease(fds.pidfd), f"reap the memory of {v.pid} now", Phase.KILL)
         if b.hooks_grant is not None:
             b.restore(b.hooks_grant, Phase.KILL)
         b.add(Action.check(ctx.check_timeout, supersede=True), "check whether the OOM is over", Phase.KILL)

@@ -15,7 +15,7 @@ import psutil
 from useroom import native
 from useroom.native import Action, Candidate, Plan
 from useroom._units import format_size
-from useroom._victims import Pidfd, Victim
+from useroom._victims import TaskFds, Victim
 
 __all__ = ["CompiledPlan", "HOLD_PROCESSES_MAX", "PICK_REASON", "Phase", "PlanBuilder", "PlanContext", "StepTag"]
 
@@ -120,7 +120,7 @@ class PlanContext:
     #: The victims' pidfds by pid (the table's, borrowed: it closes them
     #: once no armed plan uses them). Without pidfds, empty: the plan
     #: signals by pid.
-    pidfds: Mapping[int, Pidfd] = attrs.field(factory=dict, eq=False, repr=False)
+    pidfds: Mapping[int, TaskFds] = attrs.field(factory=dict, eq=False, repr=False)
     #: cgroup v2: what the kill phase writes to ``limit_fd`` before its
     #: first kill (a higher wall), and ``limit`` after its last. A task over
     #: ``memory.high`` is put to sleep on its way back to user space, for a
@@ -132,8 +132,8 @@ class PlanContext:
     #: wall: the tasks wait in the OOM and run as soon as the limit fits).
     lift: bytes = b""
 
-    def pidfd(self, victim: Victim) -> Pidfd | None:
-        """The victim's pidfd, or None (no pidfds, or it exited before the refresh opened one)."""
+    def pidfd(self, victim: Victim) -> TaskFds | None:
+        """The victim's fd numbers, or None (no pidfds, or it exited before the refresh opened one)."""
         return self.pidfds.get(victim.pid)
 
     @property
@@ -161,11 +161,14 @@ class CompiledPlan:
     #: One per action: the victim it signals, if any.
     targets: tuple[Victim | None, ...]
     victims: tuple[Victim, ...]
-    pidfds: tuple[Pidfd, ...]
+    #: The pidfd numbers the plan names (the table keeps them open).
+    pidfds: tuple[int, ...]
     #: What the policy would have done (dry runs), one line each.
     would: tuple[str, ...] = ()
     #: The processes the hooks' phase stops while the hooks run.
     held: tuple[Victim, ...] = ()
+    #: Their pidfd numbers, one per process of :attr:`held`.
+    held_pidfds: tuple[int, ...] = ()
     #: What the plan's SIGNAL_BEST actions pick from, by the index a step
     #: records (:attr:`useroom.native.Step.pick`).
     candidates: tuple[Victim, ...] = ()
@@ -173,14 +176,14 @@ class CompiledPlan:
     tags: tuple[StepTag, ...] = ()
 
 
-def with_pidfds(ctx: PlanContext) -> list[tuple[Victim, Pidfd]]:
-    """The victims that have a pidfd, with it, in table order."""
-    return [(v, p) for v in ctx.victims if (p := ctx.pidfd(v)) is not None]
+def with_pidfds(ctx: PlanContext) -> list[tuple[Victim, int]]:
+    """The victims that have a pidfd, with its number, in table order."""
+    return [(v, p.pidfd) for v in ctx.victims if (p := ctx.pidfd(v)) is not None]
 
 
-def status_open(pidfd: Pidfd | None) -> bool:
+def status_open(fds: TaskFds | None) -> bool:
     """Whether the native pick can read the task's status at the OOM."""
-    return pidfd is not None and pidfd.status is not None
+    return fds is not None and fds.status >= 0
 
 
 class PlanBuilder:
@@ -192,10 +195,11 @@ class PlanBuilder:
         self.tags: list[StepTag] = []
         self.targets: list[Victim | None] = []
         self.victims: list[Victim] = []
-        self.pidfds: list[Pidfd] = []
+        self.pidfds: list[int] = []
         #: Index of the hooks' grant while it may still be on.
         self.hooks_grant: int | None = None
         self.held: list[Victim] = []
+        self.held_pidfds: list[int] = []
         self.candidates: list[Victim] = []
         #: SIGNAL_BEST also looks for tasks that are not candidates.
         self.finding = False
@@ -216,10 +220,10 @@ class PlanBuilder:
     def kill(self, victim: Victim, reason: str, sig: int, term_grace: float | None) -> None:
         self.open_wall()
         who = victim.describe()
-        pidfd = self.ctx.pidfd(victim)
-        if pidfd is not None:
-            self.pidfds.append(pidfd)
-            fd = pidfd.fileno()
+        fds = self.ctx.pidfd(victim)
+        if fds is not None:
+            fd = fds.pidfd
+            self.pidfds.append(fd)
             if term_grace is not None:
                 self.add(Action.signal_pidfd(fd, signal.SIGTERM), f"SIGTERM {who}: {reason}", Phase.KILL, victim)
                 self.add(Action.await_readable(fd, term_grace), f"wait up to {term_grace} s for {victim.pid} to exit", Phase.KILL)
@@ -238,8 +242,8 @@ class PlanBuilder:
         if self.hooks_grant is not None:
             self.restore(self.hooks_grant, Phase.KILL)
         check = Action.check(self.ctx.check_timeout, supersede=True)
-        if self.ctx.lift and pidfd is not None:
-            check = check.until_exit(pidfd.fileno())
+        if self.ctx.lift and fds is not None:
+            check = check.until_exit(fds.pidfd)
         self.add(check, self.check_why, Phase.KILL)
         self.victims.append(victim)
 
@@ -341,10 +345,10 @@ class PlanBuilder:
             # instead of the headroom.
             resume = []
             if ctx.hold_processes:
-                for v, pidfd in with_pidfds(ctx)[:HOLD_PROCESSES_MAX]:
-                    self.pidfds.append(pidfd)
+                for v, fd in with_pidfds(ctx)[:HOLD_PROCESSES_MAX]:
+                    self.pidfds.append(fd)
                     self.held.append(v)
-                    fd = pidfd.fileno()
+                    self.held_pidfds.append(fd)
                     resume.append((len(self.actions), Action.signal_pidfd(fd, signal.SIGCONT), f"SIGCONT {v.pid}"))
                     self.add(Action.signal_pidfd(fd, signal.SIGSTOP),
                              f"SIGSTOP {v.describe()}: hold it while the hooks run", Phase.HOOKS)
@@ -379,12 +383,11 @@ class PlanBuilder:
     def build(self) -> CompiledPlan:
         candidates = []
         for v in self.candidates:
-            pidfd = self.ctx.pidfd(v)
-            assert pidfd is not None and pidfd.status is not None
-            self.pidfds.append(pidfd)
-            candidates.append(Candidate(pidfd.fileno(), pidfd.status.fileno(), v.pid,
-                                        v.oom_score_adj * self.ctx.limit_kb // 1000,
-                                        pidfd.adj.fileno() if pidfd.adj is not None else -1))
+            fds = self.ctx.pidfd(v)
+            assert fds is not None and fds.status >= 0
+            self.pidfds.append(fds.pidfd)
+            candidates.append(Candidate(fds.pidfd, fds.status, v.pid, v.oom_score_adj * self.ctx.limit_kb // 1000,
+                                        fds.adj))
         # Tasks started since the refresh are found through cgroup.procs;
         # with more pids to protect than the plan holds, none are looked for.
         find = self.finding and len(self.ctx.protect) <= 32
@@ -395,7 +398,7 @@ class PlanBuilder:
                     limit_kb=self.ctx.limit_kb)
         return CompiledPlan(
             plan, tuple(self.why), tuple(self.phases), tuple(self.targets), tuple(self.victims),
-            tuple(self.pidfds), held=tuple(self.held), candidates=tuple(self.candidates), tags=tuple(self.tags),
+            tuple(self.pidfds), held=tuple(self.held), held_pidfds=tuple(self.held_pidfds), candidates=tuple(self.candidates), tags=tuple(self.tags),
         )
 
 
