@@ -17,6 +17,8 @@ import time
 from collections.abc import Iterable
 from typing import Any, Final, NamedTuple
 
+from useroom._victims import ProcAdj, ProcStatus
+
 __all__ = ["PAGE", "BadnessProbe", "Kill", "Snapshot", "growth_rate", "judge", "parent_of", "rss_kb", "vanished"]
 
 PAGE: Final = mmap.PAGESIZE
@@ -61,7 +63,8 @@ class BadnessProbe:
         self._page_kb = PAGE // 1024
         self._adj_unit = limit_bytes // PAGE // 1000
         self.spare = set(spare)
-        self._open: dict[int, tuple[int, int]] = {}
+        #: Each task's status and oom_score_adj files, opened at its first sight.
+        self._open: dict[int, tuple[ProcStatus, ProcAdj]] = {}
         #: ppid and name of every process ever seen, from its first sighting.
         self.parents: dict[int, int] = {}
         self.names: dict[int, str] = {}
@@ -71,11 +74,8 @@ class BadnessProbe:
 
     def take(self, notified: bool = False) -> Snapshot:
         start = time.monotonic_ns()
-        fd = os.open(self._procs, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            listing = os.read(fd, 1 << 16)
-        finally:
-            os.close(fd)
+        with open(self._procs, "rb", buffering=0) as procs:
+            listing = procs.read(1 << 16)
         tasks = []
         for field in listing.split():
             pid = int(field)
@@ -101,12 +101,14 @@ class BadnessProbe:
             fds = self._first_sight(pid)
             if fds is None:
                 return None, 0
-        status_fd, adj_fd = fds
+        status_file, adj_file = fds
+        status = status_file.read()
         try:
-            status = os.pread(status_fd, 4096, 0)
-            adj = int(os.pread(adj_fd, 16, 0))
-        except (OSError, ValueError):
+            adj = adj_file.read()
+        except ProcessLookupError:
             return None, 0  # ESRCH: it exited after the listing
+        if not status:
+            return None, 0
         rss = _kb(status, b"VmRSS:")
         if rss < 0 or adj == -1000:
             return None, adj
@@ -114,7 +116,7 @@ class BadnessProbe:
         pages = rss // unit + max(_kb(status, b"VmSwap:"), 0) // unit + max(_kb(status, b"VmPTE:"), 0) // unit
         return pages + adj * self._adj_unit, adj
 
-    def _first_sight(self, pid: int) -> tuple[int, int] | None:
+    def _first_sight(self, pid: int) -> tuple[ProcStatus, ProcAdj] | None:
         try:
             with open(f"/proc/{pid}/stat", "rb") as stat:
                 head, _, tail = stat.read().rpartition(b")")
@@ -124,20 +126,20 @@ class BadnessProbe:
             if ppid in self.spare:
                 self.spare.add(pid)
                 return None
-            status_fd = os.open(f"/proc/{pid}/status", os.O_RDONLY | os.O_CLOEXEC)
+            status_file = ProcStatus(pid)
         except (OSError, ValueError, IndexError):
             return None
         try:
-            adj_fd = os.open(f"/proc/{pid}/oom_score_adj", os.O_RDONLY | os.O_CLOEXEC)
+            adj_file = ProcAdj(pid)
         except OSError:
-            os.close(status_fd)
+            status_file.close()
             return None
-        self._open[pid] = (status_fd, adj_fd)
-        return status_fd, adj_fd
+        self._open[pid] = (status_file, adj_file)
+        return status_file, adj_file
 
     def _forget(self, pid: int) -> None:
-        for fd in self._open.pop(pid):
-            os.close(fd)
+        for file in self._open.pop(pid):
+            file.close()
 
     def close(self) -> None:
         for pid in list(self._open):
