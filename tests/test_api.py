@@ -88,6 +88,18 @@ class TestCommand:
             assert (0, "") == (result.returncode, result.stderr)
             assert result.stdout.startswith(f"usage: useroom {command}")
 
+    def test_version(self) -> None:
+        """``useroom --version`` prints the installed distribution's version, which is the package's."""
+        import importlib.metadata
+
+        import useroom
+
+        result = subprocess.run([sys.executable, "-m", "useroom", "--version"], capture_output=True, text=True,
+                                timeout=60)
+        assert (0, "") == (result.returncode, result.stderr)
+        assert f"useroom {importlib.metadata.version('useroom')}\n" == result.stdout
+        assert importlib.metadata.version("useroom") == useroom.__version__
+
     def test_missing_command_is_an_error(self) -> None:
         """Without a subcommand, the command fails with usage on stderr."""
         result = subprocess.run([sys.executable, "-m", "useroom"], capture_output=True, text=True, timeout=60)

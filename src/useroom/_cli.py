@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import signal
@@ -197,8 +198,20 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if diagnosis.ready else 1
 
 
+def installed_version() -> str:
+    """The version of the installed distribution (its metadata), or the
+    package's own ``__version__`` when it runs from a source tree."""
+    try:
+        return importlib.metadata.version("useroom")
+    except importlib.metadata.PackageNotFoundError:
+        from useroom import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="useroom", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"useroom {installed_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     handle = sub.add_parser("handle", help="run an OOM handler for one or more groups in this process")
