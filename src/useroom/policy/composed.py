@@ -20,6 +20,7 @@ from useroom.policy.plan import CompiledPlan, Phase, PlanBuilder, PlanContext, S
 
 __all__ = ["DryRun", "FreezeAndDecide", "FrozenContext", "MoveToOverflow", "RaiseLimit"]
 
+
 def _positive_size(_: object, attribute: attrs.Attribute[int], value: int) -> None:
     if value <= 0:
         raise ValueError(f"{attribute.name} must be positive")

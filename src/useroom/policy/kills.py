@@ -18,6 +18,7 @@ from useroom.policy.plan import PICK_REASON, CompiledPlan, Phase, PlanBuilder, P
 
 __all__ = ["KillByPriority", "KillGroup", "KillLargest", "KillNewest", "Policy"]
 
+
 def _valid_signal(_: object, attribute: attrs.Attribute[Any], value: int) -> None:
     try:
         signal.Signals(value)

@@ -24,23 +24,6 @@ PICK_REASON = "largest RSS + swap + page tables at the OOM"
 #: Most processes the hooks' phase stops (each costs two plan actions).
 HOLD_PROCESSES_MAX = 6
 
-__all__ = [
-    "Phase",
-    "StepTag",
-    "CompiledPlan",
-    "DryRun",
-    "FreezeAndDecide",
-    "FrozenContext",
-    "KillByPriority",
-    "KillGroup",
-    "KillLargest",
-    "KillNewest",
-    "MoveToOverflow",
-    "PlanContext",
-    "Policy",
-    "RaiseLimit",
-]
-
 
 class Phase(str, enum.Enum):
     """Which part of a plan an action belongs to (a ``str``: compares equal
