@@ -448,7 +448,7 @@ class HookRunner:
             error = None
             try:
                 freed = bool(fn(ctx))
-            except Exception as err:  # a faulty hook is recorded, never fatal
+            except Exception as err:  # noqa: BLE001 - a faulty hook is recorded, never fatal
                 error = repr(err)
             ctx.stop_others()
             ended = time.monotonic_ns()

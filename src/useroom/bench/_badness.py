@@ -170,7 +170,7 @@ def growth_rate(snapshots: list[Snapshot], fraction: float = 0.99) -> float:
     ``oom_score_adj`` (a changed one, such as stress-ng setting 1000 on a
     fresh worker, is not growth); 0 with no growth seen."""
     rates = []
-    for earlier, later in zip(snapshots, snapshots[1:]):
+    for earlier, later in zip(snapshots, snapshots[1:], strict=False):
         span = later.start_ns - earlier.start_ns
         if span <= 0:
             continue

@@ -220,7 +220,7 @@ def main(argv: list[str]) -> int:
                 pass
         if handler is not None and not workers:
             handler.stop()
-    for pid, commands, replies in workers:
+    for pid, _commands, replies in workers:
         try:
             data = b""
             while chunk := os.read(replies, 4096):  # acks, then the count as the worker exits

@@ -215,7 +215,7 @@ def print_table(rows: list[dict[str, Any]], out: Any = sys.stdout) -> None:
         ))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     for line in lines:
-        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip(), file=out)
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=False)).rstrip(), file=out)
 
 
 def main(argv: list[str]) -> int:

@@ -178,8 +178,9 @@ def render(result: Run, rows: list[Summary]) -> str:
     locked = [row.locked_bytes for row in rows if row.locked_bytes is not None]
     if locked:
         limit = machine.get("memlock_limit")
+        fits = "fits" if limit is not None and max(locked) <= limit else "OVER"
         within = "" if limit is None else (" (RLIMIT_MEMLOCK unlimited)" if limit < 0 else
-                                           f" of RLIMIT_MEMLOCK {_size(limit)} ({'fits' if max(locked) <= limit else 'OVER'})")
+                                           f" of RLIMIT_MEMLOCK {_size(limit)} ({fits})")
         lines.append(f"memory locked by a handler: {max(locked)} bytes ({_size(max(locked))}, the largest "
                      f"VmLck a handler reported){within}")
     notes = _notes(result, rows)

@@ -186,7 +186,7 @@ class _Host:
         if not self.child.exited():
             try:
                 stopped = self.request("stop", None, timeout)
-            except Exception as err:  # BenchError, a broken pipe, bad JSON: it is killed below
+            except Exception as err:  # noqa: BLE001 - a bench error, a broken pipe, bad JSON: killed below
                 problems.append(f"the {self._what()} did not stop: {err}")
         if not self.child.wait(timeout):
             problems.append(f"the {self._what()} did not exit within {timeout:g} s of stop: killed")
@@ -281,7 +281,7 @@ def _hog_main(parent: int, procs: str, ready_w: int, go_r: int, warm: int, size:
         for offset in range(warm, size, PAGE):
             memory[offset] = 1
         os._exit(0)  # reached only if the limit did not stop it
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - a forked hog: any failure is its exit status
         os._exit(HOG_ERROR)
 
 
@@ -332,7 +332,7 @@ def run_variant(lab: Lab, guard: SignalGuard, config: ScaleConfig, variant: str,
                   f"idle for {config.idle_seconds:g} s", file=progress, flush=True)
         raw["idle"] = _idle(host, config.idle_seconds)
         seen = [0] * n
-        for scenario, at_once in zip(("one", "many"), config.scenarios(n)):
+        for scenario, at_once in zip(("one", "many"), config.scenarios(n), strict=False):
             for number in range(config.oom_rounds):
                 indices = [(number * at_once + j) % n for j in range(at_once)]
                 raw["rounds"].append({"scenario": scenario}

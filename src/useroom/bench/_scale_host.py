@@ -132,7 +132,7 @@ class _Supervised:
     def __init__(self, delay: float) -> None:
         import useroom
 
-        supervisor: Any = getattr(useroom, "Supervisor")  # not in every useroom yet: see supervisor_available()
+        supervisor: Any = useroom.Supervisor  # not in every useroom yet: see supervisor_available()
         self.supervisor = supervisor(delay=delay, watchdog=True)
         self.handlers: list[Handler] = []
         self._started = False
@@ -206,7 +206,7 @@ def host_main(argv: list[str]) -> int:
                 _say((_host_listed if command == "listed" else _host_events)(served, json.loads(argument)))
             else:
                 break
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - reported to the bench, which stops the host
         _say({"error": repr(err)})
     finally:
         started = time.monotonic_ns()

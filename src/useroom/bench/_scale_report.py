@@ -96,7 +96,8 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
         )
     else:
         row.update(start_ns=None, start_per_group_ns=None, rss_per_group=None, locked_per_group=None,
-                   host_rss_per_group=None, watchdog_rss_per_group=None, marginal_rss_per_group=None, marginal_locked_per_group=None, host_rss_before=None,
+                   host_rss_per_group=None, watchdog_rss_per_group=None, marginal_rss_per_group=None,
+                   marginal_locked_per_group=None, host_rss_before=None,
                    threads_added=None, processes_started=None, watchdogs=None, kill_disabled=None)
     idle = raw.get("idle")
     row["idle_seconds"] = idle["seconds"] if idle else None

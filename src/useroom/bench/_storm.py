@@ -407,7 +407,8 @@ def main(argv: list[str], out: IO[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = StormConfig(seconds=args.seconds, rounds=args.rounds, workers=args.workers,
                          worker_size=args.worker_size, limit=args.limit,
-                         driver=args.driver, pages=args.pages, sample_ms=args.sample_ms, sample_budget=args.sample_budget,
+                         driver=args.driver, pages=args.pages, sample_ms=args.sample_ms,
+                         sample_budget=args.sample_budget,
                          max_age_ms=args.max_age_ms, room=args.room)
     if config.rounds < 1 or config.seconds / config.rounds <= 0.5 or config.workers < 1 or config.sample_ms <= 0 \
             or not 0 < config.sample_budget <= 1:

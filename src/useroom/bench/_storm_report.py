@@ -192,7 +192,7 @@ def render(rows: list[dict[str, Any]], header: str, config: StormConfig, ooms_co
         ))
     widths = [max(len(line[i]) for line in lines) for i in range(len(columns))]
     out = [header, ""]
-    out += ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines]
+    out += ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=False)).rstrip() for line in lines]
     out.append("")
     out.append(f"OOMs: {ooms_counted}; handler episodes: the handler's own record of the OOMs it handled. Each run's "
                f"storm time starts at its first OOM notification (the driver's start before it is not storm): "

@@ -230,7 +230,7 @@ def main(argv: list[str]) -> int:
     table = [header] + [(labels[r[0]], *map(str, r[1:])) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip())
     if args.json:
         with open(args.json, "w") as f:
             json.dump(raw, f, indent=1)

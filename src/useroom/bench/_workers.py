@@ -145,5 +145,5 @@ def _worker_main(parent: int, ready_w: int, go_r: int, size: int,
         for offset in range(0, size, PAGE):
             memory[offset] = 1
         os._exit(0)  # reached only if the limit did not stop it
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - a forked worker: any failure is its exit status
         os._exit(WORKER_ERROR)

@@ -634,7 +634,8 @@ class Group(abc.ABC):
 
     def _kill_refused(self, err: OSError, pid: int) -> CgroupPermissionError:
         return CgroupPermissionError(
-            err.errno or 0, f"cannot kill pid {pid} of {self._relpath}", self._path, rule=_KILL_RULE, advice=_KILL_ADVICE
+            err.errno or 0, f"cannot kill pid {pid} of {self._relpath}", self._path, rule=_KILL_RULE,
+            advice=_KILL_ADVICE
         )
 
     # -- version-neutral views ------------------------------------------------

@@ -221,7 +221,7 @@ class V1Group(Group):
     def _usage_text(self) -> str:
         try:
             return format_size(self.usage())
-        except Exception:  # only decorates a message; the EBUSY is what matters
+        except Exception:  # noqa: BLE001 - only decorates a message; the EBUSY is what matters
             return "unknown"
 
     def oom_counter(self) -> OomCounter:

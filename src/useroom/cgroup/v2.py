@@ -107,7 +107,8 @@ class MemoryEvents:
     def since(self, earlier: MemoryEvents) -> MemoryEvents:
         """The counts that happened after *earlier* was read."""
         return MemoryEvents(
-            **{field.name: getattr(self, field.name) - getattr(earlier, field.name) for field in attrs.fields(MemoryEvents)}
+            **{field.name: getattr(self, field.name) - getattr(earlier, field.name)
+               for field in attrs.fields(MemoryEvents)}
         )
 
 
@@ -395,7 +396,8 @@ class V2Group(Group):
         except OSError as err:
             if err.errno == errno.EAGAIN:
                 return False
-            raise self._error(err, "reclaim memory of", self._file(name), rule="write", detail=f" ({format_size(amount)})") from err
+            raise self._error(err, "reclaim memory of", self._file(name), rule="write",
+                              detail=f" ({format_size(amount)})") from err
         return True
 
     # -- controllers ----------------------------------------------------------

@@ -118,7 +118,8 @@ def _record(ev: Any) -> EventRecord:
         for i in range(ev.nsteps)
     )
     return EventRecord(
-        seq=int(ev.seq), group=int(ev.group), episode=int(ev.episode), source=int(ev.source), outcome=Outcome(ev.outcome), count=int(ev.count),
+        seq=int(ev.seq), group=int(ev.group), episode=int(ev.episode), source=int(ev.source),
+        outcome=Outcome(ev.outcome), count=int(ev.count),
         notified_ns=int(ev.notified_ns), acted_ns=int(ev.acted_ns),
         resolved_ns=int(ev.resolved_ns), plan_id=int(ev.plan_id), plan_slot=int(ev.plan_slot),
         steps=steps,

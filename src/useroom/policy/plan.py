@@ -209,7 +209,8 @@ class PlanBuilder:
             self.pidfds.append(fd)
             if term_grace is not None:
                 self.add(Action.signal_pidfd(fd, signal.SIGTERM), f"SIGTERM {who}: {reason}", Phase.KILL, victim)
-                self.add(Action.await_readable(fd, term_grace), f"wait up to {term_grace} s for {victim.pid} to exit", Phase.KILL)
+                self.add(Action.await_readable(fd, term_grace),
+                         f"wait up to {term_grace} s for {victim.pid} to exit", Phase.KILL)
             signal_at = len(self.actions)
             self.add(Action.signal_pidfd(fd, sig), f"{signal.Signals(sig).name} {who}: {reason}", Phase.KILL, victim)
             if native.can_use_mrelease() and sig == signal.SIGKILL:
@@ -221,7 +222,8 @@ class PlanBuilder:
         else:
             if term_grace is not None:
                 self.add(Action.signal_pid(victim.pid, signal.SIGTERM), f"SIGTERM {who}: {reason}", Phase.KILL, victim)
-            self.add(Action.signal_pid(victim.pid, sig), f"{signal.Signals(sig).name} {who}: {reason}", Phase.KILL, victim)
+            self.add(Action.signal_pid(victim.pid, sig), f"{signal.Signals(sig).name} {who}: {reason}",
+                     Phase.KILL, victim)
         if self.hooks_grant is not None:
             self.restore(self.hooks_grant, Phase.KILL)
         check = Action.check(self.ctx.check_timeout, supersede=True)
@@ -242,7 +244,8 @@ class PlanBuilder:
         :meth:`kill`, on the pidfd the pick chose."""
         self.open_wall()
         signal_at = len(self.actions)
-        self.add(Action.signal_best(sig, self.ctx.check_timeout), f"{signal.Signals(sig).name} the task with the {reason}",
+        self.add(Action.signal_best(sig, self.ctx.check_timeout),
+                 f"{signal.Signals(sig).name} the task with the {reason}",
                  Phase.KILL)
         if native.can_use_mrelease() and sig == signal.SIGKILL:
             self.add(Action.mrelease(0).on_pick(), "reap the memory of the pick now", Phase.KILL)
@@ -348,7 +351,8 @@ class PlanBuilder:
                        "the handler to refresh and act")
         if ctx.kill_switch_fd >= 0:
             enable_at = len(self.actions)
-            self.add(Action.write(ctx.kill_switch_fd, ctx.kill_switch_on), "last resort: let the kernel OOM killer act", Phase.KERNEL)
+            self.add(Action.write(ctx.kill_switch_fd, ctx.kill_switch_on),
+                     "last resort: let the kernel OOM killer act", Phase.KERNEL)
             self.add(Action.check(ctx.kernel_timeout), "check whether the kernel resolved it", Phase.KERNEL)
             # Disabled again only once no task waits: if the kernel has not
             # acted yet, it stays enabled and the handler disables it later.
@@ -381,7 +385,8 @@ class PlanBuilder:
                     limit_kb=self.ctx.limit_kb)
         return CompiledPlan(
             plan, tuple(self.why), tuple(self.phases), tuple(self.targets), tuple(self.victims),
-            tuple(self.pidfds), held=tuple(self.held), held_pidfds=tuple(self.held_pidfds), candidates=tuple(self.candidates), tags=tuple(self.tags),
+            tuple(self.pidfds), held=tuple(self.held), held_pidfds=tuple(self.held_pidfds),
+            candidates=tuple(self.candidates), tags=tuple(self.tags),
         )
 
 
