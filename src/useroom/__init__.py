@@ -4,6 +4,8 @@ Unprivileged, and reliable even when the handler runs inside the group that
 is out of memory. See the documentation for the design and the rules.
 """
 
+import logging as _logging
+
 from useroom._check import HookReport, check_hook
 from useroom.cgroup import EventRegistration, Group, Notifier, OomControl, Stats
 from useroom.cgroup.v2 import FileNotifier, MemoryEvents, PressureTrigger, V2Group
@@ -49,6 +51,9 @@ from useroom.exceptions import (
 )
 
 __version__ = "0.1.0"
+
+# A library configures no logging: records go where the program sends them.
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())
 
 __all__ = [
     "DEFAULT_DELAY",

@@ -17,6 +17,7 @@ from typing import Any
 
 import attrs
 
+from useroom import _log
 from useroom.cgroup import Group
 from useroom.handler import Handler, OomEvent, Supervisor
 from useroom.policy import KillGroup, KillLargest, KillNewest, Policy, RaiseLimit
@@ -62,6 +63,7 @@ def _report(sup: Supervisor, handlers: list[Handler]) -> dict[str, Any]:
 
 def cmd_handle(args: argparse.Namespace) -> int:
     """Runs one supervisor for the GROUPs in this process until SIGTERM or SIGINT."""
+    _log.configure(_log.level_for(args.verbose, args.quiet), args.log_format)
     groups = [Group.open(path) for path in args.groups]
     if args.join:
         groups[0].attach(os.getpid())
@@ -127,7 +129,7 @@ def _demo(args: argparse.Namespace, group: Group) -> int:
     try:
         print(f"group {group.relpath}: {group.limit_file} {format_size(group.limit())}; {group.handling}")
         handler_proc = subprocess.Popen(
-            [sys.executable, "-m", "useroom", "handle", group.path, "--join", "--events-out", out.name],
+            [sys.executable, "-m", "useroom", "handle", group.path, "--join", "--events-out", out.name, "-q"],
             stdout=subprocess.PIPE, text=True,
         )
         assert handler_proc.stdout is not None
@@ -227,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     handle.add_argument("--delay", default="2s", help="the watchdog's delay (default %(default)s)")
     handle.add_argument("--watchdog-log", default=None, help="the watchdog's JSON log file")
     handle.add_argument("--no-watchdog", action="store_true", help="run without the watchdog")
+    loudness = handle.add_mutually_exclusive_group()
+    loudness.add_argument("-v", "--verbose", action="store_true", help="log DEBUG records too (default: INFO)")
+    loudness.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    handle.add_argument("--log-format", choices=_log.FORMATS, default="text",
+                        help="the log's format on stderr: text, or one JSON object per line "
+                             "(default %(default)s)")
     handle.set_defaults(func=cmd_handle)
 
     watchdog = sub.add_parser("watchdog", add_help=False,

@@ -33,6 +33,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import logging
 import os
 import threading
 import time
@@ -63,6 +64,8 @@ from useroom.watchdog.process import DEFAULT_DELAY
 from useroom.watchdog.protocol import Takeover
 
 __all__ = ["DEFAULT_HOOK_RESERVE", "PENDING_POLL", "REFRESH_GAP", "GroupHandler"]
+
+logger = logging.getLogger(__name__)
 
 #: The reserve used when on_oom hooks are registered and none was given.
 DEFAULT_HOOK_RESERVE = 16 << 20
@@ -520,8 +523,10 @@ class GroupHandler:
     def watchdog_lost(self, err: BaseException) -> None:
         """The watchdog died and could not be restarted: the group is guarded
         without it (v1: by the kernel OOM killer)."""
-        self.errors.append(WatcherError(f"the watchdog of {self.group.relpath} could not be restarted ({err}); "
-                                        f"{self._arming.fallback}"))
+        lost = WatcherError(f"the watchdog of {self.group.relpath} could not be restarted ({err}); "
+                            f"{self._arming.fallback}")
+        self.errors.append(lost)
+        logger.warning("no watchdog: %s", lost, extra={"group": self.group.relpath, "cause": "watchdog_lost"})
         try:
             self._arming.watchdog_lost()
         except OSError as error:
@@ -686,8 +691,11 @@ class GroupHandler:
             runner.abandon()
             self._runner = self._new_runner()
             self._runner.update_hold()
-            self.errors.append(TimeoutError(f"an on_oom hook did not return within {self.hook_timeout} s"
-                                            f"; its thread was abandoned (at {where or 'an unknown place'})"))
+            err = TimeoutError(f"an on_oom hook did not return within {self.hook_timeout} s"
+                               f"; its thread was abandoned (at {where or 'an unknown place'})")
+            self.errors.append(err)
+            logger.warning("%s: %s", self.group.relpath, err,
+                           extra={"group": self.group.relpath, "cause": "hook_abandoned"})
 
     def _hooks_unsettled(self, seq: int, records: tuple[HookRecord, ...]) -> None:
         """The hooks could not close their grant: if the group has no other
@@ -730,8 +738,32 @@ class GroupHandler:
             with self._event_cond:
                 self._events.append(event)
                 self._event_cond.notify_all()
+            if logger.isEnabledFor(logging.INFO):
+                self._log_episode(event)
             if event.steps:
                 self._after(event)
+
+    def _log_episode(self, event: OomEvent) -> None:
+        """The episode's INFO record (the manager's thread, after the
+        episode): one line, and its fields for programs (``extra``)."""
+        kills = [v.pid for v in event.victims if v.signal == "SIGKILL" and v.result == 0]
+        fields = {
+            "group": self.group.relpath,
+            "episode": event.seq,
+            "outcome": event.outcome.value,
+            "resolved_by": None if event.resolved_by is None else event.resolved_by.value,
+            "victims": [v.pid for v in event.victims],
+            "kills": len(kills),
+            "notify_to_kill_ns": event.notify_to_signal_ns,
+            "duration_ns": event.duration_ns,
+            "fallback": event.fallback,
+        }
+        how = f" by {event.resolved_by.value}" if event.resolved_by is not None else ""
+        killed = f", killed {', '.join(map(str, kills))}" if kills else ""
+        took = f" in {event.duration_ns / 1e6:.1f} ms" if event.duration_ns is not None else ""
+        fallback = " (fallback)" if event.fallback else ""
+        logger.info("%s: episode %d %s%s%s%s%s", fields["group"], event.seq, event.outcome.value, how, killed,
+                    took, fallback, extra=fields)
 
     def _event(self, record: EventRecord) -> OomEvent:
         armed = self._plans.get(record.plan_id)

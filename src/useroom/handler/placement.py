@@ -3,6 +3,7 @@ inside a group it handles."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Sequence
 
@@ -11,6 +12,8 @@ from useroom.exceptions import UseroomError
 from useroom.handler.group import GroupHandler
 
 __all__ = ["Placement", "watchdog_home"]
+
+logger = logging.getLogger(__name__)
 
 
 def watchdog_home(handlers: Iterable[GroupHandler], chosen: Group | None) -> Group:
@@ -63,6 +66,8 @@ class Placement:
                     place.attach_thread(tid)
         except (OSError, UseroomError) as err:
             errors.append(err)
+            logger.warning("the handler's threads stay in %s: their kernel allocations are charged to it (%s)",
+                           home.relpath, err, extra={"cause": "threads_not_placed", "group": home.relpath})
             self.unplace()
             return
         for handler in handlers:

@@ -29,12 +29,14 @@ A :class:`Handler` made on its own is a supervisor of one group: its
 
 from __future__ import annotations
 
+import logging
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
 
-from useroom import native
+from useroom import _fd, native
 from useroom._hardening import HardeningReport, lock_memory, vm_locked
 from useroom.cgroup import Group
 from useroom.exceptions import WatcherError
@@ -49,6 +51,8 @@ from useroom.watchdog.process import DEFAULT_DELAY
 from useroom.watchdog.protocol import Takeover
 
 __all__ = ["Handler", "Supervisor"]
+
+logger = logging.getLogger(__name__)
 
 
 class Supervisor:
@@ -207,6 +211,10 @@ class Supervisor:
     def _start(self) -> None:
         if self.options.harden:
             self.hardening = lock_memory(mlockall=self.options.mlockall)
+            self._warn_partial_lock(self.hardening)
+        if not _fd.can_use_pidfd:
+            logger.warning("no pidfds (Linux 5.3 and Python 3.9 have them): victims are signalled by pid, "
+                           "which a new process may reuse", extra={"cause": "no_pidfd"})
         self._watcher = native.NativeWatcher()
         self._manager = Manager(self._watcher, guardian=lambda: self._guardian, note=self._note,
                                 route=self._route_takeover)
@@ -226,6 +234,8 @@ class Supervisor:
             for handler in needing:
                 self._guardian.add(handler)
             self._guardian.start()
+        elif needing:
+            _warn_no_watchdog(needing)
         self.locked_bytes = vm_locked()
 
     def _begin(self, handler: GroupHandler) -> None:
@@ -243,6 +253,8 @@ class Supervisor:
                     self._guardian.start()
                 else:
                     self._guardian.add(handler)
+            elif handler.declaration is not None and handler.declaration.needs_watchdog:
+                _warn_no_watchdog([handler])
         except BaseException:
             self._end(handler)
             raise
@@ -318,6 +330,24 @@ class Supervisor:
     def _note(self, err: BaseException) -> None:
         self.errors.append(err)
         del self.errors[:-100]
+
+    def _warn_partial_lock(self, report: HardeningReport) -> None:
+        """The critical set is not all locked: the native core, the arena
+        pool, or mlockall where it was asked for."""
+        pool = report.pool
+        partial = bool(report.core.lock_errno) or (pool is not None and pool.locked < pool.size) \
+            or (self.options.mlockall and not report.mlockall)
+        if partial:
+            logger.warning("memory only partly locked: %s", "; ".join(report.notes),
+                           extra={"cause": "partial_lock", "locked_bytes": report.locked_bytes,
+                                  "memlock_limit": report.memlock_limit, "notes": list(report.notes)})
+
+
+def _warn_no_watchdog(handlers: Sequence[GroupHandler]) -> None:
+    """Groups that need the watchdog run without it (``watchdog=False``)."""
+    groups = [h.group.relpath for h in handlers]
+    logger.warning("no watchdog (watchdog=False) for %s: an episode the handler does not end is never "
+                   "handed to the kernel", ", ".join(groups), extra={"cause": "no_watchdog", "groups": groups})
 
 
 #: Options of a Handler that are the process's, set on the Supervisor.
