@@ -26,6 +26,7 @@ __all__ = [
     "StepRecord",
     "VictimRecord",
     "episode_event",
+    "episode_log",
     "grant_acted",
     "grant_left_open",
 ]
@@ -209,7 +210,7 @@ class OomEvent:
         out["duration_ns"] = self.duration_ns
         out["released"] = self.released
         out["hooks_short_by"] = self.hooks_short_by
-        for hook, record in zip(out["hooks"], self.hooks):
+        for hook, record in zip(out["hooks"], self.hooks, strict=True):
             hook["released"] = record.released
         return out
 
@@ -306,3 +307,25 @@ def grant_left_open(event: OomEvent) -> bool:
         elif step.settled:
             open_ = False  # the hook thread restored it
     return open_
+
+
+def episode_log(event: OomEvent, group: str) -> tuple[str, dict[str, Any]]:
+    """An episode's log line and its fields for programs (the ``extra`` of
+    its INFO record: see docs/handler.md, Logging)."""
+    kills = [v.pid for v in event.victims if v.signal == "SIGKILL" and v.result == 0]
+    fields = {
+        "group": group,
+        "episode": event.seq,
+        "outcome": event.outcome.value,
+        "resolved_by": None if event.resolved_by is None else event.resolved_by.value,
+        "victims": [v.pid for v in event.victims],
+        "kills": len(kills),
+        "notify_to_kill_ns": event.notify_to_signal_ns,
+        "duration_ns": event.duration_ns,
+        "fallback": event.fallback,
+    }
+    how = f" by {event.resolved_by.value}" if event.resolved_by is not None else ""
+    killed = f", killed {', '.join(map(str, kills))}" if kills else ""
+    took = f" in {event.duration_ns / 1e6:.1f} ms" if event.duration_ns is not None else ""
+    fallback = " (fallback)" if event.fallback else ""
+    return f"{group}: episode {event.seq} {event.outcome.value}{how}{killed}{took}{fallback}", fields

@@ -184,7 +184,7 @@ class Grants:
         ctx = FrozenContext(tuple(victims.values()), self.group.usage(), self._arming.limit)
         try:
             chosen = list(policy.decide(ctx))
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - the user's decide(): recorded, the plan carries on
             self._note(err)
             return
         killed = []

@@ -37,6 +37,7 @@ import logging
 import os
 import threading
 import time
+import types
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -54,7 +55,7 @@ from useroom._victims import Pidfd, Victim, VictimTable
 from useroom.cgroup import Group
 from useroom.exceptions import GroupGone, RootGroupError, WatcherError
 from useroom.handler.arming import Arming, arming_for
-from useroom.handler.events import OomEvent, episode_event, grant_acted, grant_left_open
+from useroom.handler.events import OomEvent, episode_event, episode_log, grant_acted, grant_left_open
 from useroom.handler.grants import Grants
 from useroom.handler.host import Host, ProcessOptions
 from useroom.handler.link import WatchdogLink
@@ -385,7 +386,7 @@ class GroupHandler:
             self._arming.open(slot, inside=self.inside(), reserve=self.reserve, kernel_fallback=self.kernel_fallback)
             self._update_hooks()
             self.policy.arm(group)
-            self._owned.append(_Closing(self.policy.disarm))
+            self._owned.append(types.SimpleNamespace(close=self.policy.disarm))  # closed with the rest
             self._refresh(grant=False)
             if self.refresh_interval is not None:
                 self._next_refresh = time.monotonic() + self.refresh_interval
@@ -601,7 +602,7 @@ class GroupHandler:
         if not self._armed:
             return (), {}
         compiled = self._armed[-1].compiled
-        lent = {v.pid: self._table.named(fd) for v, fd in zip(compiled.held, compiled.held_pidfds)}
+        lent = {v.pid: self._table.named(fd) for v, fd in zip(compiled.held, compiled.held_pidfds, strict=True)}
         return compiled.held, {pid: pidfd for pid, pidfd in lent.items() if pidfd is not None}
 
     @property
@@ -678,7 +679,7 @@ class GroupHandler:
         for fn in hooks:
             try:
                 fn(ctx)
-            except Exception as err:
+            except Exception as err:  # noqa: BLE001 - a user's on_pressure hook: recorded, never fatal
                 self.note(err)
 
     def _check_runner(self) -> None:
@@ -744,26 +745,9 @@ class GroupHandler:
                 self._after(event)
 
     def _log_episode(self, event: OomEvent) -> None:
-        """The episode's INFO record (the manager's thread, after the
-        episode): one line, and its fields for programs (``extra``)."""
-        kills = [v.pid for v in event.victims if v.signal == "SIGKILL" and v.result == 0]
-        fields = {
-            "group": self.group.relpath,
-            "episode": event.seq,
-            "outcome": event.outcome.value,
-            "resolved_by": None if event.resolved_by is None else event.resolved_by.value,
-            "victims": [v.pid for v in event.victims],
-            "kills": len(kills),
-            "notify_to_kill_ns": event.notify_to_signal_ns,
-            "duration_ns": event.duration_ns,
-            "fallback": event.fallback,
-        }
-        how = f" by {event.resolved_by.value}" if event.resolved_by is not None else ""
-        killed = f", killed {', '.join(map(str, kills))}" if kills else ""
-        took = f" in {event.duration_ns / 1e6:.1f} ms" if event.duration_ns is not None else ""
-        fallback = " (fallback)" if event.fallback else ""
-        logger.info("%s: episode %d %s%s%s%s%s", fields["group"], event.seq, event.outcome.value, how, killed,
-                    took, fallback, extra=fields)
+        """The episode's INFO record (the manager's thread, after the episode)."""
+        line, fields = episode_log(event, self.group.relpath)
+        logger.info("%s", line, extra=fields)
 
     def _event(self, record: EventRecord) -> OomEvent:
         armed = self._plans.get(record.plan_id)
@@ -778,12 +762,12 @@ class GroupHandler:
             for victim in event.victims:
                 try:
                     fn(victim, event)
-                except Exception as err:
+                except Exception as err:  # noqa: BLE001 - a user's on_kill hook: recorded, never fatal
                     self.note(err)
         for fn, _ in self._hooks.get("resolved"):
             try:
                 fn(event)
-            except Exception as err:
+            except Exception as err:  # noqa: BLE001 - a user's on_resolved hook: recorded, never fatal
                 self.note(err)
 
     # -- teardown ----------------------------------------------------------
@@ -806,13 +790,3 @@ class GroupHandler:
         deadline = time.monotonic() + longest
         while slot.in_episode and time.monotonic() < deadline:
             time.sleep(0.001)
-
-
-class _Closing:
-    """Calls ``fn`` on close (an owned clean-up step)."""
-
-    def __init__(self, fn: Any) -> None:
-        self._fn = fn
-
-    def close(self) -> None:
-        self._fn()

@@ -102,7 +102,7 @@ class Guardian:
             link.restarts += 1
             link.history.append({"event": "watchdog-restarted", "pid": link.pid, "at_ns": time.monotonic_ns()})
             self._protect()
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - a restart that fails: recorded, the groups are guarded without it
             self._note(err)
             self.link = None
             lost, self._guarded = list(self._guarded), {}

@@ -143,7 +143,7 @@ class Manager:
             try:
                 if not self._round():
                     return
-            except Exception as err:  # survive, record, retry on the next round
+            except Exception as err:  # noqa: BLE001 - survive, record, retry on the next round
                 self._note(err)
                 time.sleep(0.05)
 
@@ -189,7 +189,7 @@ class Manager:
                     continue
                 try:
                     handler.step(woken.get(key, []))
-                except Exception as err:
+                except Exception as err:  # noqa: BLE001 - one group's failed step: recorded, the other groups are served
                     handler.note(err)
                 if not handler.running:  # its group is gone: its fds would wake us for nothing
                     self._enlisted.pop(key, None)

@@ -281,7 +281,7 @@ class Supervisor:
         for handler in list(self._handlers.values()):
             try:
                 handler.restore()
-            except Exception as err:
+            except Exception as err:  # noqa: BLE001 - each group is put back, whatever one of them raises
                 self.errors.append(err)
         guardian, self._guardian = self._guardian, None
         if guardian is not None:
