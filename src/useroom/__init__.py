@@ -11,6 +11,7 @@ from useroom.cgroup import EventRegistration, Group, Notifier, OomControl, Stats
 from useroom.cgroup.v2 import FileNotifier, MemoryEvents, PressureTrigger, V2Group
 from useroom._declare import Declaration
 from useroom.handler import EventOutcome, Handler, OomEvent, StepRecord, Supervisor, VictimRecord
+from useroom.handler.export import EventLog, MetricsFile
 from useroom._hardening import HardeningReport, lock_memory, release_memory
 from useroom._hooks import HookRecord, OomContext, PressureContext
 from useroom.policy import (
@@ -62,6 +63,7 @@ __all__ = [
     "CgroupPermissionError",
     "Declaration",
     "DryRun",
+    "EventLog",
     "EventOutcome",
     "EventRegistration",
     "FileNotifier",
@@ -86,6 +88,7 @@ __all__ = [
     "LimitBelowUsage",
     "MemoryEvents",
     "MemoryLockError",
+    "MetricsFile",
     "MoveToOverflow",
     "NotAMemoryCgroup",
     "Notifier",

@@ -12,7 +12,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import attrs
@@ -20,6 +20,7 @@ import attrs
 from useroom import _log
 from useroom.cgroup import Group
 from useroom.handler import Handler, OomEvent, Supervisor
+from useroom.handler.export import EventLog, MetricsFile, read_event_log
 from useroom.policy import KillGroup, KillLargest, KillNewest, Policy, RaiseLimit
 from useroom._units import format_size, parse_size
 from useroom.watchdog import Takeover
@@ -71,11 +72,21 @@ def cmd_handle(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     sup = Supervisor(delay=args.delay, watchdog=not args.no_watchdog, watchdog_log=args.watchdog_log)
-    handlers = [sup.add(group, _policy(args), reserve=args.reserve) for group in groups]
+    log = EventLog(args.events) if args.events else None  # one log, every group's lines
+    metrics = MetricsFile(args.metrics_textfile) if args.metrics_textfile else None
+    handlers = [sup.add(group, _policy(args), reserve=args.reserve, event_log=log) for group in groups]
+    written = -1
     with sup:
         print("ready", flush=True)
-        while not stop.wait(0.5):
-            pass
+        while True:
+            count = sum(len(h.events) for h in handlers)
+            if metrics is not None and count != written:  # rewritten when an episode ended
+                metrics.write((h.group.relpath, h.events) for h in handlers)
+                written = count
+            if stop.wait(0.5):
+                break
+    if metrics is not None:
+        metrics.write((h.group.relpath, h.events) for h in handlers)
     report = _report(sup, handlers)
     if args.events_out:
         tmp = args.events_out + ".tmp"
@@ -129,7 +140,9 @@ def _demo(args: argparse.Namespace, group: Group) -> int:
     try:
         print(f"group {group.relpath}: {group.limit_file} {format_size(group.limit())}; {group.handling}")
         handler_proc = subprocess.Popen(
-            [sys.executable, "-m", "useroom", "handle", group.path, "--join", "--events-out", out.name, "-q"],
+            [sys.executable, "-m", "useroom", "handle", group.path, "--join", "--events-out", out.name, "-q",
+             *(["--events", args.events] if args.events else []),
+             *(["--metrics-textfile", args.metrics_textfile] if args.metrics_textfile else [])],
             stdout=subprocess.PIPE, text=True,
         )
         assert handler_proc.stdout is not None
@@ -187,6 +200,57 @@ def _event_fields(data: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
+def event_row(event: dict[str, Any]) -> str:
+    """One episode of a log as a row of :func:`cmd_events`'s table."""
+    def ms(ns: Any) -> str:
+        return "-" if ns is None else f"{ns / 1e6:.3f}"
+
+    killed = [str(v["pid"]) for v in event.get("victims", ()) if v.get("signal") == "SIGKILL" and v.get("result") == 0]
+    return (f"{event.get('group', '?'):<32} {event.get('seq', '?'):>6} {event.get('outcome', '?'):<12} "
+            f"{event.get('resolved_by') or '-':<8} {ms(event.get('notify_to_signal_ns')):>10} "
+            f"{ms(event.get('duration_ns')):>10}  {','.join(killed) or '-'}")
+
+
+EVENT_HEADER = f"{'group':<32} {'seq':>6} {'outcome':<12} {'by':<8} {'signal ms':>10} {'total ms':>10}  killed"
+
+
+def _lines(file: Any, follow: bool) -> Iterator[str]:
+    """The file's complete lines; following, it waits for more (a line being
+    written shows once its newline is there)."""
+    pending = ""
+    while True:
+        chunk = file.readline()
+        if chunk:
+            pending += chunk
+            if pending.endswith("\n"):
+                yield pending
+                pending = ""
+        elif not follow:
+            if pending:
+                yield pending
+            return
+        else:
+            time.sleep(0.2)
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    """Prints an episode log as a table; with -f, follows it until interrupted."""
+    try:
+        file = sys.stdin if args.path == "-" else open(args.path, encoding="utf-8")  # closed below
+    except OSError as err:
+        raise UseroomError(f"cannot read the event log {args.path}: {err.strerror}") from err
+    try:
+        print(EVENT_HEADER, flush=True)
+        for event in read_event_log(_lines(file, args.follow)):
+            print(event_row(event), flush=True)
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if file is not sys.stdin:
+            file.close()
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Reports what the calling user and this kernel allow; exits 0 when a handler can run."""
     from useroom._doctor import diagnose
@@ -226,6 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     handle.add_argument("--step", default=None, help="raise-limit: step, e.g. 16M")
     handle.add_argument("--ceiling", default=None, help="raise-limit: ceiling, e.g. 512M")
     handle.add_argument("--events-out", default=None, help="write the events as JSON here on exit")
+    handle.add_argument("--events", default=None, metavar="PATH",
+                        help="append each episode as a JSON line to PATH as it ends ('-': standard output)")
+    handle.add_argument("--metrics-textfile", default=None, metavar="PATH",
+                        help="keep Prometheus metrics in PATH (for the node exporter's textfile collector), "
+                             "replaced atomically after each episode")
     handle.add_argument("--delay", default="2s", help="the watchdog's delay (default %(default)s)")
     handle.add_argument("--watchdog-log", default=None, help="the watchdog's JSON log file")
     handle.add_argument("--no-watchdog", action="store_true", help="run without the watchdog")
@@ -248,7 +317,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=int, default=3)
     demo.add_argument("--size", default="160M", help="what each worker touches")
     demo.add_argument("--timeout", type=float, default=60.0)
+    demo.add_argument("--events", default=None, metavar="PATH",
+                      help="also append each episode as a JSON line to PATH (as useroom handle --events)")
+    demo.add_argument("--metrics-textfile", default=None, metavar="PATH",
+                      help="also keep Prometheus metrics in PATH (as useroom handle --metrics-textfile)")
     demo.set_defaults(func=cmd_demo)
+
+    events = sub.add_parser("events", help="show an episode log (JSON lines, from --events) as a table",
+                            description="Show the episodes of a log written by useroom handle --events (or "
+                                        "Handler(event_log=...)), one row each; -f follows it as it grows.")
+    events.add_argument("path", metavar="PATH", help="the log ('-': standard input)")
+    events.add_argument("-f", "--follow", action="store_true", help="keep reading as episodes are appended")
+    events.set_defaults(func=cmd_events)
 
     doctor = sub.add_parser(
         "doctor", help="what this user and kernel allow: delegation, memory locking, kernel features",

@@ -39,7 +39,7 @@ import threading
 import time
 import types
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import IO, Any
 
 import attrs
 
@@ -56,6 +56,7 @@ from useroom.cgroup import Group
 from useroom.exceptions import GroupGone, RootGroupError, WatcherError
 from useroom.handler.arming import Arming, arming_for
 from useroom.handler.events import OomEvent, episode_event, episode_log, grant_acted, grant_left_open
+from useroom.handler.export import EventLog
 from useroom.handler.grants import Grants
 from useroom.handler.host import Host, ProcessOptions
 from useroom.handler.link import WatchdogLink
@@ -117,6 +118,7 @@ class GroupHandler:
         hold_threads: bool = True,
         hold_arm_at: float = 0.0,
         hold_processes: bool = True,
+        event_log: str | os.PathLike[str] | IO[str] | EventLog | None = None,
     ) -> None:
         if group.is_root:
             raise RootGroupError("the root memory cgroup has no limit and no OOM notifications")
@@ -146,6 +148,7 @@ class GroupHandler:
         self.hold_threads = hold_threads
         self.hold_arm_at = hold_arm_at
         self.hold_processes = hold_processes
+        self._event_log = event_log if isinstance(event_log, EventLog) or event_log is None else EventLog(event_log)
         #: What :meth:`declare` found: ``kernel`` or ``shim`` per feature.
         self.declaration: Declaration | None = None
         #: Where the handler's own threads' kernel allocations are charged
@@ -377,6 +380,9 @@ class GroupHandler:
         group = self.group
         self._slot = slot
         try:
+            if self._event_log is not None:  # first: a bad path fails the start, before the group is touched
+                self._event_log.open()
+                self._own(self._event_log)
             self._poke = self._own(EventFd())
             self._table = self._own(VictimTable(group, self.protect))
             self._own(self._grants)
@@ -740,14 +746,12 @@ class GroupHandler:
                 self._events.append(event)
                 self._event_cond.notify_all()
             if logger.isEnabledFor(logging.INFO):
-                self._log_episode(event)
+                line, fields = episode_log(event, self.group.relpath)
+                logger.info("%s", line, extra=fields)
+            if self._event_log is not None:
+                self._event_log.write(event, self.group.relpath)
             if event.steps:
                 self._after(event)
-
-    def _log_episode(self, event: OomEvent) -> None:
-        """The episode's INFO record (the manager's thread, after the episode)."""
-        line, fields = episode_log(event, self.group.relpath)
-        logger.info("%s", line, extra=fields)
 
     def _event(self, record: EventRecord) -> OomEvent:
         armed = self._plans.get(record.plan_id)

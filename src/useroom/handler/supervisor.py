@@ -461,6 +461,11 @@ class Handler(GroupHandler):
     table; by default (None) it is refreshed from events only: usage
     thresholds (cgroup v1), each episode's end, grants, hook changes. With
     nothing happening, the handler's threads sleep.
+
+    ``event_log`` (a path, ``"-"`` for standard output, an open text file,
+    or an :class:`~useroom.EventLog` shared by several handlers) gets one
+    JSON line per episode as it ends (see :mod:`useroom.handler.export`).
+    A path is opened at :meth:`start`, which fails if it cannot be.
     """
 
     #: The private supervisor of a handler started on its own.

@@ -1,0 +1,185 @@
+"""Events for collectors: an episode log in JSON lines, and metrics in
+Prometheus's text format for the node exporter's textfile collector.
+
+One JSON object per episode, one per line, written by the manager thread
+when the episode's record becomes its :class:`~useroom.OomEvent` (after the
+episode, never during one): the group's path in the memory hierarchy
+(``group``) and the fields of :meth:`OomEvent.to_dict` (``outcome``,
+``action``, ``victims``, ``steps``, the timings in ns ...). A line is
+written whole and flushed at once, so a reader following the file
+(``useroom events -f``, a log shipper) never sees half of one.
+
+A slow file holds up the manager thread (its plans are not refreshed
+meanwhile): give it a local file or a pipe that is read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import threading
+from collections.abc import Iterable, Iterator
+from typing import IO, Any
+
+from useroom.exceptions import UseroomError
+from useroom.handler.events import EventOutcome, OomEvent
+from useroom.policy import Phase, StepTag
+
+__all__ = ["EventLog", "MetricsFile", "read_event_log"]
+
+
+class EventLog:
+    """Where a handler's episodes go, one JSON line each.
+
+    ``target`` is a path (opened for appending when the handler starts,
+    closed when it stops; ``"-"`` is standard output) or an open text
+    file, which stays the caller's. One log may serve many handlers (give
+    each the same :class:`EventLog`): its lines never interleave.
+    """
+
+    def __init__(self, target: str | os.PathLike[str] | IO[str]) -> None:
+        self._path: str | None = None
+        self._given: IO[str] | None = None
+        if isinstance(target, (str, os.PathLike)):
+            self._path = os.fspath(target)
+        else:
+            self._given = target
+        self._file: IO[str] | None = None
+        self._users = 0
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<EventLog {self._path or self._given!r}>"
+
+    def open(self) -> None:
+        """Opens the file for one more handler (the first opens it); raises
+        UseroomError naming the path if it cannot be opened."""
+        with self._lock:
+            if self._users == 0:
+                if self._path is None or self._path == "-":
+                    self._file = self._given if self._path is None else sys.stdout
+                else:
+                    try:
+                        self._file = open(self._path, "a", encoding="utf-8")  # closed by close()
+                    except OSError as err:
+                        raise UseroomError(f"cannot open the event log {self._path}: {err.strerror}") from err
+            self._users += 1
+
+    def write(self, event: OomEvent, group: str) -> None:
+        """One line for ``event`` of ``group``."""
+        line = json.dumps({"group": group, **event.to_dict()}, default=str) + "\n"
+        with self._lock:
+            if self._file is not None:
+                self._file.write(line)
+                self._file.flush()
+
+    def close(self) -> None:
+        """One handler is done with it; the last closes a file it opened."""
+        with self._lock:
+            self._users = max(0, self._users - 1)
+            if self._users == 0:
+                file, self._file = self._file, None
+                if file is not None and self._path not in (None, "-"):
+                    file.close()
+
+
+def read_event_log(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
+    """The episodes of a log's lines (blank lines skipped); raises
+    UseroomError naming the line that is not a JSON object."""
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UseroomError(f"line {number} of the event log is not JSON: {err.msg}") from err
+        if not isinstance(event, dict):
+            raise UseroomError(f"line {number} of the event log is not a JSON object")
+        yield event
+
+
+#: Upper bounds (seconds) of the histograms' buckets: notify -> kill is
+#: microseconds to milliseconds, an episode up to the watchdog's delay.
+BUCKETS = (0.00001, 0.00003, 0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+
+
+class MetricsFile:
+    """Prometheus text format for the node exporter's textfile collector:
+    :meth:`write` renders the episodes of some handlers and replaces the
+    file atomically (a temporary file in the same directory, renamed).
+
+    Counters, labelled by ``group``: ``useroom_episodes_total`` (and by
+    ``outcome``), ``useroom_kills_total``, ``useroom_hook_resolutions_total``,
+    ``useroom_grants_total``, ``useroom_kernel_fallbacks_total``; histograms:
+    ``useroom_notify_to_kill_seconds`` and ``useroom_episode_seconds``. The
+    figures are those of ``handler.events``, counted anew at each write.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(self.path))
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise UseroomError(f"cannot write the metrics file {self.path}: its directory {directory} is not "
+                               "writable (or does not exist)")
+
+    def write(self, groups: Iterable[tuple[str, Iterable[OomEvent]]]) -> None:
+        """Replaces the file with the metrics of ``groups``: (group, its events) pairs."""
+        text = self.render(groups)
+        directory = os.path.dirname(os.path.abspath(self.path))
+        fd, tmp = tempfile.mkstemp(prefix=".useroom-", suffix=".prom.tmp", dir=directory)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as file:
+                file.write(text)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, self.path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+    @staticmethod
+    def render(groups: Iterable[tuple[str, Iterable[OomEvent]]]) -> str:
+        """The text of the metrics of ``groups``: (group, its events) pairs."""
+        counters: dict[str, list[str]] = {name: [] for name in (
+            "episodes", "kills", "hook_resolutions", "grants", "kernel_fallbacks")}
+        histograms: dict[str, list[str]] = {"notify_to_kill_seconds": [], "episode_seconds": []}
+        for group, events in groups:
+            events = list(events)
+            label = 'group="' + group.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            for outcome in EventOutcome:
+                count = sum(e.outcome is outcome for e in events)
+                if count:
+                    counters["episodes"].append(f'useroom_episodes_total{{{label},outcome="{outcome.value}"}} {count}')
+            kills = sum(v.signal == "SIGKILL" and v.result == 0 for e in events for v in e.victims)
+            counters["kills"].append(f"useroom_kills_total{{{label}}} {kills}")
+            hooks = sum(e.resolved_by is Phase.HOOKS for e in events)
+            counters["hook_resolutions"].append(f"useroom_hook_resolutions_total{{{label}}} {hooks}")
+            grants = sum(s.ok and s.tag is StepTag.GRANT for e in events for s in e.steps)
+            counters["grants"].append(f"useroom_grants_total{{{label}}} {grants}")
+            fallbacks = sum(e.fallback or e.takeover is not None for e in events)
+            counters["kernel_fallbacks"].append(f"useroom_kernel_fallbacks_total{{{label}}} {fallbacks}")
+            for name, values in (("notify_to_kill_seconds", [e.notify_to_signal_ns for e in events]),
+                                 ("episode_seconds", [e.duration_ns for e in events])):
+                seconds = [ns / 1e9 for ns in values if ns is not None]
+                for bound in BUCKETS:
+                    count = sum(s <= bound for s in seconds)
+                    histograms[name].append(f'useroom_{name}_bucket{{{label},le="{bound:g}"}} {count}')
+                histograms[name].append(f'useroom_{name}_bucket{{{label},le="+Inf"}} {len(seconds)}')
+                histograms[name].append(f"useroom_{name}_sum{{{label}}} {sum(seconds):.9f}")
+                histograms[name].append(f"useroom_{name}_count{{{label}}} {len(seconds)}")
+        helps = {
+            "episodes": "Episodes (OOM notifications handled), by outcome.",
+            "kills": "Tasks killed by the handler (SIGKILL sent).",
+            "hook_resolutions": "Episodes the on_oom hooks resolved without a kill.",
+            "grants": "Headroom grants opened.",
+            "kernel_fallbacks": "Episodes that reached the kernel OOM killer (the plan's last step or the watchdog).",
+            "notify_to_kill_seconds": "From the OOM notification to the first signal sent.",
+            "episode_seconds": "From the OOM notification to the end of the episode.",
+        }
+        out = []
+        for name, lines in counters.items():
+            out += [f"# HELP useroom_{name}_total {helps[name]}", f"# TYPE useroom_{name}_total counter", *lines]
+        for name, lines in histograms.items():
+            out += [f"# HELP useroom_{name} {helps[name]}", f"# TYPE useroom_{name} histogram", *lines]
+        return "\n".join(out) + "\n"
