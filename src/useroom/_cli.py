@@ -18,6 +18,7 @@ from typing import Any
 import attrs
 
 from useroom import _log
+from useroom._sdnotify import SystemdNotifier, watchdog_interval
 from useroom.cgroup import Group
 from useroom.handler import Handler, OomEvent, Supervisor
 from useroom.handler.export import EventLog, MetricsFile, read_event_log
@@ -76,15 +77,25 @@ def cmd_handle(args: argparse.Namespace) -> int:
     metrics = MetricsFile(args.metrics_textfile) if args.metrics_textfile else None
     handlers = [sup.add(group, _policy(args), reserve=args.reserve, event_log=log) for group in groups]
     written = -1
+    systemd = SystemdNotifier()  # Type=notify: READY, STATUS, WATCHDOG, STOPPING
+    beat = watchdog_interval()
     with sup:
         print("ready", flush=True)
+        systemd.send(READY=1, STATUS=_status(handlers))
         while True:
             count = sum(len(h.events) for h in handlers)
-            if metrics is not None and count != written:  # rewritten when an episode ended
-                metrics.write((h.group.relpath, h.events) for h in handlers)
+            if count != written:  # an episode ended
+                if metrics is not None:
+                    metrics.write((h.group.relpath, h.events) for h in handlers)
+                if written >= 0:
+                    systemd.send(STATUS=_status(handlers))
                 written = count
-            if stop.wait(0.5):
+            if beat is not None:
+                systemd.send(WATCHDOG=1)
+            if stop.wait(0.5 if beat is None else min(0.5, beat)):
                 break
+        systemd.send(STOPPING=1)
+    systemd.close()
     if metrics is not None:
         metrics.write((h.group.relpath, h.events) for h in handlers)
     report = _report(sup, handlers)
@@ -198,6 +209,13 @@ def _event_fields(data: dict[str, Any]) -> dict[str, Any]:
     if data.get("takeover"):
         fields["takeover"] = Takeover.from_dict(data["takeover"])
     return fields
+
+
+def _status(handlers: Sequence[Handler]) -> str:
+    """The one line ``systemctl status`` shows for ``useroom handle``."""
+    events = [e for h in handlers for e in h.events if e.outcome != "not_needed"]
+    kills = sum(v.signal == "SIGKILL" and v.result == 0 for e in events for v in e.victims)
+    return f"handling {len(handlers)} group(s): {len(events)} episode(s), {kills} kill(s)"
 
 
 def event_row(event: dict[str, Any]) -> str:
