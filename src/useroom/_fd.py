@@ -10,7 +10,7 @@ import signal
 import warnings
 from typing import Any
 
-__all__ = ["OwnedFd", "can_use_pidfd"]
+__all__ = ["Fd", "OwnedFd", "can_use_pidfd"]
 
 #: Whether this Python has pidfds (Linux 5.3, Python 3.9): os.pidfd_open
 #: and signal.pidfd_send_signal. Tests patch it to exercise the fallback.
@@ -61,3 +61,10 @@ class OwnedFd:
                               stacklevel=1)
             finally:
                 self.close()
+
+
+class Fd(OwnedFd):
+    """A plain fd (a control file, a cgroup.procs file ...) and its one owner."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd

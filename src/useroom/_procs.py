@@ -28,14 +28,9 @@ from __future__ import annotations
 import os
 
 from useroom.cgroup import Group
-from useroom._fd import OwnedFd
+from useroom._fd import Fd
 
 __all__ = ["ProcsFiles"]
-
-
-class _ProcsFile(OwnedFd):
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
 
 
 class ProcsFiles:
@@ -47,7 +42,7 @@ class ProcsFiles:
 
     def __init__(self, group: Group) -> None:
         self.group = group
-        self._files: list[_ProcsFile] = []
+        self._files: list[Fd] = []
         #: What :meth:`for_plan` returned last: the fd of the plan compiled
         #: last, which a plan compiled from the same context may keep.
         self.last = -1
@@ -62,7 +57,7 @@ class ProcsFiles:
         if self.group.procs_pread_relists and self._files:
             return self._files[-1].fileno()
         try:
-            file = _ProcsFile(self.group.open_file(self.group.procs_file, os.O_RDONLY))
+            file = Fd(self.group.open_file(self.group.procs_file, os.O_RDONLY))
         except OSError:
             return -1
         if self.group.procs_pread_relists:

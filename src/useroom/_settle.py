@@ -27,7 +27,7 @@ import attrs
 
 from useroom import native
 from useroom.cgroup import Group
-from useroom._fd import OwnedFd
+from useroom._fd import Fd
 
 __all__ = ["GrantCloser", "SETTLED"]
 
@@ -35,18 +35,13 @@ __all__ = ["GrantCloser", "SETTLED"]
 SETTLED: int = native.SETTLED
 
 
-class _File(OwnedFd):
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-
-
 @attrs.define(eq=False)
 class GrantCloser:
     """Reads the group's usage and restores its limit through fds of its own
     (opened ahead: during an episode ``open()`` may fail for want of memory)."""
 
-    usage_fd: _File
-    limit_fd: _File
+    usage_fd: Fd
+    limit_fd: Fd
     #: The limit (v1) or wall (v2) to restore, as the handler holds it now.
     limit: Callable[[], int]
     #: cgroup v1: the kernel refuses a limit below the usage, so a successful
@@ -56,10 +51,10 @@ class GrantCloser:
     @classmethod
     def open(cls, group: Group, limit: Callable[[], int]) -> GrantCloser:
         """The closer for ``group``'s backend; ``limit`` gives the value to restore."""
-        usage = _File(group.open_file(group.usage_file, os.O_RDONLY))
+        usage = Fd(group.open_file(group.usage_file, os.O_RDONLY))
         try:
             os.pread(usage.fileno(), 64, 0)  # the first read allocates the file's buffer
-            write = _File(group.open_file(group.wall_file, os.O_WRONLY))
+            write = Fd(group.open_file(group.wall_file, os.O_WRONLY))
         except BaseException:
             usage.close()
             raise

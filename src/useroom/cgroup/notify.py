@@ -10,7 +10,7 @@ import sys
 import warnings
 from typing import ClassVar, Protocol, runtime_checkable
 
-from useroom._fd import OwnedFd
+from useroom._fd import Fd
 
 __all__ = ["EventRegistration", "Notifier", "OomCounter"]
 
@@ -33,13 +33,6 @@ class Notifier(Protocol):
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until it has fired, without consuming it; False if *timeout* passes first."""
         ...
-
-
-class _Fd(OwnedFd):
-    """One of the registration's two fds."""
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
 
 
 class EventRegistration:
@@ -69,8 +62,8 @@ class EventRegistration:
     def __init__(self, eventfd: int, control_fd: int, description: str) -> None:
         # Each fd has one owner: closing the eventfd unregisters the event
         # (its last reference), closing the control file ends the watch.
-        self._eventfd = _Fd(eventfd)
-        self._control = _Fd(control_fd)
+        self._eventfd = Fd(eventfd)
+        self._control = Fd(control_fd)
         #: What is watched, e.g. ``"OOM of /a/b"``.
         self.description = description
 

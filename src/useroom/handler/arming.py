@@ -34,26 +34,19 @@ from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, Generic, TypeVar
 
 from useroom import native
-from useroom._fd import OwnedFd
+from useroom._fd import Fd
 from useroom._hooks import Hook, HookRegistry
 from useroom._units import UNLIMITED, format_size, parse_size
 from useroom.cgroup import EventRegistration, FileNotifier, Group, V1Group, V2Group
 from useroom.exceptions import GroupGone, UnsupportedKernel
 from useroom.native import SourceKind, WatchedGroup
 
-__all__ = ["V2_GAP", "Arming", "Fd", "V1Arming", "V2Arming", "arming_for"]
+__all__ = ["V2_GAP", "Arming", "V1Arming", "V2Arming", "arming_for"]
 
 #: cgroup v2: the least gap between the wall (memory.high) and the backstop (memory.max).
 V2_GAP = 16 << 20
 
 G = TypeVar("G", bound=Group)
-
-
-class Fd(OwnedFd):
-    """A plain fd with one owner."""
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
 
 
 class Arming(abc.ABC, Generic[G]):

@@ -24,7 +24,8 @@ from typing import Any
 from useroom import native
 from useroom._victims import Victim, VictimTable
 from useroom.cgroup import Group
-from useroom.handler.arming import Arming, Fd
+from useroom._fd import Fd
+from useroom.handler.arming import Arming
 from useroom.handler.events import VictimRecord
 from useroom.native import EventFd
 from useroom.policy import FreezeAndDecide, FrozenContext, Policy

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 import attrs
 
 from useroom.cgroup import Group
-from useroom._fd import OwnedFd
+from useroom._fd import Fd, OwnedFd
 from useroom.native import Action
 from useroom._units import format_size, parse_size
 from useroom._victims import Victim
@@ -114,7 +114,7 @@ class MoveToOverflow(Policy):
             raise ValueError(f"the overflow group {overflow.relpath} is {relation} ({group.relpath}): "
                              "what moves there is still charged to the handled group")
         self.disarm()
-        self._procs.append(_File(overflow.open_file(overflow.procs_file, os.O_WRONLY)))
+        self._procs.append(Fd(overflow.open_file(overflow.procs_file, os.O_WRONLY)))
 
     def disarm(self) -> None:
         while self._procs:
@@ -254,11 +254,3 @@ class DryRun(Policy):
         b.tail()
         compiled = b.build()
         return attrs.evolve(compiled, would=self.would(ctx.victims))
-
-
-class _File(OwnedFd):
-    """A control file a policy opened ahead (the overflow group's ``cgroup.procs``)."""
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-
