@@ -13,7 +13,7 @@ from useroom._declare import Declaration
 from useroom.handler import EventOutcome, Handler, OomEvent, StepRecord, Supervisor, VictimRecord
 from useroom.handler.export import EventLog, MetricsFile
 from useroom._hardening import HardeningReport, lock_memory, release_memory
-from useroom._hooks import HookRecord, OomContext, PressureContext
+from useroom._hooks import HookRecord, OomContext, PressureContext, PressureSource
 from useroom.policy import (
     DryRun,
     FreezeAndDecide,
@@ -44,6 +44,7 @@ from useroom.exceptions import (
     MemoryLockError,
     NotAMemoryCgroup,
     PressureTriggerRefused,
+    PressureWatchError,
     ProcessGone,
     RootGroupError,
     UnsupportedKernel,
@@ -98,8 +99,10 @@ __all__ = [
     "Phase",
     "Policy",
     "PressureContext",
+    "PressureSource",
     "PressureTrigger",
     "PressureTriggerRefused",
+    "PressureWatchError",
     "ProcessGone",
     "RaiseLimit",
     "RootGroupError",

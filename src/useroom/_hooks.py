@@ -26,6 +26,7 @@ still does not fit.
 
 from __future__ import annotations
 
+import enum
 import gc
 import itertools
 import os
@@ -43,7 +44,7 @@ from useroom import native
 from useroom.cgroup import Group
 from useroom._settle import SETTLED, GrantCloser
 
-__all__ = ["HookRecord", "HookRegistry", "HookRunner", "OomContext", "PressureContext"]
+__all__ = ["HookRecord", "HookRegistry", "HookRunner", "OomContext", "PressureContext", "PressureSource"]
 
 
 @attrs.define(eq=False)
@@ -132,14 +133,27 @@ class OomContext:
         return max(0, self.usage - self.limit)
 
 
+class PressureSource(enum.Enum):
+    """What ran an ``on_pressure`` hook."""
+
+    #: The group's usage crossed the hook's threshold upward.
+    USAGE = "usage"
+    #: The service manager's memory pressure source (systemd's
+    #: ``$MEMORY_PRESSURE_WATCH``) signalled: every hook runs, whatever its threshold.
+    SERVICE = "service"
+
+
 @attrs.frozen
 class PressureContext:
-    """What an ``on_pressure`` hook is told: the threshold crossed and the usage."""
+    """What an ``on_pressure`` hook is told: the threshold crossed (in bytes;
+    0 when the service manager signalled), the usage and the limit, and
+    what ran it."""
 
     group: Group
     threshold: int
     usage: int
     limit: int
+    source: PressureSource = PressureSource.USAGE
 
 
 @attrs.frozen

@@ -21,6 +21,7 @@ __all__ = [
     "MemoryLockError",
     "NotAMemoryCgroup",
     "PressureTriggerRefused",
+    "PressureWatchError",
     "ProcessGone",
     "RootGroupError",
     "UnsupportedKernel",
@@ -155,3 +156,13 @@ class PressureTriggerRefused(UnsupportedKernel):
     def __str__(self) -> str:
         text = str(self.strerror)
         return f"{text} ({self.reason})" if self.reason else text
+
+
+class PressureWatchError(UseroomError):
+    """``$MEMORY_PRESSURE_WATCH`` or ``$MEMORY_PRESSURE_WRITE`` (systemd's memory
+    pressure protocol) cannot be used; ``variable`` names which. The handler
+    runs without that source and says so."""
+
+    def __init__(self, message: str, *, variable: str) -> None:
+        super().__init__(message)
+        self.variable = variable

@@ -46,7 +46,7 @@ import attrs
 from useroom import native
 from useroom._declare import Declaration, probe
 from useroom._hardening import HardeningReport
-from useroom._hooks import Hook, HookRecord, HookRegistry, HookRunner, PressureContext
+from useroom._hooks import Hook, HookRecord, HookRegistry, HookRunner
 from useroom._last_resort import LastResorts
 from useroom._procs import ProcsFiles
 from useroom._settle import GrantCloser
@@ -60,6 +60,7 @@ from useroom.handler.export import EventLog
 from useroom.handler.grants import Grants
 from useroom.handler.host import Host, ProcessOptions
 from useroom.handler.link import WatchdogLink
+from useroom.handler.pressure import run_service_pressure, run_usage_pressure
 from useroom.native import EventFd, EventRecord, Plan, WatchedGroup
 from useroom.policy import CompiledPlan, KillLargest, PlanContext, Policy
 from useroom.watchdog.process import DEFAULT_DELAY
@@ -115,6 +116,7 @@ class GroupHandler:
         watchdog_group: Group | None = None,
         watchdog_log: str | None = None,
         heartbeat_timeout: float = 5.0,
+        service_pressure: bool = True,
         hold_threads: bool = True,
         hold_arm_at: float = 0.0,
         hold_processes: bool = True,
@@ -142,7 +144,7 @@ class GroupHandler:
         self.protect = frozenset(protect)
         #: The process-wide options (the supervisor's, when it has one).
         self.options = ProcessOptions(delay, harden, mlockall, watchdog, watchdog_group, watchdog_log,
-                                      heartbeat_timeout)
+                                      heartbeat_timeout, service_pressure)
         if not 0 <= hold_arm_at < 1:
             raise ValueError(f"hold_arm_at is a fraction of the limit in [0, 1), not {hold_arm_at!r}")
         self.hold_threads = hold_threads
@@ -204,7 +206,10 @@ class GroupHandler:
     def on_pressure(self, threshold: float | int | str) -> Any:
         """Registers ``fn(ctx: PressureContext)`` to run (on the handler's
         thread, free to allocate) when usage crosses ``threshold`` upward: a
-        fraction of the limit in (0, 1), or a size."""
+        fraction of the limit in (0, 1), or a size. Under systemd's memory
+        pressure protocol (``$MEMORY_PRESSURE_WATCH``, see
+        :mod:`useroom.handler.pressure`) it also runs at each signal of
+        the service manager (``ctx.source``)."""
         if isinstance(threshold, float):
             if not 0 < threshold < 1:
                 raise ValueError(f"a fractional threshold must be in (0, 1), not {threshold!r}")
@@ -493,7 +498,11 @@ class GroupHandler:
         elif due:
             self._deferred = True
         for size, hooks in self._arming.pressure_due(crossed):
-            self._run_pressure(size, hooks)
+            run_usage_pressure(self.group, size, hooks, self._arming.limit, self.note)
+
+    def service_pressure(self) -> None:
+        """The service manager reported memory pressure: every ``on_pressure`` hook runs once."""
+        run_service_pressure(self.group, self._hooks.get("pressure"), self._arming.limit, self.note)
 
     def note(self, err: BaseException) -> None:
         """An error the manager survived, stepping this group."""
@@ -676,17 +685,6 @@ class GroupHandler:
         self._table.release(p for a in self._armed for p in a.compiled.pidfds)
 
     # -- the manager's step ------------------------------------------------
-
-    def _run_pressure(self, size: int, hooks: list[Hook]) -> None:
-        usage = self.group.usage()
-        if usage < size:
-            return  # crossed downward
-        ctx = PressureContext(self.group, size, usage, self._arming.limit)
-        for fn in hooks:
-            try:
-                fn(ctx)
-            except Exception as err:  # noqa: BLE001 - a user's on_pressure hook: recorded, never fatal
-                self.note(err)
 
     def _check_runner(self) -> None:
         """A hook that never returns: abandon its thread, start a new one, re-arm."""

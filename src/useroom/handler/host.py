@@ -30,6 +30,8 @@ class ProcessOptions:
     watchdog_group: Group | None = None
     watchdog_log: str | None = None
     heartbeat_timeout: float = attrs.field(default=5.0)
+    #: Honour systemd's memory pressure protocol (``$MEMORY_PRESSURE_WATCH``).
+    service_pressure: bool = True
 
     @heartbeat_timeout.validator
     def _check_heartbeat(self, _: object, value: float) -> None:

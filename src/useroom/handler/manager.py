@@ -11,6 +11,8 @@ time a group asked to be looked at again (a refresh deferred by
 from __future__ import annotations
 
 import collections
+import contextlib
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -21,9 +23,12 @@ from useroom._hooks import THREAD_STACK_PREFAULT
 from useroom.handler.group import GroupHandler
 from useroom.handler.guardian import Guardian
 from useroom.handler.link import WatchdogLink
+from useroom.handler.pressure import ServicePressure
 from useroom.watchdog.protocol import Takeover
 
 __all__ = ["Manager"]
+
+logger = logging.getLogger(__name__)
 
 #: Epoll data of the manager's own fds; a group's fds use its key << 8 | kind.
 _WAKE = 1
@@ -31,6 +36,7 @@ _STOP = 2
 _CONTROL = 3
 _LINK_SOCKET = 4
 _LINK_PIDFD = 5
+_PRESSURE = 6
 _GROUP_SHIFT = 8
 _NEVER = float("inf")
 
@@ -67,6 +73,7 @@ class Manager:
         self._inboxed: set[int] = set()  # keys of the handlers records were routed to
         self._linked: tuple[int, ...] = ()
         self._link: WatchdogLink | None = None
+        self._pressure: ServicePressure | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self.tid = 0
@@ -99,6 +106,12 @@ class Manager:
             self._enlisted.pop(handler.key, None)
             self._timed.pop(handler.key, None)
             handler.unregister(self._ep)
+
+    def watch_pressure(self, source: ServicePressure) -> None:
+        """Runs the ``on_pressure`` hooks of the groups ``source`` covers at
+        each of its signals (before :meth:`start`; the supervisor owns it)."""
+        self._pressure = source
+        self._ep.add(source.fileno(), _PRESSURE, source.events)
 
     def wake(self) -> None:
         self._control.write(1)
@@ -161,7 +174,7 @@ class Manager:
         ready = self._ep.wait(timeout, max_events=64)
         woken: dict[int, list[int]] = collections.defaultdict(list)
         records = False
-        for data, _ in ready:
+        for data, events in ready:
             if data == _STOP:
                 return False
             if data == _WAKE:
@@ -172,6 +185,8 @@ class Manager:
                 self._takeovers()
             elif data == _LINK_PIDFD:
                 self._watchdog_exited()
+            elif data == _PRESSURE:
+                self._service_pressure(events)
             else:
                 woken[data >> _GROUP_SHIFT].append(data & ((1 << _GROUP_SHIFT) - 1))
         if records:
@@ -244,6 +259,27 @@ class Manager:
         if guardian is not None:
             self._takeovers()
             guardian.restart()
+
+    def _service_pressure(self, events: int) -> None:
+        """The service manager's source signalled: the ``on_pressure`` hooks
+        of every group it covers run, each group under its step lock."""
+        source = self._pressure
+        if source is None:
+            return
+        if not source.consume(events):
+            self._pressure = None
+            with contextlib.suppress(OSError):
+                self._ep.remove(source.fileno())
+            logger.warning("the service manager's memory pressure source %s is gone: on_pressure hooks "
+                           "run from usage only", source.watch.path,
+                           extra={"cause": "pressure_watch_gone", "path": source.watch.path})
+            return
+        for handler in list(self._enlisted.values()):
+            if not source.covers(handler.group):
+                continue
+            with handler.step_lock:
+                if handler.key in self._enlisted:
+                    handler.service_pressure()
 
 
 def _fileno(fd: Any) -> int:

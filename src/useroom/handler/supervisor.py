@@ -39,12 +39,13 @@ import attrs
 from useroom import _fd, native
 from useroom._hardening import HardeningReport, lock_memory, vm_locked
 from useroom.cgroup import Group
-from useroom.exceptions import WatcherError
+from useroom.exceptions import PressureWatchError, WatcherError
 from useroom.handler.group import GroupHandler
 from useroom.handler.guardian import Guardian
 from useroom.handler.host import ProcessOptions
 from useroom.handler.link import WatchdogLink
 from useroom.handler.manager import Manager
+from useroom.handler.pressure import ServicePressure
 from useroom.handler.placement import Placement, watchdog_home
 from useroom.policy import Policy
 from useroom.watchdog.process import DEFAULT_DELAY
@@ -62,7 +63,12 @@ class Supervisor:
     to the kernel (seconds or ``"2s"``); ``harden``, ``mlockall``,
     ``watchdog``, ``watchdog_group``, ``watchdog_log`` and
     ``heartbeat_timeout`` mean what they mean for a :class:`~useroom.Handler`,
-    for the whole process. :meth:`add` returns the group's handler, whose
+    for the whole process. ``service_pressure`` (default True) honours
+    systemd's memory pressure protocol: when the process runs with
+    ``$MEMORY_PRESSURE_WATCH`` set, each signal of that source runs the
+    ``on_pressure`` hooks of the groups it covers (see
+    :mod:`useroom.handler.pressure`); a source that cannot be opened is
+    logged (and kept in :attr:`errors`), never fatal. :meth:`add` returns the group's handler, whose
     hooks, events and victims are its own; groups are added and removed
     before :meth:`start` or while it runs.
     """
@@ -77,9 +83,10 @@ class Supervisor:
         watchdog_group: Group | None = None,
         watchdog_log: str | None = None,
         heartbeat_timeout: float = 5.0,
+        service_pressure: bool = True,
     ) -> None:
         self.options = ProcessOptions(delay, harden, mlockall, watchdog, watchdog_group, watchdog_log,
-                                      heartbeat_timeout)
+                                      heartbeat_timeout, service_pressure)
         #: What :func:`lock_memory` did; None before start or with harden=False.
         self.hardening: HardeningReport | None = None
         #: This process's locked bytes (VmLck) once started.
@@ -92,6 +99,8 @@ class Supervisor:
         self._watcher: native.NativeWatcher | None = None
         self._manager: Manager | None = None
         self._guardian: Guardian | None = None
+        #: systemd's memory pressure source while it is watched, else None.
+        self.service_pressure: ServicePressure | None = None
         self._placement = Placement(self.options.watchdog_group)
         self._running = False
 
@@ -218,6 +227,10 @@ class Supervisor:
         self._watcher = native.NativeWatcher()
         self._manager = Manager(self._watcher, guardian=lambda: self._guardian, note=self._note,
                                 route=self._route_takeover)
+        if self.options.service_pressure:
+            self.service_pressure = self._open_service_pressure()
+            if self.service_pressure is not None:
+                self._manager.watch_pressure(self.service_pressure)
         started = []
         for handler in list(self._handlers.values()):
             handler.open(self._watcher.add_group())
@@ -298,8 +311,24 @@ class Supervisor:
                     handler.drop_slot()
                 watcher.close()
         self._placement.unplace()
+        source, self.service_pressure = self.service_pressure, None
+        if source is not None:
+            source.close()
         for handler in list(self._handlers.values()):
             handler.dispose()
+
+    def _open_service_pressure(self) -> ServicePressure | None:
+        try:
+            source = ServicePressure.from_environment()
+        except PressureWatchError as err:
+            self._note(err)
+            logger.warning("%s: on_pressure hooks run from usage only", err,
+                           extra={"cause": "pressure_watch", "variable": err.variable})
+            return None
+        if source is not None:
+            logger.info("on_pressure hooks also run at the service manager's signals (%s)", source.watch.path,
+                        extra={"path": source.watch.path, "kind": source.kind.value})
+        return source
 
     def _route_takeover(self, takeover: Takeover) -> None:
         for handler in list(self._handlers.values()):  # the manager's thread: add() may run meanwhile
@@ -352,7 +381,7 @@ def _warn_no_watchdog(handlers: Sequence[GroupHandler]) -> None:
 
 #: Options of a Handler that are the process's, set on the Supervisor.
 _PROCESS_OPTIONS = ("delay", "harden", "mlockall", "watchdog", "watchdog_group", "watchdog_log",
-                    "heartbeat_timeout")
+                    "heartbeat_timeout", "service_pressure")
 
 
 class _Host:
