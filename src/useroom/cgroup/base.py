@@ -295,6 +295,11 @@ class Group(abc.ABC):
         child name) for the time of the block."""
         yield
 
+    def enable_memory_for_children(self) -> None:
+        """Lets child groups have memory limits. Nothing to do on cgroup v1,
+        where any group may; the v2 backend writes ``+memory`` to
+        ``cgroup.subtree_control`` (the group must hold no process then)."""
+
     def create_child(self, name: str, memory_max: str | int | None = None) -> Group:
         """Create the child group *name* and return it.
 
