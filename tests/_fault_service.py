@@ -67,10 +67,36 @@ def main() -> int:
         sys.stdin.readline()
         time.sleep(0.2)
     events = [e.to_dict() for e in handler.events]
+    _wait_threads_gone()
     threads = {tid: useroom.Group.of_thread(int(tid)).relpath for tid in os.listdir("/proc/self/task")}
     print(json.dumps({"events": events, "errors": [repr(e) for e in handler.errors], "threads": threads},
                      default=str), flush=True)
     return 0
+
+
+# include/linux/sched.h: set by do_exit() for the rest of a task's life.
+PF_EXITING = 0x4
+
+
+def _exiting(tid: str) -> bool:
+    try:
+        with open(f"/proc/self/task/{tid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return False
+    return bool(int(fields[6]) & PF_EXITING)  # field 9 of proc(5), "flags"
+
+
+def _wait_threads_gone(timeout: float = 5.0) -> None:
+    """Waits until no thread of this process is still exiting.
+
+    ``Thread.join`` returns when the Python side of a thread is done, a little
+    before the kernel has finished its exit; and for a task in do_exit(),
+    /proc/<tid>/cgroup names no v1 group at all ("/"). Past the timeout the
+    report shows such a thread as it is."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_exiting(tid) for tid in os.listdir("/proc/self/task")):
+        time.sleep(0.01)
 
 
 class _Nobody(useroom.KillLargest):
