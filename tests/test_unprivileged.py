@@ -212,3 +212,57 @@ print(json.dumps({"limit": resource.getrlimit(resource.RLIMIT_MEMLOCK)[0], "afte
         assert any("pool prefaulted but not locked" in note and "LimitMEMLOCK=" in note
                    for note in report["notes"])
         assert 0 < report["locked"] <= limit
+
+
+#: As the user, in a group of root's: handle the delegated group's child ``app`` (64 MiB), through
+#: the API or through ``useroom handle``, and overrun it once with a hog that joins it itself.
+_BESIDE = r"""
+import json, os, signal, subprocess, sys, useroom
+mode, delegated, out = sys.argv[1], sys.argv[2], sys.argv[3]
+app = useroom.Group.open(delegated).create_child("app")
+app.set_limit("64M")
+HOG = ('echo $$ > "$0" && exec "$1" -c "'
+       'import time; b = [bytearray(1 << 20) for _ in range(256)]; time.sleep(60)"')
+def overrun():
+    hog = subprocess.Popen(["/bin/sh", "-c", HOG, os.path.join(app.path, "cgroup.procs"), sys.executable])
+    return hog.pid, hog.wait(60)
+where = lambda pid: useroom.Group.of_pid(pid).relpath
+if mode == "api":
+    with useroom.Handler(app) as handler:
+        watchdog = where(handler.watchdog.pid)
+        pid, code = overrun()
+        handler.wait_for_events(1, 20)
+        killed = [v.pid for e in handler.events for v in e.victims if v.result == 0]
+else:
+    with subprocess.Popen([sys.executable, "-m", "useroom", "handle", app.path, "-q", "--events-out", out],
+                          stdout=subprocess.PIPE, text=True) as cli:
+        ready = cli.stdout.readline()
+        watchdog = where([int(c) for c in open(f"/proc/{cli.pid}/task/{cli.pid}/children").read().split()][0])
+        pid, code = overrun()
+        cli.send_signal(signal.SIGTERM)
+        assert ready == "ready\n" and 0 == cli.wait(30), ready
+    killed = [v["pid"] for e in json.load(open(out))["events"] for v in e["victims"] if v["result"] == 0]
+app.remove()
+print(json.dumps({"here": where(os.getpid()), "watchdog": watchdog, "pid": pid, "code": code, "killed": killed}))
+"""
+
+
+class TestBesideTheGroups:
+    """The handler of a user's delegated group runs beside it, in a group of root's that the user cannot
+    write (a login session's scope): it starts, and its watchdog stays where it was born."""
+
+    @pytest.mark.timeout(120)
+    @pytest.mark.parametrize("mode", ["api", "cli"])
+    def test_handles_a_delegated_group_from_a_group_of_roots(self, unpriv_env: UserEnv, user_group: str,
+                                                             scratch_group: Group, mode: str) -> None:
+        """``Handler(Group.open("D/app"))`` and ``useroom handle D/app``, as the user in root's group:
+        the overrun is resolved by killing the hog, and the watchdog runs in the handler's group."""
+        out = os.path.join(unpriv_env.project, f"beside-{mode}-{os.path.basename(user_group)}.json")
+        done = unpriv_env.run([unpriv_env.python, "-c", _BESIDE, mode, user_group, out], scratch_group.path,
+                              timeout=100, root_owned=True)
+        assert 0 == done.returncode, f"stdout: {done.stdout}\nstderr: {done.stderr}"
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        assert (scratch_group.relpath, scratch_group.relpath) == (result["here"], result["watchdog"])
+        assert -9 == result["code"]
+        assert result["pid"] in result["killed"]
+        assert 0 == os.stat(scratch_group.path).st_uid

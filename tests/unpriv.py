@@ -130,15 +130,19 @@ class UserEnv:
     project: str
     python: str
 
-    def command(self, argv: Sequence[str], group: str | None) -> list[str]:
+    def command(self, argv: Sequence[str], group: str | None, *, root_owned: bool = False) -> list[str]:
         """*argv* run as the user, after joining the delegated *group* (a directory; None: stay
-        in the caller's group, which the user does not own)."""
+        in the caller's group, which the user does not own). With *root_owned*, *group* is one
+        of root's, which root joins before it drops to the user: the user then runs in a group
+        it cannot write, as in a login session's scope."""
         if group is None:
             return _setpriv(self.user) + list(argv)
+        if root_owned:
+            return ["/bin/sh", "-c", _SHELL_JOIN, "sh", group, *_setpriv(self.user), *argv]
         return _setpriv(self.user) + ["/bin/sh", "-c", _SHELL_JOIN, "sh", group, *argv]
 
     def run(self, argv: Sequence[str], group: str | None, *, timeout: float,
-            cwd: str | None = None) -> subprocess.CompletedProcess[str]:
+            cwd: str | None = None, root_owned: bool = False) -> subprocess.CompletedProcess[str]:
         """Run *argv* as the user in *group*; fails the test if it runs longer than *timeout* s.
 
         On timeout the command is killed; whatever it started is left in
@@ -146,7 +150,7 @@ class UserEnv:
         *group* None, use it only for commands that start nothing lasting.
         """
         try:
-            return subprocess.run(self.command(argv, group), capture_output=True, text=True, timeout=timeout,
+            return subprocess.run(self.command(argv, group, root_owned=root_owned), capture_output=True, text=True, timeout=timeout,
                                   check=False, cwd=cwd or self.project, env=_user_environ(self.workdir),
                                   stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired as err:

@@ -16,11 +16,15 @@ __all__ = ["Placement", "watchdog_home"]
 logger = logging.getLogger(__name__)
 
 
-def watchdog_home(handlers: Iterable[GroupHandler], chosen: Group | None) -> Group:
+def watchdog_home(handlers: Iterable[GroupHandler], chosen: Group | None) -> Group | None:
     """Where the watchdog of ``handlers`` runs, and where the threads'
     kernel allocations are charged: ``chosen`` (the ``watchdog_group``
     option) if given, else the parent of the first handled group this
-    process is inside, else this process's group."""
+    process is inside, else None: this process's group, which a watchdog
+    spawned from here inherits without a move. (A move into it, even a
+    no-op one, needs write access to its ``cgroup.procs``, which a plain user
+    handling their delegated groups from beside them seldom has: a login
+    session's scope is root's.)"""
     if chosen is not None:
         return chosen
     for handler in handlers:
@@ -30,7 +34,7 @@ def watchdog_home(handlers: Iterable[GroupHandler], chosen: Group | None) -> Gro
                 raise UseroomError(f"this process is inside {handler.group.relpath}, which has no parent "
                                    "group for the watchdog: pass watchdog_group=")
             return parent
-    return Group.current()
+    return None
 
 
 class Placement:
@@ -57,7 +61,7 @@ class Placement:
             return
         home = Group.current()
         try:
-            place = watchdog_home(inside, self._chosen)
+            place = watchdog_home(inside, self._chosen) or home  # never None: inside is not empty
             self.place, self._home = place, home
             # The hook threads of hooks registered before start were started
             # by the handler, not the manager: they are moved too.

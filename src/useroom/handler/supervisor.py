@@ -345,7 +345,7 @@ class Supervisor:
         if not all(h.group.parent_holds_processes for h in handlers):
             # A v2 parent with memory enabled for its children cannot hold
             # processes: inside the group, the watchdog stays with us.
-            return self.options.watchdog_group or (None if any(h.inside() for h in handlers) else Group.current())
+            return self.options.watchdog_group
         return watchdog_home(handlers, self.options.watchdog_group)
 
     def _new_guardian(self, place: Group | None) -> Guardian:
