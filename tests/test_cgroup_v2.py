@@ -846,3 +846,18 @@ def test_demo_on_v2(v2group: V2Group) -> None:
     assert "SIGKILL" in done.stdout
     assert [] == v2group.children()
     assert "memory" not in v2group.subtree_control()
+
+
+@pytest.mark.cgroup2
+class TestEnterChildV2:
+    def test_another_process_in_the_group_is_busy_and_nothing_changes(self, scratch_group: Group,
+                                                                       spawn_hog: Callable[..., Hog]) -> None:
+        """With another process still in the group, memory cannot be enabled for its children (no
+        internal processes): GroupBusy, the caller moves back, and the child is gone."""
+        from test_group_backends import enter_child_in
+
+        hog = spawn_hog(0, scratch_group)
+        hog.start()
+        result = enter_child_in(scratch_group, "64M")
+        assert {"error": "GroupBusy", "here": scratch_group.relpath, "children": []} == result
+        assert [hog.pid] == scratch_group.procs()

@@ -8,8 +8,11 @@ test_cgroup_v1.py and test_cgroup_v2.py.
 
 from __future__ import annotations
 
+import json
 import os
 import select
+import subprocess
+import sys
 from collections.abc import Callable
 
 import pytest
@@ -123,3 +126,42 @@ class TestBothBackends:
             poller.register(counter, counter.poll_events)
             assert poller.poll(round(EVENT_TIMEOUT * 1000))
             assert 1 <= counter.update() == counter.count
+
+
+#: Run in a group, as a service started there: make a limited child, move in, report.
+_ENTER = """
+import json, os, sys
+from useroom.cgroup import Group
+home = Group.current()
+try:
+    child = home.enter_child("svc", sys.argv[1])
+except Exception as err:
+    print(json.dumps({"error": type(err).__name__, "here": Group.current().relpath,
+                      "children": [g.relpath for g in home.children()]}))
+else:
+    print(json.dumps({"here": Group.current().relpath, "child": child.relpath, "limit": child.limit()}))
+"""
+
+
+def enter_child_in(group: Group, limit: str, *others: int) -> dict[str, object]:
+    """Runs _ENTER in a process started in *group* (beside the pids *others*); its JSON line."""
+    join = 'echo $$ > "$0" && exec "$@"'
+    done = subprocess.run(["/bin/sh", "-c", join, os.path.join(group.path, group.procs_file), sys.executable,
+                           "-c", _ENTER, limit], capture_output=True, text=True, timeout=60, check=False)
+    assert 0 == done.returncode, done.stderr
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+class TestEnterChild:
+    def test_a_service_makes_its_limited_group_and_moves_in(self, scratch_group: Group) -> None:
+        """``Group.current().enter_child(name, limit)`` from a process in a group with no children:
+        the child exists, the process runs in it, with the limit; the group it left is empty."""
+        result = enter_child_in(scratch_group, "64M")
+        child = scratch_group.relpath + "/svc"
+        assert {"here": child, "child": child, "limit": 64 * MIB} == result
+        assert [] == scratch_group.procs()
+
+    def test_a_bad_limit_makes_nothing(self, scratch_group: Group) -> None:
+        """A limit that is no size is refused before any group is made or any process moves."""
+        result = enter_child_in(scratch_group, "lots")
+        assert {"error": "InvalidSize", "here": scratch_group.relpath, "children": []} == result

@@ -79,14 +79,11 @@ def main() -> int:
     args = parser.parse_args()
     status_path = os.path.join(os.environ.get("RUNTIME_DIRECTORY", "."), "status.json")
 
-    # The unit's cgroup is delegated: the service makes its own group below
-    # it. On cgroup v2 a group that gives its children memory limits may
-    # hold no process, so the service moves into the child first.
+    # The unit's cgroup is delegated: the service makes its own limited
+    # group below it and moves in (on cgroup v2 in that order: a group that
+    # gives its children memory limits may hold no process).
     home = useroom.Group.current()
-    group = home.create_child("cache")
-    group.attach(os.getpid())
-    home.enable_memory_for_children()
-    group.set_limit(args.limit)
+    group = home.enter_child("cache", args.limit)
 
     cache = Cache()
     counts = {"usage_signals": 0, "service_signals": 0, "oom_hooks": 0, "dropped": 0}

@@ -308,8 +308,48 @@ class Group(abc.ABC):
         :class:`InvalidName` for a name that is not a single path component,
         :class:`GroupExists` if the child exists.
         """
-        _check_name(name, "group name")
         limit = None if memory_max is None else parse_size(memory_max)
+        child = self._make_child(name)
+        if limit is not None:
+            try:
+                child.set_limit(limit)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.rmdir(child.path)  # the error being raised says more than this one
+                raise
+        return child
+
+    def enter_child(self, name: str, memory_max: str | int | None = None) -> Group:
+        """Create the child group *name*, move this process into it, and give
+        it *memory_max*: how a service makes its own limited group inside the
+        cgroup its service manager delegated to it (systemd's ``Delegate=yes``).
+
+        The order is cgroup v2's: the delegated group holds the service until
+        it moves, and a group that gives its children memory limits may hold
+        no process ("no internal processes"). So the child is made, this
+        process (all its threads) moves in, and only then is memory enabled
+        for the children and the limit set. Another process still in this
+        group raises :class:`GroupBusy`; on any error this process moves back
+        and the child is removed, as far as the kernel allows. On v1 it is
+        :meth:`create_child` and :meth:`attach`.
+        """
+        limit = None if memory_max is None else parse_size(memory_max)
+        child = self._make_child(name)
+        try:
+            child.attach(os.getpid())
+            self.enable_memory_for_children()
+            if limit is not None:
+                child.set_limit(limit)
+        except BaseException:
+            with contextlib.suppress(OSError):  # CgroupError is one
+                self.attach(os.getpid())
+                os.rmdir(child.path)
+            raise
+        return child
+
+    def _make_child(self, name: str) -> Group:
+        """mkdir of the child *name*, the kernel's refusals translated."""
+        _check_name(name, "group name")
         path = posixpath.join(self._path, name)
         try:
             os.mkdir(path)
@@ -319,17 +359,7 @@ class Group(abc.ABC):
             if err.errno == errno.EINVAL:
                 raise InvalidName(f"the kernel refused the group name {name!r}") from err
             raise self._error(err, "create a child group in", path, rule="create") from err
-        child = self._child(name)
-        if limit is not None:
-            try:
-                child.set_limit(limit)
-            except BaseException:
-                try:
-                    os.rmdir(path)
-                except OSError:
-                    pass  # the error being raised says more than this one
-                raise
-        return child
+        return self._child(name)
 
     def remove(self, force: bool = False, timeout: float = DEFAULT_REMOVE_TIMEOUT) -> None:
         """Remove the group.
