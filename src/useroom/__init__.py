@@ -11,6 +11,7 @@ from useroom.cgroup import EventRegistration, Group, Notifier, OomControl, Stats
 from useroom.cgroup.v2 import FileNotifier, MemoryEvents, PressureTrigger, V2Group
 from useroom._declare import Declaration
 from useroom.handler import EventOutcome, Handler, OomEvent, StepRecord, Supervisor, VictimRecord
+from useroom.handler.degraded import Degradation, DegradedMode
 from useroom.handler.export import EventLog, MetricsFile
 from useroom._hardening import HardeningReport, lock_memory, release_memory
 from useroom._hooks import HookRecord, OomContext, PressureContext, PressureSource
@@ -33,6 +34,7 @@ from useroom.watchdog import DEFAULT_DELAY, Takeover
 from useroom.exceptions import (
     CgroupError,
     CgroupPermissionError,
+    DegradedWarning,
     GroupBusy,
     GroupExists,
     GroupGone,
@@ -63,6 +65,9 @@ __all__ = [
     "CgroupError",
     "CgroupPermissionError",
     "Declaration",
+    "Degradation",
+    "DegradedMode",
+    "DegradedWarning",
     "DryRun",
     "EventLog",
     "EventOutcome",

@@ -22,7 +22,10 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import warnings
 from typing import IO, Any
+
+from useroom.exceptions import DegradedWarning
 
 __all__ = ["FORMATS", "JsonFormatter", "configure", "level_for"]
 
@@ -72,4 +75,7 @@ def configure(level: int, fmt: str = "text", stream: IO[str] | None = None) -> l
     logger = logging.getLogger("useroom")
     logger.addHandler(handler)
     logger.setLevel(level)
+    # A degraded mode is a warning record already (with its fields, in the
+    # chosen format): the DegradedWarning for library users would say it twice.
+    warnings.filterwarnings("ignore", category=DegradedWarning)
     return handler

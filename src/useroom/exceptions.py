@@ -166,3 +166,9 @@ class PressureWatchError(UseroomError):
     def __init__(self, message: str, *, variable: str) -> None:
         super().__init__(message)
         self.variable = variable
+
+
+class DegradedWarning(UserWarning):
+    """The handler runs in a weaker mode than it was built for (memory not all
+    locked, no pidfds, no process_mrelease, no watchdog): see
+    ``Handler.degraded``. Warned once per mode and supervisor."""

@@ -55,6 +55,7 @@ from useroom._victims import Pidfd, Victim, VictimTable
 from useroom.cgroup import Group
 from useroom.exceptions import GroupGone, RootGroupError, WatcherError
 from useroom.handler.arming import Arming, arming_for
+from useroom.handler.degraded import DegradedMode
 from useroom.handler.events import OomEvent, episode_event, episode_log, grant_acted, grant_left_open
 from useroom.handler.export import EventLog
 from useroom.handler.grants import Grants
@@ -272,6 +273,11 @@ class GroupHandler:
         """The :class:`~useroom.Supervisor` serving this group (a private
         one for a handler started on its own), or None."""
         return self._host.supervisor if self._host is not None else None
+
+    @property
+    def degraded(self) -> tuple[DegradedMode, ...]:
+        """The supervisor's weaker modes (:attr:`~useroom.Supervisor.degraded`); () before start."""
+        return self._host.supervisor.degraded if self._host is not None else ()
 
     @property
     def watchdog(self) -> WatchdogLink | None:

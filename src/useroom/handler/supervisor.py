@@ -46,6 +46,7 @@ from useroom.handler.host import ProcessOptions
 from useroom.handler.link import WatchdogLink
 from useroom.handler.manager import Manager
 from useroom.handler.pressure import ServicePressure
+from useroom.handler.degraded import Degradation, Degradations, DegradedMode
 from useroom.handler.placement import Placement, watchdog_home
 from useroom.policy import Policy
 from useroom.watchdog.process import DEFAULT_DELAY
@@ -102,6 +103,7 @@ class Supervisor:
         #: systemd's memory pressure source while it is watched, else None.
         self.service_pressure: ServicePressure | None = None
         self._placement = Placement(self.options.watchdog_group)
+        self._degradations = Degradations()
         self._running = False
 
     # -- public ------------------------------------------------------------
@@ -114,6 +116,13 @@ class Supervisor:
     def handlers(self) -> tuple[GroupHandler, ...]:
         """The handlers of the groups served, in the order they were added."""
         return tuple(self._handlers.values())
+
+    @property
+    def degraded(self) -> tuple[DegradedMode, ...]:
+        """The weaker modes this supervisor has run in (each also logged and
+        warned about once, as a :class:`~useroom.DegradedWarning`): memory
+        not all locked, no pidfds, no process_mrelease, no watchdog."""
+        return self._degradations.modes
 
     @property
     def watchdog(self) -> WatchdogLink | None:
@@ -222,8 +231,11 @@ class Supervisor:
             self.hardening = lock_memory(mlockall=self.options.mlockall)
             self._warn_partial_lock(self.hardening)
         if not _fd.can_use_pidfd:
-            logger.warning("no pidfds (Linux 5.3 and Python 3.9 have them): victims are signalled by pid, "
-                           "which a new process may reuse", extra={"cause": "no_pidfd"})
+            self._degradations.note(Degradation.NO_PIDFD, "no pidfds (Linux 5.3 and Python 3.9 have them): "
+                                    "victims are signalled by pid, which a new process may reuse")
+        if not native.can_use_mrelease():
+            self._degradations.note(Degradation.NO_MRELEASE, "no process_mrelease (Linux 5.15): a killed "
+                                    "victim's memory comes back only as fast as it exits")
         self._watcher = native.NativeWatcher()
         self._manager = Manager(self._watcher, guardian=lambda: self._guardian, note=self._note,
                                 route=self._route_takeover)
@@ -248,7 +260,7 @@ class Supervisor:
                 self._guardian.add(handler)
             self._guardian.start()
         elif needing:
-            _warn_no_watchdog(needing)
+            self._warn_no_watchdog(needing)
         self.locked_bytes = vm_locked()
 
     def _begin(self, handler: GroupHandler) -> None:
@@ -267,7 +279,7 @@ class Supervisor:
                 else:
                     self._guardian.add(handler)
             elif handler.declaration is not None and handler.declaration.needs_watchdog:
-                _warn_no_watchdog([handler])
+                self._warn_no_watchdog([handler])
         except BaseException:
             self._end(handler)
             raise
@@ -367,16 +379,17 @@ class Supervisor:
         partial = bool(report.core.lock_errno) or (pool is not None and pool.locked < pool.size) \
             or (self.options.mlockall and not report.mlockall)
         if partial:
-            logger.warning("memory only partly locked: %s", "; ".join(report.notes),
-                           extra={"cause": "partial_lock", "locked_bytes": report.locked_bytes,
-                                  "memlock_limit": report.memlock_limit, "notes": list(report.notes)})
+            self._degradations.note(Degradation.PARTIAL_LOCK,
+                                    f"memory only partly locked: {'; '.join(report.notes)}",
+                                    locked_bytes=report.locked_bytes, memlock_limit=report.memlock_limit,
+                                    notes=list(report.notes))
 
-
-def _warn_no_watchdog(handlers: Sequence[GroupHandler]) -> None:
-    """Groups that need the watchdog run without it (``watchdog=False``)."""
-    groups = [h.group.relpath for h in handlers]
-    logger.warning("no watchdog (watchdog=False) for %s: an episode the handler does not end is never "
-                   "handed to the kernel", ", ".join(groups), extra={"cause": "no_watchdog", "groups": groups})
+    def _warn_no_watchdog(self, handlers: Sequence[GroupHandler]) -> None:
+        """Groups that need the watchdog run without it (``watchdog=False``)."""
+        groups = [h.group.relpath for h in handlers]
+        self._degradations.note(Degradation.NO_WATCHDOG,
+                                f"no watchdog (watchdog=False) for {', '.join(groups)}: an episode the "
+                                "handler does not end is never handed to the kernel", groups=groups)
 
 
 #: Options of a Handler that are the process's, set on the Supervisor.
