@@ -39,11 +39,7 @@ class TestHooksInTheService:
         once restoring the limit is not enough."""
         result, hog, code = run_hook_service(group, "raise", spawn_hog)
         assert -signal.SIGKILL == hog.wait(10)
-        if code != 0:
-            # The service kept allocating after the hog's death and met the
-            # plan's last resort, the kernel OOM killer: never a deadlock.
-            assert (-signal.SIGKILL, False) == (code, group.oom_control().under_oom)
-            return
+        assert 0 == code  # the service, whose hook failed, lives: the hog was enough
         events = result["events"]
         hooks = [h for e in events for h in e["hooks"]]
         assert hooks and all("RuntimeError('hook failed')" == h["error"] for h in hooks)
@@ -57,9 +53,7 @@ class TestHooksInTheService:
         """A hook that never returns is abandoned after its deadline; the plan kills the hog."""
         result, hog, code = run_hook_service(group, "hang", spawn_hog)
         assert -signal.SIGKILL == hog.wait(10)
-        if code != 0:
-            assert (-signal.SIGKILL, False) == (code, group.oom_control().under_oom)
-            return
+        assert 0 == code  # the service, whose hook hangs, lives: the hog was enough
         first = result["events"][-1]
         assert -signal.SIGKILL == hog.wait(10)
         [await_hooks] = [s for s in first["steps"] if s["kind"] == "AWAIT" and s["phase"] == "hooks"]
