@@ -20,6 +20,7 @@ from useroom import (
     MoveToOverflow,
     RaiseLimit,
     RootGroupError,
+    native,
 )
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(90)]
@@ -162,6 +163,25 @@ class TestPolicies:
             assert -signal.SIGTERM == victim.wait(20)
             events = _episodes(handler, 1)
         assert [("SIGTERM", 0), ("SIGKILL", -errno.ESRCH)] == [(v.signal, v.result) for v in events[0].victims]
+
+
+    @pytest.mark.skipif(not native.can_use_mrelease(), reason="process_mrelease needs Linux 5.15")
+    def test_the_victims_memory_is_reaped(self, group: Group, spawn_hog) -> None:
+        """With pidfds and process_mrelease (as here), the plan's SIGKILL through the victim's
+        pidfd is followed at once by the reaping of its memory, on the same pidfd."""
+        big, = _hogs(spawn_hog, group, 30)
+        with Handler(group, KillLargest(), thresholds=(), refresh_interval=0.2) as handler:
+            grower = spawn_hog(48, group=group)
+            assert wait_until(lambda: _table_has(handler, {big.pid, grower.pid}), 5)
+            grower.start()
+            events = until_resolved(handler)
+        steps = [s for e in events for s in e.steps]
+        kills = [i for i, s in enumerate(steps) if s.kind in ("SIGNAL_PIDFD", "SIGNAL_BEST") and s.ok]
+        assert kills and {big.pid, grower.pid} >= {steps[i].pid for i in kills}
+        for i in kills:
+            # 0, or ESRCH when the victim had exited before the call: its memory was back already.
+            assert ("MRELEASE", True) == (steps[i + 1].kind, steps[i + 1].result in (0, -errno.ESRCH))
+        assert "resolved" == events[-1].outcome
 
 
 class TestFallbacks:

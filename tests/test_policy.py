@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 
+import attrs
 import pytest
 
 from useroom import FreezeAndDecide, KillByPriority, KillGroup, KillLargest, KillNewest, RaiseLimit, native
@@ -324,3 +325,62 @@ class TestNoResourceInValues:
             assert [] == self._owners(ctx) == self._owners(compiled)
             assert pidfd.fileno() in compiled.pidfds  # named by number
 
+
+
+class TestCompileWithPidfds:
+    """The shapes above with pidfds and process_mrelease (kernels since 5.15): each SIGKILL
+    through a pidfd is followed by the reaping of that victim's memory."""
+
+    FDS = {11: 21, 12: 22, 13: 23}
+
+    def _ctx(self, **overrides) -> PlanContext:
+        from useroom._victims import TaskFds
+
+        return _ctx(pidfds={pid: TaskFds(fd) for pid, fd in self.FDS.items()}, **overrides)
+
+    @pytest.fixture(autouse=True)
+    def _mrelease(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(native, "can_use_mrelease", lambda: True)
+
+    def test_kill_plan_shape(self) -> None:
+        """Each victim: SIGKILL through its pidfd, reap its memory, check; then the kernel."""
+        compiled = KillLargest().compile(self._ctx(kill_switch_fd=7))
+        assert [
+            ("SIGNAL_PIDFD", 22, "kill"), ("MRELEASE", 22, "kill"), ("CHECK", 0, "kill"),
+            ("SIGNAL_PIDFD", 23, "kill"), ("MRELEASE", 23, "kill"), ("CHECK", 0, "kill"),
+            ("SIGNAL_PIDFD", 21, "kill"), ("MRELEASE", 21, "kill"), ("CHECK", 0, "kill"),
+            ("WRITE", 7, "kernel"), ("CHECK", 0, "kernel"), ("WRITE", 7, "kernel"),
+        ] == _shape(compiled)
+        assert [22, 23, 21] == list(compiled.pidfds)
+
+    def test_kill_group_signals_all_then_reaps_all(self) -> None:
+        """KillGroup: every SIGKILL first (all die at once), then every reap, then one check."""
+        compiled = KillGroup().compile(self._ctx(kill_switch_fd=7))
+        assert [("SIGNAL_PIDFD", 21, "kill"), ("SIGNAL_PIDFD", 22, "kill"), ("SIGNAL_PIDFD", 23, "kill"),
+                ("MRELEASE", 21, "kill"), ("MRELEASE", 22, "kill"), ("MRELEASE", 23, "kill"),
+                ("CHECK", 0, "kill")] == _shape(compiled)[:7]
+
+    def test_hooks_head(self) -> None:
+        """With hooks: after the kill and the reap, the plan waits for the exit (the restore
+        needs the memory back), then restores the hooks' grant, then checks."""
+        compiled = KillLargest(max_victims=1).compile(self._ctx(reserve=16 * MIB, hooks_wake_fd=8,
+                                                                hooks_reply_fd=9))
+        kinds = [(a.kind.name, a.guard, p) for a, p in zip(compiled.plan.actions, compiled.phases)]
+        assert [
+            ("WRITE", -1, "hooks"), ("WAKE", 0, "hooks"), ("AWAIT", 0, "hooks"), ("WRITE", 0, "hooks"),
+            ("SIGNAL_PIDFD", -1, "kill"), ("MRELEASE", -1, "kill"), ("AWAIT", 4, "kill"),
+            ("WRITE", 0, "kill"), ("CHECK", -1, "kill"),
+        ] == kinds
+
+    def test_v2_kills_open_the_wall(self) -> None:
+        """cgroup v2: the wall opens before the first kill and closes after the last, the reaps
+        between."""
+        ctx = _ctx(lift=b"max", restore_resolves=False, resolved_below=64 * MIB, resolved_needle=b"",
+                   kill_switch_on=b"max", kill_switch_off=str(64 * MIB).encode(), kill_switch_fd=7)
+        from useroom._victims import TaskFds
+
+        ctx = attrs.evolve(ctx, pidfds={pid: TaskFds(fd) for pid, fd in self.FDS.items()})
+        compiled = KillLargest(max_victims=2).compile(ctx)
+        kinds = [k for k, _, _ in _shape(compiled)]
+        assert ["WRITE", "SIGNAL_PIDFD", "MRELEASE", "CHECK", "SIGNAL_PIDFD", "MRELEASE", "CHECK", "WRITE"] == \
+            kinds[:8]
