@@ -172,3 +172,14 @@ class DegradedWarning(UserWarning):
     """The handler runs in a weaker mode than it was built for (memory not all
     locked, no pidfds, no process_mrelease, no watchdog): see
     ``Handler.degraded``. Warned once per mode and supervisor."""
+
+
+class NestedTasksError(UseroomError, ValueError):
+    """The handled group has processes in child groups, which are never
+    victims (the victims are the group's own processes): handle the child
+    groups instead. ``nested`` maps each such group's relpath to its count."""
+
+    def __init__(self, message: str, *, group: str, nested: dict[str, int]) -> None:
+        super().__init__(message)
+        self.group = group
+        self.nested = nested

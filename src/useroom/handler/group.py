@@ -59,6 +59,7 @@ from useroom.handler.degraded import DegradedMode
 from useroom.handler.events import OomEvent, episode_event, episode_log, grant_acted, grant_left_open
 from useroom.handler.export import EventLog
 from useroom.handler.grants import Grants
+from useroom.handler.subtree import NestedTasks, refuse_nested
 from useroom.handler.host import Host, ProcessOptions
 from useroom.handler.link import WatchdogLink
 from useroom.handler.pressure import run_service_pressure, run_usage_pressure
@@ -159,6 +160,7 @@ class GroupHandler:
         self.kernel_memory_group: Group | None = None
         #: Errors the manager thread met and survived (ENOMEM during an OOM, ...).
         self.errors: list[BaseException] = []
+        self._nested = NestedTasks()
         #: Episodes that found nothing left to kill with the usage above the
         #: limit (the kernel OOM killer, the plan's last resort, comes next).
         self.last_resorts = LastResorts()
@@ -394,6 +396,7 @@ class GroupHandler:
             if self._event_log is not None:  # first: a bad path fails the start, before the group is touched
                 self._event_log.open()
                 self._own(self._event_log)
+            refuse_nested(group)  # also before the group is touched
             self._poke = self._own(EventFd())
             self._table = self._own(VictimTable(group, self.protect))
             self._own(self._grants)
@@ -660,6 +663,7 @@ class GroupHandler:
         if not grant:
             self._arming.before_refresh()
         self._table.refresh()
+        self._nested.check(self.group, self.errors.append)
         self._grants.renew_spare_procs()
         if not grant:
             self._arming.after_refresh(self._reserve)
