@@ -252,6 +252,27 @@ class VictimTable:
         procs = tuple(sorted(self.group.procs()))
         self.dying &= set(procs)
         fresh: dict[int, Pidfd] = {}
+        try:
+            victims, seen = self._measure_all(procs, fresh)
+        except BaseException:
+            # Out of fds, say: the pidfds opened by this refresh go, or each
+            # failed refresh would leave more behind.
+            for pid, pidfd in fresh.items():
+                if pid not in self._pidfds:
+                    pidfd.close()
+            raise
+        self.procs = procs
+        for pid, pidfd in self._pidfds.items():
+            if pid not in fresh:
+                self._retired.append(pidfd)
+        self._pidfds = fresh
+        self._numbers = {pid: pidfd.numbers() for pid, pidfd in fresh.items()}
+        self._seen = seen
+        self.victims = tuple(victims)
+        return self.victims
+
+    def _measure_all(self, procs: tuple[int, ...], fresh: dict[int, Pidfd]) -> tuple[list[Victim], dict[int, _Seen]]:
+        """The victims among *procs*, measured; their pidfds go into *fresh*."""
         seen: dict[int, _Seen] = {}
         victims = []
         for pid in procs:
@@ -267,6 +288,10 @@ class VictimTable:
                 if pidfd is not None and pid not in self._pidfds:
                     pidfd.close()
                 continue
+            except BaseException:
+                if pidfd is not None and pid not in self._pidfds:
+                    pidfd.close()  # opened just now, and in no list yet
+                raise
             if pidfd is not None:
                 if pidfd.exited:
                     if pid not in self._pidfds:
@@ -279,16 +304,7 @@ class VictimTable:
         # is the same live process: a live process keeps its pid. Check that
         # it is still in the group (it may have been moved out meanwhile).
         now = set(self.group.procs())
-        victims = [v for v in victims if v.pid in now]
-        self.procs = procs
-        for pid, pidfd in self._pidfds.items():
-            if pid not in fresh:
-                self._retired.append(pidfd)
-        self._pidfds = fresh
-        self._numbers = {pid: pidfd.numbers() for pid, pidfd in fresh.items()}
-        self._seen = seen
-        self.victims = tuple(victims)
-        return self.victims
+        return [v for v in victims if v.pid in now], seen
 
     @property
     def pidfds(self) -> Mapping[int, TaskFds]:

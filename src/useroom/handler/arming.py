@@ -169,6 +169,11 @@ class Arming(abc.ABC, Generic[G]):
         """v2: the group's (``memory.high``, ``memory.max``) before the handler."""
         return None
 
+    def safe_mode(self, on: bool) -> None:
+        """The victim table cannot be refreshed (``on``), or can again: see
+        :mod:`useroom.handler.stale`. On v2 the plan's kernel step (lifting the
+        wall) is all it takes."""
+
     @abc.abstractmethod
     def watchdog_lost(self) -> None:
         """The watchdog died and could not be restarted: guard the group
@@ -203,6 +208,7 @@ class V1Arming(Arming[V1Group]):
         self._restore_kill_setting: bool | None = None
         #: The watchdog was lost: the kernel killer stays on.
         self._degraded = False
+        self._stale = False
         self._pressure: list[tuple[EventRegistration, int, list[Hook]]] = []
 
     def open(self, slot: WatchedGroup, *, inside: bool, reserve: int, kernel_fallback: bool) -> None:
@@ -236,7 +242,7 @@ class V1Arming(Arming[V1Group]):
                 self._errors.append(err)
 
     def after_refresh(self, reserve: int) -> None:
-        if self._restore_kill_setting is not None and not self._degraded:
+        if self._restore_kill_setting is not None and not self._degraded and not self._stale:
             # The plan's last resort left the kernel killer on (tasks still
             # waited when it ended): turn it off again once no task waits.
             control = self.group.oom_control()
@@ -307,6 +313,17 @@ class V1Arming(Arming[V1Group]):
         self._degraded = True
         self.group.set_oom_kill(True)
 
+    def safe_mode(self, on: bool) -> None:
+        # On: the kernel killer picks at the OOM; off: after_refresh turns it
+        # off again once no task waits.
+        self._stale = on
+        if not on or self._restore_kill_setting is None:
+            return
+        if self._switch_fd is not None and not self._switch_fd.closed:
+            os.pwrite(self._switch_fd.fileno(), b"0", 0)  # no new fd: fds may be what ran out
+        else:
+            self.group.set_oom_kill(True)
+
     def restore(self) -> None:
         # The kernel OOM killer first, never leaving a window with neither.
         if self._restore_kill_setting is not None:
@@ -321,6 +338,7 @@ class V1Arming(Arming[V1Group]):
                 self.group.set_limit(self.pending_restore)
         self.pending_restore = None
         self._degraded = False
+        self._stale = False
 
 
 class V2Arming(Arming[V2Group]):

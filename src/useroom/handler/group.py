@@ -59,6 +59,7 @@ from useroom.handler.degraded import DegradedMode
 from useroom.handler.events import OomEvent, episode_event, episode_log, grant_acted, grant_left_open
 from useroom.handler.export import EventLog
 from useroom.handler.grants import Grants
+from useroom.handler.stale import StaleTable
 from useroom.handler.subtree import NestedTasks, refuse_nested
 from useroom.handler.host import Host, ProcessOptions
 from useroom.handler.link import WatchdogLink
@@ -161,6 +162,7 @@ class GroupHandler:
         #: Errors the manager thread met and survived (ENOMEM during an OOM, ...).
         self.errors: list[BaseException] = []
         self._nested = NestedTasks()
+        self._stale = StaleTable()
         #: Episodes that found nothing left to kill with the usage above the
         #: limit (the kernel OOM killer, the plan's last resort, comes next).
         self.last_resorts = LastResorts()
@@ -636,8 +638,9 @@ class GroupHandler:
         return DEFAULT_HOOK_RESERVE
 
     def _context(self, procs_fd: int) -> PlanContext:
+        stale = self._stale.active  # the safe mode: nobody from the table
         return PlanContext(
-            victims=self._table.victims,
+            victims=() if stale else self._table.victims,
             grant_wake_fd=self._grants.wake.fileno() if self.reserve else -1,
             grant_reply_fd=self._grants.reply.fileno() if self.reserve else -1,
             grant_timeout=self.grant_timeout,
@@ -648,7 +651,7 @@ class GroupHandler:
             check_timeout=self.check_timeout,
             hold_processes=self.hold_processes,
             procs_fd=procs_fd,
-            pidfds=self._table.pidfds,
+            pidfds={} if stale else self._table.pidfds,
             procs_reopen=not self.group.procs_pread_relists,
             protect=tuple(sorted(self._table.protect)) + tuple(sorted(self._table.dying - self._table.protect)),
             **self._arming.plan_fields(self._reserve, self.delay),
@@ -662,7 +665,19 @@ class GroupHandler:
             return
         if not grant:
             self._arming.before_refresh()
-        self._table.refresh()
+        try:
+            self._table.refresh()
+        except OSError as err:
+            if self._stale.failed(err, time.monotonic()):
+                self.errors.append(self._stale.enter(self.group.relpath, err))
+                self._arming.safe_mode(True)
+            if self._stale.active:
+                with contextlib.suppress(OSError):  # (a no-op once armed) retried at each failure
+                    self._arm()
+            raise
+        if self._stale.succeeded():
+            self._stale.leave(self.group.relpath)
+            self._arming.safe_mode(False)
         self._nested.check(self.group, self.errors.append)
         self._grants.renew_spare_procs()
         if not grant:
