@@ -1,6 +1,7 @@
 """``python -m useroom.bench deadlock ...``, ``python -m useroom.bench hooks ...``,
-``python -m useroom.bench watchdog ...``, ``python -m useroom.bench storm ...`` and
-``python -m useroom.bench scale ...``: see ``docs/benchmarks.md``.
+``python -m useroom.bench watchdog ...``, ``python -m useroom.bench storm ...``,
+``python -m useroom.bench scale ...`` and ``python -m useroom.bench soak ...``:
+see ``docs/benchmarks.md``.
 
 ``python -m useroom.bench _service GROUP_DIR JSON_PATH`` is the in-process
 variant's service process, ``python -m useroom.bench _hook_service SPEC``
@@ -39,6 +40,10 @@ def main(argv: list[str] | None = None, *, out: TextIO | None = None, err: TextI
         from useroom.bench._scale_host import host_main as scale_host_main
 
         return scale_host_main(argv[1:])
+    if argv[:1] == ["soak"]:
+        from useroom.bench._soak import main as soak_main
+
+        return soak_main(argv[1:])
     if argv[:1] == ["scale"]:
         from useroom.bench._scale import main as scale_main
 
