@@ -14,7 +14,10 @@ memory group of each of its threads as JSON. MODE:
 - ``nothing``: a policy with no victims and no kernel fallback, so only the
   watchdog can end an episode;
 - ``self-oom``: FreezeAndDecide whose callback touches far more than the
-  reserve on the handler's own manager thread.
+  reserve on the handler's own manager thread;
+- ``slow-hook``: an on_oom hook that takes 4 s (the grant open meanwhile);
+- ``slow-decide``: FreezeAndDecide whose callback takes 4 s (the group
+  stopped and the grant open meanwhile), then picks the largest.
 """
 
 from __future__ import annotations
@@ -47,6 +50,20 @@ def main() -> int:
             return False
     elif mode == "nothing":
         handler = useroom.Handler(group, _Nobody(), kernel_fallback=False, **kwargs)
+    elif mode == "slow-hook":
+        handler = useroom.Handler(group, reserve="16M", hook_timeout=10, **kwargs)
+
+        @handler.on_oom
+        def slow(ctx: useroom.OomContext) -> bool:
+            time.sleep(4)  # the grant stays open meanwhile
+            return False
+    elif mode == "slow-decide":
+        def ponder(ctx: useroom.FrozenContext) -> list[int]:
+            time.sleep(4)  # the group stopped and the grant open meanwhile
+            return [max(ctx.victims, key=lambda v: v.rss).pid] if ctx.victims else []
+
+        handler = useroom.Handler(group, useroom.FreezeAndDecide(ponder), reserve="16M", grant_timeout=10,
+                                  **kwargs)
     elif mode == "self-oom":
         touched = []
 

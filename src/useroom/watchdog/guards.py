@@ -191,6 +191,10 @@ class Guard:
         self._kills_at_takeover = 0
         self._clear_ns: int | None = None  # when under_oom first read 0 after a takeover
         self._caught_ns: int | None = None  # since when a helper thread is in the OOM wait with a grant open
+        #: Since when a grant the handler opened is open, the episode over for the kernel (see _watch_grant).
+        self._grant_since: int | None = None
+        #: Records for the log that a tick made (drained by the watchdog's loop).
+        self.notes: list[dict[str, Any]] = []
         self._read = ControlFile(group, oom_file, os.O_RDONLY)
         try:
             os.pread(self._read.fileno(), 256, 0)  # allocate the seq_file buffer now
@@ -208,6 +212,12 @@ class Guard:
     @property
     def in_episode(self) -> bool:
         return self._episode_ns is not None
+
+    @property
+    def watching_grant(self) -> bool:
+        """A grant is open with the OOM over for the kernel: the watchdog looks at the handler
+        each tick until it closes (see :meth:`_watch_grant`)."""
+        return self._grant_since is not None
 
     def control(self) -> OomControl | None:
         try:
@@ -264,6 +274,8 @@ class Guard:
         if self.pending_limit:
             self._restore_limit()
         if self._episode_ns is None:
+            if self._grant_since is not None:
+                self._watch_grant()
             return None
         control = self.control()
         if control is None:
@@ -300,6 +312,11 @@ class Guard:
         self._caught_ns = None
         episode_ns, self._episode_ns = self._episode_ns, None
         taken, self._taken = self._taken, None
+        if taken is None and self.handler is not None and not self.handler.exited and self._grant_open():
+            # The handler's grant ended the OOM for the kernel; its hooks or
+            # its callback act within the grant now, the group's other
+            # processes stopped meanwhile.
+            self._grant_since = time.monotonic_ns()
         if taken is None or episode_ns is None:
             return None
         reason, acted_ns, before = taken
@@ -316,6 +333,31 @@ class Guard:
                 restored = None
         return Takeover(self.group.relpath, reason, episode_ns, acted_ns, resolved_ns, self.delay,
                         self.handler.pid if self.handler else None, restored)
+
+    def _watch_grant(self) -> None:
+        """A grant is open and no OOM under way. If the handler is stopped
+        (SIGSTOP, a debugger), nobody will close the grant, and the
+        processes it stopped for its hooks (or its FreezeAndDecide callback)
+        stay stopped: continue them, and put the limit back once usage fits.
+        They then run into the limit again, an OOM the watchdog hands to the
+        kernel at once (the handler is stopped). A handler that exits is
+        :meth:`handler_exited`'s; one that is only slow, the grant's own
+        timeouts'."""
+        assert self.handler is not None
+        if self.handler.exited or not self._grant_open():
+            self._grant_since = None
+            return
+        reason, _ = self.handler.look()
+        if reason != "handler-stopped":
+            return
+        self._grant_since = None
+        record: dict[str, Any] = {"event": "grant-reclaimed", "group": self.group.relpath, "reason": reason,
+                                  "handler_pid": self.handler.pid, "at_ns": time.monotonic_ns()}
+        _continue_group(self.group, record)
+        self.pending_limit = True
+        self._restore_limit()
+        record["limit_restored"] = not self.pending_limit
+        self.notes.append(record)
 
     def handler_exited(self) -> dict[str, Any]:
         """The declared handler is gone: put back what it would have put back on stop."""
@@ -413,6 +455,8 @@ class WallGuard:
         self.gone = False
         self.pending_limit = False
         self.in_episode = False
+        self.watching_grant = False
+        self.notes: list[dict[str, Any]] = []
 
     def notified(self, now: int) -> None:
         pass

@@ -205,7 +205,7 @@ class Watchdog:
         while self.control is not None or self.guards:
             # Idle, it sleeps in the kernel until an eventfd, the pidfd or
             # the socket wakes it: a timer only while something is under way.
-            busy = any(g.in_episode or g.pending_limit for g in self.guards.values())
+            busy = any(g.in_episode or g.pending_limit or g.watching_grant for g in self.guards.values())
             ready = self._ep.wait(POLL_INTERVAL if busy else None)
             now = time.monotonic_ns()
             for data, _ in ready:
@@ -224,6 +224,9 @@ class Watchdog:
                 if guard.handler is not None and not guard.mourned and guard.handler.check_exited():
                     self.record(guard.handler_exited())
                 takeover = guard.tick(now)
+                for note in guard.notes:
+                    self.record(note)
+                guard.notes.clear()
                 if takeover is not None:
                     self.takeovers.append(takeover)
                     self.record(takeover.to_dict())
