@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from typing import Protocol
 
 from useroom.native import _core
 from useroom.native._core import ffi, lib
@@ -33,6 +34,28 @@ def valid_fd(fd: int) -> int:
     if not isinstance(fd, int) or fd < 0:
         raise ValueError(f"not a valid fd: {fd!r}")
     return fd
+
+
+class _Held(Protocol):
+    """The functions called through :data:`HELD`, as :func:`_open_held`
+    declares them to ctypes (which turns each result into an ``int``)."""
+
+    def uro_heap_trim(self, keep: int, /) -> int: ...
+
+    def uro_hold_begin(self, release_fd: int, deadline_ns: int, stall_ns: int,
+                       exempt: ctypes.Array[ctypes.c_uint64], nexempt: int, /) -> int: ...
+
+    def uro_hold_end(self, release_fd: int, /) -> int: ...
+
+    def uro_hold_arm(self, release_fd: int, stall_ns: int, exempt: ctypes.Array[ctypes.c_uint64],
+                     nexempt: int, /) -> int: ...
+
+    def uro_hold_disarm(self) -> int: ...
+
+    def uro_hold_reset(self) -> int: ...
+
+    def uro_hooks_next(self, reply_fd: int, reply: int, hold_fd: int, wake_fd: int, resume_fd: int,
+                       pause_ns: int, /) -> int: ...
 
 
 def _open_held() -> ctypes.PyDLL:
@@ -62,4 +85,4 @@ def _open_held() -> ctypes.PyDLL:
 # the same loaded module, which keeps the GIL. Opening it finds the module
 # already loaded and runs nothing in the core; doing it here spares the
 # first trim, on the OOM path, the allocations it makes.
-HELD: ctypes.PyDLL = _open_held()
+HELD: _Held = _open_held()
