@@ -4,16 +4,26 @@ Two ways in: :data:`lib` (cffi), which releases the GIL around every call,
 and :data:`HELD`, a ctypes handle on the same loaded module that keeps it.
 Every C function returns ``>= 0`` or ``-errno``; :func:`check` turns the
 latter into the matching :class:`OSError` subclass with the function named.
+
+The cdata types of ``_core.pyi`` are re-exported here for annotations only
+(under ``TYPE_CHECKING``: they do not exist at run time).
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from useroom.native import _core
 from useroom.native._core import ffi, lib
+
+if TYPE_CHECKING:
+    from useroom.native._core import UroEvent as UroEvent
+    from useroom.native._core import UroPlan as UroPlan
+    from useroom.native._core import UroPool as UroPool
+    from useroom.native._core import UroShared as UroShared
+    from useroom.native._core import VoidPointer as VoidPointer
 
 __all__ = ["CORE_FILE", "HELD", "check", "ffi", "lib", "valid_fd"]
 

@@ -16,7 +16,6 @@ import errno
 import os
 import threading
 from collections.abc import Iterable
-from typing import Any
 
 import attrs
 
@@ -115,7 +114,7 @@ def main_thread_pauses() -> int:
     return int(lib.uro_pauses())
 
 
-def _exempt(exempt: Iterable[int]) -> tuple[Any, int]:
+def _exempt(exempt: Iterable[int]) -> tuple[ctypes.Array[ctypes.c_uint64], int]:
     ids = [int(i) for i in exempt]
     if len(ids) > HOLD_EXEMPT_MAX:
         raise ValueError(f"at most {HOLD_EXEMPT_MAX} exempt threads, not {len(ids)}")
@@ -164,7 +163,7 @@ def hooks_next(reply: EventFd, value: int, hold: EventFd, wake: EventFd, resume:
     _ready()
     ret = HELD.uro_hooks_next(reply.fileno(), value, hold.fileno(), wake.fileno(), resume.fileno(),
                                 int(pause * 1e9))
-    return check(int(ret), "read")
+    return check(ret, "read")
 
 
 def holds() -> int:

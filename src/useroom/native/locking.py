@@ -9,11 +9,14 @@ report, not an error.
 from __future__ import annotations
 
 import ctypes
-from typing import Any
+from typing import TYPE_CHECKING
 
 import attrs
 
 from useroom.native._lib import CORE_FILE, HELD, check, ffi, lib
+
+if TYPE_CHECKING:
+    from useroom.native._lib import UroPool
 
 __all__ = [
     "CoreLock",
@@ -92,7 +95,7 @@ class _ArenaAllocator(ctypes.Structure):
     _fields_ = [("ctx", ctypes.c_void_p), ("alloc", ctypes.c_void_p), ("free", ctypes.c_void_p)]
 
 
-_pool: Any = None
+_pool: UroPool | None = None
 
 
 def install_arena_pool(nbytes: int, *, lock: bool) -> PoolReport:

@@ -13,7 +13,7 @@ import os
 import time
 import warnings
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING
 
 import attrs
 
@@ -33,6 +33,9 @@ from useroom.native.plan import (
     Step,
     Wake,
 )
+
+if TYPE_CHECKING:
+    from useroom.native._lib import UroEvent, UroPlan, UroShared, VoidPointer
 
 __all__ = [
     "GROUPS_MAX",
@@ -78,7 +81,7 @@ class _Arena:
         check(lib.uro_arena_map(size, int(lock), self._arena), "mmap")
 
     @property
-    def base(self) -> Any:
+    def base(self) -> VoidPointer:
         return self._arena.base
 
     @property
@@ -110,7 +113,7 @@ def _touch_arenas_in_parent() -> None:
 os.register_at_fork(after_in_parent=_touch_arenas_in_parent)
 
 
-def _record(ev: Any) -> EventRecord:
+def _record(ev: UroEvent) -> EventRecord:
     steps = tuple(
         Step(int(ev.steps[i].index), ActionKind(ev.steps[i].kind), int(ev.steps[i].result),
              int(ev.steps[i].t0_ns), int(ev.steps[i].t_ns), int(ev.steps[i].pick), int(ev.steps[i].points),
@@ -307,7 +310,7 @@ class WatchedGroup:
     :meth:`close` takes it out of the watcher (ending an episode in progress,
     recorded ``UNRESOLVED``) and unmaps its memory."""
 
-    def __init__(self, watcher: NativeWatcher, shared: Any, *, lock: bool) -> None:
+    def __init__(self, watcher: NativeWatcher, shared: UroShared, *, lock: bool) -> None:
         self._watcher = watcher
         self._shared = shared
         self._plan_id = 0
@@ -415,7 +418,7 @@ class WatchedGroup:
         arena.close()
 
 
-def _fill_plan(dst: Any, plan: Plan, plan_id: int) -> None:
+def _fill_plan(dst: UroPlan, plan: Plan, plan_id: int) -> None:
     """Writes ``plan`` into a plan slot of locked memory."""
     dst.count = 0
     dst.id = plan_id
