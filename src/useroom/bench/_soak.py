@@ -104,6 +104,7 @@ class Tally:
     rounds: dict[str, int] = attrs.field(factory=lambda: dict.fromkeys(KINDS, 0))
     episodes: int = 0
     deadlocks: int = 0
+    deadlocked: dict[str, int] = attrs.field(factory=lambda: dict.fromkeys(KINDS, 0))
     takeovers: int = 0
     fallbacks: int = 0
     kernel_kills: int = 0
@@ -178,6 +179,7 @@ def _storm(config: SoakConfig, group: Group, supervisor: Supervisor, tally: Tall
         time.sleep(0.02)
     if not _settle(children, time.monotonic() + config.deadlock_after):
         tally.deadlocks += 1
+        tally.deadlocked["storm"] += 1
         _rescue(group, children)
         group.set_limit(config.limit)
     time.sleep(0.2)  # the last episode's event
@@ -193,6 +195,7 @@ def _hooks(config: SoakConfig, home: Group, tally: Tally, n: int) -> None:
             out, err = service.communicate(timeout=config.deadlock_after)
         except subprocess.TimeoutExpired:
             tally.deadlocks += 1
+            tally.deadlocked["hooks"] += 1
             _rescue(group, [service])
             out, err = service.communicate()
         if service.returncode == -signal.SIGKILL:
@@ -261,7 +264,8 @@ def run(config: SoakConfig, progress: IO[str] | None = None) -> dict[str, Any]:
     assert baseline is not None and last is not None
     return {
         "seconds": round(time.monotonic() - start, 1), "cgroup": home.hierarchy.version, "rounds": tally.rounds,
-        "episodes": tally.episodes, "deadlocks": tally.deadlocks, "takeovers": tally.takeovers,
+        "episodes": tally.episodes, "deadlocks": tally.deadlocks, "deadlocked": tally.deadlocked,
+        "takeovers": tally.takeovers,
         "fallbacks": tally.fallbacks, "kernel_kills": tally.kernel_kills,
         "services_killed": tally.services_killed,
         # While it ran: from the end of the first round of each kind to the end of the last.
@@ -282,7 +286,9 @@ def render(result: dict[str, Any]) -> str:
     drift = result["drift"]
     rows = [
         ("episodes", result["episodes"], "(the handlers recorded)"),
-        ("deadlocks", result["deadlocks"], "goal 0"),
+        ("deadlocks", result["deadlocks"],
+         "goal 0" + ("" if not result["deadlocks"] else " (" + ", ".join(
+             f"{n} {kind}" for kind, n in result["deadlocked"].items() if n) + ")")),
         ("watchdog takeovers", result["takeovers"], "goal 0"),
         ("plan kernel fallbacks", result["fallbacks"], "goal 0"),
         ("kernel kills", result["kernel_kills"], "goal 0"),
@@ -308,12 +314,15 @@ def main(argv: list[str], out: IO[str] | None = None) -> int:
     length.add_argument("--seconds", type=float, default=None, help="how long, in seconds")
     parser.add_argument("--limit", type=parse_size, default=64 * MIB, help="each group's limit (default 64M)")
     parser.add_argument("--seed", type=int, default=1, help="the storms' sizes (default 1)")
+    parser.add_argument("--deadlock-after", type=float, default=30.0, metavar="SECONDS",
+                        help="a round not over this long after it began is a deadlock (default 30; a slow "
+                             "machine, such as an emulated guest, needs more)")
     parser.add_argument("--json", metavar="PATH", help="write the figures to PATH")
     parser.add_argument("--quiet", action="store_true", help="no progress line per round")
     args = parser.parse_args(argv)
     seconds = args.seconds if args.seconds is not None else 60.0 * (args.minutes if args.minutes is not None else 1)
     out = out or sys.stdout
-    result = run(SoakConfig(seconds=seconds, limit=args.limit, seed=args.seed),
+    result = run(SoakConfig(seconds=seconds, limit=args.limit, seed=args.seed, deadlock_after=args.deadlock_after),
                  progress=None if args.quiet else sys.stderr)
     print(render(result), file=out, flush=True)
     if args.json:
