@@ -38,7 +38,7 @@ from useroom._fd import Fd
 from useroom._hooks import Hook, HookRegistry
 from useroom._units import UNLIMITED, format_size, parse_size
 from useroom.cgroup import EventRegistration, FileNotifier, Group, V1Group, V2Group
-from useroom.exceptions import GroupGone, UnsupportedKernel
+from useroom.exceptions import UnsupportedKernel
 from useroom.native import SourceKind, WatchedGroup
 
 __all__ = ["V2_GAP", "Arming", "V1Arming", "V2Arming", "arming_for"]
@@ -47,6 +47,13 @@ __all__ = ["V2_GAP", "Arming", "V1Arming", "V2Arming", "arming_for"]
 V2_GAP = 16 << 20
 
 G = TypeVar("G", bound=Group)
+
+
+def _put(fd: Fd, value: int) -> None:
+    """Writes a size (``max`` for UNLIMITED) through *fd*: the restores go
+    through files opened at the start, which stay the group's even if its
+    directory is renamed meanwhile."""
+    os.pwrite(fd.fileno(), b"max" if value == UNLIMITED else str(value).encode(), 0)
 
 
 class Arming(abc.ABC, Generic[G]):
@@ -63,6 +70,8 @@ class Arming(abc.ABC, Generic[G]):
     backend: ClassVar[type[Group]]
     #: What guards the group once its watchdog is lost for good (for the error).
     fallback: ClassVar[str]
+    #: A file of the group the watcher reads at each check (opened by :meth:`open`).
+    _check_fd: Fd
 
     def __init__(
         self,
@@ -169,6 +178,20 @@ class Arming(abc.ABC, Generic[G]):
         """v2: the group's (``memory.high``, ``memory.max``) before the handler."""
         return None
 
+    def moved_to(self) -> str | None:
+        """Where the group's directory is now if it was renamed (its path
+        names nothing, while the files the arming opened are still the
+        group's), else None. The kernel keeps an open cgroup file with its
+        group across a rename; /proc/self/fd names its current path."""
+        try:
+            where = os.readlink(f"/proc/self/fd/{self._check_fd.fileno()}")
+        except (OSError, ValueError):
+            return None
+        if where.endswith(" (deleted)"):
+            return None
+        directory = os.path.dirname(where)
+        return directory if directory != self.group.path and os.path.isdir(directory) else None
+
     def safe_mode(self, on: bool) -> None:
         """The victim table cannot be refreshed (``on``), or can again: see
         :mod:`useroom.handler.stale`. On v2 the plan's kernel step (lifting the
@@ -198,9 +221,9 @@ class V1Arming(Arming[V1Group]):
     backend = V1Group
     fallback = "the kernel OOM killer is enabled for it instead"
 
-    _check_fd: Fd
     _limit_fd: Fd
     _switch_fd: Fd | None
+    _kill_fd: Fd
     _oom: EventRegistration
 
     def __init__(self, group: V1Group, **options: Any) -> None:
@@ -221,6 +244,8 @@ class V1Arming(Arming[V1Group]):
         os.pread(self._check_fd.fileno(), 256, 0)
         self._limit_fd = self._own(Fd(group.open_file(group.limit_file, os.O_WRONLY)))
         self._switch_fd = self._own(Fd(group.open_file(oom_file, os.O_WRONLY))) if kernel_fallback else None
+        # The setting is put back through this file at stop (see _put).
+        self._kill_fd = self._switch_fd or self._own(Fd(group.open_file(oom_file, os.O_WRONLY)))
         self._oom = self._own(group.oom_notifier())
         slot.add_source(self._oom.fileno(), SourceKind.OOM)
         # The kernel killer goes off only once the watcher runs (see
@@ -329,13 +354,14 @@ class V1Arming(Arming[V1Group]):
         if self._restore_kill_setting is not None:
             try:
                 if self._restore_kill_setting:
-                    self.group.set_oom_kill(True)
-            except GroupGone:
-                pass
+                    os.pwrite(self._kill_fd.fileno(), b"0", 0)
+            except OSError as err:
+                if err.errno not in (errno.ENODEV, errno.ENOENT):  # the group is gone
+                    self._errors.append(err)
             self._restore_kill_setting = None
         if self.pending_restore is not None:
             with contextlib.suppress(OSError):
-                self.group.set_limit(self.pending_restore)
+                _put(self._limit_fd, self.pending_restore)
         self.pending_restore = None
         self._degraded = False
         self._stale = False
@@ -356,9 +382,9 @@ class V2Arming(Arming[V2Group]):
     backend = V2Group
     fallback = "nothing will restore its memory.high and memory.max if this process dies"
 
-    _check_fd: Fd
     _limit_fd: Fd
     _switch_fd: Fd | None
+    _max_fd: Fd
     _oom: FileNotifier
 
     def __init__(self, group: V2Group, **options: Any) -> None:
@@ -396,6 +422,7 @@ class V2Arming(Arming[V2Group]):
         high_file = group.high_file
         self._limit_fd = self._own(Fd(group.open_file(high_file, os.O_WRONLY)))
         self._switch_fd = self._own(Fd(group.open_file(high_file, os.O_WRONLY))) if kernel_fallback else None
+        self._max_fd = self._own(Fd(group.open_file(group.limit_file, os.O_WRONLY)))  # for the restore
         self._oom = self._own(group.events_notifier())
         slot.add_source(self._oom.fileno(), SourceKind.OOM, native.Wake.FILE)
         self._freeze_fd = self._kill_fd = None
@@ -486,11 +513,12 @@ class V2Arming(Arming[V2Group]):
         if saved is not None:
             # memory.high first to max, so it never sits above memory.max.
             try:
-                self.group.set_high(UNLIMITED)
-                self.group.set_limit(saved[1])
-                self.group.set_high(saved[0])
+                _put(self._limit_fd, UNLIMITED)
+                _put(self._max_fd, saved[1])
+                _put(self._limit_fd, saved[0])
             except OSError as err:
-                self._errors.append(err)
+                if err.errno not in (errno.ENODEV, errno.ENOENT):  # the group is gone
+                    self._errors.append(err)
 
 
 #: The arming of each backend class.

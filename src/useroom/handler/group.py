@@ -521,6 +521,10 @@ class GroupHandler:
         del self.errors[:-100]
         if isinstance(err, GroupGone):
             self._running = False  # the manager steps it no more
+            moved = self._arming.moved_to()
+            if moved is not None:  # the native plan acts on at the OOM; stop() restores through open files
+                logger.warning("%s was renamed to %s: it is handled no more; handle it there", self.group.relpath,
+                               moved, extra={"group": self.group.relpath, "cause": "group_renamed", "path": moved})
             return
         # Never spin on a repeating error, but never sleep either: the
         # manager thread serves every group. The group's timed step waits.
