@@ -314,6 +314,8 @@ def main(argv: list[str], out: IO[str] | None = None) -> int:
     length.add_argument("--seconds", type=float, default=None, help="how long, in seconds")
     parser.add_argument("--limit", type=parse_size, default=64 * MIB, help="each group's limit (default 64M)")
     parser.add_argument("--seed", type=int, default=1, help="the storms' sizes (default 1)")
+    parser.add_argument("--storm-children", type=int, default=12, metavar="N",
+                        help="children per storm (default %(default)s)")
     parser.add_argument("--deadlock-after", type=float, default=30.0, metavar="SECONDS",
                         help="a round not over this long after it began is a deadlock (default 30; a slow "
                              "machine, such as an emulated guest, needs more)")
@@ -322,7 +324,8 @@ def main(argv: list[str], out: IO[str] | None = None) -> int:
     args = parser.parse_args(argv)
     seconds = args.seconds if args.seconds is not None else 60.0 * (args.minutes if args.minutes is not None else 1)
     out = out or sys.stdout
-    result = run(SoakConfig(seconds=seconds, limit=args.limit, seed=args.seed, deadlock_after=args.deadlock_after),
+    result = run(SoakConfig(seconds=seconds, limit=args.limit, seed=args.seed, deadlock_after=args.deadlock_after,
+                            storm_children=args.storm_children),
                  progress=None if args.quiet else sys.stderr)
     print(render(result), file=out, flush=True)
     if args.json:
