@@ -26,6 +26,7 @@ still does not fit.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import gc
 import itertools
@@ -258,10 +259,12 @@ class HookRunner:
                  hold_arm_at: float = HOLD_ARM_AT,
                  held: Callable[[], tuple[tuple[Any, ...], Mapping[int, Any]]] = lambda: ((), {}),
                  unsettled: Callable[[int, tuple[HookRecord, ...]], None] = lambda seq, records: None) -> None:
-        self.wake = native.EventFd()
-        self.reply = native.EventFd()
-        self.resume = native.EventFd()
-        self.release = native.EventFd()
+        with contextlib.ExitStack() as opened:  # out of fds: none is left open
+            self.wake: native.EventFd = opened.enter_context(native.EventFd())
+            self.reply: native.EventFd = opened.enter_context(native.EventFd())
+            self.resume: native.EventFd = opened.enter_context(native.EventFd())
+            self.release: native.EventFd = opened.enter_context(native.EventFd())
+            opened.pop_all()
         self.context = OomContext(group)
         self.records: dict[int, tuple[HookRecord, ...]] = {}
         self.busy_since_ns = 0
@@ -278,7 +281,11 @@ class HookRunner:
         self._stopping = False
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="useroom-hooks", daemon=True)
-        self._thread.start()
+        try:
+            self._thread.start()
+        except BaseException:
+            self._close()
+            raise
 
     def _exempt(self) -> list[int]:
         """The threads a hold never stops: this one."""

@@ -222,8 +222,8 @@ class V1Arming(Arming[V1Group]):
     fallback = "the kernel OOM killer is enabled for it instead"
 
     _limit_fd: Fd
-    _switch_fd: Fd | None
-    _kill_fd: Fd
+    _switch_fd: Fd
+    _fallback: bool
     _oom: EventRegistration
 
     def __init__(self, group: V1Group, **options: Any) -> None:
@@ -243,9 +243,11 @@ class V1Arming(Arming[V1Group]):
         # the watcher reuse it, so it can read the file even during the OOM.
         os.pread(self._check_fd.fileno(), 256, 0)
         self._limit_fd = self._own(Fd(group.open_file(group.limit_file, os.O_WRONLY)))
-        self._switch_fd = self._own(Fd(group.open_file(oom_file, os.O_WRONLY))) if kernel_fallback else None
-        # The setting is put back through this file at stop (see _put).
-        self._kill_fd = self._switch_fd or self._own(Fd(group.open_file(oom_file, os.O_WRONLY)))
+        # Opened even without the kernel fallback: the restore writes
+        # through it, so that it needs no new fd (a start that failed for
+        # want of fds still puts the kernel killer back).
+        self._switch_fd = self._own(Fd(group.open_file(oom_file, os.O_WRONLY)))
+        self._fallback = kernel_fallback
         self._oom = self._own(group.oom_notifier())
         slot.add_source(self._oom.fileno(), SourceKind.OOM)
         # The kernel killer goes off only once the watcher runs (see
@@ -316,7 +318,7 @@ class V1Arming(Arming[V1Group]):
             limit=-1 if self.limit == UNLIMITED else self.limit,
             limit_fd=self._limit_fd.fileno(),
             check_fd=self._check_fd.fileno(),
-            kill_switch_fd=self._switch_fd.fileno() if self._switch_fd else -1,
+            kill_switch_fd=self._switch_fd.fileno() if self._fallback else -1,
             resolved_needle=b"under_oom 0",
             reserve=reserve,
         )
@@ -339,14 +341,19 @@ class V1Arming(Arming[V1Group]):
         self.group.set_oom_kill(True)
 
     def safe_mode(self, on: bool) -> None:
-        # On: the kernel killer picks at the OOM; off: after_refresh turns it
-        # off again once no task waits.
+        # On: the kernel killer picks at the OOM (through the fd opened at
+        # start: fds may be what ran out); off: after_refresh turns it off
+        # again once no task waits.
         self._stale = on
-        if not on or self._restore_kill_setting is None:
-            return
-        if self._switch_fd is not None and not self._switch_fd.closed:
-            os.pwrite(self._switch_fd.fileno(), b"0", 0)  # no new fd: fds may be what ran out
-        else:
+        if on and self._restore_kill_setting is not None:
+            self._enable_kill()
+
+    def _enable_kill(self) -> None:
+        """Turns the kernel OOM killer on through the fd opened at start;
+        through a new one (errors explained) if that write fails."""
+        try:
+            os.pwrite(self._switch_fd.fileno(), b"0", 0)
+        except (OSError, ValueError):
             self.group.set_oom_kill(True)
 
     def restore(self) -> None:
@@ -354,7 +361,7 @@ class V1Arming(Arming[V1Group]):
         if self._restore_kill_setting is not None:
             try:
                 if self._restore_kill_setting:
-                    os.pwrite(self._kill_fd.fileno(), b"0", 0)
+                    self._enable_kill()
             except OSError as err:
                 if err.errno not in (errno.ENODEV, errno.ENOENT):  # the group is gone
                     self._errors.append(err)

@@ -63,9 +63,11 @@ class Manager:
         self._guardian = guardian
         self._note = note
         self._route = route
-        self._ep = native.Epoll()
-        self._stop = native.EventFd()
-        self._control = native.EventFd()
+        with contextlib.ExitStack() as opened:  # out of fds: none is left open
+            self._ep: native.Epoll = opened.enter_context(native.Epoll())
+            self._stop: native.EventFd = opened.enter_context(native.EventFd())
+            self._control: native.EventFd = opened.enter_context(native.EventFd())
+            opened.pop_all()
         self._ring_lock = threading.Lock()
         self._by_index: dict[int, GroupHandler] = {}  # watcher group index -> its handler
         self._enlisted: dict[int, GroupHandler] = {}  # key -> its handler
@@ -86,8 +88,9 @@ class Manager:
         for handler in handlers:
             if handler.slot is not None:
                 self.enlist(handler)
-        self._thread = threading.Thread(target=self._run, name="useroom-manager", daemon=True)
-        self._thread.start()
+        thread = threading.Thread(target=self._run, name="useroom-manager", daemon=True)
+        thread.start()  # a thread that never started is not joined by stop()
+        self._thread = thread
         self._ready.wait(10)
 
     def enlist(self, handler: GroupHandler) -> None:

@@ -169,10 +169,14 @@ class NativeWatcher:
         shared_size = _pages(int(ffi.sizeof("struct uro_shared")))
         self._arena = _Arena(shared_size + STACK_SIZE, lock=lock)
         try:
+            # Each is closed by close() below as soon as it exists: out of
+            # fds, none is left open.
             self._epoll = Epoll()
+            self._fds.append(self._epoll)
             self._control = EventFd()
+            self._fds.append(self._control)
             self._wake = EventFd()
-            self._fds = [self._epoll, self._control, self._wake]
+            self._fds.append(self._wake)
             self._shared = ffi.cast("struct uro_shared *", self._arena.base)
             check(
                 lib.uro_shared_init(self._shared, self._epoll.fileno(), self._control.fileno(),
