@@ -43,6 +43,7 @@ import attrs
 
 from useroom import native
 from useroom.cgroup import Group
+from useroom._limits import spawning
 from useroom._settle import SETTLED, GrantCloser
 
 __all__ = ["HookRecord", "HookRegistry", "HookRunner", "OomContext", "PressureContext", "PressureSource"]
@@ -282,7 +283,8 @@ class HookRunner:
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="useroom-hooks", daemon=True)
         try:
-            self._thread.start()
+            with spawning("the hook thread"):
+                self._thread.start()
         except BaseException:
             self._close()
             raise

@@ -23,6 +23,7 @@ __all__ = [
     "PressureTriggerRefused",
     "PressureWatchError",
     "ProcessGone",
+    "ResourceLimitError",
     "RootGroupError",
     "UnsupportedKernel",
     "UseroomError",
@@ -135,6 +136,27 @@ class MemoryLockError(UseroomError, PermissionError):
 
 class ProcessGone(UseroomError, ProcessLookupError):
     """The process exited, or its pid now names another process."""
+
+
+class ResourceLimitError(UseroomError, OSError):
+    """The kernel refused a file, a thread or a process because a limit was
+    reached (a handler's start raises it, with every step undone).
+
+    ``errno`` is the kernel's (EMFILE, ENFILE, EAGAIN or ENOMEM); ``limit``
+    names the limit (``RLIMIT_NOFILE``, ``fs.file-max``, ``RLIMIT_NPROC``,
+    ``RLIMIT_AS`` or ``memory``: the memory cgroup's limit), ``value`` is its
+    value when the kernel refused (-1: unlimited or unknown), and ``advice``
+    says how to raise it.
+    """
+
+    def __init__(self, errno: int, message: str, *, limit: str, value: int = -1, advice: str = "") -> None:
+        super().__init__(errno, message)
+        self.limit = limit
+        self.value = value
+        self.advice = advice
+
+    def __str__(self) -> str:
+        return f"{self.strerror}; {self.advice}" if self.advice else str(self.strerror)
 
 
 class UnsupportedKernel(UseroomError, OSError):

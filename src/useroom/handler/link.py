@@ -21,6 +21,7 @@ from typing import Any, Final
 
 import attrs
 
+from useroom._limits import spawning
 from useroom.cgroup import Group
 from useroom.exceptions import CgroupPermissionError, UseroomError, WatcherError
 from useroom.watchdog.guards import ProcessFd
@@ -537,8 +538,9 @@ class WatchdogLink:
             # with no place (v2, the handler inside the group) it stays here.
             enter = [] if self.place is None else [
                 "/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', os.path.join(self.place.path, self.place.procs_file)]
-            popen = subprocess.Popen([*enter, *argv], pass_fds=(theirs.fileno(),),
-                                     stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+            with spawning("the watchdog process"):
+                popen = subprocess.Popen([*enter, *argv], pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                                         stderr=subprocess.PIPE, start_new_session=True)
         except BaseException:
             ours.close()
             theirs.close()

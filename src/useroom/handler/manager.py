@@ -20,6 +20,7 @@ from typing import Any
 
 from useroom import native
 from useroom._hooks import THREAD_STACK_PREFAULT
+from useroom._limits import spawning
 from useroom.handler.group import GroupHandler
 from useroom.handler.guardian import Guardian
 from useroom.handler.link import WatchdogLink
@@ -89,8 +90,9 @@ class Manager:
             if handler.slot is not None:
                 self.enlist(handler)
         thread = threading.Thread(target=self._run, name="useroom-manager", daemon=True)
-        thread.start()  # a thread that never started is not joined by stop()
-        self._thread = thread
+        with spawning("the manager thread"):
+            thread.start()
+        self._thread = thread  # only once started: stop() joins it
         self._ready.wait(10)
 
     def enlist(self, handler: GroupHandler) -> None:

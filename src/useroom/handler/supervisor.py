@@ -38,6 +38,7 @@ import attrs
 
 from useroom import _fd, native
 from useroom._hardening import HardeningReport, lock_memory, vm_locked
+from useroom._limits import exhausted
 from useroom.cgroup import Group
 from useroom.exceptions import PressureWatchError, WatcherError
 from useroom.handler.group import GroupHandler
@@ -174,9 +175,12 @@ class Supervisor:
             if self._running:
                 try:
                     self._begin(handler)
-                except BaseException:
+                except BaseException as err:
                     del self._handlers[key]
                     handler.unbind()
+                    limited = exhausted(err, f"cannot start the handler of {handler.group.relpath}", _own_memory)
+                    if limited is not None:
+                        raise limited from err
                     raise
 
     def remove(self, group: Group | GroupHandler) -> None:
@@ -193,6 +197,10 @@ class Supervisor:
                 self._handlers.pop(handler.key, None)
                 handler.unbind()
 
+    def _names(self) -> str:
+        """The groups served, for an error message."""
+        return ", ".join(h.group.relpath for h in self._handlers.values()) or "no group"
+
     def _find(self, group: Group | GroupHandler) -> GroupHandler | None:
         for handler in self._handlers.values():
             if handler is group or handler.group.path == getattr(group, "path", None):
@@ -207,8 +215,12 @@ class Supervisor:
                 raise WatcherError("the supervisor is already running")
             try:
                 self._start()
-            except BaseException:
+            except BaseException as err:
                 self._stop()
+                # Out of fds or memory: say which limit, and how to raise it.
+                limited = exhausted(err, f"cannot start the handler of {self._names()}", _own_memory)
+                if limited is not None:
+                    raise limited from err
                 raise
         return self
 
@@ -390,6 +402,12 @@ class Supervisor:
         self._degradations.note(Degradation.NO_WATCHDOG,
                                 f"no watchdog (watchdog=False) for {', '.join(groups)}: an episode the "
                                 "handler does not end is never handed to the kernel", groups=groups)
+
+
+def _own_memory() -> tuple[str, int]:
+    """This process's memory cgroup and its limit, for an ENOMEM at start."""
+    group = Group.current()
+    return group.relpath, group.limit()
 
 
 #: Options of a Handler that are the process's, set on the Supervisor.

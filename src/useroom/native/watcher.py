@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from useroom._fd import OwnedFd
+from useroom._limits import spawning
 from useroom.exceptions import WatcherError
 from useroom.native._lib import check, ffi, lib, valid_fd
 from useroom.native.fds import Epoll, EventFd
@@ -249,7 +250,8 @@ class NativeWatcher:
         if self.running:
             raise WatcherError("the watcher is already running")
         core = lock_core()
-        check(lib.uro_watcher_start(self._watcher), "pthread_create")
+        with spawning("the native watcher thread"):
+            check(lib.uro_watcher_start(self._watcher), "pthread_create")
         return core
 
     def stop(self) -> None:
