@@ -685,14 +685,23 @@ class WatchdogLink:
             sock.close()
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Tells the process to stop and reaps it: it has ``timeout``
+        seconds to exit, then it is killed. Whatever happens meanwhile (an
+        error, an interrupt), the process is waited for before this returns:
+        no zombie is left behind."""
         popen = self.popen
         if popen is None:
             return
-        self.send(Stop().encode())
         try:
-            popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            popen.kill()
+            self.send(Stop().encode())
+            try:
+                popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.history.append({"event": "watchdog-killed", "pid": popen.pid,
+                                     "why": f"it did not stop within {timeout:g} s", "at_ns": time.monotonic_ns()})
+        finally:
+            if popen.poll() is None:
+                popen.kill()
             popen.wait()
-        self._close()
+            self._close()
 
