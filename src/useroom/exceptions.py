@@ -14,6 +14,7 @@ __all__ = [
     "GroupExists",
     "GroupGone",
     "GroupNotFound",
+    "GroupOverlap",
     "InvalidName",
     "InvalidSize",
     "KernelFormatError",
@@ -60,6 +61,23 @@ class GroupNotFound(CgroupError, FileNotFoundError):
 
 class GroupGone(GroupNotFound):
     """The group was removed while it was being used."""
+
+
+class GroupOverlap(UseroomError, ValueError):
+    """A group given a role apart from a handled group (the watchdog's
+    group, an overflow group) is the handled group, below it or above it.
+
+    ``group`` and ``handled`` are their paths in the hierarchy,
+    ``relation`` says where the first stands (``"same"``, ``"below"`` or
+    ``"above"``) and ``role`` names its role.
+    """
+
+    def __init__(self, message: str, *, group: str, handled: str, relation: str, role: str) -> None:
+        super().__init__(message)
+        self.group = group
+        self.handled = handled
+        self.relation = relation
+        self.role = role
 
 
 class KernelFormatError(UseroomError, ValueError):

@@ -148,6 +148,7 @@ class GroupHandler:
         #: The process-wide options (the supervisor's, when it has one).
         self.options = ProcessOptions(delay, harden, mlockall, watchdog, watchdog_group, watchdog_log,
                                       heartbeat_timeout, service_pressure)
+        self.options.check_apart(group)  # GroupOverlap: the watchdog would share the group's OOM wait
         if not 0 <= hold_arm_at < 1:
             raise ValueError(f"hold_arm_at is a fraction of the limit in [0, 1), not {hold_arm_at!r}")
         self.hold_threads = hold_threads

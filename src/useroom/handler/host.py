@@ -11,6 +11,7 @@ import attrs
 
 from useroom._units import parse_duration
 from useroom.cgroup import Group
+from useroom.cgroup.lineage import Relation, require_apart
 from useroom.handler.link import WatchdogLink
 from useroom.watchdog.process import DEFAULT_DELAY
 
@@ -32,6 +33,22 @@ class ProcessOptions:
     heartbeat_timeout: float = attrs.field(default=5.0)
     #: Honour systemd's memory pressure protocol (``$MEMORY_PRESSURE_WATCH``).
     service_pressure: bool = True
+
+    def check_apart(self, group: Group) -> None:
+        """Raises :class:`~useroom.GroupOverlap` if ``watchdog_group`` is
+        ``group`` or below it. A group above it (the parent, where the
+        watchdog goes by default when this process is inside the handled
+        group) or beside it is fine: its charges never reach the handled
+        group's limit."""
+        chosen = self.watchdog_group
+        if chosen is None:
+            return
+        if not isinstance(chosen, Group):
+            raise TypeError(f"watchdog_group must be a Group (useroom.Group.open(path)), not {chosen!r}")
+        require_apart(chosen, group, role="watchdog group", refuse=(Relation.SAME, Relation.BELOW),
+                      why="the watchdog's memory would be charged to the handled group, so it would wait for "
+                          "memory with the group's tasks (on cgroup v1 in the very OOM wait it must end); pass a "
+                          "group outside it, such as its parent or a sibling")
 
     @heartbeat_timeout.validator
     def _check_heartbeat(self, _: object, value: float) -> None:

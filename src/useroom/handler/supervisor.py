@@ -487,9 +487,12 @@ class Handler(GroupHandler):
     ``heartbeat_timeout``, and restores the limit if
     this process dies with a grant open. ``watchdog_group`` is where it
     runs (default: the handled group's parent when this process is inside
-    the handled group, else this process's group); ``watchdog_log`` a file
-    for its JSON log. If the watchdog dies it is restarted; if it cannot be,
-    the kernel OOM killer is re-enabled for the group.
+    the handled group, else this process's group); the handled group or a
+    group below it is refused here with :class:`~useroom.GroupOverlap`, as
+    the watchdog would wait for memory with the group's tasks.
+    ``watchdog_log`` is a file for its JSON log. If the watchdog dies it is
+    restarted; if it cannot be, the kernel OOM killer is re-enabled for the
+    group.
 
     Inside the group (cgroup v1), the handler's own threads are moved to
     the watchdog's group (``kernel_memory_group``) so that the files they

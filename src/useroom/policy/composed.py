@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 import attrs
 
 from useroom.cgroup import Group
+from useroom.cgroup.lineage import require_apart
 from useroom._fd import Fd, OwnedFd
 from useroom.native import Action
 from useroom._units import format_size, parse_size
@@ -77,7 +78,8 @@ class MoveToOverflow(Policy):
     (KillLargest by default) runs as usual, then the kernel fallback.
 
     ``overflow`` must not be the handled group, one of its descendants or
-    ancestors (charges there count against the handled group too), and
+    ancestors (:class:`~useroom.GroupOverlap`: below, charges count against
+    the handled group; above, the handled group's count against it), and
     the caller must be allowed to move the tasks (on v1 a non-root user
     moves only its own processes). Like :class:`RaiseLimit`, this policy
     grants no headroom of its own, so it runs no ``on_oom`` hooks phase.
@@ -107,12 +109,9 @@ class MoveToOverflow(Policy):
         overflow = self.overflow
         if overflow.version != group.version or overflow.hierarchy != group.hierarchy:
             raise ValueError(f"the overflow group {overflow.relpath} is not in the hierarchy of {group.relpath}")
-        inside = (overflow.relpath.rstrip("/") + "/").startswith(group.relpath.rstrip("/") + "/")
-        above = (group.relpath.rstrip("/") + "/").startswith(overflow.relpath.rstrip("/") + "/")
-        if inside or above:
-            relation = "the handled group or below it" if inside else "an ancestor of the handled group"
-            raise ValueError(f"the overflow group {overflow.relpath} is {relation} ({group.relpath}): "
-                             "what moves there is still charged to the handled group")
+        require_apart(overflow, group, role="overflow group",
+                      why="at or below it, what moves there is still charged to the handled group; above "
+                          "it, the handled group's charges count against the overflow group's limit too")
         self.disarm()
         self._procs.append(Fd(overflow.open_file(overflow.procs_file, os.O_WRONLY)))
 
