@@ -3,9 +3,11 @@ backends, :class:`V1Group` (cgroup v1) and :class:`V2Group` (cgroup v2).
 
 :mod:`useroom.cgroup.base` holds the interface and the errno translation,
 :mod:`useroom.cgroup.values` the snapshots read from control files,
-:mod:`useroom.cgroup.notify` the v1 eventfd notifier; :mod:`useroom.cgroup.v1` and :mod:`useroom.cgroup.v2`
-the backends. The registry of backends by version lives here, so that the
-base never imports a backend and a backend only imports the base.
+:mod:`useroom.cgroup.notify` the v1 eventfd notifier,
+:mod:`useroom.cgroup.lineage` where one group stands to another;
+:mod:`useroom.cgroup.v1` and :mod:`useroom.cgroup.v2` the backends. The
+registry of backends by version lives here, so that the base never imports
+a backend and a backend only imports the base.
 """
 
 from __future__ import annotations
