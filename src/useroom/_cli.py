@@ -26,7 +26,7 @@ from useroom.policy import KillGroup, KillLargest, KillNewest, Policy, RaiseLimi
 from useroom._units import format_size, parse_size
 from useroom.watchdog import Takeover
 from useroom.watchdog import main as watchdog_main
-from useroom.exceptions import UseroomError
+from useroom.exceptions import InvalidDuration, InvalidSize, UseroomError
 
 __all__ = ["main"]
 
@@ -67,15 +67,16 @@ def cmd_handle(args: argparse.Namespace) -> int:
     """Runs one supervisor for the GROUPs in this process until SIGTERM or SIGINT."""
     _log.configure(_log.level_for(args.verbose, args.quiet), args.log_format)
     groups = [Group.open(path) for path in args.groups]
-    if args.join:
-        groups[0].attach(os.getpid())
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     sup = Supervisor(delay=args.delay, watchdog=not args.no_watchdog, watchdog_log=args.watchdog_log)
     log = EventLog(args.events) if args.events else None  # one log, every group's lines
     metrics = MetricsFile(args.metrics_textfile) if args.metrics_textfile else None
+    # Made first: a size out of bounds fails before --join moves this process.
     handlers = [sup.add(group, _policy(args), reserve=args.reserve, event_log=log) for group in groups]
+    if args.join:
+        groups[0].attach(os.getpid())
     written = -1
     systemd = SystemdNotifier()  # Type=notify: READY, STATUS, WATCHDOG, STOPPING
     beat = watchdog_interval()
@@ -293,6 +294,15 @@ def installed_version() -> str:
         return __version__
 
 
+def _size(text: str) -> str:
+    """An argparse type: a size (kept as given; its bounds are checked against the group)."""
+    try:
+        parse_size(text)
+    except InvalidSize as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="useroom", description=__doc__)
     parser.add_argument("--version", action="version", version=f"useroom {installed_version()}")
@@ -304,9 +314,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "(one watcher thread, one watchdog) serves them all")
     handle.add_argument("--join", action="store_true", help="move this process into the (first) group first")
     handle.add_argument("--policy", choices=[*POLICIES, "raise-limit"], default="kill-largest")
-    handle.add_argument("--reserve", default=None, help="headroom grant size, e.g. 8M")
-    handle.add_argument("--step", default=None, help="raise-limit: step, e.g. 16M")
-    handle.add_argument("--ceiling", default=None, help="raise-limit: ceiling, e.g. 512M")
+    handle.add_argument("--reserve", default=None, type=_size,
+                        help="headroom grant size, e.g. 8M; at most the group's limit (for a group without one, "
+                             "the machine's memory)")
+    handle.add_argument("--step", default=None, type=_size,
+                        help="raise-limit: step, e.g. 16M; at most the ceiling and the group's limit")
+    handle.add_argument("--ceiling", default=None, type=_size,
+                        help="raise-limit: ceiling, e.g. 512M; at most the machine's memory")
     handle.add_argument("--events-out", default=None, help="write the events as JSON here on exit")
     handle.add_argument("--events", default=None, metavar="PATH",
                         help="append each episode as a JSON line to PATH as it ends ('-': standard output)")
@@ -369,6 +383,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
+    except (InvalidSize, InvalidDuration) as err:  # bad input, as argparse's errors: status 2
+        print(f"useroom: {err}", file=sys.stderr)
+        return 2
     except UseroomError as err:
         print(f"useroom: {err}", file=sys.stderr)
         return 1

@@ -28,7 +28,7 @@ import re
 from fractions import Fraction
 from typing import Final
 
-from useroom.exceptions import InvalidSize
+from useroom.exceptions import InvalidDuration, InvalidSize
 
 __all__ = ["UNLIMITED", "format_size", "parse_duration", "parse_size"]
 
@@ -139,17 +139,22 @@ _DURATION: Final = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|)\s*", re.ASCII
 def parse_duration(value: str | float | int) -> float:
     """Seconds from ``"2s"``, ``"500ms"``, ``"1.5"`` (seconds) or a number of seconds.
 
-    Negative, infinite and not-a-number values are refused with ValueError.
+    Anything else, and negative, infinite or not-a-number values, raise
+    :class:`~useroom.exceptions.InvalidDuration` (a ``ValueError``).
     """
-    if isinstance(value, bool):
-        raise ValueError(f"not a duration: {value!r}")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    else:
-        match = _DURATION.fullmatch(value) if isinstance(value, str) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise InvalidDuration(f"a duration is a number of seconds or a string such as '2s' or '500ms', "
+                              f"not {type(value).__name__} {_shown(value)}")
+    if isinstance(value, str):
+        match = _DURATION.fullmatch(value)
         if match is None:
-            raise ValueError(f"not a duration: {value!r} (say '2s', '500ms' or a number of seconds)")
+            raise InvalidDuration(f"not a duration: {_shown(value)} (say '2s', '500ms' or a number of seconds)")
         seconds = float(match.group(1)) / (1000 if match.group(2) == "ms" else 1)
+    else:
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int beyond a float's range
+            seconds = float("inf")
     if not 0 <= seconds < float("inf"):
-        raise ValueError(f"a duration must be a finite number of seconds >= 0, not {value!r}")
+        raise InvalidDuration(f"a duration must be a finite number of seconds >= 0, not {_shown(value)}")
     return seconds

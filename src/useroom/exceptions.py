@@ -15,6 +15,7 @@ __all__ = [
     "GroupGone",
     "GroupNotFound",
     "GroupOverlap",
+    "InvalidDuration",
     "InvalidName",
     "InvalidSize",
     "KernelFormatError",
@@ -26,6 +27,7 @@ __all__ = [
     "ProcessGone",
     "ResourceLimitError",
     "RootGroupError",
+    "SizeOutOfBounds",
     "UnsupportedKernel",
     "UseroomError",
     "WatcherError",
@@ -37,7 +39,27 @@ class UseroomError(Exception):
 
 
 class InvalidSize(UseroomError, ValueError):
-    """A memory size could not be parsed (``"256M"``, ``"1.5G"`` or an int)."""
+    """A memory size could not be parsed (``"256M"``, ``"1.5G"`` or an int),
+    or is outside the range its parameter allows (:class:`SizeOutOfBounds`)."""
+
+
+class SizeOutOfBounds(InvalidSize):
+    """A size parses but makes no sense where it is given: a reserve or a
+    :class:`~useroom.RaiseLimit` step larger than the group's limit (or,
+    for a group without one, than the machine's memory), a step above its
+    ceiling. ``name`` names the parameter, ``value`` and ``bound`` are
+    bytes; the message says what to give instead."""
+
+    def __init__(self, message: str, *, name: str, value: int, bound: int) -> None:
+        super().__init__(message)
+        self.name = name
+        self.value = value
+        self.bound = bound
+
+
+class InvalidDuration(UseroomError, ValueError):
+    """A duration could not be parsed (``"2s"``, ``"500ms"`` or a number of
+    seconds), or is negative, infinite or not a number."""
 
 
 class InvalidName(UseroomError, ValueError):

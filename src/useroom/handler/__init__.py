@@ -3,6 +3,9 @@
 Collaborators that own their state, each in its module; a module imports
 only the ones listed before it:
 
+- :mod:`~useroom.handler.validate`: the checks of a handler's arguments
+  made when it is constructed (sizes against the group's limit and the
+  machine's memory, types);
 - :mod:`~useroom.handler.events`: :class:`OomEvent` and its parts, and the
   watcher's record of an episode -> an event (a pure function);
 - :mod:`~useroom.handler.arming`: per backend (:class:`V1Arming`,

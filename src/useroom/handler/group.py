@@ -54,6 +54,7 @@ from useroom._units import parse_size
 from useroom._victims import Pidfd, Victim, VictimTable
 from useroom.cgroup import Group
 from useroom.exceptions import GroupGone, RootGroupError, WatcherError
+from useroom.handler import validate
 from useroom.handler.arming import Arming, arming_for
 from useroom.handler.degraded import DegradedMode
 from useroom.handler.events import OomEvent, episode_event, episode_log, grant_acted, grant_left_open
@@ -65,7 +66,7 @@ from useroom.handler.host import Host, ProcessOptions
 from useroom.handler.link import WatchdogLink
 from useroom.handler.pressure import run_service_pressure, run_usage_pressure
 from useroom.native import EventFd, EventRecord, Plan, WatchedGroup
-from useroom.policy import CompiledPlan, KillLargest, PlanContext, Policy
+from useroom.policy import CompiledPlan, PlanContext, Policy
 from useroom.watchdog.process import DEFAULT_DELAY
 from useroom.watchdog.protocol import Takeover
 
@@ -128,17 +129,12 @@ class GroupHandler:
         if group.is_root:
             raise RootGroupError("the root memory cgroup has no limit and no OOM notifications")
         self.group = group
-        self.policy = policy if policy is not None else KillLargest()
-        self.reserve = 0 if reserve is None else parse_size(reserve)
-        self.thresholds = tuple(sorted(thresholds))
-        for fraction in self.thresholds:
-            if not 0 < fraction < 1:
-                raise ValueError(f"thresholds are fractions of the limit in (0, 1), not {fraction!r}")
-        for name, value in (("refresh_interval", 1.0 if refresh_interval is None else refresh_interval),
-                            ("check_timeout", check_timeout), ("grant_timeout", grant_timeout),
-                            ("hook_timeout", hook_timeout)):
-            if not value > 0:
-                raise ValueError(f"{name} must be > 0 seconds, not {value!r}")
+        # Checked now, against the group's limit where it matters (again at start: see open()).
+        self.policy = validate.policy(policy, group)
+        self.reserve = validate.reserve(reserve, group)
+        self.thresholds = validate.fractions(thresholds)
+        validate.timeouts(refresh_interval=1.0 if refresh_interval is None else refresh_interval,
+                          check_timeout=check_timeout, grant_timeout=grant_timeout, hook_timeout=hook_timeout)
         self.refresh_interval = refresh_interval
         self.check_timeout = check_timeout
         self.grant_timeout = grant_timeout
@@ -396,6 +392,7 @@ class GroupHandler:
         group = self.group
         self._slot = slot
         try:
+            validate.sizes_fit(group, self.reserve, self.policy)  # the limit may have changed since __init__
             if self._event_log is not None:  # first: a bad path fails the start, before the group is touched
                 self._event_log.open()
                 self._own(self._event_log)

@@ -12,6 +12,7 @@ import attrs
 from useroom._units import parse_duration
 from useroom.cgroup import Group
 from useroom.cgroup.lineage import Relation, require_apart
+from useroom.handler import validate
 from useroom.handler.link import WatchdogLink
 from useroom.watchdog.process import DEFAULT_DELAY
 
@@ -28,7 +29,7 @@ class ProcessOptions:
     harden: bool = True
     mlockall: bool = False
     watchdog: bool = True
-    watchdog_group: Group | None = None
+    watchdog_group: Group | None = attrs.field(default=None)
     watchdog_log: str | None = None
     heartbeat_timeout: float = attrs.field(default=5.0)
     #: Honour systemd's memory pressure protocol (``$MEMORY_PRESSURE_WATCH``).
@@ -41,10 +42,8 @@ class ProcessOptions:
         group) or beside it is fine: its charges never reach the handled
         group's limit."""
         chosen = self.watchdog_group
-        if chosen is None:
+        if chosen is None:  # else a Group: the field's validator checked it
             return
-        if not isinstance(chosen, Group):
-            raise TypeError(f"watchdog_group must be a Group (useroom.Group.open(path)), not {chosen!r}")
         require_apart(chosen, group, role="watchdog group", refuse=(Relation.SAME, Relation.BELOW),
                       why="the watchdog's memory would be charged to the handled group, so it would wait for "
                           "memory with the group's tasks (on cgroup v1 in the very OOM wait it must end); pass a "
@@ -54,6 +53,10 @@ class ProcessOptions:
     def _check_heartbeat(self, _: object, value: float) -> None:
         if not value > 0:
             raise ValueError(f"heartbeat_timeout must be > 0 seconds, not {value!r}")
+
+    @watchdog_group.validator
+    def _check_watchdog_group(self, _: object, value: object) -> None:
+        validate.watchdog_group(value)
 
 
 class Host(Protocol):

@@ -466,7 +466,11 @@ class Handler(GroupHandler):
     or a size like ``"16M"``) enables the headroom grant: when the planned
     victims are not enough, the watcher raises the limit by the reserve,
     wakes this handler to refresh and act, then restores the limit. The
-    parent group must allow the raised limit. ``thresholds`` are fractions
+    parent group must allow the raised limit. A reserve (or a
+    :class:`~useroom.RaiseLimit` step) larger than the group's limit, or
+    than the machine's memory for a group without one, and ``"max"`` are
+    refused with :class:`~useroom.SizeOutOfBounds`, when the handler is
+    made and again at start. ``thresholds`` are fractions
     of the limit at which the victim table is refreshed. The kernel OOM
     killer is disabled for the group while the handler runs (its previous
     setting is restored on stop) and re-enabled for one episode as the last
@@ -529,6 +533,9 @@ class Handler(GroupHandler):
     or an :class:`~useroom.EventLog` shared by several handlers) gets one
     JSON line per episode as it ends (see :mod:`useroom.handler.export`).
     A path is opened at :meth:`start`, which fails if it cannot be.
+
+    Arguments of the wrong type (``policy``, ``watchdog_group``) raise
+    TypeError when the handler is made, not at :meth:`start`.
     """
 
     #: The private supervisor of a handler started on its own.

@@ -15,6 +15,7 @@ from useroom.cgroup.lineage import require_apart
 from useroom._fd import Fd, OwnedFd
 from useroom.native import Action
 from useroom._units import format_size, parse_size
+from useroom.exceptions import InvalidSize, SizeOutOfBounds
 from useroom._victims import Victim
 from useroom.policy.kills import KillLargest, Policy
 from useroom.policy.plan import CompiledPlan, Phase, PlanBuilder, PlanContext, StepTag, with_pidfds
@@ -24,7 +25,16 @@ __all__ = ["DryRun", "FreezeAndDecide", "FrozenContext", "MoveToOverflow", "Rais
 
 def _positive_size(_: object, attribute: attrs.Attribute[int], value: int) -> None:
     if value <= 0:
-        raise ValueError(f"{attribute.name} must be positive")
+        raise InvalidSize(f"{attribute.name} must be positive, not {value!r}")
+
+
+def _step_fits(kind: str, step: int | None, ceiling: int | None) -> None:
+    """A step above its ceiling could never be taken: the policy would never raise."""
+    if step is not None and ceiling is not None and step > ceiling:
+        raise SizeOutOfBounds(
+            f"{kind} step {format_size(step)} is above its ceiling {format_size(ceiling)}: the limit could "
+            f"never be raised. Give a step of at most the ceiling ({kind}(step, ceiling) raises the limit by "
+            "step, up to ceiling)", name="step", value=step, bound=ceiling)
 
 
 @attrs.frozen
@@ -35,6 +45,9 @@ class RaiseLimit(Policy):
     step: int = attrs.field(converter=parse_size, validator=_positive_size)
     ceiling: int = attrs.field(converter=parse_size, validator=_positive_size)
     then: Policy = attrs.field(factory=KillLargest)
+
+    def __attrs_post_init__(self) -> None:
+        _step_fits("RaiseLimit", self.step, self.ceiling)
 
     def order(self, victims: tuple[Victim, ...]) -> list[tuple[Victim, str]]:
         return self.then.order(victims)
@@ -231,6 +244,11 @@ class DryRun(Policy):
     policy: Policy = attrs.field(factory=KillLargest)
     step: int | None = attrs.field(default=None, converter=attrs.converters.optional(parse_size))
     ceiling: int | None = attrs.field(default=None, converter=attrs.converters.optional(parse_size))
+
+    def __attrs_post_init__(self) -> None:
+        if (self.step is None) != (self.ceiling is None):
+            raise ValueError("DryRun raises the limit only with both step and ceiling: give both or neither")
+        _step_fits("DryRun", self.step, self.ceiling)
 
     def order(self, victims: tuple[Victim, ...]) -> list[tuple[Victim, str]]:
         return self.policy.order(victims)

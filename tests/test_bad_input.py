@@ -1,0 +1,299 @@
+"""Bad input fails at once, with a typed error that names the parameter and
+what to give instead, and leaves nothing behind: no group, no process, no
+fd, no thread, the group's settings as they were.
+
+- sizes: a reserve or a RaiseLimit/DryRun step larger than the group's
+  limit (or, without one, than the machine's memory), ``"max"`` as a
+  reserve, a ceiling above the machine's memory, a step above its ceiling;
+  checked when the handler is made, and again at start;
+- types: ``policy=`` and ``watchdog_group=`` when the handler is made;
+- the same through ``useroom handle``, a real command on a real group;
+- the parsers (hypothesis): any text or object gives a value in range or
+  the typed error, never another exception.
+"""
+
+from __future__ import annotations
+
+import decimal
+import math
+import os
+import subprocess
+import sys
+import types
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from helpers import MIB
+from useroom import (
+    DryRun,
+    Group,
+    Handler,
+    InvalidDuration,
+    InvalidSize,
+    KillLargest,
+    RaiseLimit,
+    SizeOutOfBounds,
+    Supervisor,
+    UseroomError,
+)
+from useroom._units import UNLIMITED, format_size, parse_duration, parse_size
+from useroom.handler import validate
+
+pytestmark = pytest.mark.timeout(120)
+
+RAM = validate.physical_memory()
+
+
+def _snapshot(group: Group) -> tuple[object, ...]:
+    """What a refused argument must leave as it was: this process's fds,
+    threads and children, the group's children, tasks and settings."""
+    children = sorted(p.pid for p in psutil.Process().children(recursive=True))
+    below = sorted(entry.name for entry in os.scandir(group.path) if entry.is_dir())
+    procs = Path(group.path, "cgroup.procs").read_text().split()
+    return (sorted(os.listdir("/proc/self/fd")), sorted(os.listdir("/proc/self/task")), children, below, procs,
+            group.limit(), group.oom_control().kill_disabled)
+
+
+@pytest.fixture
+def group(scratch_group: Group) -> Iterator[Group]:
+    scratch_group.set_limit("64M")
+    yield scratch_group
+
+
+@pytest.fixture
+def unchanged(group: Group) -> Iterator[Callable[[], None]]:
+    """Call it after the refused call: asserts nothing changed since the test began."""
+    before = _snapshot(group)
+    yield lambda: _check_unchanged(before, group)
+
+
+def _check_unchanged(before: tuple[object, ...], group: Group) -> None:
+    assert before == _snapshot(group)
+
+
+@pytest.mark.kernel
+class TestSizes:
+    def test_reserve_max_is_no_size(self, group: Group, unchanged) -> None:
+        """reserve='max' says what a reserve is and the largest it may be, not a number of 19 digits."""
+        with pytest.raises(SizeOutOfBounds) as info:
+            Handler(group, reserve="max")
+        message = str(info.value)
+        assert "reserve='max' is no size" in message
+        assert f"the limit of {group.relpath} (64MiB)" in message
+        assert str(UNLIMITED) not in message and "9223372036" not in message
+        assert ("reserve", UNLIMITED, 64 * MIB) == (info.value.name, info.value.value, info.value.bound)
+        unchanged()
+
+    @pytest.mark.parametrize("reserve", ["1P", "99999T", "65M", (64 * MIB) + 1])
+    def test_reserve_above_the_limit(self, group: Group, unchanged, reserve: str | int) -> None:
+        """A reserve above the group's limit is refused, naming the value, the bound and the remedy."""
+        with pytest.raises(SizeOutOfBounds) as info:
+            Handler(group, reserve=reserve)
+        message = str(info.value)
+        assert message.startswith(f"reserve={reserve!r} ({format_size(parse_size(reserve))}) is larger than "
+                                  f"the limit of {group.relpath} (64MiB)")
+        assert "Give a reserve of at most 64MiB" in message
+        assert isinstance(info.value, InvalidSize) and isinstance(info.value, ValueError)
+        unchanged()
+
+    def test_reserve_up_to_the_limit_is_taken(self, group: Group, unchanged) -> None:
+        """The bound itself is allowed."""
+        assert 64 * MIB == Handler(group, reserve="64M").reserve
+        unchanged()
+
+    def test_without_a_limit_the_bound_is_the_machine(self, scratch_group: Group) -> None:
+        """A group without a limit: a reserve above MemTotal is refused, naming it."""
+        with pytest.raises(SizeOutOfBounds, match=r"reserve='1P' \(1PiB\) is larger than this machine's memory "
+                                                  r"\(.*, MemTotal\), the bound for a group without a limit"):
+            Handler(scratch_group, reserve="1P")
+        assert 16 * MIB == Handler(scratch_group, reserve="16M").reserve
+
+    def test_garbage_names_the_parameter(self, group: Group, unchanged) -> None:
+        """A reserve that does not parse is an InvalidSize that says it is the reserve."""
+        with pytest.raises(InvalidSize, match=r"^reserve: invalid size 'lots'"):
+            Handler(group, reserve="lots")
+        unchanged()
+
+    def test_supervisor_add_refuses_and_keeps_nothing(self, group: Group, unchanged) -> None:
+        """Supervisor.add with a reserve out of bounds serves nothing."""
+        sup = Supervisor()
+        with pytest.raises(SizeOutOfBounds, match="reserve='99999T'"):
+            sup.add(group, reserve="99999T")
+        assert () == sup.handlers
+        unchanged()
+
+    def test_raise_limit_step_above_its_ceiling(self) -> None:
+        """RaiseLimit('16M', '1M') is refused when it is made: it could never raise."""
+        with pytest.raises(SizeOutOfBounds, match=r"RaiseLimit step 16MiB is above its ceiling 1MiB") as info:
+            RaiseLimit("16M", "1M")
+        assert ("step", 16 * MIB, MIB) == (info.value.name, info.value.value, info.value.bound)
+        with pytest.raises(SizeOutOfBounds, match="DryRun step 2MiB is above its ceiling 1MiB"):
+            DryRun(step="2M", ceiling="1M")
+        with pytest.raises(ValueError, match="both step and ceiling"):
+            DryRun(step="2M")
+
+    def test_raise_limit_step_above_the_limit(self, group: Group, unchanged) -> None:
+        """A step larger than the group's limit is refused when the handler is made."""
+        with pytest.raises(SizeOutOfBounds, match=rf"RaiseLimit step 128MiB is larger than the limit of "
+                                                  rf"{group.relpath} \(64MiB\).*at most 64MiB") as info:
+            Handler(group, RaiseLimit("128M", "1G"))
+        assert "step" == info.value.name
+        unchanged()
+
+    def test_raise_limit_ceiling_above_the_machine(self, group: Group, unchanged) -> None:
+        """A ceiling above MemTotal is no ceiling: refused, naming the machine's memory."""
+        with pytest.raises(SizeOutOfBounds, match=r"RaiseLimit ceiling 1PiB is larger than this machine's memory"):
+            Handler(group, RaiseLimit("16M", "1P"))
+        with pytest.raises(SizeOutOfBounds, match="DryRun ceiling max is larger"):
+            Handler(group, DryRun(step="16M", ceiling="max"))
+        unchanged()
+
+    def test_a_limit_lowered_before_start(self, group: Group) -> None:
+        """The limit lowered between Handler() and start(): start refuses, and touches nothing."""
+        handler = Handler(group, reserve="32M")
+        group.set_limit("16M")
+        before = _snapshot(group)
+        with pytest.raises(SizeOutOfBounds, match=rf"larger than the limit of {group.relpath} \(16MiB\)"):
+            handler.start()
+        assert not handler.running
+        assert before == _snapshot(group)
+
+
+@pytest.mark.kernel
+class TestTypes:
+    @pytest.mark.parametrize("policy", ["kill-largest", 3, KillLargest])
+    def test_policy(self, group: Group, unchanged, policy: object) -> None:
+        """A policy that is not a Policy object fails Handler(), naming policy= and what it takes."""
+        with pytest.raises(TypeError, match=r"^policy= (must be a useroom\.Policy|takes a policy object)"):
+            Handler(group, policy)  # type: ignore[arg-type]
+        unchanged()
+
+    def test_policy_class_says_to_call_it(self, group: Group) -> None:
+        with pytest.raises(TypeError, match=r"not the class KillLargest: pass KillLargest\(\.\.\.\)"):
+            Handler(group, KillLargest)  # type: ignore[arg-type]
+
+    @pytest.mark.parametrize("where", ["/sys/fs/cgroup/memory", 7])
+    def test_watchdog_group(self, group: Group, unchanged, where: object) -> None:
+        """watchdog_group= that is not a Group fails Handler() and Supervisor(), not start()."""
+        with pytest.raises(TypeError, match=r"^watchdog_group= must be a useroom\.Group or None"):
+            Handler(group, watchdog_group=where)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"^watchdog_group= must be a useroom\.Group or None"):
+            Supervisor(watchdog_group=where)  # type: ignore[arg-type]
+        unchanged()
+
+    def test_a_path_for_watchdog_group_says_how_to_open_it(self, group: Group) -> None:
+        with pytest.raises(TypeError, match=r"open it first, Group\.open\('/x'\)"):
+            Handler(group, watchdog_group="/x")  # type: ignore[arg-type]
+
+
+
+def _handle(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "useroom", "handle", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _processes_naming(path: str) -> list[int]:
+    """Processes whose command line names ``path`` (a handler or its watchdog left running)."""
+    found = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        if any(path in part for part in process.info["cmdline"] or ()):
+            found.append(process.info["pid"])
+    return found
+
+
+@pytest.mark.kernel
+class TestCommand:
+    @pytest.mark.parametrize(("args", "expected"), [
+        (["--reserve", "99999T"], "useroom: reserve='99999T' (99999TiB) is larger than the limit of {} (64MiB)"),
+        (["--reserve", "max"], "useroom: reserve='max' is no size"),
+        (["--reserve", "lots"], "argument --reserve: invalid size 'lots'"),
+        (["--policy", "raise-limit", "--step", "16M", "--ceiling", "1M"],
+         "useroom: RaiseLimit step 16MiB is above its ceiling 1MiB"),
+        (["--policy", "raise-limit", "--step", "128M", "--ceiling", "1G"],
+         "useroom: RaiseLimit step 128MiB is larger than the limit of {} (64MiB)"),
+        (["--delay", "soon"], "useroom: not a duration: 'soon'"),
+    ])
+    def test_a_bad_size_fails_before_start(self, group: Group, unchanged, args: list[str], expected: str) -> None:
+        """Exit status 2 and one line naming the value, the bound and the remedy; never ready, even with --join."""
+        done = _handle(group.path, "--join", *args)
+        assert (2, "") == (done.returncode, done.stdout)
+        assert expected.format(group.relpath) in done.stderr
+        assert "Traceback" not in done.stderr
+        assert [] == _processes_naming(group.path)
+        unchanged()
+
+
+_bound = types.SimpleNamespace(limit=lambda: 64 * MIB, relpath="/fuzz")
+
+
+class TestParsers:
+    @given(st.text())
+    @example("max")
+    @example("1P")
+    @example("-0")
+    def test_a_reserve_is_in_bounds_or_refused(self, text: str) -> None:
+        """Any text as a reserve gives 0..limit or InvalidSize, never another error."""
+        try:
+            size = validate.reserve(text, _bound)  # type: ignore[arg-type]
+        except InvalidSize:
+            return
+        assert 0 <= size <= 64 * MIB
+
+    @given(st.one_of(st.none(), st.booleans(), st.floats(allow_nan=True), st.binary(), st.lists(st.integers()),
+                     st.integers(min_value=-(2**200), max_value=2**200)))
+    def test_any_object_as_a_size(self, value: object) -> None:
+        """Any object is a valid size or raises InvalidSize."""
+        try:
+            size = parse_size(value)  # type: ignore[arg-type]
+        except InvalidSize:
+            return
+        assert isinstance(value, int) and size == value and 0 <= size <= UNLIMITED
+
+    @given(st.integers(min_value=0, max_value=UNLIMITED >> 50), st.sampled_from(["K", "Ki", "KB", "KiB", "k", "kib"]),
+           st.sampled_from(["", " "]))
+    def test_size_spellings_round_trip(self, number: int, unit: str, space: str) -> None:
+        """Every spelling of a unit is the same binary multiple."""
+        assert number * 1024 == parse_size(f"{number}{space}{unit}")
+
+    @given(st.text())
+    @example("1" * 400)
+    @example("1e3")
+    @example("-1s")
+    @example("nan")
+    @example(" 5 ms ")
+    def test_any_text_as_a_duration(self, text: str) -> None:
+        """Any text is a finite duration >= 0 or raises InvalidDuration, never another error."""
+        try:
+            seconds = parse_duration(text)
+        except InvalidDuration:
+            return
+        assert 0 <= seconds < math.inf
+
+    @given(st.one_of(st.none(), st.booleans(), st.floats(allow_nan=True, allow_infinity=True), st.binary(),
+                     st.lists(st.integers()), st.integers(min_value=-(2**2000), max_value=2**2000)))
+    @example(10**400)
+    def test_any_object_as_a_duration(self, value: object) -> None:
+        """Any object is a finite duration >= 0 or raises InvalidDuration (a ValueError and a UseroomError)."""
+        try:
+            seconds = parse_duration(value)  # type: ignore[arg-type]
+        except InvalidDuration as err:
+            assert isinstance(err, ValueError) and isinstance(err, UseroomError)
+            return
+        assert isinstance(value, (int, float)) and seconds == float(value) and 0 <= seconds < math.inf
+
+    @given(st.integers(min_value=0, max_value=10**15))
+    def test_duration_units_round_trip(self, n: int) -> None:
+        """n, "n", "ns" and "nms" are n seconds, n seconds and n/1000 seconds."""
+        assert float(n) == parse_duration(n) == parse_duration(str(n)) == parse_duration(f"{n}s")
+        assert n / 1000 == parse_duration(f"{n}ms") == parse_duration(f" {n} ms ")
+
+    @given(st.floats(min_value=0, allow_infinity=False, allow_nan=False))
+    def test_duration_decimal_text_round_trip(self, seconds: float) -> None:
+        """The exact decimal text of any finite float >= 0 parses back to it."""
+        text = format(decimal.Decimal(seconds), "f")
+        assert seconds == parse_duration(text) == parse_duration(seconds)
