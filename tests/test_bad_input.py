@@ -7,6 +7,9 @@ fd, no thread, the group's settings as they were.
   reserve, a ceiling above the machine's memory, a step above its ceiling;
   checked when the handler is made, and again at start;
 - types: ``policy=`` and ``watchdog_group=`` when the handler is made;
+- output paths: refused when the object that writes them is made, and a
+  write that fails later loses nothing (the lines and the report go to
+  standard error);
 - the same through ``useroom handle``, a real command on a real group;
 - the parsers (hypothesis): any text or object gives a value in range or
   the typed error, never another exception.
@@ -15,8 +18,11 @@ fd, no thread, the group's settings as they were.
 from __future__ import annotations
 
 import decimal
+import errno
+import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import types
@@ -28,14 +34,17 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from helpers import MIB
+from helpers import MIB, run_as, until_resolved
 from useroom import (
     DryRun,
+    EventLog,
     Group,
     Handler,
     InvalidDuration,
     InvalidSize,
     KillLargest,
+    MetricsFile,
+    OutputError,
     RaiseLimit,
     SizeOutOfBounds,
     Supervisor,
@@ -190,6 +199,59 @@ class TestTypes:
         with pytest.raises(TypeError, match=r"open it first, Group\.open\('/x'\)"):
             Handler(group, watchdog_group="/x")  # type: ignore[arg-type]
 
+    def test_event_log(self, group: Group, unchanged) -> None:
+        with pytest.raises(TypeError, match=r"event_log=\) is a path, '-', an open text file or an EventLog"):
+            Handler(group, event_log=3)  # type: ignore[arg-type]
+        unchanged()
+
+
+@pytest.mark.kernel
+class TestOutputPaths:
+    @pytest.mark.parametrize(("where", "code", "reason"), [
+        ("missing/x.json", errno.ENOENT, "its directory .*/missing: No such file or directory"),
+        ("file/x.json", errno.ENOTDIR, ".*/file is not a directory"),
+        ("dir", errno.EISDIR, "it is a directory"),
+    ])
+    def test_refused_when_made(self, group: Group, unchanged, tmp_path: Path, where: str, code: int,
+                               reason: str) -> None:
+        """event_log=, watchdog_log= and MetricsFile: an OutputError (an OSError) naming the path and why."""
+        (tmp_path / "file").write_text("")
+        (tmp_path / "dir").mkdir()
+        path = tmp_path / where
+        for make, what in ((lambda: Handler(group, event_log=path), "the event log"),
+                           (lambda: Handler(group, watchdog_log=str(path)), "the watchdog's log"),
+                           (lambda: Supervisor(watchdog_log=str(path)), "the watchdog's log"),
+                           (lambda: MetricsFile(path), "the metrics file")):
+            with pytest.raises(OutputError, match=f"^cannot write {what} to {path}: {reason}") as info:
+                make()
+            assert (code, str(path)) == (info.value.errno, info.value.filename)
+            assert isinstance(info.value, UseroomError) and isinstance(info.value, OSError)
+        assert ["dir", "file"] == sorted(os.listdir(tmp_path))
+        unchanged()
+
+    def test_not_writable_by_this_user(self) -> None:
+        """As an ordinary user, a file in / is refused: its directory is not writable by that uid."""
+        with pytest.raises(OutputError, match=r"^cannot write the event log to /useroom-x\.jsonl: its directory / "
+                                              r"is not writable by this user \(uid 65534\)") as info:
+            run_as(65534, lambda: EventLog("/useroom-x.jsonl"))
+        assert errno.EACCES == info.value.errno
+        assert not os.path.exists("/useroom-x.jsonl")
+
+    def test_a_log_that_fails_later_loses_no_episode(self, group: Group, spawn_hog, capfd) -> None:
+        """The event log cannot take a line (/dev/full): the episode is in handler.events, its line
+        on standard error, and the error in handler.errors; the handler carries on."""
+        spawn_hog(20, group=group)
+        with Handler(group, event_log="/dev/full", thresholds=(), refresh_interval=0.2) as handler:
+            hog = spawn_hog(80, group=group)
+            hog.start()
+            assert -signal.SIGKILL == hog.wait(20)
+            assert "resolved" == until_resolved(handler)[-1].outcome
+            assert handler.running
+        errors = [e for e in handler.errors if isinstance(e, OutputError)]
+        assert errors and errno.ENOSPC == errors[0].errno
+        logged = [json.loads(line) for line in capfd.readouterr().err.splitlines() if line.startswith("{")]
+        assert [e.seq for e in handler.events] == [e["seq"] for e in logged]
+        assert hog.pid in {v["pid"] for e in logged for v in e["victims"]}
 
 
 def _handle(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -208,6 +270,21 @@ def _processes_naming(path: str) -> list[int]:
 
 @pytest.mark.kernel
 class TestCommand:
+    @pytest.mark.parametrize("flag", ["--events-out", "--events", "--metrics-textfile", "--watchdog-log"])
+    @pytest.mark.parametrize("where", ["missing/out", "dir"])
+    def test_a_bad_output_path_fails_before_start(self, group: Group, unchanged, tmp_path: Path, flag: str,
+                                                  where: str) -> None:
+        """Exit status 2 with argparse's message naming the flag, the path and why; never ready."""
+        (tmp_path / "dir").mkdir()
+        path = tmp_path / where
+        done = _handle(group.path, flag, str(path))
+        assert (2, "") == (done.returncode, done.stdout)
+        assert f"useroom handle: error: argument {flag}: cannot write " in done.stderr
+        assert str(path) in done.stderr and "Traceback" not in done.stderr
+        assert [] == _processes_naming(group.path)
+        assert ["dir"] == os.listdir(tmp_path)
+        unchanged()
+
     @pytest.mark.parametrize(("args", "expected"), [
         (["--reserve", "99999T"], "useroom: reserve='99999T' (99999TiB) is larger than the limit of {} (64MiB)"),
         (["--reserve", "max"], "useroom: reserve='max' is no size"),
@@ -226,6 +303,65 @@ class TestCommand:
         assert "Traceback" not in done.stderr
         assert [] == _processes_naming(group.path)
         unchanged()
+
+    def test_outputs_gone_at_exit_go_to_stderr(self, group: Group, spawn_hog, tmp_path: Path) -> None:
+        """The report's and the metrics' directories removed while it runs: at exit the report
+        goes to standard error as one JSON line, after the errors; exit status 1."""
+        (tmp_path / "report").mkdir()
+        (tmp_path / "metrics").mkdir()
+        out, prom = tmp_path / "report" / "events.json", tmp_path / "metrics" / "useroom.prom"
+        with subprocess.Popen([sys.executable, "-m", "useroom", "handle", group.path, "-q", "--events-out", str(out),
+                               "--metrics-textfile", str(prom)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) as proc:
+            try:
+                assert proc.stdout is not None
+                assert "ready\n" == proc.stdout.readline()
+                (tmp_path / "report").rmdir()
+                os.unlink(prom)  # written at start
+                (tmp_path / "metrics").rmdir()
+                hog = spawn_hog(80, group=group)
+                hog.start()
+                assert -signal.SIGKILL == hog.wait(20)
+                proc.send_signal(signal.SIGTERM)
+                _, err = proc.communicate(timeout=30)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        assert 1 == proc.returncode, err
+        assert f"cannot write the metrics file {prom}: No such file or directory" in err
+        assert f"useroom: cannot write the report to {out}: No such file or directory" in err
+        [report] = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+        killed = {v["pid"] for e in report["events"] for v in e["victims"] if v["result"] == 0}
+        assert hog.pid in killed
+        assert [] == os.listdir(tmp_path)
+
+    def test_event_lines_that_fail_go_to_stderr(self, group: Group, spawn_hog, tmp_path: Path) -> None:
+        """--events /dev/full: each episode's line goes to standard error with an error; the report
+        has the events and the errors; exit status 1."""
+        out = tmp_path / "events.json"
+        with subprocess.Popen([sys.executable, "-m", "useroom", "handle", group.path, "-q", "--events", "/dev/full",
+                               "--events-out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) as proc:
+            try:
+                assert proc.stdout is not None
+                assert "ready\n" == proc.stdout.readline()
+                hog = spawn_hog(80, group=group)
+                hog.start()
+                assert -signal.SIGKILL == hog.wait(20)
+                proc.send_signal(signal.SIGTERM)
+                _, err = proc.communicate(timeout=30)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        assert 1 == proc.returncode, err
+        assert "cannot write to the event log /dev/full: No space left on device" in err
+        lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+        report = json.loads(out.read_text())
+        assert [e["seq"] for e in report["events"]] == [e["seq"] for e in lines]
+        assert hog.pid in {v["pid"] for e in lines for v in e["victims"]}
+        assert any("OutputError" in e for e in report["errors"])
 
 
 _bound = types.SimpleNamespace(limit=lambda: 64 * MIB, relpath="/fuzz")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -14,7 +15,7 @@ import pytest
 
 from helpers import until_resolved, wait_until
 from useroom import EventLog, EventOutcome, Group, Handler, KillLargest, OomEvent, VictimRecord
-from useroom.exceptions import UseroomError
+from useroom.exceptions import OutputError, UseroomError
 from useroom.handler.export import read_event_log
 
 
@@ -54,10 +55,30 @@ class TestEventLog:
         log.write(_event(3), "/c")  # closed: dropped, never raises
         assert [0, 1, 2] == [e["seq"] for e in read_event_log(iter(path.read_text().splitlines()))]
 
+    def test_a_path_that_cannot_be_written_is_refused_when_made(self, tmp_path) -> None:
+        """A missing directory is an OutputError (an OSError) at once, naming the path."""
+        with pytest.raises(OutputError, match="cannot write the event log to .*missing.*No such file") as info:
+            EventLog(tmp_path / "missing" / "oom.jsonl")
+        assert isinstance(info.value, OSError)
+
     def test_a_path_that_cannot_be_opened_fails_at_open(self, tmp_path) -> None:
-        log = EventLog(tmp_path / "missing" / "oom.jsonl")
-        with pytest.raises(UseroomError, match="cannot open the event log"):
+        """A directory removed after the log was made fails its open()."""
+        (tmp_path / "gone").mkdir()
+        log = EventLog(tmp_path / "gone" / "oom.jsonl")
+        (tmp_path / "gone").rmdir()
+        with pytest.raises(OutputError, match="cannot open the event log"):
             log.open()
+
+    def test_a_line_the_file_cannot_take_goes_to_stderr(self, capfd) -> None:
+        """Writing fails (/dev/full: ENOSPC): the line goes to standard error, and the error is raised."""
+        log = EventLog("/dev/full")
+        log.open()
+        with pytest.raises(OutputError, match="No space left") as info:
+            log.write(_event(7), "/a")
+        log.close()  # what it could not flush is not raised again
+        assert errno.ENOSPC == info.value.errno
+        [line] = capfd.readouterr().err.splitlines()
+        assert (7, "/a") == (json.loads(line)["seq"], json.loads(line)["group"])
 
     def test_lines_never_interleave(self, tmp_path) -> None:
         path = tmp_path / "oom.jsonl"
@@ -155,15 +176,24 @@ class TestHandlerLog:
         killed = [v["pid"] for e in logged for v in e["victims"] if v["signal"] == "SIGKILL" and v["result"] == 0]
         assert killed and set(killed) <= {big.pid, grower.pid}
 
+    def test_a_bad_path_is_refused_when_the_handler_is_made(self, scratch_group: Group, tmp_path) -> None:
+        """A path that cannot be written fails Handler(): nothing starts."""
+        with pytest.raises(OutputError, match="cannot write the event log"):
+            Handler(scratch_group, event_log=tmp_path / "missing" / "oom.jsonl")
+        assert not os.path.exists(tmp_path / "missing")
+
     def test_a_bad_path_fails_the_start_and_leaves_the_group_alone(self, scratch_group: Group, tmp_path) -> None:
+        """A directory removed between Handler() and start() fails the start, before the group is touched."""
         scratch_group.set_limit("64M")
         before = scratch_group.oom_control()
-        handler = Handler(scratch_group, event_log=tmp_path / "missing" / "oom.jsonl")
-        with pytest.raises(UseroomError, match="cannot open the event log"):
+        (tmp_path / "gone").mkdir()
+        handler = Handler(scratch_group, event_log=tmp_path / "gone" / "oom.jsonl")
+        (tmp_path / "gone").rmdir()
+        with pytest.raises(OutputError, match="cannot open the event log"):
             handler.start()
         assert not handler.running
         assert before == scratch_group.oom_control()
-        assert not os.path.exists(tmp_path / "missing")
+        assert not os.path.exists(tmp_path / "gone")
 
 
 class TestMetricsFile:
@@ -203,7 +233,7 @@ class TestMetricsFile:
     def test_a_directory_that_cannot_be_written_fails_at_once(self, tmp_path) -> None:
         from useroom import MetricsFile
 
-        with pytest.raises(UseroomError, match="cannot write the metrics file"):
+        with pytest.raises(OutputError, match="cannot write the metrics file"):
             MetricsFile(tmp_path / "missing" / "useroom.prom")
 
 

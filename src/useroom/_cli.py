@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -26,9 +28,12 @@ from useroom.policy import KillGroup, KillLargest, KillNewest, Policy, RaiseLimi
 from useroom._units import format_size, parse_size
 from useroom.watchdog import Takeover
 from useroom.watchdog import main as watchdog_main
-from useroom.exceptions import InvalidDuration, InvalidSize, UseroomError
+from useroom.exceptions import InvalidDuration, InvalidSize, OutputError, UseroomError
+from useroom.handler.validate import writable_path
 
 __all__ = ["main"]
+
+logger = logging.getLogger("useroom.cli")
 
 POLICIES: dict[str, type[KillLargest] | type[KillNewest] | type[KillGroup]] = {
     "kill-largest": KillLargest, "kill-newest": KillNewest, "kill-group": KillGroup,
@@ -64,7 +69,14 @@ def _report(sup: Supervisor, handlers: list[Handler]) -> dict[str, Any]:
 
 
 def cmd_handle(args: argparse.Namespace) -> int:
-    """Runs one supervisor for the GROUPs in this process until SIGTERM or SIGINT."""
+    """Runs one supervisor for the GROUPs in this process until SIGTERM or SIGINT.
+
+    The output paths were checked when the arguments were parsed, and the
+    sizes when the handlers are made (before --join moves this process):
+    bad input fails before anything starts. Whatever ends the run, what it
+    collected goes out: to the files asked for, or, for a file that can no
+    longer be written, to standard error (exit status 1; the same for
+    --events lines that went there)."""
     _log.configure(_log.level_for(args.verbose, args.quiet), args.log_format)
     groups = [Group.open(path) for path in args.groups]
     stop = threading.Event()
@@ -77,17 +89,28 @@ def cmd_handle(args: argparse.Namespace) -> int:
     handlers = [sup.add(group, _policy(args), reserve=args.reserve, event_log=log) for group in groups]
     if args.join:
         groups[0].attach(os.getpid())
+    started = False
+    try:
+        with sup:
+            started = True
+            _serve(handlers, metrics, stop)
+    finally:
+        delivered = not started or _deliver(args, sup, handlers, metrics)
+    return 0 if delivered and not (log is not None and log.diverted) else 1
+
+
+def _serve(handlers: list[Handler], metrics: MetricsFile | None, stop: threading.Event) -> None:
     written = -1
     systemd = SystemdNotifier()  # Type=notify: READY, STATUS, WATCHDOG, STOPPING
     beat = watchdog_interval()
-    with sup:
+    try:
         print("ready", flush=True)
         systemd.send(READY=1, STATUS=_status(handlers))
         while True:
             count = sum(len(h.events) for h in handlers)
             if count != written:  # an episode ended
                 if metrics is not None:
-                    metrics.write((h.group.relpath, h.events) for h in handlers)
+                    _write_metrics(metrics, handlers)
                 if written >= 0:
                     systemd.send(STATUS=_status(handlers))
                 written = count
@@ -96,16 +119,41 @@ def cmd_handle(args: argparse.Namespace) -> int:
             if stop.wait(0.5 if beat is None else min(0.5, beat)):
                 break
         systemd.send(STOPPING=1)
-    systemd.close()
-    if metrics is not None:
+    finally:
+        systemd.close()
+
+
+def _write_metrics(metrics: MetricsFile, handlers: list[Handler]) -> bool:
+    """Replaces the metrics file; a failure is logged, never fatal (the next episode tries again)."""
+    try:
         metrics.write((h.group.relpath, h.events) for h in handlers)
+    except OutputError as err:
+        logger.error("%s", err, extra={"cause": "metrics_file", "path": metrics.path})
+        return False
+    return True
+
+
+def _deliver(args: argparse.Namespace, sup: Supervisor, handlers: list[Handler], metrics: MetricsFile | None) -> bool:
+    """At the end of the run: the last metrics and the report. A report that
+    cannot be written goes to standard error, after the error, as one JSON
+    line. False if anything could not be written where it was asked for."""
+    ok = metrics is None or _write_metrics(metrics, handlers)
+    if not args.events_out:
+        return ok
     report = _report(sup, handlers)
-    if args.events_out:
-        tmp = args.events_out + ".tmp"
+    tmp = args.events_out + ".tmp"
+    try:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(report, f)
         os.replace(tmp, args.events_out)
-    return 0
+        return ok
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        print(f"useroom: cannot write the report to {args.events_out}: {err.strerror}; "
+              "here it is instead, on the next line", file=sys.stderr)
+        print(json.dumps(report), file=sys.stderr, flush=True)
+        return False
 
 
 _WORKER = """\
@@ -294,6 +342,18 @@ def installed_version() -> str:
         return __version__
 
 
+def _output_path(what: str, *, dash: bool = False) -> Any:
+    """An argparse type: a path a file can be written to (``-`` for standard output if ``dash``)."""
+    def check(text: str) -> str:
+        if dash and text == "-":
+            return text
+        try:
+            return writable_path(text, what)
+        except OutputError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return check
+
+
 def _size(text: str) -> str:
     """An argparse type: a size (kept as given; its bounds are checked against the group)."""
     try:
@@ -321,14 +381,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="raise-limit: step, e.g. 16M; at most the ceiling and the group's limit")
     handle.add_argument("--ceiling", default=None, type=_size,
                         help="raise-limit: ceiling, e.g. 512M; at most the machine's memory")
-    handle.add_argument("--events-out", default=None, help="write the events as JSON here on exit")
-    handle.add_argument("--events", default=None, metavar="PATH",
+    handle.add_argument("--events-out", default=None, type=_output_path("the report"),
+                        help="write the events as JSON here on exit (standard error if that fails then)")
+    handle.add_argument("--events", default=None, metavar="PATH", type=_output_path("the event log", dash=True),
                         help="append each episode as a JSON line to PATH as it ends ('-': standard output)")
-    handle.add_argument("--metrics-textfile", default=None, metavar="PATH",
+    handle.add_argument("--metrics-textfile", default=None, metavar="PATH", type=_output_path("the metrics file"),
                         help="keep Prometheus metrics in PATH (for the node exporter's textfile collector), "
                              "replaced atomically after each episode")
     handle.add_argument("--delay", default="2s", help="the watchdog's delay (default %(default)s)")
-    handle.add_argument("--watchdog-log", default=None, help="the watchdog's JSON log file")
+    handle.add_argument("--watchdog-log", default=None, type=_output_path("the watchdog's log"),
+                        help="the watchdog's JSON log file")
     handle.add_argument("--no-watchdog", action="store_true", help="run without the watchdog")
     loudness = handle.add_mutually_exclusive_group()
     loudness.add_argument("-v", "--verbose", action="store_true", help="log DEBUG records too (default: INFO)")
@@ -349,9 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=int, default=3)
     demo.add_argument("--size", default="160M", help="what each worker touches")
     demo.add_argument("--timeout", type=float, default=60.0)
-    demo.add_argument("--events", default=None, metavar="PATH",
+    demo.add_argument("--events", default=None, metavar="PATH", type=_output_path("the event log", dash=True),
                       help="also append each episode as a JSON line to PATH (as useroom handle --events)")
-    demo.add_argument("--metrics-textfile", default=None, metavar="PATH",
+    demo.add_argument("--metrics-textfile", default=None, metavar="PATH", type=_output_path("the metrics file"),
                       help="also keep Prometheus metrics in PATH (as useroom handle --metrics-textfile)")
     demo.set_defaults(func=cmd_demo)
 

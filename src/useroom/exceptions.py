@@ -22,6 +22,7 @@ __all__ = [
     "LimitBelowUsage",
     "MemoryLockError",
     "NotAMemoryCgroup",
+    "OutputError",
     "PressureTriggerRefused",
     "PressureWatchError",
     "ProcessGone",
@@ -172,6 +173,19 @@ class MemoryLockError(UseroomError, PermissionError):
 
     def __str__(self) -> str:
         return f"{self.strerror} ({self.rule}); {self.advice}"
+
+
+class OutputError(UseroomError, OSError):
+    """A file useroom writes what it collected to (an event log, a metrics
+    file, the watchdog's log, a report) cannot be written; ``filename``
+    names it, ``errno`` and ``strerror`` say why. Paths are checked when
+    the object that writes them is made, before anything starts."""
+
+    def __init__(self, errno: int | None, message: str, path: str) -> None:
+        super().__init__(errno, message, path)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 class ProcessGone(UseroomError, ProcessLookupError):

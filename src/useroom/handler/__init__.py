@@ -5,7 +5,7 @@ only the ones listed before it:
 
 - :mod:`~useroom.handler.validate`: the checks of a handler's arguments
   made when it is constructed (sizes against the group's limit and the
-  machine's memory, types);
+  machine's memory, types, output paths);
 - :mod:`~useroom.handler.events`: :class:`OomEvent` and its parts, and the
   watcher's record of an episode -> an event (a pure function);
 - :mod:`~useroom.handler.arming`: per backend (:class:`V1Arming`,

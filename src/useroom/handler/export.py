@@ -11,11 +11,19 @@ written whole and flushed at once, so a reader following the file
 
 A slow file holds up the manager thread (its plans are not refreshed
 meanwhile): give it a local file or a pipe that is read.
+
+Nothing collected is lost to a file that cannot be written: a path is
+checked when the log or the metrics file is made (:class:`OutputError`),
+and a line the log cannot take later (a full disk, a directory removed)
+goes to standard error instead, with an error in ``Handler.errors``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -23,39 +31,48 @@ import threading
 from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
-from useroom.exceptions import UseroomError
+from useroom.exceptions import OutputError, UseroomError
+from useroom.handler import validate
 from useroom.handler.events import EventOutcome, OomEvent
 from useroom.policy import Phase, StepTag
 
 __all__ = ["EventLog", "MetricsFile", "read_event_log"]
 
+logger = logging.getLogger(__name__)
+
 
 class EventLog:
     """Where a handler's episodes go, one JSON line each.
 
-    ``target`` is a path (opened for appending when the handler starts,
-    closed when it stops; ``"-"`` is standard output) or an open text
-    file, which stays the caller's. One log may serve many handlers (give
-    each the same :class:`EventLog`): its lines never interleave.
+    ``target`` is a path (checked now: :class:`OutputError` if it cannot
+    be written; opened for appending when the handler starts, closed when
+    it stops; ``"-"`` is standard output) or an open text file, which
+    stays the caller's. One log may serve many handlers (give each the
+    same :class:`EventLog`): its lines never interleave.
     """
 
     def __init__(self, target: str | os.PathLike[str] | IO[str]) -> None:
         self._path: str | None = None
         self._given: IO[str] | None = None
         if isinstance(target, (str, os.PathLike)):
-            self._path = os.fspath(target)
-        else:
+            self._path = target if target == "-" else validate.writable_path(target, "the event log")
+        elif hasattr(target, "write"):
             self._given = target
+        else:
+            raise TypeError(f"an event log (event_log=) is a path, '-', an open text file or an EventLog, "
+                            f"not {type(target).__name__}")
         self._file: IO[str] | None = None
         self._users = 0
         self._lock = threading.Lock()
+        #: Lines the file could not take, written to standard error instead.
+        self.diverted = 0
 
     def __repr__(self) -> str:
         return f"<EventLog {self._path or self._given!r}>"
 
     def open(self) -> None:
         """Opens the file for one more handler (the first opens it); raises
-        UseroomError naming the path if it cannot be opened."""
+        OutputError naming the path if it cannot be opened."""
         with self._lock:
             if self._users == 0:
                 if self._path is None or self._path == "-":
@@ -64,16 +81,35 @@ class EventLog:
                     try:
                         self._file = open(self._path, "a", encoding="utf-8")  # closed by close()
                     except OSError as err:
-                        raise UseroomError(f"cannot open the event log {self._path}: {err.strerror}") from err
+                        raise OutputError(err.errno, f"cannot open the event log {self._path}: {err.strerror}",
+                                          self._path) from err
             self._users += 1
 
     def write(self, event: OomEvent, group: str) -> None:
-        """One line for ``event`` of ``group``."""
+        """One line for ``event`` of ``group``. If the file cannot take it,
+        the line goes to standard error instead and :class:`OutputError`
+        is raised (a handler keeps it in its ``errors``)."""
         line = json.dumps({"group": group, **event.to_dict()}, default=str) + "\n"
         with self._lock:
-            if self._file is not None:
+            if self._file is None:
+                return
+            where = self._path or repr(self._given)
+            try:
                 self._file.write(line)
                 self._file.flush()
+                return
+            except OSError as err:
+                failure = OutputError(err.errno or errno.EIO, f"cannot write to the event log {where}: "
+                                      f"{err.strerror}; the episode's line went to standard error", where)
+            except ValueError as err:  # the caller closed the file it gave
+                failure = OutputError(errno.EBADF, f"cannot write to the event log {where}: {err}; the "
+                                      "episode's line went to standard error", where)
+            self.diverted += 1
+        logger.error("%s", failure, extra={"cause": "event_log"})
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.write(line)
+            sys.stderr.flush()
+        raise failure
 
     def close(self) -> None:
         """One handler is done with it; the last closes a file it opened."""
@@ -82,7 +118,8 @@ class EventLog:
             if self._users == 0:
                 file, self._file = self._file, None
                 if file is not None and self._path not in (None, "-"):
-                    file.close()
+                    with contextlib.suppress(OSError):  # what it could not flush went to stderr already
+                        file.close()
 
 
 def read_event_log(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
@@ -118,24 +155,31 @@ class MetricsFile:
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(self.path))
-        if not os.access(directory, os.W_OK | os.X_OK):
-            raise UseroomError(f"cannot write the metrics file {self.path}: its directory {directory} is not "
-                               "writable (or does not exist)")
+        #: Raises OutputError now if the file cannot be written there.
+        self.path = validate.writable_path(path, "the metrics file")
 
     def write(self, groups: Iterable[tuple[str, Iterable[OomEvent]]]) -> None:
-        """Replaces the file with the metrics of ``groups``: (group, its events) pairs."""
+        """Replaces the file with the metrics of ``groups``: (group, its
+        events) pairs; raises :class:`OutputError` if it cannot (the
+        previous file, if any, stays whole)."""
         text = self.render(groups)
         directory = os.path.dirname(os.path.abspath(self.path))
-        fd, tmp = tempfile.mkstemp(prefix=".useroom-", suffix=".prom.tmp", dir=directory)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".useroom-", suffix=".prom.tmp", dir=directory)
+        except OSError as err:
+            raise OutputError(err.errno, f"cannot write the metrics file {self.path}: {err.strerror}",
+                              self.path) from err
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as file:
                 file.write(text)
             os.chmod(tmp, 0o644)
             os.replace(tmp, self.path)
-        except BaseException:
-            os.unlink(tmp)
+        except BaseException as err:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if isinstance(err, OSError):
+                raise OutputError(err.errno, f"cannot write the metrics file {self.path}: {err.strerror}",
+                                  self.path) from err
             raise
 
     @staticmethod

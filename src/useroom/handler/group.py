@@ -53,7 +53,7 @@ from useroom._settle import GrantCloser
 from useroom._units import parse_size
 from useroom._victims import Pidfd, Victim, VictimTable
 from useroom.cgroup import Group
-from useroom.exceptions import GroupGone, RootGroupError, WatcherError
+from useroom.exceptions import GroupGone, OutputError, RootGroupError, WatcherError
 from useroom.handler import validate
 from useroom.handler.arming import Arming, arming_for
 from useroom.handler.degraded import DegradedMode
@@ -774,7 +774,10 @@ class GroupHandler:
                 line, fields = episode_log(event, self.group.relpath)
                 logger.info("%s", line, extra=fields)
             if self._event_log is not None:
-                self._event_log.write(event, self.group.relpath)
+                try:
+                    self._event_log.write(event, self.group.relpath)
+                except OutputError as err:  # the line went to stderr; the event is in self.events
+                    self.note(err)
             if event.steps:
                 self._after(event)
 

@@ -30,7 +30,7 @@ class ProcessOptions:
     mlockall: bool = False
     watchdog: bool = True
     watchdog_group: Group | None = attrs.field(default=None)
-    watchdog_log: str | None = None
+    watchdog_log: str | None = attrs.field(default=None)
     heartbeat_timeout: float = attrs.field(default=5.0)
     #: Honour systemd's memory pressure protocol (``$MEMORY_PRESSURE_WATCH``).
     service_pressure: bool = True
@@ -57,6 +57,11 @@ class ProcessOptions:
     @watchdog_group.validator
     def _check_watchdog_group(self, _: object, value: object) -> None:
         validate.watchdog_group(value)
+
+    @watchdog_log.validator
+    def _check_watchdog_log(self, _: object, value: str | None) -> None:
+        if value is not None:
+            validate.writable_path(value, "the watchdog's log")
 
 
 class Host(Protocol):

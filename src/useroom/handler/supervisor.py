@@ -532,7 +532,10 @@ class Handler(GroupHandler):
     ``event_log`` (a path, ``"-"`` for standard output, an open text file,
     or an :class:`~useroom.EventLog` shared by several handlers) gets one
     JSON line per episode as it ends (see :mod:`useroom.handler.export`).
-    A path is opened at :meth:`start`, which fails if it cannot be.
+    A path that cannot be written is refused when the handler is made
+    (:class:`~useroom.OutputError`); it is opened at :meth:`start`. A line
+    the file cannot take later goes to standard error, with the error in
+    :attr:`errors`. The same holds for ``watchdog_log``.
 
     Arguments of the wrong type (``policy``, ``watchdog_group``) raise
     TypeError when the handler is made, not at :meth:`start`.

@@ -7,21 +7,26 @@ bad one fails before anything is opened, moved or started.
   ceiling, the bound is the machine's memory (``MemTotal``). The limit may
   change before the handler starts, so :func:`sizes_fit` checks again then;
 - the types of arguments used only at start (``policy=``,
-  ``watchdog_group=``), which would otherwise fail deep inside it.
+  ``watchdog_group=``), which would otherwise fail deep inside it;
+- output paths: a file that cannot be written fails now, not when the
+  first episode (or the end of the run) has something to write.
 """
 
 from __future__ import annotations
 
+import errno
 import math
 import os
+import stat
 from collections.abc import Iterable
 
 from useroom._units import UNLIMITED, format_size, parse_size
 from useroom.cgroup import Group
-from useroom.exceptions import InvalidSize, SizeOutOfBounds
+from useroom.exceptions import InvalidSize, OutputError, SizeOutOfBounds
 from useroom.policy import DryRun, KillLargest, Policy, RaiseLimit
 
-__all__ = ["fractions", "physical_memory", "policy", "reserve", "sizes_fit", "timeouts", "watchdog_group"]
+__all__ = ["fractions", "physical_memory", "policy", "reserve", "sizes_fit", "timeouts", "watchdog_group",
+           "writable_path"]
 
 #: What the messages suggest as a reserve: a few MiB run Python's hooks.
 _TYPICAL_RESERVE = "16M"
@@ -154,3 +159,31 @@ def watchdog_group(value: object) -> None:
         hint = f": open it first, Group.open({value!r})" if isinstance(value, (str, os.PathLike)) else ""
         raise TypeError(f"watchdog_group= must be a useroom.Group or None, not {type(value).__name__}{hint}")
 
+
+def writable_path(path: str | os.PathLike[str], what: str) -> str:
+    """``path`` as a str, if ``what`` (say "the event log") can be written
+    there: its directory exists and this user may create files in it, and
+    the path is not a directory or a file this user may not write.
+    Raises :class:`OutputError` naming the path and the reason."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{what} is a path (str or os.PathLike), not {type(path).__name__}")
+    text = os.fspath(path)
+    if not text:
+        raise OutputError(errno.ENOENT, f"cannot write {what}: the path is empty", text)
+    directory = os.path.dirname(os.path.abspath(text))
+    try:
+        is_dir = stat.S_ISDIR(os.stat(directory).st_mode)
+    except OSError as err:
+        raise OutputError(err.errno, f"cannot write {what} to {text}: its directory {directory}: "
+                                     f"{err.strerror}", text) from None
+    if not is_dir:
+        raise OutputError(errno.ENOTDIR, f"cannot write {what} to {text}: {directory} is not a directory", text)
+    if os.path.isdir(text):
+        raise OutputError(errno.EISDIR, f"cannot write {what} to {text}: it is a directory", text)
+    exists = os.path.exists(text)
+    target, mode = (text, os.W_OK) if exists else (directory, os.W_OK | os.X_OK)
+    if not os.access(target, mode, effective_ids=os.access in os.supports_effective_ids):
+        whose = "the file" if exists else f"its directory {directory}"
+        raise OutputError(errno.EACCES, f"cannot write {what} to {text}: {whose} is not writable by this user "
+                                        f"(uid {os.geteuid()}); give a path where it may write", text)
+    return text
