@@ -96,7 +96,7 @@ class TestRefused:
 
     def test_not_a_group(self, tree: Tree) -> None:
         """A path where a Group belongs is a TypeError from the constructor, not a failure at start."""
-        with pytest.raises(TypeError, match="watchdog_group must be a Group"):
+        with pytest.raises(TypeError, match="watchdog_group= must be a useroom.Group"):
             Handler(tree.app, watchdog_group=tree.dog.path)  # type: ignore[arg-type]
 
 

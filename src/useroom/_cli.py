@@ -104,6 +104,9 @@ def _serve(handlers: list[Handler], metrics: MetricsFile | None, stop: threading
     systemd = SystemdNotifier()  # Type=notify: READY, STATUS, WATCHDOG, STOPPING
     beat = watchdog_interval()
     try:
+        if metrics is not None:  # the collector finds the file from the moment it is ready
+            _write_metrics(metrics, handlers)
+            written = sum(len(h.events) for h in handlers)
         print("ready", flush=True)
         systemd.send(READY=1, STATUS=_status(handlers))
         while True:
