@@ -27,7 +27,7 @@ from useroom.bench._deadlock import (
     outcome_name,
     schedule,
 )
-from useroom.bench._handlers import HandlerReport
+from useroom.bench._handlers import HandlerProcess, HandlerReport
 from useroom.bench._report import percentile
 from useroom.bench._sandbox import (
     BenchError,
@@ -198,6 +198,47 @@ class TestSandbox:
         finally:
             child.kill()
             child.wait(30)
+
+
+class _Registry:
+    """The part of a Lab that HandlerProcess.start uses: it registers each child."""
+
+    def __init__(self) -> None:
+        self.children: list[Child] = []
+
+    def adopt(self, pid: int, popen: subprocess.Popen[Any] | None = None) -> Child:
+        self.children.append(Child.adopt(pid, popen))
+        return self.children[-1]
+
+
+class TestHandlerProcess:
+    def test_stderr_is_copied_by_this_process_and_never_blocks_the_handler(
+            self, tmp_path: os.PathLike[str]) -> None:
+        """A handler's stderr is a pipe (not a file, whose pages its group would be charged) that
+        this process copies to the file: a handler that writes more than a pipe holds is never
+        blocked, and the file holds it all once the handler is closed."""
+        script = ("import os, stat, sys\n"
+                  "sys.stderr.write('x' * 200000 + '\\nlast line\\n')\n"
+                  "sys.stderr.flush()\n"
+                  "print(stat.S_ISFIFO(os.fstat(2).st_mode), flush=True)\n"
+                  "sys.stdin.read()\n")
+        path = os.path.join(tmp_path, "stderr")
+        handler = HandlerProcess.start(_Registry(), [sys.executable, "-c", script],  # type: ignore[arg-type]
+                                       stderr_path=path, events_path=None)
+        try:
+            assert handler.popen.stdout is not None
+            fd = handler.popen.stdout.fileno()
+            said = b""
+            while not said.endswith(b"\n"):
+                assert [fd] == select.select([fd], [], [], 30)[0], "the handler is blocked on its stderr"
+                said += os.read(fd, 100)
+            assert b"True\n" == said
+        finally:
+            handler.close()
+        with open(path) as file:
+            text = file.read()
+        assert (200000, "last line") == (text.count("x"), text.splitlines()[-1])
+        assert "last line" == handler.tail_text().splitlines()[-1].strip()
 
 
 @pytest.fixture

@@ -4,6 +4,15 @@ All three handler variants share this protocol: the process joins the group
 itself, prints a line ``ready`` on stdout once it is armed, and on SIGTERM
 stops and reports. The naive handler reports one JSON line on stdout; the
 useroom handlers write their event list to a JSON file.
+
+A handler's stderr is a pipe, copied to a file by a thread of this process
+(:class:`StderrCopy`), as a terminal or the journal would take it. A file
+the handler wrote itself would have its pages charged to the group it
+handles (cgroup v1 charges page cache to the group of the writer's mm), and
+at the limit the workers' reclaim would meet those pages dirty and wait for
+their writeback: with one log record per episode, that made the standalone
+handler's episodes five times as long (docs/benchmarks.md, "The handler's
+log").
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import IO, Any, Final
 
@@ -22,12 +32,14 @@ import attrs
 
 from useroom.bench._sandbox import BenchError, Child, Lab, ScratchGroup, die_with_parent
 
-__all__ = ["HandlerProcess", "HandlerReport", "naive_argv", "service_argv", "standalone_argv"]
+__all__ = ["HandlerProcess", "HandlerReport", "StderrCopy", "naive_argv", "service_argv", "standalone_argv"]
 
 NAIVE_SCRIPT: Final = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_naive.py")
 _TAIL_BYTES: Final = 4000
 #: Lines of a handler's stderr quoted in a problem (the end of a traceback).
 _TAIL_LINES: Final = 6
+#: How long closing waits for the copy of a handler's stderr to reach its end.
+_COPY_JOIN_S: Final = 5.0
 
 
 def naive_argv(group: ScratchGroup, pick: str) -> list[str]:
@@ -73,6 +85,31 @@ class HandlerReport:
         return cls(problem=f"unexpected JSON shape: {type(data).__name__} {str(data)[:200]}")
 
 
+class StderrCopy:
+    """Copies what a child writes to a pipe into a file, from a thread of
+    this process, until the pipe's end; the thread owns the pipe and the file
+    and closes both there. The file stays current (unbuffered) while the
+    child runs."""
+
+    def __init__(self, pipe: IO[bytes], path: str) -> None:
+        self._file = open(path, "wb", buffering=0)  # the thread owns it, and closes it at the end
+        self._thread = threading.Thread(target=self._copy, args=(pipe, self._file),
+                                        name="useroom-bench-stderr", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _copy(pipe: IO[bytes], file: IO[bytes]) -> None:
+        with pipe, file:
+            fd = pipe.fileno()
+            while chunk := os.read(fd, 65536):
+                file.write(chunk)
+
+    def join(self, timeout: float) -> bool:
+        """Wait for the pipe's end (every writer gone); whether it came within *timeout* s."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+
 @attrs.define(eq=False)
 class HandlerProcess:
     """One handler process of a block: started, made ready, stopped, read."""
@@ -82,24 +119,27 @@ class HandlerProcess:
     popen: subprocess.Popen[bytes]
     stderr_path: str
     events_path: str | None
+    stderr_copy: StderrCopy
     output: bytearray = attrs.field(factory=bytearray)
     ready_ns: int | None = None
 
     @classmethod
     def start(cls, lab: Lab, argv: list[str], *, stderr_path: str, events_path: str | None) -> HandlerProcess:
-        with open(stderr_path, "wb") as stderr:
-            popen = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr, close_fds=True,
-                preexec_fn=die_with_parent,
-            )
+        popen = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, close_fds=True,
+            preexec_fn=die_with_parent,
+        )
+        assert popen.stderr is not None
+        copy = StderrCopy(popen.stderr, stderr_path)
         try:
             child = lab.adopt(popen.pid, popen)
         except BaseException:
             popen.kill()
             popen.wait()
             _close(popen.stdout)
+            copy.join(_COPY_JOIN_S)
             raise
-        return cls(argv, child, popen, stderr_path, events_path)
+        return cls(argv, child, popen, stderr_path, events_path, copy)
 
     @property
     def pid(self) -> int:
@@ -149,6 +189,8 @@ class HandlerProcess:
     def _finish_output(self) -> None:
         self.drain()
         _close(self.popen.stdout)
+        # The handler's last lines (a traceback) are in the file before anyone reads it.
+        self.stderr_copy.join(_COPY_JOIN_S)
 
     def close(self) -> None:
         """Kill (if still running) and reap; idempotent."""
