@@ -5,14 +5,17 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import signal
 import sys
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
 from helpers import until_resolved
 from useroom import Group, Handler, KillLargest
-from useroom._cli import build_parser
+from useroom._cli import build_parser, warn_files_in_group, written_each_episode
 from useroom._log import JsonFormatter, configure, level_for
 
 EPISODE_FIELDS = {"group", "episode", "outcome", "resolved_by", "victims", "kills", "notify_to_kill_ns",
@@ -107,6 +110,53 @@ class TestHandleFlags:
                 self.parse(*flags)
             assert 2 == info.value.code
         capsys.readouterr()
+
+
+class TestFilesInGroup:
+    """useroom handle inside a group it handles warns of the files it writes after each episode:
+    their pages are charged to the group, whose reclaim at the limit waits for their writeback."""
+
+    def files(self, *flags: str, log: Any = None, out: Any = None) -> list[str]:
+        args = build_parser().parse_args(["handle", "/g", *flags])
+        return written_each_episode(args, level_for(args.verbose, args.quiet), log, out)
+
+    def test_a_log_in_a_file_counts_at_info(self, tmp_path: os.PathLike[str]) -> None:
+        """The log counts when stderr is a regular file and INFO records are written (not with -q)."""
+        with open(os.path.join(tmp_path, "log"), "w") as file:
+            assert (["the log (stderr)"], ["the log (stderr)"], []) == \
+                (self.files(log=file), self.files("-v", log=file), self.files("-q", log=file))
+
+    def test_a_log_to_a_pipe_or_no_file_does_not_count(self) -> None:
+        """A pipe (the journal's stream, a terminal) or a stream with no fd is not a file."""
+        read, write = os.pipe()
+        with open(read, "rb") as _, open(write, "w") as pipe:
+            assert ([], []) == (self.files(log=pipe), self.files(log=io.StringIO()))
+
+    def test_the_episode_log_and_the_metrics(self, tmp_path: os.PathLike[str]) -> None:
+        """--events PATH and --metrics-textfile count; --events - only if standard output is a file."""
+        read, write = os.pipe()
+        with open(read, "rb") as _, open(write, "w") as pipe, open(os.path.join(tmp_path, "out"), "w") as file:
+            assert ["--events /e.jsonl", "--metrics-textfile /m.prom"] == \
+                self.files("--events", "/e.jsonl", "--metrics-textfile", "/m.prom")
+            assert ([], ["--events -"]) == (self.files("--events", "-", out=pipe),
+                                            self.files("--events", "-", out=file))
+
+    def test_warns_only_inside_a_handled_group(self, caplog: pytest.LogCaptureFixture) -> None:
+        """One WARNING naming the group and the files when the process is inside a handled group and
+        writes a file; nothing when it is outside, or writes none."""
+        caplog.set_level(logging.WARNING, logger="useroom")
+
+        def handler(inside: bool) -> Any:
+            return SimpleNamespace(inside=lambda: inside, group=SimpleNamespace(relpath=f"/in-{inside}"))
+
+        warn_files_in_group([handler(False)], ["the log (stderr)"])
+        warn_files_in_group([handler(True)], [])
+        assert [] == _records(caplog, logging.WARNING)
+        warn_files_in_group([handler(False), handler(True)], ["the log (stderr)", "--events /e"])
+        [record] = _records(caplog, logging.WARNING, "files_in_group")
+        assert ("/in-True", ["the log (stderr)", "--events /e"]) == (getattr(record, "group"),
+                                                                     getattr(record, "files"))
+        assert "writes the log (stderr), --events /e after each episode" in record.getMessage()
 
 
 def _records(caplog: pytest.LogCaptureFixture, level: int, cause: str | None = None) -> list[logging.LogRecord]:

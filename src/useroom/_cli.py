@@ -8,6 +8,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import stat
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import IO, Any
 
 import attrs
 
@@ -33,7 +34,7 @@ from useroom.handler.validate import writable_path
 
 __all__ = ["main"]
 
-logger = logging.getLogger("useroom.cli")
+logger = logging.getLogger(__name__)
 
 POLICIES: dict[str, type[KillLargest] | type[KillNewest] | type[KillGroup]] = {
     "kill-largest": KillLargest, "kill-newest": KillNewest, "kill-group": KillGroup,
@@ -68,6 +69,46 @@ def _report(sup: Supervisor, handlers: list[Handler]) -> dict[str, Any]:
             "errors": [repr(e) for e in sup.errors]}
 
 
+def _is_file(stream: IO[str] | None) -> bool:
+    """Whether *stream* writes to a regular file (not a terminal, a pipe or a socket)."""
+    try:
+        return stream is not None and stat.S_ISREG(os.fstat(stream.fileno()).st_mode)
+    except (OSError, ValueError, AttributeError):  # io.UnsupportedOperation is both OSError and ValueError
+        return False
+
+
+def written_each_episode(args: argparse.Namespace, level: int, log: IO[str] | None,
+                         out: IO[str] | None) -> list[str]:
+    """The regular files ``useroom handle`` writes after each episode: its
+    log *log* if it logs INFO records, ``--events`` (``-``: *out*) and
+    ``--metrics-textfile``."""
+    files = []
+    if level <= logging.INFO and _is_file(log):
+        files.append("the log (stderr)")
+    if args.events is not None and (args.events != "-" or _is_file(out)):
+        files.append("--events " + args.events)
+    if args.metrics_textfile is not None:
+        files.append("--metrics-textfile " + args.metrics_textfile)
+    return files
+
+
+def warn_files_in_group(handlers: Sequence[Handler], files: list[str]) -> None:
+    """Warns if this process is inside a group it handles and writes *files*
+    there: their pages are charged to the group (to the group of the
+    writer's process, wherever the file is), and at the limit the workers'
+    reclaim meets them dirty. cgroup v1 then waits up to 100 ms for their
+    writeback, each time (``reclaim_throttle``): in the deadlock benchmark
+    one log line per episode in a file made episodes five times as long."""
+    inside = next((h for h in handlers if h.inside()), None)
+    if inside is None or not files:
+        return
+    logger.warning("this process is inside %s and writes %s after each episode: their pages are charged to the "
+                   "group, and its reclaim at the limit waits for them to be written back; send the log to a "
+                   "pipe, a terminal or the journal, or write these files from outside the group",
+                   inside.group.relpath, ", ".join(files),
+                   extra={"group": inside.group.relpath, "files": files, "cause": "files_in_group"})
+
+
 def cmd_handle(args: argparse.Namespace) -> int:
     """Runs one supervisor for the GROUPs in this process until SIGTERM or SIGINT.
 
@@ -77,7 +118,8 @@ def cmd_handle(args: argparse.Namespace) -> int:
     collected goes out: to the files asked for, or, for a file that can no
     longer be written, to standard error (exit status 1; the same for
     --events lines that went there)."""
-    _log.configure(_log.level_for(args.verbose, args.quiet), args.log_format)
+    level = _log.level_for(args.verbose, args.quiet)
+    log_handler = _log.configure(level, args.log_format)
     groups = [Group.open(path) for path in args.groups]
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -89,6 +131,8 @@ def cmd_handle(args: argparse.Namespace) -> int:
     handlers = [sup.add(group, _policy(args), reserve=args.reserve, event_log=log) for group in groups]
     if args.join:
         groups[0].attach(os.getpid())
+    stream = log_handler.stream if isinstance(log_handler, logging.StreamHandler) else None
+    warn_files_in_group(handlers, written_each_episode(args, level, stream, sys.stdout))
     started = False
     try:
         with sup:
