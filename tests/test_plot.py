@@ -1,16 +1,26 @@
-"""``--plot``: the latency distributions drawn side by side, and the clear refusal when matplotlib
-(the ``plot`` extra) is missing."""
+"""``--plot``: the latency distributions drawn side by side, what the benchmarks feed them, and the
+clear refusal when matplotlib (the ``plot`` extra) is missing."""
 
 from __future__ import annotations
 
+import io
 import os
 import random
+import subprocess
 import sys
 
 import pytest
 
+from useroom.bench.__main__ import main
+from useroom.bench._deadlock import Block, Config, Episode, Run
 from useroom.bench._plot import INSTALL_HINT, Distributions, PlotUnavailable, Series, check_path, require, write
+from useroom.bench._report import distributions
 from useroom.bench._sandbox import BenchError
+from useroom.bench._storm import main as storm_main
+from useroom.bench._storm_report import kill_intervals_ms
+
+MS = 1_000_000
+
 
 def _samples(median: float, count: int, seed: int) -> list[float]:
     rng = random.Random(seed)
@@ -20,6 +30,14 @@ def _samples(median: float, count: int, seed: int) -> list[float]:
 def _plot(*series: Series) -> Distributions:
     return Distributions(title="useroom deadlock benchmark: episode time", subtitle="kernel 6.1, cgroup v1, 2 cores",
                          quantity="episode time (ms)", series=series, footnote="workers start -> all gone")
+
+
+def _episode(variant: str, duration_ms: float | None) -> Episode:
+    outcome = "resolved" if duration_ms is not None else "deadlock"
+    end = None if duration_ms is None else int(duration_ms * MS)
+    return Episode(variant=variant, index=1, block=1, group="g", start_ns=0, outcome=outcome, end_ns=end,
+                   window_end_ns=end or 5000 * MS, worker_exit_ns=[], worker_signals=[], worker_codes=[],
+                   kernel_kills=0, gone_before_rescue=0, rescued=duration_ms is None)
 
 
 @pytest.fixture
@@ -99,3 +117,56 @@ class TestMissingMatplotlib:
         with pytest.raises(PlotUnavailable, match=r"pip install 'useroom\[plot\]'"):
             write(_plot(Series("kernel", [1.0])), path)
         assert not os.path.exists(path)
+
+    @pytest.mark.parametrize("command", ["deadlock", "storm"])
+    def test_the_benchmarks_refuse_before_running(self, no_matplotlib: None, command: str,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+        """deadlock --plot and storm --plot exit 2 at once, naming the extra, before any group or process
+        is made (a run of minutes does not end in an ImportError)."""
+        err = io.StringIO()
+        if command == "deadlock":
+            code = main(["deadlock", "--plot", "out.svg"], out=io.StringIO(), err=err)
+        else:
+            code = storm_main(["--plot", "out.svg"], out=io.StringIO())
+        said = err.getvalue() + capsys.readouterr().err
+        assert 2 == code
+        assert "pip install 'useroom[plot]'" in said
+
+
+class TestWhatIsPlotted:
+    def test_deadlock_episode_times_kernel_first(self) -> None:
+        """The deadlock plot has each variant's episode times in ms, the kernel's first whatever the order
+        asked; a variant's deadlocks, which have no time, are in its note."""
+        config = Config(variants=("useroom-standalone", "naive", "kernel"), episodes=2, naive_episodes=2)
+        machine = {"kernel": "6.1.0", "cgroup_version": 1, "cores": 2}
+        blocks = [Block("useroom-standalone", 1, "g", [_episode("useroom-standalone", 40.0),
+                                                       _episode("useroom-standalone", 45.5)]),
+                  Block("naive", 2, "g", [_episode("naive", None)]), Block("naive", 3, "g", [_episode("naive", None)]),
+                  Block("kernel", 4, "g", [_episode("kernel", 62.0), _episode("kernel", 70.0)])]
+        plot = distributions(Run(config, machine, blocks))
+        assert [("kernel", (62.0, 70.0), ""), ("useroom-standalone", (40.0, 45.5), ""),
+                ("naive", (), "2 deadlocks in 2 episodes")] == [(s.label, s.values, s.note) for s in plot.series]
+        assert "kernel 6.1.0, cgroup v1, 2 cores" in plot.subtitle
+        assert "64MiB" in plot.subtitle
+
+    def test_storm_times_between_kills_within_a_round(self) -> None:
+        """From one kill to the next, in ms, in time order, leaving out what spans a restart of the
+        supervisor."""
+        run = {"verdicts": [{"t_ns": t * MS} for t in (30, 10, 50, 200, 215)], "restarts": [(60 * MS, 190 * MS)]}
+        assert [20.0, 20.0, 15.0] == kill_intervals_ms(run)
+        assert [] == kill_intervals_ms({"verdicts": [{"t_ns": 1}], "restarts": []})
+
+
+@pytest.mark.kernel
+@pytest.mark.timeout(300)
+def test_a_deadlock_run_draws_its_plot(tmp_path: os.PathLike[str]) -> None:
+    """python -m useroom.bench deadlock --plot draws the run's variants into the SVG."""
+    pytest.importorskip("matplotlib")
+    path = os.path.join(tmp_path, "deadlock.svg")
+    done = subprocess.run([sys.executable, "-m", "useroom.bench", "deadlock", "--variants", "kernel",
+                           "useroom-inprocess", "--episodes", "3", "--plot", path],
+                          capture_output=True, text=True, timeout=280, check=False)
+    assert 0 == done.returncode, done.stdout + done.stderr
+    with open(path) as file:
+        svg = file.read()
+    assert all(text in svg for text in ("kernel", "inprocess", "n=3", "episode time")), svg[-2000:]

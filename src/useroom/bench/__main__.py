@@ -111,13 +111,17 @@ def _parser() -> argparse.ArgumentParser:
     deadlock.add_argument("--naive-pick", choices=("first", "largest"), default=defaults.naive_pick,
                           help="the naive handler's victim: first pid not itself (default), or largest RSS")
     deadlock.add_argument("--json", metavar="PATH", help="write every raw figure to PATH")
+    deadlock.add_argument("--plot", metavar="PATH",
+                          help="draw each variant's episode times side by side into PATH (.svg or .png); "
+                               "needs matplotlib: pip install 'useroom[plot]'")
     deadlock.add_argument("--verbose", action="store_true", help="a progress line per episode on stderr")
     return parser
 
 
 def _deadlock_main(argv: list[str], out: TextIO, err: TextIO) -> int:
     from useroom.bench._deadlock import Config, check_available, default_variants, run
-    from useroom.bench._report import machine_facts, render, summarize, to_json
+    from useroom.bench._plot import check_plot, write
+    from useroom.bench._report import distributions, machine_facts, render, summarize, to_json
     from useroom.bench._sandbox import BenchError, own_memcg, scratch_kind
 
     args = _parser().parse_args(argv)
@@ -131,6 +135,8 @@ def _deadlock_main(argv: list[str], out: TextIO, err: TextIO) -> int:
             limit=args.limit, workers=args.workers, worker_size=args.worker_size, reserve=args.reserve,
             deadlock_after=args.deadlock_after, block=args.block, naive_pick=args.naive_pick,
         )
+        if args.plot:
+            check_plot(args.plot)
         missing = check_available(config.variants, killer_switch)
         if missing:
             print("cannot run the requested variants:", file=err)
@@ -148,6 +154,12 @@ def _deadlock_main(argv: list[str], out: TextIO, err: TextIO) -> int:
     if args.json:
         with open(args.json, "w") as file:
             json.dump(to_json(result, rows), file, indent=1)
+    if args.plot:
+        try:
+            write(distributions(result), args.plot)
+        except OSError as error:
+            print(f"useroom.bench: cannot write the plot: {error}", file=err)
+            return 1
     if result.interrupted is not None:
         return 128 + result.interrupted
     if result.problems or any(block.problem for block in result.blocks):

@@ -9,7 +9,7 @@ import pwd
 import resource
 import signal
 import statistics
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 
@@ -17,7 +17,10 @@ from useroom._units import format_size
 from useroom.bench._deadlock import VARIANTS, Config, Run
 from useroom.bench._sandbox import cgroup_version, scratch_kind
 
-__all__ = ["Summary", "machine_facts", "percentile", "render", "summarize", "to_json"]
+if TYPE_CHECKING:
+    from useroom.bench._plot import Distributions
+
+__all__ = ["Summary", "distributions", "machine_facts", "percentile", "render", "summarize", "to_json"]
 
 _MS: Final = 1e6
 _US: Final = 1e3
@@ -186,6 +189,35 @@ def render(result: Run, rows: list[Summary]) -> str:
     notes = _notes(result, rows)
     lines.extend(notes)
     return "\n".join(lines)
+
+
+def distributions(result: Run) -> Distributions:
+    """Each variant's episode times, for ``--plot``: the kernel's first; a
+    variant's deadlocks and stalls, which have no episode time, in its note."""
+    from useroom.bench._plot import Distributions, Series
+
+    config, machine = result.config, result.machine
+    series = []
+    for name in sorted(config.variants, key=lambda name: name != "kernel"):
+        episodes = result.episodes(name)
+        durations = [d / _MS for e in episodes if (d := e.duration_ns) is not None]
+        deadlocks = sum(e.outcome == "deadlock" for e in episodes)
+        stalled = sum(e.outcome == "stalled" for e in episodes)
+        stuck = ([f"{deadlocks} {'deadlock' if deadlocks == 1 else 'deadlocks'}"] if deadlocks else []) \
+            + ([f"{stalled} stalled"] if stalled else [])
+        note = f"{' and '.join(stuck)} in {len(episodes)} episodes" if stuck else ""
+        series.append(Series(name, durations, note))
+    emulated = ", EMULATED guest" if machine.get("emulated") else ""
+    return Distributions(
+        title="useroom deadlock benchmark: episode time, the kernel OOM killer and the handlers side by side",
+        subtitle=f"kernel {machine['kernel']}, cgroup v{machine.get('cgroup_version', 1)}, {machine['cores']} "
+                 f"cores{emulated}; limit {format_size(config.limit)}, {config.workers} workers x "
+                 f"{format_size(config.worker_size)} each",
+        quantity="episode time (ms)",
+        series=series,
+        footnote="episode time: workers start -> every worker gone and the group out of OOM, over the "
+                 "episodes that ended without rescue",
+    )
 
 
 def _cells(row: Summary) -> tuple[str, ...]:

@@ -71,6 +71,8 @@ from typing import IO, Any, Final
 
 from useroom._units import format_size
 from useroom.bench._badness import BadnessProbe, Kill, Snapshot, growth_rate, judge, parent_of, rss_kb, vanished
+from useroom.bench._plot import check_plot
+from useroom.bench._plot import write as write_plot
 from useroom.bench._sandbox import (
     BenchError,
     Child,
@@ -88,6 +90,7 @@ from useroom.bench._storm_report import (
     VARIANTS,
     StormConfig,
     below_goal,
+    distributions,
     fmt,
     in_order,
     merge,
@@ -389,6 +392,9 @@ def _parser() -> argparse.ArgumentParser:
                              "so that the workload has the kernel variant's room; shared: the handler's charge "
                              "comes out of it (default %(default)s)")
     parser.add_argument("--json", metavar="PATH", help="write every raw figure to PATH")
+    parser.add_argument("--plot", metavar="PATH",
+                        help="draw each variant's times between kills side by side into PATH (.svg or .png); "
+                             "needs matplotlib: pip install 'useroom[plot]'")
     return parser
 
 
@@ -416,6 +422,12 @@ def main(argv: list[str], out: IO[str] | None = None) -> int:
                      "0 < --sample-budget <= 1")
     if config.worker_size <= config.limit:
         parser.error("each worker must touch more than the limit: a storm needs every worker to be killed")
+    if args.plot:
+        try:
+            check_plot(args.plot)
+        except BenchError as error:
+            print(f"useroom.bench storm: {error}", file=sys.stderr)
+            return 2
     if config.driver == "stress-ng" and shutil.which("stress-ng") is None:
         print("useroom.bench storm: --driver stress-ng needs stress-ng on PATH (apt-get install stress-ng)",
               file=sys.stderr)
@@ -484,6 +496,14 @@ def main(argv: list[str], out: IO[str] | None = None) -> int:
             json.dump({"config": config._asdict(), "cgroup_version": lab.version, "kernel": os.uname().release,
                        "emulated": bool(os.environ.get("VMRUN_GUEST")), "rows": rows, "below_goal": failing,
                        "problems": problems, "raw": raw, "interrupted": interrupted}, file, indent=1)
+    if args.plot and rows:
+        machine = f"kernel {os.uname().release}, cgroup v{lab.version}, {os.cpu_count()} cores" + (
+            ", EMULATED guest" if os.environ.get("VMRUN_GUEST") else "")
+        try:
+            write_plot(distributions(raw, rows, config, machine), args.plot)
+        except OSError as error:
+            problems.append(f"cannot write the plot: {error}")
+            print(f"useroom.bench storm: cannot write the plot: {error}", file=sys.stderr)
     out.flush()
     if interrupted is not None:
         return 128 + interrupted

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
-from typing import Any, Final, NamedTuple
+from itertools import pairwise
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from useroom.bench._badness import PAGE
 
-__all__ = ["GOALS", "MIB", "VARIANTS", "StormConfig", "below_goal", "fmt", "in_order", "merge", "render", "schedule",
-           "summarize"]
+if TYPE_CHECKING:
+    from useroom.bench._plot import Distributions
+
+__all__ = ["GOALS", "MIB", "VARIANTS", "StormConfig", "below_goal", "distributions", "fmt", "in_order",
+           "kill_intervals_ms", "merge", "render", "schedule", "summarize"]
 
 MIB: Final = 1 << 20
 #: The baseline first: the useroom row's kill rate is given relative to it.
@@ -161,6 +165,42 @@ def summarize(raw: dict[str, Any], kernel: dict[str, Any] | None) -> dict[str, A
         "snapshot_interval_ms": 1e3 * raw["sampled_s"] / raw["snapshots"] if raw["snapshots"] else None,
         "sampling_cpu_share": raw["sampling_cpu_share"],
     }
+
+
+def kill_intervals_ms(run: dict[str, Any]) -> list[float]:
+    """From each kill to the next in one run (a round), in ms: the storm's
+    cycle of respawn, refill, OOM and kill. Not across the benchmark's own
+    restart of a killed supervisor. The kills are the judged ones: the
+    handler's signals, or the kernel's victims as the first snapshot
+    without them times them."""
+    times = sorted(verdict["t_ns"] for verdict in run["verdicts"])
+    quiet = run.get("restarts") or []
+    return [(later - earlier) / 1e6 for earlier, later in pairwise(times)
+            if not any(start <= later and end >= earlier for start, end in quiet)]
+
+
+def distributions(raw: dict[str, list[dict[str, Any]]], rows: list[dict[str, Any]], config: StormConfig,
+                  machine: str) -> Distributions:
+    """Each variant's time between kills, for ``--plot``, its kill rate in
+    its note; *machine*: the kernel, cgroup version and cores."""
+    from useroom._units import format_size
+    from useroom.bench._plot import Distributions, Series
+
+    rates = {row["variant"]: row["kills_per_s"] for row in rows}
+    series = [Series(mode, [ms for run in raw[mode] for ms in kill_intervals_ms(run)],
+                     note=f"{fmt(rates.get(mode), '.1f')} kills/s")
+              for mode in VARIANTS if raw.get(mode)]
+    return Distributions(
+        title="useroom storm benchmark: time between kills, the kernel OOM killer and useroom side by side",
+        subtitle=f"{machine}; driver {config.driver}, {config.workers} workers x {format_size(config.worker_size)} "
+                 f"on {config.pages} pages in {format_size(config.limit)}; {config.seconds:g} s per variant "
+                 f"in {config.rounds} rounds",
+        quantity="from one kill to the next (ms)",
+        series=series,
+        footnote=f"within a round, not across a restart of a killed supervisor. useroom: the handler's signals; "
+                 f"kernel: the first snapshot of the group without the victim (every {config.sample_ms:g} ms or "
+                 f"more), so two kills may share a time",
+    )
 
 
 def _ms(ns: int | None) -> float | None:
