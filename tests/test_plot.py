@@ -13,7 +13,16 @@ import pytest
 
 from useroom.bench.__main__ import main
 from useroom.bench._deadlock import Block, Config, Episode, Run
-from useroom.bench._plot import INSTALL_HINT, Distributions, PlotUnavailable, Series, check_path, require, write
+from useroom.bench._plot import (
+    INSTALL_HINT,
+    Distributions,
+    PlotUnavailable,
+    Series,
+    check_path,
+    ecdf,
+    require,
+    write,
+)
 from useroom.bench._report import distributions
 from useroom.bench._sandbox import BenchError
 from useroom.bench._storm import main as storm_main
@@ -84,13 +93,15 @@ class TestWrite:
 
     def test_a_series_without_samples_and_zeros_on_a_log_axis_are_said(self, tmp_path: os.PathLike[str]) -> None:
         """Samples spanning orders of magnitude get a log axis, which cannot show 0: the label says how
-        many were left out; a series with no samples says so, with its note."""
+        many were left out; a series with no samples says so, with its note; the axis of the fractions
+        says the unfinished count."""
         path = os.path.join(tmp_path, "out.svg")
         write(_plot(Series("kernel", [0.0, 5.0, 60.0, 2000.0]),
-                    Series("naive", [], note="20 deadlocks in 20 episodes")), path)
+                    Series("naive", [], note="20 deadlocks in 20 episodes", unfinished=20)), path)
         with open(path) as file:
             svg = file.read()
-        for text in ("1 at 0 not shown", "no samples", "20 deadlocks in 20", "n=0"):
+        for text in ("1 at 0 not shown", "no samples", "20 deadlocks in 20", "n=0",
+                     "fraction at or below (of all, the unfinished too)"):
             assert text in svg, text
 
     def test_another_extension_is_refused_before_anything_runs(self) -> None:
@@ -99,6 +110,25 @@ class TestWrite:
         for path in ("out.pdf", "out"):
             with pytest.raises(BenchError, match=r"\.svg or \.png"):
                 check_path(path)
+
+
+class TestDistributionFunction:
+    def test_fractions_of_every_sample(self) -> None:
+        """From (smallest, 0), each value with the share of samples at or below it."""
+        assert ([1.0, 1.0, 2.0, 3.0, 4.0], [0.0, 0.25, 0.5, 0.75, 1.0]) == ecdf(Series("k", [3.0, 1.0, 4.0, 2.0]))
+
+    def test_unfinished_samples_keep_it_below_one(self) -> None:
+        """One episode ended in ten (nine deadlocks): the curve rises to 0.1 only."""
+        assert ([180.0, 180.0], [0.0, 0.1]) == ecdf(Series("naive", [180.0], unfinished=9))
+
+    def test_zeros_on_a_log_axis_are_counted_not_drawn(self) -> None:
+        """A log axis cannot show 0: the curve starts at the zeros' share."""
+        assert ([5.0, 5.0, 60.0], [0.5, 0.75, 1.0]) == ecdf(Series("k", [0.0, 0.0, 5.0, 60.0]), log=True)
+
+    def test_at_most_a_thousand_points(self) -> None:
+        """Ten thousand samples draw as about a thousand points, the last at the largest value and 1."""
+        xs, ys = ecdf(Series("k", [float(v) for v in range(10000)]))
+        assert len(xs) <= 1001 and (9999.0, 1.0) == (xs[-1], ys[-1])
 
 
 class TestMissingMatplotlib:
@@ -144,8 +174,9 @@ class TestWhatIsPlotted:
                   Block("naive", 2, "g", [_episode("naive", None)]), Block("naive", 3, "g", [_episode("naive", None)]),
                   Block("kernel", 4, "g", [_episode("kernel", 62.0), _episode("kernel", 70.0)])]
         plot = distributions(Run(config, machine, blocks))
-        assert [("kernel", (62.0, 70.0), ""), ("useroom-standalone", (40.0, 45.5), ""),
-                ("naive", (), "2 deadlocks in 2 episodes")] == [(s.label, s.values, s.note) for s in plot.series]
+        assert [("kernel", (62.0, 70.0), "", 0), ("useroom-standalone", (40.0, 45.5), "", 0),
+                ("naive", (), "2 deadlocks in 2 episodes", 2)] == \
+            [(s.label, s.values, s.note, s.unfinished) for s in plot.series]
         assert "kernel 6.1.0, cgroup v1, 2 cores" in plot.subtitle
         assert "64MiB" in plot.subtitle
 

@@ -5,7 +5,8 @@ of samples per variant) and :func:`write` draws it with matplotlib into an
 SVG or PNG file, by the path's extension: on the left a box per variant
 (quartiles and median, whiskers at the 1st and 99th percentiles, the samples
 beyond them as points), on the right the empirical distribution functions
-of the same samples. The value axis is logarithmic where the samples span
+of the same samples (where some never ended, such as deadlocked episodes,
+a curve stays below 1 by their share). The value axis is logarithmic where the samples span
 more than :data:`LOG_SPAN` (a tail of a few slow episodes would otherwise
 squash every box).
 
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
     from matplotlib.axis import Axis
 
 __all__ = ["FORMATS", "INSTALL_HINT", "LOG_SPAN", "Distributions", "PlotUnavailable", "Series", "check_path",
-           "check_plot", "require", "write"]
+           "check_plot", "ecdf", "require", "write"]
 
 #: The file formats, by the path's extension.
 FORMATS: Final = {".svg": "svg", ".png": "png"}
@@ -64,6 +65,10 @@ class Series:
     values: tuple[float, ...] = attrs.field(converter=_floats)
     #: What the plot says beside the label, such as why there are no samples.
     note: str = ""
+    #: Samples that have no value because what they time never ended (a
+    #: deadlock): they count in the distribution function's fractions, which
+    #: then stay below 1.
+    unfinished: int = 0
 
 
 def _all_series(series: Iterable[Series]) -> tuple[Series, ...]:
@@ -193,23 +198,33 @@ def _boxes(ax: Axes, plot: Distributions, log: bool) -> None:
     ax.set_title("box: quartiles and median; whiskers: 1st and 99th percentiles", fontsize=8)
 
 
+def ecdf(series: Series, log: bool = False) -> tuple[list[float], list[float]]:
+    """The points of *series*' distribution function as drawn: at each value
+    the fraction of the samples at or below it, the unfinished ones counted
+    in the whole (at most :data:`_ECDF_POINTS`, evenly spaced in rank, from
+    (smallest, 0) on). With *log*, zeros are not drawn but still counted."""
+    values = sorted(_shown(series, log))
+    if not values:
+        return [], []
+    total = len(series.values) + series.unfinished
+    offset = len(series.values) - len(values)
+    picks = sorted({round(i * (len(values) - 1) / (_ECDF_POINTS - 1)) for i in range(_ECDF_POINTS)})
+    return [values[0]] + [values[i] for i in picks], [offset / total] + [(offset + i + 1) / total for i in picks]
+
+
 def _curves(ax: Axes, plot: Distributions, log: bool) -> None:
     for number, series in enumerate(plot.series):
-        values = sorted(_shown(series, log))
-        if not values:
+        xs, ys = ecdf(series, log)
+        if not xs:
             continue
-        total = len(series.values)
-        offset = total - len(values)  # the zeros left out still count in the fraction
-        picks = sorted({round(i * (len(values) - 1) / (_ECDF_POINTS - 1)) for i in range(_ECDF_POINTS)})
-        xs = [values[0]] + [values[i] for i in picks]
-        ys = [offset / total] + [(offset + i + 1) / total for i in picks]
         ax.step(xs, ys, where="post", color=_colour(number), linewidth=1.6,
                 label=series.label + (f" ({series.note})" if series.note else ""))
     if log:
         ax.set_xscale("log")
         _plain_ticks(ax.xaxis)
     ax.set_xlabel(plot.quantity)
-    ax.set_ylabel("fraction of samples at or below")
+    ax.set_ylabel("fraction at or below (of all, the unfinished too)"
+                  if any(s.unfinished for s in plot.series) else "fraction at or below")
     ax.set_ylim(0, 1.02)
     ax.grid(which="both", alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)

@@ -193,7 +193,8 @@ def render(result: Run, rows: list[Summary]) -> str:
 
 def distributions(result: Run) -> Distributions:
     """Each variant's episode times, for ``--plot``: the kernel's first; a
-    variant's deadlocks and stalls, which have no episode time, in its note."""
+    variant's deadlocks and stalls, which have no episode time, in its note
+    and counted as unfinished."""
     from useroom.bench._plot import Distributions, Series
 
     config, machine = result.config, result.machine
@@ -206,7 +207,7 @@ def distributions(result: Run) -> Distributions:
         stuck = ([f"{deadlocks} {'deadlock' if deadlocks == 1 else 'deadlocks'}"] if deadlocks else []) \
             + ([f"{stalled} stalled"] if stalled else [])
         note = f"{' and '.join(stuck)} in {len(episodes)} episodes" if stuck else ""
-        series.append(Series(name, durations, note))
+        series.append(Series(name, durations, note, unfinished=len(episodes) - len(durations)))
     emulated = ", EMULATED guest" if machine.get("emulated") else ""
     return Distributions(
         title="useroom deadlock benchmark: episode time, the kernel OOM killer and the handlers side by side",
