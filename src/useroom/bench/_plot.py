@@ -126,8 +126,8 @@ def write(plot: Distributions, path: str) -> None:
     from matplotlib.figure import Figure
 
     with matplotlib.rc_context({"svg.hashsalt": "useroom", "svg.fonttype": "none", "font.size": 9}):
-        figure = Figure(figsize=(12, 5.2), layout="constrained")
-        boxes, curves = figure.subplots(1, 2, gridspec_kw={"width_ratios": (1, 1.3)})
+        figure = Figure(figsize=(13, 5.4), layout="constrained")
+        boxes, curves = figure.subplots(1, 2, gridspec_kw={"width_ratios": (1.1, 1.2)})
         log = _log_scale([v for s in plot.series for v in s.values])
         _boxes(boxes, plot, log)
         _curves(curves, plot, log)
@@ -169,7 +169,7 @@ def _label(series: Series, log: bool, unit: str) -> str:
 
 
 def _wrapped(text: str) -> str:
-    return "\n".join(textwrap.wrap(text, 20))
+    return "\n".join(textwrap.wrap(text, 16))
 
 
 def _boxes(ax: Axes, plot: Distributions, log: bool) -> None:
@@ -188,7 +188,7 @@ def _boxes(ax: Axes, plot: Distributions, log: bool) -> None:
             ax.text(position, 0.5, "no samples", transform=ax.get_xaxis_transform(), ha="center",
                     color="#777777")
     ax.set_xticks(positions)
-    ax.set_xticklabels([_label(s, log, plot.unit) for s in plot.series])
+    ax.set_xticklabels([_label(s, log, plot.unit) for s in plot.series], fontsize=8)
     ax.set_xlim(0.4, len(positions) + 0.6)
     if log:
         ax.set_yscale("log")
@@ -215,8 +215,7 @@ def ecdf(series: Series, log: bool = False) -> tuple[list[float], list[float]]:
 def _curves(ax: Axes, plot: Distributions, log: bool) -> None:
     for number, series in enumerate(plot.series):
         xs, ys = ecdf(series, log)
-        if not xs:
-            continue
+        # A series with no samples draws no curve, but is in the legend with its note.
         ax.step(xs, ys, where="post", color=_colour(number), linewidth=1.6,
                 label=series.label + (f" ({series.note})" if series.note else ""))
     if log:
