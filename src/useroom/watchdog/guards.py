@@ -239,6 +239,11 @@ class Guard:
             control = self.control()
             if control is not None and control.under_oom:
                 self._episode_ns = now
+            elif control is not None and self._grant_since is None and self.handler is not None \
+                    and not self.handler.exited and self._grant_open():
+                # The plan opened its grant before this woke up: the OOM is
+                # over for the kernel already, the grant's watch begins.
+                self._grant_since = now
 
     def _grant_open(self) -> bool:
         """Whether the handled group's limit is above the one the handler set."""
