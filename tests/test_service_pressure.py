@@ -291,6 +291,7 @@ class TestHandlerUnderTheProtocol:
         assert sorted(seen) == sorted(g.relpath for g in groups)
 
     def test_switched_off(self, scratch_group: Group, fifo: str) -> None:
+        scratch_group.set_limit("64M")  # cgroup v2: the handler needs a memory.max for its wall
         with _environment(_env(fifo)):
             with Handler(scratch_group, thresholds=(), watchdog=False, service_pressure=False) as handler:
                 assert handler.supervisor.service_pressure is None
@@ -307,6 +308,7 @@ class TestHandlerUnderTheProtocol:
 
     def test_the_socket_peer_leaving_is_logged(self, scratch_group: Group, server, caplog) -> None:
         path, listening = server
+        scratch_group.set_limit("64M")
         with _environment(_env(path)):
             with caplog.at_level("WARNING", logger="useroom"):
                 with Handler(scratch_group, thresholds=(), watchdog=False):
