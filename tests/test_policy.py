@@ -28,7 +28,9 @@ def _ctx(**overrides) -> PlanContext:
 
 
 def _shape(compiled) -> list[tuple[str, int, str]]:
-    return [(a.kind.name, a.pid or max(a.fd, 0), p) for a, p in zip(compiled.plan.actions, compiled.phases)]
+    """(kind, pid or fd, phase) per action: a signal through a pidfd by its fd."""
+    return [(a.kind.name, a.fd if a.kind.name == "SIGNAL_PIDFD" else a.pid or max(a.fd, 0), p)
+            for a, p in zip(compiled.plan.actions, compiled.phases)]
 
 
 class TestOrder:

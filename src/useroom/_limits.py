@@ -62,7 +62,8 @@ def nofile(code: int, doing: str) -> ResourceLimitError:
               f"{_shown(hard)}), and that many are open",
         limit="RLIMIT_NOFILE", value=soft,
         advice=f"raise RLIMIT_NOFILE: {how}. A handler needs about 20 fds for one group, 10 to 30 more for each "
-               "further group (usage thresholds and on_oom hooks take more), and one per task in its groups")
+               "further group (usage thresholds and on_oom hooks take more), and four per task in its groups "
+               "(a pidfd and three /proc files)")
 
 
 def file_max(code: int, doing: str) -> ResourceLimitError:

@@ -25,6 +25,7 @@ from useroom import _fd
 from useroom import native
 from useroom.cgroup import Group
 from useroom._fd import OwnedFd
+from useroom._members import ProcCgroup
 
 __all__ = ["Pidfd", "ProcAdj", "ProcStatus", "TaskFds", "Victim", "VictimTable"]
 
@@ -74,38 +75,44 @@ class ProcAdj(OwnedFd):
 
 @attrs.frozen
 class TaskFds:
-    """The fd numbers a plan names for one task: its pidfd, its status file
-    and its ``oom_score_adj`` file (-1: not open). Numbers, not owners: the
+    """The fd numbers a plan names for one task: its pidfd, its status file,
+    its ``oom_score_adj`` file and its cgroup file (-1: not open). Numbers, not owners: the
     :class:`VictimTable` owns the fds, and keeps open those an armed plan
     names (:meth:`VictimTable.release`)."""
 
     pidfd: int
     status: int = -1
     adj: int = -1
+    #: ``/proc/<pid>/cgroup`` (:class:`~useroom._members.ProcCgroup`), for
+    #: the check that the task is still in the group when it is signalled.
+    cgroup: int = -1
 
 
 class Pidfd(OwnedFd):
-    """A pidfd (close-on-exec) for one process, and its :class:`ProcStatus`
-    and :class:`ProcAdj` (None if they could not be opened), closed with it."""
+    """A pidfd (close-on-exec) for one process, and its :class:`ProcStatus`,
+    :class:`ProcAdj` and :class:`~useroom._members.ProcCgroup` (None if
+    they could not be opened), closed with it."""
 
-    __slots__ = ("pid", "status", "adj")
+    __slots__ = ("pid", "status", "adj", "cgroup")
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self._fd = os.pidfd_open(pid)
         self.status: ProcStatus | None = None
         self.adj: ProcAdj | None = None
+        self.cgroup: ProcCgroup | None = None
         try:
             # Opened after the pidfd: should the process exit first (and its
             # pid be reused), the pidfd is readable and the pick skips it,
             # whatever process these files then name.
             self.status = ProcStatus(pid)
             self.adj = ProcAdj(pid)
+            self.cgroup = ProcCgroup(pid)
         except OSError:
             pass  # exited already (the pidfd says so), or /proc is not there
 
     def close(self) -> None:
-        for file in (self.status, self.adj):
+        for file in (self.status, self.adj, self.cgroup):
             if file is not None:
                 file.close()
         super().close()
@@ -113,7 +120,8 @@ class Pidfd(OwnedFd):
     def numbers(self) -> TaskFds:
         """The fd numbers of now (a value a plan may name)."""
         return TaskFds(self.fileno(), -1 if self.status is None else self.status.fileno(),
-                       -1 if self.adj is None else self.adj.fileno())
+                       -1 if self.adj is None else self.adj.fileno(),
+                       -1 if self.cgroup is None else self.cgroup.fileno())
 
     @property
     def exited(self) -> bool:

@@ -641,7 +641,10 @@ class Group(abc.ABC):
         """SIGKILL *pid* if it is still in this group; return its pidfd (the caller closes it)."""
         try:
             if not _fd.can_use_pidfd:
-                os.kill(pid, signal.SIGKILL)
+                # No pidfd: the pid may name another process by now. The
+                # check just before the signal keeps it in the group.
+                if self._holds(pid):
+                    os.kill(pid, signal.SIGKILL)
                 return None
             pidfd = os.pidfd_open(pid)
         except ProcessLookupError:
@@ -651,8 +654,7 @@ class Group(abc.ABC):
         try:
             # The pidfd pins the process: if it is still alive when signalled,
             # the pid named it when /proc/<pid>/cgroup was read.
-            membership = self._hierarchy.membership(read_memberships(pid))
-            if membership is None or membership.path != self._relpath:
+            if not self._holds(pid):
                 os.close(pidfd)
                 return None
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
@@ -666,6 +668,12 @@ class Group(abc.ABC):
             os.close(pidfd)
             raise
         return pidfd
+
+    def _holds(self, pid: int) -> bool:
+        """Whether process *pid* is in this group now (its /proc/<pid>/cgroup
+        says so); raises FileNotFoundError or ProcessLookupError if it is gone."""
+        membership = self._hierarchy.membership(read_memberships(pid))
+        return membership is not None and membership.path == self._relpath
 
     def _kill_refused(self, err: OSError, pid: int) -> CgroupPermissionError:
         return CgroupPermissionError(

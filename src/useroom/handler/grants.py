@@ -22,11 +22,13 @@ from collections.abc import Callable
 from typing import Any
 
 from useroom import native
+from useroom._members import MembershipLine
 from useroom._victims import Victim, VictimTable
 from useroom.cgroup import Group
 from useroom._fd import Fd
 from useroom.handler.arming import Arming
 from useroom.handler.events import VictimRecord
+from useroom.handler.signals import GroupSignals
 from useroom.native import EventFd
 from useroom.policy import FreezeAndDecide, FrozenContext, Policy
 
@@ -58,6 +60,7 @@ class Grants:
         note: Callable[[BaseException], None],
         errors: list[BaseException],
         last_resort: Callable[[], None],
+        member: MembershipLine,
     ) -> None:
         self.group = group
         self.policy = policy
@@ -71,10 +74,13 @@ class Grants:
         self._wake: EventFd | None = None
         self._reply: EventFd | None = None
         self._spare_procs: Fd | None = None
+        self._member = member
+        self._signals: GroupSignals | None = None
 
     def open(self, table: VictimTable) -> None:
         """Opens the grant's eventfds; ``table`` is the handler's victim table."""
         self._table = table
+        self._signals = GroupSignals(table, self._member)
         self._wake = EventFd()
         self._reply = EventFd()
 
@@ -83,6 +89,12 @@ class Grants:
             if fd is not None:
                 fd.close()
         self._spare_procs = None
+
+    @property
+    def signals(self) -> GroupSignals:
+        """How the handler signals the group's tasks from Python."""
+        assert self._signals is not None, "opened"
+        return self._signals
 
     @property
     def wake(self) -> EventFd:
@@ -140,13 +152,16 @@ class Grants:
         """Kill, by pid, the tasks no refresh has seen (the newest first),
         then the table's live ones in policy order, until the limit fits.
 
-        Runs when the refresh failed with ENOMEM: it opens no file. The
-        tasks come from the spare ``cgroup.procs`` fd opened at the last
-        refresh and never read (cgroup v1 loads the task list on an fd's
-        first read; a read fd would list its first read's tasks again for a
-        second), the kill is ``kill(2)``, and the fit is tried through the
-        open limit fd. A pid is killed only if it was in the group's task
-        list read just before.
+        Runs when the refresh failed with ENOMEM. The tasks come from the
+        spare ``cgroup.procs`` fd opened at the last refresh and never read
+        (cgroup v1 loads the task list on an fd's first read; a read fd
+        would list its first read's tasks again for a second), and the fit
+        is tried through the open limit fd. Each signal goes through
+        :class:`~useroom.handler.signals.GroupSignals`: through a pidfd,
+        once the task's cgroup file says it is still in the group. For a
+        task the table knows, both are open already; for one it does not,
+        they are opened now, and if that fails for want of memory the task
+        is passed over (the table's tasks, then the last resort, remain).
         """
         spare, self._spare_procs = self._spare_procs, None
         if spare is None:
@@ -161,11 +176,7 @@ class Grants:
         deadline_step = self._check_timeout
         for pid in [*unseen, *ranked]:
             victim = known.get(pid)
-            try:
-                os.kill(pid, signal.SIGKILL)
-                result = 0
-            except OSError as err:
-                result = -(err.errno or errno.EIO)
+            result = self.signals.send(pid, signal.SIGKILL)
             self.actions.append(VictimRecord(pid, victim.name if victim else "?", victim.rss if victim else 0,
                                              "SIGKILL", result, "handler"))
             if result != 0:
@@ -205,20 +216,13 @@ class Grants:
     def _kill_now(self, victim: Victim, sig: int) -> int:
         """Signals a victim from Python (headroom granted), reaps its memory
         after SIGKILL, and records it; returns 0 or -errno."""
-        result = 0
+        result = self.signals.send(victim.pid, sig)
         pidfd = self._table.pidfd(victim.pid)
-        try:
-            if pidfd is None:
-                os.kill(victim.pid, sig)  # no pidfds: the table was refreshed just now
-            else:
-                signal.pidfd_send_signal(pidfd.fileno(), sig)
-                if native.can_use_mrelease() and sig == signal.SIGKILL:
-                    try:
-                        native.mrelease(pidfd.fileno())
-                    except OSError:
-                        pass  # it exited already: its memory is back
-        except OSError as err:
-            result = -(err.errno or errno.EIO)
+        if result == 0 and pidfd is not None and native.can_use_mrelease() and sig == signal.SIGKILL:
+            try:
+                native.mrelease(pidfd.fileno())
+            except OSError:
+                pass  # it exited already: its memory is back
         self.actions.append(VictimRecord(victim.pid, victim.name, victim.rss, signal.Signals(sig).name,
                                          result, "handler"))
         if result == 0 and sig == signal.SIGKILL:

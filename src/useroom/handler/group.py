@@ -43,7 +43,7 @@ from typing import IO, Any
 
 import attrs
 
-from useroom import native
+from useroom import _fd, native
 from useroom._declare import Declaration, probe
 from useroom._hardening import HardeningReport
 from useroom._hooks import Hook, HookRecord, HookRegistry, HookRunner
@@ -133,6 +133,8 @@ class GroupHandler:
         self.policy = validate.policy(policy, group)
         self.reserve = validate.reserve(reserve, group)
         self.thresholds = validate.fractions(thresholds)
+        #: Each signal goes only to a task whose /proc/<pid>/cgroup holds this line.
+        self.member = validate.membership(group, native.MEMBER_MAX)
         validate.timeouts(refresh_interval=1.0 if refresh_interval is None else refresh_interval,
                           check_timeout=check_timeout, grant_timeout=grant_timeout, hook_timeout=hook_timeout)
         self.refresh_interval = refresh_interval
@@ -190,7 +192,7 @@ class GroupHandler:
         self._arming = arming_for(group, fractions=self.thresholds, hooks=self._hooks, errors=self.errors,
                                   collect=self._collect, tell_limit=self._tell_limit)
         self._grants = Grants(group, self.policy, self._arming, check_timeout=check_timeout, note=self.note,
-                              errors=self.errors, last_resort=self._last_resort)
+                              errors=self.errors, last_resort=self._last_resort, member=self.member)
 
     # -- hooks -------------------------------------------------------------
 
@@ -656,6 +658,8 @@ class GroupHandler:
             pidfds={} if stale else self._table.pidfds,
             procs_reopen=not self.group.procs_pread_relists,
             protect=tuple(sorted(self._table.protect)) + tuple(sorted(self._table.dying - self._table.protect)),
+            member=self.member.line,
+            can_pin=_fd.can_use_pidfd,
             **self._arming.plan_fields(self._reserve, self.delay),
         )
 

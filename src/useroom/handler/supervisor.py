@@ -244,7 +244,8 @@ class Supervisor:
             self._warn_partial_lock(self.hardening)
         if not _fd.can_use_pidfd:
             self._degradations.note(Degradation.NO_PIDFD, "no pidfds (Linux 5.3 and Python 3.9 have them): "
-                                    "victims are signalled by pid, which a new process may reuse")
+                                    "victims are signalled by pid, each just after a check that it is in the "
+                                    "group, and a new process may reuse a pid in between")
         if not native.can_use_mrelease():
             self._degradations.note(Degradation.NO_MRELEASE, "no process_mrelease (Linux 5.15): a killed "
                                     "victim's memory comes back only as fast as it exits")

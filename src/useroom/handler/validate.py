@@ -21,8 +21,9 @@ import stat
 from collections.abc import Iterable
 
 from useroom._units import UNLIMITED, format_size, parse_size
+from useroom._members import MembershipLine, member_line
 from useroom.cgroup import Group
-from useroom.exceptions import InvalidSize, OutputError, SizeOutOfBounds
+from useroom.exceptions import InvalidName, InvalidSize, OutputError, SizeOutOfBounds
 from useroom.policy import DryRun, KillLargest, Policy, RaiseLimit
 
 __all__ = ["fractions", "physical_memory", "policy", "reserve", "sizes_fit", "timeouts", "watchdog_group",
@@ -135,6 +136,19 @@ def sizes_fit(group: Group, size: int, value: Policy) -> None:
     if size:
         _check_reserve(size, size, group)
     _check_steps(value, group)
+
+
+def membership(group: Group, longest: int) -> MembershipLine:
+    """The group's line in ``/proc/<pid>/cgroup``, which the plans check each
+    signal against; at most ``longest`` bytes (what a plan holds)."""
+    line = member_line(group)
+    if len(line.line) > longest:
+        raise InvalidName(
+            f"the group path {group.relpath[:80]}... is too long: a handler checks that a task is still in "
+            f"the group before each signal, against its /proc/<pid>/cgroup line, of at most {longest} bytes "
+            f"(this one has {len(line.line)})"
+        )
+    return line
 
 
 def fractions(values: Iterable[float]) -> tuple[float, ...]:

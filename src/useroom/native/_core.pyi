@@ -60,6 +60,8 @@ class UroAction(CData):
     guard: int
     len: int
     fired: int
+    member_fd: int
+    pad: int
     timeout_ns: int
     data: Array[bytes]
 
@@ -70,7 +72,7 @@ class UroCand(CData):
     fired: int
     adj_kb: int
     adj_fd: int
-    pad: int
+    cgroup_fd: int
 
 class UroPlan(CData):
     id: int
@@ -88,6 +90,9 @@ class UroPlan(CData):
     nprotect: int
     limit_kb: int
     protect: Array[int]
+    member_len: int
+    pad2: int
+    member: Array[bytes]
 
 class UroStep(CData):
     t0_ns: int
@@ -246,6 +251,7 @@ class Lib:
     URO_SOURCES_MAX: Final[int]
     URO_GROUPS_MAX: Final[int]
     URO_CANDS_MAX: Final[int]
+    URO_MEMBER_MAX: Final[int]
     URO_ACT_SIGNAL_PIDFD: Final[int]
     URO_ACT_SIGNAL_PID: Final[int]
     URO_ACT_WRITE: Final[int]

@@ -8,6 +8,7 @@ writes a plan into locked memory and reads the records back.
 from __future__ import annotations
 
 import enum
+import errno
 from collections.abc import Iterable
 
 import attrs
@@ -17,7 +18,9 @@ from useroom.native._lib import lib, valid_fd
 __all__ = [
     "CANDS_MAX",
     "DATA_MAX",
+    "MEMBER_MAX",
     "NEEDLE_MAX",
+    "NOT_MEMBER",
     "PLAN_MAX",
     "SETTLED",
     "WAITED",
@@ -37,6 +40,10 @@ PLAN_MAX: int = lib.URO_PLAN_MAX
 DATA_MAX: int = lib.URO_DATA_MAX
 NEEDLE_MAX: int = lib.URO_NEEDLE_MAX
 CANDS_MAX: int = lib.URO_CANDS_MAX
+MEMBER_MAX: int = lib.URO_MEMBER_MAX
+#: A signal's result when its task was no longer in the plan's group (see
+#: :attr:`Plan.member`): the signal was not sent.
+NOT_MEMBER: int = -errno.EXDEV
 #: SIGNAL_BEST's result when it waited for an earlier victim to exit.
 WAITED: int = lib.URO_WAITED
 #: What a thread that settled an episode writes to the plan's reply eventfd.
@@ -119,6 +126,11 @@ class Action:
     #: :class:`ActionFlag` bits, set by the methods below.
     flags: int = attrs.field(default=0, converter=int)
     guard: int = -1
+    #: SIGNAL_PIDFD: the task's ``/proc/<pid>/cgroup``, opened and read once
+    #: ahead, through which the watcher checks that it is still in the
+    #: group just before the signal (see :attr:`Plan.member`); -1: the file
+    #: of ``pid`` is opened then.
+    member_fd: int = -1
 
     def after(self, index: int) -> Action:
         """This action, run only if the action at ``index`` of the plan ran
@@ -184,13 +196,23 @@ class Action:
         return cls(ActionKind.SIGNAL_BEST, sig=sig, timeout_ns=_timeout_ns(wait))
 
     @classmethod
-    def signal_pidfd(cls, pidfd: int, sig: int) -> Action:
-        """Signal a process through its pidfd; fails with ESRCH if it exited."""
-        return cls(ActionKind.SIGNAL_PIDFD, fd=valid_fd(pidfd), sig=sig)
+    def signal_pidfd(cls, pidfd: int, sig: int, *, pid: int = 0, member_fd: int = -1) -> Action:
+        """Signal a process through its pidfd; fails with ESRCH if it exited.
+
+        In a plan with a :attr:`Plan.member` line, the signal goes out only
+        if the process is still in the group (else :data:`NOT_MEMBER`), as
+        its ``/proc/<pid>/cgroup`` says: ``member_fd``, that file opened and
+        read once ahead, or the file of ``pid``. SIGCONT is always sent."""
+        if pid < 0:
+            raise ValueError(f"pid must be positive, not {pid}")
+        return cls(ActionKind.SIGNAL_PIDFD, fd=valid_fd(pidfd), sig=sig, pid=pid,
+                   member_fd=-1 if member_fd < 0 else valid_fd(member_fd))
 
     @classmethod
     def signal_pid(cls, pid: int, sig: int) -> Action:
-        """Signal a pid (prefer pidfds: a pid can be reused)."""
+        """Signal a pid (prefer pidfds: a pid can be reused). In a plan with
+        a :attr:`Plan.member` line, only if ``/proc/<pid>/cgroup``, read just
+        before, says it is in the group."""
         if pid <= 0:
             raise ValueError(f"pid must be positive, not {pid}")
         return cls(ActionKind.SIGNAL_PID, pid=pid, sig=sig)
@@ -244,13 +266,18 @@ class Candidate:
     VmPTE (kB), as the kernel's ``oom_badness()`` counts, plus its
     ``oom_score_adj`` scaled to the group's limit (adj x limit / 1000): read
     at the pick through ``adj_fd`` (``/proc/<pid>/oom_score_adj`` opened
-    ahead), or ``adj_kb``, already scaled, without one or if it fails."""
+    ahead), or ``adj_kb``, already scaled, without one or if it fails.
+    A candidate is picked only while it is in the plan's group."""
 
     pidfd: int = attrs.field(converter=valid_fd)
     status_fd: int = attrs.field(converter=valid_fd)
     pid: int
     adj_kb: int = 0
     adj_fd: int = -1
+    #: ``/proc/<pid>/cgroup`` opened and read ahead: the pick passes over a
+    #: task no longer in the group (see :attr:`Plan.member`); -1: the file
+    #: of ``pid`` is opened at the pick.
+    cgroup_fd: int = -1
 
 
 def _candidates(value: Iterable[Candidate]) -> tuple[Candidate, ...]:
@@ -290,6 +317,11 @@ class Plan:
     protect: tuple[int, ...] = attrs.field(default=(), kw_only=True, converter=_pids)
     #: What such a task's oom_score_adj is scaled by (kB, adj x limit / 1000).
     limit_kb: int = attrs.field(default=0, kw_only=True)
+    #: The group's line of ``/proc/<pid>/cgroup`` (``b"7:memory:/a\\n"``,
+    #: ``b"0::/a\\n"``): every signal to a task (SIGCONT aside) and every
+    #: pick is checked against it at the OOM, since a pidfd pins a process,
+    #: not its group. Empty: no check.
+    member: bytes = attrs.field(default=b"", kw_only=True)
 
     @protect.validator
     def _validate_protect(self, _: object, value: tuple[int, ...]) -> None:
@@ -305,6 +337,13 @@ class Plan:
     def _validate_actions(self, _: object, value: tuple[Action, ...]) -> None:
         if len(value) > PLAN_MAX:
             raise ValueError(f"a plan holds at most {PLAN_MAX} actions, not {len(value)}")
+
+    @member.validator
+    def _validate_member(self, _: object, value: bytes) -> None:
+        if len(value) > MEMBER_MAX:
+            raise ValueError(f"the membership line holds at most {MEMBER_MAX} bytes, not {len(value)}")
+        if value and not value.endswith(b"\n"):
+            raise ValueError("the membership line ends with a newline")
 
     @resolved_needle.validator
     def _validate_needle(self, _: object, value: bytes) -> None:

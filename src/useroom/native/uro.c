@@ -201,8 +201,80 @@ URO_CRIT static int crit_check(const struct uro_plan *plan)
     return 0;
 }
 
-/* Runs action a on fd (fd, or the pidfd of the last pick). */
-URO_CRIT static int crit_action(const struct uro_action *a, int fd)
+/* Membership. A pidfd pins a process against pid reuse, not against a
+ * move: a task moved out of the group after the refresh (by its service
+ * manager, or by the user) charges another group, and the group's OOM is
+ * none of its business. So each signal to a task of the group is sent only
+ * if the task's /proc/<pid>/cgroup, read just before, holds the group's
+ * line (plan->member). That file is opened and read once at the refresh
+ * where it can be (a pread at offset 0 then formats the text of now into
+ * the seq_file buffer the first read allocated: nothing is charged to the
+ * group under its OOM); otherwise it is opened by pid now. A file that
+ * cannot be read says no: the signal is not sent (the kernel's killer,
+ * which the plan's fallback gives the OOM back to, still can). */
+
+URO_CRIT static long crit_read_proc(int32_t pid, const char *name, char *buf, long size);
+
+/* Whether one of the lines of text is the plan's membership line. */
+URO_CRIT static int crit_member_text(const struct uro_plan *plan, const char *text, long n)
+{
+    long m = (long)plan->member_len;
+    long i = 0;
+    while (i + m <= n) {
+        long j = 0;
+        while (j < m && text[i + j] == plan->member[j])
+            j++;
+        if (j == m)
+            return 1;
+        while (i < n && text[i] != '\n')
+            i++;
+        i++;
+    }
+    return 0;
+}
+
+/* 1 if the task is in the plan's group now (or the plan checks no
+ * membership), 0 if it is not, -errno if its file cannot be read. fd: its
+ * /proc/<pid>/cgroup opened ahead, or -1 to read the file of pid. */
+URO_CRIT static int crit_member(const struct uro_plan *plan, int fd, int32_t pid)
+{
+    if (plan->member_len == 0)
+        return 1;
+    if (plan->member_len > URO_MEMBER_MAX)
+        return -EINVAL;
+    char text[2048];
+    long n;
+    if (fd >= 0)
+        n = uro_sys(SYS_pread64, fd, (long)text, sizeof text, 0, 0);
+    else if (pid > 0)
+        n = crit_read_proc(pid, "cgroup", text, sizeof text);
+    else
+        return -EINVAL;
+    if (n < 0)
+        return (int)n;
+    return crit_member_text(plan, text, n);
+}
+
+/* 0 if signal a may go to the task (fd, pid: as for crit_member; pidfd:
+ * its pidfd, or -1), -ESRCH if the task has exited, else -EXDEV. SIGCONT
+ * always may: it only undoes the plan's own SIGSTOP, and a task stopped in
+ * the group and moved out must not stay stopped. */
+URO_CRIT static int crit_signal_allowed(const struct uro_plan *plan, const struct uro_action *a, int pidfd, int fd,
+                                        int32_t pid)
+{
+    if (a->sig == SIGCONT)
+        return 0;
+    int r = crit_member(plan, fd, pid);
+    if (r == 1)
+        return 0;
+    /* An exited task's file reads nothing (and is gone by pid). */
+    if ((pidfd >= 0 && crit_wait_readable(pidfd, 0) == 1) || r == -ENOENT || r == -ESRCH)
+        return -ESRCH;
+    return -EXDEV;
+}
+
+/* Runs action a of plan on fd (fd, or the pidfd of the last pick). */
+URO_CRIT static int crit_action(const struct uro_plan *plan, const struct uro_action *a, int fd)
 {
     switch (a->kind) {
     case URO_ACT_SIGNAL_PIDFD: {
@@ -211,7 +283,12 @@ URO_CRIT static int crit_action(const struct uro_action *a, int fd)
          * already sent SIGKILL to is dying: the same holds until it is gone. */
         if (a->sig == SIGKILL && __atomic_load_n(&a->fired, __ATOMIC_RELAXED))
             return -ESRCH;
-        int r = crit_wait_readable(fd, 0);
+        /* The membership first, the exit after: a live process keeps its
+         * pid, so a file read by pid (no member_fd) named it. */
+        int r = crit_signal_allowed(plan, a, fd, a->member_fd, a->pid);
+        if (r < 0)
+            return r;
+        r = crit_wait_readable(fd, 0);
         if (r == 1)
             return -ESRCH;
         r = (int)uro_sys(SYS_pidfd_send_signal, fd, a->sig, 0, 0, 0);
@@ -219,8 +296,15 @@ URO_CRIT static int crit_action(const struct uro_action *a, int fd)
             __atomic_store_n((int32_t *)&a->fired, 1, __ATOMIC_RELAXED);
         return r;
     }
-    case URO_ACT_SIGNAL_PID:
+    case URO_ACT_SIGNAL_PID: {
+        /* No pidfd: the pid may name another process by now. Its file,
+         * read just before the signal, narrows the window to microseconds
+         * and keeps the signal inside the group. */
+        int r = crit_signal_allowed(plan, a, -1, -1, a->pid);
+        if (r < 0)
+            return r;
         return (int)uro_sys(SYS_kill, a->pid, a->sig, 0, 0, 0);
+    }
     case URO_ACT_WRITE:
         return (int)uro_sys(SYS_pwrite64, fd, (long)a->data, a->len, 0, 0);
     case URO_ACT_MRELEASE:
@@ -411,6 +495,9 @@ URO_CRIT static int crit_pick(const struct uro_plan *plan, struct crit_pick *out
         if (crit_badness(plan, c, &p) < 0)
             continue;
         if (!found || p >= out->points) {
+            /* Only one that may win is looked at (a read of its file). */
+            if (crit_member(plan, c->cgroup_fd, c->pid) != 1)
+                continue;
             found = 1;
             out->index = (int)i;
             out->pid = c->pid;
@@ -441,7 +528,8 @@ URO_CRIT static int crit_pick(const struct uro_plan *plan, struct crit_pick *out
             }
             if (pid > 0 && !crit_is_listed(plan, pid)) {
                 int64_t p = 0;
-                if (crit_badness_pid(plan, pid, &p) == 0 && (!found || p >= out->points)) {
+                if (crit_badness_pid(plan, pid, &p) == 0 && (!found || p >= out->points) &&
+                    crit_member(plan, -1, pid) == 1) {
                     found = 1;
                     out->index = -1;
                     out->pid = pid;
@@ -461,6 +549,15 @@ URO_CRIT static int crit_pick(const struct uro_plan *plan, struct crit_pick *out
             return (int)fd;
         out->pidfd = (int)fd;
         out->owned = 1;
+        /* The list may be older than the pick (v1: the plan's file, if the
+         * new open failed): the task pinned now must be in the group now. A
+         * pidfd not readable after the read is the process that was read. */
+        if (crit_member(plan, -1, out->pid) != 1 || crit_wait_readable(out->pidfd, 0) != 0) {
+            uro_sys(SYS_close, fd, 0, 0, 0, 0);
+            out->pidfd = -1;
+            out->owned = 0;
+            return -EXDEV;
+        }
     }
     return 0;
 }
@@ -810,9 +907,9 @@ URO_CRIT static int crit_step_begin(struct uro_group *g, const struct uro_plan *
         return 0;
     default:
         if (a->flags & URO_F_PICKED) /* acts on the last pick (and only if its signal went out) */
-            *result = ep->pick_pidfd < 0 ? -ESRCH : crit_action(a, ep->pick_pidfd);
+            *result = ep->pick_pidfd < 0 ? -ESRCH : crit_action(plan, a, ep->pick_pidfd);
         else
-            *result = crit_action(a, a->fd);
+            *result = crit_action(plan, a, a->fd);
         return 1;
     }
 }

@@ -55,6 +55,9 @@
 #define URO_F_EXIT 256          /* CHECK: also ends, with one last check, once the
                                  * victim's pidfd (fd) is readable: it has exited */
 #define URO_CANDS_MAX 32        /* candidates of one plan */
+#define URO_MEMBER_MAX 512      /* bytes of a plan's membership line */
+/* A signal whose task is no longer in the plan's group (moved out, or the
+ * group is gone) is not sent: its step's result is -EXDEV. */
 
 /* Source kinds: what the watcher does when a source's eventfd fires. */
 #define URO_SRC_OOM 1           /* run the armed plan */
@@ -109,6 +112,10 @@ struct uro_action {
     int32_t guard;           /* run only if the action at this index ran and succeeded; -1: no guard */
     uint32_t len;
     int32_t fired;           /* set by the watcher once a SIGKILL went out: not sent twice */
+    int32_t member_fd;       /* SIGNAL_*: /proc/<pid>/cgroup of the task, opened and read
+                              * once ahead, which says at the signal whether it is still
+                              * in the group; -1: that file is read anew by pid */
+    int32_t pad;
     int64_t timeout_ns;
     char data[40];
 };
@@ -128,7 +135,8 @@ struct uro_cand {
     int32_t adj_fd;          /* /proc/<pid>/oom_score_adj opened ahead (a pread at 0
                               * formats it anew, allocating nothing), read at the
                               * pick; -1: none, adj_kb stands */
-    int32_t pad;
+    int32_t cgroup_fd;       /* /proc/<pid>/cgroup opened and read ahead: whether the
+                              * task is still in the group at the pick; -1: read anew */
 };
 
 struct uro_plan {
@@ -157,6 +165,13 @@ struct uro_plan {
     uint32_t nprotect;
     int64_t limit_kb;
     int32_t protect[32];
+    /* The group's line in /proc/<pid>/cgroup ("7:memory:/a/b\n" on v1,
+     * "0::/a/b\n" on v2): a task is signalled only if its file holds this
+     * line when the signal goes out. A pidfd pins a process against pid
+     * reuse, not against a move to another group. 0: no check. */
+    uint32_t member_len;
+    int32_t pad2;
+    char member[URO_MEMBER_MAX];
 };
 
 struct uro_step {

@@ -25,6 +25,7 @@ from useroom.native.fds import Epoll, EventFd
 from useroom.native.locking import CoreLock, lock_core
 from useroom.native.plan import (
     DATA_MAX,
+    MEMBER_MAX,
     NEEDLE_MAX,
     ActionKind,
     EventRecord,
@@ -439,6 +440,7 @@ def _fill_plan(dst: UroPlan, plan: Plan, plan_id: int) -> None:
         a.timeout_ns = action.timeout_ns
         a.len = len(action.data)
         a.fired = 0
+        a.member_fd = action.member_fd
         ffi.memmove(a.data, action.data.ljust(DATA_MAX, b"\0"), DATA_MAX)
     dst.check_fd = plan.check_fd
     dst.needle_len = len(plan.resolved_needle)
@@ -453,6 +455,7 @@ def _fill_plan(dst: UroPlan, plan: Plan, plan_id: int) -> None:
         c.fired = 0
         c.adj_kb = cand.adj_kb
         c.adj_fd = cand.adj_fd
+        c.cgroup_fd = cand.cgroup_fd
     dst.ncands = len(plan.candidates)
     dst.procs_fd = plan.procs_fd
     dst.procs_reopen = int(plan.procs_reopen)
@@ -460,4 +463,6 @@ def _fill_plan(dst: UroPlan, plan: Plan, plan_id: int) -> None:
         dst.protect[i] = pid
     dst.nprotect = len(plan.protect)
     dst.limit_kb = plan.limit_kb
+    dst.member_len = len(plan.member)
+    ffi.memmove(dst.member, plan.member.ljust(MEMBER_MAX, b"\0"), MEMBER_MAX)
     dst.count = len(plan.actions)

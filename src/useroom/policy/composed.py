@@ -216,7 +216,7 @@ class FreezeAndDecide(Policy):
                     b.pidfds.append(fd)
                     thaws.append((len(b.actions), Action.signal_pidfd(fd, signal.SIGCONT),
                                   f"SIGCONT {v.pid}: thaw"))
-                    b.add(Action.signal_pidfd(fd, signal.SIGSTOP).after(grant_at),
+                    b.add(ctx.signal(v, signal.SIGSTOP).after(grant_at),
                           f"SIGSTOP {v.describe()}: freeze before deciding", Phase.FREEZE, v)
             b.add(Action.wake(ctx.grant_wake_fd).after(grant_at), "wake the handler to decide", Phase.FREEZE)
             b.add(Action.await_readable(ctx.grant_reply_fd, ctx.grant_timeout, read=True).after(grant_at),

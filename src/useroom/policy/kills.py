@@ -123,7 +123,7 @@ class KillLargest(Policy):
         """Whether the plan ranks the tasks at the OOM (rather than by the
         order of the refresh): no SIGTERM grace, something to pick, and each
         candidate's status file open."""
-        finds = ctx.procs_fd >= 0 and type(self).order is KillLargest.order
+        finds = ctx.procs_fd >= 0 and ctx.can_pin and type(self).order is KillLargest.order
         return self.term_grace is None and bool(picks or finds) and \
             all(status_open(ctx.pidfd(v)) for v in picks)
 
@@ -131,7 +131,7 @@ class KillLargest(Policy):
         # order() says who may be killed (a subclass may narrow it); the
         # native pick ranks them at the OOM.
         picks = [v for v, _ in self.order(ctx.victims)]
-        finds = ctx.procs_fd >= 0 and type(self).order is KillLargest.order
+        finds = ctx.procs_fd >= 0 and ctx.can_pin and type(self).order is KillLargest.order
         if not self._picks_at_oom(ctx, picks):
             super().compile_kills(b, ctx)
             return
@@ -193,7 +193,7 @@ class KillGroup(Policy):
                     b.add(Action.signal_pid(v.pid, signal.SIGKILL), why, Phase.KILL, v)
                     continue
                 b.pidfds.append(fds.pidfd)
-                b.add(Action.signal_pidfd(fds.pidfd, signal.SIGKILL), why, Phase.KILL, v)
+                b.add(ctx.signal(v, signal.SIGKILL), why, Phase.KILL, v)
             if native.can_use_mrelease():
                 for v in chosen:
                     fds = ctx.pidfd(v)

@@ -114,10 +114,22 @@ class PlanContext:
     #: those that reach the old wall while the victim dies. Empty on v1 (no
     #: wall: the tasks wait in the OOM and run as soon as the limit fits).
     lift: bytes = b""
+    #: The group's line in ``/proc/<pid>/cgroup`` (see :mod:`useroom._members`):
+    #: the plan signals a task only while its file holds it. Empty: no check.
+    member: bytes = b""
+    #: Whether pidfds exist here: the native pick pins a task it finds
+    #: through ``procs_fd`` with one (False: it does not look for them).
+    can_pin: bool = True
 
     def pidfd(self, victim: Victim) -> TaskFds | None:
         """The victim's fd numbers, or None (no pidfds, or it exited before the refresh opened one)."""
         return self.pidfds.get(victim.pid)
+
+    def signal(self, victim: Victim, sig: int) -> Action:
+        """Signal *victim*: through its pidfd, which it must have, once its
+        cgroup file says it is still in the group."""
+        fds = self.pidfds[victim.pid]
+        return Action.signal_pidfd(fds.pidfd, sig, pid=victim.pid, member_fd=fds.cgroup)
 
     @property
     def can_grant(self) -> bool:
@@ -208,11 +220,11 @@ class PlanBuilder:
             fd = fds.pidfd
             self.pidfds.append(fd)
             if term_grace is not None:
-                self.add(Action.signal_pidfd(fd, signal.SIGTERM), f"SIGTERM {who}: {reason}", Phase.KILL, victim)
+                self.add(self.ctx.signal(victim, signal.SIGTERM), f"SIGTERM {who}: {reason}", Phase.KILL, victim)
                 self.add(Action.await_readable(fd, term_grace),
                          f"wait up to {term_grace} s for {victim.pid} to exit", Phase.KILL)
             signal_at = len(self.actions)
-            self.add(Action.signal_pidfd(fd, sig), f"{signal.Signals(sig).name} {who}: {reason}", Phase.KILL, victim)
+            self.add(self.ctx.signal(victim, sig), f"{signal.Signals(sig).name} {who}: {reason}", Phase.KILL, victim)
             if native.can_use_mrelease() and sig == signal.SIGKILL:
                 self.add(Action.mrelease(fd), f"reap the memory of {victim.pid} now", Phase.KILL)
             if self.hooks_grant is not None:
@@ -336,7 +348,7 @@ class PlanBuilder:
                     self.held.append(v)
                     self.held_pidfds.append(fd)
                     resume.append((len(self.actions), Action.signal_pidfd(fd, signal.SIGCONT), f"SIGCONT {v.pid}"))
-                    self.add(Action.signal_pidfd(fd, signal.SIGSTOP),
+                    self.add(ctx.signal(v, signal.SIGSTOP),
                              f"SIGSTOP {v.describe()}: hold it while the hooks run", Phase.HOOKS)
             self.hooks_grant = self.grant(ctx.hooks_wake_fd, ctx.hooks_reply_fd, ctx.hooks_timeout,
                                           Phase.HOOKS, "the on_oom hooks", settles=True, then=tuple(resume))
@@ -374,7 +386,7 @@ class PlanBuilder:
             assert fds is not None and fds.status >= 0
             self.pidfds.append(fds.pidfd)
             candidates.append(Candidate(fds.pidfd, fds.status, v.pid, v.oom_score_adj * self.ctx.limit_kb // 1000,
-                                        fds.adj))
+                                        fds.adj, fds.cgroup))
         # Tasks started since the refresh are found through cgroup.procs;
         # with more pids to protect than the plan holds, none are looked for.
         find = self.finding and len(self.ctx.protect) <= 32
@@ -382,7 +394,7 @@ class PlanBuilder:
                     resolved_below=self.ctx.resolved_below, candidates=candidates,
                     procs_fd=self.ctx.procs_fd if find else -1, protect=self.ctx.protect if find else (),
                     procs_reopen=self.ctx.procs_reopen,
-                    limit_kb=self.ctx.limit_kb)
+                    limit_kb=self.ctx.limit_kb, member=self.ctx.member)
         return CompiledPlan(
             plan, tuple(self.why), tuple(self.phases), tuple(self.targets), tuple(self.victims),
             tuple(self.pidfds), held=tuple(self.held), held_pidfds=tuple(self.held_pidfds),
