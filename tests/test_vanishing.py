@@ -11,7 +11,7 @@ import time
 import pytest
 
 from helpers import wait_until
-from useroom import Group, Handler, KillLargest
+from useroom import Group, Handler, KillLargest, KillNewest
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(90)]
 
@@ -85,6 +85,36 @@ class TestRecycledPid:
                 time.sleep(0.3)
                 assert None is stranger.poll()
                 assert first.pid not in [v.pid for e in handler.events for v in e.victims if v.result == 0]
+            finally:
+                stranger.kill()
+                stranger.wait()
+
+    @pytest.mark.skipif(os.geteuid() != 0, reason="setting the next pid (ns_last_pid) needs root")
+    @pytest.mark.parametrize("policy", [KillNewest(), KillLargest()], ids=["KillNewest", "KillLargest"])
+    def test_without_pidfds_a_recycled_pid_outside_is_never_signalled(self, group: Group, spawn_hog, policy,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+        """The same without pidfds (the library's switch, as on a kernel before 5.3): the plan
+        signals the planned victims by pid, and the pid now names a process outside the group.
+        The check of its cgroup file just before the signal refuses it (-EXDEV)."""
+        monkeypatch.setattr("useroom._fd.can_use_pidfd", False)
+        first = spawn_hog(20, group=group)
+        first.start()
+        assert first.wait_touched(10)
+        with Handler(group, policy, thresholds=(), refresh_interval=60) as handler:
+            assert first.pid in [v.pid for v in handler.victims]
+            first.release()
+            assert 0 == first.wait(10)
+            stranger = _fork_with_pid(first.pid)
+            if stranger is None:
+                pytest.skip("another process took the pid each time")
+            try:
+                hog = spawn_hog(100, group=group)
+                hog.start()
+                assert -signal.SIGKILL == hog.wait(15)
+                time.sleep(0.3)
+                assert None is stranger.poll()
+                sent = [(v.signal, v.result) for e in handler.events for v in e.victims if v.pid == first.pid]
+                assert sent and ("SIGKILL", 0) not in sent
             finally:
                 stranger.kill()
                 stranger.wait()
