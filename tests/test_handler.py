@@ -203,21 +203,41 @@ class TestFallbacks:
         assert [(newcomer.pid, "handler")] == [(v.pid, v.by) for v in event.victims]
         assert 64 * MIB == scratch_group.limit()
 
-    def test_kill_unseen_without_opening_files(self, scratch_group: Group, spawn_hog) -> None:
-        """The grant's fallback for a refresh that failed for want of memory: tasks no refresh
-        has seen are killed by pid, the newest first, from the spare cgroup.procs fd (its
-        first read lists the tasks as of then), until the limit fits; older tasks live."""
+    def test_a_refresh_without_memory_falls_back_to_the_task_list(self, scratch_group: Group, spawn_hog) -> None:
+        """The grant's fallback, reached through the kernel: the manager thread is charged to the
+        group (as when the handler's threads could not be moved out of it: v1 charges a thread's
+        kernel allocations to its own group), the reserve is 1 MiB, and eight tasks no refresh has
+        seen wake into it at once. The refresh of the grant then fails with ENOMEM, and the
+        handler kills from the spare cgroup.procs list and the table's open files. Every task
+        it signals is one of the group's, the group ends out of the OOM, and the limit is
+        restored."""
         scratch_group.set_limit("64M")
-        with Handler(scratch_group, KillLargest(), thresholds=(), refresh_interval=3600) as handler:
-            older, newer = _hogs(spawn_hog, scratch_group, 8, 8)
-            assert not _table_has(handler, {older.pid}) and not _table_has(handler, {newer.pid})
-            scratch_group.set_limit("72M")  # as a grant would; the fallback restores 64M
-            handler._grants.kill_unseen()
-            assert -signal.SIGKILL == newer.wait(5)
-            assert None is older.returncode
-            assert 64 * MIB == scratch_group.limit()
-            assert [(newer.pid, "?", "SIGKILL", 0)] == [(v.pid, v.name, v.signal, v.result)
-                                                      for v in handler._grants.actions]
+        home = Group.current()
+        with Handler(scratch_group, KillNewest(), reserve="1M", thresholds=(), refresh_interval=3600) as handler:
+            manager = handler.supervisor.manager_tid
+            scratch_group.attach_thread(manager)
+            # v1 keeps a group's task list a second after its last read (the start's): from
+            # then on, a read of the spare file loads the list of now.
+            time.sleep(1.6)
+            try:
+                hogs = [spawn_hog(20, group=scratch_group) for _ in range(8)]
+                for hog in hogs:
+                    hog.start()
+                assert wait_until(lambda: any(v.unrefreshed for e in handler.events for v in e.victims), 30), \
+                    [(e.outcome, [(v.pid, v.by, v.result) for v in e.victims]) for e in handler.events] + \
+                    [h.returncode for h in hogs] + [repr(e) for e in handler.errors]
+                assert wait_until(lambda: not scratch_group.oom_control().under_oom, 15)
+                events = list(handler.events)
+            finally:
+                home.attach_thread(manager)
+            # An episode may end "relieved", the limit raised by at most the reserve: the handler
+            # restores it as soon as the usage allows, which the survivors' exit does.
+            for hog in hogs:
+                hog.release()
+            assert wait_until(lambda: 64 * MIB == scratch_group.limit(), 15)
+        fallback = [v for e in events for v in e.victims if v.unrefreshed]
+        assert any(v.result == 0 for v in fallback) and {v.pid for v in fallback} <= {h.pid for h in hogs}
+        assert not scratch_group.oom_control().under_oom
 
     def test_kernel_is_the_last_resort(self, scratch_group: Group, spawn_hog) -> None:
         """With no victim and no reserve the plan lets the kernel OOM killer act once,

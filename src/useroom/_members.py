@@ -56,27 +56,23 @@ class MembershipLine:
 
     def has(self, pid: int) -> bool:
         """Whether process *pid* is in the group now, as its file, opened
-        and read now, says; False if it cannot be read (no memory, say).
-        Raises ProcessLookupError if there is no such process."""
+        and read now, says. Raises ProcessLookupError if there is no such
+        process, and OSError if the file cannot be read (ENOMEM: opening
+        it is charged to the group, which may be out of memory)."""
         try:
             fd = os.open(f"/proc/{pid}/cgroup", os.O_RDONLY | os.O_CLOEXEC)
-        except (FileNotFoundError, ProcessLookupError):
+        except FileNotFoundError:
             raise ProcessLookupError(pid) from None
-        except OSError:
-            return False
         try:
             return self.holds(os.read(fd, _TEXT_MAX))
-        except ProcessLookupError:
-            raise
-        except OSError:
-            return False
         finally:
             os.close(fd)
 
     def has_file(self, file: ProcCgroup) -> bool:
-        """Whether the process of *file* is in the group now (one ``pread``)."""
-        text = file.read()
-        return text is not None and self.holds(text)
+        """Whether the process of *file* is in the group now (one ``pread``,
+        which allocates nothing). Raises OSError if it cannot be read (ESRCH:
+        the process has exited)."""
+        return self.holds(os.pread(file.fileno(), _TEXT_MAX, 0))
 
 
 def member_line(group: Group) -> MembershipLine:
@@ -86,7 +82,7 @@ def member_line(group: Group) -> MembershipLine:
     controllers field of the memory hierarchy, which this process's own
     file shows (each process has a line for each mounted hierarchy).
     """
-    if group.hierarchy.version == 2:
+    if group.version == 2:
         return MembershipLine(b"0::" + os.fsencode(group.relpath) + b"\n")
     with open("/proc/self/cgroup", "rb") as file:
         text = file.read()
@@ -112,9 +108,3 @@ class ProcCgroup(OwnedFd):
             self.close()
             raise
 
-    def read(self) -> bytes | None:
-        """The text now, or None if it cannot be read (the process is gone)."""
-        try:
-            return os.pread(self.fileno(), _TEXT_MAX, 0)
-        except OSError:
-            return None

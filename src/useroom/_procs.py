@@ -26,11 +26,12 @@ episode in progress, the one before it.
 from __future__ import annotations
 
 import os
+import time
 
 from useroom.cgroup import Group
 from useroom._fd import Fd
 
-__all__ = ["ProcsFiles"]
+__all__ = ["ProcsFiles", "SpareProcs"]
 
 
 class ProcsFiles:
@@ -75,3 +76,62 @@ class ProcsFiles:
         for file in self._files:
             file.close()
         self._files = []
+
+
+#: cgroup v1 frees a group's pid list a second after its last read
+#: (CGROUP_PIDLIST_DESTROY_DELAY); a read after that loads a new one.
+_PIDLIST_KEPT = 1.5
+
+
+class SpareProcs:
+    """One ``cgroup.procs`` fd, for the grant's fallback when a refresh fails
+    for want of memory (no file can be opened then).
+
+    It is read once when it is opened: the first read allocates the file's
+    seq_file buffer, charged to the reader's group, and under the OOM that
+    fails. A later ``pread`` at offset 0 reuses the buffer, and lists the
+    tasks of now on cgroup v2; on v1, the pid list the group keeps for its
+    readers, which is of now only if nobody read it for a while
+    (:attr:`fresh`): otherwise as of the last load, at most that of the
+    last refresh.
+    """
+
+    def __init__(self, group: Group) -> None:
+        self.group = group
+        self._file: Fd | None = None
+        self._read_at = 0.0
+
+    def renew(self) -> None:
+        """Opens and reads the file, unless it is open already (never raises:
+        without it the fallback has only the table)."""
+        if self._file is not None and not self._file.closed:
+            return
+        try:
+            file = Fd(self.group.open_file(self.group.procs_file, os.O_RDONLY))
+        except OSError:
+            return
+        try:
+            os.pread(file.fileno(), 1 << 16, 0)
+        except OSError:
+            file.close()
+            return
+        self._file = file
+        self._read_at = time.monotonic()
+
+    def read(self) -> tuple[list[int], bool] | None:
+        """The pids the file lists now, and whether that list is of now (see
+        above); None if there is no file or the read failed."""
+        if self._file is None or self._file.closed:
+            return None
+        fresh = self.group.procs_pread_relists or time.monotonic() - self._read_at > _PIDLIST_KEPT
+        try:
+            text = os.pread(self._file.fileno(), 1 << 20, 0)
+        except OSError:
+            return None
+        self._read_at = time.monotonic()
+        return [int(p) for p in text.split()], fresh
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._file = None

@@ -111,6 +111,21 @@ class Pidfd(OwnedFd):
         except OSError:
             pass  # exited already (the pidfd says so), or /proc is not there
 
+    def complete(self) -> None:
+        """Opens the files an earlier try could not (for want of memory,
+        under an OOM): a refresh calls it for each task it knows."""
+        if self.status is not None and self.adj is not None and self.cgroup is not None:
+            return
+        try:
+            if self.status is None:
+                self.status = ProcStatus(self.pid)
+            if self.adj is None:
+                self.adj = ProcAdj(self.pid)
+            if self.cgroup is None:
+                self.cgroup = ProcCgroup(self.pid)
+        except OSError:
+            pass  # next time (the pidfd says whether it exited)
+
     def close(self) -> None:
         for file in (self.status, self.adj, self.cgroup):
             if file is not None:
@@ -290,6 +305,8 @@ class VictimTable:
             try:
                 if pidfd is None or pidfd.closed:
                     pidfd = Pidfd(pid) if _fd.can_use_pidfd else None
+                else:
+                    pidfd.complete()
                 known = self._measure(pid, pidfd)
                 adj = pidfd.adj.read() if pidfd is not None and pidfd.adj is not None else _oom_score_adj(pid)
             except (ProcessLookupError, psutil.NoSuchProcess, psutil.ZombieProcess):

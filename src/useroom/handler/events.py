@@ -107,6 +107,9 @@ class VictimRecord:
     #: Picked at the OOM by badness (KillLargest): RSS + swap + page tables
     #: + the scaled oom_score_adj, in bytes, as read at that moment.
     badness: int | None = None
+    #: Signalled by the grant's fallback for a refresh that failed for want
+    #: of memory: from the group's task list, with no new table.
+    unrefreshed: bool = False
 
 
 @attrs.frozen

@@ -14,7 +14,6 @@ part of the episode's event (:meth:`Grants.take_actions`).
 from __future__ import annotations
 
 import errno
-import os
 import select
 import signal
 import time
@@ -23,9 +22,9 @@ from typing import Any
 
 from useroom import native
 from useroom._members import MembershipLine
+from useroom._procs import SpareProcs
 from useroom._victims import Victim, VictimTable
 from useroom.cgroup import Group
-from useroom._fd import Fd
 from useroom.handler.arming import Arming
 from useroom.handler.events import VictimRecord
 from useroom.handler.signals import GroupSignals
@@ -73,7 +72,7 @@ class Grants:
         self.actions: list[VictimRecord] = []
         self._wake: EventFd | None = None
         self._reply: EventFd | None = None
-        self._spare_procs: Fd | None = None
+        self._spare = SpareProcs(group)
         self._member = member
         self._signals: GroupSignals | None = None
 
@@ -85,10 +84,10 @@ class Grants:
         self._reply = EventFd()
 
     def close(self) -> None:
-        for fd in (self._spare_procs, self._reply, self._wake):
+        self._spare.close()
+        for fd in (self._reply, self._wake):
             if fd is not None:
                 fd.close()
-        self._spare_procs = None
 
     @property
     def signals(self) -> GroupSignals:
@@ -149,36 +148,39 @@ class Grants:
             self.reply.write(1)
 
     def kill_unseen(self) -> None:
-        """Kill, by pid, the tasks no refresh has seen (the newest first),
-        then the table's live ones in policy order, until the limit fits.
+        """Kill the tasks no refresh has seen (the newest first), then the
+        table's live ones in policy order, until the limit fits.
 
         Runs when the refresh failed with ENOMEM. The tasks come from the
-        spare ``cgroup.procs`` fd opened at the last refresh and never read
-        (cgroup v1 loads the task list on an fd's first read; a read fd
-        would list its first read's tasks again for a second), and the fit
-        is tried through the open limit fd. Each signal goes through
+        spare ``cgroup.procs`` fd (:class:`~useroom._procs.SpareProcs`,
+        opened and read at a refresh: a read now reuses its buffer), and
+        the fit is tried through the open limit fd. Each signal goes through
         :class:`~useroom.handler.signals.GroupSignals`: through a pidfd,
         once the task's cgroup file says it is still in the group. For a
-        task the table knows, both are open already; for one it does not,
-        they are opened now, and if that fails for want of memory the task
-        is passed over (the table's tasks, then the last resort, remain).
+        task the table knows, both are open already. For one it does not,
+        they are opened now; where that fails for want of memory, the task
+        list stands in for its cgroup file if it is of now, for the first
+        signal only: after a kill and the wait for its memory, it is old,
+        and such tasks are passed over (the table's, then the last resort,
+        remain).
         """
-        spare, self._spare_procs = self._spare_procs, None
-        if spare is None:
-            return
-        with spare:
-            pids = [int(p) for p in os.pread(spare.fileno(), 1 << 20, 0).split()]
+        listing = self._spare.read()
+        pids, listed = listing if listing is not None else ([], False)
         table = self._table
         known = {v.pid: v for v in table.victims}
         skip = table.protect | table.dying
         unseen = sorted((p for p in pids if p not in known and p not in skip), reverse=True)
-        ranked = [v.pid for v, _ in self.policy.order(table.victims) if v.pid in pids and v.pid not in skip]
+        # The table's tasks need no list: their pidfds and cgroup files are open.
+        ranked = [v.pid for v, _ in self.policy.order(table.victims) if v.pid not in skip]
         deadline_step = self._check_timeout
+        # A list of now stands in for a task's cgroup file, for the first
+        # signal only: after a kill and the wait for its memory, it is old.
         for pid in [*unseen, *ranked]:
             victim = known.get(pid)
-            result = self.signals.send(pid, signal.SIGKILL)
+            result = self.signals.send(pid, signal.SIGKILL, listed=listed)
+            listed = listed and result != 0
             self.actions.append(VictimRecord(pid, victim.name if victim else "?", victim.rss if victim else 0,
-                                             "SIGKILL", result, "handler"))
+                                             "SIGKILL", result, "handler", unrefreshed=True))
             if result != 0:
                 continue
             table.dying.add(pid)
@@ -189,6 +191,10 @@ class Grants:
                 if time.monotonic() >= deadline:
                     break
                 time.sleep(0.001)  # the victim is exiting: its memory comes back
+        # Nobody left to kill from here and the usage does not fit: the
+        # kernel's killer, not an episode left "relieved" with the limit raised.
+        if not self._arming.limit_fits():
+            self._last_resort()
 
     def _decide(self, policy: FreezeAndDecide) -> None:
         """The group is stopped: ask the user's callback whom to kill."""
@@ -230,13 +236,8 @@ class Grants:
         return result
 
     def renew_spare_procs(self) -> None:
-        """Keeps one unread ``cgroup.procs`` fd for :meth:`kill_unseen`."""
-        if self._spare_procs is not None and not self._spare_procs.closed:
-            return
-        try:
-            self._spare_procs = Fd(self.group.open_file(self.group.procs_file, os.O_RDONLY))
-        except OSError:
-            self._spare_procs = None
+        """Keeps one ``cgroup.procs`` fd, read once, for :meth:`kill_unseen`."""
+        self._spare.renew()
 
     def _exited(self, victim: Victim) -> bool:
         """Waits up to ``check_timeout`` for a signalled victim to exit;

@@ -40,13 +40,20 @@ class GroupSignals:
         self._table = table
         self.member = member
 
-    def send(self, pid: int, sig: int) -> int:
+    def send(self, pid: int, sig: int, *, listed: bool = False) -> int:
         """Sends *sig* to process *pid* if it is in the group now: 0, or
-        -errno (:data:`useroom.native.NOT_MEMBER`: it is not, or its file
-        cannot be read; nothing was sent)."""
+        -errno, with nothing sent: :data:`useroom.native.NOT_MEMBER` if it
+        is not in the group, ESRCH if it has exited, ENOMEM (or another
+        errno) if its cgroup file cannot be read.
+
+        ``listed``: the pid was in the group's ``cgroup.procs`` read just
+        now. Where its cgroup file cannot be opened for want of memory, that
+        read stands in for it (the grant's fallback, which must act when no
+        file can be opened: reading an open ``cgroup.procs`` is not charged
+        to the group)."""
         pinned = self._table.pidfd(pid)
         if pinned is not None and not pinned.closed:
-            return self._through(pinned.fileno(), pinned.cgroup, pid, sig)
+            return self._through(pinned.fileno(), pinned.cgroup, pid, sig, listed)
         if _fd.can_use_pidfd:
             try:
                 fd = Fd(os.pidfd_open(pid))
@@ -55,27 +62,37 @@ class GroupSignals:
                     return -(err.errno or errno.EIO)
             else:
                 with fd:
-                    return self._through(fd.fileno(), None, pid, sig)
+                    return self._through(fd.fileno(), None, pid, sig, listed)
         # No pidfd to be had: the pid, right after its file said it is here.
+        inside = self._inside(None, pid, listed)
+        if inside != 0:
+            return inside
         try:
-            if not self.member.has(pid):
-                return native.NOT_MEMBER
             os.kill(pid, sig)
         except OSError as err:
             return -(err.errno or errno.EIO)
         return 0
 
-    def _through(self, pidfd: int, file: ProcCgroup | None, pid: int, sig: int) -> int:
-        if native.wait_readable(pidfd, 0):
-            return -errno.ESRCH
+    def _inside(self, file: ProcCgroup | None, pid: int, listed: bool) -> int:
+        """0 if the task is in the group now, else -errno (NOT_MEMBER: it is not)."""
         try:
             inside = self.member.has_file(file) if file is not None and not file.closed else self.member.has(pid)
         except ProcessLookupError:
-            inside = False  # gone by pid: the pidfd says whether it exited
+            return -errno.ESRCH
+        except OSError as err:
+            if listed and err.errno in _NO_FD:
+                return 0
+            return -(err.errno or errno.EIO)
+        return 0 if inside else native.NOT_MEMBER
+
+    def _through(self, pidfd: int, file: ProcCgroup | None, pid: int, sig: int, listed: bool) -> int:
+        if native.wait_readable(pidfd, 0):
+            return -errno.ESRCH
+        inside = self._inside(file, pid, listed)
         if native.wait_readable(pidfd, 0):
             return -errno.ESRCH  # exited meanwhile: the file may have named another process
-        if not inside:
-            return native.NOT_MEMBER
+        if inside != 0:
+            return inside
         try:
             signal.pidfd_send_signal(pidfd, sig)
         except OSError as err:

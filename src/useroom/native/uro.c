@@ -256,7 +256,8 @@ URO_CRIT static int crit_member(const struct uro_plan *plan, int fd, int32_t pid
 }
 
 /* 0 if signal a may go to the task (fd, pid: as for crit_member; pidfd:
- * its pidfd, or -1), -ESRCH if the task has exited, else -EXDEV. SIGCONT
+ * its pidfd, or -1), -ESRCH if the task has exited, -EXDEV if it is not in
+ * the group, the read's -errno if its file cannot be read. SIGCONT
  * always may: it only undoes the plan's own SIGSTOP, and a task stopped in
  * the group and moved out must not stay stopped. */
 URO_CRIT static int crit_signal_allowed(const struct uro_plan *plan, const struct uro_action *a, int pidfd, int fd,
@@ -270,7 +271,7 @@ URO_CRIT static int crit_signal_allowed(const struct uro_plan *plan, const struc
     /* An exited task's file reads nothing (and is gone by pid). */
     if ((pidfd >= 0 && crit_wait_readable(pidfd, 0) == 1) || r == -ENOENT || r == -ESRCH)
         return -ESRCH;
-    return -EXDEV;
+    return r < 0 ? r : -EXDEV;
 }
 
 /* Runs action a of plan on fd (fd, or the pidfd of the last pick). */

@@ -57,7 +57,8 @@
 #define URO_CANDS_MAX 32        /* candidates of one plan */
 #define URO_MEMBER_MAX 512      /* bytes of a plan's membership line */
 /* A signal whose task is no longer in the plan's group (moved out, or the
- * group is gone) is not sent: its step's result is -EXDEV. */
+ * group is gone) is not sent: its step's result is -EXDEV (or the errno of
+ * the read of its /proc/<pid>/cgroup, if that failed). */
 
 /* Source kinds: what the watcher does when a source's eventfd fires. */
 #define URO_SRC_OOM 1           /* run the armed plan */
