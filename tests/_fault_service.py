@@ -5,8 +5,9 @@
 Starts a Handler for the group (its watchdog logging to LOG, with DELAY
 seconds), prints ``ready <watchdog pid> <manager tid>``, and then waits for
 the test to do something to it (SIGSTOP, SIGKILL) or for a line on stdin,
-on which it stops the handler cleanly and prints its events, errors and the
-memory group of each of its threads as JSON. MODE:
+on which it stops the handler cleanly and prints its events, errors, the
+memory group of each of its threads and its watchdog's history as JSON.
+MODE:
 
 - ``plain``: KillLargest, no reserve;
 - ``hang``: an on_oom hook that never returns (30 s deadline: the grant
@@ -79,15 +80,16 @@ def main() -> int:
     else:
         raise SystemExit(f"unknown mode {mode}")
     with handler:
-        assert handler.watchdog is not None
-        print("ready", handler.watchdog.pid, handler.supervisor.manager_tid, flush=True)
+        link = handler.watchdog
+        assert link is not None
+        print("ready", link.pid, handler.supervisor.manager_tid, flush=True)
         sys.stdin.readline()
         time.sleep(0.2)
     events = [e.to_dict() for e in handler.events]
     _wait_threads_gone()
     threads = {tid: useroom.Group.of_thread(int(tid)).relpath for tid in os.listdir("/proc/self/task")}
-    print(json.dumps({"events": events, "errors": [repr(e) for e in handler.errors], "threads": threads},
-                     default=str), flush=True)
+    print(json.dumps({"events": events, "errors": [repr(e) for e in handler.errors], "threads": threads,
+                      "watchdog": link.history}, default=str), flush=True)
     return 0
 
 

@@ -80,3 +80,56 @@ def test_a_fault_in_the_handler_at_each_phase(group: Group, spawn_hog, tmp_path:
         if stopped:
             os.kill(svc.pid, signal.SIGCONT)
         svc.close()
+
+
+def _watchdogs(first: int, history: list[dict]) -> set[int]:
+    """Every watchdog a handler ran: the first and each one started after it."""
+    return {first} | {r["pid"] for r in history if r["event"] == "watchdog-restarted"}
+
+
+def _continue_if_ours(pid: int) -> None:
+    """SIGCONT a watchdog this test stopped, if it is still there."""
+    if _is_watchdog(pid):
+        os.kill(pid, signal.SIGCONT)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["SIGKILL", "SIGSTOP"])
+@pytest.mark.parametrize("when", ["before-the-oom", "during-the-oom"])
+def test_a_lost_watchdog_is_replaced_when_only_it_can_end_the_episode(group: Group, spawn_hog, tmp_path: Path,
+                                                                      when: str, sig: signal.Signals) -> None:
+    """The plan has no victim and no kernel fallback: only the watchdog ends this episode. Killed
+    or stopped before or during it, it is replaced, and its successor hands the episode to the
+    kernel after the delay; the handler records why it replaced it."""
+    delay = 0.5
+    svc = Service("nothing", group, tmp_path / "watchdog.jsonl", delay, join=False)
+    dog = svc.watchdog_pid
+    assert dog is not None
+    try:
+        hog = spawn_hog(100, group=group)
+        if when == "before-the-oom":
+            os.kill(dog, sig)
+            hog.start()
+        else:
+            hog.start()
+            assert wait_until(hog.in_oom_wait, 10)
+            os.kill(dog, sig)
+        assert -signal.SIGKILL == hog.wait(10)  # by the kernel, which the new watchdog let act
+        assert wait_until(lambda: not group.oom_control().under_oom, 10)
+        result = svc.finish()
+        history = result["watchdog"]
+        takeovers = [e["takeover"] for e in result["events"] if e["takeover"]]
+        assert takeovers and {"delay"} == {t["reason"] for t in takeovers}
+        assert ["watchdog-exited", "watchdog-restarted"] == [
+            r["event"] for r in history if r["event"] in ("watchdog-exited", "watchdog-restarted")][:2]
+        if sig == signal.SIGSTOP:
+            [killed] = [r for r in history if r["event"] == "watchdog-killed"][:1]
+            assert dog == killed["pid"] and "stopped" in killed["why"]
+            assert [e for e in result["errors"] if "WatcherError" in e and f"pid {dog}" in e]
+        assert _settled(group, kill_disabled=False)
+        for pid in _watchdogs(dog, history):
+            assert wait_until(lambda pid=pid: not _is_watchdog(pid), 10), pid
+        assert [] == group.procs() and [] == group.children()
+    finally:
+        _continue_if_ours(dog)
+        svc.close()

@@ -91,8 +91,8 @@ class TestStopReaps:
 
     @pytest.mark.timeout(60)
     def test_a_watchdog_that_does_not_stop_is_killed_and_reaped(self, groups: tuple[Group, Group]) -> None:
-        """A watchdog that cannot answer the stop (stopped by SIGSTOP) is killed after the stop's
-        5 s and reaped before the stop returns; its history says so."""
+        """A watchdog that cannot answer the stop (stopped by SIGSTOP) is killed at once, not
+        after the stop's 5 s, and reaped before the stop returns; its history says so."""
         handler = _start(groups)
         link = handler.watchdog
         assert link is not None and link.pid is not None
@@ -100,8 +100,9 @@ class TestStopReaps:
         os.kill(pid, signal.SIGSTOP)
         started = time.monotonic()
         handler.stop()
-        assert time.monotonic() - started < 30
+        assert time.monotonic() - started < 2
         children = _children()
         assert pid not in children
         assert {} == {p: s for p, s in children.items() if s == "Z"}
-        assert ["it did not stop within 5 s"] == [r["why"] for r in link.history if r["event"] == "watchdog-killed"]
+        assert ["it was stopped (SIGSTOP or a debugger) when the handler stopped"] == [
+            r["why"] for r in link.history if r["event"] == "watchdog-killed"]

@@ -551,6 +551,12 @@ class GroupHandler:
             self._events.append(OomEvent.from_takeover(takeover))
             self._event_cond.notify_all()
 
+    def watchdog_replaced(self, err: WatcherError) -> None:
+        """The watchdog could not act (it was stopped) and was replaced: recorded in :attr:`errors`."""
+        self.errors.append(err)
+        del self.errors[:-100]
+        logger.warning("%s", err, extra={"group": self.group.relpath, "cause": "watchdog_replaced"})
+
     def watchdog_lost(self, err: BaseException) -> None:
         """The watchdog died and could not be restarted: the group is guarded
         without it (v1: by the kernel OOM killer)."""

@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Final
 
 from useroom.cgroup import Group
+from useroom.exceptions import WatcherError
 from useroom.handler.group import GroupHandler
 from useroom.handler.host import ProcessOptions
 from useroom.handler.link import WatchdogLink
 from useroom.watchdog.protocol import Takeover
 
-__all__ = ["Guardian"]
+__all__ = ["LOOK_INTERVAL", "LOOK_SLACK", "Guardian"]
+
+#: How often the manager looks at the watchdog process while it may have to
+#: act (see :meth:`Guardian.look`), in seconds.
+LOOK_INTERVAL: Final = 0.05
+#: How long after the delay from the last episode the manager goes on
+#: looking, in seconds: the watchdog's takeover, and its report, take that.
+LOOK_SLACK: Final = 1.0
 
 
 class Guardian:
@@ -42,6 +51,9 @@ class Guardian:
         self._note = note
         self._changed = changed
         self._guarded: dict[GroupHandler, None] = {}  # in the order they were added
+        self._delay = options.delay
+        self._look_until = 0.0  # time.monotonic() until which the watchdog may have to act
+        self._looked = 0.0  # time.monotonic() of the last look
         self.link: WatchdogLink | None = WatchdogLink(
             place, delay=options.delay,
             handler_tids=[t for t in (watcher_tid,) if t],
@@ -83,6 +95,38 @@ class Guardian:
     def beat(self) -> None:
         if self.link is not None:
             self.link.beat()
+
+    def look(self, now: float, *, episode: bool) -> None:
+        """Look at the watchdog process: one that is stopped (SIGSTOP, a
+        debugger) can hand no episode to the kernel, so it is killed, and
+        its pidfd has the manager start another (:meth:`restart`) that
+        guards every group, an OOM under way included.
+
+        The manager looks whenever it wakes for something (``episode``: for
+        a watcher's record), and from an episode until the delay and
+        :data:`LOOK_SLACK` have passed, every :data:`LOOK_INTERVAL`
+        (:meth:`due`): the span in which the watchdog may have to act."""
+        link = self.link
+        if link is None:
+            return
+        if episode:
+            self._look_until = now + self._delay + LOOK_SLACK
+        self._looked = now
+        if link.stopped():
+            pid = link.pid
+            link.kill("it was stopped (SIGSTOP or a debugger) while it guarded the groups")
+            err = WatcherError(f"the watchdog (pid {pid}) was stopped (SIGSTOP or a debugger): it could hand no "
+                               "episode to the kernel; it was killed and another is started")
+            self._note(err)
+            for handler in self._guarded:
+                handler.watchdog_replaced(err)
+
+    def due(self) -> float:
+        """When (time.monotonic()) the manager must look at the watchdog
+        even if nothing wakes it; inf if never."""
+        if self.link is None or self._looked >= self._look_until:
+            return float("inf")
+        return min(self._looked + LOOK_INTERVAL, self._look_until)
 
     def send(self, message: bytes) -> None:
         if self.link is not None:

@@ -41,7 +41,15 @@ from useroom.watchdog.protocol import (
     guard_argv,
 )
 
-__all__ = ["START_GRACE", "START_STALL", "START_STDERR_TAIL", "START_TIMEOUT", "StartFailure", "WatchdogLink"]
+__all__ = [
+    "START_GRACE",
+    "START_STALL",
+    "START_STDERR_TAIL",
+    "START_TIMEOUT",
+    "STOPPED_STATES",
+    "StartFailure",
+    "WatchdogLink",
+]
 
 #: How long a starting watchdog may go without progress (no CPU time used, no
 #: page faulted) before the handler gives up on it, in seconds: it is stuck,
@@ -58,6 +66,9 @@ START_TIMEOUT: Final = 120.0
 START_GRACE: Final = 10.0
 #: How much of a failed watchdog's standard error a start error quotes, in characters.
 START_STDERR_TAIL: Final = 2000
+#: The state letters (proc(5)) of a process that cannot run until someone
+#: continues it: stopped by a signal (SIGSTOP, SIGTSTP), or by a debugger.
+STOPPED_STATES: Final = frozenset({"T", "t"})
 
 
 def _progress(pid: int) -> tuple[str, str, int] | None:
@@ -664,6 +675,29 @@ class WatchdogLink:
         pidfd = self.pidfd
         return pidfd is None or pidfd.exited
 
+    def stopped(self) -> bool:
+        """Whether the running process is stopped (SIGSTOP, a debugger): it
+        cannot hand an episode to the kernel, nor read its socket, until
+        someone continues it. False if none runs or it has exited."""
+        popen = self.popen
+        if popen is None:
+            return False
+        progress = _progress(popen.pid)
+        return progress is not None and progress[0] in STOPPED_STATES
+
+    def kill(self, why: str) -> None:
+        """Kill the running process (a ``watchdog-killed`` record in
+        :attr:`history` says *why*). Its pidfd then wakes the caller, who
+        reaps it and starts another with every group (:meth:`reap`,
+        :meth:`start`). SIGKILL ends a stopped process too."""
+        with self._lock:
+            popen = self.popen
+            if popen is None or popen.poll() is not None:
+                return
+            self.history.append({"event": "watchdog-killed", "pid": popen.pid, "why": why,
+                                 "at_ns": time.monotonic_ns()})
+            popen.kill()
+
     def reap(self) -> dict[str, Any]:
         """After the process exited: close its fds and say how it ended."""
         assert self.popen is not None
@@ -686,13 +720,18 @@ class WatchdogLink:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Tells the process to stop and reaps it: it has ``timeout``
-        seconds to exit, then it is killed. Whatever happens meanwhile (an
-        error, an interrupt), the process is waited for before this returns:
-        no zombie is left behind."""
+        seconds to exit, then it is killed; one that is stopped (SIGSTOP, a
+        debugger) is killed at once. Whatever happens meanwhile (an error,
+        an interrupt), the process is waited for before this returns: no
+        zombie is left behind."""
         popen = self.popen
         if popen is None:
             return
         try:
+            if self.stopped():
+                # It would not read the stop before someone continued it:
+                # no point in waiting for it.
+                self.kill("it was stopped (SIGSTOP or a debugger) when the handler stopped")
             self.send(Stop().encode())
             try:
                 popen.wait(timeout)

@@ -5,7 +5,9 @@ records and on every group's own fds (grants, hook changes, usage
 thresholds), and steps only the groups that something happened to. It has
 no timer of its own: it sleeps until an fd wakes it, or until the earliest
 time a group asked to be looked at again (a refresh deferred by
-``REFRESH_GAP``, a limit to restore).
+``REFRESH_GAP``, a limit to restore), or the watchdog did (after an
+episode, until the watchdog's delay has passed: one that is stopped then
+is replaced, see :meth:`Guardian.look`).
 """
 
 from __future__ import annotations
@@ -173,6 +175,9 @@ class Manager:
         self._relink()
         timed = list(self._timed.values())  # one call: other threads enlist meanwhile
         due = min((h.due() for h in timed), default=_NEVER)
+        guardian = self._guardian()
+        if guardian is not None:
+            due = min(due, guardian.due())
         timeout = None if due == _NEVER else max(0.0, due - time.monotonic())
         if self._inboxed:
             timeout = 0.0  # records routed meanwhile (a step's collect, another thread's)
@@ -219,8 +224,11 @@ class Manager:
                 handler.register(self._ep, key << _GROUP_SHIFT)  # its thresholds may have changed
                 self._retime(handler)
         guardian = self._guardian()
-        if guardian is not None and (ready or records):
-            guardian.beat()
+        if guardian is not None:
+            if ready or records:
+                guardian.beat()
+            if ready or records or now >= guardian.due():
+                guardian.look(time.monotonic(), episode=records)
         return True
 
     def _retime(self, handler: GroupHandler) -> None:
