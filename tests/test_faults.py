@@ -93,6 +93,60 @@ def _continue_if_ours(pid: int) -> None:
         os.kill(pid, signal.SIGCONT)
 
 
+#: The phases a watchdog fault is injected at. Not during an ``on_oom`` hook:
+#: the slow-hook service's episode ends only through a fault of the handler
+#: (its hook is run again until hook_timeout, and the episode goes on after
+#: it); during FreezeAndDecide's callback has the grant open all the same.
+WATCHDOG_PHASES = ["before-the-oom", "during-decide", "after-the-kill"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["SIGKILL", "SIGSTOP"])
+@pytest.mark.parametrize("phase", WATCHDOG_PHASES)
+def test_a_fault_in_the_watchdog_at_each_phase(group: Group, spawn_hog, tmp_path: Path, phase: str,
+                                               sig: signal.Signals) -> None:
+    """The watchdog killed or stopped at each phase: the handler's plan still ends the episode
+    and puts the limit back; the handler replaces the watchdog (a killed one at its exit, a
+    stopped one when the episode wakes the handler, or at the latest at the stop), records why,
+    and no watchdog outlives the stop."""
+    svc = Service(PHASES[phase], group, tmp_path / "watchdog.jsonl", 2.0, join=False)
+    dog = svc.watchdog_pid
+    assert dog is not None
+    try:
+        hog = spawn_hog(100, group=group)
+        if phase == "before-the-oom":
+            os.kill(dog, sig)
+            hog.start()
+        else:
+            time.sleep(0.3)  # a refresh puts the hog in the table
+            hog.start()
+            if phase == "after-the-kill":
+                assert -signal.SIGKILL == hog.wait(10)
+            else:
+                assert wait_until(lambda: group.limit() == 80 * MIB, 10)  # the grant: 64M + 16M
+            os.kill(dog, sig)
+        assert -signal.SIGKILL == hog.wait(15)
+        assert wait_until(lambda: not group.oom_control().under_oom, 10)
+        assert wait_until(lambda: group.limit() == 64 * MIB, 10)
+        result = svc.finish()
+        history = result["watchdog"]
+        ended = [(r["event"], r.get("returncode"), r.get("why", "")) for r in history
+                 if r["event"] in ("watchdog-killed", "watchdog-exited")]
+        if sig == signal.SIGKILL:
+            assert [("watchdog-exited", -signal.SIGKILL, "")] == ended
+        else:
+            assert ("watchdog-killed", None) == ended[0][:2] and "stopped" in ended[0][2], history
+        assert ["resolved"] == [e["outcome"] for e in result["events"] if e["takeover"] is None][-1:]
+        assert [] == [e for e in result["events"] if e["takeover"]]  # the plan ended it, not the kernel
+        assert _settled(group, kill_disabled=False)
+        for pid in _watchdogs(dog, history):
+            assert wait_until(lambda pid=pid: not _is_watchdog(pid), 10), pid
+        assert [] == group.procs() and [] == group.children()
+    finally:
+        _continue_if_ours(dog)
+        svc.close()
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["SIGKILL", "SIGSTOP"])
 @pytest.mark.parametrize("when", ["before-the-oom", "during-the-oom"])
