@@ -161,6 +161,11 @@ class FileNotifier(OwnedFd):
         self.text = self._reread()
         return self.text
 
+    def reread(self) -> str:
+        """Read the file again now, without waiting (re-arming the notification); its new text."""
+        self.text = self._reread()
+        return self.text
+
     def _reread(self) -> str:
         try:
             data = os.pread(self.fileno(), 4096, 0)

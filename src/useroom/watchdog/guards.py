@@ -20,7 +20,8 @@ import attrs
 
 from useroom.cgroup import EventRegistration, Group, OomControl
 from useroom.cgroup.v1 import V1Group
-from useroom.cgroup.v2 import V2Group
+from useroom.cgroup.v2 import FileNotifier, V2Group
+from useroom.cgroup.values import parse_key_values
 from useroom._fd import OwnedFd
 from useroom._units import UNLIMITED
 from useroom.exceptions import GroupGone, UseroomError
@@ -163,6 +164,9 @@ class DeclaredHandler:
 class Guard:
     """One v1 group the watchdog keeps from sleeping forever. It owns its
     fds (two of ``memory.oom_control``, the OOM eventfd), not the handler."""
+
+    #: The epoll events its notifier (an eventfd) wakes the watchdog with.
+    notify_events: Final = select.POLLIN
 
     @classmethod
     def accept(cls, group: Group, spec: GuardSpec, delay: float, handler: DeclaredHandler | None) -> Guard | None:
@@ -426,17 +430,29 @@ class Guard:
 
 
 class WallGuard:
-    """A cgroup v2 group's handler, guarded for its death only.
+    """A cgroup v2 group's handler, guarded for its death and for a freeze it
+    cannot end.
 
     Nobody waits in an OOM on v2: the kernel kills at ``memory.max``. What a
     dead handler leaves behind is its wall, ``memory.high``, throttling the
     group. When the handler exits without stopping, this puts back the
-    ``memory.high`` and ``memory.max`` the group had before it. It has no
-    fd of its own: the handler's pidfd is what wakes it.
+    ``memory.high`` and ``memory.max`` the group had before it, and thaws
+    the group.
+
+    FreezeAndDecide's plan raises the wall (its grant) and freezes the group
+    (``cgroup.freeze``) while the handler decides; the native watcher thaws
+    it when the decision comes or the grant times out. A handler stopped
+    (SIGSTOP, a debugger) meanwhile takes its watcher with it, and the
+    kernel never thaws a group by itself. So this watches ``cgroup.events``
+    (its fd polls ``POLLPRI`` when ``frozen`` changes): while the group is
+    frozen with the grant open, it looks at the handler each tick, and thaws
+    the group and lifts the wall (``memory.max``, the kernel, acts on the
+    OOM) at once if the handler is stopped, or once the freeze outlasts the
+    delay. The handler, continued, puts its wall back itself.
     """
 
-    #: Nothing to watch in the group itself.
-    notifier: None = None
+    #: The epoll events its notifier wakes the watchdog with.
+    notify_events: Final = select.POLLPRI
 
     @classmethod
     def accept(cls, group: Group, spec: GuardSpec, delay: float,
@@ -449,25 +465,87 @@ class WallGuard:
         if handler is None or spec.saved is None:
             raise UseroomError(f"{group.relpath} is on cgroup v2, where nobody waits in an OOM (the kernel "
                                "kills at memory.max): there the watchdog only guards a handler's wall")
-        return cls(group, handler, *spec.saved)
+        return cls(group, handler, *spec.saved, delay=delay, limit=spec.limit)
 
-    def __init__(self, group: V2Group, handler: DeclaredHandler, saved_high: int, saved_max: int) -> None:
+    def __init__(self, group: V2Group, handler: DeclaredHandler, saved_high: int, saved_max: int, *,
+                 delay: float = 2.0, limit: int | None = None) -> None:
         self.group = group
         self.handler: DeclaredHandler | None = handler
         self.saved = (saved_high, saved_max)
-        self.limit: int | None = None  # a handler's "limit" message: not used on v2
+        self.delay = delay
+        #: The handler's wall (its memory.high); above it, a grant of its plan is open.
+        self.limit = limit
         self.mourned = False
         self.gone = False
         self.pending_limit = False
-        self.in_episode = False
         self.watching_grant = False
         self.notes: list[dict[str, Any]] = []
+        #: Since when the group is frozen with the handler's grant open.
+        self._frozen_ns: int | None = None
+        # Before Linux 5.2 there is no freezer, and nothing to watch.
+        self.notifier: FileNotifier | None = None
+        if os.path.exists(os.path.join(group.path, group.freeze_file)):
+            self.notifier = FileNotifier(group.open_file(group.cgroup_events_file, os.O_RDONLY),
+                                         os.path.join(group.path, group.cgroup_events_file),
+                                         f"{group.cgroup_events_file} of {group.relpath}")
+
+    @property
+    def in_episode(self) -> bool:
+        """Frozen by the handler's plan: the watchdog ticks until it is thawed."""
+        return self._frozen_ns is not None
 
     def notified(self, now: int) -> None:
-        pass
+        """``cgroup.events`` changed (or the guard just started): frozen or thawed."""
+        assert self.notifier is not None
+        try:
+            text = self.notifier.reread()  # re-arms the notification
+        except (OSError, UseroomError):
+            self.gone = True
+            self._frozen_ns = None
+            return
+        frozen = parse_key_values(text, self.group.cgroup_events_file).get("frozen", 0) == 1
+        if not frozen:
+            self._frozen_ns = None
+        elif self._frozen_ns is None and self._grant_open():
+            self._frozen_ns = now  # a freeze of the plan's, not of the user's
+
+    def _grant_open(self) -> bool:
+        if self.limit is None:
+            return False
+        try:
+            return self.group.high() > self.limit
+        except (OSError, UseroomError):
+            return False
 
     def tick(self, now: int) -> Takeover | None:
-        return None
+        """While frozen by the plan: thaw if the handler cannot (stopped) or has not (the delay)."""
+        if self._frozen_ns is None or self.handler is None or self.handler.exited:
+            return None
+        reason, _ = self.handler.look()
+        if reason != "handler-stopped" and now - self._frozen_ns >= self.delay * 1e9:
+            reason = "delay"
+        if reason not in ("handler-stopped", "delay"):
+            return None
+        frozen_ns, self._frozen_ns = self._frozen_ns, None
+        acted_ns = time.monotonic_ns()
+        try:
+            self._thaw()
+            # The wall lifted: memory.max (the kernel's OOM killer) ends the
+            # OOM the plan was deciding about.
+            self.group.set_high(UNLIMITED)
+        except GroupGone:
+            self.gone = True
+            return None
+        except (OSError, UseroomError) as err:
+            self.notes.append({"event": "error", "group": self.group.relpath, "error": str(err),
+                               "at_ns": time.monotonic_ns()})
+            return None
+        return Takeover(self.group.relpath, reason, frozen_ns, acted_ns, time.monotonic_ns(), self.delay,
+                        self.handler.pid, None)
+
+    def _thaw(self) -> None:
+        """Write 0 to ``cgroup.freeze``: the kernel thaws the group (the tasks run on)."""
+        self.group.write_file(self.group.freeze_file, "0")
 
     def handler_exited(self) -> dict[str, Any]:
         """Restore the group's memory.high and memory.max from before the handler."""
@@ -478,7 +556,10 @@ class WallGuard:
         record: dict[str, Any] = {"event": "handler-exited", "group": self.group.relpath,
                                   "handler_pid": self.handler.pid, "at_ns": time.monotonic_ns()}
         _continue_group(self.group, record)
+        self._frozen_ns = None
         try:
+            if self.notifier is not None:
+                self._thaw()  # the plan froze it and died before its thaw
             # memory.high first to max, so it never sits above memory.max.
             self.group.set_high(UNLIMITED)
             self.group.set_limit(limit)
@@ -495,7 +576,9 @@ class WallGuard:
         return self.gone or self.mourned
 
     def close(self) -> None:
-        pass
+        """Close the guard's fd (cgroup.events); safe to call again."""
+        if self.notifier is not None:
+            self.notifier.close()
 
 
 #: The guard classes, each asked in turn whether it guards a group.

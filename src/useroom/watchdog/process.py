@@ -75,7 +75,7 @@ class Watchdog:
         self.guards: dict[str, Guard | WallGuard] = {}
         self.takeovers: list[Takeover] = []
         self._keys: dict[str, int] = {}  # the link's key of each guard, by group directory
-        self._by_fd: dict[int, Guard] = {}  # the guards with an OOM eventfd, by its number
+        self._by_fd: dict[int, Guard | WallGuard] = {}  # the guards with a notifier, by its fd
         self._stop = native.EventFd()
         try:
             self._ep = native.Epoll()
@@ -98,10 +98,9 @@ class Watchdog:
             raise UseroomError(f"{spec.path} is guarded already")
         guard = open_guard(spec, self.delay, self.handler)
         if guard.notifier is not None:
-            assert isinstance(guard, Guard)
             fd = guard.notifier.fileno()
             try:
-                self._ep.add(fd, fd)
+                self._ep.add(fd, fd, guard.notify_events)
             except BaseException:
                 guard.close()
                 raise
