@@ -62,32 +62,40 @@ def _fork_with_pid(pid: int, tries: int = 50) -> subprocess.Popen[bytes] | None:
     return None
 
 
+def _recycle_then_overrun(group: Group, spawn_hog, policy) -> tuple[Handler, int]:
+    """A task the table pinned exits, a process outside the group gets its pid before the next
+    refresh, then a task of the group overruns and is killed. Returns the handler (stopped) and
+    the recycled pid; the stranger with that pid must still live (checked here)."""
+    first = spawn_hog(20, group=group)
+    first.start()
+    assert first.wait_touched(10)
+    with Handler(group, policy, thresholds=(), refresh_interval=60) as handler:
+        assert first.pid in [v.pid for v in handler.victims]
+        first.release()
+        assert 0 == first.wait(10)
+        stranger = _fork_with_pid(first.pid)
+        if stranger is None:
+            pytest.skip("another process took the pid each time")
+        try:
+            hog = spawn_hog(100, group=group)
+            hog.start()
+            assert -signal.SIGKILL == hog.wait(15)
+            time.sleep(0.3)
+            assert None is stranger.poll()
+        finally:
+            stranger.kill()
+            stranger.wait()
+    return handler, first.pid
+
+
 class TestRecycledPid:
     @pytest.mark.skipif(os.geteuid() != 0, reason="setting the next pid (ns_last_pid) needs root")
     def test_a_victims_pid_reused_outside_is_never_signalled(self, group: Group, spawn_hog) -> None:
         """A task the table pinned exits, and a process outside the group gets its pid before the
         next refresh; then the group overruns. The plan skips the pinned task (its pidfd says it
         exited) and kills the overrunning one; the process with the recycled pid lives."""
-        first = spawn_hog(20, group=group)
-        first.start()
-        assert first.wait_touched(10)
-        with Handler(group, KillLargest(), thresholds=(), refresh_interval=60) as handler:
-            assert first.pid in [v.pid for v in handler.victims]
-            first.release()
-            assert 0 == first.wait(10)
-            stranger = _fork_with_pid(first.pid)
-            if stranger is None:
-                pytest.skip("another process took the pid each time")
-            try:
-                hog = spawn_hog(100, group=group)
-                hog.start()
-                assert -signal.SIGKILL == hog.wait(15)
-                time.sleep(0.3)
-                assert None is stranger.poll()
-                assert first.pid not in [v.pid for e in handler.events for v in e.victims if v.result == 0]
-            finally:
-                stranger.kill()
-                stranger.wait()
+        handler, pid = _recycle_then_overrun(group, spawn_hog, KillLargest())
+        assert pid not in [v.pid for e in handler.events for v in e.victims if v.result == 0]
 
     @pytest.mark.skipif(os.geteuid() != 0, reason="setting the next pid (ns_last_pid) needs root")
     @pytest.mark.parametrize("policy", [KillNewest(), KillLargest()], ids=["KillNewest", "KillLargest"])
@@ -97,24 +105,6 @@ class TestRecycledPid:
         signals the planned victims by pid, and the pid now names a process outside the group.
         The check of its cgroup file just before the signal refuses it (-EXDEV)."""
         monkeypatch.setattr("useroom._fd.can_use_pidfd", False)
-        first = spawn_hog(20, group=group)
-        first.start()
-        assert first.wait_touched(10)
-        with Handler(group, policy, thresholds=(), refresh_interval=60) as handler:
-            assert first.pid in [v.pid for v in handler.victims]
-            first.release()
-            assert 0 == first.wait(10)
-            stranger = _fork_with_pid(first.pid)
-            if stranger is None:
-                pytest.skip("another process took the pid each time")
-            try:
-                hog = spawn_hog(100, group=group)
-                hog.start()
-                assert -signal.SIGKILL == hog.wait(15)
-                time.sleep(0.3)
-                assert None is stranger.poll()
-                sent = [(v.signal, v.result) for e in handler.events for v in e.victims if v.pid == first.pid]
-                assert sent and ("SIGKILL", 0) not in sent
-            finally:
-                stranger.kill()
-                stranger.wait()
+        handler, pid = _recycle_then_overrun(group, spawn_hog, policy)
+        sent = [(v.signal, v.result) for e in handler.events for v in e.victims if v.pid == pid]
+        assert sent and ("SIGKILL", 0) not in sent
