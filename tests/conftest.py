@@ -143,6 +143,19 @@ def scratch_group(own_group: Group) -> Iterator[Group]:
 
 
 @pytest.fixture
+def elsewhere(own_group: Group) -> Iterator[Group]:
+    """A second new group below ``own_group``, without a limit (where tests move tasks to)."""
+    name = f"{GROUP_PREFIX}{os.getpid()}-{next(_names)}"
+    path = os.path.join(own_group.path, name)
+    _created.append(path)
+    os.mkdir(path)
+    try:
+        yield Group.open(path)
+    finally:
+        destroy_group(path, below=own_group.path)
+
+
+@pytest.fixture
 def spawn_hog() -> Iterator[Callable[..., Hog]]:
     """``spawn_hog(mib, group=None, hold=True)`` starts a :class:`helpers.Hog`; all are killed and reaped after the test."""
     hogs: list[Hog] = []

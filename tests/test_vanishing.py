@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -108,3 +109,45 @@ class TestRecycledPid:
         handler, pid = _recycle_then_overrun(group, spawn_hog, policy)
         sent = [(v.signal, v.result) for e in handler.events for v in e.victims if v.pid == pid]
         assert sent and ("SIGKILL", 0) not in sent
+
+
+_STUBBORN = """\
+import mmap, signal, sys
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+m = mmap.mmap(-1, 40 << 20)
+for o in range(0, 40 << 20, 4096):
+    m[o] = 1
+print("touched", flush=True)
+sys.stdin.read()
+"""
+
+
+class TestGroupRemovedMidEpisode:
+    def test_the_victim_moved_out_of_a_removed_group_lives(self, group: Group, elsewhere: Group,
+                                                          spawn_hog) -> None:
+        """The plan sends SIGTERM to the largest task (which ignores it) and waits for it to exit;
+        meanwhile the group's tasks leave and the group is removed. The SIGKILL that follows would
+        reach a task of another group: it is not sent, and the handler stops cleanly."""
+        stubborn = subprocess.Popen([sys.executable, "-c", _STUBBORN], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    preexec_fn=lambda: group.attach(os.getpid()))
+        try:
+            assert stubborn.stdout is not None and b"touched\n" == stubborn.stdout.readline()
+            with Handler(group, KillLargest(term_grace=3.0), thresholds=(), refresh_interval=3600) as handler:
+                grower = spawn_hog(100, group)
+                grower.start()
+                assert wait_until(lambda: group.oom_control().under_oom, 10)
+                assert wait_until(lambda: grower.in_oom_wait(), 10)
+                elsewhere.attach(stubborn.pid)
+                grower.kill()
+                grower.wait(10)
+                assert wait_until(lambda: not group.procs(), 5)
+                os.rmdir(group.path)
+                assert wait_until(lambda: not handler.running or any(e.outcome == "gone" for e in handler.events), 10)
+                events = list(handler.events)
+            assert stubborn.poll() is None
+            sent = [(v.signal, v.result) for e in events for v in e.victims if v.pid == stubborn.pid]
+            assert ("SIGTERM", 0) in sent  # while it was in the group
+            assert ("SIGKILL", 0) not in sent
+        finally:
+            stubborn.kill()
+            stubborn.communicate()
