@@ -14,6 +14,7 @@ import string
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from useroom._members import MembershipLine
 from useroom._mounts import Mount, parse_mountinfo, parse_proc_cgroup
 from useroom._victims import _StatusFields
 from useroom.cgroup.v2 import MemoryEvents
@@ -106,6 +107,22 @@ class TestProcFiles:
         parsed = parse_proc_cgroup(text)
         assert [(n, frozenset(c), "/" + p) for n, c, p in lines] == \
             [(m.hierarchy_id, m.controllers, m.path) for m in parsed]
+
+    @FUZZ
+    @given(st.lists(st.tuples(st.integers(0, 99), st.lists(KEYS, max_size=3),
+                              st.text(alphabet=string.ascii_letters + "/-_.:", max_size=30)), min_size=1, max_size=8),
+           st.data())
+    def test_membership_line_agrees_with_the_parser(self, lines: list[tuple[int, list[str], str]],
+                                                    data: st.DataObject) -> None:
+        """The check at each signal (a byte search for the group's line) says what the parser of
+        ``/proc/<pid>/cgroup`` says: the task is in the group when one line is the group's."""
+        text = "".join(f"{n}:{','.join(c)}:/{p}\n" for n, c, p in lines)
+        n, c, p = data.draw(st.sampled_from(lines) | st.tuples(st.integers(0, 99), st.lists(KEYS, max_size=3),
+                                                              st.text(alphabet="ab/", max_size=6)))
+        line = MembershipLine(f"{n}:{','.join(c)}:/{p}\n".encode())
+        assert len(parse_proc_cgroup(text)) == len(lines)  # well formed: one membership per line
+        listed = {(n2, ",".join(c2), "/" + p2) for n2, c2, p2 in lines}
+        assert line.holds(text.encode()) == ((n, ",".join(c), "/" + p) in listed)
 
     @FUZZ
     @given(TEXT)
