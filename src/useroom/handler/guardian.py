@@ -148,10 +148,12 @@ class Guardian:
             self._protect()
         except Exception as err:  # noqa: BLE001 - a restart that fails: recorded, the groups are guarded without it
             self._note(err)
-            self.link = None
+            # The groups are guarded without it first (v1: the kernel killer
+            # back on); only then does `watchdog` say there is none.
             lost, self._guarded = list(self._guarded), {}
             for handler in lost:
                 handler.watchdog_lost(err)
+            self.link = None
 
     def stop(self) -> list[Takeover]:
         link, self.link = self.link, None
