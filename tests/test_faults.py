@@ -178,7 +178,7 @@ def test_a_lost_watchdog_is_replaced_when_only_it_can_end_the_episode(group: Gro
             r["event"] for r in history if r["event"] in ("watchdog-exited", "watchdog-restarted")][:2]
         if sig == signal.SIGSTOP:
             [killed] = [r for r in history if r["event"] == "watchdog-killed"][:1]
-            assert dog == killed["pid"] and "stopped" in killed["why"]
+            assert (dog, "stopped") == (killed["pid"], killed["cause"])
             assert [e for e in result["errors"] if "WatcherError" in e and f"pid {dog}" in e]
         assert _settled(group, kill_disabled=False)
         for pid in _watchdogs(dog, history):

@@ -10,7 +10,7 @@ from useroom.cgroup import Group
 from useroom.exceptions import WatcherError
 from useroom.handler.group import GroupHandler
 from useroom.handler.host import ProcessOptions
-from useroom.handler.link import WatchdogLink
+from useroom.handler.link import KillCause, WatchdogLink
 from useroom.watchdog.protocol import Takeover
 
 __all__ = ["LOOK_INTERVAL", "LOOK_SLACK", "Guardian"]
@@ -114,7 +114,7 @@ class Guardian:
         self._looked = now
         if link.stopped():
             pid = link.pid
-            link.kill("it was stopped (SIGSTOP or a debugger) while it guarded the groups")
+            link.kill(KillCause.STOPPED, "it was stopped (SIGSTOP or a debugger) while it guarded the groups")
             err = WatcherError(f"the watchdog (pid {pid}) was stopped (SIGSTOP or a debugger): it could hand no "
                                "episode to the kernel; it was killed and another is started")
             self._note(err)

@@ -7,6 +7,7 @@ what the two say to each other, :mod:`useroom.watchdog.protocol`.
 
 from __future__ import annotations
 
+import enum
 import errno
 import os
 import select
@@ -69,6 +70,18 @@ START_STDERR_TAIL: Final = 2000
 #: The state letters (proc(5)) of a process that cannot run until someone
 #: continues it: stopped by a signal (SIGSTOP, SIGTSTP), or by a debugger.
 STOPPED_STATES: Final = frozenset({"T", "t"})
+
+
+class KillCause(enum.Enum):
+    """Why the handler killed its watchdog (``cause`` of a
+    ``watchdog-killed`` record in :attr:`WatchdogLink.history`)."""
+
+    STOPPED = "stopped"
+    """It was stopped (SIGSTOP, a debugger): it could act on nothing."""
+    SOCKET_FULL = "socket-full"
+    """Its control socket was full: it had stopped reading."""
+    STOP_TIMEOUT = "stop-timeout"
+    """It did not exit in time after it was told to stop."""
 
 
 def _progress(pid: int) -> tuple[str, str, int] | None:
@@ -501,7 +514,8 @@ class WatchdogLink:
             # caller (the pidfd) with the link's groups on its command line.
             assert self.popen is not None
             self.history.append({"event": "watchdog-killed", "pid": self.popen.pid,
-                                 "why": "its control socket is full", "at_ns": time.monotonic_ns()})
+                                 "cause": KillCause.SOCKET_FULL.value, "why": "its control socket is full",
+                                 "at_ns": time.monotonic_ns()})
             self.popen.kill()
         except OSError:
             pass  # gone: the pidfd tells the caller, who restarts it with every group
@@ -685,17 +699,17 @@ class WatchdogLink:
         progress = _progress(popen.pid)
         return progress is not None and progress[0] in STOPPED_STATES
 
-    def kill(self, why: str) -> None:
+    def kill(self, cause: KillCause, why: str) -> None:
         """Kill the running process (a ``watchdog-killed`` record in
-        :attr:`history` says *why*). Its pidfd then wakes the caller, who
+        :attr:`history` gives the *cause* and says *why*). Its pidfd then wakes the caller, who
         reaps it and starts another with every group (:meth:`reap`,
         :meth:`start`). SIGKILL ends a stopped process too."""
         with self._lock:
             popen = self.popen
             if popen is None or popen.poll() is not None:
                 return
-            self.history.append({"event": "watchdog-killed", "pid": popen.pid, "why": why,
-                                 "at_ns": time.monotonic_ns()})
+            self.history.append({"event": "watchdog-killed", "pid": popen.pid, "cause": cause.value,
+                                 "why": why, "at_ns": time.monotonic_ns()})
             popen.kill()
 
     def reap(self) -> dict[str, Any]:
@@ -731,12 +745,13 @@ class WatchdogLink:
             if self.stopped():
                 # It would not read the stop before someone continued it:
                 # no point in waiting for it.
-                self.kill("it was stopped (SIGSTOP or a debugger) when the handler stopped")
+                self.kill(KillCause.STOPPED, "it was stopped (SIGSTOP or a debugger) when the handler stopped")
             self.send(Stop().encode())
             try:
                 popen.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.history.append({"event": "watchdog-killed", "pid": popen.pid,
+                                     "cause": KillCause.STOP_TIMEOUT.value,
                                      "why": f"it did not stop within {timeout:g} s", "at_ns": time.monotonic_ns()})
         finally:
             if popen.poll() is None:
