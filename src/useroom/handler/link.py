@@ -513,9 +513,7 @@ class WatchdogLink:
             # would fall behind the link's. Killed, it is restarted by the
             # caller (the pidfd) with the link's groups on its command line.
             assert self.popen is not None
-            self.history.append({"event": "watchdog-killed", "pid": self.popen.pid,
-                                 "cause": KillCause.SOCKET_FULL.value, "why": "its control socket is full",
-                                 "at_ns": time.monotonic_ns()})
+            self._note_kill(self.popen.pid, KillCause.SOCKET_FULL, "its control socket is full")
             self.popen.kill()
         except OSError:
             pass  # gone: the pidfd tells the caller, who restarts it with every group
@@ -701,16 +699,20 @@ class WatchdogLink:
 
     def kill(self, cause: KillCause, why: str) -> None:
         """Kill the running process (a ``watchdog-killed`` record in
-        :attr:`history` gives the *cause* and says *why*). Its pidfd then wakes the caller, who
-        reaps it and starts another with every group (:meth:`reap`,
-        :meth:`start`). SIGKILL ends a stopped process too."""
+        :attr:`history` gives the *cause* and says *why*). Its pidfd then
+        wakes the caller, who reaps it and starts another with every group
+        (:meth:`reap`, :meth:`start`). SIGKILL ends a stopped process too."""
         with self._lock:
             popen = self.popen
             if popen is None or popen.poll() is not None:
                 return
-            self.history.append({"event": "watchdog-killed", "pid": popen.pid, "cause": cause.value,
-                                 "why": why, "at_ns": time.monotonic_ns()})
+            self._note_kill(popen.pid, cause, why)
             popen.kill()
+
+    def _note_kill(self, pid: int, cause: KillCause, why: str) -> None:
+        """The ``watchdog-killed`` record of :attr:`history`."""
+        self.history.append({"event": "watchdog-killed", "pid": pid, "cause": cause.value, "why": why,
+                             "at_ns": time.monotonic_ns()})
 
     def reap(self) -> dict[str, Any]:
         """After the process exited: close its fds and say how it ended."""
@@ -750,9 +752,7 @@ class WatchdogLink:
             try:
                 popen.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.history.append({"event": "watchdog-killed", "pid": popen.pid,
-                                     "cause": KillCause.STOP_TIMEOUT.value,
-                                     "why": f"it did not stop within {timeout:g} s", "at_ns": time.monotonic_ns()})
+                self._note_kill(popen.pid, KillCause.STOP_TIMEOUT, f"it did not stop within {timeout:g} s")
         finally:
             if popen.poll() is None:
                 popen.kill()
