@@ -284,6 +284,70 @@ class TestHandlerFaults:
             helper.close()
             hog.kill()
 
+    def test_an_exit_a_look_saw_first_is_still_dealt_with(self, group: Group) -> None:
+        """The handler exits with its grant open and the guard's look at it (a tick) sees that
+        before the watchdog's loop does: the guard is not done until the exit is dealt with (the
+        limit and the user's setting put back), or the grant would stay open for good."""
+        oom_trap(group, "32M")
+        child = subprocess.Popen(["sleep", "60"])
+        handler = DeclaredHandler(child.pid, (child.pid,), ProcessFd(child.pid), 60.0)
+        guard = Guard(group, 60.0, handler=handler, limit=32 * MIB, kill_enabled=True)
+        try:
+            group.set_limit(48 * MIB)  # the handler's grant
+            guard.notified(time.monotonic_ns())  # no OOM, the grant open: its watch begins
+            assert guard.watching_grant
+            child.kill()
+            child.wait()
+            assert None is guard.tick(time.monotonic_ns())  # its look sees the exit first
+            assert handler.exited and not guard.done
+            record = guard.handler_exited()
+            assert (True, 0) == (record["limit_raised"], record["restored"])
+            assert guard.done
+            assert 32 * MIB == group.limit() and not group.oom_control().kill_disabled
+        finally:
+            guard.close()
+            handler.close()
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+
+    def test_a_takeover_that_ends_with_the_grant_open_leaves_it_watched(self, group: Group, spawn_hog,
+                                                                        monkeypatch) -> None:
+        """Under v1, under_oom drops only once each sleeper has run again: on a busy CPU, after
+        the grant opened and the handler was stopped. The takeover then ends with no kill and the
+        grant still open; the guard goes on watching it, and reclaims it from the stopped handler
+        (continues the group, whose tasks the handler stopped)."""
+        oom_trap(group, "32M")
+        hog = spawn_hog(40, group=group)  # it fits in the grant
+        hog.start()
+        assert wait_until(hog.in_oom_wait, 10)
+        child = subprocess.Popen(["sleep", "60"])
+        handler = DeclaredHandler(child.pid, (child.pid,), ProcessFd(child.pid), 60.0)
+        guard = Guard(group, 60.0, handler=handler, limit=32 * MIB, kill_enabled=True)
+        # The kernel killer is left off, as if the sleeper had not run yet when it came on.
+        monkeypatch.setattr(guard, "_switch_to", lambda disabled: None)
+        try:
+            guard.notified(time.monotonic_ns())
+            assert guard.in_episode
+            os.kill(child.pid, signal.SIGSTOP)
+            assert wait_until(lambda: handler.look()[0] == "handler-stopped", 5)
+            assert None is guard.tick(time.monotonic_ns())  # the takeover
+            group.set_limit(48 * MIB)  # the grant the handler opened; the sleeper wakes
+            ended = [None]
+            assert wait_until(lambda: (ended.__setitem__(0, guard.tick(time.monotonic_ns())), ended[0])[1]
+                              is not None, 5)
+            assert "handler-stopped" == ended[0].reason
+            assert guard.watching_grant
+            guard.tick(time.monotonic_ns())
+            assert ["grant-reclaimed"] == [n["event"] for n in guard.notes]
+            assert 1 == guard.notes[0]["continued"]
+        finally:
+            guard.close()
+            handler.close()
+            child.kill()
+            child.wait()
+            hog.kill()
+
     def test_handler_stopped_before_the_oom(self, group: Group, service, spawn_hog, tmp_path: Path) -> None:
         """SIGSTOP the handler (in the group): the watchdog hands the OOM to the kernel at once."""
         svc = service("plain", delay=5.0, join=True)

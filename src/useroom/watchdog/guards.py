@@ -321,10 +321,14 @@ class Guard:
         self._caught_ns = None
         episode_ns, self._episode_ns = self._episode_ns, None
         taken, self._taken = self._taken, None
-        if taken is None and self.handler is not None and not self.handler.exited and self._grant_open():
+        if self.handler is not None and not self.handler.check_exited() and self._grant_open():
             # The handler's grant ended the OOM for the kernel; its hooks or
             # its callback act within the grant now, the group's other
-            # processes stopped meanwhile.
+            # processes stopped meanwhile. So too after a takeover: under
+            # v1, under_oom drops only when each sleeper has run again,
+            # which on a busy CPU can come after the grant opened and
+            # after the handler was stopped; the takeover then ends with
+            # no kill, and the grant is still the handler's to close.
             self._grant_since = time.monotonic_ns()
         if taken is None or episode_ns is None:
             return None
@@ -415,10 +419,12 @@ class Guard:
     @property
     def done(self) -> bool:
         """Nothing left to guard: the group is gone, or its handler exited and
-        the kernel killer (the user's setting) guards it again."""
+        the kernel killer (the user's setting) guards it again. Its exit
+        must have been dealt with (:meth:`handler_exited`), not only seen: a
+        tick's look at the handler can see it first."""
         if self.gone:
             return True
-        return (self.handler is not None and self.handler.exited and not self.pending_limit
+        return (self.handler is not None and self.mourned and not self.pending_limit
                 and not self.in_episode and bool(self.kill_enabled))
 
     def close(self) -> None:
