@@ -62,10 +62,14 @@ class TestShapes:
         assert len(events) >= 1
         assert all("hooks" == e["resolved_by"] for e in events), events
         if shape.kind != "procs":
-            # Threads stay held until the hook thread has closed the grant;
-            # workers answer in their own time, and the plan's restore right
-            # after the hooks may be what closes it.
-            assert all(e["settled"] for e in events), events
+            # Threads stay held until the hook thread has closed the grant,
+            # which it does once the usage is back below the limit. Freed
+            # small objects can reach the kernel a little later than the
+            # hook returns (on the slow guest, under load): the plan's own
+            # restore right after the hooks then closes the grant, in time
+            # all the same. The hook thread must have closed it at least once.
+            assert any(e["settled"] for e in events), events
+            assert not any(e["grant_left_open"] for e in events), events
             assert all(sum(e["released"]) > 0 for e in events)
         else:
             # The workers free what they were asked in their own time: on a
