@@ -19,6 +19,7 @@ import pytest
 
 from helpers import wait_until
 from useroom import Group, Handler
+from useroom.watchdog.guards import thread_state
 
 pytestmark = [pytest.mark.kernel]
 
@@ -98,6 +99,10 @@ class TestStopReaps:
         assert link is not None and link.pid is not None
         pid = link.pid
         os.kill(pid, signal.SIGSTOP)
+        # The signal takes effect once the watchdog runs (on a busy CPU,
+        # later); the manager's look may find it stopped and kill it first
+        # (a zombie, then gone).
+        assert wait_until(lambda: (thread_state(pid, pid) or ("X", ""))[0] in ("T", "t", "Z", "X"), 10)
         started = time.monotonic()
         handler.stop()
         assert time.monotonic() - started < 2
