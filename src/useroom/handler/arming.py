@@ -46,6 +46,8 @@ __all__ = ["V2_GAP", "Arming", "V1Arming", "V2Arming", "arming_for"]
 #: cgroup v2: the least gap between the wall (memory.high) and the backstop (memory.max).
 V2_GAP = 16 << 20
 
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
 G = TypeVar("G", bound=Group)
 
 
@@ -222,6 +224,9 @@ class V1Arming(Arming[V1Group]):
     fallback = "the kernel OOM killer is enabled for it instead"
 
     _limit_fd: Fd
+    #: ``memory.usage_in_bytes``: whether the group has room under its
+    #: limit (the plan's ``room_fd``).
+    _usage_fd: Fd
     _switch_fd: Fd
     _fallback: bool
     _oom: EventRegistration
@@ -242,6 +247,8 @@ class V1Arming(Arming[V1Group]):
         # The first read allocates the seq_file buffer; later preads from
         # the watcher reuse it, so it can read the file even during the OOM.
         os.pread(self._check_fd.fileno(), 256, 0)
+        self._usage_fd = self._own(Fd(group.open_file(group.usage_file, os.O_RDONLY)))
+        os.pread(self._usage_fd.fileno(), 64, 0)  # the same: its buffer now
         self._limit_fd = self._own(Fd(group.open_file(group.limit_file, os.O_WRONLY)))
         # Opened even without the kernel fallback: the restore writes
         # through it, so that it needs no new fd (a start that failed for
@@ -321,6 +328,9 @@ class V1Arming(Arming[V1Group]):
             kill_switch_fd=self._switch_fd.fileno() if self._fallback else -1,
             resolved_needle=b"under_oom 0",
             reserve=reserve,
+            room_fd=self._usage_fd.fileno(),
+            # Room for one page: the usage at most the limit less a page.
+            room_below=0 if self.limit == UNLIMITED else self.limit - _PAGE_SIZE + 1,
         )
 
     def limit_fits(self) -> bool:

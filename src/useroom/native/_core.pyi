@@ -93,6 +93,9 @@ class UroPlan(CData):
     member_len: int
     pad2: int
     member: Array[bytes]
+    room_fd: int
+    pad3: int
+    room_below: int
 
 class UroStep(CData):
     t0_ns: int
@@ -146,6 +149,8 @@ class UroEpisode(CData):
     pick_pid: int
     pick_pidfd: int
     pick_owned: int
+    gate: int
+    pad_gate: int
     pick_points: int
     rec: UroEvent
 
@@ -271,6 +276,7 @@ class Lib:
     URO_SETTLED: Final[int]
     URO_F_PICKED: Final[int]
     URO_F_EXIT: Final[int]
+    URO_F_GATE: Final[int]
     URO_SRC_OOM: Final[int]
     URO_SRC_FORWARD: Final[int]
     URO_SRC_PRI: Final[int]

@@ -101,6 +101,7 @@ class ActionFlag(enum.IntFlag):
     SETTLES = lib.URO_F_SETTLES
     PICKED = lib.URO_F_PICKED
     EXIT = lib.URO_F_EXIT
+    GATE = lib.URO_F_GATE
 
 
 def _timeout_ns(seconds: float) -> int:
@@ -253,6 +254,16 @@ class Action:
         return cls(ActionKind.CHECK, timeout_ns=_timeout_ns(timeout),
                    flags=ActionFlag.SUPERSEDE if supersede else 0)
 
+    @classmethod
+    def gate(cls, timeout: float) -> Action:
+        """The wait before the kills, as the kernel's killer waits: while a
+        task a SIGKILL of the watcher went to still exits (its memory is on
+        its way back), or while the group has room for a page under its
+        limit (``Plan.room_fd``: the tasks woken in the OOM have not run
+        yet), up to ``timeout`` seconds, ending the episode if the check
+        says the OOM is over; otherwise it returns at once."""
+        return cls(ActionKind.CHECK, timeout_ns=_timeout_ns(timeout), flags=ActionFlag.GATE)
+
 
 def _actions(value: Iterable[Action]) -> tuple[Action, ...]:
     return tuple(value)
@@ -322,6 +333,13 @@ class Plan:
     #: pick is checked against it at the OOM, since a pidfd pins a process,
     #: not its group. Empty: no check.
     member: bytes = attrs.field(default=b"", kw_only=True)
+    #: cgroup v1: the group's usage file, opened and read ahead, and the
+    #: usage below which the group has room for a page under its limit
+    #: (-1, 0: not looked at). :meth:`Action.gate` waits while the group
+    #: has that room: tasks a victim's exit woke have not run yet. The
+    #: kernel's killer, too, kills nobody while there is room for the charge.
+    room_fd: int = attrs.field(default=-1, kw_only=True)
+    room_below: int = attrs.field(default=0, kw_only=True)
 
     @protect.validator
     def _validate_protect(self, _: object, value: tuple[int, ...]) -> None:

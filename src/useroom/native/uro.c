@@ -201,6 +201,36 @@ URO_CRIT static int crit_check(const struct uro_plan *plan)
     return 0;
 }
 
+/* The gate before the kills. A victim's memory comes back while it exits,
+ * page by page, and cgroup v1 wakes the tasks asleep in the group's OOM at
+ * each uncharge: they take what came back and, while the victim still
+ * exits, run out again, which notifies anew and starts another episode
+ * with the victim not gone yet. And once it is gone, each task leaves the
+ * OOM (under_oom drops to 0) only when it runs again, which on a busy CPU
+ * takes milliseconds. The kernel's killer kills nobody meanwhile: not
+ * while its victim exits (oom_evaluate_task aborts the scan), nor while
+ * the group has room for the charge (mem_cgroup_out_of_memory looks at the
+ * margin first). Neither does the watcher: a CHECK with URO_F_GATE before
+ * the first kill waits while a task killed before still exits (the dying
+ * list) or the group has room for a page (room_fd, cgroup v1), until the
+ * check says the OOM is over or its deadline passes, and returns at once
+ * otherwise. crit_room: 1 if the usage is below room_below, 0 if not (or
+ * not looked at, or the read failed). */
+URO_CRIT static int crit_room(const struct uro_plan *plan)
+{
+    if (plan->room_fd < 0 || plan->room_below <= 0)
+        return 0;
+    char buf[32];
+    long n = uro_sys(SYS_pread64, plan->room_fd, (long)buf, sizeof buf, 0, 0);
+    if (n <= 0)
+        return 0;
+    int64_t v = 0;
+    long i = 0;
+    while (i < n && buf[i] >= '0' && buf[i] <= '9' && v < ((int64_t)1 << 58))
+        v = v * 10 + (buf[i++] - '0');
+    return i > 0 && v < plan->room_below;
+}
+
 /* Membership. A pidfd pins a process against pid reuse, not against a
  * move: a task moved out of the group after the refresh (by its service
  * manager, or by the user) charges another group, and the group's OOM is
@@ -743,6 +773,13 @@ URO_CRIT static int crit_wait_step(struct uro_group *g, const struct uro_plan *p
             *result = 0;
             return 1;
         }
+        /* The gate: on while a victim still exits or the group has room. */
+        if (ep->gate) {
+            if (crit_dying_prune(g) > 0 || crit_room(plan))
+                break;
+            *result = 0;
+            return 1;
+        }
         if (ep->supersede && crit_renotified(g, ep->rec.source)) {
             *result = 2;
             return 1;
@@ -876,6 +913,20 @@ URO_CRIT static int crit_step_begin(struct uro_group *g, const struct uro_plan *
          * already exited): waiting would only lose time. With a grant open
          * the check only waits for the sleepers to wake: the restore of
          * the limit is what resolves the episode. */
+        if (a->flags & URO_F_GATE) {
+            /* Before the kills: see crit_room. */
+            if (ep->outcome || !ep->has_check || (crit_dying_prune(g) == 0 && !crit_room(plan))) {
+                *result = 0;
+                return 1;
+            }
+            ep->gate = 1;
+            ep->supersede = 0;
+            ep->wait_fd = -1;
+            ep->deadline_ns = t0 + a->timeout_ns;
+            ep->wait = URO_WAIT_CHECK;
+            return 0;
+        }
+        ep->gate = 0;
         if (ep->outcome || !ep->has_check || !ep->acted_since_check) {
             *result = 0;
             return 1;
@@ -911,6 +962,12 @@ URO_CRIT static int crit_step_begin(struct uro_group *g, const struct uro_plan *
             *result = ep->pick_pidfd < 0 ? -ESRCH : crit_action(plan, a, ep->pick_pidfd);
         else
             *result = crit_action(plan, a, a->fd);
+        /* A SIGKILL the gate must see out (the pick adds its own). */
+        if (a->kind == URO_ACT_SIGNAL_PIDFD && a->sig == SIGKILL && *result == 0 && !(a->flags & URO_F_PICKED)) {
+            long own = uro_sys(SYS_fcntl, a->fd, F_DUPFD_CLOEXEC, 3, 0, 0);
+            if (own >= 0)
+                crit_dying_add(g, (int)own);
+        }
         return 1;
     }
 }
@@ -988,6 +1045,7 @@ URO_CRIT static int crit_episode_begin(struct uro_shared *sh, struct uro_group *
     ep->ran = 0;
     ep->wait_fd = -1;
     ep->supersede = 0;
+    ep->gate = 0;
     ep->wake_ns = 0;
     ep->pick_owned = 0;
     crit_drop_pick(ep);

@@ -54,6 +54,9 @@
                                  * end at that pick's exit */
 #define URO_F_EXIT 256          /* CHECK: also ends, with one last check, once the
                                  * victim's pidfd (fd) is readable: it has exited */
+#define URO_F_GATE 512          /* CHECK, before the kills: waits only while a task
+                                 * killed before still exits or the group has room
+                                 * (room_fd), else ends at once (see uro.c) */
 #define URO_CANDS_MAX 32        /* candidates of one plan */
 #define URO_MEMBER_MAX 512      /* bytes of a plan's membership line */
 /* A signal whose task is no longer in the plan's group (moved out, or the
@@ -173,6 +176,14 @@ struct uro_plan {
     uint32_t member_len;
     int32_t pad2;
     char member[URO_MEMBER_MAX];
+    /* cgroup v1: the group's usage file (memory.usage_in_bytes) opened and
+     * read ahead, and the usage below which the group has room for one
+     * more page under its limit (-1, 0: not looked at): the gate before
+     * the kills (URO_F_GATE) waits while the group has that room (see
+     * crit_room). */
+    int32_t room_fd;
+    int32_t pad3;
+    int64_t room_below;
 };
 
 struct uro_step {
@@ -236,6 +247,8 @@ struct uro_episode {
     int32_t pick_pid;
     int32_t pick_pidfd;      /* -1: nobody picked */
     int32_t pick_owned;      /* pick_pidfd was opened by the pick: the episode closes it */
+    int32_t gate;            /* CHECK: the gate before the kills (URO_F_GATE) */
+    int32_t pad_gate;
     int64_t pick_points;
     struct uro_event rec;    /* the record being written, copied to the ring at the end */
 };

@@ -465,4 +465,6 @@ def _fill_plan(dst: UroPlan, plan: Plan, plan_id: int) -> None:
     dst.limit_kb = plan.limit_kb
     dst.member_len = len(plan.member)
     ffi.memmove(dst.member, plan.member.ljust(MEMBER_MAX, b"\0"), MEMBER_MAX)
+    dst.room_fd = plan.room_fd
+    dst.room_below = plan.room_below
     dst.count = len(plan.actions)

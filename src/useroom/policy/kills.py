@@ -183,6 +183,7 @@ class KillGroup(Policy):
             b.add(Action.write(ctx.kill_fd, b"1"), "kill the whole group (cgroup.kill)", Phase.KILL)
         else:
             budget = b.room() - b.tail_cost() - 1 - (b.restore_cost if b.hooks_grant is not None else 0)
+            b.gate_room()
             each = 1 + int(native.can_use_mrelease())
             chosen = [v for v, _ in self.order(ctx.victims)][: max(0, budget // each)]
             for v in chosen:

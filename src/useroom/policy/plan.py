@@ -35,6 +35,7 @@ class Phase(str, enum.Enum):
     MOVE = "move"       # tasks moved to the overflow group
     FREEZE = "freeze"   # the group frozen while the handler decides
     GRANT = "grant"     # the tail grant: the handler refreshes and acts
+    ROOM = "room"       # v1: the wait before the kills (a victim exits, or there is room)
     KERNEL = "kernel"   # the last resort, the kernel OOM killer
     WATCHDOG = "watchdog"  # an episode the watchdog handed to the kernel (no plan step)
 
@@ -114,6 +115,12 @@ class PlanContext:
     #: those that reach the old wall while the victim dies. Empty on v1 (no
     #: wall: the tasks wait in the OOM and run as soon as the limit fits).
     lift: bytes = b""
+    #: cgroup v1: ``memory.usage_in_bytes`` opened and read ahead, and the
+    #: usage below which the group has room for a page (see
+    #: :attr:`useroom.native.Plan.room_fd`); -1, 0 on v2, whose check is
+    #: the usage already.
+    room_fd: int = -1
+    room_below: int = 0
     #: The group's line in ``/proc/<pid>/cgroup`` (see :mod:`useroom._members`):
     #: the plan signals a task only while its file holds it. Empty: no check.
     member: bytes = b""
@@ -200,6 +207,8 @@ class PlanBuilder:
         self.finding = False
         #: Index of the write that opened the wall (``PlanContext.lift``), until closed.
         self.opened: int | None = None
+        #: The room gate is in the plan (:meth:`gate_room`).
+        self.room_gated = False
 
     def room(self) -> int:
         return native.PLAN_MAX - len(self.actions)
@@ -213,7 +222,7 @@ class PlanBuilder:
         self.tags.append(tag)
 
     def kill(self, victim: Victim, reason: str, sig: int, term_grace: float | None) -> None:
-        self.open_wall()
+        self.before_kills()
         who = victim.describe()
         fds = self.ctx.pidfd(victim)
         if fds is not None:
@@ -254,7 +263,7 @@ class PlanBuilder:
         """Kill the candidate with the highest badness at the OOM (one of
         :attr:`candidates`, which the caller has set): the same steps as
         :meth:`kill`, on the pidfd the pick chose."""
-        self.open_wall()
+        self.before_kills()
         signal_at = len(self.actions)
         self.add(Action.signal_best(sig, self.ctx.check_timeout),
                  f"{signal.Signals(sig).name} the task with the {reason}",
@@ -267,6 +276,27 @@ class PlanBuilder:
             self.restore(self.hooks_grant, Phase.KILL)
         check = Action.check(self.ctx.check_timeout, supersede=True)
         self.add(check.until_exit().on_pick() if self.ctx.lift else check, self.check_why, Phase.KILL)
+
+    def before_kills(self) -> None:
+        """Before the first kill: on v1, wait while the group has room (see
+        :meth:`gate_room`); on v2, open the wall (:meth:`open_wall`)."""
+        self.gate_room()
+        self.open_wall()
+
+    def gate_room(self) -> None:
+        """Before the first kill (v1): :meth:`Action.gate`, which waits, up
+        to ``ctx.check_timeout``, while a task killed before still exits or
+        the group has room for a page under its limit, and returns at once
+        otherwise. A victim's memory comes back page by page as it exits,
+        and cgroup v1 wakes the tasks in the OOM at each uncharge: they take
+        it, run out again while the victim still exits, and a new episode
+        starts before its memory is all back. The kernel's killer kills
+        nobody while its victim exits or while there is room for the
+        charge, and the kills here wait as long."""
+        if self.ctx.room_fd >= 0 and not self.room_gated:
+            self.room_gated = True
+            self.add(Action.gate(self.ctx.check_timeout),
+                     "wait while a task killed before still exits or the group has room", Phase.ROOM)
 
     def open_wall(self) -> None:
         """Before the first kill (v2): the wall steps up to ``ctx.lift``."""
@@ -376,8 +406,9 @@ class PlanBuilder:
     def tail_cost(self) -> int:
         ctx = self.ctx
         grant = 3 + self.restore_cost if ctx.can_grant and ctx.grant_wake_fd >= 0 and ctx.grant_reply_fd >= 0 else 0
-        # The wall's opening and closing around the kills (v2).
-        return grant + (3 if ctx.kill_switch_fd >= 0 else 0) + 2 * int(bool(ctx.lift))
+        # The wall's opening and closing around the kills (v2), the room
+        # gate before them (v1).
+        return grant + (3 if ctx.kill_switch_fd >= 0 else 0) + 2 * int(bool(ctx.lift)) + int(ctx.room_fd >= 0)
 
     def build(self) -> CompiledPlan:
         candidates = []
@@ -394,7 +425,8 @@ class PlanBuilder:
                     resolved_below=self.ctx.resolved_below, candidates=candidates,
                     procs_fd=self.ctx.procs_fd if find else -1, protect=self.ctx.protect if find else (),
                     procs_reopen=self.ctx.procs_reopen,
-                    limit_kb=self.ctx.limit_kb, member=self.ctx.member)
+                    limit_kb=self.ctx.limit_kb, member=self.ctx.member,
+                    room_fd=self.ctx.room_fd, room_below=self.ctx.room_below)
         return CompiledPlan(
             plan, tuple(self.why), tuple(self.phases), tuple(self.targets), tuple(self.victims),
             tuple(self.pidfds), held=tuple(self.held), held_pidfds=tuple(self.held_pidfds),
