@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import signal
 
 import attrs
@@ -106,8 +107,23 @@ class TestCompile:
         kinds = [(a.kind.name, a.guard, p) for a, p in zip(compiled.plan.actions, compiled.phases)]
         assert [
             ("WRITE", -1, "hooks"), ("WAKE", 0, "hooks"), ("AWAIT", 0, "hooks"), ("WRITE", 0, "hooks"),
-            ("SIGNAL_PID", -1, "kill"), ("WRITE", 0, "kill"), ("CHECK", -1, "kill"),
+            ("WRITE", 3, "hooks"), ("SIGNAL_PID", -1, "kill"), ("WRITE", 0, "kill"), ("CHECK", -1, "kill"),
         ] == kinds
+
+    def test_the_hooks_restore_needs_room(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """v1: after the hooks the limit is first written a page lower (refused at a usage
+        at the limit, where the OOM left it), skipped once the hook thread closed the grant
+        (not ALWAYS); only if that took does the limit's restore follow and resolve."""
+        monkeypatch.setattr(native, "can_use_mrelease", lambda: False)
+        compiled = KillLargest(max_victims=1).compile(
+            _ctx(reserve=16 * MIB, hooks_wake_fd=8, hooks_reply_fd=9))
+        probe, restore = compiled.plan.actions[3:5]
+        assert (str(64 * MIB - mmap.PAGESIZE).encode(), 0) == (probe.data, probe.guard)
+        assert not probe.flags & (native.ActionFlag.ALWAYS | native.ActionFlag.RESOLVES)
+        assert (str(64 * MIB).encode(), 3) == (restore.data, restore.guard)
+        assert native.ActionFlag.ALWAYS | native.ActionFlag.RESOLVES == restore.flags & (
+            native.ActionFlag.ALWAYS | native.ActionFlag.RESOLVES)
+        assert ("none", "restore") == tuple(str(t) for t in compiled.tags[3:5])
 
     def _v2(self, **overrides) -> PlanContext:
         return _ctx(lift=b"max", restore_resolves=False, resolved_below=64 * MIB, resolved_needle=b"",
@@ -370,7 +386,7 @@ class TestCompileWithPidfds:
         kinds = [(a.kind.name, a.guard, p) for a, p in zip(compiled.plan.actions, compiled.phases)]
         assert [
             ("WRITE", -1, "hooks"), ("WAKE", 0, "hooks"), ("AWAIT", 0, "hooks"), ("WRITE", 0, "hooks"),
-            ("SIGNAL_PIDFD", -1, "kill"), ("MRELEASE", -1, "kill"), ("AWAIT", 4, "kill"),
+            ("WRITE", 3, "hooks"), ("SIGNAL_PIDFD", -1, "kill"), ("MRELEASE", -1, "kill"), ("AWAIT", 5, "kill"),
             ("WRITE", 0, "kill"), ("CHECK", -1, "kill"),
         ] == kinds
 

@@ -12,10 +12,15 @@ the process), reads the usage, and restores the limit if the usage fits.
 It then tells the plan through the reply eventfd (``SETTLED``), and the plan
 counts the grant closed and the episode resolved.
 
-The two backends differ in one fact, held here as data: on cgroup v1 the
-kernel refuses a limit below the usage, so the write itself says whether
-the usage fits; on cgroup v2 ``memory.high`` takes any value, so the usage
-is compared first and the wall written only when it fits.
+The usage fits when it is *below* the limit: a group under OOM sits at
+its limit (the charge that failed would have taken it past), so a limit
+restored at the usage leaves no room, and the task the hooks were for
+faults again as soon as it runs, a new episode whose hooks run again. On
+cgroup v1 the kernel takes a limit equal to the usage (it refuses one
+below), so the write's success does not say that the usage fits: the usage
+is compared first on both backends. On v1 the write still refuses a usage
+that rose above the limit since (a task the hooks did not hold); on v2
+``memory.high`` takes any value.
 """
 
 from __future__ import annotations
@@ -44,9 +49,6 @@ class GrantCloser:
     limit_fd: Fd
     #: The limit (v1) or wall (v2) to restore, as the handler holds it now.
     limit: Callable[[], int]
-    #: cgroup v1: the kernel refuses a limit below the usage, so a successful
-    #: write means the usage fits. cgroup v2: compare first.
-    write_checks_fit: bool
 
     @classmethod
     def open(cls, group: Group, limit: Callable[[], int]) -> GrantCloser:
@@ -58,7 +60,7 @@ class GrantCloser:
         except BaseException:
             usage.close()
             raise
-        return cls(usage, write, limit, write_checks_fit=group.wall_write_checks_fit)
+        return cls(usage, write, limit)
 
     def usage(self) -> int:
         """The group's usage in bytes; -1 if it cannot be read now."""
@@ -68,6 +70,7 @@ class GrantCloser:
             return -1
 
     def fits(self, usage: int) -> bool:
+        """Whether ``usage`` leaves room under the limit (see above: equal is full)."""
         return 0 <= usage < self.limit()
 
     def close_grant(self) -> bool:
@@ -75,12 +78,12 @@ class GrantCloser:
         True if it did (the grant is closed)."""
         native.heap_trim()
         limit = self.limit()
-        if not self.write_checks_fit and not self.fits(self.usage()):
+        if not self.fits(self.usage()):
             return False
         try:
             os.pwrite(self.limit_fd.fileno(), str(limit).encode(), 0)
         except OSError:
-            return False  # v1: EBUSY, the usage is above the limit
+            return False  # v1: EBUSY, the usage rose above the limit since
         return True
 
     def close(self) -> None:

@@ -6,6 +6,7 @@ actions (the hooks' phase, the kills, the wall, the grant, the kernel step).
 from __future__ import annotations
 
 import enum
+import mmap
 import signal
 from collections.abc import Mapping
 
@@ -339,13 +340,41 @@ class PlanBuilder:
             tag=StepTag.RESTORE,
         )
 
+    def restore_with_room(self, grant_at: int, phase: Phase) -> None:
+        """Restore the limit only if the usage leaves room under it, before
+        anyone is killed. A group under OOM sits at its limit, and cgroup v1
+        takes a limit equal to the usage: restored there, the limit "fits",
+        the episode counts resolved, and the task that faulted faults again
+        as soon as it runs, a new episode (with the hooks run again) in a
+        loop that ends only when that task takes the headroom before the
+        restore. So the limit is first written a page lower, which v1
+        refuses unless the usage is below the limit (after reclaiming what
+        it can, as for any restore); only then is the limit put back, which
+        resolves the episode. Not a restore once the episode is resolved:
+        the hook thread closed the grant itself. v2 checks the usage against
+        the wall after its restore (below it, strictly) already."""
+        lower = self.ctx.limit - mmap.PAGESIZE
+        if not self.ctx.restore_resolves or lower <= 0:
+            self.restore(grant_at, phase)
+            return
+        probe_at = len(self.actions)
+        self.add(Action.write(self.ctx.limit_fd, str(lower).encode()).after(grant_at),
+                 f"room under the limit? (limit {format_size(lower)}: refused at the usage of the OOM)", phase)
+        self.add(
+            Action.write(self.ctx.limit_fd, str(self.ctx.limit).encode()).after(probe_at).always().resolving(),
+            f"restore the limit to {format_size(self.ctx.limit)}",
+            phase,
+            tag=StepTag.RESTORE,
+        )
+
     def grant(self, wake_fd: int, reply_fd: int, timeout: float, phase: Phase, who: str, *,
-              settles: bool = False, then: tuple[tuple[int, Action, str], ...] = ()) -> int:
+              settles: bool = False, then: tuple[tuple[int, Action, str], ...] = (), room: bool = False) -> int:
         """Raise the limit by the reserve, wake ``who``, await its reply,
         restore. With ``settles``, ``who`` may restore the limit itself and
         reply :data:`useroom.native.SETTLED`, which resolves the episode.
         ``then`` are (guard, action, why): run after the reply, always, if
-        their guard ran."""
+        their guard ran. With ``room``, the restore needs room under the
+        limit (:meth:`restore_with_room`)."""
         ctx = self.ctx
         granted = ctx.limit + ctx.reserve
         grant_at = len(self.actions)
@@ -361,7 +390,10 @@ class PlanBuilder:
         self.add(awaited.settling() if settles else awaited, f"wait up to {timeout} s for {who}", phase)
         for guard, action, why in then:
             self.add(action.after(guard).always(), why, phase)
-        self.restore(grant_at, phase)
+        if room:
+            self.restore_with_room(grant_at, phase)
+        else:
+            self.restore(grant_at, phase)
         return grant_at
 
     def head(self) -> None:
@@ -381,7 +413,8 @@ class PlanBuilder:
                     self.add(ctx.signal(v, signal.SIGSTOP),
                              f"SIGSTOP {v.describe()}: hold it while the hooks run", Phase.HOOKS)
             self.hooks_grant = self.grant(ctx.hooks_wake_fd, ctx.hooks_reply_fd, ctx.hooks_timeout,
-                                          Phase.HOOKS, "the on_oom hooks", settles=True, then=tuple(resume))
+                                          Phase.HOOKS, "the on_oom hooks", settles=True, then=tuple(resume),
+                                          room=True)
 
     def tail(self) -> None:
         """The wall closed after the kills, then the grant and the kernel
