@@ -158,6 +158,8 @@ def test_one_kill_where_the_kernel_makes_one(scratch_group: Group, policy: str, 
     """Without the victim the rest fits: the handler kills it and nobody else, the grower
     completes, the bystander lives, and the kernel killed nobody."""
     group = scratch_group
+    if group.version == 2 and victim_threads > 1:
+        pytest.skip("the emulated v2 guest runs the one-thread victims (time); the host runs both")
     group.set_limit((64 << 20) + (V2_GAP if group.version == 2 else 0))
     threads, procs, pause = GROWERS[grower]
     bystander_mib, victim_mib, grower_mib = POLICIES[policy]
