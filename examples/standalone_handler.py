@@ -36,12 +36,13 @@ def main() -> int:
         print(f"handling {group.relpath}; locked {useroom.format_size(handler.locked_bytes)}", flush=True)
         seen = 0
         while not stop.is_set():
-            events = handler.wait_for_events(seen + 1, timeout=0.5)
-            for event in events[seen:]:
+            handler.wait_for_events(seen + 1, timeout=0.5)
+            # The events are bounded (keep_events): follow them by their total, not their list's length.
+            new, seen = handler.history.follow(seen)
+            for event in new:
                 if event.outcome != "not_needed":
                     took = "-" if event.duration_ns is None else f"{event.duration_ns / 1e6:.2f} ms"
                     print(f"OOM {event.seq}: {event.outcome} in {took}: {event.action}", flush=True)
-            seen = len(events)
     return 0
 
 

@@ -30,6 +30,8 @@ from useroom._units import format_size, parse_size
 from useroom.watchdog import Takeover
 from useroom.watchdog import main as watchdog_main
 from useroom.exceptions import InvalidDuration, InvalidSize, OutputError, UseroomError
+from useroom.handler import validate
+from useroom.handler.history import DEFAULT_KEEP
 from useroom.handler.validate import writable_path
 
 __all__ = ["main"]
@@ -50,10 +52,16 @@ def _policy(args: argparse.Namespace) -> Policy:
 
 
 def _handler_report(handler: Handler) -> dict[str, Any]:
+    """The events kept (the newest --keep-events) and how many were dropped
+    before them, the counters over every episode, and the errors kept."""
+    history = handler.history
     return {
         "group": handler.group.relpath,
-        "events": [e.to_dict() for e in handler.events],
+        "events": [e.to_dict() for e in history.events],
+        "events_dropped": history.dropped,
+        "counts": history.counts.to_dict(),
         "errors": [repr(e) for e in handler.errors],
+        "errors_dropped": handler.errors.dropped,
     }
 
 
@@ -66,7 +74,7 @@ def _report(sup: Supervisor, handlers: list[Handler]) -> dict[str, Any]:
     if len(handlers) == 1:
         return {**_handler_report(handlers[0]), **process}
     return {**process, "groups": [_handler_report(h) for h in handlers],
-            "errors": [repr(e) for e in sup.errors]}
+            "errors": [repr(e) for e in sup.errors], "errors_dropped": sup.errors.dropped}
 
 
 def _is_file(stream: IO[str] | None) -> bool:
@@ -128,7 +136,8 @@ def cmd_handle(args: argparse.Namespace) -> int:
     log = EventLog(args.events) if args.events else None  # one log, every group's lines
     metrics = MetricsFile(args.metrics_textfile) if args.metrics_textfile else None
     # Made first: a size out of bounds fails before --join moves this process.
-    handlers = [sup.add(group, _policy(args), reserve=args.reserve, event_log=log) for group in groups]
+    handlers = [sup.add(group, _policy(args), reserve=args.reserve, event_log=log, keep_events=args.keep_events)
+                for group in groups]
     if args.join:
         groups[0].attach(os.getpid())
     stream = log_handler.stream if isinstance(log_handler, logging.StreamHandler) else None
@@ -150,11 +159,11 @@ def _serve(handlers: list[Handler], metrics: MetricsFile | None, stop: threading
     try:
         if metrics is not None:  # the collector finds the file from the moment it is ready
             _write_metrics(metrics, handlers)
-            written = sum(len(h.events) for h in handlers)
+            written = sum(h.history.total for h in handlers)
         print("ready", flush=True)
         systemd.send(READY=1, STATUS=_status(handlers))
         while True:
-            count = sum(len(h.events) for h in handlers)
+            count = sum(h.history.total for h in handlers)
             if count != written:  # an episode ended
                 if metrics is not None:
                     _write_metrics(metrics, handlers)
@@ -173,7 +182,7 @@ def _serve(handlers: list[Handler], metrics: MetricsFile | None, stop: threading
 def _write_metrics(metrics: MetricsFile, handlers: list[Handler]) -> bool:
     """Replaces the metrics file; a failure is logged, never fatal (the next episode tries again)."""
     try:
-        metrics.write((h.group.relpath, h.events) for h in handlers)
+        metrics.write((h.group.relpath, h.history.counts) for h in handlers)
     except OutputError as err:
         logger.error("%s", err, extra={"cause": "metrics_file", "path": metrics.path})
         return False
@@ -309,9 +318,9 @@ def _event_fields(data: dict[str, Any]) -> dict[str, Any]:
 
 def _status(handlers: Sequence[Handler]) -> str:
     """The one line ``systemctl status`` shows for ``useroom handle``."""
-    events = [e for h in handlers for e in h.events if e.outcome != "not_needed"]
-    kills = sum(v.signal == "SIGKILL" and v.result == 0 for e in events for v in e.victims)
-    return f"handling {len(handlers)} group(s): {len(events)} episode(s), {kills} kill(s)"
+    counts = [h.history.counts for h in handlers]
+    episodes, kills = sum(c.acted for c in counts), sum(c.kills for c in counts)
+    return f"handling {len(handlers)} group(s): {episodes} episode(s), {kills} kill(s)"
 
 
 def event_row(event: dict[str, Any]) -> str:
@@ -401,6 +410,16 @@ def _output_path(what: str, *, dash: bool = False) -> Any:
     return check
 
 
+def _keep(text: str) -> int:
+    """An argparse type: --keep-events, a whole number >= 0."""
+    try:
+        return validate.keep_events(int(text))
+    except ValueError as err:
+        if not text.strip().lstrip("-").isdigit():
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        raise argparse.ArgumentTypeError(str(err).replace("keep_events=", "--keep-events ")) from None
+
+
 def _size(text: str) -> str:
     """An argparse type: a size (kept as given; its bounds are checked against the group)."""
     try:
@@ -435,6 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
     handle.add_argument("--metrics-textfile", default=None, metavar="PATH", type=_output_path("the metrics file"),
                         help="keep Prometheus metrics in PATH (for the node exporter's textfile collector), "
                              "replaced atomically after each episode")
+    handle.add_argument("--keep-events", default=DEFAULT_KEEP, type=_keep, metavar="N",
+                        help="keep the newest N episodes of each group in full (default %(default)s; 0: none); "
+                             "older ones are dropped and counted (events_dropped in --events-out), the "
+                             "metrics count every episode")
     handle.add_argument("--delay", default="2s", help="the watchdog's delay (default %(default)s)")
     handle.add_argument("--watchdog-log", default=None, type=_output_path("the watchdog's log"),
                         help="the watchdog's JSON log file")

@@ -235,6 +235,7 @@ def main(argv: list[str]) -> int:
     result["seconds"] = time.monotonic() - started
     if handler is not None:
         result["events"] = [_event_summary(e) for e in handler.events if e.outcome != "not_needed"]
+        result["events_dropped"] = handler.history.dropped  # older than those, beyond keep_events
         result["errors"] = ["".join(traceback.format_exception(e)) for e in handler.errors][-5:]
     with open(spec["out"], "w") as f:
         json.dump(result, f)

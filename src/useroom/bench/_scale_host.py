@@ -247,7 +247,7 @@ def _host_events(served: _Baseline | _Supervised, request: dict[str, Any]) -> di
     seen = {int(index): count for index, count in request["seen"].items()}
     deadline = time.monotonic() + request["timeout"]
     while True:
-        new = {index: served.handlers[index].events[count:] for index, count in seen.items()}
+        new = {index: served.handlers[index].history.follow(count)[0] for index, count in seen.items()}
         if all(any(event.outcome == "resolved" for event in events) for events in new.values()) \
                 or time.monotonic() > deadline:
             return {"events": {index: [_event_record(event) for event in events] for index, events in new.items()}}

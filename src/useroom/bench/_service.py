@@ -54,7 +54,7 @@ def main(argv: list[str]) -> int:
     finally:
         handler.stop()
     report = {"locked_bytes": _locked_bytes(handler), "events": [event_to_json(e) for e in handler.events],
-              "errors": [repr(e) for e in handler.errors]}
+              "events_dropped": handler.history.dropped, "errors": [repr(e) for e in handler.errors]}
     with open(json_path, "w") as file:
         json.dump(report, file, default=_json_default)
     return 0

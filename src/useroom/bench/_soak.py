@@ -41,6 +41,7 @@ from typing import IO, Any, Final
 import attrs
 
 from useroom import Group, Handler, KillLargest, Supervisor, parse_size
+from useroom.handler.history import DEFAULT_KEEP, EpisodeCounts
 
 __all__ = ["SoakConfig", "main", "run"]
 
@@ -95,6 +96,8 @@ class SoakConfig:
     deadlock_after: float = 30.0
     storm_children: int = 12
     seed: int = 1
+    #: The storm handler's ``keep_events`` (None: the handler's default).
+    keep_events: int | None = None
 
 
 @attrs.define
@@ -138,11 +141,12 @@ def _quiet_figures(supervisor: Supervisor) -> dict[str, int]:
     return _process_figures()
 
 
-def _count(tally: Tally, group: Group, events: list[Any], kills_before: int) -> None:
-    acted = [e for e in events if e.outcome != "not_needed"]
-    tally.episodes += len(acted)
-    tally.takeovers += sum(e.takeover is not None for e in acted)
-    tally.fallbacks += sum(bool(e.fallback) and e.takeover is None for e in acted)
+def _count(tally: Tally, group: Group, before: EpisodeCounts, after: EpisodeCounts, kills_before: int) -> None:
+    """A storm round's figures: the handler's counters (exact, whatever its events keep) after minus before."""
+    tally.episodes += after.acted - before.acted
+    tally.takeovers += after.takeovers - before.takeovers
+    # A takeover is a kernel fallback of its own (the watchdog's): counted once, above.
+    tally.fallbacks += (after.kernel_fallbacks - after.takeovers) - (before.kernel_fallbacks - before.takeovers)
     tally.kernel_kills += group.oom_control().oom_kill - kills_before
 
 
@@ -169,7 +173,7 @@ def _rescue(group: Group, children: list[subprocess.Popen[bytes]]) -> None:
 
 def _storm(config: SoakConfig, group: Group, supervisor: Supervisor, tally: Tally, rng: random.Random) -> None:
     handler = supervisor.handlers[0]
-    seen, kills_before = len(handler.events), group.oom_control().oom_kill
+    before, kills_before = handler.history.counts, group.oom_control().oom_kill
     procs = os.path.join(group.path, group.procs_file)
     children = []
     for _ in range(config.storm_children):
@@ -183,7 +187,7 @@ def _storm(config: SoakConfig, group: Group, supervisor: Supervisor, tally: Tall
         _rescue(group, children)
         group.set_limit(config.limit)
     time.sleep(0.2)  # the last episode's event
-    _count(tally, group, handler.events[seen:], kills_before)
+    _count(tally, group, before, handler.history.counts, kills_before)
 
 
 def _hooks(config: SoakConfig, home: Group, tally: Tally, n: int) -> None:
@@ -232,7 +236,8 @@ def run(config: SoakConfig, progress: IO[str] | None = None) -> dict[str, Any]:
         storm = home.create_child(f"soak-storm-{os.getpid()}", config.limit)
         cycles = home.create_child(f"soak-cycles-{os.getpid()}", config.limit)
         supervisor = Supervisor()
-        supervisor.add(storm, KillLargest(), reserve="8M", thresholds=(0.5,))
+        keep = {} if config.keep_events is None else {"keep_events": config.keep_events}
+        storm_handler = supervisor.add(storm, KillLargest(), reserve="8M", thresholds=(0.5,), **keep)
         before = _process_figures()
         start = time.monotonic()
         baseline: dict[str, int] | None = None
@@ -268,6 +273,9 @@ def run(config: SoakConfig, progress: IO[str] | None = None) -> dict[str, Any]:
         "takeovers": tally.takeovers,
         "fallbacks": tally.fallbacks, "kernel_kills": tally.kernel_kills,
         "services_killed": tally.services_killed,
+        # The storm handler's record: the events it keeps in full, and those it dropped for newer ones.
+        "events_kept": len(storm_handler.events), "events_dropped": storm_handler.history.dropped,
+        "keep_events": storm_handler.keep_events,
         # While it ran: from the end of the first round of each kind to the end of the last.
         "drift": {key: last[key] - baseline[key] for key in ("fds", "threads", "rss_kb")},
         # And once the supervisor stopped and the groups went: what it left behind.
@@ -286,6 +294,8 @@ def render(result: dict[str, Any]) -> str:
     drift = result["drift"]
     rows = [
         ("episodes", result["episodes"], "(the handlers recorded)"),
+        ("storm events kept", result["events_kept"],
+         f"(keep_events={result['keep_events']}; {result['events_dropped']} older dropped, still counted)"),
         ("deadlocks", result["deadlocks"],
          "goal 0" + ("" if not result["deadlocks"] else " (" + ", ".join(
              f"{n} {kind}" for kind, n in result["deadlocked"].items() if n) + ")")),
@@ -319,13 +329,16 @@ def main(argv: list[str], out: IO[str] | None = None) -> int:
     parser.add_argument("--deadlock-after", type=float, default=30.0, metavar="SECONDS",
                         help="a round not over this long after it began is a deadlock (default 30; a slow "
                              "machine, such as an emulated guest, needs more)")
+    parser.add_argument("--keep-events", type=int, default=None, metavar="N",
+                        help="the storm handler keeps the newest N episodes in full (default: the handler's, "
+                             f"{DEFAULT_KEEP}); a small N shows the drift once the bound is reached")
     parser.add_argument("--json", metavar="PATH", help="write the figures to PATH")
     parser.add_argument("--quiet", action="store_true", help="no progress line per round")
     args = parser.parse_args(argv)
     seconds = args.seconds if args.seconds is not None else 60.0 * (args.minutes if args.minutes is not None else 1)
     out = out or sys.stdout
     result = run(SoakConfig(seconds=seconds, limit=args.limit, seed=args.seed, deadlock_after=args.deadlock_after,
-                            storm_children=args.storm_children),
+                            storm_children=args.storm_children, keep_events=args.keep_events),
                  progress=None if args.quiet else sys.stderr)
     print(render(result), file=out, flush=True)
     if args.json:

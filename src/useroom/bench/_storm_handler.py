@@ -79,6 +79,7 @@ def handler_main(argv: list[str]) -> int:
         if handler is not None:
             handler.stop()
             result["events"] = [_event_record(e) for e in handler.events if e.outcome != "not_needed"]
+            result["events_dropped"] = handler.history.dropped  # older than those, beyond keep_events
             result["errors"] = [repr(err) for err in handler.errors][-20:]
             result["lost"] = handler.lost
             result["locked_bytes"] = handler.locked_bytes

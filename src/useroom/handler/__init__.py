@@ -8,6 +8,10 @@ only the ones listed before it:
   machine's memory, types, output paths);
 - :mod:`~useroom.handler.events`: :class:`OomEvent` and its parts, and the
   watcher's record of an episode -> an event (a pure function);
+- :mod:`~useroom.handler.history`: what a handler remembers, bounded: the
+  newest events in full (:class:`EventHistory`), :class:`EpisodeCounts`
+  over every episode, and :class:`~useroom.handler.history.Recent` for
+  errors and the watchdog's history, each saying how many it dropped;
 - :mod:`~useroom.handler.arming`: per backend (:class:`V1Arming`,
   :class:`V2Arming`, picked by :func:`arming_for` from the group's backend
   class), the fds the plans name, the settings held on the group and put
@@ -32,6 +36,7 @@ reaches another's private attributes.
 from useroom.handler.arming import V2_GAP, Arming, V1Arming, V2Arming, arming_for
 from useroom.handler.events import EventOutcome, OomEvent, StepRecord, VictimRecord
 from useroom.handler.grants import Grants
+from useroom.handler.history import EpisodeCounts, EventHistory
 from useroom.handler.group import GroupHandler
 from useroom.handler.host import Host, ProcessOptions
 from useroom.handler.supervisor import Handler, Supervisor
@@ -39,6 +44,8 @@ from useroom.handler.supervisor import Handler, Supervisor
 __all__ = [
     "V2_GAP",
     "Arming",
+    "EpisodeCounts",
+    "EventHistory",
     "EventOutcome",
     "Grants",
     "GroupHandler",

@@ -31,7 +31,7 @@ import contextlib
 import errno
 import os
 from collections.abc import Callable, Iterator
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from useroom import native
 from useroom._fd import Fd
@@ -40,6 +40,9 @@ from useroom._units import UNLIMITED, format_size, parse_size
 from useroom.cgroup import EventRegistration, FileNotifier, Group, V1Group, V2Group
 from useroom.exceptions import UnsupportedKernel
 from useroom.native import SourceKind, WatchedGroup
+
+if TYPE_CHECKING:
+    from useroom.handler.history import Recent
 
 __all__ = ["V2_GAP", "Arming", "V1Arming", "V2Arming", "arming_for"]
 
@@ -81,7 +84,7 @@ class Arming(abc.ABC, Generic[G]):
         *,
         fractions: tuple[float, ...],
         hooks: HookRegistry,
-        errors: list[BaseException],
+        errors: Recent[BaseException],
         collect: Callable[[], None],
         tell_limit: Callable[[int], None],
     ) -> None:

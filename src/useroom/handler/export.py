@@ -34,9 +34,9 @@ from typing import IO, Any
 from useroom.exceptions import OutputError, UseroomError
 from useroom.handler import validate
 from useroom.handler.events import EventOutcome, OomEvent
-from useroom.policy import Phase, StepTag
+from useroom.handler.history import BUCKETS, EpisodeCounts
 
-__all__ = ["EventLog", "MetricsFile", "read_event_log"]
+__all__ = ["BUCKETS", "EventLog", "MetricsFile", "read_event_log"]
 
 logger = logging.getLogger(__name__)
 
@@ -137,11 +137,6 @@ def read_event_log(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
         yield event
 
 
-#: Upper bounds (seconds) of the histograms' buckets: notify -> kill is
-#: microseconds to milliseconds, an episode up to the watchdog's delay.
-BUCKETS = (0.00001, 0.00003, 0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
-
-
 class MetricsFile:
     """Prometheus text format for the node exporter's textfile collector:
     :meth:`write` renders the episodes of some handlers and replaces the
@@ -150,17 +145,21 @@ class MetricsFile:
     Counters, labelled by ``group``: ``useroom_episodes_total`` (and by
     ``outcome``), ``useroom_kills_total``, ``useroom_hook_resolutions_total``,
     ``useroom_grants_total``, ``useroom_kernel_fallbacks_total``; histograms:
-    ``useroom_notify_to_kill_seconds`` and ``useroom_episode_seconds``. The
-    figures are those of ``handler.events``, counted anew at each write.
+    ``useroom_notify_to_kill_seconds`` and ``useroom_episode_seconds``.
+    Give each group's ``handler.history.counts``
+    (:class:`~useroom.handler.history.EpisodeCounts`): counted as each
+    episode is recorded, over the whole run, they stay exact when
+    ``handler.events`` keeps only the newest episodes. A list of events is
+    counted at each write (the figures of those events only).
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         #: Raises OutputError now if the file cannot be written there.
         self.path = validate.writable_path(path, "the metrics file")
 
-    def write(self, groups: Iterable[tuple[str, Iterable[OomEvent]]]) -> None:
+    def write(self, groups: Iterable[tuple[str, EpisodeCounts | Iterable[OomEvent]]]) -> None:
         """Replaces the file with the metrics of ``groups``: (group, its
-        events) pairs; raises :class:`OutputError` if it cannot (the
+        counts or its events) pairs; raises :class:`OutputError` if it cannot (the
         previous file, if any, stays whole)."""
         text = self.render(groups)
         directory = os.path.dirname(os.path.abspath(self.path))
@@ -183,35 +182,29 @@ class MetricsFile:
             raise
 
     @staticmethod
-    def render(groups: Iterable[tuple[str, Iterable[OomEvent]]]) -> str:
-        """The text of the metrics of ``groups``: (group, its events) pairs."""
+    def render(groups: Iterable[tuple[str, EpisodeCounts | Iterable[OomEvent]]]) -> str:
+        """The text of the metrics of ``groups``: (group, its counts or its events) pairs."""
         counters: dict[str, list[str]] = {name: [] for name in (
             "episodes", "kills", "hook_resolutions", "grants", "kernel_fallbacks")}
         histograms: dict[str, list[str]] = {"notify_to_kill_seconds": [], "episode_seconds": []}
-        for group, events in groups:
-            events = list(events)
+        for group, given in groups:
+            counts = given if isinstance(given, EpisodeCounts) else EpisodeCounts.of(given)
             label = 'group="' + group.replace("\\", "\\\\").replace('"', '\\"') + '"'
             for outcome in EventOutcome:
-                count = sum(e.outcome is outcome for e in events)
+                count = counts.outcomes.get(outcome, 0)
                 if count:
                     counters["episodes"].append(f'useroom_episodes_total{{{label},outcome="{outcome.value}"}} {count}')
-            kills = sum(v.signal == "SIGKILL" and v.result == 0 for e in events for v in e.victims)
-            counters["kills"].append(f"useroom_kills_total{{{label}}} {kills}")
-            hooks = sum(e.resolved_by is Phase.HOOKS for e in events)
-            counters["hook_resolutions"].append(f"useroom_hook_resolutions_total{{{label}}} {hooks}")
-            grants = sum(s.ok and s.tag is StepTag.GRANT for e in events for s in e.steps)
-            counters["grants"].append(f"useroom_grants_total{{{label}}} {grants}")
-            fallbacks = sum(e.fallback or e.takeover is not None for e in events)
-            counters["kernel_fallbacks"].append(f"useroom_kernel_fallbacks_total{{{label}}} {fallbacks}")
-            for name, values in (("notify_to_kill_seconds", [e.notify_to_signal_ns for e in events]),
-                                 ("episode_seconds", [e.duration_ns for e in events])):
-                seconds = [ns / 1e9 for ns in values if ns is not None]
-                for bound in BUCKETS:
-                    count = sum(s <= bound for s in seconds)
+            counters["kills"].append(f"useroom_kills_total{{{label}}} {counts.kills}")
+            counters["hook_resolutions"].append(f"useroom_hook_resolutions_total{{{label}}} {counts.hook_resolutions}")
+            counters["grants"].append(f"useroom_grants_total{{{label}}} {counts.grants}")
+            counters["kernel_fallbacks"].append(f"useroom_kernel_fallbacks_total{{{label}}} {counts.kernel_fallbacks}")
+            for name, histogram in (("notify_to_kill_seconds", counts.notify_to_kill),
+                                    ("episode_seconds", counts.duration)):
+                for bound, count in zip(BUCKETS, histogram.counts, strict=True):
                     histograms[name].append(f'useroom_{name}_bucket{{{label},le="{bound:g}"}} {count}')
-                histograms[name].append(f'useroom_{name}_bucket{{{label},le="+Inf"}} {len(seconds)}')
-                histograms[name].append(f"useroom_{name}_sum{{{label}}} {sum(seconds):.9f}")
-                histograms[name].append(f"useroom_{name}_count{{{label}}} {len(seconds)}")
+                histograms[name].append(f'useroom_{name}_bucket{{{label},le="+Inf"}} {histogram.count}')
+                histograms[name].append(f"useroom_{name}_sum{{{label}}} {histogram.sum_ns / 1e9:.9f}")
+                histograms[name].append(f"useroom_{name}_count{{{label}}} {histogram.count}")
         helps = {
             "episodes": "Episodes (OOM notifications handled), by outcome.",
             "kills": "Tasks killed by the handler (SIGKILL sent).",

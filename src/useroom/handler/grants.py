@@ -27,6 +27,7 @@ from useroom._victims import Victim, VictimTable
 from useroom.cgroup import Group
 from useroom.handler.arming import Arming
 from useroom.handler.events import VictimRecord
+from useroom.handler.history import Recent
 from useroom.handler.signals import GroupSignals
 from useroom.native import EventFd
 from useroom.policy import FreezeAndDecide, FrozenContext, Policy
@@ -57,7 +58,7 @@ class Grants:
         *,
         check_timeout: float,
         note: Callable[[BaseException], None],
-        errors: list[BaseException],
+        errors: Recent[BaseException],
         last_resort: Callable[[], None],
         member: MembershipLine,
     ) -> None:

@@ -60,6 +60,7 @@ from useroom.handler.degraded import DegradedMode
 from useroom.handler.events import OomEvent, episode_event, episode_log, grant_acted, grant_left_open
 from useroom.handler.export import EventLog
 from useroom.handler.grants import Grants
+from useroom.handler.history import DEFAULT_KEEP, ERRORS_KEPT, EventHistory, Recent
 from useroom.handler.stale import StaleTable
 from useroom.handler.subtree import NestedTasks, refuse_nested
 from useroom.handler.host import Host, ProcessOptions
@@ -125,6 +126,7 @@ class GroupHandler:
         hold_arm_at: float = 0.0,
         hold_processes: bool = True,
         event_log: str | os.PathLike[str] | IO[str] | EventLog | None = None,
+        keep_events: int = DEFAULT_KEEP,
     ) -> None:
         if group.is_root:
             raise RootGroupError("the root memory cgroup has no limit and no OOM notifications")
@@ -152,22 +154,23 @@ class GroupHandler:
         self.hold_threads = hold_threads
         self.hold_arm_at = hold_arm_at
         self.hold_processes = hold_processes
+        #: How many episodes :attr:`events` keeps in full (the counters count them all).
+        self.keep_events = validate.keep_events(keep_events)
         self._event_log = event_log if isinstance(event_log, EventLog) or event_log is None else EventLog(event_log)
         #: What :meth:`declare` found: ``kernel`` or ``shim`` per feature.
         self.declaration: Declaration | None = None
         #: Where the handler's own threads' kernel allocations are charged
         #: while it runs inside the group (cgroup v1), or None.
         self.kernel_memory_group: Group | None = None
-        #: Errors the manager thread met and survived (ENOMEM during an OOM, ...).
-        self.errors: list[BaseException] = []
+        #: Errors the manager thread met and survived (ENOMEM during an OOM, ...):
+        #: the newest ERRORS_KEPT, and how many older ones were dropped (``errors.dropped``).
+        self.errors: Recent[BaseException] = Recent(ERRORS_KEPT)
         self._nested = NestedTasks()
         self._stale = StaleTable()
         #: Episodes that found nothing left to kill with the usage above the
         #: limit (the kernel OOM killer, the plan's last resort, comes next).
         self.last_resorts = LastResorts()
-        self._events: list[OomEvent] = []
-        self._events_lock = threading.Lock()
-        self._event_cond = threading.Condition(self._events_lock)
+        self._history = EventHistory(self.keep_events)
         self._running = False
         #: What the supervisor serving this group gives it (None while no supervisor does).
         self._host: Host | None = None
@@ -262,9 +265,15 @@ class GroupHandler:
 
     @property
     def events(self) -> list[OomEvent]:
-        """The episodes so far, oldest first (a copy)."""
-        with self._events_lock:
-            return list(self._events)
+        """The newest ``keep_events`` episodes, oldest first (a copy); the
+        older ones are counted in :attr:`history` (``dropped``, ``counts``)."""
+        return self._history.events
+
+    @property
+    def history(self) -> EventHistory:
+        """The episodes kept in full, how many were dropped, and the
+        counters over all of them (what metrics are made of)."""
+        return self._history
 
     @property
     def lost(self) -> int:
@@ -304,10 +313,9 @@ class GroupHandler:
         return self._table.victims if self._running else ()
 
     def wait_for_events(self, count: int, timeout: float | None = None) -> list[OomEvent]:
-        """Blocks until at least ``count`` episodes are recorded or ``timeout`` passes."""
-        with self._event_cond:
-            self._event_cond.wait_for(lambda: len(self._events) >= count, timeout)
-            return list(self._events)
+        """Blocks until at least ``count`` episodes were ever recorded
+        (``history.total``) or ``timeout`` passes; returns :attr:`events`."""
+        return self._history.wait(count, timeout)
 
     @property
     def delay(self) -> float:
@@ -518,7 +526,6 @@ class GroupHandler:
     def note(self, err: BaseException) -> None:
         """An error the manager survived, stepping this group."""
         self.errors.append(err)
-        del self.errors[:-100]
         if isinstance(err, GroupGone):
             self._running = False  # the manager steps it no more
             moved = self._arming.moved_to()
@@ -547,14 +554,11 @@ class GroupHandler:
 
     def record_takeover(self, takeover: Takeover) -> None:
         """The watchdog handed an episode of this group to the kernel."""
-        with self._event_cond:
-            self._events.append(OomEvent.from_takeover(takeover))
-            self._event_cond.notify_all()
+        self._history.record(OomEvent.from_takeover(takeover))
 
     def watchdog_replaced(self, err: WatcherError) -> None:
         """The watchdog could not act (it was stopped) and was replaced: recorded in :attr:`errors`."""
         self.errors.append(err)
-        del self.errors[:-100]
         logger.warning("%s", err, extra={"group": self.group.relpath, "cause": "watchdog_replaced"})
 
     def watchdog_lost(self, err: BaseException) -> None:
@@ -777,9 +781,7 @@ class GroupHandler:
             if grant_left_open(event):
                 self._arming.restore_later()
             self._table.dying.update(v.pid for v in event.victims if v.signal == "SIGKILL" and v.result == 0)
-            with self._event_cond:
-                self._events.append(event)
-                self._event_cond.notify_all()
+            self._history.record(event)
             if logger.isEnabledFor(logging.INFO):
                 line, fields = episode_log(event, self.group.relpath)
                 logger.info("%s", line, extra=fields)

@@ -25,6 +25,7 @@ import attrs
 from useroom._limits import spawning
 from useroom.cgroup import Group
 from useroom.exceptions import CgroupPermissionError, UseroomError, WatcherError
+from useroom.handler.history import ERRORS_KEPT, Recent
 from useroom.watchdog.guards import ProcessFd
 from useroom.watchdog.protocol import (
     MESSAGE_MAX,
@@ -440,7 +441,8 @@ class WatchdogLink:
         #: What happened to the watchdog itself (exits, restarts, a kill for
         #: not reading) and the groups it gave up (``add-failed``, ``done``
         #: with ``gone``), one dict each.
-        self.history: list[dict[str, Any]] = []
+        #: The newest ERRORS_KEPT (``history.dropped``: how many older ones made room).
+        self.history: Recent[dict[str, Any]] = Recent(ERRORS_KEPT)
         self.popen: subprocess.Popen[bytes] | None = None
         self.pidfd: ProcessFd | None = None
         self.sock: socket.socket | None = None

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 from useroom.cgroup import Group
 from useroom.exceptions import UseroomError
 from useroom.handler.group import GroupHandler
+from useroom.handler.history import Recent
 
 __all__ = ["Placement", "watchdog_home"]
 
@@ -53,7 +54,7 @@ class Placement:
         self.place: Group | None = None
         self._home: Group | None = None
 
-    def place_for(self, handlers: Sequence[GroupHandler], tids: list[int], errors: list[BaseException]) -> None:
+    def place_for(self, handlers: Sequence[GroupHandler], tids: list[int], errors: Recent[BaseException]) -> None:
         """Places the threads ``tids``, and the hook threads of ``handlers``,
         if this process is inside one of their groups."""
         inside = [h for h in handlers if h.group.moves_threads and h.inside()]

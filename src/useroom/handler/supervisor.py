@@ -43,6 +43,7 @@ from useroom.cgroup import Group
 from useroom.exceptions import PressureWatchError, WatcherError
 from useroom.handler.group import GroupHandler
 from useroom.handler.guardian import Guardian
+from useroom.handler.history import ERRORS_KEPT, Recent
 from useroom.handler.host import ProcessOptions
 from useroom.handler.link import WatchdogLink
 from useroom.handler.manager import Manager
@@ -93,8 +94,9 @@ class Supervisor:
         self.hardening: HardeningReport | None = None
         #: This process's locked bytes (VmLck) once started.
         self.locked_bytes = 0
-        #: Errors the manager thread met and survived, and the watchdog's.
-        self.errors: list[BaseException] = []
+        #: Errors the manager thread met and survived, and the watchdog's: the
+        #: newest ERRORS_KEPT, and how many older ones were dropped (``errors.dropped``).
+        self.errors: Recent[BaseException] = Recent(ERRORS_KEPT)
         self._handlers: dict[int, GroupHandler] = {}  # key -> its handler
         self._next_key = 1
         self._admin = threading.RLock()  # add, remove, start, stop: one at a time
@@ -155,7 +157,7 @@ class Supervisor:
         """Serves ``group`` with ``policy`` (KillLargest by default); returns
         its :class:`~useroom.Handler`. ``options`` are the handler's
         per-group options (``reserve``, ``thresholds``, hooks' timeouts,
-        ``protect`` ...); the process-wide ones are the supervisor's."""
+        ``protect``, ``keep_events`` ...); the process-wide ones are the supervisor's."""
         for name in _PROCESS_OPTIONS:
             if name in options:
                 raise TypeError(f"{name} is the supervisor's, for every group: pass it to Supervisor()")
@@ -383,7 +385,6 @@ class Supervisor:
 
     def _note(self, err: BaseException) -> None:
         self.errors.append(err)
-        del self.errors[:-100]
 
     def _warn_partial_lock(self, report: HardeningReport) -> None:
         """The critical set is not all locked: the native core, the arena
@@ -537,6 +538,15 @@ class Handler(GroupHandler):
     (:class:`~useroom.OutputError`); it is opened at :meth:`start`. A line
     the file cannot take later goes to standard error, with the error in
     :attr:`errors`. The same holds for ``watchdog_log``.
+
+    ``keep_events`` (default 1000) bounds :attr:`events`: the newest
+    episodes are kept in full, the oldest dropped to make room, so that a
+    handler that runs for months in a storm does not grow by an event per
+    episode. What was dropped is counted: ``history.dropped``, and
+    ``history.counts`` (:class:`~useroom.handler.history.EpisodeCounts`)
+    counts every episode, exactly, for metrics. 0 keeps only the counters;
+    a value that is not a whole number >= 0 is refused when the handler is
+    made. :attr:`errors` keeps the newest 100 (``errors.dropped``).
 
     Arguments of the wrong type (``policy``, ``watchdog_group``) raise
     TypeError when the handler is made, not at :meth:`start`.

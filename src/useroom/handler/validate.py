@@ -26,8 +26,8 @@ from useroom.cgroup import Group
 from useroom.exceptions import InvalidName, InvalidSize, OutputError, SizeOutOfBounds
 from useroom.policy import DryRun, KillLargest, Policy, RaiseLimit
 
-__all__ = ["fractions", "physical_memory", "policy", "reserve", "sizes_fit", "timeouts", "watchdog_group",
-           "writable_path"]
+__all__ = ["fractions", "keep_events", "physical_memory", "policy", "reserve", "sizes_fit", "timeouts",
+           "watchdog_group", "writable_path"]
 
 #: What the messages suggest as a reserve: a few MiB run Python's hooks.
 _TYPICAL_RESERVE = "16M"
@@ -165,6 +165,20 @@ def timeouts(**values: float) -> None:
     for name, value in values.items():
         if not value > 0:
             raise ValueError(f"{name} must be > 0 seconds, not {value!r}")
+
+
+def keep_events(value: object) -> int:
+    """``keep_events=``: how many episodes a handler keeps in full, a whole
+    number >= 0 (0 keeps only the counters). TypeError for another type,
+    ValueError for a negative number, each naming the option."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:30] + "..."
+        raise TypeError(f"keep_events= is how many episodes to keep in full, a whole number such as 1000, "
+                        f"not {type(value).__name__} {shown}")
+    if value < 0:
+        raise ValueError(f"keep_events={value} is negative: give how many episodes to keep in full, 0 or more "
+                         "(0 keeps only the counters; the oldest are dropped first, and counted)")
+    return value
 
 
 def watchdog_group(value: object) -> None:
