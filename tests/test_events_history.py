@@ -117,8 +117,8 @@ class TestEventHistory:
         assert ([2, 3], 3) == ([e.seq for e in new], seen)
         for event in _mixed()[3:6]:
             history.record(event)
-        new, seen = history.follow(seen)  # three more, two kept
-        assert ([5, 6], 6) == ([e.seq for e in new], seen)
+        new, seen = history.follow(seen)  # three more, two kept: episode 5 and a takeover (no seq: -1)
+        assert ([5, -1], 6) == ([e.seq for e in new], seen)
         assert ([], 6) == history.follow(seen)
 
     def test_wait_counts_every_episode(self) -> None:
