@@ -94,7 +94,7 @@ def main() -> int:
         except useroom.ProcessGone:
             pass  # a thread of a library exiting (the test checks what is left)
     print(json.dumps({"events": events, "errors": [repr(e) for e in handler.errors], "threads": threads,
-                      "watchdog": link.history}, default=str), flush=True)
+                      "watchdog": list(link.history)}, default=str), flush=True)
     return 0
 
 
