@@ -24,16 +24,19 @@ a page) is mapped to it by the cgroup backends.
 
 from __future__ import annotations
 
+import mmap
 import re
 from fractions import Fraction
 from typing import Final
 
 from useroom.exceptions import InvalidDuration, InvalidSize
 
-__all__ = ["UNLIMITED", "format_size", "parse_duration", "parse_size"]
+__all__ = ["PAGE_SIZE", "UNLIMITED", "format_size", "parse_duration", "parse_size"]
 
 #: No limit. Equal to the largest size :func:`parse_size` accepts.
 UNLIMITED: Final[int] = 2**63 - 1
+#: The size of a page: the unit a memory cgroup charges and limits in.
+PAGE_SIZE: Final[int] = mmap.PAGESIZE
 
 _MULTIPLIERS: Final[dict[str, int]] = {
     "": 1,

@@ -38,15 +38,14 @@ from typing import ClassVar, Final
 from useroom.cgroup.base import Group
 from useroom.cgroup.notify import EventRegistration, OomCounter
 from useroom.cgroup.values import OomControl
-from useroom._units import UNLIMITED, format_size, parse_size
+from useroom._units import PAGE_SIZE, UNLIMITED, format_size, parse_size
 from useroom.exceptions import CgroupError, CgroupPermissionError, InvalidSize, LimitBelowUsage, ProcessGone
 
 __all__ = ["V1Group"]
 
-_PAGE_SIZE: Final = os.sysconf("SC_PAGE_SIZE")
 # What v1 reports for "no limit": PAGE_COUNTER_MAX pages, i.e. LONG_MAX rounded
 # down to a page (9223372036854771712 with 4 KiB pages).
-_V1_NO_LIMIT: Final = UNLIMITED // _PAGE_SIZE * _PAGE_SIZE
+_V1_NO_LIMIT: Final = UNLIMITED // PAGE_SIZE * PAGE_SIZE
 
 
 class V1Group(Group):

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 from useroom import native
 from useroom._fd import Fd
 from useroom._hooks import Hook, HookRegistry
-from useroom._units import UNLIMITED, format_size, parse_size
+from useroom._units import PAGE_SIZE, UNLIMITED, format_size, parse_size
 from useroom.cgroup import EventRegistration, FileNotifier, Group, V1Group, V2Group
 from useroom.exceptions import UnsupportedKernel
 from useroom.native import SourceKind, WatchedGroup
@@ -48,8 +48,6 @@ __all__ = ["V2_GAP", "Arming", "V1Arming", "V2Arming", "arming_for"]
 
 #: cgroup v2: the least gap between the wall (memory.high) and the backstop (memory.max).
 V2_GAP = 16 << 20
-
-_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 G = TypeVar("G", bound=Group)
 
@@ -333,7 +331,7 @@ class V1Arming(Arming[V1Group]):
             reserve=reserve,
             room_fd=self._usage_fd.fileno(),
             # Room for one page: the usage at most the limit less a page.
-            room_below=0 if self.limit == UNLIMITED else self.limit - _PAGE_SIZE + 1,
+            room_below=0 if self.limit == UNLIMITED else self.limit - PAGE_SIZE + 1,
         )
 
     def limit_fits(self) -> bool:

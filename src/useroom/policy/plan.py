@@ -6,7 +6,6 @@ actions (the hooks' phase, the kills, the wall, the grant, the kernel step).
 from __future__ import annotations
 
 import enum
-import mmap
 import signal
 from collections.abc import Mapping
 
@@ -15,7 +14,7 @@ import psutil
 
 from useroom import native
 from useroom.native import Action, Candidate, Plan
-from useroom._units import format_size
+from useroom._units import PAGE_SIZE, format_size
 from useroom._victims import TaskFds, Victim
 
 __all__ = ["CompiledPlan", "HOLD_PROCESSES_MAX", "PICK_REASON", "Phase", "PlanBuilder", "PlanContext", "StepTag"]
@@ -353,7 +352,7 @@ class PlanBuilder:
         resolves the episode. Not a restore once the episode is resolved:
         the hook thread closed the grant itself. v2 checks the usage against
         the wall after its restore (below it, strictly) already."""
-        lower = self.ctx.limit - mmap.PAGESIZE
+        lower = self.ctx.limit - PAGE_SIZE
         if not self.ctx.restore_resolves or lower <= 0:
             self.restore(grant_at, phase)
             return
