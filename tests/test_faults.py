@@ -105,8 +105,8 @@ def test_a_fault_in_the_watchdog_at_each_phase(group: Group, spawn_hog, tmp_path
                                                sig: signal.Signals) -> None:
     """The watchdog killed or stopped at each phase: the handler's plan still ends the episode
     and puts the limit back; the handler replaces the watchdog (a killed one at its exit, a
-    stopped one when the episode wakes the handler, or at the latest at the stop), records why,
-    and no watchdog outlives the stop."""
+    stopped one as soon as the kernel reports the stop, or at the latest at the stop), records
+    why, and no watchdog outlives the stop."""
     svc = Service(PHASES[phase], group, tmp_path / "watchdog.jsonl", 2.0, join=False)
     dog = svc.watchdog_pid
     assert dog is not None

@@ -139,9 +139,10 @@ class TestOpenFiles:
 class TestTasks:
     def test_what_start_needs(self, nproc: dict[str, Any]) -> None:
         """Start needs the tasks a running handler has: this process, the native watcher, the
-        manager and the hook thread, and the watchdog (RLIMIT_NPROC counts threads)."""
+        manager and the hook thread, the watchdog and the thread that hears it stop
+        (RLIMIT_NPROC counts threads)."""
         assert nproc["need"] is not None, nproc["sweep"][-1]
-        assert nproc["before"] + 4 == nproc["running"] == nproc["need"]
+        assert nproc["before"] + 5 == nproc["running"] == nproc["need"]
 
     def test_each_shortage_is_a_typed_error(self, nproc: dict[str, Any]) -> None:
         """Below what start needs, every start fails with a ResourceLimitError (an OSError, errno
@@ -150,7 +151,8 @@ class TestTasks:
         _check_sweep(nproc, "RLIMIT_NPROC", errno.EAGAIN, ("RLIMIT_NPROC", "ulimit -u", "LimitNPROC="))
         refused = {f["message"].split(":")[0] for f in _failures(nproc)}
         assert {"cannot start the native watcher thread", "cannot start the hook thread",
-                "cannot start the manager thread", "cannot start the watchdog process"} == refused
+                "cannot start the manager thread", "cannot start the watchdog process",
+                "cannot start the watchdog's stop sentry thread"} == refused
 
     def test_a_failed_start_leaves_nothing(self, nproc: dict[str, Any]) -> None:
         """After each failed start: no fd, thread or child process left, and the group's OOM killer

@@ -67,6 +67,14 @@ def _threads() -> set[int]:
     return {int(t) for t in os.listdir("/proc/self/task")}
 
 
+def _sentry_tid() -> int:
+    """The thread that hears the watchdog stop (one per watchdog process)."""
+    tids = [t.native_id for t in threading.enumerate() if t.name == "useroom-watchdog-stops" and t.is_alive()]
+    assert 1 == len(tids), tids
+    assert tids[0] is not None
+    return tids[0]
+
+
 def _overrun(hogs, group: Group, mib: int = 64) -> Hog:
     hog = hogs(mib, group)
     hog.start()
@@ -84,7 +92,7 @@ class TestManyGroups:
         handlers = [sup.add(g, policy=KillLargest()) for g in groups]
         with sup:
             added = _threads() - before
-            assert {sup.watcher_tid, sup.manager_tid} == added
+            assert {sup.watcher_tid, sup.manager_tid, _sentry_tid()} == added
             assert sup.watchdog is not None and sup.watchdog.pid is not None
             assert all(h.watchdog is sup.watchdog for h in handlers)
             victims = [_overrun(hogs, g) for g in groups]
@@ -298,7 +306,7 @@ class TestEitherBackend:
         handlers = [sup.add(g) for g in groups[:2]]
         with sup:
             handlers.append(sup.add(groups[2]))
-            assert {sup.watcher_tid, sup.manager_tid} == _threads() - threads
+            assert {sup.watcher_tid, sup.manager_tid, _sentry_tid()} == _threads() - threads
             victims = [_overrun(hogs, g) for g in groups]
             for hog in victims:
                 assert -signal.SIGKILL == hog.popen.wait(60)

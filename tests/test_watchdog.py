@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from helpers import MIB, oom_trap, run_hook_service, wait_until
-from useroom import FreezeAndDecide, Group, Handler, KillLargest, Takeover
+from useroom import FreezeAndDecide, Group, Handler, KillLargest, Takeover, WatcherError
 from useroom._declare import KERNEL_FILES, probe
 from useroom.cgroup import OomControl
 from useroom.handler.link import WatchdogLink
@@ -508,6 +508,39 @@ class TestWatchdogFaults:
             assert group.oom_control().kill_disabled  # still the handler's
         assert wait_until(lambda: not _is_watchdog(second), 5)  # stopped with the handler
 
+    def test_stopped_while_the_handler_is_idle(self, group: Group) -> None:
+        """Stopped while nothing happens (no refresh timer, no threshold, no OOM): the kernel
+        reports the stop to the handler, its parent, which kills the watchdog at once and starts
+        another, not at the next episode. Idle again after that, the manager does not wake.
+        (SIGTSTP cannot stop it: it leads a session of its own, an orphaned process group.)"""
+        with Handler(group, thresholds=()) as handler:
+            link = handler.watchdog
+            assert link is not None and link.pid is not None
+            first = link.pid
+            try:
+                os.kill(first, signal.SIGSTOP)
+                assert wait_until(lambda: link.restarts == 1 and link.pid not in (None, first), 10), link.history
+            finally:
+                if _is_watchdog(first):
+                    os.kill(first, signal.SIGCONT)
+            killed = [r for r in link.history if r["event"] == "watchdog-killed"]
+            assert [("stopped", first)] == [(r["cause"], r["pid"]) for r in killed]
+            assert [-signal.SIGKILL] == [r["returncode"] for r in link.history if r["event"] == "watchdog-exited"]
+            assert any(isinstance(e, WatcherError) and "stopped" in str(e) for e in handler.errors)
+            # The second one is guarded the same way: stopped too, it is replaced too.
+            second = link.pid
+            assert second is not None
+            os.kill(second, signal.SIGSTOP)
+            assert wait_until(lambda: link.restarts == 2 and link.pid not in (None, second), 10), link.history
+            assert group.oom_control().kill_disabled  # the handler's still
+            # The third idles: the manager thread sleeps (its context switches do not move).
+            manager = handler.supervisor.manager_tid
+            time.sleep(0.3)
+            before = _thread_switches(manager)
+            time.sleep(1.0)
+            assert before == _thread_switches(manager)
+        assert _settled(group, kill_disabled=False)
+
     def test_killed_during_an_episode(self, group: Group, spawn_hog) -> None:
         """Killed while the handler decides: the episode ends, a new watchdog starts."""
         killed = []
@@ -687,6 +720,13 @@ def _switches(pid: int) -> int:
                 if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")):
                     total += int(line.split()[1])
     return total
+
+
+def _thread_switches(tid: int) -> int:
+    """Context switches, voluntary and not, of one thread of this process so far."""
+    with open(f"/proc/self/task/{tid}/status") as f:
+        return sum(int(line.split()[1]) for line in f
+                   if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")))
 
 
 def _asleep_in_epoll(pid: int) -> bool:

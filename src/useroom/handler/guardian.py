@@ -33,7 +33,9 @@ class Guardian:
     ``watcher_tid`` and ``manager_tid`` are the supervisor's threads it
     watches; ``protect`` is called with the pid of each watchdog spawned
     (never a victim), ``note`` with an error survived, ``changed`` once the
-    watchdog runs (its socket and pidfd are new).
+    watchdog runs (its socket and pidfd are new), ``stopped`` (from a thread
+    of its own) when the watchdog process stops: the manager must then wake
+    and :meth:`look`, idle or not.
     """
 
     def __init__(
@@ -46,6 +48,7 @@ class Guardian:
         protect: Callable[[int], None],
         note: Callable[[BaseException], None],
         changed: Callable[[], None],
+        stopped: Callable[[], None] | None = None,
     ) -> None:
         self._protect_pid = protect
         self._note = note
@@ -59,7 +62,7 @@ class Guardian:
             handler_tids=[t for t in (watcher_tid,) if t],
             helper_tids=[t for t in (manager_tid,) if t],
             heartbeat_timeout=options.heartbeat_timeout, log=options.watchdog_log,
-            spawned=protect,
+            spawned=protect, stopped=stopped,
         )
 
     def add(self, handler: GroupHandler) -> None:
@@ -105,7 +108,9 @@ class Guardian:
         The manager looks whenever it wakes for something (``episode``: for
         a watcher's record), and from an episode until the delay and
         :data:`LOOK_SLACK` have passed, every :data:`LOOK_INTERVAL`
-        (:meth:`due`): the span in which the watchdog may have to act."""
+        (:meth:`due`): the span in which the watchdog may have to act. A
+        watchdog that stops while nothing else happens wakes it through
+        ``stopped`` (:class:`~useroom.handler.stops.StopSentry`)."""
         link = self.link
         if link is None:
             return

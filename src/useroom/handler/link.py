@@ -26,6 +26,7 @@ from useroom._limits import spawning
 from useroom.cgroup import Group
 from useroom.exceptions import CgroupPermissionError, UseroomError, WatcherError
 from useroom.handler.history import ERRORS_KEPT, Recent
+from useroom.handler.stops import StopSentry
 from useroom.watchdog.guards import ProcessFd
 from useroom.watchdog.protocol import (
     MESSAGE_MAX,
@@ -425,7 +426,8 @@ class WatchdogLink:
 
     def __init__(self, place: Group | None, *, delay: float, handler_tids: Sequence[int], heartbeat_timeout: float,
                  helper_tids: Sequence[int] = (), log: str | None = None,
-                 spawned: Callable[[int], None] | None = None) -> None:
+                 spawned: Callable[[int], None] | None = None,
+                 stopped: Callable[[], None] | None = None) -> None:
         self.place = place
         self.delay = delay
         self.handler_tids = tuple(handler_tids)
@@ -437,6 +439,10 @@ class WatchdogLink:
         #: (on v2 it starts in the handled group, where a plan armed
         #: meanwhile would take it, a python3 of 20 MiB or more, for a victim).
         self.spawned = spawned
+        #: Called (from a thread of its own) each time the running process
+        #: stops (SIGSTOP, SIGTSTP): the caller looks (:meth:`stopped`) and
+        #: kills it (see :mod:`useroom.handler.stops`).
+        self.on_stop = stopped
         self.restarts = 0
         #: What happened to the watchdog itself (exits, restarts, a kill for
         #: not reading) and the groups it gave up (``add-failed``, ``done``
@@ -446,6 +452,7 @@ class WatchdogLink:
         self.popen: subprocess.Popen[bytes] | None = None
         self.pidfd: ProcessFd | None = None
         self.sock: socket.socket | None = None
+        self._sentry: StopSentry | None = None
         # Held while the groups, or what the running process was told of
         # them, change: a start, add, remove, set_limit, receive or close.
         self._lock = threading.Lock()
@@ -581,6 +588,7 @@ class WatchdogLink:
             seen = launch.wait_ready()
             if seen is not None:
                 raise self._start_error(launch.end(seen), charge, groups)
+            sentry = StopSentry(popen.pid, pidfd.fileno(), self.on_stop) if self.on_stop is not None else None
         except BaseException:
             if popen.poll() is None:
                 popen.kill()
@@ -594,6 +602,7 @@ class WatchdogLink:
         ours.setblocking(False)
         with self._lock:
             self.popen, self.pidfd, self.sock = popen, pidfd, ours
+            self._sentry = sentry
             self._catch_up(told)
 
     def _catch_up(self, told: dict[str, GuardSpec]) -> None:
@@ -727,10 +736,14 @@ class WatchdogLink:
         return record
 
     def _close(self) -> None:
+        """After the process exited: its sentry ends, its fds close."""
         with self._lock:
             pidfd, self.pidfd = self.pidfd, None
             sock, self.sock = self.sock, None
+            sentry, self._sentry = self._sentry, None
             self.popen = None
+        if sentry is not None:
+            sentry.close()
         if pidfd is not None:
             pidfd.close()
         if sock is not None:

@@ -377,11 +377,17 @@ class Supervisor:
 
     def _new_guardian(self, place: Group | None) -> Guardian:
         return Guardian(place, self.options, watcher_tid=self.watcher_tid, manager_tid=self.manager_tid,
-                        protect=self._protect, note=self._note, changed=self._link_changed)
+                        protect=self._protect, note=self._note, changed=self._link_changed,
+                        stopped=self._watchdog_stopped)
 
     def _link_changed(self) -> None:
         if self._manager is not None:
             self._manager.link_changed()
+
+    def _watchdog_stopped(self) -> None:
+        """The watchdog process stopped (its sentry's thread): the manager wakes, looks at it and kills it."""
+        if self._manager is not None:
+            self._manager.wake()
 
     def _note(self, err: BaseException) -> None:
         self.errors.append(err)
