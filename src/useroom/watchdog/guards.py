@@ -223,6 +223,11 @@ class Guard:
         each tick until it closes (see :meth:`_watch_grant`)."""
         return self._grant_since is not None
 
+    @property
+    def notifiers(self) -> tuple[EventRegistration, ...]:
+        """What wakes the watchdog for this guard (:meth:`notified`): the OOM eventfd."""
+        return () if self.notifier is None else (self.notifier,)
+
     def control(self) -> OomControl | None:
         try:
             return OomControl.from_text(os.pread(self._read.fileno(), 256, 0).decode("ascii"))
@@ -455,6 +460,17 @@ class WallGuard:
     the group and lifts the wall (``memory.max``, the kernel, acts on the
     OOM) at once if the handler is stopped, or once the freeze outlasts the
     delay. The handler, continued, puts its wall back itself.
+
+    A handler inside the group cannot freeze it (it would freeze itself):
+    its plan stops the group's other processes by signal instead (SIGSTOP,
+    for FreezeAndDecide's decision or for its hooks), with the wall raised.
+    Stopped itself meanwhile, it would leave them stopped for good, and no
+    ``frozen`` says so. So this also watches ``memory.events``, which
+    changes when the group meets the wall: from then, for the delay, it
+    looks for the wall raised above the handler's (its grant), and while
+    the grant is open it looks at the handler each tick. Stopped, the
+    handler's grant is reclaimed: every task of the group is continued and
+    the wall lifted (a ``grant-reclaimed`` note), once per stop.
     """
 
     #: The epoll events its notifier wakes the watchdog with.
@@ -484,16 +500,40 @@ class WallGuard:
         self.mourned = False
         self.gone = False
         self.pending_limit = False
-        self.watching_grant = False
         self.notes: list[dict[str, Any]] = []
         #: Since when the group is frozen with the handler's grant open.
         self._frozen_ns: int | None = None
+        #: Since when the group met the wall with no grant open yet (the
+        #: plan raises it right after): the grant is looked for until the delay.
+        self._wall_ns: int | None = None
+        #: Since when the handler's grant is open (its wall raised) and watched.
+        self._grant_since: int | None = None
+        #: The grant was reclaimed from the stopped handler: not again before it runs again.
+        self._reclaimed = False
         # Before Linux 5.2 there is no freezer, and nothing to watch.
         self.notifier: FileNotifier | None = None
-        if os.path.exists(os.path.join(group.path, group.freeze_file)):
-            self.notifier = FileNotifier(group.open_file(group.cgroup_events_file, os.O_RDONLY),
-                                         os.path.join(group.path, group.cgroup_events_file),
-                                         f"{group.cgroup_events_file} of {group.relpath}")
+        self.wall_notifier: FileNotifier | None = None
+        try:
+            if os.path.exists(os.path.join(group.path, group.freeze_file)):
+                self.notifier = FileNotifier(group.open_file(group.cgroup_events_file, os.O_RDONLY),
+                                             os.path.join(group.path, group.cgroup_events_file),
+                                             f"{group.cgroup_events_file} of {group.relpath}")
+            self.wall_notifier = FileNotifier(group.open_file(group.events_file, os.O_RDONLY),
+                                              os.path.join(group.path, group.events_file),
+                                              f"{group.events_file} of {group.relpath}")
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def notifiers(self) -> tuple[FileNotifier, ...]:
+        """What wakes the watchdog for this guard (:meth:`notified`): ``cgroup.events`` and ``memory.events``."""
+        return tuple(n for n in (self.notifier, self.wall_notifier) if n is not None)
+
+    @property
+    def watching_grant(self) -> bool:
+        """The group met the wall, or the handler's grant is open: the watchdog ticks."""
+        return self._wall_ns is not None or self._grant_since is not None
 
     @property
     def in_episode(self) -> bool:
@@ -501,19 +541,28 @@ class WallGuard:
         return self._frozen_ns is not None
 
     def notified(self, now: int) -> None:
-        """``cgroup.events`` changed (or the guard just started): frozen or thawed."""
-        assert self.notifier is not None
+        """``cgroup.events`` (frozen or thawed) or ``memory.events`` (the
+        wall met) changed, or the guard just started. Both are read again,
+        which re-arms their notifications."""
         try:
-            text = self.notifier.reread()  # re-arms the notification
+            events = self.notifier.reread() if self.notifier is not None else None
+            if self.wall_notifier is not None:
+                self.wall_notifier.reread()
         except (OSError, UseroomError):
             self.gone = True
-            self._frozen_ns = None
+            self._frozen_ns = self._wall_ns = self._grant_since = None
             return
-        frozen = parse_key_values(text, self.group.cgroup_events_file).get("frozen", 0) == 1
-        if not frozen:
-            self._frozen_ns = None
-        elif self._frozen_ns is None and self._grant_open():
-            self._frozen_ns = now  # a freeze of the plan's, not of the user's
+        if events is not None:
+            frozen = parse_key_values(events, self.group.cgroup_events_file).get("frozen", 0) == 1
+            if not frozen:
+                self._frozen_ns = None
+            elif self._frozen_ns is None and self._grant_open():
+                self._frozen_ns = now  # a freeze of the plan's, not of the user's
+        if self._grant_since is None and self.handler is not None and not self.handler.exited:
+            if self._grant_open():
+                self._grant_since = now
+            elif self._wall_ns is None:
+                self._wall_ns = now
 
     def _grant_open(self) -> bool:
         if self.limit is None:
@@ -524,7 +573,20 @@ class WallGuard:
             return False
 
     def tick(self, now: int) -> Takeover | None:
-        """While frozen by the plan: thaw if the handler cannot (stopped) or has not (the delay)."""
+        """While frozen by the plan: thaw if the handler cannot (stopped) or
+        has not (the delay). While its grant is open: reclaim it if the
+        handler is stopped (:meth:`_watch_grant`)."""
+        takeover = self._tick_frozen(now)
+        if self._grant_since is None and self._wall_ns is not None:
+            if self._grant_open():
+                self._grant_since, self._wall_ns = now, None
+            elif now - self._wall_ns >= self.delay * 1e9:
+                self._wall_ns = None  # met, and no grant of the plan's came
+        if self._grant_since is not None:
+            self._watch_grant()
+        return takeover
+
+    def _tick_frozen(self, now: int) -> Takeover | None:
         if self._frozen_ns is None or self.handler is None or self.handler.exited:
             return None
         reason, _ = self.handler.look()
@@ -534,6 +596,7 @@ class WallGuard:
             return None
         frozen_ns, self._frozen_ns = self._frozen_ns, None
         acted_ns = time.monotonic_ns()
+        self._reclaimed = reason == "handler-stopped"  # the grant's watch need not act again
         try:
             self._thaw()
             # The wall lifted: memory.max (the kernel's OOM killer) ends the
@@ -549,6 +612,41 @@ class WallGuard:
         return Takeover(self.group.relpath, reason, frozen_ns, acted_ns, time.monotonic_ns(), self.delay,
                         self.handler.pid, None)
 
+    def _watch_grant(self) -> None:
+        """The handler's grant is open: if the handler is stopped (SIGSTOP,
+        a debugger), nobody closes it, and the processes its plan stopped
+        by signal stay stopped. Continue every task of the group and lift
+        the wall (``memory.max``, the kernel, acts on what overruns it); the
+        handler, continued, puts its wall back. A handler that exits is
+        :meth:`handler_exited`'s; a freeze, :meth:`tick`'s."""
+        assert self.handler is not None
+        if self.handler.exited or not self._grant_open():
+            self._grant_since = None
+            return
+        if self._frozen_ns is not None:
+            return
+        reason, _ = self.handler.look()
+        if reason != "handler-stopped":
+            self._reclaimed = False  # it runs: a later stop is a new one
+            return
+        self._grant_since = None
+        if self._reclaimed:
+            return  # this stop's grant was reclaimed already: the wall is lifted
+        self._reclaimed = True
+        record: dict[str, Any] = {"event": "grant-reclaimed", "group": self.group.relpath, "reason": reason,
+                                  "handler_pid": self.handler.pid, "at_ns": time.monotonic_ns()}
+        _continue_group(self.group, record)
+        try:
+            self.group.set_high(UNLIMITED)
+            record["wall_lifted"] = True
+        except GroupGone:
+            self.gone = True
+            record["wall_lifted"] = False
+        except (OSError, UseroomError) as err:
+            record["wall_lifted"] = False
+            record["error"] = str(err)
+        self.notes.append(record)
+
     def _thaw(self) -> None:
         """Write 0 to ``cgroup.freeze``: the kernel thaws the group (the tasks run on)."""
         self.group.write_file(self.group.freeze_file, "0")
@@ -562,7 +660,7 @@ class WallGuard:
         record: dict[str, Any] = {"event": "handler-exited", "group": self.group.relpath,
                                   "handler_pid": self.handler.pid, "at_ns": time.monotonic_ns()}
         _continue_group(self.group, record)
-        self._frozen_ns = None
+        self._frozen_ns = self._wall_ns = self._grant_since = None
         try:
             if self.notifier is not None:
                 self._thaw()  # the plan froze it and died before its thaw
@@ -582,9 +680,10 @@ class WallGuard:
         return self.gone or self.mourned
 
     def close(self) -> None:
-        """Close the guard's fd (cgroup.events); safe to call again."""
-        if self.notifier is not None:
-            self.notifier.close()
+        """Close the guard's fds (cgroup.events, memory.events); safe to call again."""
+        for notifier in (self.notifier, self.wall_notifier):
+            if notifier is not None:
+                notifier.close()
 
 
 #: The guard classes, each asked in turn whether it guards a group.

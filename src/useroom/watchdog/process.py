@@ -97,14 +97,20 @@ class Watchdog:
         if spec.path in self.guards:
             raise UseroomError(f"{spec.path} is guarded already")
         guard = open_guard(spec, self.delay, self.handler)
-        if guard.notifier is not None:
-            fd = guard.notifier.fileno()
-            try:
+        added: list[int] = []
+        try:
+            for notifier in guard.notifiers:
+                fd = notifier.fileno()
                 self._ep.add(fd, fd, guard.notify_events)
-            except BaseException:
-                guard.close()
-                raise
+                added.append(fd)
+        except BaseException:
+            for fd in added:
+                self._ep.remove(fd)
+            guard.close()
+            raise
+        for fd in added:
             self._by_fd[fd] = guard
+        if added:
             guard.notified(time.monotonic_ns())  # an OOM that began before we looked
         self.guards[spec.path] = guard
         self._keys[spec.path] = spec.key
@@ -117,8 +123,8 @@ class Watchdog:
         guard = self.guards.pop(path, None)
         if guard is None:
             return None
-        if guard.notifier is not None:
-            fd = guard.notifier.fileno()
+        for notifier in guard.notifiers:
+            fd = notifier.fileno()
             self._ep.remove(fd)
             del self._by_fd[fd]
         guard.close()
