@@ -403,3 +403,44 @@ class SoloWatcher(NativeWatcher):
 
     def run_episode(self, source: int, count: int = 1) -> None:
         self.group.run_episode(source, count)
+
+
+class ServiceProcess:
+    """A test service script in a child process, which prints one line when
+    its handler is ready, stops it at a line on its standard input and
+    prints its record as JSON; killed at :meth:`close` if still running."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert self.proc.stdout is not None
+            self.ready(self.proc.stdout.readline().split())
+        except BaseException:
+            self.close()
+            raise
+
+    def ready(self, words: list[str]) -> None:
+        """Check the service's first line (split in words)."""
+        assert words and words[0] == "ready", words
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def finish(self, timeout: float = 30) -> dict[str, Any]:
+        """Stop the handler cleanly; its record (events, errors...)."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("\n")
+        self.proc.stdin.flush()
+        out = self.proc.stdout.read()
+        assert 0 == self.proc.wait(timeout)
+        result: dict[str, Any] = json.loads(out)
+        return result
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                pipe.close()

@@ -13,8 +13,6 @@ still saves everyone.
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from helpers import MIB, wait_until
+from helpers import MIB, ServiceProcess, wait_until
 from useroom import Group
 
 pytestmark = [pytest.mark.kernel, pytest.mark.timeout(40)]
@@ -30,37 +28,12 @@ pytestmark = [pytest.mark.kernel, pytest.mark.timeout(40)]
 SERVICE = Path(__file__).resolve().parent / "_slow_hook_service.py"
 
 
-class SlowHookService:
+class SlowHookService(ServiceProcess):
     """tests/_slow_hook_service.py in a child process; killed at the end."""
 
     def __init__(self, group: Group, seconds: float, returns: bool, shed_mib: int = 0, *, join: bool = False) -> None:
-        argv = [sys.executable, str(SERVICE), group.path, str(seconds), "true" if returns else "false", str(shed_mib)]
-        if join:
-            argv.append("--join")
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        try:
-            assert self.proc.stdout is not None
-            assert "ready" == self.proc.stdout.readline().strip()
-        except BaseException:
-            self.close()
-            raise
-
-    def finish(self) -> dict[str, Any]:
-        """Stop the handler cleanly; its events and errors."""
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write("\n")
-        self.proc.stdin.flush()
-        out = self.proc.stdout.read()
-        assert 0 == self.proc.wait(20)
-        return json.loads(out)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-        for pipe in (self.proc.stdin, self.proc.stdout):
-            if pipe is not None:
-                pipe.close()
+        super().__init__([sys.executable, str(SERVICE), group.path, str(seconds), "true" if returns else "false",
+                          str(shed_mib), *(["--join"] if join else [])])
 
 
 @pytest.fixture

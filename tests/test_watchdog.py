@@ -20,10 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import MIB, oom_trap, run_hook_service, wait_until
+from helpers import MIB, ServiceProcess, oom_trap, run_hook_service, wait_until
 from useroom import FreezeAndDecide, Group, Handler, KillLargest, Takeover, WatcherError
 from useroom._declare import KERNEL_FILES, probe
-from useroom.cgroup import OomControl
 from useroom.handler.link import WatchdogLink
 from useroom.watchdog.guards import CAUGHT_NS, DeclaredHandler, Guard, ProcessFd, thread_state
 from useroom.watchdog.protocol import GuardSpec
@@ -72,45 +71,22 @@ def _kill_if_ours(pid: int | None) -> None:
         pass
 
 
-class Service:
+class Service(ServiceProcess):
     """tests/_fault_service.py in a child process; killed at the end."""
 
     def __init__(self, mode: str, group: Group, log: Path, delay: float, *, join: bool) -> None:
-        argv = [sys.executable, str(HERE / "_fault_service.py"), mode, group.path, str(log), str(delay)]
-        if join:
-            argv.append("--join")
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.watchdog_pid: int | None = None
-        try:
-            assert self.proc.stdout is not None
-            words = self.proc.stdout.readline().split()
-            assert words and words[0] == "ready", words
-            self.watchdog_pid = int(words[1])
-            self.manager_tid = int(words[2])
-        except BaseException:
-            self.close()
-            raise
+        self.manager_tid = 0
+        super().__init__([sys.executable, str(HERE / "_fault_service.py"), mode, group.path, str(log), str(delay),
+                          *(["--join"] if join else [])])
 
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def finish(self) -> dict:
-        """Stop the handler cleanly; its events and errors."""
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write("\n")
-        self.proc.stdin.flush()
-        out = self.proc.stdout.read()
-        assert 0 == self.proc.wait(30)
-        return json.loads(out)
+    def ready(self, words: list[str]) -> None:
+        super().ready(words)
+        self.watchdog_pid = int(words[1])
+        self.manager_tid = int(words[2])
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-        for pipe in (self.proc.stdin, self.proc.stdout):
-            if pipe is not None:
-                pipe.close()
+        super().close()
         _kill_if_ours(self.watchdog_pid)
 
 
@@ -253,9 +229,10 @@ class TestHandlerFaults:
         finally:
             guard.close()
 
-    def test_which_thread_in_the_oom_wait_counts(self, group: Group, spawn_hog, monkeypatch) -> None:
+    def test_which_thread_in_the_oom_wait_counts(self, group: Group, spawn_hog) -> None:
         """A declared watcher thread asleep in the OOM wait makes the handler unfit at once;
-        a helper (manager) thread only while a grant is open, and only after CAUGHT_NS."""
+        a helper (manager) thread only while a grant is open (the limit above the handler's),
+        and only after CAUGHT_NS."""
         oom_trap(group, "32M")
         hog = spawn_hog(64, group=group)
         hog.start()
@@ -268,16 +245,16 @@ class TestHandlerFaults:
             assert (None, True) == helper.look()
             now = time.monotonic_ns()
             guard.notified(now)  # the episode starts
-            grant = [False]
-            monkeypatch.setattr(guard, "_grant_open", lambda: grant[0])
             assert None is guard.unfit(now)
             assert None is guard.unfit(now + 10 * CAUGHT_NS)
-            grant[0] = True
+            group.set_limit(48 * MIB)  # a grant: the hog wakes, charges up to it and sleeps again
+            assert wait_until(lambda: group.usage() > 40 * MIB and hog.in_oom_wait(), 10)
+            now = time.monotonic_ns()
             assert None is guard.unfit(now)  # caught from now on
             assert None is guard.unfit(now + CAUGHT_NS // 2)
             assert "handler-in-oom-wait" == guard.unfit(now + CAUGHT_NS)
-            grant[0] = False
-            assert None is guard.unfit(now + 2 * CAUGHT_NS)  # the grant closed
+            guard.limit = 48 * MIB  # the handler's limit now (a SetLimit): no grant open
+            assert None is guard.unfit(now + 2 * CAUGHT_NS)
         finally:
             guard.close()
             watcher.close()
@@ -311,12 +288,17 @@ class TestHandlerFaults:
                 child.kill()
                 child.wait()
 
-    def test_a_takeover_that_ends_with_the_grant_open_leaves_it_watched(self, group: Group, spawn_hog,
-                                                                        monkeypatch) -> None:
-        """Under v1, under_oom drops only once each sleeper has run again: on a busy CPU, after
-        the grant opened and the handler was stopped. The takeover then ends with no kill and the
-        grant still open; the guard goes on watching it, and reclaims it from the stopped handler
-        (continues the group, whose tasks the handler stopped)."""
+    def test_a_takeover_that_ends_with_the_grant_open_leaves_it_watched(self, group: Group, spawn_hog) -> None:
+        """Under v1, under_oom drops only once each sleeper has run again, and the kernel kills
+        only when a sleeper retries its charge: on a busy CPU both can come after the grant opened
+        and after the handler was stopped. The takeover then ends with no kill and the grant still
+        open; the guard goes on watching it, and reclaims it from the stopped handler (continues
+        the group, whose tasks the handler stopped).
+
+        The sleeper is held back by a SIGSTOP sent while it sleeps in the OOM wait: the wait is
+        killable only, so the stop waits too. The takeover's wake-up ends the wait (under_oom
+        drops), and the sleeper stops on its way back to user space, before it retries its
+        charge: no kill until it runs again, as on a busy CPU."""
         oom_trap(group, "32M")
         hog = spawn_hog(40, group=group)  # it fits in the grant
         hog.start()
@@ -324,23 +306,27 @@ class TestHandlerFaults:
         child = subprocess.Popen(["sleep", "60"])
         handler = DeclaredHandler(child.pid, (child.pid,), ProcessFd(child.pid), 60.0)
         guard = Guard(group, 60.0, handler=handler, limit=32 * MIB, kill_enabled=True)
-        # The kernel killer is left off, as if the sleeper had not run yet when it came on.
-        monkeypatch.setattr(guard, "_switch_to", lambda disabled: None)
         try:
+            os.kill(hog.pid, signal.SIGSTOP)
+            assert hog.in_oom_wait()  # the stop is pending: the wait is killable only
             guard.notified(time.monotonic_ns())
             assert guard.in_episode
             os.kill(child.pid, signal.SIGSTOP)
             assert wait_until(lambda: handler.look()[0] == "handler-stopped", 5)
-            assert None is guard.tick(time.monotonic_ns())  # the takeover
-            group.set_limit(48 * MIB)  # the grant the handler opened; the sleeper wakes
+            assert None is guard.tick(time.monotonic_ns())  # the takeover: the kernel killer on
+            assert not group.oom_control().kill_disabled
+            group.set_limit(48 * MIB)  # the grant the handler opened before it was stopped
+            assert wait_until(lambda: _state(hog.pid) == "T", 5)  # out of the wait, not retried
             ended = [None]
             assert wait_until(lambda: (ended.__setitem__(0, guard.tick(time.monotonic_ns())), ended[0])[1]
                               is not None, 5)
-            assert "handler-stopped" == ended[0].reason
+            assert ("handler-stopped", 0) == (ended[0].reason, group.oom_control().oom_kill)
             assert guard.watching_grant
             guard.tick(time.monotonic_ns())
             assert ["grant-reclaimed"] == [n["event"] for n in guard.notes]
             assert 1 == guard.notes[0]["continued"]
+            assert hog.wait_touched(10)  # continued, it retried its charge within the grant
+            assert 0 == group.oom_control().oom_kill
         finally:
             guard.close()
             handler.close()

@@ -440,7 +440,7 @@ class WatchdogLink:
         #: meanwhile would take it, a python3 of 20 MiB or more, for a victim).
         self.spawned = spawned
         #: Called (from a thread of its own) each time the running process
-        #: stops (SIGSTOP, SIGTSTP): the caller looks (:meth:`stopped`) and
+        #: stops (SIGSTOP): the caller looks (:meth:`stopped`) and
         #: kills it (see :mod:`useroom.handler.stops`).
         self.on_stop = stopped
         self.restarts = 0

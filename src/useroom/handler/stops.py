@@ -1,6 +1,6 @@
 """Hears that the watchdog process was stopped, without waking to look.
 
-A stopped watchdog (SIGSTOP, SIGTSTP) hands no episode to the kernel, and
+A stopped watchdog (SIGSTOP) hands no episode to the kernel, and
 nothing it holds tells the handler so: its pidfd becomes readable only at
 its exit, its socket only when it writes. Reading its state in
 ``/proc/PID/stat`` finds it, but only when the handler looks, and an idle
@@ -14,7 +14,9 @@ handler is the watchdog's parent. So one thread sleeps in ``waitid`` on
 the watchdog's pidfd (``P_PIDFD``, Linux 5.4; a pid otherwise, safe here
 because only a child of this process can match it) and wakes the manager
 when the watchdog stops; the manager's look then kills it and starts
-another. The thread costs no wake-up while the watchdog runs.
+another. The thread costs no wake-up while the watchdog runs. (A
+debugger's stop is reported to the debugger, not to the parent: that one
+is found by the manager's next look.)
 
 It must not take what :mod:`subprocess` waits for: the exit is only
 peeked at (``WNOWAIT`` leaves the zombie for ``Popen.wait``), and each
