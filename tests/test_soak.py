@@ -25,4 +25,9 @@ def test_a_short_soak_holds(tmp_path) -> None:
     assert {"deadlocks": 0, "takeovers": 0, "kernel_kills": 0, "services_killed": 0, "zombies": 0} == \
         {key: result[key] for key in ("deadlocks", "takeovers", "kernel_kills", "services_killed", "zombies")}
     assert (0, {"fds": 0, "threads": 0}) == (result["drift"]["threads"], result["left"])
-    assert "soak:" in done.stdout and "deadlocks" in done.stdout
+    assert "soak:" in done.stdout and "deadlocks" in done.stdout and "RSS drift, 2nd half" in done.stdout
+    # The memory at the end of each turn, and its drift from the turn past half the run.
+    turns = result["rss_kb_turns"]
+    assert len(turns) == result["rounds"]["cycles"] and turns == sorted(turns)
+    halfway = next(rss for at, rss in turns if at >= turns[-1][0] / 2)
+    assert turns[-1][1] - halfway == result["rss_kb_second_half"]
