@@ -350,3 +350,4 @@ def test_a_short_run_on_cgroup_v2(no_leftovers: None, tmp_path: Path) -> None:
         # warms up; the handler finds it at the OOM, as a task new since the last refresh.
         assert (expected, 0) == (row["by_handler"], row["kernel_kills"])
         assert row["all_resolved"] is True
+        assert 0 == row["idle_wakeups"], "nothing wakes at idle (the watchdog's memory.events watch neither)"

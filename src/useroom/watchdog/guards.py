@@ -544,10 +544,12 @@ class WallGuard:
         """``cgroup.events`` (frozen or thawed) or ``memory.events`` (the
         wall met) changed, or the guard just started. Both are read again,
         which re-arms their notifications."""
+        met = False
         try:
             events = self.notifier.reread() if self.notifier is not None else None
             if self.wall_notifier is not None:
-                self.wall_notifier.reread()
+                before = self.wall_notifier.text
+                met = self.wall_notifier.reread() != before  # not at the guard's start, nor for cgroup.events
         except (OSError, UseroomError):
             self.gone = True
             self._frozen_ns = self._wall_ns = self._grant_since = None
@@ -561,7 +563,7 @@ class WallGuard:
         if self._grant_since is None and self.handler is not None and not self.handler.exited:
             if self._grant_open():
                 self._grant_since = now
-            elif self._wall_ns is None:
+            elif met and self._wall_ns is None:
                 self._wall_ns = now
 
     def _grant_open(self) -> bool:
